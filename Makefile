@@ -1,0 +1,56 @@
+# tunlwip developer entry points. Everything installs itself: `make test` on a fresh machine works.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tunlwip-installed
+APT_PACKAGES := iproute2 curl iperf3 nginx-light dnsutils xz-utils gcc python3-dev
+SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') build_ffi.py pyproject.toml setup.py \
+       $(wildcard vendor/lwip/port/*.h vendor/lwip/port/arch/*.h)
+
+.PHONY: install test unit lint demo clean distclean sysdeps lwip bench
+
+install: sysdeps lwip $(STAMP)
+
+# System packages the build and the namespace tests need (installed only when missing).
+sysdeps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "[#] apt-get install$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing system packages:$$missing (run make as root or install them)"; fi; \
+	fi
+
+lwip:
+	bash vendor/lwip/fetch.sh
+
+$(STAMP): $(SRC)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy
+	$(PY) -m pytest -q -ra
+
+unit: install
+	$(PY) -m pytest -q -ra --ignore=tests/integration
+
+lint: install
+	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff format --check src tests bench
+	$(PY) -m mypy
+
+demo: install
+	$(PY) scripts/demo.py
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf build dist src/*.egg-info src/tunlwip/_lwip*.so src/tunlwip/_lwip.c
+
+distclean: clean
+	rm -rf $(VENV) vendor/lwip/upstream vendor/lwip/.cache

@@ -1,0 +1,17 @@
+"""tunlwip: a userspace TUN gateway; lwIP terminates every flow, trio re-creates it."""
+
+from .device import MemoryDevice as MemoryDevice
+from .device import PacketDevice as PacketDevice
+from .device import TunDevice as TunDevice
+from .endpoint import Endpoint as Endpoint
+from .errors import ConfigError as ConfigError
+from .errors import DeviceError as DeviceError
+from .errors import LwipError as LwipError
+from .errors import ProtectError as ProtectError
+from .errors import TunlwipError as TunlwipError
+from .stack import LwipStack as LwipStack
+from .stack import StackConfig as StackConfig
+from .stack import StackStatistics as StackStatistics
+from .tcp import LwipTcpStream as LwipTcpStream
+
+__version__ = "0.1.0"

@@ -1,0 +1,144 @@
+"""The only importer of the compiled lwIP module: callbacks, conversions, error codes.
+
+Theory of operation: lwIP calls back into Python (accept, recv, sent, err, output, held SYN,
+UDP datagram) from inside an lwIP call that the stack made on the trio thread. Each callback
+converts its C arguments to Python values and forwards them to the one active ``Sink`` (the
+stack). Callbacks never raise into C: an exception is logged and handed to the sink, and the C
+side sees a safe default (reject the connection, pass the SYN, drop the datagram). Sinks must not
+call back into lwIP input or timers from these methods; they record events and wake tasks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any, Protocol
+
+from ._lwip import ffi, lib
+from .endpoint import Endpoint
+
+__all__ = [
+    "ERR_CLSD",
+    "ERR_OK",
+    "ERR_RST",
+    "Sink",
+    "endpoint_from_c",
+    "endpoint_to_c",
+    "ffi",
+    "lib",
+    "set_sink",
+]
+
+log = logging.getLogger("tunlwip.lwip")
+
+ERR_OK = 0
+ERR_MEM = -1
+ERR_CONN = -11
+ERR_ABRT = -13
+ERR_RST = -14
+ERR_CLSD = -15
+
+# lwIP TCP states (tcpbase.h), for diagnostics.
+TCP_STATES = [
+    "CLOSED",
+    "LISTEN",
+    "SYN_SENT",
+    "SYN_RCVD",
+    "ESTABLISHED",
+    "FIN_WAIT_1",
+    "FIN_WAIT_2",
+    "CLOSE_WAIT",
+    "CLOSING",
+    "LAST_ACK",
+    "TIME_WAIT",
+]
+
+
+class Sink(Protocol):
+    def on_accept(self, pcb: Any) -> int: ...
+    def on_recv(self, conn: int, data: bytes | None) -> None: ...
+    def on_sent(self, conn: int, length: int) -> None: ...
+    def on_error(self, conn: int, err: int) -> None: ...
+    def on_output(self, packet: bytes) -> None: ...
+    def on_syn(self, packet: bytes, src: Endpoint, dst: Endpoint) -> bool: ...
+    def on_udp(self, src: Endpoint, dst: Endpoint, data: bytes) -> None: ...
+    def on_callback_error(self, exc: BaseException) -> None: ...
+
+
+_sink: Sink | None = None
+
+
+def set_sink(sink: Sink | None) -> None:
+    """Route lwIP's callbacks to ``sink`` (the running stack), or nowhere."""
+    global _sink
+    _sink = sink
+
+
+def endpoint_from_c(ep: Any) -> Endpoint:
+    raw = bytes(ffi.buffer(ep.addr, 16))
+    if ep.family == 4:
+        return Endpoint(ipaddress.IPv4Address(raw[:4]), ep.port)
+    return Endpoint(ipaddress.IPv6Address(raw), ep.port)
+
+
+def endpoint_to_c(endpoint: Endpoint) -> Any:
+    ep = ffi.new("tl_endpoint *")
+    ep.family = endpoint.address.version
+    packed = endpoint.address.packed
+    ffi.memmove(ep.addr, packed, len(packed))
+    ep.port = endpoint.port
+    return ep
+
+
+def _onerror(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+    log.error("exception in an lwIP callback", exc_info=(exc_type, exc, tb))
+    if _sink is not None:
+        try:
+            _sink.on_callback_error(exc)
+        except Exception:  # pragma: no cover - last line of defence, never raise into C
+            log.exception("sink failed to record a callback error")
+
+
+@ffi.def_extern(onerror=_onerror)
+def tl_py_accept(pcb: Any) -> int:
+    return _sink.on_accept(pcb) if _sink is not None else 0
+
+
+@ffi.def_extern(onerror=_onerror)
+def tl_py_recv(conn: int, data: Any, length: int) -> None:
+    if _sink is not None:
+        _sink.on_recv(conn, None if data == ffi.NULL else bytes(ffi.buffer(data, length)))
+
+
+@ffi.def_extern(onerror=_onerror)
+def tl_py_sent(conn: int, length: int) -> None:
+    if _sink is not None:
+        _sink.on_sent(conn, length)
+
+
+@ffi.def_extern(onerror=_onerror)
+def tl_py_error(conn: int, err: int) -> None:
+    if _sink is not None:
+        _sink.on_error(conn, err)
+
+
+@ffi.def_extern(onerror=_onerror)
+def tl_py_output(data: Any, length: int) -> None:
+    if _sink is not None:
+        _sink.on_output(bytes(ffi.buffer(data, length)))
+
+
+@ffi.def_extern(onerror=_onerror)
+def tl_py_syn(packet: Any, length: int, src: Any, dst: Any) -> int:
+    if _sink is None:
+        return 0
+    held = _sink.on_syn(
+        bytes(ffi.buffer(packet, length)), endpoint_from_c(src), endpoint_from_c(dst)
+    )
+    return 1 if held else 0
+
+
+@ffi.def_extern(onerror=_onerror)
+def tl_py_udp(src: Any, dst: Any, data: Any, length: int) -> None:
+    if _sink is not None:
+        _sink.on_udp(endpoint_from_c(src), endpoint_from_c(dst), bytes(ffi.buffer(data, length)))

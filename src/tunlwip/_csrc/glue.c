@@ -1,0 +1,770 @@
+/*
+ * tunlwip's C layer: accept-any input hooks, netif output, time, ISN, and thin wrappers.
+ *
+ * Theory of operation
+ * -------------------
+ * Stock lwIP only accepts packets addressed to its netif. The IPv4/IPv6 input hooks below claim
+ * every unicast TCP/UDP packet instead: they validate what ip4_input/ip6_input would, reassemble
+ * fragments with lwIP's own ip4_reass/ip6_reass, make sure a catch-all PCB exists for the
+ * destination port (a listener on a pure SYN, a UDP PCB bound to any address), fill ip_data the way
+ * ip4_input/ip6_input do and call tcp_input/udp_input directly. lwIP then creates connections whose
+ * local address is the original destination, so every reply leaves with the right source.
+ * Everything else (ICMP to the gateway address, ...) falls through to lwIP's normal path.
+ *
+ * Invariants:
+ *  - Only the trio thread calls in here, and never re-entrantly: Python callbacks record events
+ *    and return; they never call back into lwIP input or timers.
+ *  - Every packet dropped here increments exactly one counter in tl_stats.
+ *  - A connection PCB handed to Python carries its connection id as tcp_arg; before Python lets go
+ *    of a PCB (close/abort) every callback is cleared so no late event reaches a dead object.
+ *  - sys_now() returns the clock Python sets from trio.current_time().
+ */
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/random.h>
+
+#include "lwip/init.h"
+#include "lwip/ip.h"
+#include "lwip/ip4_frag.h"
+#include "lwip/ip6_frag.h"
+#include "lwip/inet_chksum.h"
+#include "lwip/netif.h"
+#include "lwip/pbuf.h"
+#include "lwip/tcp.h"
+#include "lwip/udp.h"
+#include "lwip/timeouts.h"
+#include "lwip/priv/tcp_priv.h"
+#include "lwip/prot/ip4.h"
+#include "lwip/prot/ip6.h"
+#include "lwip/prot/tcp.h"
+#include "lwip/prot/udp.h"
+
+#include "tunlwip_glue.h"
+
+/* The TCP sanity checks of lwIP's init.c that still apply (lwipopts.h disables the set). */
+_Static_assert(TCP_SND_BUF >= 2 * TCP_MSS, "TCP_SND_BUF too small for TCP_MSS");
+_Static_assert(TCP_SND_QUEUELEN >= 2 * (TCP_SND_BUF / TCP_MSS), "TCP_SND_QUEUELEN too small");
+_Static_assert(TCP_SND_QUEUELEN <= 0xFFFF, "TCP_SND_QUEUELEN must fit in 16 bits");
+_Static_assert(TCP_SNDQUEUELOWAT < TCP_SND_QUEUELEN, "TCP_SNDQUEUELOWAT too large");
+_Static_assert(TCP_WND <= (0xFFFFUL << TCP_RCV_SCALE), "TCP_WND too large for TCP_RCV_SCALE");
+
+/* Implemented in Python (cffi extern "Python+C"). */
+uintptr_t tl_py_accept(void *pcb);
+void tl_py_recv(uintptr_t conn, const uint8_t *data, size_t len);
+void tl_py_sent(uintptr_t conn, uint32_t len);
+void tl_py_error(uintptr_t conn, int err);
+void tl_py_output(const uint8_t *data, size_t len);
+int tl_py_syn(const uint8_t *packet, size_t len, const tl_endpoint *src, const tl_endpoint *dst);
+void tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *data, size_t len);
+
+#define TL_MAX_CLIENT_NETS 16
+#define TL_IPPROTO_FRAGMENT 44
+
+static struct netif tl_netif;
+static int tl_netif_added;
+static int tl_lwip_initialised;
+static u32_t tl_clock_ms;
+static int tl_output_fd = -1;
+static int tl_checksum_check = 1;
+static int tl_hold_syns;
+static int tl_releasing;
+static tl_counters tl_stats;
+static tl_endpoint tl_client_nets[TL_MAX_CLIENT_NETS];
+static uint8_t tl_client_prefix[TL_MAX_CLIENT_NETS];
+static int tl_client_net_count;
+
+/* Per-port catch-all PCBs, kept for the life of the process (lwip-notes §2.4). */
+static struct tcp_pcb *tl_listeners[65536];
+static struct udp_pcb *tl_udp_pcbs[65536];
+
+/* Scratch buffers for flattening pbuf chains (single-threaded, never re-entered). */
+static uint8_t tl_out_scratch[65536];
+static uint8_t tl_in_scratch[65536];
+
+/* ---- time, randomness -------------------------------------------------------------------- */
+
+u32_t sys_now(void) { return tl_clock_ms; }
+void tl_set_now(uint32_t ms) { tl_clock_ms = ms; }
+uint32_t tl_now(void) { return tl_clock_ms; }
+
+uint32_t tl_random32(void)
+{
+    static uint32_t pool[64];
+    static size_t left;
+    if (left == 0) {
+        size_t got = 0;
+        while (got < sizeof pool) {
+            ssize_t n = getrandom((uint8_t *)pool + got, sizeof pool - got, 0);
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                abort(); /* no entropy source at all: refuse to run with predictable ISNs */
+            }
+            got += (size_t)n;
+        }
+        left = 64;
+    }
+    return pool[--left];
+}
+
+u32_t tl_hook_tcp_isn(const ip_addr_t *local_ip, u16_t local_port,
+                      const ip_addr_t *remote_ip, u16_t remote_port)
+{
+    LWIP_UNUSED_ARG(local_ip); LWIP_UNUSED_ARG(local_port);
+    LWIP_UNUSED_ARG(remote_ip); LWIP_UNUSED_ARG(remote_port);
+    return tl_random32();
+}
+
+uint32_t tl_sleeptime(void) { return sys_timeouts_sleeptime(); }
+void tl_check_timeouts(void) { sys_check_timeouts(); }
+const tl_counters *tl_get_counters(void) { return &tl_stats; }
+
+void tl_reset_counters(void)
+{
+    uint64_t listeners = tl_stats.listeners, udp_ports = tl_stats.udp_ports;
+    memset(&tl_stats, 0, sizeof tl_stats);
+    tl_stats.listeners = listeners;
+    tl_stats.udp_ports = udp_ports;
+}
+
+uint32_t tl_tcp_pcb_count(void)
+{
+    uint32_t n = 0;
+    for (struct tcp_pcb *p = tcp_active_pcbs; p; p = p->next) n++;
+    for (struct tcp_pcb *p = tcp_tw_pcbs; p; p = p->next) n++;
+    return n;
+}
+
+void tl_set_checksum_check(int on) { tl_checksum_check = on; }
+void tl_set_output_fd(int fd) { tl_output_fd = fd; }
+void tl_set_hold_syns(int on) { tl_hold_syns = on; }
+
+/* ---- addresses ---------------------------------------------------------------------------- */
+
+static void tl_endpoint_from(tl_endpoint *ep, const ip_addr_t *ip, u16_t port)
+{
+    memset(ep, 0, sizeof *ep);
+    if (IP_IS_V6(ip)) {
+        ep->family = 6;
+        memcpy(ep->addr, ip_2_ip6(ip)->addr, 16);
+    } else {
+        ep->family = 4;
+        memcpy(ep->addr, &ip_2_ip4(ip)->addr, 4);
+    }
+    ep->port = port;
+}
+
+static int tl_endpoint_to(ip_addr_t *ip, const tl_endpoint *ep)
+{
+    memset(ip, 0, sizeof *ip);
+    if (ep->family == 4) {
+        IP_SET_TYPE_VAL(*ip, IPADDR_TYPE_V4);
+        memcpy(&ip_2_ip4(ip)->addr, ep->addr, 4);
+        return 0;
+    }
+    if (ep->family == 6) {
+        IP_SET_TYPE_VAL(*ip, IPADDR_TYPE_V6);
+        memcpy(ip_2_ip6(ip)->addr, ep->addr, 16);
+        return 0;
+    }
+    return -1;
+}
+
+int tl_set_client_networks(const tl_endpoint *networks, const uint8_t *prefixes, int count)
+{
+    if (count < 0 || count > TL_MAX_CLIENT_NETS) return -1;
+    for (int i = 0; i < count; i++) {
+        if ((networks[i].family == 4 && prefixes[i] > 32) ||
+            (networks[i].family == 6 && prefixes[i] > 128) ||
+            (networks[i].family != 4 && networks[i].family != 6))
+            return -1;
+    }
+    memcpy(tl_client_nets, networks, sizeof *networks * (size_t)count);
+    memcpy(tl_client_prefix, prefixes, (size_t)count);
+    tl_client_net_count = count;
+    return 0;
+}
+
+static int tl_prefix_match(const uint8_t *a, const uint8_t *net, unsigned bits)
+{
+    unsigned whole = bits / 8, rest = bits % 8;
+    if (memcmp(a, net, whole) != 0) return 0;
+    if (rest == 0) return 1;
+    uint8_t mask = (uint8_t)(0xFF << (8 - rest));
+    return (a[whole] & mask) == (net[whole] & mask);
+}
+
+static int tl_is_client(int family, const uint8_t *src)
+{
+    if (tl_client_net_count == 0) return 1;
+    for (int i = 0; i < tl_client_net_count; i++)
+        if (tl_client_nets[i].family == family &&
+            tl_prefix_match(src, tl_client_nets[i].addr, tl_client_prefix[i]))
+            return 1;
+    return 0;
+}
+
+/* ---- netif output ------------------------------------------------------------------------- */
+
+static void tl_emit(struct pbuf *p)
+{
+    const uint8_t *data;
+    u16_t len = p->tot_len;
+    if (p->next == NULL) {
+        data = (const uint8_t *)p->payload;
+    } else {
+        pbuf_copy_partial(p, tl_out_scratch, len, 0);
+        data = tl_out_scratch;
+    }
+    tl_stats.packets_out++;
+    tl_stats.bytes_out += len;
+    if (tl_output_fd >= 0) {
+        ssize_t n;
+        do { n = write(tl_output_fd, data, len); } while (n < 0 && errno == EINTR);
+        if (n != (ssize_t)len) tl_stats.output_errors++;
+    } else {
+        tl_py_output(data, len);
+    }
+}
+
+/* lwIP keeps the pbuf (TCP retransmits it): we only copy out, and a drop still returns ERR_OK. */
+static err_t tl_output4(struct netif *netif, struct pbuf *p, const ip4_addr_t *next_hop)
+{
+    LWIP_UNUSED_ARG(netif); LWIP_UNUSED_ARG(next_hop);
+    tl_emit(p);
+    return ERR_OK;
+}
+
+static err_t tl_output6(struct netif *netif, struct pbuf *p, const ip6_addr_t *dest)
+{
+    LWIP_UNUSED_ARG(netif); LWIP_UNUSED_ARG(dest);
+    tl_emit(p);
+    return ERR_OK;
+}
+
+static err_t tl_netif_init(struct netif *netif)
+{
+    netif->name[0] = 't';
+    netif->name[1] = 'l';
+    netif->output = tl_output4;
+    netif->output_ip6 = tl_output6;
+    netif->flags = 0; /* no broadcast, no ARP, no MLD: a point-to-point TUN */
+    return ERR_OK;
+}
+
+int tl_init(uint16_t mtu, const uint8_t *ip4, const uint8_t *ip6)
+{
+    ip4_addr_t addr, mask, gw;
+    if (tl_netif_added) return -1;
+    if (!tl_lwip_initialised) {
+        lwip_init();
+        tl_lwip_initialised = 1;
+    }
+    memcpy(&addr.addr, ip4, 4);
+    IP4_ADDR(&mask, 255, 255, 255, 255);
+    ip4_addr_set_zero(&gw);
+    if (netif_add(&tl_netif, &addr, &mask, &gw, NULL, tl_netif_init, ip_input) == NULL) return -2;
+    tl_netif.mtu = mtu; /* without RA updates IPv6 uses netif->mtu too */
+    ip6_addr_t a6;
+    memcpy(a6.addr, ip6, 16);
+    ip6_addr_clear_zone(&a6);
+    netif_ip6_addr_set(&tl_netif, 0, &a6);
+    netif_ip6_addr_set_state(&tl_netif, 0, IP6_ADDR_PREFERRED);
+    /* The hook verifies TCP/UDP checksums itself (and counts failures); lwIP checks the rest. */
+    NETIF_SET_CHECKSUM_CTRL(&tl_netif, NETIF_CHECKSUM_GEN_IP | NETIF_CHECKSUM_GEN_UDP |
+                            NETIF_CHECKSUM_GEN_TCP | NETIF_CHECKSUM_GEN_ICMP |
+                            NETIF_CHECKSUM_GEN_ICMP6 | NETIF_CHECKSUM_CHECK_ICMP |
+                            NETIF_CHECKSUM_CHECK_ICMP6);
+    netif_set_default(&tl_netif);
+    netif_set_up(&tl_netif);
+    netif_set_link_up(&tl_netif);
+    tl_netif_added = 1;
+    return 0;
+}
+
+static void tl_forget(struct tcp_pcb *pcb)
+{
+    tcp_arg(pcb, NULL);
+    if (pcb->state != LISTEN) {
+        tcp_recv(pcb, NULL);
+        tcp_sent(pcb, NULL);
+        tcp_err(pcb, NULL);
+        tcp_poll(pcb, NULL, 0);
+    }
+}
+
+void tl_deinit(void)
+{
+    if (!tl_netif_added) return;
+    while (tcp_active_pcbs) {
+        struct tcp_pcb *pcb = tcp_active_pcbs;
+        tl_forget(pcb);
+        tcp_abort(pcb);
+    }
+    while (tcp_tw_pcbs) tcp_abort(tcp_tw_pcbs);
+    netif_remove(&tl_netif);
+    tl_netif_added = 0;
+    tl_output_fd = -1;
+    tl_hold_syns = 0;
+    tl_client_net_count = 0;
+}
+
+/* ---- TCP callbacks ------------------------------------------------------------------------ */
+
+static err_t tl_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err)
+{
+    LWIP_UNUSED_ARG(pcb);
+    uintptr_t conn = (uintptr_t)arg;
+    if (p == NULL) {
+        if (conn) tl_py_recv(conn, NULL, 0);
+        return ERR_OK;
+    }
+    if (err != ERR_OK || conn == 0) {
+        /* No owner any more: treat the data as consumed so lwIP does not stall the window. */
+        tcp_recved(pcb, p->tot_len);
+        pbuf_free(p);
+        return ERR_OK;
+    }
+    if (p->next == NULL) {
+        tl_py_recv(conn, (const uint8_t *)p->payload, p->len);
+    } else {
+        u16_t n = pbuf_copy_partial(p, tl_in_scratch, p->tot_len, 0);
+        tl_py_recv(conn, tl_in_scratch, n);
+    }
+    pbuf_free(p);
+    return ERR_OK;
+}
+
+static err_t tl_on_sent(void *arg, struct tcp_pcb *pcb, u16_t len)
+{
+    LWIP_UNUSED_ARG(pcb);
+    if (arg) tl_py_sent((uintptr_t)arg, len);
+    return ERR_OK;
+}
+
+static void tl_on_error(void *arg, err_t err)
+{
+    /* lwIP has freed (or is freeing) the PCB: only tell Python, never touch it. */
+    if (arg) tl_py_error((uintptr_t)arg, err);
+}
+
+static err_t tl_on_accept(void *arg, struct tcp_pcb *newpcb, err_t err)
+{
+    LWIP_UNUSED_ARG(arg);
+    if (err != ERR_OK || newpcb == NULL) return ERR_VAL;
+    uintptr_t conn = tl_py_accept(newpcb);
+    if (conn == 0) return ERR_MEM; /* lwIP aborts the new connection (RST) for us */
+    tcp_arg(newpcb, (void *)conn);
+    tcp_recv(newpcb, tl_on_recv);
+    tcp_sent(newpcb, tl_on_sent);
+    tcp_err(newpcb, tl_on_error);
+    tcp_nagle_disable(newpcb);
+    return ERR_OK;
+}
+
+static int tl_ensure_listener(u16_t port)
+{
+    if (tl_listeners[port]) return 0;
+    struct tcp_pcb *pcb = tcp_new_ip_type(IPADDR_TYPE_ANY);
+    if (pcb == NULL) return -1;
+    if (tcp_bind(pcb, IP_ANY_TYPE, port) != ERR_OK) {
+        tcp_close(pcb);
+        return -1;
+    }
+    err_t err;
+    struct tcp_pcb *lpcb = tcp_listen_with_backlog_and_err(pcb, TCP_DEFAULT_LISTEN_BACKLOG, &err);
+    if (lpcb == NULL) {
+        tcp_close(pcb);
+        return -1;
+    }
+    tcp_accept(lpcb, tl_on_accept);
+    tl_listeners[port] = lpcb;
+    tl_stats.listeners++;
+    return 0;
+}
+
+/* ---- UDP ---------------------------------------------------------------------------------- */
+
+static void tl_on_udp(void *arg, struct udp_pcb *pcb, struct pbuf *p, const ip_addr_t *addr,
+                      u16_t port)
+{
+    LWIP_UNUSED_ARG(arg);
+    tl_endpoint src, dst;
+    tl_endpoint_from(&src, addr, port);
+    tl_endpoint_from(&dst, ip_current_dest_addr(), pcb->local_port);
+    const uint8_t *data;
+    if (p->next == NULL) {
+        data = (const uint8_t *)p->payload;
+    } else {
+        pbuf_copy_partial(p, tl_in_scratch, p->tot_len, 0);
+        data = tl_in_scratch;
+    }
+    tl_py_udp(&src, &dst, data, p->tot_len);
+    pbuf_free(p);
+}
+
+static struct udp_pcb *tl_udp_for_port(u16_t port)
+{
+    if (tl_udp_pcbs[port]) return tl_udp_pcbs[port];
+    struct udp_pcb *pcb = udp_new_ip_type(IPADDR_TYPE_ANY);
+    if (pcb == NULL) return NULL;
+    if (udp_bind(pcb, IP_ANY_TYPE, port) != ERR_OK) {
+        udp_remove(pcb);
+        return NULL;
+    }
+    udp_recv(pcb, tl_on_udp, NULL);
+    tl_udp_pcbs[port] = pcb;
+    tl_stats.udp_ports++;
+    return pcb;
+}
+
+int tl_udp_send(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *data, size_t len)
+{
+    ip_addr_t sip, dip;
+    if (!tl_netif_added) return ERR_CONN;
+    if (tl_endpoint_to(&sip, src) || tl_endpoint_to(&dip, dst) || src->family != dst->family)
+        return ERR_ARG;
+    if (src->port == 0 || dst->port == 0) return ERR_ARG;
+    if (len > 0xFFFF - 8 - (src->family == 4 ? 20 : 0)) return ERR_VAL;
+    struct udp_pcb *pcb = tl_udp_for_port(src->port);
+    if (pcb == NULL) return ERR_MEM;
+    struct pbuf *p = pbuf_alloc(PBUF_TRANSPORT, (u16_t)len, PBUF_RAM);
+    if (p == NULL) return ERR_MEM;
+    if (len) memcpy(p->payload, data, len);
+    err_t err = udp_sendto_if_src(pcb, p, &dip, dst->port, &tl_netif, &sip);
+    pbuf_free(p);
+    return err;
+}
+
+/* ---- input hooks -------------------------------------------------------------------------- */
+
+static int tl_drop(struct pbuf *p, uint64_t *counter)
+{
+    (*counter)++;
+    pbuf_free(p);
+    return 1;
+}
+
+/* Make the whole packet one contiguous pbuf (reassembly returns chains). */
+static struct pbuf *tl_flatten(struct pbuf *p)
+{
+    if (p->next == NULL) return p;
+    struct pbuf *q = pbuf_clone(PBUF_RAW, PBUF_RAM, p);
+    pbuf_free(p);
+    return q;
+}
+
+static void tl_clear_ip_data(void)
+{
+    ip_data.current_netif = NULL;
+    ip_data.current_input_netif = NULL;
+    ip_data.current_ip4_header = NULL;
+    ip_data.current_ip6_header = NULL;
+    ip_data.current_ip_header_tot_len = 0;
+    ip_addr_set_zero(&ip_data.current_iphdr_src);
+    ip_addr_set_zero(&ip_data.current_iphdr_dest);
+}
+
+/*
+ * Common transport step, once p->payload sits on the TCP/UDP header and ip_data is filled.
+ * `packet`/`packet_len` is the whole IP packet (for a held SYN). Consumes p.
+ */
+static int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int family,
+                              const uint8_t *packet, size_t packet_len)
+{
+    u16_t len = p->tot_len;
+    const ip_addr_t *src = ip_current_src_addr(), *dst = ip_current_dest_addr();
+    if (proto == IP_PROTO_TCP) {
+        if (len < TCP_HLEN) return tl_drop(p, &tl_stats.drop_transport_header);
+        const struct tcp_hdr *th = (const struct tcp_hdr *)p->payload;
+        u16_t hdrlen = (u16_t)(TCPH_HDRLEN(th) * 4);
+        if (hdrlen < TCP_HLEN || hdrlen > len) return tl_drop(p, &tl_stats.drop_transport_header);
+        if (th->src == 0 || th->dest == 0) return tl_drop(p, &tl_stats.drop_port_zero);
+        if (tl_checksum_check && ip_chksum_pseudo(p, IP_PROTO_TCP, len, src, dst) != 0)
+            return tl_drop(p, &tl_stats.drop_transport_checksum);
+        u8_t flags = TCPH_FLAGS(th);
+        u16_t dport = lwip_ntohs(th->dest);
+        if ((flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN)) == TCP_SYN) {
+            if (tl_hold_syns && !tl_releasing) {
+                int known = 0;
+                u16_t sport = lwip_ntohs(th->src);
+                for (struct tcp_pcb *c = tcp_active_pcbs; c && !known; c = c->next)
+                    known = c->local_port == dport && c->remote_port == sport &&
+                            ip_addr_cmp(&c->local_ip, dst) && ip_addr_cmp(&c->remote_ip, src);
+                if (!known) {
+                    tl_endpoint s, d;
+                    tl_endpoint_from(&s, src, sport);
+                    tl_endpoint_from(&d, dst, dport);
+                    if (tl_py_syn(packet, packet_len, &s, &d)) {
+                        tl_stats.syn_held++;
+                        pbuf_free(p);
+                        return 1;
+                    }
+                }
+            }
+            if (tl_ensure_listener(dport) != 0) return tl_drop(p, &tl_stats.drop_no_memory);
+        }
+        if (tl_releasing) tl_stats.syn_released++;
+        tl_stats.tcp_in++;
+        tcp_input(p, inp);
+        return 0;
+    }
+    /* UDP */
+    if (len < UDP_HLEN) return tl_drop(p, &tl_stats.drop_transport_header);
+    const struct udp_hdr *uh = (const struct udp_hdr *)p->payload;
+    u16_t ulen = lwip_ntohs(uh->len);
+    if (ulen < UDP_HLEN || ulen > len) return tl_drop(p, &tl_stats.drop_transport_header);
+    if (ulen < len) {
+        pbuf_realloc(p, ulen);
+        len = ulen;
+    }
+    if (uh->src == 0 || uh->dest == 0) return tl_drop(p, &tl_stats.drop_port_zero);
+    if (tl_checksum_check && (uh->chksum != 0 || family == 6) &&
+        ip_chksum_pseudo(p, IP_PROTO_UDP, len, src, dst) != 0)
+        return tl_drop(p, &tl_stats.drop_transport_checksum);
+    if (tl_udp_for_port(lwip_ntohs(uh->dest)) == NULL) return tl_drop(p, &tl_stats.drop_no_memory);
+    tl_stats.udp_in++;
+    udp_input(p, inp);
+    return 0;
+}
+
+int tl_hook_ip4_input(struct pbuf *p, struct netif *inp)
+{
+    if (p->len < IP_HLEN) return tl_drop(p, &tl_stats.drop_too_short);
+    const struct ip_hdr *iph = (const struct ip_hdr *)p->payload;
+    u16_t hlen = (u16_t)IPH_HL_BYTES(iph);
+    u16_t totlen = lwip_ntohs(IPH_LEN(iph));
+    if (hlen < IP_HLEN || hlen > p->len || totlen < hlen || totlen > p->tot_len)
+        return tl_drop(p, &tl_stats.drop_ip_header);
+    if (totlen < p->tot_len) pbuf_realloc(p, totlen);
+    if (tl_checksum_check && inet_chksum(iph, hlen) != 0)
+        return tl_drop(p, &tl_stats.drop_ip_checksum);
+
+    u8_t proto = IPH_PROTO(iph);
+    ip4_addr_t s, d;
+    ip4_addr_copy(s, iph->src);
+    ip4_addr_copy(d, iph->dest);
+    if (!tl_is_client(4, (const uint8_t *)&s.addr)) return tl_drop(p, &tl_stats.drop_not_client);
+    if (proto != IP_PROTO_TCP && proto != IP_PROTO_UDP) {
+        tl_stats.other_in++;
+        return 0; /* lwIP's own path: ICMP to the gateway address, errors, drops */
+    }
+    if (ip4_addr_isany_val(s) || ip4_addr_isbroadcast(&s, inp) || ip4_addr_ismulticast(&s) ||
+        ip4_addr_isany_val(d) || ip4_addr_isbroadcast(&d, inp) || ip4_addr_ismulticast(&d))
+        return tl_drop(p, &tl_stats.drop_bad_address);
+
+    if ((IPH_OFFSET(iph) & PP_HTONS(IP_OFFMASK | IP_MF)) != 0) {
+        tl_stats.fragments_in++;
+        ip_data.current_input_netif = inp;
+        p = ip4_reass(p);
+        ip_data.current_input_netif = NULL;
+        if (p == NULL) return 1;
+        p = tl_flatten(p);
+        if (p == NULL) {
+            tl_stats.drop_no_memory++;
+            return 1;
+        }
+        tl_stats.datagrams_reassembled++;
+        iph = (const struct ip_hdr *)p->payload;
+        hlen = (u16_t)IPH_HL_BYTES(iph);
+    }
+
+    const uint8_t *packet = (const uint8_t *)p->payload;
+    size_t packet_len = p->tot_len;
+    ip_data.current_netif = inp;
+    ip_data.current_input_netif = inp;
+    ip_data.current_ip4_header = iph;
+    ip_data.current_ip6_header = NULL;
+    ip_data.current_ip_header_tot_len = hlen;
+    ip_addr_copy_from_ip4(ip_data.current_iphdr_src, iph->src);
+    ip_addr_copy_from_ip4(ip_data.current_iphdr_dest, iph->dest);
+    pbuf_remove_header(p, hlen);
+    tl_transport_input(p, inp, proto, 4, packet, packet_len);
+    tl_clear_ip_data();
+    return 1;
+}
+
+int tl_hook_ip6_input(struct pbuf *p, struct netif *inp)
+{
+    if (p->len < IP6_HLEN) return tl_drop(p, &tl_stats.drop_too_short);
+    struct ip6_hdr *ip6h = (struct ip6_hdr *)p->payload;
+    u16_t plen = IP6H_PLEN(ip6h);
+    if (plen == 0 || (u32_t)plen + IP6_HLEN > p->tot_len)
+        return tl_drop(p, &tl_stats.drop_ip_header);
+    if ((u32_t)plen + IP6_HLEN < p->tot_len) pbuf_realloc(p, (u16_t)(plen + IP6_HLEN));
+    if (!tl_is_client(6, (const uint8_t *)ip6h->src.addr))
+        return tl_drop(p, &tl_stats.drop_not_client);
+
+    u8_t nexth = IP6H_NEXTH(ip6h);
+    int fragmented = 0;
+    if (nexth == TL_IPPROTO_FRAGMENT) {
+        if (p->len < IP6_HLEN + 8) return tl_drop(p, &tl_stats.drop_ip_header);
+        const struct ip6_frag_hdr *fh = (const struct ip6_frag_hdr *)((u8_t *)p->payload + IP6_HLEN);
+        nexth = IP6_FRAG_NEXTH(fh);
+        fragmented = 1;
+    }
+    if (nexth != IP_PROTO_TCP && nexth != IP_PROTO_UDP) {
+        tl_stats.other_in++;
+        return 0; /* ICMPv6, extension headers: lwIP's own path */
+    }
+    ip_addr_copy_from_ip6_packed(ip_data.current_iphdr_src, ip6h->src);
+    ip_addr_copy_from_ip6_packed(ip_data.current_iphdr_dest, ip6h->dest);
+    const ip6_addr_t *s = ip_2_ip6(&ip_data.current_iphdr_src);
+    const ip6_addr_t *d = ip_2_ip6(&ip_data.current_iphdr_dest);
+    if (ip6_addr_isany(s) || ip6_addr_ismulticast(s) || ip6_addr_isipv4mappedipv6(s) ||
+        ip6_addr_isany(d) || ip6_addr_ismulticast(d) || ip6_addr_isipv4mappedipv6(d)) {
+        tl_clear_ip_data();
+        return tl_drop(p, &tl_stats.drop_bad_address);
+    }
+
+    u16_t hlen = IP6_HLEN;
+    if (fragmented) {
+        const struct ip6_frag_hdr *fh = (const struct ip6_frag_hdr *)((u8_t *)p->payload + IP6_HLEN);
+        if ((fh->_fragment_offset & PP_HTONS(IP6_FRAG_OFFSET_MASK | IP6_FRAG_MORE_FLAG)) == 0) {
+            hlen = IP6_HLEN + 8; /* atomic fragment: just skip the header */
+        } else {
+            if (IP6_FRAG_MBIT(fh) && (plen & 0x7)) {
+                tl_clear_ip_data();
+                return tl_drop(p, &tl_stats.drop_ip_header);
+            }
+            tl_stats.fragments_in++;
+            ip_data.current_netif = inp;
+            ip_data.current_input_netif = inp;
+            ip_data.current_ip6_header = ip6h;
+            ip_data.current_ip4_header = NULL;
+            ip_data.current_ip_header_tot_len = IP6_HLEN + 8;
+            pbuf_remove_header(p, IP6_HLEN);
+            p = ip6_reass(p);
+            if (p == NULL) {
+                tl_clear_ip_data();
+                return 1;
+            }
+            p = tl_flatten(p);
+            if (p == NULL) {
+                tl_clear_ip_data();
+                tl_stats.drop_no_memory++;
+                return 1;
+            }
+            tl_stats.datagrams_reassembled++;
+            ip6h = (struct ip6_hdr *)p->payload;
+            nexth = IP6H_NEXTH(ip6h);
+            if (nexth != IP_PROTO_TCP && nexth != IP_PROTO_UDP) {
+                tl_clear_ip_data();
+                return tl_drop(p, &tl_stats.drop_unsupported);
+            }
+        }
+    }
+
+    const uint8_t *packet = (const uint8_t *)p->payload;
+    size_t packet_len = p->tot_len;
+    ip_data.current_netif = inp;
+    ip_data.current_input_netif = inp;
+    ip_data.current_ip6_header = ip6h;
+    ip_data.current_ip4_header = NULL;
+    ip_data.current_ip_header_tot_len = hlen;
+    pbuf_remove_header(p, hlen);
+    tl_transport_input(p, inp, nexth, 6, packet, packet_len);
+    tl_clear_ip_data();
+    return 1;
+}
+
+/* ---- packet input ------------------------------------------------------------------------- */
+
+int tl_input(const uint8_t *data, size_t len)
+{
+    tl_stats.packets_in++;
+    tl_stats.bytes_in += len;
+    if (!tl_netif_added) return -1;
+    if (len < 1) { tl_stats.drop_too_short++; return -1; }
+    if (len > 0xFFFF) { tl_stats.drop_too_long++; return -1; }
+    u8_t version = data[0] >> 4;
+    if (version != 4 && version != 6) { tl_stats.drop_bad_version++; return -1; }
+    if (len < (version == 4 ? IP_HLEN : IP6_HLEN)) { tl_stats.drop_too_short++; return -1; }
+    struct pbuf *p = pbuf_alloc(PBUF_RAW, (u16_t)len, PBUF_RAM);
+    if (p == NULL) { tl_stats.drop_no_memory++; return -1; }
+    memcpy(p->payload, data, len);
+    tl_netif.input(p, &tl_netif);
+    return 0;
+}
+
+int tl_input_release(const uint8_t *data, size_t len)
+{
+    tl_releasing = 1;
+    int r = tl_input(data, len);
+    tl_releasing = 0;
+    return r;
+}
+
+/* ---- TCP wrappers ------------------------------------------------------------------------- */
+
+void tl_tcp_endpoints(void *pcb_, tl_endpoint *local, tl_endpoint *remote)
+{
+    struct tcp_pcb *pcb = (struct tcp_pcb *)pcb_;
+    tl_endpoint_from(local, &pcb->local_ip, pcb->local_port);
+    tl_endpoint_from(remote, &pcb->remote_ip, pcb->remote_port);
+}
+
+uint32_t tl_tcp_sndbuf(void *pcb_)
+{
+    struct tcp_pcb *pcb = (struct tcp_pcb *)pcb_;
+    if (tcp_sndqueuelen(pcb) >= TCP_SND_QUEUELEN - 4) return 0;
+    return tcp_sndbuf(pcb);
+}
+
+/* Queue as much of data as lwIP takes now (16-bit calls), then push it out. Returns bytes
+ * queued (possibly 0) or a negative err_t when the connection cannot send. */
+int tl_tcp_write(void *pcb_, const uint8_t *data, size_t len)
+{
+    struct tcp_pcb *pcb = (struct tcp_pcb *)pcb_;
+    size_t done = 0;
+    err_t err = ERR_OK;
+    while (done < len) {
+        u32_t room = tl_tcp_sndbuf(pcb);
+        if (room == 0) break;
+        size_t chunk = len - done;
+        if (chunk > room) chunk = room;
+        if (chunk > 0xFFFF) chunk = 0xFFFF;
+        u8_t flags = TCP_WRITE_FLAG_COPY | (done + chunk < len ? TCP_WRITE_FLAG_MORE : 0);
+        err = tcp_write(pcb, data + done, (u16_t)chunk, flags);
+        if (err == ERR_MEM) { err = ERR_OK; break; }
+        if (err != ERR_OK) break;
+        done += chunk;
+    }
+    if (done > 0) tcp_output(pcb);
+    if (done == 0 && err != ERR_OK) return err;
+    return (int)done;
+}
+
+void tl_tcp_recved(void *pcb_, size_t len)
+{
+    struct tcp_pcb *pcb = (struct tcp_pcb *)pcb_;
+    while (len > 0) {
+        u16_t chunk = len > 0xFFFF ? 0xFFFF : (u16_t)len;
+        tcp_recved(pcb, chunk);
+        len -= chunk;
+    }
+}
+
+int tl_tcp_shutdown_tx(void *pcb_)
+{
+    struct tcp_pcb *pcb = (struct tcp_pcb *)pcb_;
+    err_t err = tcp_shutdown(pcb, 0, 1);
+    if (err == ERR_OK) tcp_output(pcb);
+    return err;
+}
+
+void tl_tcp_close(void *pcb_)
+{
+    struct tcp_pcb *pcb = (struct tcp_pcb *)pcb_;
+    tl_forget(pcb);
+    if (tcp_close(pcb) != ERR_OK) tcp_abort(pcb);
+}
+
+void tl_tcp_abort(void *pcb_)
+{
+    struct tcp_pcb *pcb = (struct tcp_pcb *)pcb_;
+    tl_forget(pcb);
+    tcp_abort(pcb);
+}
+
+int tl_tcp_state(void *pcb_) { return ((struct tcp_pcb *)pcb_)->state; }

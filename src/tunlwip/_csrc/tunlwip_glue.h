@@ -1,0 +1,61 @@
+/*
+ * The flat C API tunlwip's Python side sees (this file is also the cffi cdef: declarations only,
+ * no preprocessor lines other than the include guard, which build_ffi.py strips).
+ * lwIP structures stay opaque: a TCP connection is a `void *`.
+ */
+#ifndef TUNLWIP_GLUE_H
+#define TUNLWIP_GLUE_H
+
+typedef struct {
+    uint8_t family;     /* 4 or 6 */
+    uint8_t addr[16];   /* network byte order; IPv4 uses the first 4 bytes */
+    uint16_t port;      /* host byte order */
+} tl_endpoint;
+
+typedef struct {
+    uint64_t packets_in, bytes_in, packets_out, bytes_out;
+    uint64_t tcp_in, udp_in, other_in;
+    uint64_t drop_too_short, drop_too_long, drop_bad_version, drop_ip_header, drop_ip_checksum;
+    uint64_t drop_bad_address, drop_not_client, drop_port_zero, drop_transport_header;
+    uint64_t drop_transport_checksum, drop_unsupported, drop_no_memory, drop_no_listener;
+    uint64_t fragments_in, datagrams_reassembled;
+    uint64_t syn_held, syn_released;
+    uint64_t udp_unhandled, output_errors;
+    uint64_t listeners, udp_ports;
+} tl_counters;
+
+/* lifecycle and time */
+int tl_init(uint16_t mtu, const uint8_t *ip4, const uint8_t *ip6);
+void tl_deinit(void);
+void tl_set_now(uint32_t ms);
+uint32_t tl_now(void);
+uint32_t tl_sleeptime(void);
+void tl_check_timeouts(void);
+const tl_counters *tl_get_counters(void);
+void tl_reset_counters(void);
+uint32_t tl_tcp_pcb_count(void);
+
+/* policy knobs */
+void tl_set_checksum_check(int on);
+void tl_set_output_fd(int fd);
+void tl_set_hold_syns(int on);
+int tl_set_client_networks(const tl_endpoint *networks, const uint8_t *prefixes, int count);
+
+/* packet input: 0 when handed on, a negative value when dropped before lwIP saw it */
+int tl_input(const uint8_t *data, size_t len);
+int tl_input_release(const uint8_t *data, size_t len);
+
+/* TCP connections (pcb is opaque) */
+void tl_tcp_endpoints(void *pcb, tl_endpoint *local, tl_endpoint *remote);
+int tl_tcp_write(void *pcb, const uint8_t *data, size_t len);
+uint32_t tl_tcp_sndbuf(void *pcb);
+void tl_tcp_recved(void *pcb, size_t len);
+int tl_tcp_shutdown_tx(void *pcb);
+void tl_tcp_close(void *pcb);
+void tl_tcp_abort(void *pcb);
+int tl_tcp_state(void *pcb);
+
+/* UDP: send a datagram to a client from any address and port */
+int tl_udp_send(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *data, size_t len);
+
+#endif

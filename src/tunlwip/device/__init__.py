@@ -1,0 +1,33 @@
+"""Packet devices: where IP packets come from and go to.
+
+A device moves whole IP packets (no link-layer header, no packet-info prefix). The stack reads
+with ``receive_packet`` and writes with ``send_packet``; it never cares whether the other side is
+a Linux TUN, a mobile VPN fd or a test harness.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from .memory import MemoryDevice
+from .tun import TunDevice
+
+
+@runtime_checkable
+class PacketDevice(Protocol):
+    """The three operations the stack needs from a packet source/sink."""
+
+    async def receive_packet(self) -> bytes:
+        """Wait for and return the next IP packet from the clients."""
+        ...
+
+    async def send_packet(self, packet: bytes) -> None:
+        """Deliver one IP packet to the clients."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the device; pending and later calls raise ``trio.ClosedResourceError``."""
+        ...
+
+
+__all__ = ["MemoryDevice", "PacketDevice", "TunDevice"]

@@ -1,0 +1,310 @@
+"""LwipStack: one lwIP instance bound to a packet device, driven from trio.
+
+Theory of operation
+-------------------
+lwIP (NO_SYS) is a single-threaded state machine. Everything that enters it (packets from the
+device, timers, writes and window updates from TCP streams) runs on the trio thread, one call at
+a time, and lwIP answers by invoking callbacks (see ``_binding``). Those callbacks only record
+events: they queue output packets, buffer received bytes and unpark waiting tasks. They never
+enter lwIP again.
+
+Three tasks drive it: the *reader* feeds device packets to ``tl_input``; the *timer* runs
+``sys_check_timeouts`` at most 250 ms apart; the *writer* delivers queued output to the device
+(unless the device let C write to its fd directly). lwIP's clock is trio's clock, so trio's
+``autojump_clock`` makes retransmissions and TIME-WAIT instant in tests.
+
+lwIP has global state and can be initialised once per process, so one stack runs at a time; a
+stack tears down by aborting its connections and removing its netif, after which another stack
+may run (tests do this constantly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+import trio
+
+from . import _binding
+from ._binding import ffi, lib
+from .device import PacketDevice
+from .endpoint import Endpoint
+from .errors import TunlwipError
+from .tcp import LwipTcpStream
+
+log = logging.getLogger("tunlwip.stack")
+
+TcpHandler = Callable[[LwipTcpStream, Endpoint], Awaitable[None]]
+SynInterceptor = Callable[[bytes, Endpoint, Endpoint], bool]
+UdpReceiver = Callable[[Endpoint, Endpoint, bytes], None]
+
+_TIMER_CAP_SECONDS = 0.25
+_SLEEPTIME_INFINITE = 0xFFFFFFFF
+DEFAULT_IPV4 = ipaddress.IPv4Address("198.18.0.1")
+DEFAULT_IPV6 = ipaddress.IPv6Address("fd00:18::1")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+    """What lwIP needs to know about its side of the TUN."""
+
+    mtu: int = 1500
+    ipv4_address: ipaddress.IPv4Address = DEFAULT_IPV4
+    ipv6_address: ipaddress.IPv6Address = DEFAULT_IPV6
+    #: Only packets from these sources are processed (empty: any source).
+    client_networks: tuple[IPNetwork, ...] = ()
+    #: Verify IP/TCP/UDP checksums of client packets (the kernel always sets them).
+    verify_checksums: bool = True
+    #: New connections beyond this many open ones are refused with RST.
+    max_tcp_connections: int = 65536
+
+    def __post_init__(self) -> None:
+        if not 576 <= self.mtu <= 65520:
+            raise ValueError(f"mtu must be between 576 and 65520, not {self.mtu}")
+        if len(self.client_networks) > 16:
+            raise ValueError("at most 16 client networks are supported")
+
+
+@dataclasses.dataclass(frozen=True)
+class StackStatistics:
+    """A snapshot of the stack's counters (C counters plus Python-side state)."""
+
+    tcp_connections: int
+    lwip_tcp_pcbs: int
+    counters: dict[str, int]
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        return {k[5:]: v for k, v in self.counters.items() if k.startswith("drop_") and v}
+
+
+_COUNTER_FIELDS = [name for name, _ in ffi.typeof("tl_counters").fields]
+_active: LwipStack | None = None
+
+
+class LwipStack:
+    """One lwIP instance on one packet device; ``run`` drives it until cancelled."""
+
+    def __init__(self, device: PacketDevice, config: StackConfig | None = None) -> None:
+        self.device = device
+        self.config = config or StackConfig()
+        #: Called for each new SYN when set; returning True means "held" (dial before accept).
+        self.syn_interceptor: SynInterceptor | None = None
+        #: Called for every UDP datagram from a client; None drops (and counts) them.
+        self.udp_receiver: UdpReceiver | None = None
+        self._streams: dict[int, LwipTcpStream] = {}
+        self._next_conn_id = 1
+        self._outbox: list[bytes] = []
+        self._output_ready = trio.Event()
+        self._handler: TcpHandler | None = None
+        self._handler_nursery: trio.Nursery | None = None
+        self._clock_base_ms = 0
+        self._clock_origin = 0.0
+        self._running = False
+        self._callback_errors = 0
+
+    # -- public API ---------------------------------------------------------------------------
+    async def run(
+        self,
+        tcp_handler: TcpHandler,
+        *,
+        handler_nursery: trio.Nursery | None = None,
+        task_status: trio.TaskStatus[LwipStack] = trio.TASK_STATUS_IGNORED,
+    ) -> NoReturn:
+        """Drive lwIP until cancelled; each accepted connection runs ``tcp_handler(stream,
+        target)`` in ``handler_nursery`` (default: a nursery of this call). ``target`` is the
+        original destination the client asked for."""
+        global _active
+        if _active is not None:
+            raise TunlwipError("an LwipStack is already running in this process (lwIP is global)")
+        _active = self
+        try:
+            self._start_lwip()
+            self._handler = tcp_handler
+            async with trio.open_nursery() as nursery:
+                self._handler_nursery = handler_nursery or nursery
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._timer)
+                nursery.start_soon(self._writer)
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            self._stop_lwip()
+            _active = None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def statistics(self) -> StackStatistics:
+        c = lib.tl_get_counters()
+        return StackStatistics(
+            tcp_connections=len(self._streams),
+            lwip_tcp_pcbs=lib.tl_tcp_pcb_count(),
+            counters={name: int(getattr(c, name)) for name in _COUNTER_FIELDS},
+        )
+
+    def release_syn(self, packet: bytes) -> None:
+        """Feed a SYN that ``syn_interceptor`` held back to lwIP, which then answers it."""
+        self._tick_clock()
+        lib.tl_input_release(packet, len(packet))
+        self._after_lwip()
+
+    def send_udp(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
+        """Send a datagram to client ``dst`` appearing to come from ``src`` (any address)."""
+        err = lib.tl_udp_send(
+            _binding.endpoint_to_c(src), _binding.endpoint_to_c(dst), data, len(data)
+        )
+        self._after_lwip()
+        if err != 0:
+            from .errors import LwipError
+
+            raise LwipError(err, f"UDP send {src} -> {dst}")
+
+    def inject_packet(self, packet: bytes) -> None:
+        """Process one client packet now (what the reader task does for device packets)."""
+        self._tick_clock()
+        lib.tl_input(packet, len(packet))
+        if lib.tl_sleeptime() == 0:
+            lib.tl_check_timeouts()
+        self._after_lwip()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _start_lwip(self) -> None:
+        cfg = self.config
+        self._clock_base_ms = lib.tl_now()
+        self._clock_origin = trio.current_time()
+        rc = lib.tl_init(cfg.mtu, cfg.ipv4_address.packed, cfg.ipv6_address.packed)
+        if rc != 0:
+            raise TunlwipError(f"lwIP netif setup failed ({rc})")
+        _binding.set_sink(self)
+        lib.tl_reset_counters()
+        lib.tl_set_checksum_check(1 if cfg.verify_checksums else 0)
+        nets = cfg.client_networks
+        c_nets = ffi.new("tl_endpoint[]", max(1, len(nets)))
+        prefixes = ffi.new("uint8_t[]", max(1, len(nets)))
+        for i, net in enumerate(nets):
+            packed = net.network_address.packed
+            c_nets[i].family = net.version
+            ffi.memmove(c_nets[i].addr, packed, len(packed))
+            prefixes[i] = net.prefixlen
+        if lib.tl_set_client_networks(c_nets, prefixes, len(nets)) != 0:
+            raise TunlwipError("invalid client networks")
+        fd = getattr(self.device, "direct_output_fd", None)
+        if callable(fd):
+            out_fd = fd()
+            if out_fd is not None:
+                lib.tl_set_output_fd(out_fd)
+        lib.tl_set_hold_syns(1 if self.syn_interceptor is not None else 0)
+        self._running = True
+
+    def _stop_lwip(self) -> None:
+        self._running = False
+        for stream in list(self._streams.values()):
+            stream._on_stack_stopped()
+        self._streams.clear()
+        self._tick_clock()
+        lib.tl_deinit()
+        _binding.set_sink(None)
+        self._outbox.clear()
+
+    # -- tasks --------------------------------------------------------------------------------
+    async def _reader(self) -> None:
+        device = self.device
+        while True:
+            try:
+                packet = await device.receive_packet()
+            except (trio.ClosedResourceError, trio.EndOfChannel):
+                log.info("packet device closed; the stack stops reading")
+                return
+            self.inject_packet(packet)
+
+    async def _timer(self) -> None:
+        while True:
+            self._tick_clock()
+            lib.tl_check_timeouts()
+            self._after_lwip()
+            sleep_ms = lib.tl_sleeptime()
+            delay = _TIMER_CAP_SECONDS if sleep_ms == _SLEEPTIME_INFINITE else sleep_ms / 1000
+            await trio.sleep(min(delay, _TIMER_CAP_SECONDS))
+
+    async def _writer(self) -> None:
+        while True:
+            await self._output_ready.wait()
+            self._output_ready = trio.Event()
+            batch, self._outbox = self._outbox, []
+            for packet in batch:
+                try:
+                    await self.device.send_packet(packet)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    return
+                except OSError as exc:
+                    log.warning("device write failed, packet dropped: %s", exc)
+
+    # -- helpers used by streams --------------------------------------------------------------
+    def _tick_clock(self) -> None:
+        elapsed_ms = int((trio.current_time() - self._clock_origin) * 1000)
+        lib.tl_set_now((self._clock_base_ms + elapsed_ms) & 0xFFFFFFFF)
+
+    def _after_lwip(self) -> None:
+        if self._outbox:
+            self._output_ready.set()
+
+    def _forget(self, conn_id: int) -> None:
+        self._streams.pop(conn_id, None)
+
+    async def _run_handler(self, stream: LwipTcpStream) -> None:
+        assert self._handler is not None
+        try:
+            await self._handler(stream, stream.local)
+        except Exception:
+            log.exception("TCP handler failed for %s -> %s; resetting", stream.remote, stream.local)
+            stream.abort()
+        finally:
+            stream._close_now()
+
+    # -- lwIP callbacks (via _binding); never re-enter lwIP here --------------------------------
+    def on_accept(self, pcb: Any) -> int:
+        if not self._running or len(self._streams) >= self.config.max_tcp_connections:
+            return 0
+        conn_id = self._next_conn_id
+        self._next_conn_id += 1
+        local = ffi.new("tl_endpoint *")
+        remote = ffi.new("tl_endpoint *")
+        lib.tl_tcp_endpoints(pcb, local, remote)
+        stream = LwipTcpStream(
+            self, conn_id, pcb, _binding.endpoint_from_c(local), _binding.endpoint_from_c(remote)
+        )
+        self._streams[conn_id] = stream
+        assert self._handler_nursery is not None
+        self._handler_nursery.start_soon(self._run_handler, stream)
+        return conn_id
+
+    def on_recv(self, conn: int, data: bytes | None) -> None:
+        stream = self._streams.get(conn)
+        if stream is not None:
+            stream._on_recv(data)
+
+    def on_sent(self, conn: int, length: int) -> None:
+        stream = self._streams.get(conn)
+        if stream is not None:
+            stream._on_sent(length)
+
+    def on_error(self, conn: int, err: int) -> None:
+        stream = self._streams.pop(conn, None)
+        if stream is not None:
+            stream._on_error(err)
+
+    def on_output(self, packet: bytes) -> None:
+        self._outbox.append(packet)
+
+    def on_syn(self, packet: bytes, src: Endpoint, dst: Endpoint) -> bool:
+        return self.syn_interceptor is not None and self.syn_interceptor(packet, src, dst)
+
+    def on_udp(self, src: Endpoint, dst: Endpoint, data: bytes) -> None:
+        if self.udp_receiver is not None:
+            self.udp_receiver(src, dst, data)
+
+    def on_callback_error(self, exc: BaseException) -> None:
+        self._callback_errors += 1

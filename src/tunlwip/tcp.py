@@ -1,0 +1,246 @@
+"""LwipTcpStream: an lwIP TCP connection as a ``trio.abc.HalfCloseableStream``.
+
+Theory of operation
+-------------------
+The stream's state changes in two ways: the owning task calls methods, and lwIP callbacks
+(delivered by the stack on the trio thread) report received bytes, acknowledged bytes, FIN and
+errors. Callbacks only update state and unpark waiters; every lwIP call is made by a method.
+
+Invariants:
+  * Backpressure both ways. Received bytes are acknowledged to lwIP (``tcp_recved``) only when
+    ``receive_some`` hands them out, so the client's window closes while nobody reads and this
+    object buffers at most TCP_WND. ``send_all`` queues only what ``tcp_sndbuf`` admits and
+    parks until the sent callback frees room.
+  * ``_pcb`` is None once lwIP no longer owns a connection for us (reset, aborted, or handed
+    back to lwIP to finish closing). Before handing it back, every callback is cleared in C.
+  * Graceful close: ``send_eof`` shuts down our direction (FIN after queued data); when both
+    directions are finished and everything was read, the PCB is given to lwIP to complete
+    LAST-ACK/TIME-WAIT. ``aclose`` closes like a kernel socket: FIN, or RST if unread data or
+    the client keeps sending.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ._binding import ERR_ABRT, ERR_CLSD, ERR_RST, TCP_STATES, ffi, lib
+from .endpoint import Endpoint
+from .errors import ERR_NAMES
+
+if TYPE_CHECKING:
+    from .stack import LwipStack
+
+DEFAULT_RECEIVE_SIZE = 65536
+
+
+class _ConflictDetector:
+    """Raise BusyResourceError when two tasks use the same direction at once."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(f"another task is already {self._what} on this stream")
+        self._held = True
+
+    def __exit__(self, *exc: object) -> None:
+        self._held = False
+
+
+class LwipTcpStream(trio.abc.HalfCloseableStream):
+    """One client TCP connection terminated by lwIP.
+
+    ``local`` is the original destination the client connected to; ``remote`` is the client.
+    """
+
+    def __init__(
+        self, stack: LwipStack, conn_id: int, pcb: Any, local: Endpoint, remote: Endpoint
+    ) -> None:
+        self._stack = stack
+        self._conn_id = conn_id
+        self._pcb: Any = pcb
+        self.local = local
+        self.remote = remote
+        self._recv_buffer = bytearray()
+        self._eof_received = False
+        self._eof_sent = False
+        self._closed = False
+        self._error: str | None = None
+        self._recv_lot = trio.lowlevel.ParkingLot()
+        self._send_lot = trio.lowlevel.ParkingLot()
+        self._receive_conflict = _ConflictDetector("receiving")
+        self._send_conflict = _ConflictDetector("sending")
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    def __repr__(self) -> str:
+        return f"<LwipTcpStream {self.remote} -> {self.local} {self.state}>"
+
+    @property
+    def state(self) -> str:
+        """lwIP's TCP state, or why the connection is gone."""
+        if self._pcb is not None:
+            return str(TCP_STATES[lib.tl_tcp_state(self._pcb)])
+        return self._error or ("CLOSED" if self._closed else "FINISHING")
+
+    # -- trio.abc.ReceiveStream -----------------------------------------------------------------
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            max_bytes = DEFAULT_RECEIVE_SIZE
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        with self._receive_conflict:
+            await trio.lowlevel.checkpoint()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._recv_buffer or self._eof_received:
+                    break
+                if self._error is not None:
+                    raise trio.BrokenResourceError(f"connection {self._error}")
+                await self._recv_lot.park()
+            data = bytes(self._recv_buffer[:max_bytes])
+            del self._recv_buffer[:max_bytes]
+            if data and self._pcb is not None:
+                lib.tl_tcp_recved(self._pcb, len(data))
+                self._stack._after_lwip()
+            if not self._recv_buffer:
+                self._maybe_finish()
+            return data
+
+    # -- trio.abc.SendStream --------------------------------------------------------------------
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with self._send_conflict:
+            self._check_can_send()
+            await trio.lowlevel.checkpoint()
+            total = len(data)
+            if total == 0:
+                return
+            buffer = ffi.from_buffer("uint8_t[]", data)
+            offset = 0
+            while True:
+                self._check_can_send()
+                if self._pcb is None:
+                    raise trio.BrokenResourceError(f"connection {self._error or 'gone'}")
+                queued = lib.tl_tcp_write(self._pcb, buffer + offset, total - offset)
+                self._stack._after_lwip()
+                if queued < 0:
+                    raise trio.BrokenResourceError(f"lwIP write failed: {ERR_NAMES.get(queued)}")
+                offset += queued
+                self.bytes_sent += queued
+                if offset >= total:
+                    return
+                await self._send_lot.park()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        with self._send_conflict:
+            self._check_can_send()
+            await trio.lowlevel.checkpoint()
+            while self._pcb is not None and not self._closed and lib.tl_tcp_sndbuf(self._pcb) == 0:
+                await self._send_lot.park()
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+
+    async def send_eof(self) -> None:
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            await trio.lowlevel.checkpoint()
+            if self._eof_sent:
+                return
+            self._eof_sent = True
+            if self._pcb is None:
+                if self._error is not None:
+                    raise trio.BrokenResourceError(f"connection {self._error}")
+                return
+            err = lib.tl_tcp_shutdown_tx(self._pcb)
+            self._stack._after_lwip()
+            if err != 0:
+                raise trio.BrokenResourceError(f"lwIP shutdown failed: {ERR_NAMES.get(err)}")
+            self._maybe_finish()
+
+    # -- closing ----------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        self._close_now()
+        await trio.lowlevel.checkpoint()
+
+    def abort(self) -> None:
+        """Reset the connection now: the client sees RST (mirrors an upstream reset)."""
+        if self._pcb is not None:
+            lib.tl_tcp_abort(self._pcb)
+            self._pcb = None
+            self._stack._after_lwip()
+        if self._error is None:
+            self._error = "aborted locally"
+        self._stack._forget(self._conn_id)
+        self._wake_all()
+
+    def _close_now(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._pcb is not None:
+            # Like close(2): FIN, or RST if the client's bytes were left unread.
+            lib.tl_tcp_close(self._pcb)
+            self._pcb = None
+            self._stack._after_lwip()
+        self._stack._forget(self._conn_id)
+        self._wake_all()
+
+    def _check_can_send(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("cannot send after send_eof")
+
+    def _maybe_finish(self) -> None:
+        """Both directions done and everything read: hand the PCB to lwIP to finish closing."""
+        if (
+            self._pcb is not None
+            and self._eof_sent
+            and self._eof_received
+            and not self._recv_buffer
+        ):
+            lib.tl_tcp_close(self._pcb)
+            self._pcb = None
+            self._stack._after_lwip()
+            self._stack._forget(self._conn_id)
+
+    def _wake_all(self) -> None:
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()
+
+    # -- events from lwIP (no lwIP calls here) ------------------------------------------------
+    def _on_recv(self, data: bytes | None) -> None:
+        if data is None:
+            self._eof_received = True
+        else:
+            self._recv_buffer += data
+            self.bytes_received += len(data)
+        self._recv_lot.unpark_all()
+
+    def _on_sent(self, length: int) -> None:
+        self._send_lot.unpark_all()
+
+    def _on_error(self, err: int) -> None:
+        self._pcb = None  # lwIP has freed it
+        if err == ERR_CLSD:
+            # LAST-ACK completed after our FIN: a clean end, not an error.
+            self._eof_received = True
+        elif err == ERR_RST:
+            self._error = "reset by the client"
+        elif err == ERR_ABRT:
+            self._error = "aborted (timeout)"
+        else:
+            self._error = f"failed ({ERR_NAMES.get(err, err)})"
+        self._wake_all()
+
+    def _on_stack_stopped(self) -> None:
+        self._pcb = None  # tl_deinit aborts every connection
+        if self._error is None:
+            self._error = "closed: the stack stopped"
+        self._wake_all()

@@ -1,0 +1,59 @@
+"""Test rules for tunlwip.
+
+* Unit tests drive the stack through an in-memory device with packets from tests/packets.py
+  (independent checksum code) and the small TCP peer in tests/tcppeer.py.
+* Anything timed runs on trio's virtual clock (``autojump_clock``); no test depends on wall time.
+* Integration tests (tests/integration) use network namespaces they create and remove, with
+  198.18.0.0/15 and fd00::/8 addresses only.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tcppeer import PacketWire
+from tunlwip import LwipStack, LwipTcpStream, MemoryDevice, StackConfig
+from tunlwip.endpoint import Endpoint
+
+
+class Harness:
+    """A running stack on a memory device, with the accepted streams queued for the test."""
+
+    def __init__(self, stack: LwipStack, device: MemoryDevice, wire: PacketWire) -> None:
+        self.stack = stack
+        self.device = device
+        self.wire = wire
+        self.accepted_send, self.accepted = trio.open_memory_channel[
+            tuple[LwipTcpStream, Endpoint]
+        ](1000)
+
+    async def next_stream(self) -> LwipTcpStream:
+        with trio.fail_after(30):
+            stream, _ = await self.accepted.receive()
+        return stream
+
+
+@pytest.fixture
+async def harness(nursery: trio.Nursery) -> AsyncIterator[Harness]:
+    device = MemoryDevice()
+    stack = LwipStack(device, StackConfig())
+    wire = PacketWire(device)
+    h = Harness(stack, device, wire)
+    done = trio.Event()
+
+    async def handler(stream: LwipTcpStream, target: Endpoint) -> None:
+        await h.accepted_send.send((stream, target))
+        await done.wait()  # the test owns the stream until teardown
+
+    nursery.start_soon(wire.run)
+    await nursery.start(stack.run, handler)
+    yield h
+    assert not wire.invalid, f"the stack emitted invalid packets: {wire.invalid[:3]}"
+    done.set()
