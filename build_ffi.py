@@ -34,8 +34,8 @@ extern "Python+C" void tl_py_error(uintptr_t conn, int err);
 extern "Python+C" void tl_py_output(const uint8_t *data, size_t len);
 extern "Python+C" int tl_py_syn(const uint8_t *packet, size_t len,
                                 const tl_endpoint *src, const tl_endpoint *dst);
-extern "Python+C" void tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst,
-                                 const uint8_t *data, size_t len);
+extern "Python+C" int tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst,
+                                const uint8_t *data, size_t len);
 """
 
 

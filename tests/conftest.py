@@ -18,9 +18,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tcppeer import PacketWire
 from tunlwip import LwipStack, LwipTcpStream, MemoryDevice, StackConfig
 from tunlwip.endpoint import Endpoint
+
+from tcppeer import PacketWire
 
 
 class Harness:

@@ -61,7 +61,7 @@ class Sink(Protocol):
     def on_error(self, conn: int, err: int) -> None: ...
     def on_output(self, packet: bytes) -> None: ...
     def on_syn(self, packet: bytes, src: Endpoint, dst: Endpoint) -> bool: ...
-    def on_udp(self, src: Endpoint, dst: Endpoint, data: bytes) -> None: ...
+    def on_udp(self, src: Endpoint, dst: Endpoint, data: bytes) -> bool: ...
     def on_callback_error(self, exc: BaseException) -> None: ...
 
 
@@ -139,6 +139,10 @@ def tl_py_syn(packet: Any, length: int, src: Any, dst: Any) -> int:
 
 
 @ffi.def_extern(onerror=_onerror)
-def tl_py_udp(src: Any, dst: Any, data: Any, length: int) -> None:
-    if _sink is not None:
-        _sink.on_udp(endpoint_from_c(src), endpoint_from_c(dst), bytes(ffi.buffer(data, length)))
+def tl_py_udp(src: Any, dst: Any, data: Any, length: int) -> int:
+    if _sink is None:
+        return 0
+    handled = _sink.on_udp(
+        endpoint_from_c(src), endpoint_from_c(dst), bytes(ffi.buffer(data, length))
+    )
+    return 1 if handled else 0

@@ -302,9 +302,11 @@ class LwipStack:
     def on_syn(self, packet: bytes, src: Endpoint, dst: Endpoint) -> bool:
         return self.syn_interceptor is not None and self.syn_interceptor(packet, src, dst)
 
-    def on_udp(self, src: Endpoint, dst: Endpoint, data: bytes) -> None:
-        if self.udp_receiver is not None:
-            self.udp_receiver(src, dst, data)
+    def on_udp(self, src: Endpoint, dst: Endpoint, data: bytes) -> bool:
+        if self.udp_receiver is None:
+            return False
+        self.udp_receiver(src, dst, data)
+        return True
 
     def on_callback_error(self, exc: BaseException) -> None:
         self._callback_errors += 1

@@ -56,7 +56,7 @@ void tl_py_sent(uintptr_t conn, uint32_t len);
 void tl_py_error(uintptr_t conn, int err);
 void tl_py_output(const uint8_t *data, size_t len);
 int tl_py_syn(const uint8_t *packet, size_t len, const tl_endpoint *src, const tl_endpoint *dst);
-void tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *data, size_t len);
+int tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *data, size_t len);
 
 #define TL_MAX_CLIENT_NETS 16
 #define TL_IPPROTO_FRAGMENT 44
@@ -399,7 +399,7 @@ static void tl_on_udp(void *arg, struct udp_pcb *pcb, struct pbuf *p, const ip_a
         pbuf_copy_partial(p, tl_in_scratch, p->tot_len, 0);
         data = tl_in_scratch;
     }
-    tl_py_udp(&src, &dst, data, p->tot_len);
+    if (!tl_py_udp(&src, &dst, data, p->tot_len)) tl_stats.udp_unhandled++;
     pbuf_free(p);
 }
 

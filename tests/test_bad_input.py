@@ -1,0 +1,148 @@
+"""Bad input never crashes the stack, never makes it emit an invalid packet, and is counted."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tunlwip import LwipStack, MemoryDevice
+
+from conftest import Harness
+from packets import ACK, PSH, SYN, fragment, tcp_options, tcp_packet, udp_packet
+
+C4, D4, C6, D6 = "198.18.0.2", "192.0.2.1", "fd00:18::2", "2001:db8::1"
+
+
+def drops(h: Harness) -> dict[str, int]:
+    return h.stack.statistics().dropped
+
+
+async def settle(h: Harness) -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+def with_byte(packet: bytes, index: int, value: int) -> bytes:
+    return packet[:index] + bytes([value]) + packet[index + 1 :]
+
+
+SYN4 = tcp_packet(C4, D4, 40000, 80, seq=1, flags=SYN, options=tcp_options(mss=1460))
+SYN6 = tcp_packet(C6, D6, 40000, 80, seq=1, flags=SYN, options=tcp_options(mss=1440))
+UDP4 = udp_packet(C4, D4, 4000, 53, b"hello")
+UDP6 = udp_packet(C6, D6, 4000, 53, b"hello")
+
+
+@pytest.mark.parametrize(
+    ("packet", "reason"),
+    [
+        (b"", "too_short"),
+        (b"\x45" + b"\0" * 10, "too_short"),
+        (b"\x60" + b"\0" * 20, "too_short"),
+        (b"\x75" + b"\0" * 40, "bad_version"),
+        (SYN4[:30], "ip_header"),  # total length says more than we have
+        (with_byte(SYN4, 0, 0x44), "ip_header"),  # IHL 16 bytes
+        (with_byte(SYN4, 2, 0xFF), "ip_header"),  # total length lies (too long)
+        (with_byte(SYN4, 10, SYN4[10] ^ 0xFF), "ip_checksum"),
+        (with_byte(SYN4, 25, SYN4[25] ^ 0x01), "transport_checksum"),
+        (tcp_packet(C4, D4, 40000, 0, seq=1, flags=SYN), "port_zero"),
+        (udp_packet(C4, D4, 0, 53, b"x"), "port_zero"),
+        (tcp_packet(C4, "255.255.255.255", 1, 80, seq=1, flags=SYN), "bad_address"),
+        (udp_packet(C4, "224.0.0.251", 5353, 5353, b"mdns"), "bad_address"),
+        (udp_packet("0.0.0.0", D4, 68, 67, b"dhcp"), "bad_address"),
+        (udp_packet(C6, "ff02::fb", 5353, 5353, b"mdns"), "bad_address"),
+        (tcp_packet(C4, D4, 1, 80, seq=1, flags=SYN)[: 20 + 12], "ip_header"),
+        (with_byte(UDP4, 25, 200), "transport_header"),  # UDP length longer than datagram
+        (with_byte(UDP6, 45, 200), "transport_header"),
+        (with_byte(SYN6, 5, 0xFF), "ip_header"),  # IPv6 payload length lies
+        (with_byte(UDP6, 47, UDP6[47] ^ 0x10), "transport_checksum"),
+        (with_byte(SYN4, 32, 0x20), "transport_header"),  # TCP data offset 8 bytes
+    ],
+)
+async def test_each_kind_of_bad_packet_is_dropped_and_counted(
+    harness: Harness, packet: bytes, reason: str
+) -> None:
+    harness.device.inject_packet(packet)
+    await settle(harness)
+    assert drops(harness) == {reason: 1}
+    assert harness.wire.unmatched_nowait() == []
+
+
+def _mutations(rng: random.Random, seeds: list[bytes], count: int) -> list[bytes]:
+    out: list[bytes] = []
+    for i in range(count):
+        kind = i % 6
+        base = bytearray(rng.choice(seeds))
+        if kind == 0:  # random bytes with a plausible first nibble
+            n = rng.randrange(0, 200)
+            data = bytearray(rng.randbytes(n))
+            if data:
+                data[0] = rng.choice([0x45, 0x46, 0x60, 0x4F, 0x00])
+            out.append(bytes(data))
+        elif kind == 1:  # bit flips
+            for _ in range(rng.randrange(1, 4)):
+                j = rng.randrange(len(base))
+                base[j] ^= 1 << rng.randrange(8)
+            out.append(bytes(base))
+        elif kind == 2:  # truncation
+            out.append(bytes(base[: rng.randrange(len(base))]))
+        elif kind == 3:  # lying length fields
+            if base[0] >> 4 == 4:
+                struct.pack_into("!H", base, 2, rng.randrange(65536))
+            else:
+                struct.pack_into("!H", base, 4, rng.randrange(65536))
+            out.append(bytes(base))
+        elif kind == 4:  # trailing garbage
+            out.append(bytes(base) + rng.randbytes(rng.randrange(1, 64)))
+        else:  # random fragment pieces
+            frags = fragment(bytes(base) + rng.randbytes(2000), 576)
+            out.append(rng.choice(frags))
+    return out
+
+
+async def test_ten_thousand_random_and_mutated_packets(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    rng = random.Random(20261123)
+    seeds = [
+        SYN4, SYN6, UDP4, UDP6,
+        tcp_packet(C4, D4, 40000, 80, seq=2, ack=1, flags=ACK | PSH, payload=b"data" * 50),
+        tcp_packet(C6, D6, 40000, 80, seq=2, ack=1, flags=ACK, payload=b"x" * 100),
+        udp_packet(C6, D6, 1234, 443, bytes(300)),
+    ]  # fmt: skip
+    corpus = _mutations(rng, seeds, 10_000)
+    before = harness.stack.statistics().counters
+    for i, packet in enumerate(corpus):
+        harness.stack.inject_packet(packet)
+        if i % 500 == 0:
+            await settle(harness)
+    await trio.sleep(70)  # let reassembly buffers and half-open connections time out
+    after = harness.stack.statistics().counters
+    dropped = sum(after[k] - before[k] for k in after if k.startswith("drop_"))
+    assert after["packets_in"] - before["packets_in"] == len(corpus)
+    assert dropped > 5000, after
+    assert not harness.wire.invalid
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=120), max_size=20))
+def test_arbitrary_bytes_never_crash(packets: list[bytes]) -> None:
+    async def main() -> None:
+        device = MemoryDevice()
+        stack = LwipStack(device)
+
+        async def handler(stream: object, target: object) -> None:
+            pass
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stack.run, handler)
+            for p in packets:
+                stack.inject_packet(p)
+            stats = stack.statistics().counters
+            assert stats["packets_in"] == len(packets)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
