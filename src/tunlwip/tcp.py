@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -89,8 +90,7 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
 
     # -- trio.abc.ReceiveStream -----------------------------------------------------------------
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is None:
-            max_bytes = DEFAULT_RECEIVE_SIZE
+        max_bytes = DEFAULT_RECEIVE_SIZE if max_bytes is None else operator.index(max_bytes)
         if max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
         with self._receive_conflict:
