@@ -16,9 +16,10 @@ import pytest
 import trio
 import trio.testing
 
-from netns import Namespace, Topology, open_tun_in, setup_client_tun
 from tunlwip import LwipStack, LwipTcpStream, StackConfig, TunDevice
 from tunlwip.endpoint import Endpoint
+
+from netns import Namespace, Topology, open_tun_in, setup_client_tun
 
 pytestmark = pytest.mark.netns
 
