@@ -44,7 +44,7 @@ lint: install
 	$(PY) -m mypy
 
 demo: install
-	$(PY) scripts/demo.py
+	PYTHON=$(abspath $(PY)) bash scripts/demo.sh
 
 bench: install
 	$(PY) bench/run.py

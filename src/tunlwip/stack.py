@@ -151,6 +151,11 @@ class LwipStack:
         lib.tl_input_release(packet, len(packet))
         self._after_lwip()
 
+    def send_to_client(self, packet: bytes) -> None:
+        """Queue a packet built outside lwIP (RST or ICMP answering a held SYN)."""
+        self._outbox.append(packet)
+        self._output_ready.set()
+
     def send_udp(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
         """Send a datagram to client ``dst`` appearing to come from ``src`` (any address)."""
         err = lib.tl_udp_send(

@@ -1,0 +1,107 @@
+"""The protected socket factory: the only place the gateway creates sockets.
+
+A protector runs on every new socket *before* connect(), so the gateway's own traffic never
+loops back into the TUN (SO_MARK with a policy-routing rule, SO_BINDTODEVICE, or a callback such
+as Android's VpnService.protect). If protection fails, the socket is closed and the dial fails:
+there is never a fallback to an unprotected socket.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+import trio
+
+from .endpoint import Endpoint
+from .errors import ProtectError
+
+Protector = Callable[[socket.socket], None]
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+
+
+def no_protection(sock: socket.socket) -> None:
+    """For gateways whose sockets cannot loop (e.g. the TUN lives in another namespace)."""
+
+
+def fwmark(mark: int) -> Protector:
+    """Mark sockets so an ``ip rule ... not fwmark MARK`` keeps them out of the TUN."""
+
+    def protect(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+    protect.__doc__ = f"fwmark {mark:#x}"
+    return protect
+
+
+def bind_interface(name: str) -> Protector:
+    """Bind sockets to the real uplink interface so they never route into the TUN."""
+
+    def protect(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, name.encode())
+
+    protect.__doc__ = f"bind to {name}"
+    return protect
+
+
+def callback(fn: Callable[[int], bool]) -> Protector:
+    """The VpnService.protect shape: ``fn(fd)`` returns True when the fd is protected."""
+
+    def protect(sock: socket.socket) -> None:
+        if fn(sock.fileno()) is not True:
+            raise ProtectError("protect callback refused the socket")
+
+    protect.__doc__ = "callback"
+    return protect
+
+
+def describe(protector: Protector) -> str:
+    return "none" if protector is no_protection else (protector.__doc__ or "custom")
+
+
+class Dialer:
+    """Creates protected TCP and UDP sockets towards real destinations."""
+
+    def __init__(self, protector: Protector = no_protection, connect_timeout: float = 30.0):
+        self.protector = protector
+        self.connect_timeout = connect_timeout
+
+    def _protected_socket(self, family: int, kind: int) -> trio.socket.SocketType:
+        sock = trio.socket.socket(family, kind)
+        try:
+            # trio sockets wrap a stdlib socket; the protector wants the real one.
+            raw = socket.socket(fileno=sock.fileno(), family=family, type=kind)
+            try:
+                self.protector(raw)
+            finally:
+                raw.detach()
+        except ProtectError:
+            sock.close()
+            raise
+        except Exception as exc:
+            sock.close()
+            what = describe(self.protector)
+            raise ProtectError(f"cannot protect socket ({what}): {exc}") from exc
+        return sock
+
+    async def open_tcp(self, target: Endpoint) -> trio.SocketStream:
+        """Connect to ``target`` through a protected socket, within ``connect_timeout``.
+
+        Raises ConnectionRefusedError, TimeoutError (``trio.TooSlowError`` mapped), other
+        OSErrors (unreachable), or ProtectError.
+        """
+        family = socket.AF_INET if target.family == 4 else socket.AF_INET6
+        sock = self._protected_socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with trio.fail_after(self.connect_timeout):
+                await sock.connect(target.sockaddr())
+        except trio.TooSlowError:
+            sock.close()
+            raise TimeoutError(f"connect to {target} timed out") from None
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)

@@ -1,0 +1,75 @@
+"""Splice two streams in both directions with half-close, reset mirroring and an idle timeout.
+
+Client EOF becomes upstream ``send_eof`` (shutdown(SHUT_WR)) and vice versa, while the other
+direction keeps flowing. A broken direction (RST) ends both: the other side is reset too, never
+closed gracefully, so neither end mistakes a failure for a complete transfer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from dataclasses import dataclass
+
+import trio
+
+from .tcp import LwipTcpStream
+
+CHUNK = 65536
+
+
+@dataclass
+class SpliceResult:
+    """How a splice ended, for logs and flow records."""
+
+    client_to_upstream: int = 0
+    upstream_to_client: int = 0
+    reason: str = "closed"
+
+
+def _reset_socket_stream(stream: trio.SocketStream) -> None:
+    """Close with SO_LINGER 0 so the upstream sees RST, mirroring a client reset."""
+    with contextlib.suppress(OSError):
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def splice(
+    client: LwipTcpStream, upstream: trio.SocketStream, *, idle_timeout: float = 300.0
+) -> SpliceResult:
+    """Copy bytes both ways until both directions finished, one broke, or nothing moved for
+    ``idle_timeout`` seconds. Closes neither stream; the caller does (after a reset if asked)."""
+    result = SpliceResult()
+    broken: list[str] = []
+
+    with trio.CancelScope() as idle_scope:
+        idle_scope.deadline = trio.current_time() + idle_timeout
+
+        async def pump(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
+                       counter: str) -> None:  # fmt: skip
+            try:
+                while True:
+                    data = await src.receive_some(CHUNK)
+                    if not data:
+                        await dst.send_eof()
+                        return
+                    await dst.send_all(data)
+                    setattr(result, counter, getattr(result, counter) + len(data))
+                    idle_scope.deadline = trio.current_time() + idle_timeout
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                broken.append(f"{counter}: {exc}")
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client, upstream, "client_to_upstream")
+            nursery.start_soon(pump, upstream, client, "upstream_to_client")
+
+    if idle_scope.cancelled_caught:
+        result.reason = "idle timeout"
+        client.abort()
+        _reset_socket_stream(upstream)
+    elif broken:
+        result.reason = "reset (" + broken[0] + ")"
+        client.abort()
+        _reset_socket_stream(upstream)
+    return result

@@ -1,0 +1,203 @@
+"""Gateway: the stack, the protected dialer and the default forwarder wired together.
+
+Dial before accept (on by default): a new SYN is held while the upstream connect runs; only when
+the destination accepted is the SYN fed to lwIP, so the client's handshake succeeds exactly when
+the real one did. Refused -> RST (client sees ECONNREFUSED); unreachable or timed out -> ICMP
+destination unreachable (or RST). SYN retransmits for a tuple being dialed are swallowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Literal, NoReturn
+
+import trio
+
+from .device import PacketDevice
+from .dialer import Dialer, Protector, describe, no_protection
+from .endpoint import Endpoint
+from .forward import splice
+from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
+from .stack import LwipStack, StackConfig, StackStatistics
+from .tcp import LwipTcpStream
+
+log = logging.getLogger("tunlwip.gateway")
+
+TcpHandler = Callable[[LwipTcpStream, Endpoint], Awaitable[None]]
+FlowKey = tuple[Endpoint, Endpoint]  # (client, original destination)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewayConfig:
+    """Settings of the TCP gateway (device-side settings live in ``stack``)."""
+
+    stack: StackConfig = dataclasses.field(default_factory=StackConfig)
+    dial_timeout: float = 30.0
+    idle_timeout: float = 300.0
+    dial_before_accept: bool = True
+    unreachable_reply: Literal["icmp", "rst"] = "icmp"
+    max_pending_dials: int = 1024
+    #: How long an upstream dialed for a held SYN waits for the client's handshake.
+    predial_claim_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.dial_timeout <= 0 or self.idle_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.unreachable_reply not in ("icmp", "rst"):
+            raise ValueError("unreachable_reply must be 'icmp' or 'rst'")
+        if self.max_pending_dials < 1:
+            raise ValueError("max_pending_dials must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewayStatistics:
+    stack: StackStatistics
+    active_flows: int
+    pending_dials: int
+    dials_ok: int
+    dials_refused: int
+    dials_failed: int
+    syn_retransmits_swallowed: int
+
+
+class Gateway:
+    """Terminates every client TCP connection and re-creates it through protected sockets."""
+
+    def __init__(
+        self,
+        device: PacketDevice,
+        config: GatewayConfig | None = None,
+        *,
+        protector: Protector = no_protection,
+        tcp_handler: TcpHandler | None = None,
+    ) -> None:
+        self.config = config or GatewayConfig()
+        self.dialer = Dialer(protector, self.config.dial_timeout)
+        self.stack = LwipStack(device, self.config.stack)
+        self._custom_handler = tcp_handler
+        self._pending: dict[FlowKey, bytes] = {}
+        self._predialed: dict[FlowKey, trio.SocketStream] = {}
+        self._nursery: trio.Nursery | None = None
+        self._accepting = True
+        self._active = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._counts = dict(ok=0, refused=0, failed=0, swallowed=0)
+        if tcp_handler is None and self.config.dial_before_accept:
+            self.stack.syn_interceptor = self._on_syn
+
+    @property
+    def protect_mode(self) -> str:
+        return describe(self.dialer.protector)
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        """Run until cancelled; ``started(self)`` once the device and lwIP are up."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.stack.run, self._handle)
+            task_status.started(self)
+            await trio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def drain(self, grace: float) -> bool:
+        """Stop accepting new flows and wait up to ``grace`` s for open ones; True if all ended."""
+        self._accepting = False
+        self.stack.config = dataclasses.replace(self.stack.config, max_tcp_connections=0)
+        with trio.move_on_after(grace):
+            await self._idle.wait()
+            return True
+        return False
+
+    def statistics(self) -> GatewayStatistics:
+        return GatewayStatistics(
+            stack=self.stack.statistics(),
+            active_flows=self._active,
+            pending_dials=len(self._pending),
+            dials_ok=self._counts["ok"],
+            dials_refused=self._counts["refused"],
+            dials_failed=self._counts["failed"],
+            syn_retransmits_swallowed=self._counts["swallowed"],
+        )
+
+    # -- flows ----------------------------------------------------------------------------------
+    async def _handle(self, stream: LwipTcpStream, target: Endpoint) -> None:
+        self._active += 1
+        self._idle = trio.Event() if self._active == 1 else self._idle
+        try:
+            if self._custom_handler is not None:
+                await self._custom_handler(stream, target)
+            else:
+                await self._forward(stream, target)
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def _forward(self, stream: LwipTcpStream, target: Endpoint) -> None:
+        upstream = self._predialed.pop((stream.remote, target), None)
+        if upstream is None:
+            try:
+                upstream = await self.dialer.open_tcp(target)
+            except OSError as exc:
+                self._counts["failed"] += 1
+                log.debug("dial %s for %s failed: %s", target, stream.remote, exc)
+                stream.abort()
+                return
+            self._counts["ok"] += 1
+        async with upstream:
+            result = await splice(stream, upstream, idle_timeout=self.config.idle_timeout)
+        log.debug("flow %s -> %s ended: %s, %d bytes up, %d down", stream.remote, target,
+                  result.reason, result.client_to_upstream, result.upstream_to_client)  # fmt: skip
+
+    # -- dial before accept ------------------------------------------------------------------
+    def _on_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:
+        key = (client, target)
+        if key in self._pending:
+            self._counts["swallowed"] += 1
+            return True
+        if not self._accepting or self._nursery is None:
+            return False  # lwIP answers; on_accept refuses with RST while draining
+        if len(self._pending) >= self.config.max_pending_dials:
+            return False  # degrade to accept-then-dial rather than drop
+        self._pending[key] = packet
+        self._nursery.start_soon(self._dial_held, key, packet)
+        return True
+
+    async def _dial_held(self, key: FlowKey, packet: bytes) -> None:
+        client, target = key
+        try:
+            upstream = await self.dialer.open_tcp(target)
+        except ConnectionRefusedError:
+            self._counts["refused"] += 1
+            self._answer(packet, refused=True)
+        except OSError as exc:
+            self._counts["failed"] += 1
+            log.debug("dial %s for %s failed: %s", target, client, exc)
+            self._answer(packet, refused=self.config.unreachable_reply == "rst")
+        else:
+            self._counts["ok"] += 1
+            self._predialed[key] = upstream
+            self._pending.pop(key, None)
+            self.stack.release_syn(packet)
+            await trio.sleep(self.config.predial_claim_timeout)
+            unclaimed = self._predialed.pop(key, None)
+            if unclaimed is not None:  # the client gave up before completing its handshake
+                await unclaimed.aclose()
+        finally:
+            self._pending.pop(key, None)
+
+    def _answer(self, packet: bytes, *, refused: bool) -> None:
+        try:
+            syn = parse_syn(packet)
+        except PacketError:
+            return
+        if refused:
+            reply = rst_for_syn(syn)
+        else:
+            cfg = self.config.stack
+            reply = unreachable_for(syn, cfg.ipv4_address if syn.version == 4 else cfg.ipv6_address)
+        self.stack.send_to_client(reply)
