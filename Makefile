@@ -31,7 +31,7 @@ $(STAMP): $(SRC)
 	touch $(STAMP)
 
 test: install
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests
 	$(PY) -m mypy
 	$(PY) -m pytest -q -ra
 
@@ -39,8 +39,8 @@ unit: install
 	$(PY) -m pytest -q -ra --ignore=tests/integration
 
 lint: install
-	$(PY) -m ruff check src tests bench
-	$(PY) -m ruff format --check src tests bench
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
 	$(PY) -m mypy
 
 demo: install
