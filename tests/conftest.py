@@ -21,24 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tunlwip import LwipStack, LwipTcpStream, MemoryDevice, StackConfig
 from tunlwip.endpoint import Endpoint
 
+from harness import Harness
 from tcppeer import PacketWire
-
-
-class Harness:
-    """A running stack on a memory device, with the accepted streams queued for the test."""
-
-    def __init__(self, stack: LwipStack, device: MemoryDevice, wire: PacketWire) -> None:
-        self.stack = stack
-        self.device = device
-        self.wire = wire
-        self.accepted_send, self.accepted = trio.open_memory_channel[
-            tuple[LwipTcpStream, Endpoint]
-        ](1000)
-
-    async def next_stream(self) -> LwipTcpStream:
-        with trio.fail_after(30):
-            stream, _ = await self.accepted.receive()
-        return stream
 
 
 @pytest.fixture

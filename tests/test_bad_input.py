@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tunlwip import LwipStack, MemoryDevice
 
-from conftest import Harness
+from harness import Harness
 from packets import ACK, PSH, SYN, fragment, tcp_options, tcp_packet, udp_packet
 
 C4, D4, C6, D6 = "198.18.0.2", "192.0.2.1", "fd00:18::2", "2001:db8::1"

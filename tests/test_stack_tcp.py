@@ -8,7 +8,7 @@ import os
 import pytest
 import trio
 
-from conftest import Harness
+from harness import Harness
 from packets import ACK, RST, SYN, tcp_options, tcp_packet
 from tcppeer import TcpPeer
 

@@ -9,7 +9,7 @@ import trio
 
 from tunlwip.endpoint import Endpoint
 
-from conftest import Harness
+from harness import Harness
 from packets import fragment, parse, tcp_options, tcp_packet, udp_packet
 from tcppeer import TcpPeer
 
