@@ -182,11 +182,13 @@ class Gateway:
             self._counts["ok"] += 1
             self._predialed[key] = upstream
             self._pending.pop(key, None)
-            self.stack.release_syn(packet)
-            await trio.sleep(self.config.predial_claim_timeout)
-            unclaimed = self._predialed.pop(key, None)
-            if unclaimed is not None:  # the client gave up before completing its handshake
-                await unclaimed.aclose()
+            try:
+                self.stack.release_syn(packet)
+                await trio.sleep(self.config.predial_claim_timeout)
+            finally:
+                unclaimed = self._predialed.pop(key, None)
+                if unclaimed is not None:  # the client never completed its handshake
+                    unclaimed.socket.close()
         finally:
             self._pending.pop(key, None)
 

@@ -1,0 +1,133 @@
+"""The gateway on the in-memory device, with real upstreams on loopback.
+
+The "client" is tests/tcppeer.py speaking packets; the gateway dials 127.0.0.1 for real, so
+dial-before-accept, refusal and splicing are exercised against the kernel's loopback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from tunlwip import MemoryDevice
+from tunlwip.endpoint import Endpoint
+from tunlwip.gateway import Gateway, GatewayConfig
+
+from packets import ACK, RST, SYN, is_valid, parse, tcp_options, tcp_packet
+from tcppeer import PacketWire, TcpPeer
+
+CLIENT = "198.18.0.2"
+
+
+class Env:
+    def __init__(self, gateway: Gateway, device: MemoryDevice, wire: PacketWire) -> None:
+        self.gateway, self.device, self.wire = gateway, device, wire
+
+
+@pytest.fixture
+async def env(nursery: trio.Nursery) -> AsyncIterator[Env]:
+    device = MemoryDevice()
+    gateway = Gateway(device, GatewayConfig(dial_timeout=5))
+    wire = PacketWire(device)
+    nursery.start_soon(wire.run)
+    await nursery.start(gateway.serve)
+    yield Env(gateway, device, wire)
+    assert not wire.invalid
+
+
+async def serve_sha256(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """A loopback upstream: read to EOF, answer with the sha256 of what arrived."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        h = hashlib.sha256()
+        while data := await stream.receive_some(65536):
+            h.update(data)
+        await stream.send_all(h.hexdigest().encode())
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)
+
+
+async def test_forward_with_half_close(env: Env, nursery: trio.Nursery) -> None:
+    port = await nursery.start(serve_sha256)
+    peer = TcpPeer(env.wire, CLIENT, 40000, "127.0.0.1", port)
+    await peer.connect()
+    payload = os.urandom(300_000)
+    await peer.send(payload)
+    await peer.shutdown()
+    assert await peer.recv_until_eof() == hashlib.sha256(payload).hexdigest().encode()
+    assert env.gateway.statistics().dials_ok == 1
+
+
+async def test_closed_port_is_refused_with_rst(env: Env) -> None:
+    with trio.socket.socket() as s:  # find a port with nothing listening
+        await s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    peer = TcpPeer(env.wire, CLIENT, 40001, "127.0.0.1", port)
+    with pytest.raises(ConnectionRefusedError):
+        await peer.connect()
+    stats = env.gateway.statistics()
+    assert stats.dials_refused == 1 and stats.stack.lwip_tcp_pcbs == 0
+
+
+async def test_syn_retransmits_are_swallowed_while_dialing(
+    env: Env, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = await nursery.start(serve_sha256)
+    dial_may_finish = trio.Event()
+    real_open_tcp = env.gateway.dialer.open_tcp
+
+    async def slow_open_tcp(target: Endpoint) -> trio.SocketStream:
+        await dial_may_finish.wait()
+        return await real_open_tcp(target)
+
+    monkeypatch.setattr(env.gateway.dialer, "open_tcp", slow_open_tcp)
+    syn = tcp_packet(CLIENT, "127.0.0.1", 40002, port, seq=9, flags=SYN,
+                     options=tcp_options(mss=1460))  # fmt: skip
+    for _ in range(3):
+        env.device.inject_packet(syn)
+    await trio.testing.wait_all_tasks_blocked()
+    assert env.wire.unmatched_nowait() == []  # held: no handshake before the upstream answers
+    assert env.gateway.statistics().syn_retransmits_swallowed == 2
+    dial_may_finish.set()
+    reply = await env.wire.next_unmatched()
+    assert reply.flags == SYN | ACK and reply.ack == 10
+    await trio.testing.wait_all_tasks_blocked()
+    assert env.wire.unmatched_nowait() == []  # exactly one SYN-ACK
+
+
+async def test_unreachable_destination_gets_icmp(nursery: trio.Nursery) -> None:
+    device = MemoryDevice()
+    gateway = Gateway(device, GatewayConfig(dial_timeout=0.5))
+    wire = PacketWire(device)
+    nursery.start_soon(wire.run)
+    await nursery.start(gateway.serve)
+    # A dial that fails for any reason but refusal (here: protection) answers with ICMP;
+    # real unreachable hosts are covered by the namespace tests.
+    gateway.dialer.protector = _refuse_protect
+    syn = tcp_packet(CLIENT, "127.0.0.1", 40003, 9, seq=1, flags=SYN)
+    device.inject_packet(syn)
+    reply = await wire.next_unmatched()
+    assert reply.proto == 1 and reply.icmp_type == 3 and reply.icmp_code == 1
+    assert reply.src == "198.18.0.1" and is_valid(reply.raw)
+    assert gateway.statistics().dials_failed == 1
+
+
+def _refuse_protect(sock: object) -> None:
+    raise OSError("protect refused in test")
+
+
+async def test_rst_answer_mode(nursery: trio.Nursery) -> None:
+    device = MemoryDevice()
+    gateway = Gateway(device, GatewayConfig(unreachable_reply="rst"), protector=_refuse_protect)
+    wire = PacketWire(device)
+    nursery.start_soon(wire.run)
+    await nursery.start(gateway.serve)
+    device.inject_packet(tcp_packet("fd00:18::2", "::1", 40004, 9, seq=41, flags=SYN))
+    reply = parse((await wire.next_unmatched()).raw)
+    assert reply.flags & RST and reply.ack == 42 and reply.src == "::1" and reply.sport == 9
