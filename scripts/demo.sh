@@ -14,6 +14,7 @@ python=${PYTHON:-$here/.venv/bin/python}
 id=tlwdemo$$
 gw=$id-gw srv=$id-srv cli=$id-cli
 tun=dmesh1
+mtu=${MTU:-1500}   # e.g. MTU=65520 make demo
 work=$(mktemp -d)
 gw_pid="" srv_pid=""
 
@@ -51,7 +52,7 @@ ip netns exec "$srv" "$python" -m http.server 8080 --bind :: --directory "$work/
 srv_pid=$!
 
 say "tunlwip up --iface $tun in gw"
-ip netns exec "$gw" "$python" -m tunlwip up --iface "$tun" >"$work/gw.log" 2>&1 &
+ip netns exec "$gw" "$python" -m tunlwip up --iface "$tun" --mtu "$mtu" >"$work/gw.log" 2>&1 &
 gw_pid=$!
 for _ in $(seq 100); do ip -n "$gw" link show "$tun" >/dev/null 2>&1 && break; sleep 0.1; done
 ip -n "$gw" link show "$tun" >/dev/null || { cat "$work/gw.log"; exit 1; }
@@ -61,7 +62,7 @@ say "move the TUN into cli and route everything through it"
 run ip -n "$gw" link set "$tun" netns "$cli"
 run ip -n "$cli" addr add 198.18.0.2/32 dev "$tun"
 run ip -n "$cli" addr add fd00:18::2/64 dev "$tun" nodad
-run ip -n "$cli" link set "$tun" up
+run ip -n "$cli" link set "$tun" mtu "$mtu" up
 run ip -n "$cli" route add default dev "$tun"
 run ip -n "$cli" -6 route add default dev "$tun"
 for _ in $(seq 100); do
