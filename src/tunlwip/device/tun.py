@@ -40,7 +40,9 @@ class TunDevice:
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            raise DeviceError(f"cannot open /dev/net/tun: {exc.strerror}") from exc
+            raise DeviceError(
+                f"cannot open /dev/net/tun for {name!r}: {exc.strerror} (needs CAP_NET_ADMIN)"
+            ) from exc
         try:
             ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
             result = fcntl.ioctl(fd, TUNSETIFF, ifr)
