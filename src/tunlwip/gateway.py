@@ -159,8 +159,11 @@ class Gateway:
         if key in self._pending:
             self._counts["swallowed"] += 1
             return True
-        if not self._accepting or self._nursery is None:
-            return False  # lwIP answers; on_accept refuses with RST while draining
+        if self._nursery is None:
+            return False
+        if not self._accepting:  # draining: refuse new flows outright
+            self._answer(packet, refused=True)
+            return True
         if len(self._pending) >= self.config.max_pending_dials:
             return False  # degrade to accept-then-dial rather than drop
         self._pending[key] = packet
