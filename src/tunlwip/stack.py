@@ -106,6 +106,7 @@ class LwipStack:
         self._clock_origin = 0.0
         self._running = False
         self._callback_errors = 0
+        self._packets_sent_outside_lwip = 0
 
     # -- public API ---------------------------------------------------------------------------
     async def run(
@@ -139,10 +140,13 @@ class LwipStack:
 
     def statistics(self) -> StackStatistics:
         c = lib.tl_get_counters()
+        counters = {name: int(getattr(c, name)) for name in _COUNTER_FIELDS}
+        counters["packets_out"] += self._packets_sent_outside_lwip
+        counters["callback_errors"] = self._callback_errors
         return StackStatistics(
             tcp_connections=len(self._streams),
             lwip_tcp_pcbs=lib.tl_tcp_pcb_count(),
-            counters={name: int(getattr(c, name)) for name in _COUNTER_FIELDS},
+            counters=counters,
         )
 
     def release_syn(self, packet: bytes) -> None:
@@ -153,6 +157,7 @@ class LwipStack:
 
     def send_to_client(self, packet: bytes) -> None:
         """Queue a packet built outside lwIP (RST or ICMP answering a held SYN)."""
+        self._packets_sent_outside_lwip += 1
         self._outbox.append(packet)
         self._output_ready.set()
 
