@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import struct
 from collections.abc import AsyncIterator
 
 import pytest
@@ -131,3 +133,68 @@ async def test_rst_answer_mode(nursery: trio.Nursery) -> None:
     device.inject_packet(tcp_packet("fd00:18::2", "::1", 40004, 9, seq=41, flags=SYN))
     reply = parse((await wire.next_unmatched()).raw)
     assert reply.flags & RST and reply.ack == 42 and reply.src == "::1" and reply.sport == 9
+
+
+async def serve_then_reset(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """A loopback upstream that sends a greeting and then resets the connection."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"hello")
+        await trio.sleep(0.2)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)
+
+
+async def test_upstream_reset_resets_the_client(env: Env, nursery: trio.Nursery) -> None:
+    port = await nursery.start(serve_then_reset)
+    peer = TcpPeer(env.wire, CLIENT, 40010, "127.0.0.1", port)
+    await peer.connect()
+    assert await peer.recv_exactly(5) == b"hello"
+    with pytest.raises(ConnectionResetError):
+        await peer.recv()
+
+
+async def test_client_reset_resets_the_upstream(env: Env, nursery: trio.Nursery) -> None:
+    outcome: list[str] = []
+    done = trio.Event()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            while await stream.receive_some(65536):
+                pass
+            outcome.append("eof")
+        except trio.BrokenResourceError as exc:
+            outcome.append(f"broken: {exc.__cause__!r}")
+        done.set()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, handler, listeners)
+    peer = TcpPeer(env.wire, CLIENT, 40011, "127.0.0.1", listeners[0].socket.getsockname()[1])
+    await peer.connect()
+    await peer.send(b"some data")
+    await peer.wait_acked()
+    peer.send_rst()
+    with trio.fail_after(10):
+        await done.wait()
+    assert outcome and "ConnectionResetError" in outcome[0], outcome
+
+
+async def test_idle_flow_is_reset_after_idle_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    device = MemoryDevice()
+    gateway = Gateway(device, GatewayConfig(idle_timeout=60))
+    wire = PacketWire(device)
+    nursery.start_soon(wire.run)
+    await nursery.start(gateway.serve)
+    port = await nursery.start(serve_sha256)
+    peer = TcpPeer(wire, CLIENT, 40012, "127.0.0.1", port, timeout=600)
+    await peer.connect()
+    start = trio.current_time()
+    with pytest.raises(ConnectionResetError):
+        await peer.recv()
+    assert 60 <= trio.current_time() - start < 65
