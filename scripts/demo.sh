@@ -17,6 +17,8 @@ tun=dmesh1
 mtu=${MTU:-1500}   # e.g. MTU=65520 make demo
 work=$(mktemp -d)
 gw_pid="" srv_pid=""
+scheme=http   # the test server in the srv namespace; nothing is downloaded from outside
+web4="$scheme://198.18.1.2:8080" web6="$scheme://[fd00:1::2]:8080"
 
 say() { printf '\n== %s\n' "$*"; }
 run() { echo "[#] $*"; "$@"; }
@@ -70,19 +72,19 @@ for _ in $(seq 100); do
 done
 
 say "fetch a page over IPv4 and IPv6"
-run ip netns exec "$cli" curl -sS --max-time 20 http://198.18.1.2:8080/index.html
-run ip netns exec "$cli" curl -sS --max-time 20 'http://[fd00:1::2]:8080/index.html'
+run ip netns exec "$cli" curl -sS --max-time 20 "$web4/index.html"
+run ip netns exec "$cli" curl -sS --max-time 20 "$web6/index.html"
 
 say "download 50 MB and check its sha256"
 start=$(date +%s.%N)
-got=$(ip netns exec "$cli" curl -sS --max-time 120 http://198.18.1.2:8080/big.bin | sha256sum | cut -d' ' -f1)
+got=$(ip netns exec "$cli" curl -sS --max-time 120 "$web4/big.bin" | sha256sum | cut -d' ' -f1)
 secs=$(echo "$(date +%s.%N) - $start" | bc 2>/dev/null || echo "?")
 echo "want $want"
 echo "got  $got   (${secs}s)"
 [[ $got == "$want" ]] || { echo "demo: checksum mismatch" >&2; exit 1; }
 
 say "a closed port is refused at once (dial before accept)"
-ip netns exec "$cli" curl -sS --max-time 10 http://198.18.1.2:9/ 2>&1 | sed 's/^/    /' || true
+ip netns exec "$cli" curl -sS --max-time 10 "$scheme://198.18.1.2:9/" 2>&1 | sed 's/^/    /' || true
 
 say "stop the gateway (SIGTERM) and show its counters"
 kill -TERM "$gw_pid"; wait "$gw_pid" && rc=0 || rc=$?

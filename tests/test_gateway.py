@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import trio
@@ -30,15 +31,20 @@ class Env:
         self.gateway, self.device, self.wire = gateway, device, wire
 
 
-@pytest.fixture
-async def env(nursery: trio.Nursery) -> AsyncIterator[Env]:
+async def start_env(nursery: trio.Nursery, config: GatewayConfig, **kw: Any) -> Env:
     device = MemoryDevice()
-    gateway = Gateway(device, GatewayConfig(dial_timeout=5))
+    gateway = Gateway(device, config, **kw)
     wire = PacketWire(device)
     nursery.start_soon(wire.run)
     await nursery.start(gateway.serve)
-    yield Env(gateway, device, wire)
-    assert not wire.invalid
+    return Env(gateway, device, wire)
+
+
+@pytest.fixture
+async def env(nursery: trio.Nursery) -> AsyncIterator[Env]:
+    env = await start_env(nursery, GatewayConfig(dial_timeout=5))
+    yield env
+    assert not env.wire.invalid
 
 
 async def serve_sha256(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -104,11 +110,8 @@ async def test_syn_retransmits_are_swallowed_while_dialing(
 
 
 async def test_unreachable_destination_gets_icmp(nursery: trio.Nursery) -> None:
-    device = MemoryDevice()
-    gateway = Gateway(device, GatewayConfig(dial_timeout=0.5))
-    wire = PacketWire(device)
-    nursery.start_soon(wire.run)
-    await nursery.start(gateway.serve)
+    e = await start_env(nursery, GatewayConfig(dial_timeout=0.5))
+    device, gateway, wire = e.device, e.gateway, e.wire
     # A dial that fails for any reason but refusal (here: protection) answers with ICMP;
     # real unreachable hosts are covered by the namespace tests.
     gateway.dialer.protector = _refuse_protect
@@ -125,11 +128,8 @@ def _refuse_protect(sock: object) -> None:
 
 
 async def test_rst_answer_mode(nursery: trio.Nursery) -> None:
-    device = MemoryDevice()
-    gateway = Gateway(device, GatewayConfig(unreachable_reply="rst"), protector=_refuse_protect)
-    wire = PacketWire(device)
-    nursery.start_soon(wire.run)
-    await nursery.start(gateway.serve)
+    e = await start_env(nursery, GatewayConfig(unreachable_reply="rst"), protector=_refuse_protect)
+    device, wire = e.device, e.wire
     device.inject_packet(tcp_packet("fd00:18::2", "::1", 40004, 9, seq=41, flags=SYN))
     reply = parse((await wire.next_unmatched()).raw)
     assert reply.flags & RST and reply.ack == 42 and reply.src == "::1" and reply.sport == 9
@@ -186,11 +186,7 @@ async def test_client_reset_resets_the_upstream(env: Env, nursery: trio.Nursery)
 async def test_idle_flow_is_reset_after_idle_timeout(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
-    device = MemoryDevice()
-    gateway = Gateway(device, GatewayConfig(idle_timeout=60))
-    wire = PacketWire(device)
-    nursery.start_soon(wire.run)
-    await nursery.start(gateway.serve)
+    wire = (await start_env(nursery, GatewayConfig(idle_timeout=60))).wire
     port = await nursery.start(serve_sha256)
     peer = TcpPeer(wire, CLIENT, 40012, "127.0.0.1", port, timeout=600)
     await peer.connect()
