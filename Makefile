@@ -8,7 +8,7 @@ APT_PACKAGES := iproute2 iputils-ping curl iperf3 nginx-light dnsutils xz-utils 
 SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') build_ffi.py pyproject.toml setup.py \
        $(wildcard vendor/lwip/port/*.h vendor/lwip/port/arch/*.h)
 
-.PHONY: install test unit lint demo clean distclean sysdeps lwip bench
+.PHONY: install test unit lint demo clean distclean sysdeps lwip
 
 install: sysdeps lwip $(STAMP)
 
@@ -45,9 +45,6 @@ lint: install
 
 demo: install
 	PYTHON=$(abspath $(PY)) bash scripts/demo.sh
-
-bench: install
-	$(PY) bench/run.py
 
 clean:
 	rm -rf build dist src/*.egg-info src/tunlwip/_lwip*.so src/tunlwip/_lwip.c
