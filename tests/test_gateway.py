@@ -10,7 +10,7 @@ import hashlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -47,6 +47,16 @@ async def env(nursery: trio.Nursery) -> AsyncIterator[Env]:
     assert not env.wire.invalid
 
 
+async def serve_on_loopback(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``handler`` on an ephemeral 127.0.0.1 port, reported through ``started``."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)
+
+
 async def serve_sha256(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """A loopback upstream: read to EOF, answer with the sha256 of what arrived."""
 
@@ -59,9 +69,7 @@ async def serve_sha256(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNO
         except trio.BrokenResourceError:
             pass  # the gateway reset the flow (tests that expect this check the client side)
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handler, listeners)
+    await serve_on_loopback(handler, task_status=task_status)
 
 
 async def test_forward_with_half_close(env: Env, nursery: trio.Nursery) -> None:
@@ -147,9 +155,7 @@ async def serve_then_reset(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         stream.socket.close()
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handler, listeners)
+    await serve_on_loopback(handler, task_status=task_status)
 
 
 async def test_upstream_reset_resets_the_client(env: Env, nursery: trio.Nursery) -> None:
@@ -174,9 +180,8 @@ async def test_client_reset_resets_the_upstream(env: Env, nursery: trio.Nursery)
             outcome.append(f"broken: {exc.__cause__!r}")
         done.set()
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    nursery.start_soon(trio.serve_listeners, handler, listeners)
-    peer = TcpPeer(env.wire, CLIENT, 40011, "127.0.0.1", listeners[0].socket.getsockname()[1])
+    port = await nursery.start(serve_on_loopback, handler)
+    peer = TcpPeer(env.wire, CLIENT, 40011, "127.0.0.1", port)
     await peer.connect()
     await peer.send(b"some data")
     await peer.wait_acked()

@@ -18,8 +18,8 @@ from ._lwip import ffi, lib
 from .endpoint import Endpoint
 
 __all__ = [
+    "ERR_ABRT",
     "ERR_CLSD",
-    "ERR_OK",
     "ERR_RST",
     "Sink",
     "endpoint_from_c",
@@ -31,9 +31,6 @@ __all__ = [
 
 log = logging.getLogger("tunlwip.lwip")
 
-ERR_OK = 0
-ERR_MEM = -1
-ERR_CONN = -11
 ERR_ABRT = -13
 ERR_RST = -14
 ERR_CLSD = -15

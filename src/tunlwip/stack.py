@@ -32,7 +32,7 @@ from . import _binding
 from ._binding import ffi, lib
 from .device import PacketDevice
 from .endpoint import Endpoint
-from .errors import TunlwipError
+from .errors import LwipError, TunlwipError
 from .tcp import LwipTcpStream
 
 log = logging.getLogger("tunlwip.stack")
@@ -168,8 +168,6 @@ class LwipStack:
         )
         self._after_lwip()
         if err != 0:
-            from .errors import LwipError
-
             raise LwipError(err, f"UDP send {src} -> {dst}")
 
     def inject_packet(self, packet: bytes) -> None:

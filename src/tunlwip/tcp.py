@@ -103,7 +103,8 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
                 if self._error is not None:
                     raise trio.BrokenResourceError(f"connection {self._error}")
                 await self._recv_lot.park()
-            data = bytes(self._recv_buffer[:max_bytes])
+            with memoryview(self._recv_buffer) as view:
+                data = bytes(view[:max_bytes])
             del self._recv_buffer[:max_bytes]
             if data and self._pcb is not None:
                 lib.tl_tcp_recved(self._pcb, len(data))
