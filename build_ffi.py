@@ -36,6 +36,8 @@ extern "Python+C" int tl_py_syn(const uint8_t *packet, size_t len,
                                 const tl_endpoint *src, const tl_endpoint *dst);
 extern "Python+C" int tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst,
                                 const uint8_t *data, size_t len);
+extern "Python+C" void tl_py_icmp_echo(const tl_endpoint *src, const tl_endpoint *dst,
+                                       const uint8_t *msg, size_t len);
 """
 
 

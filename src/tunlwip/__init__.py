@@ -9,9 +9,13 @@ from .errors import DeviceError as DeviceError
 from .errors import LwipError as LwipError
 from .errors import ProtectError as ProtectError
 from .errors import TunlwipError as TunlwipError
+from .gateway import Gateway as Gateway
+from .gateway import GatewayConfig as GatewayConfig
 from .stack import LwipStack as LwipStack
 from .stack import StackConfig as StackConfig
 from .stack import StackStatistics as StackStatistics
 from .tcp import LwipTcpStream as LwipTcpStream
+from .udp import UdpConfig as UdpConfig
+from .udp import UdpSession as UdpSession
 
 __version__ = "0.1.0"

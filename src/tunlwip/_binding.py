@@ -59,6 +59,7 @@ class Sink(Protocol):
     def on_output(self, packet: bytes) -> None: ...
     def on_syn(self, packet: bytes, src: Endpoint, dst: Endpoint) -> bool: ...
     def on_udp(self, src: Endpoint, dst: Endpoint, data: bytes) -> bool: ...
+    def on_icmp_echo(self, src: Endpoint, dst: Endpoint, message: bytes) -> None: ...
     def on_callback_error(self, exc: BaseException) -> None: ...
 
 
@@ -143,3 +144,11 @@ def tl_py_udp(src: Any, dst: Any, data: Any, length: int) -> int:
         endpoint_from_c(src), endpoint_from_c(dst), bytes(ffi.buffer(data, length))
     )
     return 1 if handled else 0
+
+
+@ffi.def_extern(onerror=_onerror)
+def tl_py_icmp_echo(src: Any, dst: Any, message: Any, length: int) -> None:
+    if _sink is not None:
+        _sink.on_icmp_echo(
+            endpoint_from_c(src), endpoint_from_c(dst), bytes(ffi.buffer(message, length))
+        )

@@ -24,6 +24,7 @@ from .dialer import Protector, bind_interface, fwmark, no_protection
 from .errors import DeviceError
 from .gateway import Gateway, GatewayConfig
 from .stack import StackConfig
+from .udp import UdpConfig
 
 log = logging.getLogger("tunlwip")
 
@@ -35,6 +36,16 @@ DEFAULT_CLIENTS = ("198.18.0.0/15", "fd00:18::/64")
 
 def _int_auto(text: str) -> int:
     return int(text, 0)
+
+
+def _port_list(text: str) -> tuple[int, ...]:
+    try:
+        ports = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated port list: {text!r}") from None
+    if not ports or any(not 1 <= p <= 65535 for p in ports):
+        raise argparse.ArgumentTypeError(f"ports must be 1-65535: {text!r}")
+    return ports
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +78,41 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["icmp", "rst"],
         default="icmp",
         help="answer for unreachable destinations (icmp)",
+    )
+    up.add_argument(
+        "--udp-idle-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="close UDP sessions idle this long in both directions (60)",
+    )
+    up.add_argument(
+        "--max-udp-sessions",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="evict the least recently active UDP session beyond N (4096)",
+    )
+    up.add_argument(
+        "--quic",
+        choices=["reject", "drop", "off"],
+        default="reject",
+        help="UDP to the QUIC ports: ICMP port unreachable so apps fall back to TCP "
+        "at once, silent drop, or forward (reject)",
+    )
+    up.add_argument(
+        "--quic-ports",
+        type=_port_list,
+        default=(443, 80),
+        metavar="PORTS",
+        help="comma-separated UDP ports --quic applies to (443,80)",
+    )
+    up.add_argument(
+        "--icmp",
+        choices=["reply", "forward", "off"],
+        default="reply",
+        help="echo requests to any address: answer here, forward with ping sockets "
+        "(needs net.ipv4.ping_group_range), or ignore (reply)",
     )
     up.add_argument("--grace", type=float, default=5.0, help="seconds flows get on SIGTERM")
     up.add_argument(
@@ -102,11 +148,14 @@ def _config_from_args(args: argparse.Namespace) -> tuple[GatewayConfig, Protecto
         gw4 = ipaddress.IPv4Address(args.gateway4)
         gw6 = ipaddress.IPv6Address(args.gateway6)
         stack = StackConfig(mtu=args.mtu, ipv4_address=gw4, ipv6_address=gw6,
-                            client_networks=nets)  # fmt: skip
+                            client_networks=nets, blocked_udp_ports=args.quic_ports,
+                            blocked_udp_action=args.quic, icmp_echo=args.icmp)  # fmt: skip
+        udp = UdpConfig(idle_timeout=args.udp_idle_timeout, max_sessions=args.max_udp_sessions,
+                        sweep_interval=min(30.0, args.udp_idle_timeout / 2))  # fmt: skip
         config = GatewayConfig(stack=stack, dial_timeout=args.dial_timeout,
                                idle_timeout=args.idle_timeout,
                                dial_before_accept=not args.no_dial_before_accept,
-                               unreachable_reply=args.unreachable)  # fmt: skip
+                               unreachable_reply=args.unreachable, udp=udp)  # fmt: skip
     except ValueError as exc:
         raise _ConfigProblem(str(exc)) from exc
     protector: Protector = no_protection
@@ -133,11 +182,17 @@ async def run_up(args: argparse.Namespace, config: GatewayConfig, protector: Pro
     gateway = Gateway(device, config, protector=protector)
     async with trio.open_nursery() as nursery:
         await nursery.start(gateway.serve)
-        s = config.stack
-        log.info("up: iface %s mtu %d gateway %s %s clients %s protect %s dial-before-accept %s",
-                 device.name, s.mtu, s.ipv4_address, s.ipv6_address,
-                 ",".join(map(str, s.client_networks)), gateway.protect_mode,
-                 "on" if config.dial_before_accept else "off")  # fmt: skip
+        s = gateway.config.stack  # the gateway may have fallen back (ICMP forward -> reply)
+        quic = (
+            "off"
+            if s.blocked_udp_action == "off"
+            else f"{s.blocked_udp_action} {','.join(map(str, s.blocked_udp_ports))}"
+        )
+        log.info("up: iface %s mtu %d gateway %s %s clients %s protect %s dial-before-accept %s "
+                 "udp-idle %gs quic %s icmp %s", device.name, s.mtu, s.ipv4_address,
+                 s.ipv6_address, ",".join(map(str, s.client_networks)), gateway.protect_mode,
+                 "on" if config.dial_before_accept else "off", config.udp.idle_timeout, quic,
+                 s.icmp_echo)  # fmt: skip
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 log.info("%s: stopping, giving %d flows %.0f s", signal.Signals(signum).name,
@@ -145,10 +200,14 @@ async def run_up(args: argparse.Namespace, config: GatewayConfig, protector: Pro
                 break
         drained = await gateway.drain(args.grace)
         stats = gateway.statistics()
-        log.info("stopped%s: dials ok %d refused %d failed %d; packets in %d out %d; drops %s",
-                 "" if drained else " (grace period over, flows reset)", stats.dials_ok,
-                 stats.dials_refused, stats.dials_failed, stats.stack.counters["packets_in"],
-                 stats.stack.counters["packets_out"], stats.stack.dropped or "none")  # fmt: skip
+        c, u = stats.stack.counters, stats.udp
+        log.info("stopped%s: dials ok %d refused %d failed %d; udp sessions %d expired %d "
+                 "evicted %d; quic rejected %d; echo replied %d forwarded %d; packets in %d "
+                 "out %d; drops %s", "" if drained else " (grace period over, flows reset)",
+                 stats.dials_ok, stats.dials_refused, stats.dials_failed, u.opened, u.expired,
+                 u.evicted, c["udp_port_rejected"], c["icmp_echo_replied"],
+                 c["icmp_echo_forwarded"], c["packets_in"], c["packets_out"],
+                 stats.stack.dropped or "none")  # fmt: skip
         nursery.cancel_scope.cancel()
     await device.aclose()
     return EXIT_OK

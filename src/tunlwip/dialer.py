@@ -68,11 +68,11 @@ class Dialer:
         self.protector = protector
         self.connect_timeout = connect_timeout
 
-    def _protected_socket(self, family: int, kind: int) -> trio.socket.SocketType:
-        sock = trio.socket.socket(family, kind)
+    def _protected_socket(self, family: int, kind: int, proto: int = 0) -> trio.socket.SocketType:
+        sock = trio.socket.socket(family, kind, proto)
         try:
             # trio sockets wrap a stdlib socket; the protector wants the real one.
-            raw = socket.socket(fileno=sock.fileno(), family=family, type=kind)
+            raw = socket.socket(fileno=sock.fileno(), family=family, type=kind, proto=proto)
             try:
                 self.protector(raw)
             finally:
@@ -105,3 +105,34 @@ class Dialer:
             sock.close()
             raise
         return trio.SocketStream(sock)
+
+    async def open_udp(self, target: Endpoint) -> trio.socket.SocketType:
+        """A protected UDP socket connected to ``target``: it only receives from ``target``, and
+        ICMP errors from it surface as exceptions on ``recv`` (ECONNREFUSED for a closed port).
+        """
+        family = socket.AF_INET if target.family == 4 else socket.AF_INET6
+        sock = self._protected_socket(family, socket.SOCK_DGRAM)
+        try:
+            await sock.connect(target.sockaddr())
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def open_icmp_echo(self, target: Endpoint) -> trio.socket.SocketType:
+        """A protected unprivileged ICMP echo ("ping") socket connected to ``target.address``.
+
+        Needs the gateway's group in sysctl ``net.ipv4.ping_group_range`` (PermissionError if
+        not). The kernel owns the echo identifier: it replaces ours on send and filters replies.
+        """
+        if target.family == 4:
+            family, proto = socket.AF_INET, socket.IPPROTO_ICMP
+        else:
+            family, proto = socket.AF_INET6, socket.IPPROTO_ICMPV6
+        sock = self._protected_socket(family, socket.SOCK_DGRAM, proto)
+        try:
+            await sock.connect((str(target.address), 0))
+        except BaseException:
+            sock.close()
+            raise
+        return sock

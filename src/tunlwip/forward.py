@@ -1,13 +1,18 @@
-"""Splice two streams in both directions with half-close, reset mirroring and an idle timeout.
+"""The default forwarders: splice a TCP stream with its upstream, relay a UDP session.
 
-Client EOF becomes upstream ``send_eof`` (shutdown(SHUT_WR)) and vice versa, while the other
-direction keeps flowing. A broken direction (RST) ends both: the other side is reset too, never
-closed gracefully, so neither end mistakes a failure for a complete transfer.
+TCP: client EOF becomes upstream ``send_eof`` (shutdown(SHUT_WR)) and vice versa, while the
+other direction keeps flowing. A broken direction (RST) ends both: the other side is reset too,
+never closed gracefully, so neither end mistakes a failure for a complete transfer.
+
+UDP: datagrams are copied both ways between the session and a connected upstream socket until
+the session ends (idle sweep or eviction). A port-unreachable from upstream is mirrored to the
+client as ICMP, so the client's connected socket fails as it would on a direct path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import struct
 from dataclasses import dataclass
@@ -15,8 +20,11 @@ from dataclasses import dataclass
 import trio
 
 from .tcp import LwipTcpStream
+from .udp import UdpSession
 
 CHUNK = 65536
+MAX_DATAGRAM = 65535
+log = logging.getLogger("tunlwip.forward")
 
 
 @dataclass
@@ -73,3 +81,40 @@ async def splice(
         client.abort()
         _reset_socket_stream(upstream)
     return result
+
+
+async def relay_datagrams(session: UdpSession, upstream: trio.socket.SocketType) -> None:
+    """Copy datagrams between ``session`` and the connected ``upstream`` socket until the session
+    is closed. Send errors drop the datagram (UDP semantics) and are logged at debug level."""
+    last_sent = b""
+
+    async def client_to_upstream() -> None:
+        nonlocal last_sent
+        while True:
+            try:
+                data = await session.receive()
+            except trio.EndOfChannel:
+                nursery.cancel_scope.cancel()
+                return
+            try:
+                await upstream.send(data)
+                last_sent = data
+            except OSError as exc:
+                log.debug("UDP %s -> %s: datagram dropped: %s", session.client, session.target,
+                          exc)  # fmt: skip
+
+    async def upstream_to_client() -> None:
+        while True:
+            try:
+                data = await upstream.recv(MAX_DATAGRAM)
+            except ConnectionRefusedError:
+                session.send_unreachable("port", last_sent)
+                continue
+            except OSError as exc:
+                log.debug("UDP %s <- %s: receive error: %s", session.client, session.target, exc)
+                continue
+            await session.send(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client_to_upstream)
+        nursery.start_soon(upstream_to_client)

@@ -1,4 +1,8 @@
-"""Gateway: the stack, the protected dialer and the default forwarder wired together.
+"""Gateway: the stack, the protected dialer and the default forwarders wired together.
+
+TCP connections go to ``tcp_handler`` (default: splice with a protected upstream connection),
+UDP flows become sessions handled by ``udp_handler`` (default: relay through a protected UDP
+socket), and echo requests are answered, forwarded with ping sockets, or ignored.
 
 Dial before accept (on by default): a new SYN is held while the upstream connect runs; only when
 the destination accepted is the SYN fed to lwIP, so the client's handshake succeeds exactly when
@@ -18,10 +22,13 @@ import trio
 from .device import PacketDevice
 from .dialer import Dialer, Protector, describe, no_protection
 from .endpoint import Endpoint
-from .forward import splice
+from .errors import TunlwipError
+from .forward import relay_datagrams, splice
+from .icmp import EchoCounters, EchoForwarder, unavailable_reason
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
 from .stack import LwipStack, StackConfig, StackStatistics
 from .tcp import LwipTcpStream
+from .udp import UdpConfig, UdpCounters, UdpHandler, UdpSession, UdpSessions
 
 log = logging.getLogger("tunlwip.gateway")
 
@@ -41,6 +48,9 @@ class GatewayConfig:
     max_pending_dials: int = 1024
     #: How long an upstream dialed for a held SYN waits for the client's handshake.
     predial_claim_timeout: float = 10.0
+    udp: UdpConfig = dataclasses.field(default_factory=UdpConfig)
+    #: Idle time after which a forwarded ping's socket is closed.
+    icmp_echo_idle_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.dial_timeout <= 0 or self.idle_timeout <= 0:
@@ -60,6 +70,9 @@ class GatewayStatistics:
     dials_refused: int
     dials_failed: int
     syn_retransmits_swallowed: int
+    udp_sessions: int
+    udp: UdpCounters
+    icmp_echo: EchoCounters
 
 
 class Gateway:
@@ -72,10 +85,22 @@ class Gateway:
         *,
         protector: Protector = no_protection,
         tcp_handler: TcpHandler | None = None,
+        udp_handler: UdpHandler | None = None,
     ) -> None:
         self.config = config or GatewayConfig()
         self.dialer = Dialer(protector, self.config.dial_timeout)
-        self.stack = LwipStack(device, self.config.stack)
+        stack_config = self.config.stack
+        if stack_config.icmp_echo == "forward" and (reason := unavailable_reason()):
+            log.warning("ICMP echo forwarding unavailable: %s; falling back to reply", reason)
+            stack_config = dataclasses.replace(stack_config, icmp_echo="reply")
+            self.config = dataclasses.replace(self.config, stack=stack_config)
+        self.stack = LwipStack(device, stack_config)
+        self.udp = UdpSessions(self.stack, udp_handler or self._forward_udp, self.config.udp)
+        self.stack.udp_receiver = self.udp.on_datagram
+        self.echo = EchoForwarder(self.stack, self.dialer,
+                                  idle_timeout=self.config.icmp_echo_idle_timeout)  # fmt: skip
+        if stack_config.icmp_echo == "forward":
+            self.stack.icmp_echo_receiver = self.echo.on_echo
         self._custom_handler = tcp_handler
         self._pending: dict[FlowKey, bytes] = {}
         self._predialed: dict[FlowKey, trio.SocketStream] = {}
@@ -98,6 +123,8 @@ class Gateway:
         """Run until cancelled; ``started(self)`` once the device and lwIP are up."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.udp.run)
+            await nursery.start(self.echo.run)
             await nursery.start(self.stack.run, self._handle)
             task_status.started(self)
             await trio.sleep_forever()
@@ -121,7 +148,15 @@ class Gateway:
             dials_refused=self._counts["refused"],
             dials_failed=self._counts["failed"],
             syn_retransmits_swallowed=self._counts["swallowed"],
+            udp_sessions=len(self.udp),
+            udp=dataclasses.replace(self.udp.counters),
+            icmp_echo=dataclasses.replace(self.echo.counters),
         )
+
+    def send_udp(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
+        """Send a datagram to client ``dst`` from any address and port ``src`` (no session
+        needed). Raises ``LwipError`` if lwIP cannot send it (too big, no memory)."""
+        self.stack.send_udp(data, src, dst)
 
     # -- flows ----------------------------------------------------------------------------------
     async def _handle(self, stream: LwipTcpStream, target: Endpoint) -> None:
@@ -152,6 +187,17 @@ class Gateway:
             result = await splice(stream, upstream, idle_timeout=self.config.idle_timeout)
         log.debug("flow %s -> %s ended: %s, %d bytes up, %d down", stream.remote, target,
                   result.reason, result.client_to_upstream, result.upstream_to_client)  # fmt: skip
+
+    async def _forward_udp(self, session: UdpSession) -> None:
+        try:
+            upstream = await self.dialer.open_udp(session.target)
+        except (OSError, TunlwipError) as exc:
+            log.debug("UDP %s -> %s: cannot open upstream: %s", session.client, session.target,
+                      exc)  # fmt: skip
+            session.send_unreachable("host")
+            return
+        with upstream:
+            await relay_datagrams(session, upstream)
 
     # -- dial before accept ------------------------------------------------------------------
     def _on_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:

@@ -101,3 +101,25 @@ def unreachable_for(syn: TcpSyn, gateway: ipaddress.IPv4Address | ipaddress.IPv6
     csum = checksum(_pseudo(6, gateway.packed, syn.src, PROTO_ICMPV6, len(body)) + body)
     body = body[:2] + struct.pack("!H", csum) + body[4:]
     return _ip_header(6, gateway.packed, syn.src, PROTO_ICMPV6, len(body)) + body
+
+
+PROTO_UDP = 17
+#: (type, code) of destination unreachable, per IP version.
+PORT_UNREACHABLE = {4: (3, 3), 6: (1, 4)}
+HOST_UNREACHABLE = {4: (3, 1), 6: (1, 3)}
+_QUOTE_LIMIT = {4: 576 - 20 - 8, 6: 1280 - 40 - 8}  # RFC 1812 4.3.2.3 / RFC 4443 2.4(c)
+
+
+def udp_unreachable(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes,
+                    kind: dict[int, tuple[int, int]] = PORT_UNREACHABLE) -> bytes:  # fmt: skip
+    """The ICMP/ICMPv6 message (no IP header; checksum left 0 for the sender to fill) telling a
+    client its datagram ``src:sport -> dst:dport`` could not be delivered. The datagram is gone
+    by then, so its IP and UDP headers are rebuilt for the quote: the client's kernel matches
+    the quoted addresses and ports to the socket and fails it (ECONNREFUSED for a port)."""
+    version = 4 if len(src) == 4 else 6
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    csum = checksum(_pseudo(version, src, dst, PROTO_UDP, len(udp)) + udp) or 0xFFFF
+    udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
+    quoted = (_ip_header(version, src, dst, PROTO_UDP, len(udp)) + udp)[: _QUOTE_LIMIT[version]]
+    icmp_type, code = kind[version]
+    return struct.pack("!BBHI", icmp_type, code, 0, 0) + quoted

@@ -24,7 +24,7 @@ import dataclasses
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import trio
 
@@ -40,6 +40,11 @@ log = logging.getLogger("tunlwip.stack")
 TcpHandler = Callable[[LwipTcpStream, Endpoint], Awaitable[None]]
 SynInterceptor = Callable[[bytes, Endpoint, Endpoint], bool]
 UdpReceiver = Callable[[Endpoint, Endpoint, bytes], None]
+EchoReceiver = Callable[[Endpoint, Endpoint, bytes], None]
+BlockedUdpAction = Literal["reject", "drop", "off"]
+EchoMode = Literal["reply", "forward", "off"]
+_UDP_ACTIONS = {"reject": lib.TL_UDP_REJECT, "drop": lib.TL_UDP_DROP, "off": lib.TL_UDP_PASS}
+_ECHO_MODES = {"reply": lib.TL_ECHO_REPLY, "forward": lib.TL_ECHO_FORWARD, "off": lib.TL_ECHO_OFF}
 
 _TIMER_CAP_SECONDS = 0.25
 _SLEEPTIME_INFINITE = 0xFFFFFFFF
@@ -61,12 +66,25 @@ class StackConfig:
     verify_checksums: bool = True
     #: New connections beyond this many open ones are refused with RST.
     max_tcp_connections: int = 65536
+    #: UDP to these destination ports (QUIC) is answered with ICMP port unreachable
+    #: ("reject": clients fall back to TCP at once), silently dropped, or let through ("off").
+    blocked_udp_ports: tuple[int, ...] = (443, 80)
+    blocked_udp_action: BlockedUdpAction = "reject"
+    #: Echo requests to any address: answered by the stack, handed to ``icmp_echo_receiver``
+    #: ("forward"), or ignored. Echo to the stack's own addresses is always answered.
+    icmp_echo: EchoMode = "reply"
 
     def __post_init__(self) -> None:
         if not 576 <= self.mtu <= 65520:
             raise ValueError(f"mtu must be between 576 and 65520, not {self.mtu}")
         if len(self.client_networks) > 16:
             raise ValueError("at most 16 client networks are supported")
+        if self.blocked_udp_action not in _UDP_ACTIONS:
+            raise ValueError(f"blocked_udp_action must be one of {', '.join(_UDP_ACTIONS)}")
+        if any(not 1 <= port <= 65535 for port in self.blocked_udp_ports):
+            raise ValueError("blocked UDP ports must be between 1 and 65535")
+        if self.icmp_echo not in _ECHO_MODES:
+            raise ValueError(f"icmp_echo must be one of {', '.join(_ECHO_MODES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +114,8 @@ class LwipStack:
         self.syn_interceptor: SynInterceptor | None = None
         #: Called for every UDP datagram from a client; None drops (and counts) them.
         self.udp_receiver: UdpReceiver | None = None
+        #: Called with (client, destination, ICMP message) for echo requests in "forward" mode.
+        self.icmp_echo_receiver: EchoReceiver | None = None
         self._streams: dict[int, LwipTcpStream] = {}
         self._next_conn_id = 1
         self._outbox: list[bytes] = []
@@ -170,6 +190,16 @@ class LwipStack:
         if err != 0:
             raise LwipError(err, f"UDP send {src} -> {dst}")
 
+    def send_icmp(self, message: bytes, src: Endpoint, dst: Endpoint) -> None:
+        """Send an ICMP/ICMPv6 message (checksum filled in) to client ``dst`` from ``src``;
+        ports are ignored. lwIP fragments it if it exceeds the MTU."""
+        err = lib.tl_icmp_send(
+            _binding.endpoint_to_c(src), _binding.endpoint_to_c(dst), message, len(message)
+        )
+        self._after_lwip()
+        if err != 0:
+            raise LwipError(err, f"ICMP send {src.address} -> {dst.address}")
+
     def inject_packet(self, packet: bytes) -> None:
         """Process one client packet now (what the reader task does for device packets)."""
         self._tick_clock()
@@ -205,6 +235,14 @@ class LwipStack:
             if out_fd is not None:
                 lib.tl_set_output_fd(out_fd)
         lib.tl_set_hold_syns(1 if self.syn_interceptor is not None else 0)
+        if cfg.blocked_udp_action != "off":
+            for port in cfg.blocked_udp_ports:
+                lib.tl_set_udp_port_action(port, _UDP_ACTIONS[cfg.blocked_udp_action])
+        echo = cfg.icmp_echo
+        if echo == "forward" and self.icmp_echo_receiver is None:
+            log.warning("icmp_echo is 'forward' but nothing receives echoes; replying instead")
+            echo = "reply"
+        lib.tl_set_icmp_echo_mode(_ECHO_MODES[echo])
         self._running = True
 
     def _stop_lwip(self) -> None:
@@ -315,6 +353,10 @@ class LwipStack:
             return False
         self.udp_receiver(src, dst, data)
         return True
+
+    def on_icmp_echo(self, src: Endpoint, dst: Endpoint, message: bytes) -> None:
+        if self.icmp_echo_receiver is not None:
+            self.icmp_echo_receiver(src, dst, message)
 
     def on_callback_error(self, exc: BaseException) -> None:
         self._callback_errors += 1

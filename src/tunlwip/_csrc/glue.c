@@ -9,7 +9,11 @@
  * destination port (a listener on a pure SYN, a UDP PCB bound to any address), fill ip_data the way
  * ip4_input/ip6_input do and call tcp_input/udp_input directly. lwIP then creates connections whose
  * local address is the original destination, so every reply leaves with the right source.
- * Everything else (ICMP to the gateway address, ...) falls through to lwIP's normal path.
+ * ICMP/ICMPv6 echo requests to any address are claimed the same way and answered by lwIP's own
+ * icmp_input/icmp6_input (which reply from the address asked for), handed to Python for
+ * forwarding, or ignored (tl_set_icmp_echo_mode). UDP to blocked ports (QUIC) is answered with
+ * port unreachable or dropped before any PCB exists (tl_set_udp_port_action).
+ * Everything else (other ICMP to the gateway address, ...) falls through to lwIP's normal path.
  *
  * Invariants:
  *  - Only the trio thread calls in here, and never re-entrantly: Python callbacks record events
@@ -28,6 +32,8 @@
 #include "lwip/ip.h"
 #include "lwip/ip4_frag.h"
 #include "lwip/ip6_frag.h"
+#include "lwip/icmp.h"
+#include "lwip/icmp6.h"
 #include "lwip/inet_chksum.h"
 #include "lwip/netif.h"
 #include "lwip/pbuf.h"
@@ -35,6 +41,8 @@
 #include "lwip/udp.h"
 #include "lwip/timeouts.h"
 #include "lwip/priv/tcp_priv.h"
+#include "lwip/prot/icmp.h"
+#include "lwip/prot/icmp6.h"
 #include "lwip/prot/ip4.h"
 #include "lwip/prot/ip6.h"
 #include "lwip/prot/tcp.h"
@@ -57,6 +65,8 @@ void tl_py_error(uintptr_t conn, int err);
 void tl_py_output(const uint8_t *data, size_t len);
 int tl_py_syn(const uint8_t *packet, size_t len, const tl_endpoint *src, const tl_endpoint *dst);
 int tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *data, size_t len);
+void tl_py_icmp_echo(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *msg,
+                     size_t len);
 
 #define TL_MAX_CLIENT_NETS 16
 #define TL_IPPROTO_FRAGMENT 44
@@ -69,6 +79,8 @@ static int tl_output_fd = -1;
 static int tl_checksum_check = 1;
 static int tl_hold_syns;
 static int tl_releasing;
+static int tl_icmp_echo_mode = TL_ECHO_REPLY;
+static uint8_t tl_udp_port_actions[65536];
 static tl_counters tl_stats;
 static tl_endpoint tl_client_nets[TL_MAX_CLIENT_NETS];
 static uint8_t tl_client_prefix[TL_MAX_CLIENT_NETS];
@@ -138,6 +150,20 @@ uint32_t tl_tcp_pcb_count(void)
 void tl_set_checksum_check(int on) { tl_checksum_check = on; }
 void tl_set_output_fd(int fd) { tl_output_fd = fd; }
 void tl_set_hold_syns(int on) { tl_hold_syns = on; }
+
+int tl_set_icmp_echo_mode(int mode)
+{
+    if (mode != TL_ECHO_OFF && mode != TL_ECHO_REPLY && mode != TL_ECHO_FORWARD) return -1;
+    tl_icmp_echo_mode = mode;
+    return 0;
+}
+
+int tl_set_udp_port_action(uint16_t port, int action)
+{
+    if (action != TL_UDP_PASS && action != TL_UDP_REJECT && action != TL_UDP_DROP) return -1;
+    tl_udp_port_actions[port] = (uint8_t)action;
+    return 0;
+}
 
 /* ---- addresses ---------------------------------------------------------------------------- */
 
@@ -307,6 +333,8 @@ void tl_deinit(void)
     tl_output_fd = -1;
     tl_hold_syns = 0;
     tl_client_net_count = 0;
+    tl_icmp_echo_mode = TL_ECHO_REPLY;
+    memset(tl_udp_port_actions, TL_UDP_PASS, sizeof tl_udp_port_actions);
 }
 
 /* ---- TCP callbacks ------------------------------------------------------------------------ */
@@ -436,6 +464,36 @@ int tl_udp_send(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *d
     return err;
 }
 
+/* An ICMP/ICMPv6 message (checksum filled in here) to a client from any address; lwIP
+ * fragments it if it exceeds the MTU. */
+int tl_icmp_send(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *msg, size_t len)
+{
+    ip_addr_t sip, dip;
+    if (!tl_netif_added) return ERR_CONN;
+    if (tl_endpoint_to(&sip, src) || tl_endpoint_to(&dip, dst) || src->family != dst->family)
+        return ERR_ARG;
+    if (len < 8 || len > 0xFFFF - 20) return ERR_VAL;
+    struct pbuf *p = pbuf_alloc(PBUF_IP, (u16_t)len, PBUF_RAM);
+    if (p == NULL) return ERR_MEM;
+    memcpy(p->payload, msg, len);
+    u8_t *icmp = (u8_t *)p->payload;
+    icmp[2] = icmp[3] = 0;
+    err_t err;
+    if (src->family == 4) {
+        u16_t sum = inet_chksum(icmp, (u16_t)len);
+        memcpy(icmp + 2, &sum, 2);
+        err = ip4_output_if_src(p, ip_2_ip4(&sip), ip_2_ip4(&dip), ICMP_TTL, 0, IP_PROTO_ICMP,
+                                &tl_netif);
+    } else {
+        u16_t sum = ip_chksum_pseudo(p, IP6_NEXTH_ICMP6, (u16_t)len, &sip, &dip);
+        memcpy(icmp + 2, &sum, 2);
+        err = ip6_output_if_src(p, ip_2_ip6(&sip), ip_2_ip6(&dip), LWIP_ICMP6_HL, 0,
+                                IP6_NEXTH_ICMP6, &tl_netif);
+    }
+    pbuf_free(p);
+    return err;
+}
+
 /* ---- input hooks -------------------------------------------------------------------------- */
 
 static int tl_drop(struct pbuf *p, uint64_t *counter)
@@ -463,6 +521,45 @@ static void tl_clear_ip_data(void)
     ip_data.current_ip_header_tot_len = 0;
     ip_addr_set_zero(&ip_data.current_iphdr_src);
     ip_addr_set_zero(&ip_data.current_iphdr_dest);
+}
+
+/* Is the unfragmented ICMP/ICMPv6 message at `icmp` (len bytes) an echo request? */
+static int tl_is_echo_request(const uint8_t *icmp, size_t len, int family)
+{
+    return len >= 1 && icmp[0] == (family == 4 ? ICMP_ECHO : ICMP6_TYPE_EREQ);
+}
+
+/*
+ * An echo request to any address, once p->payload sits on the ICMP header and ip_data is
+ * filled. Echo to the gateway's own address is always answered. Consumes p.
+ */
+static int tl_icmp_echo_input(struct pbuf *p, struct netif *inp, int family)
+{
+    u16_t len = p->tot_len;
+    const ip_addr_t *src = ip_current_src_addr(), *dst = ip_current_dest_addr();
+    if (len < 8) return tl_drop(p, &tl_stats.drop_transport_header);
+    if (!tl_is_echo_request((const uint8_t *)p->payload, len, family))
+        return tl_drop(p, &tl_stats.drop_unsupported); /* a reassembled non-echo ICMP message */
+    u16_t sum = family == 4 ? inet_chksum_pbuf(p) : ip_chksum_pseudo(p, IP6_NEXTH_ICMP6, len, src, dst);
+    if (tl_checksum_check && sum != 0) return tl_drop(p, &tl_stats.drop_transport_checksum);
+    tl_stats.icmp_echo_in++;
+    int own = family == 4 ? ip4_addr_cmp(ip_2_ip4(dst), netif_ip4_addr(inp))
+                          : netif_get_ip6_addr_match(inp, ip_2_ip6(dst)) >= 0;
+    if (tl_icmp_echo_mode == TL_ECHO_OFF && !own) return tl_drop(p, &tl_stats.drop_echo_off);
+    if (tl_icmp_echo_mode == TL_ECHO_FORWARD && !own) {
+        tl_endpoint s, d;
+        tl_endpoint_from(&s, src, 0);
+        tl_endpoint_from(&d, dst, 0);
+        tl_stats.icmp_echo_forwarded++;
+        tl_py_icmp_echo(&s, &d, (const uint8_t *)p->payload, len); /* p is one flat pbuf */
+        pbuf_free(p);
+        return 1;
+    }
+    /* lwIP answers from ip_current_dest_addr(), i.e. from the address the client pinged. */
+    tl_stats.icmp_echo_replied++;
+    if (family == 4) icmp_input(p, inp);
+    else icmp6_input(p, inp);
+    return 0;
 }
 
 /*
@@ -509,6 +606,8 @@ static int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int
         tcp_input(p, inp);
         return 0;
     }
+    if (proto == (family == 4 ? IP_PROTO_ICMP : IP6_NEXTH_ICMP6))
+        return tl_icmp_echo_input(p, inp, family);
     /* UDP */
     if (len < UDP_HLEN) return tl_drop(p, &tl_stats.drop_transport_header);
     const struct udp_hdr *uh = (const struct udp_hdr *)p->payload;
@@ -522,7 +621,20 @@ static int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int
     if (tl_checksum_check && (uh->chksum != 0 || family == 6) &&
         ip_chksum_pseudo(p, IP_PROTO_UDP, len, src, dst) != 0)
         return tl_drop(p, &tl_stats.drop_transport_checksum);
-    if (tl_udp_for_port(lwip_ntohs(uh->dest)) == NULL) return tl_drop(p, &tl_stats.drop_no_memory);
+    u16_t dport = lwip_ntohs(uh->dest);
+    if (tl_udp_port_actions[dport] == TL_UDP_DROP)
+        return tl_drop(p, &tl_stats.drop_udp_port_blocked);
+    if (tl_udp_port_actions[dport] == TL_UDP_REJECT) {
+        /* As a closed port would: ICMP port unreachable quoting the datagram, so a client's
+         * connected socket fails at once (QUIC clients then fall back to TCP). */
+        tl_stats.udp_port_rejected++;
+        pbuf_add_header_force(p, ip_current_header_tot_len());
+        if (family == 4) icmp_dest_unreach(p, ICMP_DUR_PORT);
+        else icmp6_dest_unreach(p, ICMP6_DUR_PORT);
+        pbuf_free(p);
+        return 1;
+    }
+    if (tl_udp_for_port(dport) == NULL) return tl_drop(p, &tl_stats.drop_no_memory);
     tl_stats.udp_in++;
     udp_input(p, inp);
     return 0;
@@ -545,15 +657,20 @@ int tl_hook_ip4_input(struct pbuf *p, struct netif *inp)
     ip4_addr_copy(s, iph->src);
     ip4_addr_copy(d, iph->dest);
     if (!tl_is_client(4, (const uint8_t *)&s.addr)) return tl_drop(p, &tl_stats.drop_not_client);
-    if (proto != IP_PROTO_TCP && proto != IP_PROTO_UDP) {
+    int fragment = (IPH_OFFSET(iph) & PP_HTONS(IP_OFFMASK | IP_MF)) != 0;
+    int claimed = proto == IP_PROTO_TCP || proto == IP_PROTO_UDP ||
+                  (proto == IP_PROTO_ICMP &&
+                   (fragment || tl_is_echo_request((const uint8_t *)p->payload + hlen,
+                                                   (size_t)(p->len - hlen), 4)));
+    if (!claimed) {
         tl_stats.other_in++;
-        return 0; /* lwIP's own path: ICMP to the gateway address, errors, drops */
+        return 0; /* lwIP's own path: other ICMP to the gateway address, errors, drops */
     }
     if (ip4_addr_isany_val(s) || ip4_addr_isbroadcast(&s, inp) || ip4_addr_ismulticast(&s) ||
         ip4_addr_isany_val(d) || ip4_addr_isbroadcast(&d, inp) || ip4_addr_ismulticast(&d))
         return tl_drop(p, &tl_stats.drop_bad_address);
 
-    if ((IPH_OFFSET(iph) & PP_HTONS(IP_OFFMASK | IP_MF)) != 0) {
+    if (fragment) {
         tl_stats.fragments_in++;
         ip_data.current_input_netif = inp;
         p = ip4_reass(p);
@@ -603,9 +720,13 @@ int tl_hook_ip6_input(struct pbuf *p, struct netif *inp)
         nexth = IP6_FRAG_NEXTH(fh);
         fragmented = 1;
     }
-    if (nexth != IP_PROTO_TCP && nexth != IP_PROTO_UDP) {
+    int claimed = nexth == IP_PROTO_TCP || nexth == IP_PROTO_UDP ||
+                  (nexth == IP6_NEXTH_ICMP6 &&
+                   (fragmented || tl_is_echo_request((const uint8_t *)p->payload + IP6_HLEN,
+                                                     (size_t)(p->len - IP6_HLEN), 6)));
+    if (!claimed) {
         tl_stats.other_in++;
-        return 0; /* ICMPv6, extension headers: lwIP's own path */
+        return 0; /* other ICMPv6, extension headers: lwIP's own path */
     }
     ip_addr_copy_from_ip6_packed(ip_data.current_iphdr_src, ip6h->src);
     ip_addr_copy_from_ip6_packed(ip_data.current_iphdr_dest, ip6h->dest);
@@ -648,7 +769,7 @@ int tl_hook_ip6_input(struct pbuf *p, struct netif *inp)
             tl_stats.datagrams_reassembled++;
             ip6h = (struct ip6_hdr *)p->payload;
             nexth = IP6H_NEXTH(ip6h);
-            if (nexth != IP_PROTO_TCP && nexth != IP_PROTO_UDP) {
+            if (nexth != IP_PROTO_TCP && nexth != IP_PROTO_UDP && nexth != IP6_NEXTH_ICMP6) {
                 tl_clear_ip_data();
                 return tl_drop(p, &tl_stats.drop_unsupported);
             }

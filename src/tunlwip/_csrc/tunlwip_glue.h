@@ -21,6 +21,8 @@ typedef struct {
     uint64_t fragments_in, datagrams_reassembled;
     uint64_t syn_held, syn_released;
     uint64_t udp_unhandled, output_errors;
+    uint64_t udp_port_rejected, drop_udp_port_blocked;
+    uint64_t icmp_echo_in, icmp_echo_replied, icmp_echo_forwarded, drop_echo_off;
     uint64_t listeners, udp_ports;
 } tl_counters;
 
@@ -40,6 +42,12 @@ void tl_set_checksum_check(int on);
 void tl_set_output_fd(int fd);
 void tl_set_hold_syns(int on);
 int tl_set_client_networks(const tl_endpoint *networks, const uint8_t *prefixes, int count);
+/* UDP to a destination port: pass (default), reject with port unreachable, or drop */
+enum { TL_UDP_PASS = 0, TL_UDP_REJECT = 1, TL_UDP_DROP = 2 };
+int tl_set_udp_port_action(uint16_t port, int action);
+/* ICMP echo to addresses other than the gateway's: ignore, answer, or hand to tl_py_icmp_echo */
+enum { TL_ECHO_OFF = 0, TL_ECHO_REPLY = 1, TL_ECHO_FORWARD = 2 };
+int tl_set_icmp_echo_mode(int mode);
 
 /* packet input: 0 when handed on, a negative value when dropped before lwIP saw it */
 int tl_input(const uint8_t *data, size_t len);
@@ -57,5 +65,8 @@ int tl_tcp_state(void *pcb);
 
 /* UDP: send a datagram to a client from any address and port */
 int tl_udp_send(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *data, size_t len);
+
+/* ICMP: send a message (type, code, checksum filled here, rest) to a client from any address */
+int tl_icmp_send(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *msg, size_t len);
 
 #endif

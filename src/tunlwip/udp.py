@@ -1,0 +1,284 @@
+"""UDP sessions: every client flow (client addr:port -> destination addr:port) is a session.
+
+Theory of operation
+-------------------
+lwIP hands each client datagram to ``UdpSessions.on_datagram`` (via the stack's
+``udp_receiver``). The first datagram of a flow opens a ``UdpSession`` and starts the handler
+(default: forward through a protected socket, see ``forward.relay_datagrams``) in its own task;
+later datagrams are queued to that session. ``UdpSession.send`` answers the client from the
+original destination, whatever address that was.
+
+UDP has no close, so sessions end by inactivity: traffic in *either* direction keeps one alive,
+and a sweep every ``sweep_interval`` seconds cancels the ones idle for ``idle_timeout``. The
+table is ordered by last activity, so both the sweep and eviction (at ``max_sessions``, the
+least recently active session goes) only look at its front. A session whose handler returns or
+is cancelled is removed, and its handler's ``with`` blocks return its socket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Literal
+
+import trio
+
+from .endpoint import Endpoint
+from .errors import LwipError
+from .packet import HOST_UNREACHABLE, PORT_UNREACHABLE, udp_unreachable
+
+if TYPE_CHECKING:
+    from .stack import LwipStack
+
+log = logging.getLogger("tunlwip.udp")
+
+DNS_PORT = 53
+SessionKey = tuple[Endpoint, Endpoint]  # (client, original destination)
+
+
+@dataclasses.dataclass(frozen=True)
+class UdpConfig:
+    """Session lifecycle settings."""
+
+    #: A session with no datagram in either direction for this long is closed.
+    idle_timeout: float = 60.0
+    #: Idle timeout of port-53 sessions (DNS forwarded as plain UDP: one query, one answer).
+    dns_idle_timeout: float = 10.0
+    #: How often idle sessions are looked for (a session lives at most timeout + interval).
+    sweep_interval: float = 30.0
+    #: Beyond this many sessions the least recently active one is evicted.
+    max_sessions: int = 4096
+    #: Client datagrams waiting for the handler, per session; beyond it they are dropped.
+    queue_datagrams: int = 512
+
+    def __post_init__(self) -> None:
+        if min(self.idle_timeout, self.dns_idle_timeout, self.sweep_interval) <= 0:
+            raise ValueError("UDP timeouts and the sweep interval must be positive")
+        if self.max_sessions < 1 or self.queue_datagrams < 1:
+            raise ValueError("max_sessions and queue_datagrams must be >= 1")
+
+
+@dataclasses.dataclass
+class UdpCounters:
+    """What happened to sessions and datagrams since the gateway started."""
+
+    opened: int = 0
+    expired: int = 0
+    evicted: int = 0
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+    #: Client datagrams dropped: the session's queue was full, or the gateway is stopping.
+    dropped_from_client: int = 0
+    #: Datagrams towards the client that lwIP refused (too big, no memory).
+    dropped_to_client: int = 0
+    handler_errors: int = 0
+
+
+class UdpSession:
+    """One UDP flow. ``receive`` yields the client's datagrams; ``send`` answers the client,
+    appearing to come from ``target`` (the address and port the client sent to)."""
+
+    def __init__(self, owner: UdpSessions, client: Endpoint, target: Endpoint,
+                 idle_timeout: float) -> None:  # fmt: skip
+        self.client = client
+        self.target = target
+        self.idle_timeout = idle_timeout
+        self.last_activity = trio.current_time()
+        self.datagrams_in = self.datagrams_out = self.bytes_in = self.bytes_out = 0
+        #: Why the session ended: "closed" (handler returned), "idle", "evicted", "error".
+        self.end_reason = ""
+        self._owner = owner
+        self._send, self._receive = trio.open_memory_channel[bytes](owner.config.queue_datagrams)
+        self._cancel_scope = trio.CancelScope()
+
+    def __repr__(self) -> str:
+        return f"<UdpSession {self.client} -> {self.target}>"
+
+    @property
+    def key(self) -> SessionKey:
+        return (self.client, self.target)
+
+    async def receive(self) -> bytes:
+        """The next datagram from the client. Raises ``trio.EndOfChannel`` once closed."""
+        return await self._receive.receive()
+
+    async def send(self, data: bytes) -> None:
+        """Send ``data`` to the client from ``target``. Too big or no memory: dropped, counted
+        (UDP semantics), logged at debug level."""
+        self._touch()
+        self.datagrams_out += 1
+        self.bytes_out += len(data)
+        self._owner._send_to_client(self, data)
+        await trio.lowlevel.checkpoint()
+
+    def send_unreachable(self, why: Literal["port", "host"], datagram: bytes = b"") -> None:
+        """Tell the client (ICMP destination unreachable, from ``target``) that ``datagram``
+        could not be delivered, so its connected socket fails as on a direct path."""
+        kind = PORT_UNREACHABLE if why == "port" else HOST_UNREACHABLE
+        message = udp_unreachable(self.client.address.packed, self.target.address.packed,
+                                  self.client.port, self.target.port, datagram, kind)  # fmt: skip
+        try:
+            self._owner.stack.send_icmp(message, Endpoint(self.target.address, 0),
+                                        Endpoint(self.client.address, 0))  # fmt: skip
+        except LwipError as exc:
+            self._owner.counters.dropped_to_client += 1
+            log.debug("ICMP %s -> %s dropped: %s", self.target, self.client, exc)
+
+    def close(self, reason: str = "closed") -> None:
+        """End the session: the handler is cancelled and ``receive`` stops."""
+        if not self.end_reason:
+            self.end_reason = reason
+        self._owner._table.remove(self)  # the flow's next datagram opens a fresh session
+        self._cancel_scope.cancel()
+
+    # -- used by UdpSessions ---------------------------------------------------------------------
+    def _touch(self) -> None:
+        self.last_activity = trio.current_time()
+        self._owner._table.touch(self.key)
+
+    def _deliver(self, data: bytes) -> bool:
+        self._touch()
+        try:
+            self._send.send_nowait(data)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        self.datagrams_in += 1
+        self.bytes_in += len(data)
+        return True
+
+
+class SessionTable:
+    """Sessions ordered by last activity (least recent first). Pure bookkeeping, no I/O."""
+
+    def __init__(self) -> None:
+        self._sessions: OrderedDict[SessionKey, UdpSession] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, key: SessionKey) -> UdpSession | None:
+        return self._sessions.get(key)
+
+    def add(self, session: UdpSession) -> None:
+        self._sessions[session.key] = session
+
+    def remove(self, session: UdpSession) -> None:
+        if self._sessions.get(session.key) is session:
+            del self._sessions[session.key]
+
+    def touch(self, key: SessionKey) -> None:
+        if key in self._sessions:
+            self._sessions.move_to_end(key)
+
+    def least_recent(self) -> UdpSession | None:
+        return next(iter(self._sessions.values()), None)
+
+    def idle(self, now: float, shortest_timeout: float) -> list[UdpSession]:
+        """Sessions idle past their own timeout. The walk stops at the first session active
+        within ``shortest_timeout``: every later one was active even more recently."""
+        found = []
+        for session in self._sessions.values():
+            quiet = now - session.last_activity
+            if quiet < shortest_timeout:
+                break
+            if quiet >= session.idle_timeout:
+                found.append(session)
+        return found
+
+
+UdpHandler = Callable[[UdpSession], Awaitable[None]]
+
+
+class UdpSessions:
+    """The gateway's UDP side: the session table, one task per session, and the sweep."""
+
+    def __init__(self, stack: LwipStack, handler: UdpHandler, config: UdpConfig | None = None
+                 ) -> None:  # fmt: skip
+        self.stack = stack
+        self.handler = handler
+        self.config = config or UdpConfig()
+        self.counters = UdpCounters()
+        self._table = SessionTable()
+        self._nursery: trio.Nursery | None = None
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the session tasks and sweep idle sessions until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    await trio.sleep(self.config.sweep_interval)
+                    self.sweep()
+            finally:
+                self._nursery = None
+
+    def sweep(self) -> int:
+        """Close every session idle past its timeout; returns how many."""
+        shortest = min(self.config.idle_timeout, self.config.dns_idle_timeout)
+        idle = self._table.idle(trio.current_time(), shortest)
+        for session in idle:
+            self.counters.expired += 1
+            session.close("idle")
+        return len(idle)
+
+    # -- from the stack ---------------------------------------------------------------------------
+    def on_datagram(self, client: Endpoint, target: Endpoint, data: bytes) -> None:
+        """The stack's ``udp_receiver``: deliver to the flow's session, opening it if new."""
+        self.counters.datagrams_in += 1
+        session = self._table.get((client, target))
+        if session is None:
+            session = self._open(client, target)
+            if session is None:
+                self.counters.dropped_from_client += 1
+                return
+        if not session._deliver(data):
+            self.counters.dropped_from_client += 1
+
+    def _open(self, client: Endpoint, target: Endpoint) -> UdpSession | None:
+        if self._nursery is None:
+            return None
+        if len(self._table) >= self.config.max_sessions:
+            oldest = self._table.least_recent()
+            if oldest is not None:
+                self.counters.evicted += 1
+                oldest.close("evicted")
+        timeout = self.config.idle_timeout
+        if target.port == DNS_PORT:
+            timeout = min(timeout, self.config.dns_idle_timeout)
+        session = UdpSession(self, client, target, timeout)
+        self._table.add(session)
+        self.counters.opened += 1
+        self._nursery.start_soon(self._run_session, session)
+        return session
+
+    async def _run_session(self, session: UdpSession) -> None:
+        try:
+            with session._cancel_scope:
+                await self.handler(session)
+        except Exception:
+            self.counters.handler_errors += 1
+            session.end_reason = session.end_reason or "error"
+            log.exception("UDP handler failed for %s -> %s", session.client, session.target)
+        finally:
+            session.end_reason = session.end_reason or "closed"
+            self._table.remove(session)
+            session._send.close()
+            session._receive.close()
+            log.debug("UDP session %s -> %s ended (%s): %d datagrams in, %d out",
+                      session.client, session.target, session.end_reason,
+                      session.datagrams_in, session.datagrams_out)  # fmt: skip
+
+    def _send_to_client(self, session: UdpSession, data: bytes) -> None:
+        try:
+            self.stack.send_udp(data, session.target, session.client)
+        except LwipError as exc:
+            self.counters.dropped_to_client += 1
+            log.debug("datagram %s -> %s dropped: %s", session.target, session.client, exc)
+        else:
+            self.counters.datagrams_out += 1
