@@ -20,7 +20,7 @@ CSRC = ROOT / "src" / "tunlwip" / "_csrc"
 LWIP_SOURCES = [
     "core/init.c", "core/def.c", "core/inet_chksum.c", "core/ip.c", "core/mem.c",
     "core/memp.c", "core/netif.c", "core/pbuf.c", "core/tcp.c", "core/tcp_in.c",
-    "core/tcp_out.c", "core/udp.c", "core/timeouts.c",
+    "core/tcp_out.c", "core/udp.c", "core/timeouts.c", "core/stats.c",
     "core/ipv4/ip4.c", "core/ipv4/ip4_addr.c", "core/ipv4/ip4_frag.c", "core/ipv4/icmp.c",
     "core/ipv6/ip6.c", "core/ipv6/ip6_addr.c", "core/ipv6/ip6_frag.c", "core/ipv6/icmp6.c",
     "core/ipv6/nd6.c",

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tunlwip import LwipStack, MemoryDevice
 
 from harness import Harness
-from packets import ACK, PSH, SYN, fragment, tcp_options, tcp_packet, udp_packet
+from packets import ACK, PSH, SYN, fragment, icmp_echo, tcp_options, tcp_packet, udp_packet
 
 C4, D4, C6, D6 = "198.18.0.2", "192.0.2.1", "fd00:18::2", "2001:db8::1"
 
@@ -71,6 +71,54 @@ async def test_each_kind_of_bad_packet_is_dropped_and_counted(
     assert harness.wire.unmatched_nowait() == []
 
 
+def only_reassembly_timeouts(h: Harness) -> bool:
+    """Abandoning a datagram whose first fragment arrived sends ICMP "fragment reassembly time
+    exceeded" (RFC 792 / RFC 8200 4.5), as a host would; nothing else may come out."""
+    return all((p.icmp_type, p.icmp_code) in ((11, 1), (3, 1)) for p in h.wire.unmatched_nowait())
+
+
+@pytest.mark.parametrize(("src", "dst"), [(C4, D4), (C6, D6)])
+async def test_overlapping_fragments_are_dropped_and_counted(
+    harness: Harness, autojump_clock: trio.abc.Clock, src: str, dst: str
+) -> None:
+    got: list[bytes] = []
+    harness.stack.udp_receiver = lambda s, d, data: got.append(data)
+    datagram = udp_packet(src, dst, 4000, 9000, bytes(range(256)) * 12)
+    coarse, fine = fragment(datagram, 1500), fragment(datagram, 1000)
+    harness.device.inject_packet(coarse[0])  # bytes 0..1480 (IPv6: 0..1448)
+    harness.device.inject_packet(fine[1])  # starts inside the first fragment
+    await settle(harness)
+    assert harness.stack.statistics().counters["drop_fragment"] >= 1
+    await trio.sleep(70)  # the incomplete datagram times out of the reassembly queue
+    for frag in coarse:  # the whole datagram, sent cleanly, still gets through
+        harness.device.inject_packet(frag)
+    await settle(harness)
+    assert got == [datagram[28 if src == C4 else 48 :]]
+    assert only_reassembly_timeouts(harness)
+
+
+@pytest.mark.parametrize(("src", "dst_prefix"), [(C4, "198.19.{}.{}"), (C6, "fd00:99::{}:{}")])
+async def test_a_flood_of_incomplete_datagrams_keeps_reassembly_bounded(
+    harness: Harness, autojump_clock: trio.abc.Clock, src: str, dst_prefix: str
+) -> None:
+    got: list[bytes] = []
+    harness.stack.udp_receiver = lambda s, d, data: got.append(data)
+    for i in range(3000):  # first fragments only: each opens a reassembly that never completes
+        dst = dst_prefix.format(i // 256, i % 256)
+        harness.stack.inject_packet(
+            fragment(udp_packet(src, dst, 4000, 9000, bytes(3000)), 1500)[0]
+        )
+    await settle(harness)
+    counters = harness.stack.statistics().counters
+    assert counters["fragments_in"] == 3000 and counters["datagrams_reassembled"] == 0
+    payload = bytes(range(200)) * 20
+    for frag in fragment(udp_packet(src, dst_prefix.format(99, 99), 4000, 9000, payload), 1500):
+        harness.device.inject_packet(frag)
+    await settle(harness)
+    assert got == [payload]  # the queue evicted old partial datagrams instead of refusing
+    assert only_reassembly_timeouts(harness)
+
+
 def _mutations(rng: random.Random, seeds: list[bytes], count: int) -> list[bytes]:
     out: list[bytes] = []
     for i in range(count):
@@ -112,6 +160,11 @@ async def test_ten_thousand_random_and_mutated_packets(
         tcp_packet(C4, D4, 40000, 80, seq=2, ack=1, flags=ACK | PSH, payload=b"data" * 50),
         tcp_packet(C6, D6, 40000, 80, seq=2, ack=1, flags=ACK, payload=b"x" * 100),
         udp_packet(C6, D6, 1234, 443, bytes(300)),
+        udp_packet(C4, D4, 1234, 443, bytes(30)),
+        icmp_echo(C4, D4, 7, 1, bytes(56)),
+        icmp_echo(C6, D6, 7, 1, bytes(56)),
+        icmp_echo(C4, D4, 7, 2, bytes(3000)),
+        icmp_echo(C6, D6, 7, 2, bytes(3000)),
     ]  # fmt: skip
     corpus = _mutations(rng, seeds, 10_000)
     before = harness.stack.statistics().counters

@@ -37,6 +37,7 @@
 #include "lwip/inet_chksum.h"
 #include "lwip/netif.h"
 #include "lwip/pbuf.h"
+#include "lwip/stats.h"
 #include "lwip/tcp.h"
 #include "lwip/udp.h"
 #include "lwip/timeouts.h"
@@ -129,11 +130,24 @@ u32_t tl_hook_tcp_isn(const ip_addr_t *local_ip, u16_t local_port,
 
 uint32_t tl_sleeptime(void) { return sys_timeouts_sleeptime(); }
 void tl_check_timeouts(void) { sys_check_timeouts(); }
-const tl_counters *tl_get_counters(void) { return &tl_stats; }
+/* Fragments lwIP's reassembly discarded (overlapping, too many queued, IPv4 options), counted
+ * by lwIP's own statistics; `base` makes them start from zero at each reset. */
+static uint64_t tl_reass_dropped(void)
+{
+    return (uint64_t)lwip_stats.ip_frag.drop + lwip_stats.ip6_frag.drop;
+}
+static uint64_t tl_reass_dropped_base;
+
+const tl_counters *tl_get_counters(void)
+{
+    tl_stats.drop_fragment = tl_reass_dropped() - tl_reass_dropped_base;
+    return &tl_stats;
+}
 
 void tl_reset_counters(void)
 {
     uint64_t listeners = tl_stats.listeners, udp_ports = tl_stats.udp_ports;
+    tl_reass_dropped_base = tl_reass_dropped();
     memset(&tl_stats, 0, sizeof tl_stats);
     tl_stats.listeners = listeners;
     tl_stats.udp_ports = udp_ports;

@@ -18,7 +18,7 @@ typedef struct {
     uint64_t drop_too_short, drop_too_long, drop_bad_version, drop_ip_header, drop_ip_checksum;
     uint64_t drop_bad_address, drop_not_client, drop_port_zero, drop_transport_header;
     uint64_t drop_transport_checksum, drop_unsupported, drop_no_memory, drop_no_listener;
-    uint64_t fragments_in, datagrams_reassembled;
+    uint64_t fragments_in, datagrams_reassembled, drop_fragment;
     uint64_t syn_held, syn_released;
     uint64_t udp_unhandled, output_errors;
     uint64_t udp_port_rejected, drop_udp_port_blocked;

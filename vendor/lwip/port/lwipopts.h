@@ -114,7 +114,23 @@
 #define CHECKSUM_CHECK_ICMP6            1
 
 /* ---- statistics and debugging ---------------------------------------------------------- */
-#define LWIP_STATS                      0
+/* Statistics: only reassembly's, so fragments lwIP drops (overlaps, overflow) are counted. */
+#define LWIP_STATS                      1
+#define LWIP_STATS_LARGE                1   /* 32-bit counters */
+#define IPFRAG_STATS                    1
+#define IP6_FRAG_STATS                  1
+#define LINK_STATS                      0
+#define IP_STATS                        0
+#define ICMP_STATS                      0
+#define UDP_STATS                       0
+#define TCP_STATS                       0
+#define MEM_STATS                       0
+#define MEMP_STATS                      0
+#define SYS_STATS                       0
+#define IP6_STATS                       0
+#define ICMP6_STATS                     0
+#define ND6_STATS                       0
+#define MIB2_STATS                      0
 #define LWIP_DEBUG                      0
 
 /* ---- our hooks ------------------------------------------------------------------------- */
