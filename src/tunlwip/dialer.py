@@ -68,15 +68,12 @@ class Dialer:
         self.protector = protector
         self.connect_timeout = connect_timeout
 
-    def _protected_socket(self, family: int, kind: int, proto: int = 0) -> trio.socket.SocketType:
-        sock = trio.socket.socket(family, kind, proto)
+    def _protected_socket(self, family: int, kind: int, proto: int = 0) -> socket.socket:
+        """A new non-blocking socket, protected; closed again if protection fails."""
+        sock = socket.socket(family, kind, proto)
         try:
-            # trio sockets wrap a stdlib socket; the protector wants the real one.
-            raw = socket.socket(fileno=sock.fileno(), family=family, type=kind, proto=proto)
-            try:
-                self.protector(raw)
-            finally:
-                raw.detach()
+            sock.setblocking(False)
+            self.protector(sock)
         except ProtectError:
             sock.close()
             raise
@@ -93,7 +90,7 @@ class Dialer:
         OSErrors (unreachable), or ProtectError.
         """
         family = socket.AF_INET if target.family == 4 else socket.AF_INET6
-        sock = self._protected_socket(family, socket.SOCK_STREAM)
+        sock = trio.socket.from_stdlib_socket(self._protected_socket(family, socket.SOCK_STREAM))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with trio.fail_after(self.connect_timeout):
@@ -106,21 +103,16 @@ class Dialer:
             raise
         return trio.SocketStream(sock)
 
-    async def open_udp(self, target: Endpoint) -> trio.socket.SocketType:
-        """A protected UDP socket connected to ``target``: it only receives from ``target``, and
-        ICMP errors from it surface as exceptions on ``recv`` (ECONNREFUSED for a closed port).
-        """
+    def open_udp(self, target: Endpoint) -> socket.socket:
+        """A protected, non-blocking UDP socket connected to ``target``: it only receives from
+        ``target``, and ICMP errors from it surface on ``recv`` (ECONNREFUSED for a closed
+        port). Connecting a UDP socket only picks a route, so this does not wait."""
         family = socket.AF_INET if target.family == 4 else socket.AF_INET6
-        sock = self._protected_socket(family, socket.SOCK_DGRAM)
-        try:
-            await sock.connect(target.sockaddr())
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return self._connected(self._protected_socket(family, socket.SOCK_DGRAM),
+                               target.sockaddr())  # fmt: skip
 
-    async def open_icmp_echo(self, target: Endpoint) -> trio.socket.SocketType:
-        """A protected unprivileged ICMP echo ("ping") socket connected to ``target.address``.
+    def open_icmp_echo(self, target: Endpoint) -> socket.socket:
+        """A protected, non-blocking ICMP echo ("ping") socket connected to ``target.address``.
 
         Needs the gateway's group in sysctl ``net.ipv4.ping_group_range`` (PermissionError if
         not). The kernel owns the echo identifier: it replaces ours on send and filters replies.
@@ -130,8 +122,12 @@ class Dialer:
         else:
             family, proto = socket.AF_INET6, socket.IPPROTO_ICMPV6
         sock = self._protected_socket(family, socket.SOCK_DGRAM, proto)
+        return self._connected(sock, (str(target.address), 0))
+
+    @staticmethod
+    def _connected(sock: socket.socket, address: tuple[str, int]) -> socket.socket:
         try:
-            await sock.connect((str(target.address), 0))
+            sock.connect(address)
         except BaseException:
             sock.close()
             raise

@@ -24,6 +24,7 @@ from .udp import UdpSession
 
 CHUNK = 65536
 MAX_DATAGRAM = 65535
+UDP_BURST = 64  # replies relayed before other tasks get a turn
 log = logging.getLogger("tunlwip.forward")
 
 
@@ -83,38 +84,35 @@ async def splice(
     return result
 
 
-async def relay_datagrams(session: UdpSession, upstream: trio.socket.SocketType) -> None:
-    """Copy datagrams between ``session`` and the connected ``upstream`` socket until the session
-    is closed. Send errors drop the datagram (UDP semantics) and are logged at debug level."""
+async def relay_datagrams(session: UdpSession, upstream: socket.socket) -> None:
+    """Copy datagrams between ``session`` and the connected, non-blocking ``upstream`` socket
+    until the session is closed. Client datagrams go out from the stack's callback (no task
+    switch); replies are drained in bursts. Errors drop the datagram (UDP semantics), counted.
+    """
     last_sent = b""
+    counters = session.counters
 
-    async def client_to_upstream() -> None:
+    def to_upstream(data: bytes) -> None:
         nonlocal last_sent
-        while True:
-            try:
-                data = await session.receive()
-            except trio.EndOfChannel:
-                nursery.cancel_scope.cancel()
-                return
-            try:
-                await upstream.send(data)
-                last_sent = data
-            except OSError as exc:
-                log.debug("UDP %s -> %s: datagram dropped: %s", session.client, session.target,
-                          exc)  # fmt: skip
+        try:
+            upstream.send(data)
+            last_sent = data
+        except OSError as exc:  # buffer full (BlockingIOError), too big, unreachable
+            counters.dropped_to_upstream += 1
+            log.debug("UDP %s -> %s: datagram dropped: %s", session.client, session.target, exc)
 
-    async def upstream_to_client() -> None:
-        while True:
+    session.divert(to_upstream)
+    while True:
+        await trio.lowlevel.wait_readable(upstream)
+        for _ in range(UDP_BURST):
             try:
-                data = await upstream.recv(MAX_DATAGRAM)
-            except ConnectionRefusedError:
+                data = upstream.recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                break
+            except ConnectionRefusedError:  # the destination said "port unreachable"
                 session.send_unreachable("port", last_sent)
                 continue
             except OSError as exc:
                 log.debug("UDP %s <- %s: receive error: %s", session.client, session.target, exc)
                 continue
-            await session.send(data)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client_to_upstream)
-        nursery.start_soon(upstream_to_client)
+            session.send_nowait(data)

@@ -190,7 +190,7 @@ class Gateway:
 
     async def _forward_udp(self, session: UdpSession) -> None:
         try:
-            upstream = await self.dialer.open_udp(session.target)
+            upstream = self.dialer.open_udp(session.target)
         except (OSError, TunlwipError) as exc:
             log.debug("UDP %s -> %s: cannot open upstream: %s", session.client, session.target,
                       exc)  # fmt: skip

@@ -112,7 +112,7 @@ class EchoForwarder:
         try:
             with session.scope:
                 try:
-                    sock = await self.dialer.open_icmp_echo(target)
+                    sock = trio.socket.from_stdlib_socket(self.dialer.open_icmp_echo(target))
                 except (OSError, TunlwipError) as exc:
                     log.debug("cannot ping %s for %s: %s", target.address, client.address, exc)
                     self.counters.dropped += len(session.pending)

@@ -47,6 +47,7 @@ _UDP_ACTIONS = {"reject": lib.TL_UDP_REJECT, "drop": lib.TL_UDP_DROP, "off": lib
 _ECHO_MODES = {"reply": lib.TL_ECHO_REPLY, "forward": lib.TL_ECHO_FORWARD, "off": lib.TL_ECHO_OFF}
 
 _TIMER_CAP_SECONDS = 0.25
+_READ_BURST = 32  # packets read before the reader lets other tasks run
 _SLEEPTIME_INFINITE = 0xFFFFFFFF
 DEFAULT_IPV4 = ipaddress.IPv4Address("198.18.0.1")
 DEFAULT_IPV6 = ipaddress.IPv6Address("fd00:18::1")
@@ -258,6 +259,7 @@ class LwipStack:
     # -- tasks --------------------------------------------------------------------------------
     async def _reader(self) -> None:
         device = self.device
+        burst = 0
         while True:
             try:
                 packet = await device.receive_packet()
@@ -265,6 +267,12 @@ class LwipStack:
                 log.info("packet device closed; the stack stops reading")
                 return
             self.inject_packet(packet)
+            burst += 1
+            if burst == _READ_BURST:
+                # A device with packets waiting returns without yielding; under a flood the
+                # reader would starve every other task (UDP relays, timers, the writer).
+                burst = 0
+                await trio.lowlevel.checkpoint()
 
     async def _timer(self) -> None:
         while True:

@@ -73,6 +73,8 @@ class UdpCounters:
     dropped_from_client: int = 0
     #: Datagrams towards the client that lwIP refused (too big, no memory).
     dropped_to_client: int = 0
+    #: Client datagrams the upstream socket refused (buffer full, too big, unreachable).
+    dropped_to_upstream: int = 0
     handler_errors: int = 0
 
 
@@ -92,9 +94,15 @@ class UdpSession:
         self._owner = owner
         self._send, self._receive = trio.open_memory_channel[bytes](owner.config.queue_datagrams)
         self._cancel_scope = trio.CancelScope()
+        self._diverted: Callable[[bytes], None] | None = None
 
     def __repr__(self) -> str:
         return f"<UdpSession {self.client} -> {self.target}>"
+
+    @property
+    def counters(self) -> UdpCounters:
+        """The gateway-wide UDP counters (for handlers that drop datagrams themselves)."""
+        return self._owner.counters
 
     @property
     def key(self) -> SessionKey:
@@ -107,11 +115,26 @@ class UdpSession:
     async def send(self, data: bytes) -> None:
         """Send ``data`` to the client from ``target``. Too big or no memory: dropped, counted
         (UDP semantics), logged at debug level."""
+        self.send_nowait(data)
+        await trio.lowlevel.checkpoint()
+
+    def send_nowait(self, data: bytes) -> None:
+        """``send`` without yielding to other tasks (for relays draining a socket in bursts)."""
         self._touch()
         self.datagrams_out += 1
         self.bytes_out += len(data)
         self._owner._send_to_client(self, data)
-        await trio.lowlevel.checkpoint()
+
+    def divert(self, deliver: Callable[[bytes], None]) -> None:
+        """From now on hand each client datagram to ``deliver`` at once, from the stack's
+        callback, instead of queueing it for ``receive``: the fast path of the default
+        forwarder (no task switch per datagram). Datagrams already queued go first."""
+        while True:
+            try:
+                deliver(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        self._diverted = deliver
 
     def send_unreachable(self, why: Literal["port", "host"], datagram: bytes = b"") -> None:
         """Tell the client (ICMP destination unreachable, from ``target``) that ``datagram``
@@ -140,12 +163,15 @@ class UdpSession:
 
     def _deliver(self, data: bytes) -> bool:
         self._touch()
+        self.datagrams_in += 1
+        self.bytes_in += len(data)
+        if self._diverted is not None:
+            self._diverted(data)
+            return True
         try:
             self._send.send_nowait(data)
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             return False
-        self.datagrams_in += 1
-        self.bytes_in += len(data)
         return True
 
 
