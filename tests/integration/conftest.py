@@ -1,4 +1,5 @@
-"""Fixtures for integration tests in network namespaces (see tests/netns.py).
+"""Fixtures for integration tests in network namespaces (see tests/netns.py), including the
+``tunlwip up`` process factories (plain helpers in gatewayproc.py).
 
 Why: these tests need root; locally they skip with a reason, but in CI (CI=true) a skip would
 hide a broken environment, so it fails instead.
@@ -16,7 +17,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/netns.py as `netns`
 
-from netns import SplitTopology, Topology, have_netns, split_topology
+from gatewayproc import RunningGateway, StartGateway, launch_gateway
+from netns import (
+    Namespace,
+    SplitTopology,
+    Topology,
+    have_netns,
+    move_link,
+    setup_client_tun,
+    split_topology,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -63,3 +73,41 @@ def topology(netns_available: None) -> Iterator[Topology]:
 def split(topology: Topology) -> SplitTopology:
     """DESIGN.md §5 split topology: gw <-veth-> srv, plus cli for the TUN."""
     return split_topology(topology)
+
+
+@pytest.fixture
+def start_gateway(topology: Topology, tmp_path: Path) -> Iterator[StartGateway]:
+    """Factory: ``tunlwip up --iface <fresh name> *args`` in a namespace, returned once serving.
+
+    At teardown every gateway must stop on SIGTERM with status 0 within 10 s.
+    """
+    started: list[RunningGateway] = []
+
+    def start(ns: Namespace, *args: str) -> RunningGateway:
+        iface = topology.ifname("t")
+        gw = launch_gateway(ns, iface, tmp_path / f"gateway-{iface}.log", *args)
+        started.append(gw)
+        gw.wait_serving()
+        return gw
+
+    yield start
+    problems = []
+    for gw in started:
+        try:
+            gw.stop()
+        except AssertionError as exc:
+            problems.append(str(exc))
+    assert not problems, "\n\n".join(problems)
+
+
+@pytest.fixture
+def split_gateway(split: SplitTopology, start_gateway: StartGateway) -> StartGateway:
+    """Factory: a gateway in gw whose TUN is moved to cli and made cli's uplink."""
+
+    def start(*args: str) -> RunningGateway:
+        gw = start_gateway(split.gw, *args)
+        move_link(gw.iface, split.gw, split.cli)
+        setup_client_tun(split.cli, gw.iface)
+        return gw
+
+    return start

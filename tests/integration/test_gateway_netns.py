@@ -30,18 +30,17 @@ import hashlib
 import os
 import re
 import select
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from gatewayproc import StartGateway, pattern
 from netns import (
     CLIENT_ADDR4,
     CLIENT_ADDR6,
@@ -52,13 +51,10 @@ from netns import (
     Namespace,
     SplitTopology,
     Topology,
-    move_link,
-    setup_client_tun,
 )
 
 pytestmark = pytest.mark.netns
 
-GATEWAY_CMD = [sys.executable, "-m", "tunlwip", "up"]
 HTTP_PORT, ECHO_PORT, DIGEST_PORT, SOCK_PORT = 8080, 7000, 7001, 7100
 CLOSED_PORT = 9  # nothing listens there in srv
 BIG, SMALL = 50 * 1024 * 1024, 1024 * 1024
@@ -71,121 +67,11 @@ UNROUTED4, UNROUTED6 = "198.19.77.7", "fd00:77::7"
 #: Extra cli addresses outside the client networks of the filter test.
 FOREIGN4, FOREIGN6 = "198.18.0.3", "fd00:19::3"
 SOCK_TIMEOUT = 30.0
-LOG_TAIL = 4000
 
 FAMILIES = [
     pytest.param(socket.AF_INET, SRV_ADDR4, id="v4"),
     pytest.param(socket.AF_INET6, SRV_ADDR6, id="v6"),
 ]
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll ``predicate`` every 50 ms for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def pattern(seed: int, size: int) -> bytes:
-    """Deterministic bytes without short periods, so loss, duplication or reordering show."""
-    return hashlib.shake_256(seed.to_bytes(8, "big")).digest(size)
-
-
-# -- the gateway process ----------------------------------------------------------------------
-
-
-@dataclass
-class RunningGateway:
-    """One ``tunlwip up`` process; its stdout and stderr go to ``log_path``."""
-
-    ns: Namespace
-    iface: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    returncode: int | None = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def tail(self) -> str:
-        return f"gateway log (tail):\n{self.log()[-LOG_TAIL:]}"
-
-    def stop(self, timeout: float = 10.0) -> str:
-        """SIGTERM; require exit status 0 within ``timeout`` s. Returns the "stopped" line."""
-        if self.returncode is None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.returncode = self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.returncode = self.proc.wait()
-                raise AssertionError(
-                    f"gateway ignored SIGTERM for {timeout}s; {self.tail()}"
-                ) from None
-        assert self.returncode == 0, f"gateway exited {self.returncode}; {self.tail()}"
-        lines = [line for line in self.log().splitlines() if "tunlwip: stopped" in line]
-        assert lines, f"no 'stopped' line; {self.tail()}"
-        return lines[-1]
-
-
-StartGateway = Callable[..., RunningGateway]
-
-
-@pytest.fixture
-def start_gateway(topology: Topology, tmp_path: Path) -> Iterator[StartGateway]:
-    """Factory: ``tunlwip up --iface <fresh name> *args`` in a namespace, returned once serving.
-
-    At teardown every gateway must stop on SIGTERM with status 0 within 10 s.
-    """
-    started: list[RunningGateway] = []
-
-    def start(ns: Namespace, *args: str) -> RunningGateway:
-        iface = topology.ifname("t")
-        log_path = tmp_path / f"gateway-{iface}.log"
-        with log_path.open("wb") as log:
-            proc = ns.popen(
-                [*GATEWAY_CMD, "--iface", iface, "--log-level", "debug", *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        gw = RunningGateway(ns, iface, proc, log_path)
-        started.append(gw)
-
-        def serving() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"gateway exited {proc.returncode}; {gw.tail()}")
-            # Logged once the TUN exists, has its MTU, is up and lwIP runs: safe to move it.
-            return f"up: iface {iface} " in gw.log()
-
-        wait_for(serving, f"the gateway on {iface}")
-        link = ns.ip("link", "show", "dev", iface).stdout
-        assert ",UP" in link, link
-        return gw
-
-    yield start
-    problems = []
-    for gw in started:
-        try:
-            gw.stop()
-        except AssertionError as exc:
-            problems.append(str(exc))
-    assert not problems, "\n\n".join(problems)
-
-
-@pytest.fixture
-def split_gateway(split: SplitTopology, start_gateway: StartGateway) -> StartGateway:
-    """Factory: a gateway in gw whose TUN is moved to cli and made cli's uplink."""
-
-    def start(*args: str) -> RunningGateway:
-        gw = start_gateway(split.gw, *args)
-        move_link(gw.iface, split.gw, split.cli)
-        setup_client_tun(split.cli, gw.iface)
-        return gw
-
-    return start
 
 
 # -- programs in srv and cli ------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""Running ``tunlwip up`` as a real process in a test namespace, shared by the gateway tests.
+
+Why: several test modules start the gateway the same way (fresh TUN name, debug log in a file,
+"serving" once the ``up:`` line is logged, SIGTERM with exit status 0 at teardown); one copy
+keeps them in step. The pytest fixtures built on this live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from netns import Namespace
+
+__all__ = [
+    "GATEWAY_CMD",
+    "LOG_TAIL",
+    "RunningGateway",
+    "StartGateway",
+    "launch_gateway",
+    "pattern",
+    "wait_for",
+]
+
+GATEWAY_CMD = [sys.executable, "-m", "tunlwip", "up"]
+LOG_TAIL = 4000
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll ``predicate`` every 50 ms for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def pattern(seed: int, size: int) -> bytes:
+    """Deterministic bytes without short periods, so loss, duplication or reordering show."""
+    return hashlib.shake_256(seed.to_bytes(8, "big")).digest(size)
+
+
+@dataclass
+class RunningGateway:
+    """One ``tunlwip up`` process; its stdout and stderr go to ``log_path``."""
+
+    ns: Namespace
+    iface: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    returncode: int | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self) -> str:
+        return f"gateway log (tail):\n{self.log()[-LOG_TAIL:]}"
+
+    def wait_serving(self) -> None:
+        """Wait until the gateway serves and its TUN is up; fail if it exits first."""
+
+        def serving() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited {self.proc.returncode}; {self.tail()}")
+            # Logged once the TUN exists, has its MTU, is up and lwIP runs: safe to move it.
+            return f"up: iface {self.iface} " in self.log()
+
+        wait_for(serving, f"the gateway on {self.iface}")
+        link = self.ns.ip("link", "show", "dev", self.iface).stdout
+        assert ",UP" in link, link
+
+    def stop(self, timeout: float = 10.0) -> str:
+        """SIGTERM; require exit status 0 within ``timeout`` s. Returns the "stopped" line."""
+        if self.returncode is None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.returncode = self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.returncode = self.proc.wait()
+                raise AssertionError(
+                    f"gateway ignored SIGTERM for {timeout}s; {self.tail()}"
+                ) from None
+        assert self.returncode == 0, f"gateway exited {self.returncode}; {self.tail()}"
+        lines = [line for line in self.log().splitlines() if "tunlwip: stopped" in line]
+        assert lines, f"no 'stopped' line; {self.tail()}"
+        return lines[-1]
+
+
+#: ``start(ns, *args)`` for start_gateway, ``start(*args)`` for split_gateway.
+StartGateway = Callable[..., RunningGateway]
+
+
+def launch_gateway(ns: Namespace, iface: str, log_path: Path, *args: str) -> RunningGateway:
+    """Start ``tunlwip up --iface iface *args`` in ``ns``; see RunningGateway.wait_serving."""
+    with log_path.open("wb") as log:
+        proc = ns.popen(
+            [*GATEWAY_CMD, "--iface", iface, "--log-level", "debug", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return RunningGateway(ns, iface, proc, log_path)
