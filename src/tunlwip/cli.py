@@ -21,7 +21,8 @@ import trio
 from . import __version__
 from .device import TunDevice
 from .dialer import Protector, bind_interface, fwmark, no_protection
-from .errors import DeviceError
+from .dns.proxy import DnsConfig
+from .errors import ConfigError, DeviceError
 from .gateway import Gateway, GatewayConfig
 from .stack import StackConfig
 from .udp import UdpConfig
@@ -114,6 +115,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="echo requests to any address: answer here, forward with ping sockets "
         "(needs net.ipv4.ping_group_range), or ignore (reply)",
     )
+    up.add_argument(
+        "--dns-upstream",
+        action="append",
+        metavar="URL",
+        help="DNS upstream, tried in order (repeatable): udp://IP[:port], tcp://IP[:port], "
+        "tls://IP[:port][#name], https://HOST[:port]/path[#IP] (default: /etc/resolv.conf)",
+    )
+    up.add_argument("--dns-block", action="append", metavar="FILE", default=[],
+                    help="block list: domains or hosts format (repeatable)")  # fmt: skip
+    up.add_argument("--dns-allow", action="append", metavar="FILE", default=[],
+                    help="allow list, overrides block lists (repeatable)")  # fmt: skip
+    up.add_argument(
+        "--dns-blocked-answer",
+        choices=["nxdomain", "null", "refused"],
+        default="nxdomain",
+        help="answer for blocked names (nxdomain)",
+    )
+    up.add_argument(
+        "--dns-hijack",
+        choices=["all", "gateway", "off"],
+        default="all",
+        help="port-53 traffic the DNS proxy answers: to any address, to the gateway's "
+        "address only, or none (forwarded as is) (all)",
+    )
+    up.add_argument("--dns-ca-file", metavar="FILE", help="CA bundle for tls:// and https://")
     up.add_argument("--grace", type=float, default=5.0, help="seconds flows get on SIGTERM")
     up.add_argument(
         "--log-level",
@@ -152,10 +178,14 @@ def _config_from_args(args: argparse.Namespace) -> tuple[GatewayConfig, Protecto
                             blocked_udp_action=args.quic, icmp_echo=args.icmp)  # fmt: skip
         udp = UdpConfig(idle_timeout=args.udp_idle_timeout, max_sessions=args.max_udp_sessions,
                         sweep_interval=min(30.0, args.udp_idle_timeout / 2))  # fmt: skip
+        dns = DnsConfig(upstreams=tuple(args.dns_upstream or ()),
+                        block_files=tuple(args.dns_block), allow_files=tuple(args.dns_allow),
+                        blocked_answer=args.dns_blocked_answer, hijack=args.dns_hijack,
+                        ca_file=args.dns_ca_file)  # fmt: skip
         config = GatewayConfig(stack=stack, dial_timeout=args.dial_timeout,
                                idle_timeout=args.idle_timeout,
                                dial_before_accept=not args.no_dial_before_accept,
-                               unreachable_reply=args.unreachable, udp=udp)  # fmt: skip
+                               unreachable_reply=args.unreachable, udp=udp, dns=dns)  # fmt: skip
     except ValueError as exc:
         raise _ConfigProblem(str(exc)) from exc
     protector: Protector = no_protection
@@ -179,7 +209,11 @@ async def run_up(args: argparse.Namespace, config: GatewayConfig, protector: Pro
     except OSError as exc:
         await device.aclose()
         raise DeviceError(f"cannot configure {device.name}: {exc.strerror}") from exc
-    gateway = Gateway(device, config, protector=protector)
+    try:
+        gateway = Gateway(device, config, protector=protector)
+    except BaseException:  # a bad DNS upstream URL or list file (ConfigError), ...
+        await device.aclose()
+        raise
     async with trio.open_nursery() as nursery:
         await nursery.start(gateway.serve)
         s = gateway.config.stack  # the gateway may have fallen back (ICMP forward -> reply)
@@ -193,8 +227,16 @@ async def run_up(args: argparse.Namespace, config: GatewayConfig, protector: Pro
                  s.ipv6_address, ",".join(map(str, s.client_networks)), gateway.protect_mode,
                  "on" if config.dial_before_accept else "off", config.udp.idle_timeout, quic,
                  s.icmp_echo)  # fmt: skip
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        if gateway.dns is not None:
+            log.info("dns: hijack %s upstreams %s rules %d blocked-answer %s",
+                     config.dns.hijack, " ".join(gateway.dns.upstream_urls) or "none",
+                     len(gateway.dns.policy), config.dns.blocked_answer)  # fmt: skip
+        stop = (signal.SIGINT, signal.SIGTERM)
+        with trio.open_signal_receiver(*stop, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    _reload(gateway)
+                    continue
                 log.info("%s: stopping, giving %d flows %.0f s", signal.Signals(signum).name,
                          gateway.statistics().active_flows, args.grace)  # fmt: skip
                 break
@@ -208,9 +250,26 @@ async def run_up(args: argparse.Namespace, config: GatewayConfig, protector: Pro
                  u.evicted, c["udp_port_rejected"], c["icmp_echo_replied"],
                  c["icmp_echo_forwarded"], c["packets_in"], c["packets_out"],
                  stats.stack.dropped or "none")  # fmt: skip
+        if stats.dns is not None:
+            d = stats.dns
+            log.info("dns: queries %d blocked %d overridden %d cached %d forwarded %d failed %d "
+                     "(timeouts %d) truncated %d malformed %d", d.queries, d.blocked,
+                     d.overridden, d.cache_hits, d.forwarded, d.upstream_failures, d.timeouts,
+                     d.truncated, d.malformed + d.formerr)  # fmt: skip
         nursery.cancel_scope.cancel()
     await device.aclose()
     return EXIT_OK
+
+
+def _reload(gateway: Gateway) -> None:
+    """SIGHUP: re-read the DNS block and allow lists; a bad file keeps the old policy."""
+    if gateway.dns is None:
+        log.info("SIGHUP: nothing to reload (DNS proxy off)")
+        return
+    try:
+        gateway.dns.reload()
+    except ConfigError as exc:
+        log.error("SIGHUP: DNS policy not reloaded, keeping the old one: %s", exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(cause, OSError) and cause.errno in (errno.EPERM, errno.EACCES):
             return EXIT_NOPERM
         return EXIT_FAILURE
+    except ConfigError as exc:
+        log.error("bad configuration: %s", exc)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK
 

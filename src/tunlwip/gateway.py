@@ -21,6 +21,7 @@ import trio
 
 from .device import PacketDevice
 from .dialer import Dialer, Protector, describe, no_protection
+from .dns.proxy import DnsConfig, DnsCounters, DnsProxy
 from .endpoint import Endpoint
 from .errors import TunlwipError
 from .forward import relay_datagrams, splice
@@ -28,7 +29,7 @@ from .icmp import EchoCounters, EchoForwarder, unavailable_reason
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
 from .stack import LwipStack, StackConfig, StackStatistics
 from .tcp import LwipTcpStream
-from .udp import UdpConfig, UdpCounters, UdpHandler, UdpSession, UdpSessions
+from .udp import DNS_PORT, UdpConfig, UdpCounters, UdpHandler, UdpSession, UdpSessions
 
 log = logging.getLogger("tunlwip.gateway")
 
@@ -49,6 +50,7 @@ class GatewayConfig:
     #: How long an upstream dialed for a held SYN waits for the client's handshake.
     predial_claim_timeout: float = 10.0
     udp: UdpConfig = dataclasses.field(default_factory=UdpConfig)
+    dns: DnsConfig = dataclasses.field(default_factory=DnsConfig)
     #: Idle time after which a forwarded ping's socket is closed.
     icmp_echo_idle_timeout: float = 30.0
 
@@ -73,6 +75,7 @@ class GatewayStatistics:
     udp_sessions: int
     udp: UdpCounters
     icmp_echo: EchoCounters
+    dns: DnsCounters | None
 
 
 class Gateway:
@@ -95,7 +98,12 @@ class Gateway:
             stack_config = dataclasses.replace(stack_config, icmp_echo="reply")
             self.config = dataclasses.replace(self.config, stack=stack_config)
         self.stack = LwipStack(device, stack_config)
-        self.udp = UdpSessions(self.stack, udp_handler or self._forward_udp, self.config.udp)
+        self._udp_handler = udp_handler or self._forward_udp
+        self.udp = UdpSessions(self.stack, self._dispatch_udp, self.config.udp)
+        #: The DNS proxy (None when ``dns.hijack`` is "off": port 53 is then forwarded).
+        self.dns = DnsProxy(self.config.dns, self.dialer) if self.config.dns.hijack != "off" \
+            else None  # fmt: skip
+        self._dns_addresses = {stack_config.ipv4_address, stack_config.ipv6_address}
         self.stack.udp_receiver = self.udp.on_datagram
         self.echo = EchoForwarder(self.stack, self.dialer,
                                   idle_timeout=self.config.icmp_echo_idle_timeout)  # fmt: skip
@@ -127,7 +135,12 @@ class Gateway:
             await nursery.start(self.echo.run)
             await nursery.start(self.stack.run, self._handle)
             task_status.started(self)
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:
+                if self.dns is not None:
+                    with trio.CancelScope(shield=True):
+                        await self.dns.aclose()
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def drain(self, grace: float) -> bool:
@@ -151,6 +164,7 @@ class Gateway:
             udp_sessions=len(self.udp),
             udp=dataclasses.replace(self.udp.counters),
             icmp_echo=dataclasses.replace(self.echo.counters),
+            dns=dataclasses.replace(self.dns.counters) if self.dns is not None else None,
         )
 
     def send_udp(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
@@ -159,7 +173,22 @@ class Gateway:
         self.stack.send_udp(data, src, dst)
 
     # -- flows ----------------------------------------------------------------------------------
+    def _is_dns(self, target: Endpoint) -> bool:
+        """Is this port-53 flow the proxy's? (All of them with hijack "all".)"""
+        if self.dns is None or target.port != DNS_PORT:
+            return False
+        return self.config.dns.hijack == "all" or target.address in self._dns_addresses
+
+    async def _dispatch_udp(self, session: UdpSession) -> None:
+        if self.dns is not None and self._is_dns(session.target):
+            await self.dns.serve_udp(session)
+        else:
+            await self._udp_handler(session)
+
     async def _handle(self, stream: LwipTcpStream, target: Endpoint) -> None:
+        if self.dns is not None and self._is_dns(target):
+            await self.dns.serve_tcp(stream)
+            return
         self._active += 1
         self._idle = trio.Event() if self._active == 1 else self._idle
         try:
@@ -201,6 +230,8 @@ class Gateway:
 
     # -- dial before accept ------------------------------------------------------------------
     def _on_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:
+        if self._is_dns(target):
+            return False  # the proxy answers: accept at once, nothing to dial
         key = (client, target)
         if key in self._pending:
             self._counts["swallowed"] += 1

@@ -1,0 +1,1 @@
+"""The built-in DNS proxy: interception, policy, cache and upstreams."""

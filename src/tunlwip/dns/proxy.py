@@ -1,0 +1,360 @@
+"""The DNS proxy: answers the clients' port-53 queries by policy, cache and upstreams.
+
+Theory of operation
+-------------------
+The gateway hands the proxy the UDP sessions and TCP connections it intercepts (port 53 to
+the gateway's DNS address; with ``hijack = "all"`` port 53 to any address, so apps with
+hard-coded resolvers cannot leak around the policy). Every query is answered in its own task,
+so a slow upstream never delays other queries or other packets:
+
+1. parse (malformed: FORMERR when the header is readable, else a counted drop);
+2. policy: overrides, then allow rules, then block rules (``dns.policy``);
+3. cache (``dns.cache``), honouring TTLs, negative answers included;
+4. upstreams in order with failover (``dns.upstreams``); no answer within ``query_timeout``
+   gives the client SERVFAIL.
+
+Queries in flight are tracked per (client address, client port, message ID): a client's
+retransmission of a query still being resolved is dropped, while two clients that happen to
+use the same ID are independent. Over UDP an answer larger than the client's EDNS buffer (512
+bytes without EDNS) is replaced by an empty answer with TC set, so the client retries over
+TCP, where several queries may be pipelined on one connection and are answered as they complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import trio
+
+from ..dialer import Dialer
+from ..endpoint import Endpoint
+from .cache import DnsCache
+from .policy import BlockedAnswer, DnsPolicy, blocked_response, override_response
+from .upstreams import UpstreamError, UpstreamSet, parse_upstream
+
+if TYPE_CHECKING:
+    from ..tcp import LwipTcpStream
+    from ..udp import UdpSession
+
+log = logging.getLogger("tunlwip.dns")
+
+Hijack = Literal["all", "gateway", "off"]
+HEADER_LEN = 12
+UDP_DEFAULT_SIZE = 512  # RFC 1035 4.2.1, for clients without EDNS
+TCP_MAX_PIPELINED = 64  # queries per connection answered concurrently before reading pauses
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+@dataclasses.dataclass(frozen=True)
+class DnsConfig:
+    """DNS proxy settings. No upstream given: the nameservers of ``/etc/resolv.conf``."""
+
+    upstreams: tuple[str, ...] = ()
+    block_files: tuple[str, ...] = ()
+    allow_files: tuple[str, ...] = ()
+    #: Static answers: name -> addresses (A and AAAA).
+    overrides: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+    blocked_answer: BlockedAnswer = "nxdomain"
+    #: Which port-53 traffic the proxy answers: to any address, only to the gateway's
+    #: address, or none (then port 53 is forwarded like any other flow).
+    hijack: Hijack = "all"
+    #: A query without an answer after this long gets SERVFAIL.
+    query_timeout: float = 5.0
+    #: How long one upstream gets before the next one is tried.
+    attempt_timeout: float = 2.0
+    #: CA bundle for DoT/DoH upstreams (default: the system's).
+    ca_file: str | None = None
+    cache_size: int = 10_000
+    min_ttl: int = 0
+    max_ttl: int = 86_400
+    max_negative_ttl: int = 3_600
+    #: Queries resolved at once, over all clients; beyond it queries are dropped (counted).
+    max_in_flight: int = 1024
+    #: A client TCP connection with no query for this long is closed.
+    tcp_idle_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.hijack not in ("all", "gateway", "off"):
+            raise ValueError("dns hijack must be 'all', 'gateway' or 'off'")
+        if self.blocked_answer not in ("nxdomain", "null", "refused"):
+            raise ValueError("dns blocked answer must be 'nxdomain', 'null' or 'refused'")
+        if min(self.query_timeout, self.attempt_timeout, self.tcp_idle_timeout) <= 0:
+            raise ValueError("DNS timeouts must be positive")
+        if self.cache_size < 0 or self.max_in_flight < 1:
+            raise ValueError("dns cache_size must be >= 0 and max_in_flight >= 1")
+
+
+def resolv_conf_upstreams(path: str = RESOLV_CONF) -> tuple[str, ...]:
+    """``udp://`` URLs for the nameservers of a resolv.conf (missing file: none)."""
+    urls = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return ()
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                addr = ipaddress.ip_address(fields[1].split("%", 1)[0])
+            except ValueError:
+                continue
+            urls.append(f"udp://[{addr}]:53" if addr.version == 6 else f"udp://{addr}:53")
+    return tuple(urls)
+
+
+@dataclasses.dataclass
+class DnsCounters:
+    queries: int = 0
+    blocked: int = 0
+    overridden: int = 0
+    cache_hits: int = 0
+    forwarded: int = 0
+    #: Queries answered SERVFAIL because every upstream failed or the query timed out.
+    upstream_failures: int = 0
+    timeouts: int = 0
+    truncated: int = 0
+    #: Dropped: unparseable, a response instead of a query, or a retransmission in flight.
+    malformed: int = 0
+    formerr: int = 0
+    duplicates: int = 0
+    overload: int = 0
+
+
+class DnsProxy:
+    """Answers DNS queries from clients; one instance per gateway."""
+
+    def __init__(self, config: DnsConfig, dialer: Dialer) -> None:
+        self.config = config
+        urls = config.upstreams or resolv_conf_upstreams()
+        if not urls:
+            log.warning("DNS: no upstream given and none in %s; queries get SERVFAIL",
+                        RESOLV_CONF)  # fmt: skip
+        upstreams = [parse_upstream(u, dialer, ca_file=config.ca_file) for u in urls]
+        self.upstreams = UpstreamSet(upstreams, attempt_timeout=config.attempt_timeout)
+        self.policy = self._load_policy()
+        self.cache = DnsCache(
+            max_entries=config.cache_size,
+            min_ttl=config.min_ttl,
+            max_ttl=config.max_ttl,
+            max_negative_ttl=config.max_negative_ttl,
+        )
+        self.counters = DnsCounters()
+        self._in_flight: set[tuple[Endpoint, int]] = set()
+
+    @property
+    def upstream_urls(self) -> list[str]:
+        return [u.url for u in self.upstreams.upstreams]
+
+    def _load_policy(self) -> DnsPolicy:
+        c = self.config
+        return DnsPolicy.from_files(c.block_files, c.allow_files, c.overrides)
+
+    def reload(self, policy: DnsPolicy | None = None) -> DnsPolicy:
+        """Swap in ``policy`` (default: re-read the configured files). Queries already being
+        answered finish under the old one. On a bad file the old policy stays (ConfigError)."""
+        self.policy = policy if policy is not None else self._load_policy()
+        log.info("DNS policy reloaded: %d rules", len(self.policy))
+        return self.policy
+
+    async def aclose(self) -> None:
+        await self.upstreams.aclose()
+
+    # -- transports -------------------------------------------------------------------------
+    async def serve_udp(self, session: UdpSession) -> None:
+        """Answer every query of one client UDP flow, each in its own task."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    query = await session.receive()
+                except trio.EndOfChannel:
+                    return
+                if not self._admit(query, session.client):
+                    continue
+                nursery.start_soon(self._answer_udp, session, query)
+
+    async def _answer_udp(self, session: UdpSession, query: bytes) -> None:
+        try:
+            answer = await self.answer(query, session.client, max_udp_size=True)
+        finally:
+            self._release(query, session.client)
+        if answer is not None:
+            await session.send(answer)
+
+    async def serve_tcp(self, stream: LwipTcpStream) -> None:
+        """RFC 7766: length-prefixed queries, several in flight per connection, each answer
+        written as soon as it is ready (so possibly out of order)."""
+        client = stream.remote
+        send_lock = trio.Lock()
+        slots = trio.Semaphore(TCP_MAX_PIPELINED)
+        buffer = bytearray()
+
+        async def answer_one(query: bytes) -> None:
+            try:
+                answer = await self.answer(query, client, max_udp_size=False)
+            finally:
+                self._release(query, client)
+                slots.release()
+            if answer is not None:
+                async with send_lock:
+                    try:
+                        await stream.send_all(struct.pack("!H", len(answer)) + answer)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        nursery.cancel_scope.cancel()
+
+        async with stream, trio.open_nursery() as nursery:
+            while True:
+                with trio.move_on_after(self.config.tcp_idle_timeout) as idle:
+                    data = await _receive_or_eof(stream)
+                if idle.cancelled_caught or data is None:
+                    break
+                buffer += data
+                while len(buffer) >= 2:
+                    (length,) = struct.unpack_from("!H", buffer)
+                    if len(buffer) < 2 + length:
+                        break
+                    query = bytes(buffer[2 : 2 + length])
+                    del buffer[: 2 + length]
+                    if not self._admit(query, client):
+                        continue
+                    await slots.acquire()
+                    nursery.start_soon(answer_one, query)
+            # EOF or idle: the answers still being resolved are written before the close.
+
+    # -- the answer -------------------------------------------------------------------------
+    def _admit(self, query: bytes, client: Endpoint) -> bool:
+        """Count the query; refuse duplicates in flight and overload (the client retries)."""
+        self.counters.queries += 1
+        if len(query) < HEADER_LEN:
+            self.counters.malformed += 1
+            return False
+        key = (client, int.from_bytes(query[:2], "big"))
+        if key in self._in_flight:
+            self.counters.duplicates += 1
+            return False
+        if len(self._in_flight) >= self.config.max_in_flight:
+            self.counters.overload += 1
+            return False
+        self._in_flight.add(key)
+        return True
+
+    def _release(self, query: bytes, client: Endpoint) -> None:
+        self._in_flight.discard((client, int.from_bytes(query[:2], "big")))
+
+    async def answer(self, wire: bytes, client: Endpoint, *, max_udp_size: bool) -> bytes | None:
+        """The wire answer to one query (None: drop it). ``max_udp_size``: fit the answer in
+        the client's UDP buffer, truncating with TC when it does not."""
+        started = trio.current_time()
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return self._formerr(wire)
+        if query.flags & dns.flags.QR:
+            self.counters.malformed += 1
+            return None
+        if query.opcode() != dns.opcode.QUERY or len(query.question) != 1:
+            response = dns.message.make_response(query)
+            response.set_rcode(dns.rcode.NOTIMP if query.opcode() != dns.opcode.QUERY
+                               else dns.rcode.FORMERR)  # fmt: skip
+            return self._finish(query, response, None, client, "refused", started, max_udp_size)
+        response, raw, source = await self._resolve(query, wire)
+        return self._finish(query, response, raw, client, source, started, max_udp_size)
+
+    async def _resolve(self, query: dns.message.Message, wire: bytes
+                       ) -> tuple[dns.message.Message, bytes | None, str]:  # fmt: skip
+        verdict = self.policy.check(query.question[0].name)
+        if verdict.action == "block":
+            self.counters.blocked += 1
+            return blocked_response(query, self.config.blocked_answer), None, verdict.rule
+        if verdict.action == "override":
+            self.counters.overridden += 1
+            return override_response(query, verdict.addresses), None, verdict.rule
+        cached = self.cache.get(query, trio.current_time())
+        if cached is not None:
+            self.counters.cache_hits += 1
+            return cached, None, "cache"
+        with trio.move_on_after(self.config.query_timeout) as timeout:
+            try:
+                raw, upstream = await self.upstreams.resolve(wire)
+                response = dns.message.from_wire(raw)
+            except (UpstreamError, dns.exception.DNSException) as exc:
+                self.counters.upstream_failures += 1
+                return self._servfail(query), None, f"failed: {exc}"
+            self.counters.forwarded += 1
+            self.cache.put(query, response, trio.current_time())
+            return response, raw, upstream.url
+        assert timeout.cancelled_caught
+        self.counters.timeouts += 1
+        self.counters.upstream_failures += 1
+        return self._servfail(query), None, "timeout"
+
+    def _finish(self, query: dns.message.Message, response: dns.message.Message,
+                raw: bytes | None, client: Endpoint, source: str, started: float,
+                max_udp_size: bool) -> bytes:  # fmt: skip
+        limit = _client_udp_size(query) if max_udp_size else 65535
+        if raw is None or len(raw) > limit:
+            try:
+                raw = response.to_wire(max_size=limit)
+            except dns.exception.TooBig:
+                raw = self._truncated(query, max_udp_size)
+        if log.isEnabledFor(logging.DEBUG):
+            q = query.question[0] if query.question else None
+            log.debug("dns %s %s %s -> %s via %s in %.1f ms", client,
+                      q.name if q else "-", dns.rdatatype.to_text(q.rdtype) if q else "-",
+                      dns.rcode.to_text(response.rcode()), source,
+                      (trio.current_time() - started) * 1000)  # fmt: skip
+        return raw
+
+    def _truncated(self, query: dns.message.Message, udp: bool) -> bytes:
+        """An empty answer with TC set (UDP: the client retries over TCP); over TCP, where
+        nothing larger can be sent, SERVFAIL."""
+        self.counters.truncated += 1
+        response = dns.message.make_response(query)
+        if udp:
+            response.flags |= dns.flags.TC
+        else:
+            response.set_rcode(dns.rcode.SERVFAIL)
+        return response.to_wire()
+
+    @staticmethod
+    def _servfail(query: dns.message.Message) -> dns.message.Message:
+        response = dns.message.make_response(query)
+        response.set_rcode(dns.rcode.SERVFAIL)
+        return response
+
+    def _formerr(self, wire: bytes) -> bytes | None:
+        """FORMERR for an unparseable query whose header is readable; responses and
+        fragments of nothing are dropped (answering those could make a loop)."""
+        flags = wire[2] if len(wire) >= HEADER_LEN else 0x80
+        if flags & 0x80:  # QR set: a response, not a query
+            self.counters.malformed += 1
+            return None
+        self.counters.formerr += 1
+        opcode_rd = wire[2] & 0x79  # keep opcode and RD
+        return wire[:2] + bytes([0x80 | opcode_rd, dns.rcode.FORMERR]) + bytes(8)
+
+
+def _client_udp_size(query: dns.message.Message) -> int:
+    if query.edns < 0:
+        return UDP_DEFAULT_SIZE
+    return max(UDP_DEFAULT_SIZE, min(query.payload, 65535))
+
+
+async def _receive_or_eof(stream: LwipTcpStream) -> bytes | None:
+    try:
+        data = await stream.receive_some()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return None
+    return data or None
