@@ -3,6 +3,7 @@
 from .device import MemoryDevice as MemoryDevice
 from .device import PacketDevice as PacketDevice
 from .device import TunDevice as TunDevice
+from .dns.proxy import DnsConfig as DnsConfig
 from .endpoint import Endpoint as Endpoint
 from .errors import ConfigError as ConfigError
 from .errors import DeviceError as DeviceError
