@@ -143,6 +143,41 @@ class Gateway:
                         await self.dns.aclose()
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def reconfigure(self, config: GatewayConfig) -> list[str]:
+        """Apply ``config`` to the running gateway without dropping flows: DNS policy and
+        upstreams, QUIC and ICMP policy, timeouts and limits. Returns the changed settings
+        that only take effect after a restart (device, addresses, dial-before-accept, DNS
+        hijack). Raises ConfigError, with nothing changed, if the new config cannot be loaded.
+        """
+        old = self.config
+        needs_restart = []
+        device_fields = ("mtu", "ipv4_address", "ipv6_address", "client_networks",
+                         "verify_checksums", "max_tcp_connections")  # fmt: skip
+        for name in device_fields:
+            if getattr(config.stack, name) != getattr(old.stack, name):
+                needs_restart.append(f"stack.{name}")
+        if config.dial_before_accept != old.dial_before_accept:
+            needs_restart.append("dial_before_accept")
+        if config.dns.hijack != old.dns.hijack:
+            needs_restart.append("dns.hijack")
+        if config.stack.icmp_echo == "forward" and old.stack.icmp_echo != "forward":
+            needs_restart.append("stack.icmp_echo (to forward)")
+        if self.dns is not None and config.dns.hijack == old.dns.hijack:
+            self.dns.reconfigure(config.dns, self.dialer)  # may raise: nothing changed yet
+            if self._nursery is not None:
+                self._nursery.start_soon(self.dns.close_retired)
+        stack = config.stack
+        if stack.icmp_echo == "forward" and old.stack.icmp_echo != "forward":
+            stack = dataclasses.replace(stack, icmp_echo=old.stack.icmp_echo)
+        self.stack.apply_packet_policy(stack)
+        self.dialer.connect_timeout = config.dial_timeout
+        self.udp.config = config.udp
+        self.echo.idle_timeout = config.icmp_echo_idle_timeout
+        keep = {name: getattr(old, name) for name in ("dial_before_accept",)}
+        keep_dns = dataclasses.replace(config.dns, hijack=old.dns.hijack)
+        self.config = dataclasses.replace(config, stack=self.stack.config, dns=keep_dns, **keep)
+        return needs_restart
+
     async def drain(self, grace: float) -> bool:
         """Stop accepting new flows and wait up to ``grace`` s for open ones; True if all ended."""
         self._accepting = False

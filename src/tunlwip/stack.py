@@ -236,6 +236,22 @@ class LwipStack:
             if out_fd is not None:
                 lib.tl_set_output_fd(out_fd)
         lib.tl_set_hold_syns(1 if self.syn_interceptor is not None else 0)
+        self._apply_packet_policy(cfg, None)
+        self._running = True
+
+    def apply_packet_policy(self, config: StackConfig) -> None:
+        """Switch the running stack to ``config``'s QUIC and ICMP echo policy (the packet
+        filters in C); the other fields (device, addresses, client networks) stay as started.
+        """
+        self._apply_packet_policy(config, self.config)
+        self.config = dataclasses.replace(self.config, blocked_udp_ports=config.blocked_udp_ports,
+                                          blocked_udp_action=config.blocked_udp_action,
+                                          icmp_echo=config.icmp_echo)  # fmt: skip
+
+    def _apply_packet_policy(self, cfg: StackConfig, old: StackConfig | None) -> None:
+        if old is not None:
+            for port in old.blocked_udp_ports:
+                lib.tl_set_udp_port_action(port, lib.TL_UDP_PASS)
         if cfg.blocked_udp_action != "off":
             for port in cfg.blocked_udp_ports:
                 lib.tl_set_udp_port_action(port, _UDP_ACTIONS[cfg.blocked_udp_action])
@@ -244,7 +260,6 @@ class LwipStack:
             log.warning("icmp_echo is 'forward' but nothing receives echoes; replying instead")
             echo = "reply"
         lib.tl_set_icmp_echo_mode(_ECHO_MODES[echo])
-        self._running = True
 
     def _stop_lwip(self) -> None:
         self._running = False

@@ -153,6 +153,7 @@ class DnsProxy:
         )
         self.counters = DnsCounters()
         self._in_flight: set[tuple[Endpoint, int]] = set()
+        self._retired: list[UpstreamSet] = []
 
     @property
     def upstream_urls(self) -> list[str]:
@@ -162,6 +163,29 @@ class DnsProxy:
         c = self.config
         return DnsPolicy.from_files(c.block_files, c.allow_files, c.overrides)
 
+    def reconfigure(self, config: DnsConfig, dialer: Dialer) -> None:
+        """Switch to ``config``: policy files, overrides, upstreams, timeouts and cache limits.
+        Everything is built first, so a bad file or URL (ConfigError) changes nothing. The old
+        upstreams' pooled connections are closed by ``close_retired``. ``hijack`` is the
+        gateway's business (it needs a restart)."""
+        urls = config.upstreams or resolv_conf_upstreams()
+        upstreams = UpstreamSet([parse_upstream(u, dialer, ca_file=config.ca_file) for u in urls],
+                                attempt_timeout=config.attempt_timeout)  # fmt: skip
+        policy = DnsPolicy.from_files(config.block_files, config.allow_files, config.overrides)
+        cache_limits = (config.cache_size, config.min_ttl, config.max_ttl, config.max_negative_ttl)
+        if cache_limits != (self.config.cache_size, self.config.min_ttl, self.config.max_ttl,
+                            self.config.max_negative_ttl):  # fmt: skip
+            self.cache = DnsCache(max_entries=config.cache_size, min_ttl=config.min_ttl,
+                                  max_ttl=config.max_ttl,
+                                  max_negative_ttl=config.max_negative_ttl)  # fmt: skip
+        self._retired.append(self.upstreams)
+        self.upstreams, self.policy, self.config = upstreams, policy, config
+
+    async def close_retired(self) -> None:
+        """Close the upstream sets replaced by ``reconfigure``."""
+        while self._retired:
+            await self._retired.pop().aclose()
+
     def reload(self, policy: DnsPolicy | None = None) -> DnsPolicy:
         """Swap in ``policy`` (default: re-read the configured files). Queries already being
         answered finish under the old one. On a bad file the old policy stays (ConfigError)."""
@@ -170,6 +194,7 @@ class DnsProxy:
         return self.policy
 
     async def aclose(self) -> None:
+        await self.close_retired()
         await self.upstreams.aclose()
 
     # -- transports -------------------------------------------------------------------------
