@@ -311,12 +311,18 @@ class DnsProxy:
             self.counters.cache_hits += 1
             return cached, None, "cache"
         with trio.move_on_after(self.config.query_timeout) as timeout:
-            try:
-                raw, upstream = await self.upstreams.resolve(wire)
-                response = dns.message.from_wire(raw)
-            except (UpstreamError, dns.exception.DNSException) as exc:
-                self.counters.upstream_failures += 1
-                return self._servfail(query), None, f"failed: {exc}"
+            while True:
+                round_started = trio.current_time()
+                try:
+                    raw, upstream = await self.upstreams.resolve(wire)
+                    response = dns.message.from_wire(raw)
+                    break
+                except (UpstreamError, dns.exception.DNSException) as exc:
+                    # Silent upstreams: go round the list again until the query's deadline.
+                    # Upstreams that failed at once (refused, bad answer) end it now.
+                    if trio.current_time() - round_started < self.config.attempt_timeout:
+                        self.counters.upstream_failures += 1
+                        return self._servfail(query), None, f"failed: {exc}"
             self.counters.forwarded += 1
             self.cache.put(query, response, trio.current_time())
             return response, raw, upstream.url
@@ -335,9 +341,10 @@ class DnsProxy:
             except dns.exception.TooBig:
                 raw = self._truncated(query, max_udp_size)
         if log.isEnabledFor(logging.DEBUG):
-            q = query.question[0] if query.question else None
+            q = query.question[0] if query.question else None  # (an RRset is falsy)
             log.debug("dns %s %s %s -> %s via %s in %.1f ms", client,
-                      q.name if q else "-", dns.rdatatype.to_text(q.rdtype) if q else "-",
+                      q.name if q is not None else "-",
+                      dns.rdatatype.to_text(q.rdtype) if q is not None else "-",
                       dns.rcode.to_text(response.rcode()), source,
                       (trio.current_time() - started) * 1000)  # fmt: skip
         return raw
