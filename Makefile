@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunlwip-installed
-APT_PACKAGES := iproute2 iputils-ping curl iperf3 nginx-light dnsutils unbound openssl xz-utils gcc \
+APT_PACKAGES := iproute2 iputils-ping curl iperf3 nginx-light dnsutils unbound openssl systemd xz-utils gcc \
                 python3-dev
 SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') build_ffi.py pyproject.toml setup.py \
        $(wildcard vendor/lwip/port/*.h vendor/lwip/port/arch/*.h)

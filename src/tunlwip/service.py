@@ -1,0 +1,171 @@
+"""Running as a service: systemd readiness notifications and logging setup.
+
+``notify`` speaks the sd_notify datagram protocol by hand (one ``sendto`` on an AF_UNIX socket)
+so that ``Type=notify`` needs no dependency. ``configure_logging`` writes to stderr or a file;
+under journald it leaves the timestamps out (journald stamps every line itself) and prefixes
+lines with the syslog priority ``<N>`` that journald parses, so ``journalctl -p warning`` works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+
+__all__ = [
+    "LOG_LEVELS",
+    "NUMERIC_LOG_LEVELS",
+    "configure_logging",
+    "log_format",
+    "notify",
+    "parse_level",
+    "ready",
+    "reloading",
+    "status",
+    "stopping",
+    "under_journald",
+]
+
+log = logging.getLogger("tunlwip.service")
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+#: The seed's numeric levels, 0 (silent: only critical) .. 5 (most verbose), by index.
+NUMERIC_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "debug")
+NOTIFY_TIMEOUT = 1.0  # seconds; a stuck manager must not stall the event loop for long
+
+_PLAIN = "%(levelname)s %(name)s: %(message)s"
+_STAMPED = "%(asctime)s " + _PLAIN
+_handler: logging.Handler | None = None  # the one configure_logging installed last
+
+
+# -- sd_notify -------------------------------------------------------------------------------
+
+
+def notify(state: str) -> bool:
+    """Send ``state`` (newline-separated ``KEY=value`` lines) to the service manager.
+
+    False when not started by systemd (no ``$NOTIFY_SOCKET``) or when sending failed: a
+    notification is never worth failing the gateway for, so errors are only logged at debug.
+    """
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):  # abstract namespace: the leading '@' stands for a NUL byte
+        address: bytes = b"\0" + os.fsencode(path[1:])
+    elif path.startswith("/"):
+        address = os.fsencode(path)
+    else:  # e.g. "vsock:CID:PORT" (systemd >= 253, VMs): not something a TUN gateway meets
+        log.debug("sd_notify: unsupported NOTIFY_SOCKET %r", path)
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(NOTIFY_TIMEOUT)
+            sock.sendto(state.encode(), address)
+    except (OSError, ValueError) as exc:
+        log.debug("sd_notify %r to %s failed: %s", state, path, exc)
+        return False
+    return True
+
+
+def _status_line(text: str) -> str:
+    """One ``STATUS=`` line: a newline in the text would start a bogus assignment."""
+    return "STATUS=" + " ".join(text.splitlines())
+
+
+def ready(status_text: str | None = None) -> bool:
+    """Tell systemd the gateway is serving (``systemctl start`` returns only then)."""
+    return notify("READY=1" + ("\n" + _status_line(status_text) if status_text else ""))
+
+
+def reloading() -> bool:
+    """Tell systemd a reload began (send ``ready()`` when done); the monotonic timestamp is
+    what systemd >= 253 matches the reload with and is ignored by older versions."""
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+
+
+def stopping(status_text: str | None = None) -> bool:
+    """Tell systemd the gateway is shutting down (the grace period may take a while)."""
+    return notify("STOPPING=1" + ("\n" + _status_line(status_text) if status_text else ""))
+
+
+def status(text: str) -> bool:
+    """Free-form status shown by ``systemctl status``."""
+    return notify(_status_line(text))
+
+
+# -- logging ---------------------------------------------------------------------------------
+
+
+def under_journald(fd: int = 2) -> bool:
+    """True when ``fd`` (stderr) is the stream systemd connected to journald.
+
+    systemd's documented check: ``$JOURNAL_STREAM`` is ``DEV:INODE`` of that stream, so a
+    child whose stderr was redirected elsewhere (or a shell started from the service) does
+    not wrongly believe it logs to the journal.
+    """
+    try:
+        dev, inode = (int(part) for part in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(fd)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, inode)
+
+
+def log_format(journald: bool) -> str:
+    """The format string: no timestamp under journald, which stamps each line itself."""
+    return _PLAIN if journald else _STAMPED
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefixes every line with its syslog priority (``<3>``): journald reads that as the
+    entry's priority (``SyslogLevelPrefix=`` is on by default), one entry per line, so each
+    line of a traceback keeps the error priority."""
+
+    PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{self.PRIORITY.get(record.levelname, 6)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
+def parse_level(level: str) -> int:
+    """A level name (``debug`` .. ``critical``, any case) or the seed's ``0``..``5`` as a
+    :mod:`logging` level; ValueError naming the accepted values otherwise."""
+    name = level.strip().lower()
+    if name.isdigit() and int(name) < len(NUMERIC_LOG_LEVELS):
+        name = NUMERIC_LOG_LEVELS[int(name)]
+    if name not in LOG_LEVELS:
+        raise ValueError(f"bad log level {level!r}: use one of {', '.join(LOG_LEVELS)} or 0-5 "
+                         "(0 only critical .. 5 debug)")  # fmt: skip
+    value: int = getattr(logging, name.upper())
+    return value
+
+
+def configure_logging(level: str, log_file: str | None = None) -> None:
+    """Log at ``level`` to ``log_file`` (appended, always timestamped) or else stderr.
+
+    Each call replaces the handler the previous call installed, so calling it again on
+    SIGHUP reopens a log file that logrotate moved away. ValueError for a bad level and
+    OSError when the file cannot be opened, in both cases with the previous setup untouched.
+    """
+    numeric = parse_level(level)
+    handler: logging.Handler
+    if log_file is not None:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter(log_format(journald=False)))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        journald = under_journald()
+        formatter = _JournalFormatter if journald else logging.Formatter
+        handler.setFormatter(formatter(log_format(journald)))
+    global _handler
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+        _handler.close()
+    _handler = handler
+    root.addHandler(handler)
+    root.setLevel(numeric)

@@ -1,0 +1,335 @@
+"""Service integration: sd_notify datagrams, journald detection, logging setup, the unit file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tunlwip import service
+
+UNIT = Path(__file__).resolve().parent.parent / "contrib" / "tunlwip@.service"
+
+
+# -- sd_notify -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A datagram socket standing in for systemd's, named by $NOTIFY_SOCKET."""
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        yield sock
+
+
+def test_notify_sends_the_datagram(notify_socket: socket.socket) -> None:
+    assert service.notify("STATUS=hello") is True
+    assert notify_socket.recv(4096) == b"STATUS=hello"
+    assert service.ready("serving dmesh1") is True
+    assert notify_socket.recv(4096) == b"READY=1\nSTATUS=serving dmesh1"
+    assert service.ready() is True
+    assert notify_socket.recv(4096) == b"READY=1"
+    assert service.stopping() is True
+    assert notify_socket.recv(4096) == b"STOPPING=1"
+    assert service.status("two\nlines") is True  # a newline must not start a new assignment
+    assert notify_socket.recv(4096) == b"STATUS=two lines"
+
+
+def test_reloading_carries_the_monotonic_time(notify_socket: socket.socket) -> None:
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert service.reloading() is True
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    match = re.fullmatch(rb"RELOADING=1\nMONOTONIC_USEC=(\d+)", notify_socket.recv(4096))
+    assert match is not None
+    assert before <= int(match[1]) <= after
+
+
+def test_notify_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"tunlwip-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(b"\0" + name.encode())
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert service.ready() is True
+        assert sock.recv(4096) == b"READY=1"
+
+
+def test_not_under_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert service.notify("READY=1") is False
+    monkeypatch.setenv("NOTIFY_SOCKET", "")
+    assert service.ready() is False
+
+
+@pytest.mark.parametrize("where", ["missing", "not-a-socket", "relative", "too-long"])
+def test_notify_failure_is_false_not_an_exception(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = {
+        "missing": str(tmp_path / "gone"),
+        "not-a-socket": str(tmp_path),
+        "relative": "vsock:2:1234",
+        "too-long": "/" + "x" * 200,
+    }
+    monkeypatch.setenv("NOTIFY_SOCKET", paths[where])
+    with caplog.at_level(logging.DEBUG, logger="tunlwip.service"):
+        assert service.ready() is False
+    assert "sd_notify" in caplog.text
+
+
+# -- journald --------------------------------------------------------------------------------
+
+
+def test_under_journald_compares_device_and_inode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = os.fstat(2)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    assert service.under_journald() is True
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino + 1}")
+    assert service.under_journald() is False
+    for bad in ("", "garbage", "1:2:3", "x:y"):
+        monkeypatch.setenv("JOURNAL_STREAM", bad)
+        assert service.under_journald() is False
+    monkeypatch.delenv("JOURNAL_STREAM")
+    assert service.under_journald() is False
+
+
+def test_under_journald_follows_fd_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """JOURNAL_STREAM names the journal stream; once fd 2 is something else (a child whose
+    stderr was redirected), it no longer applies."""
+    journal = tmp_path / "journal"
+    journal.touch()
+    st = journal.stat()
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    saved = os.dup(2)
+    try:
+        with journal.open("w") as f:
+            os.dup2(f.fileno(), 2)
+        assert service.under_journald() is True
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    assert service.under_journald() is False
+
+
+def test_log_format() -> None:
+    assert "asctime" not in service.log_format(journald=True)
+    assert service.log_format(journald=False) == "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# -- configure_logging -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def root_logger() -> Iterator[logging.Logger]:
+    """Restore the root logger (pytest's capture handlers, level) after the test."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield root
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [
+        ("debug", logging.DEBUG),
+        ("INFO", logging.INFO),
+        ("warning", logging.WARNING),
+        ("error", logging.ERROR),
+        ("critical", logging.CRITICAL),
+        ("0", logging.CRITICAL),
+        ("1", logging.ERROR),
+        ("2", logging.WARNING),
+        ("3", logging.INFO),
+        ("4", logging.DEBUG),
+        ("5", logging.DEBUG),
+    ],
+)
+def test_levels(level: str, expected: int, root_logger: logging.Logger) -> None:
+    service.configure_logging(level, None)
+    assert root_logger.level == expected
+
+
+@pytest.mark.parametrize("level", ["verbose", "6", "-1", "", "warn "])
+def test_bad_level_is_a_clear_value_error(level: str, root_logger: logging.Logger) -> None:
+    service.configure_logging("warning", None)
+    with pytest.raises(ValueError, match=r"bad log level .*debug, info, warning.* or 0-5"):
+        service.configure_logging(level, None)
+    assert root_logger.level == logging.WARNING  # the previous setup stays
+
+
+def test_numeric_levels_match_the_config_schema() -> None:
+    config = pytest.importorskip("tunlwip.config")
+    numeric = getattr(config, "NUMERIC_LOG_LEVELS", None)
+    if numeric is None:
+        pytest.skip("tunlwip.config has no NUMERIC_LOG_LEVELS")
+    assert tuple(numeric) == service.NUMERIC_LOG_LEVELS
+
+
+def test_log_file_is_appended_with_timestamps(tmp_path: Path, root_logger: logging.Logger) -> None:
+    path = tmp_path / "tunlwip.log"
+    path.write_text("earlier line\n")
+    service.configure_logging("3", str(path))
+    logging.getLogger("tunlwip.test").info("hello %s", "file")
+    logging.getLogger("tunlwip.test").debug("not at info")
+    service.configure_logging("info", str(path))  # SIGHUP: reopened, one handler only
+    logging.getLogger("tunlwip.test").warning("again")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "earlier line"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO tunlwip.test: hello file",
+                        lines[1])  # fmt: skip
+    assert lines[2].endswith(" WARNING tunlwip.test: again")
+    assert len(lines) == 3
+
+
+def test_unopenable_log_file_keeps_the_old_setup(
+    tmp_path: Path, root_logger: logging.Logger
+) -> None:
+    good = tmp_path / "good.log"
+    service.configure_logging("info", str(good))
+    with pytest.raises(OSError):
+        service.configure_logging("debug", str(tmp_path / "no" / "such" / "dir.log"))
+    logging.getLogger("tunlwip.test").info("still here")
+    assert root_logger.level == logging.INFO
+    assert good.read_text().endswith("INFO tunlwip.test: still here\n")
+
+
+def _run_logging(tmp_path: Path, journald: bool) -> list[str]:
+    """stderr of a child that configures logging, with stderr a file and JOURNAL_STREAM
+    naming that file (as systemd does) or not set."""
+    out = tmp_path / "stderr"
+    code = (
+        "import logging; from tunlwip import service; service.configure_logging('info', None);"
+        "log = logging.getLogger('tunlwip'); log.info('up'); log.warning('careful');"
+        "log.error('two\\nlines')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    with out.open("w") as f:
+        if journald:
+            st = os.fstat(f.fileno())
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        subprocess.run([sys.executable, "-c", code], stderr=f, env=env, check=True, timeout=60)
+    return out.read_text().splitlines()
+
+
+def test_stderr_under_journald_has_priorities_and_no_timestamps(tmp_path: Path) -> None:
+    assert _run_logging(tmp_path, journald=True) == [
+        "<6>INFO tunlwip: up",
+        "<4>WARNING tunlwip: careful",
+        "<3>ERROR tunlwip: two",
+        "<3>lines",
+    ]
+
+
+def test_stderr_elsewhere_has_timestamps(tmp_path: Path) -> None:
+    lines = _run_logging(tmp_path, journald=False)
+    assert len(lines) == 4
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO tunlwip: up", lines[0])
+    assert lines[3] == "lines"
+
+
+# -- the unit file ---------------------------------------------------------------------------
+
+
+def _unit() -> dict[str, dict[str, list[str]]]:
+    """The unit as section -> key -> values in order (keys may repeat; an empty assignment
+    resets the list, as in systemd)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for raw in UNIT.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"setting outside a section: {line}"
+        key, sep, value = line.partition("=")
+        assert sep, f"not a key=value line: {line}"
+        values = current.setdefault(key.strip(), [])
+        if value.strip():
+            values.append(value.strip())
+        else:
+            values.clear()
+    return sections
+
+
+def test_unit_settings() -> None:
+    unit = _unit()
+    service_ = unit["Service"]
+
+    def one(key: str) -> str:
+        assert len(service_.get(key, [])) == 1, key
+        return service_[key][0]
+
+    assert one("Type") == "notify"
+    assert one("NotifyAccess") == "main"
+    assert one("ExecStart").endswith("/tunlwip up --iface %i")
+    assert re.fullmatch(r"\S*kill -HUP \$MAINPID", one("ExecReload"))
+    assert one("Restart") == "on-failure"
+    assert {"77", "78"} <= set(one("RestartPreventExitStatus").split())
+    assert one("CapabilityBoundingSet").split() == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
+    assert one("AmbientCapabilities").split() == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
+    assert one("NoNewPrivileges") == "yes"
+    assert one("ProtectSystem") == "strict"
+    assert one("RuntimeDirectory") == "tunlwip"
+    assert one("ConfigurationDirectory") == "tunlwip"
+    assert one("DeviceAllow") == "/dev/net/tun rw"
+    assert set(one("RestrictAddressFamilies").split()) == {
+        "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}  # fmt: skip
+    for breaks_the_gateway in ("PrivateNetwork", "PrivateDevices", "PrivateUsers"):
+        assert breaks_the_gateway not in service_
+    assert "network-online.target" in unit["Unit"]["After"]
+    assert "network-online.target" in unit["Unit"]["Wants"]
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def _verify(unit_dir: Path, instance: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", "--recursive-errors=no",
+         str(unit_dir / instance)],
+        capture_output=True, text=True, timeout=120, cwd=unit_dir,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    """`verify` needs ExecStart's binary to exist: a copy of the unit points at a stand-in.
+    It exits 0 even for settings it ignores as invalid, so its output must be empty too (a
+    deliberately broken copy proves that such mistakes do show up)."""
+    fake = tmp_path / "tunlwip"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    text = UNIT.read_text()
+    assert "ExecStart=/usr/local/bin/tunlwip " in text
+    (tmp_path / "tunlwip@.service").write_text(
+        text.replace("ExecStart=/usr/local/bin/tunlwip ", f"ExecStart={fake} ")
+    )
+    proc = _verify(tmp_path, "tunlwip@dmesh1.service")
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if "tunlwip" in line]
+    assert proc.returncode == 0 and not ours, proc.stdout + proc.stderr
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tunlwip@.service").write_text(
+        (tmp_path / "tunlwip@.service").read_text().replace("Type=notify", "Type=notifyy")
+    )
+    proc = _verify(broken, "tunlwip@dmesh1.service")
+    assert "notifyy" in proc.stdout + proc.stderr
