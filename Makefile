@@ -6,10 +6,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunlwip-installed
 APT_PACKAGES := iproute2 iputils-ping curl iperf3 nginx-light dnsutils unbound openssl systemd xz-utils gcc \
                 python3-dev
+# Only `make bench` needs these (the peers it measures and the DNS load generator).
+BENCH_APT_PACKAGES := slirp4netns passt dnsperf
+BENCH_ARGS ?=
 SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') build_ffi.py pyproject.toml setup.py \
        $(wildcard vendor/lwip/port/*.h vendor/lwip/port/arch/*.h)
 
-.PHONY: install test unit lint demo clean distclean sysdeps lwip
+.PHONY: install test unit lint demo clean distclean sysdeps lwip bench benchdeps
 
 install: sysdeps lwip $(STAMP)
 
@@ -32,7 +35,7 @@ $(STAMP): $(SRC)
 	touch $(STAMP)
 
 test: install
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests examples bench
 	$(PY) -m mypy
 	$(PY) -m pytest -q -ra
 
@@ -40,12 +43,25 @@ unit: install
 	$(PY) -m pytest -q -ra --ignore=tests/integration
 
 lint: install
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests examples bench
+	$(PY) -m ruff format --check src tests examples bench
 	$(PY) -m mypy
 
 demo: install
 	PYTHON=$(abspath $(PY)) bash scripts/demo.sh
+
+# Benchmark against the kernel, slirp4netns and pasta (root; see bench/README.md), e.g.
+# `make bench BENCH_ARGS="--methods kernel,tunlwip --workloads iperf3"`.
+bench: install benchdeps
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+benchdeps:
+	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "[#] apt-get install$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing benchmark packages:$$missing (run make as root or install them)"; fi; \
+	fi
 
 clean:
 	rm -rf build dist src/*.egg-info src/tunlwip/_lwip*.so src/tunlwip/_lwip.c

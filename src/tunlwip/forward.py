@@ -15,6 +15,7 @@ import contextlib
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -44,24 +45,36 @@ def _reset_socket_stream(stream: trio.SocketStream) -> None:
 
 
 async def splice(
-    client: LwipTcpStream, upstream: trio.SocketStream, *, idle_timeout: float = 300.0
+    client: LwipTcpStream,
+    upstream: trio.SocketStream,
+    *,
+    idle_timeout: float = 300.0,
+    on_first_client_data: Callable[[bytes], None] | None = None,
 ) -> SpliceResult:
     """Copy bytes both ways until both directions finished, one broke, or nothing moved for
-    ``idle_timeout`` seconds. Closes neither stream; the caller does (after a reset if asked)."""
+    ``idle_timeout`` seconds. Closes neither stream; the caller does (after a reset if asked).
+
+    ``on_first_client_data`` sees the first chunk read from the client before it is sent on
+    (to name the flow from its TLS SNI or HTTP Host); its errors are logged, never raised."""
     result = SpliceResult()
     broken: list[str] = []
+    peek = on_first_client_data
 
     with trio.CancelScope() as idle_scope:
         idle_scope.deadline = trio.current_time() + idle_timeout
 
         async def pump(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
                        counter: str) -> None:  # fmt: skip
+            nonlocal peek
             try:
                 while True:
                     data = await src.receive_some(CHUNK)
                     if not data:
                         await dst.send_eof()
                         return
+                    if peek is not None and src is client:
+                        _peek_safely(peek, data)
+                        peek = None
                     await dst.send_all(data)
                     setattr(result, counter, getattr(result, counter) + len(data))
                     idle_scope.deadline = trio.current_time() + idle_timeout
@@ -82,6 +95,13 @@ async def splice(
         client.abort()
         _reset_socket_stream(upstream)
     return result
+
+
+def _peek_safely(peek: Callable[[bytes], None], data: bytes | bytearray) -> None:
+    try:
+        peek(bytes(data))
+    except Exception:
+        log.debug("first-data callback failed", exc_info=True)
 
 
 async def relay_datagrams(session: UdpSession, upstream: socket.socket) -> None:

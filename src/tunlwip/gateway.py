@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Literal, NoReturn
 
@@ -23,10 +24,12 @@ from .device import PacketDevice
 from .dialer import Dialer, Protector, describe, no_protection
 from .dns.proxy import DnsConfig, DnsCounters, DnsProxy
 from .endpoint import Endpoint
-from .errors import TunlwipError
+from .errors import ProtectError, TunlwipError
+from .flows import DEFAULT_BUFFER, FlowInfo, FlowSubscription, FlowTable, FlowTotals, LiveFlow
 from .forward import relay_datagrams, splice
 from .icmp import EchoCounters, EchoForwarder, unavailable_reason
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
+from .sniff import sniff_name
 from .stack import LwipStack, StackConfig, StackStatistics
 from .tcp import LwipTcpStream
 from .udp import DNS_PORT, UdpConfig, UdpCounters, UdpHandler, UdpSession, UdpSessions
@@ -76,6 +79,9 @@ class GatewayStatistics:
     udp: UdpCounters
     icmp_echo: EchoCounters
     dns: DnsCounters | None
+    #: Seconds since ``serve`` started (0 before).
+    uptime: float = 0.0
+    flows: FlowTotals = dataclasses.field(default_factory=FlowTotals)
 
 
 class Gateway:
@@ -112,6 +118,11 @@ class Gateway:
         self._custom_handler = tcp_handler
         self._pending: dict[FlowKey, bytes] = {}
         self._predialed: dict[FlowKey, trio.SocketStream] = {}
+        self._dial_latency: dict[FlowKey, float] = {}  # of the upstreams in _predialed
+        self._flows = FlowTable()
+        self._started_at: float | None = None
+        #: Wall-clock time ``serve`` started (``time.time()``), None before.
+        self.started: float | None = None
         self._nursery: trio.Nursery | None = None
         self._accepting = True
         self._active = 0
@@ -129,18 +140,23 @@ class Gateway:
         self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         """Run until cancelled; ``started(self)`` once the device and lwIP are up."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            await nursery.start(self.udp.run)
-            await nursery.start(self.echo.run)
-            await nursery.start(self.stack.run, self._handle)
-            task_status.started(self)
-            try:
-                await trio.sleep_forever()
-            finally:
-                if self.dns is not None:
-                    with trio.CancelScope(shield=True):
-                        await self.dns.aclose()
+        self._started_at, self.started = trio.current_time(), time.time()
+        self._flows.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.udp.run)
+                await nursery.start(self.echo.run)
+                await nursery.start(self.stack.run, self._handle)
+                task_status.started(self)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    if self.dns is not None:
+                        with trio.CancelScope(shield=True):
+                            await self.dns.aclose()
+        finally:
+            self._flows.end_subscriptions()  # after the last flow's record
         raise AssertionError("unreachable")  # pragma: no cover
 
     def reconfigure(self, config: GatewayConfig) -> list[str]:
@@ -200,7 +216,31 @@ class Gateway:
             udp=dataclasses.replace(self.udp.counters),
             icmp_echo=dataclasses.replace(self.echo.counters),
             dns=dataclasses.replace(self.dns.counters) if self.dns is not None else None,
+            uptime=self.uptime,
+            flows=self._flows.totals(),
         )
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since ``serve`` started (trio's clock), 0 before."""
+        return 0.0 if self._started_at is None else trio.current_time() - self._started_at
+
+    def live_flows(self, limit: int | None = None) -> list[FlowInfo]:
+        """Snapshots of the open TCP connections and UDP sessions, most bytes first (at most
+        ``limit``)."""
+        return self._flows.live(limit)
+
+    def flows(self, max_buffer: int = DEFAULT_BUFFER) -> FlowSubscription:
+        """An async iterator of a ``FlowRecord`` per flow that closes from now on, until the
+        gateway stops. Records a slow consumer has no room for (``max_buffer``) are dropped
+        and counted, so a consumer never slows the gateway. Close it (``with``/``aclose``)
+        when done::
+
+            with gateway.flows() as records:
+                async for record in records:
+                    print(json.dumps(record.to_json()))
+        """
+        return self._flows.subscribe(max_buffer)
 
     def send_udp(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
         """Send a datagram to client ``dst`` from any address and port ``src`` (no session
@@ -214,43 +254,90 @@ class Gateway:
             return False
         return self.config.dns.hijack == "all" or target.address in self._dns_addresses
 
+    def _dns_name(self, client: Endpoint, target: Endpoint) -> str | None:
+        return self.dns.name_for(client, target) if self.dns is not None else None
+
     async def _dispatch_udp(self, session: UdpSession) -> None:
-        if self.dns is not None and self._is_dns(session.target):
-            await self.dns.serve_udp(session)
-        else:
-            await self._udp_handler(session)
+        flow = self._flows.open("udp", session.client, session.target,
+                                lambda: (session.bytes_in, session.bytes_out),
+                                self._dns_name(session.client, session.target))  # fmt: skip
+        outcome = "closed"
+        try:
+            if self.dns is not None and self._is_dns(session.target):
+                await self.dns.serve_udp(session)
+            else:
+                await self._udp_handler(session)
+        except trio.Cancelled:
+            outcome = "stopped"  # unless the session says why (idle, evicted) below
+            raise
+        except BaseException:
+            outcome = "error"
+            raise
+        finally:
+            reason = {"idle": "idle timeout"}.get(session.end_reason, session.end_reason)
+            self._flows.close(flow, reason or outcome)
 
     async def _handle(self, stream: LwipTcpStream, target: Endpoint) -> None:
-        if self.dns is not None and self._is_dns(target):
-            await self.dns.serve_tcp(stream)
-            return
-        self._active += 1
-        self._idle = trio.Event() if self._active == 1 else self._idle
+        flow = self._flows.open("tcp", stream.remote, target,
+                                lambda: (stream.bytes_received, stream.bytes_sent),
+                                self._dns_name(stream.remote, target))  # fmt: skip
+        outcome = "closed"
         try:
-            if self._custom_handler is not None:
-                await self._custom_handler(stream, target)
-            else:
-                await self._forward(stream, target)
+            if self.dns is not None and self._is_dns(target):
+                await self.dns.serve_tcp(stream)
+                return
+            self._active += 1
+            self._idle = trio.Event() if self._active == 1 else self._idle
+            try:
+                if self._custom_handler is not None:
+                    await self._custom_handler(stream, target)
+                else:
+                    outcome = await self._forward(stream, target, flow)
+            finally:
+                self._active -= 1
+                if self._active == 0:
+                    self._idle.set()
+        except trio.Cancelled:
+            outcome = "stopped"
+            raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            outcome = "reset"
+            raise
+        except BaseException:
+            outcome = "error"
+            raise
         finally:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
+            self._flows.close(flow, outcome)
 
-    async def _forward(self, stream: LwipTcpStream, target: Endpoint) -> None:
-        upstream = self._predialed.pop((stream.remote, target), None)
+    async def _forward(self, stream: LwipTcpStream, target: Endpoint, flow: LiveFlow) -> str:
+        """Splice ``stream`` with its upstream; returns the close reason for the flow record."""
+        key = (stream.remote, target)
+        upstream = self._predialed.pop(key, None)
+        flow.connect_latency = self._dial_latency.pop(key, None)
         if upstream is None:
+            dial_started = trio.current_time()
             try:
                 upstream = await self.dialer.open_tcp(target)
             except OSError as exc:
+                flow.connect_latency = trio.current_time() - dial_started
                 self._counts["failed"] += 1
                 log.debug("dial %s for %s failed: %s", target, stream.remote, exc)
                 stream.abort()
-                return
+                return _dial_failure(exc)
+            flow.connect_latency = trio.current_time() - dial_started
             self._counts["ok"] += 1
+
+        def name_from_first_bytes(data: bytes) -> None:
+            name = sniff_name(data)
+            if name is not None:
+                flow.name = name  # what the client asked the server for beats the DNS guess
+
         async with upstream:
-            result = await splice(stream, upstream, idle_timeout=self.config.idle_timeout)
+            result = await splice(stream, upstream, idle_timeout=self.config.idle_timeout,
+                                  on_first_client_data=name_from_first_bytes)  # fmt: skip
         log.debug("flow %s -> %s ended: %s, %d bytes up, %d down", stream.remote, target,
                   result.reason, result.client_to_upstream, result.upstream_to_client)  # fmt: skip
+        return result.reason.partition(" (")[0]  # "reset (which direction: why)" -> "reset"
 
     async def _forward_udp(self, session: UdpSession) -> None:
         try:
@@ -284,28 +371,39 @@ class Gateway:
 
     async def _dial_held(self, key: FlowKey, packet: bytes) -> None:
         client, target = key
+        dial_started = trio.current_time()
         try:
             upstream = await self.dialer.open_tcp(target)
-        except ConnectionRefusedError:
+        except ConnectionRefusedError as exc:
             self._counts["refused"] += 1
             self._answer(packet, refused=True)
+            self._record_failed_dial(key, exc, trio.current_time() - dial_started)
         except OSError as exc:
             self._counts["failed"] += 1
             log.debug("dial %s for %s failed: %s", target, client, exc)
             self._answer(packet, refused=self.config.unreachable_reply == "rst")
+            self._record_failed_dial(key, exc, trio.current_time() - dial_started)
         else:
             self._counts["ok"] += 1
             self._predialed[key] = upstream
+            self._dial_latency[key] = trio.current_time() - dial_started
             self._pending.pop(key, None)
             try:
                 self.stack.release_syn(packet)
                 await trio.sleep(self.config.predial_claim_timeout)
             finally:
+                self._dial_latency.pop(key, None)
                 unclaimed = self._predialed.pop(key, None)
                 if unclaimed is not None:  # the client never completed its handshake
                     unclaimed.socket.close()
         finally:
             self._pending.pop(key, None)
+
+    def _record_failed_dial(self, key: FlowKey, exc: OSError, latency: float) -> None:
+        """A flow that never got past the dial still gets a record (reason, latency, name)."""
+        client, target = key
+        self._flows.failed("tcp", client, target, _dial_failure(exc), connect_latency=latency,
+                           name=self._dns_name(client, target))  # fmt: skip
 
     def _answer(self, packet: bytes, *, refused: bool) -> None:
         try:
@@ -318,3 +416,14 @@ class Gateway:
             cfg = self.config.stack
             reply = unreachable_for(syn, cfg.ipv4_address if syn.version == 4 else cfg.ipv6_address)
         self.stack.send_to_client(reply)
+
+
+def _dial_failure(exc: OSError) -> str:
+    """A flow record's close reason for a failed upstream dial."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, TimeoutError):
+        return "dial timeout"
+    if isinstance(exc, ProtectError):
+        return "protect failed"
+    return "unreachable"

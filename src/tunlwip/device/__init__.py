@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from .callback import CallbackDevice
 from .memory import MemoryDevice
 from .tun import TunDevice
 
@@ -30,4 +31,4 @@ class PacketDevice(Protocol):
         ...
 
 
-__all__ = ["MemoryDevice", "PacketDevice", "TunDevice"]
+__all__ = ["CallbackDevice", "MemoryDevice", "PacketDevice", "TunDevice"]

@@ -42,6 +42,7 @@ import trio
 from ..dialer import Dialer
 from ..endpoint import Endpoint
 from .cache import DnsCache
+from .names import ResolvedNames
 from .policy import BlockedAnswer, DnsPolicy, blocked_response, override_response
 from .upstreams import UpstreamError, UpstreamSet, parse_upstream
 
@@ -152,8 +153,14 @@ class DnsProxy:
             max_negative_ttl=config.max_negative_ttl,
         )
         self.counters = DnsCounters()
+        #: Which name each client resolved to which address (for flow records and status).
+        self.names = ResolvedNames()
         self._in_flight: set[tuple[Endpoint, int]] = set()
         self._retired: list[UpstreamSet] = []
+
+    def name_for(self, client: Endpoint, address: Endpoint) -> str | None:
+        """The name ``client`` resolved through us to ``address``'s IP, if still valid."""
+        return self.names.lookup(client.address, address.address, trio.current_time())
 
     @property
     def upstream_urls(self) -> list[str]:
@@ -335,6 +342,8 @@ class DnsProxy:
                 raw: bytes | None, client: Endpoint, source: str, started: float,
                 max_udp_size: bool) -> bytes:  # fmt: skip
         limit = _client_udp_size(query) if max_udp_size else 65535
+        if response.answer:
+            self.names.remember(client.address, response, trio.current_time())
         if raw is None or len(raw) > limit:
             try:
                 raw = response.to_wire(max_size=limit)

@@ -1,0 +1,284 @@
+"""The four ways a client namespace reaches the server namespace, built on tests/netns.py.
+
+Why one module: each method must put the same client programs (in ``cli``) and the same
+servers (in ``srv``, 198.18.1.2 / fd00:1::2 behind gw's veth) on either side of a different
+middle, so that the figures differ only by the middle::
+
+    kernel       cli --veth--> gw (ip_forward=1) --veth--> srv
+    slirp4netns  cli --tap--> slirp4netns in gw (libslirp, sockets) --veth--> srv
+    pasta        cli --tap--> pasta in gw (passt, sockets) --veth--> srv
+    tunlwip      cli --TUN==fd==> tunlwip up in gw (lwIP, sockets) --veth--> srv
+
+Every address is in 198.18.0.0/15 or fd00::/8; every namespace and interface comes from the
+netns helpers (per-process prefix) and is removed with its Topology.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_netns() -> ModuleType:
+    """tests/netns.py, imported by path (tests/ is not a package) and registered as ``netns``
+    so that every importer shares one module and its cleanup-at-exit registry."""
+    if "netns" in sys.modules:
+        return sys.modules["netns"]
+    spec = importlib.util.spec_from_file_location("netns", ROOT / "tests" / "netns.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["netns"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+netns = _load_netns()
+Namespace = netns.Namespace
+SplitTopology = netns.SplitTopology
+GATEWAY_ADDR4: str = netns.GATEWAY_ADDR4
+GATEWAY_ADDR6: str = netns.GATEWAY_ADDR6
+GW_VETH_ADDR4: str = netns.GW_VETH_ADDR4
+GW_VETH_ADDR6: str = netns.GW_VETH_ADDR6
+SRV_ADDR4: str = netns.SRV_ADDR4
+SRV_ADDR6: str = netns.SRV_ADDR6
+move_link = netns.move_link
+setup_client_tun = netns.setup_client_tun
+unique_ifname = netns.unique_ifname
+
+#: Kernel method: the cli <-> gw link (the same client addresses tunlwip's TUN gets).
+KCLI_ADDR4, KCLI_ADDR6 = "198.18.0.2", "fd00:18::2"
+#: slirp4netns' virtual network (its default is 10.0.2.0/24, outside the test ranges).
+SLIRP_CIDR = "198.18.2.0/24"
+#: pasta's namespace side: address and gateway it hands to cli.
+PASTA_ADDR4, PASTA_GW4 = "198.18.3.2", "198.18.3.1"
+PASTA_ADDR6, PASTA_GW6 = "fd00:3::2", "fd00:3::1"
+
+METHODS = ("kernel", "slirp4netns", "pasta", "tunlwip")
+
+
+class MethodUnavailable(Exception):
+    """The method cannot run here (tool missing, MTU unsupported): skipped with this reason."""
+
+
+@dataclass
+class Middle:
+    """A method set up between cli and srv."""
+
+    method: str
+    pid: int | None  # the userspace gateway process (None for the kernel)
+    dns_server: str  # where cli sends DNS queries
+    log_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return self.pid is None or Path(f"/proc/{self.pid}").exists()
+
+    def log_tail(self, size: int = 1500) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-size:]
+
+
+def wait_until(pred: Callable[[], bool], what: str, timeout: float) -> None:
+    """Poll every 50 ms, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def has_default_routes(ns: Namespace, v6: bool = True) -> bool:
+    v4 = "default" in ns.ip("-4", "route", "show", "default").stdout
+    six = "default" in ns.ip("-6", "route", "show", "default").stdout if v6 else True
+    return v4 and six
+
+
+def set_mtu(ns: Namespace, dev: str, mtu: int) -> None:
+    ns.ip("link", "set", "dev", dev, "mtu", str(mtu))
+
+
+def available(method: str, mtu: int) -> str | None:
+    """Why ``method`` cannot run at ``mtu`` here, or None."""
+    tool = {"slirp4netns": "slirp4netns", "pasta": "pasta"}.get(method)
+    if tool and shutil.which(tool) is None:
+        return f"{tool} not installed (Debian package {'passt' if tool == 'pasta' else tool})"
+    if method == "slirp4netns" and mtu > 65521:
+        return "slirp4netns supports MTU <= 65521"
+    if method == "tunlwip":
+        try:
+            import tunlwip  # noqa: F401
+        except ImportError as exc:
+            return f"tunlwip not importable by {sys.executable}: {exc}"
+    return None
+
+
+def start(method: str, split: SplitTopology, mtu: int, work: Path) -> Middle:
+    """Build ``method`` between split.cli and split.srv; return once cli has its routes."""
+    set_mtu(split.gw, split.gw_veth, mtu)
+    set_mtu(split.srv, split.srv_veth, mtu)
+    if method == "kernel":
+        return _kernel(split, mtu)
+    if method == "slirp4netns":
+        return _slirp(split, mtu, work)
+    if method == "pasta":
+        return _pasta(split, mtu, work)
+    if method == "tunlwip":
+        return _tunlwip(split, mtu, work)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _kernel(split: SplitTopology, mtu: int) -> Middle:
+    cli, gw, srv = split.cli, split.gw, split.srv
+    split.topo.veth(
+        cli,
+        gw,
+        addrs_a=[f"{KCLI_ADDR4}/24", f"{KCLI_ADDR6}/64"],
+        addrs_b=[f"{GATEWAY_ADDR4}/24", f"{GATEWAY_ADDR6}/64"],
+        mtu=mtu,
+    )
+    cli.ip("-4", "route", "add", "default", "via", GATEWAY_ADDR4)
+    cli.ip("-6", "route", "add", "default", "via", GATEWAY_ADDR6)
+    gw.write_sysctl("net.ipv4.ip_forward", "1")
+    gw.write_sysctl("net.ipv6.conf.all.forwarding", "1")
+    # Only this method needs srv to route back to the client addresses.
+    srv.ip("-4", "route", "add", "default", "via", GW_VETH_ADDR4)
+    srv.ip("-6", "route", "add", "default", "via", GW_VETH_ADDR6)
+    return Middle("kernel", None, SRV_ADDR4)
+
+
+def _spawn(ns: Namespace, args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return ns.popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _check_running(proc: subprocess.Popen[bytes], log_path: Path, what: str) -> None:
+    if proc.poll() is not None:
+        raise RuntimeError(
+            f"{what} exited {proc.returncode}: {log_path.read_text(errors='replace')[-800:]}"
+        )
+
+
+def _slirp(split: SplitTopology, mtu: int, work: Path) -> Middle:
+    """slirp4netns runs in gw (its sockets reach srv over gw's veth) and plugs a tap into cli,
+    which it configures itself (--configure: address .100, default route via .2, IPv6 by RA)."""
+    tap = unique_ifname("s")
+    log_path = work / "slirp4netns.log"
+    args = [
+        "slirp4netns",
+        "--configure",
+        f"--mtu={mtu}",
+        f"--cidr={SLIRP_CIDR}",
+        "--enable-ipv6",
+        "--disable-host-loopback",
+        "--netns-type=path",
+        split.cli.path,
+        tap,
+    ]
+    proc = _spawn(split.gw, args, log_path)
+
+    def ready() -> bool:
+        _check_running(proc, log_path, "slirp4netns")
+        return has_default_routes(split.cli)
+
+    wait_until(ready, "slirp4netns to configure cli (IPv4 route and IPv6 RA)", 15)
+    return Middle("slirp4netns", proc.pid, SRV_ADDR4, log_path)
+
+
+def _pasta(split: SplitTopology, mtu: int, work: Path) -> Middle:
+    """pasta runs in gw attached to cli's netns by path. As root it would drop to "nobody" and
+    then fail to join the namespace, so ``--runas 0:0``; no port forwarding either way; explicit
+    addresses (its default copies the host's, and gw has no default route to copy from)."""
+    tap = unique_ifname("p")
+    log_path = work / "pasta.log"
+    args = [
+        "pasta",
+        "--config-net",
+        "-f",
+        "-q",
+        "--runas",
+        "0:0",
+        "-t",
+        "none",
+        "-u",
+        "none",
+        "-T",
+        "none",
+        "-U",
+        "none",
+        "-i",
+        split.gw_veth,
+        "-I",
+        tap,
+        "-m",
+        str(mtu),
+        "--no-map-gw",
+        "-a",
+        PASTA_ADDR4,
+        "-n",
+        "24",
+        "-g",
+        PASTA_GW4,
+        "-a",
+        PASTA_ADDR6,
+        "-g",
+        PASTA_GW6,
+        "--netns",
+        split.cli.path,
+    ]
+    proc = _spawn(split.gw, args, log_path)
+
+    def ready() -> bool:
+        _check_running(proc, log_path, "pasta")
+        return has_default_routes(split.cli)
+
+    wait_until(ready, "pasta to configure cli", 15)
+    have = split.cli.ip("link", "show", "dev", tap).stdout
+    if f"mtu {mtu} " not in have:
+        set_mtu(split.cli, tap, mtu)
+    return Middle("pasta", proc.pid, SRV_ADDR4, log_path)
+
+
+def _tunlwip(split: SplitTopology, mtu: int, work: Path) -> Middle:
+    """``tunlwip up`` in gw; its TUN then moves to cli (as conftest's split_gateway does).
+    --max-udp-sessions is raised above the default 4096 so the 5,000-session test is not
+    measuring eviction; everything else is the default configuration."""
+    iface = unique_ifname("t")
+    log_path = work / "tunlwip.log"
+    args = [
+        sys.executable,
+        "-m",
+        "tunlwip",
+        "up",
+        "--iface",
+        iface,
+        "--mtu",
+        str(mtu),
+        "--dns-upstream",
+        f"udp://{SRV_ADDR4}:53",
+        "--max-udp-sessions",
+        "16384",
+        "--grace",
+        "1",
+        "--log-level",
+        "info",
+    ]
+    proc = _spawn(split.gw, args, log_path)
+
+    def serving() -> bool:
+        _check_running(proc, log_path, "tunlwip up")
+        return f"up: iface {iface} " in log_path.read_text(errors="replace")
+
+    wait_until(serving, "tunlwip up to serve", 30)
+    move_link(iface, split.gw, split.cli)
+    setup_client_tun(split.cli, iface, mtu=mtu)
+    return Middle("tunlwip", proc.pid, GATEWAY_ADDR4, log_path)

@@ -1,0 +1,579 @@
+#!/usr/bin/env python3
+"""tunlwip benchmark: the kernel, slirp4netns, pasta and tunlwip, measured in one run.
+
+Why: a gateway is judged by throughput, connection rate, latency and memory against what a user
+would pick instead, and absolute figures from a shared machine mean little: every figure is
+therefore also given as a ratio to the kernel's own forwarding measured minutes earlier in the
+same run, and tunlwip's as a ratio to slirp4netns.
+
+Each (MTU, phase, method) gets fresh namespaces ``cli``, ``gw``, ``srv`` (tests/netns.py, per-
+process names, 198.18.0.0/15 and fd00::/8 only) that are deleted afterwards, whatever happened
+(Ctrl-C and SIGTERM included). Needs root. See bench/README.md.
+
+    make bench                                   # everything (about 15-25 minutes)
+    .venv/bin/python bench/run.py --quick --methods tunlwip --workloads iperf3-download
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import methods
+from methods import METHODS, ROOT, available, netns
+from workloads import (
+    ALIASES,
+    NOT_APPLICABLE,
+    PHASE_FUNCS,
+    PHASES,
+    Ctx,
+    Measurement,
+    Options,
+    probe,
+    start_servers,
+)
+
+RESULTS = ROOT / "bench" / "results"
+BASELINE, PEER = "kernel", "slirp4netns"
+#: Counts near zero (loss %, failed connections): a ratio of them is noise, not information.
+NO_RATIO = {"loss", "failed"}
+X = "\N{MULTIPLICATION SIGN}"  # escaped: ruff flags the literal as ambiguous
+
+
+@dataclass
+class Skip:
+    method: str
+    phase: str
+    mtu: int
+    reason: str
+
+
+@dataclass
+class Run:
+    """Everything measured so far; written as JSON lines as it comes, as markdown at the end."""
+
+    stamp: str
+    jsonl: Path
+    md: Path
+    meta: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+
+    def _value(self, method: str, m: Measurement) -> float | None:
+        for r in self.records:
+            key = (r["method"], r["workload"], r["metric"], r["mtu"])
+            if key == (method, m.workload, m.metric, m.mtu):
+                v = r["value"]
+                return float(v) if v is not None else None
+        return None
+
+    def add(self, m: Measurement) -> dict[str, Any]:
+        rec = asdict(m)
+        ratios = m.metric not in NO_RATIO
+        rec["ratio"] = (
+            _ratio(m.value, self._value(BASELINE, m)) if ratios and m.method != BASELINE else None
+        )
+        rec["ratio_slirp4netns"] = (
+            _ratio(m.value, self._value(PEER, m)) if ratios and m.method == "tunlwip" else None
+        )
+        rec["run"] = self.stamp
+        self.records.append(rec)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def skip(self, method: str, phase: str, mtu: int, reason: str) -> None:
+        self.skips.append(Skip(method, phase, mtu, reason))
+        rec = {
+            "run": self.stamp,
+            "method": method,
+            "workload": phase,
+            "mtu": mtu,
+            "value": None,
+            "skipped": reason,
+        }
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"  SKIP {method:<12} {phase} @ MTU {mtu}: {reason}", flush=True)
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or base == 0:
+        return None
+    return value / base
+
+
+# -- formatting -------------------------------------------------------------------------------
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "—"
+    a = abs(v)
+    if float(v).is_integer() and a < 1e15:
+        return f"{int(v):,}"
+    if a >= 100:
+        return f"{v:,.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 0.01 or a == 0:
+        return f"{v:.2f}".rstrip("0").rstrip(".") if a < 1 else f"{v:.2f}"
+    return f"{v:.2g}"
+
+
+def fmt_ratio(r: float | None) -> str:
+    if r is None:
+        return ""
+    return f"{r:.3f}{X}" if r < 0.1 else f"{r:.2f}{X}"
+
+
+def label(workload: str) -> str:
+    """Human-readable row names for the machine-friendly workload ids."""
+    parts = workload.split("-")
+    if parts[0] == "tcp":
+        d = "download" if parts[1] == "down" else "upload"
+        n = parts[2]
+        return f"TCP {d}, {n} stream{'s' if n != '1' else ''}, IP{parts[3]}"
+    if parts[0] == "udp":
+        d = "download" if parts[1] == "down" else "upload"
+        return f"UDP {d}, {parts[2]}bit/s offered, 1400 B, IP{parts[3]}"
+    if workload == "conn-serial":
+        return "connect / 1 B / close, serial"
+    if workload.startswith("conn-par"):
+        return f"connect / 1 B / close, {workload[8:]} parallel"
+    if workload == "rr-1byte":
+        return "1-byte request/response, one connection"
+    if workload == "dns-cached":
+        return "DNS, one name repeated (cached)"
+    if workload == "dns-uncached":
+        return "DNS, distinct names (uncached)"
+    if workload == "rss-idle":
+        return "gateway RSS, idle"
+    if workload.startswith("rss-"):
+        _, n, kind = parts
+        what = "idle TCP connections" if kind == "tcp" else "UDP sessions"
+        return f"gateway, {int(n):,} {what}"
+    return workload
+
+
+def render(run: Run, methods_run: list[str], interrupted: bool) -> str:
+    cols = [m for m in METHODS if m in methods_run]
+    out = [f"# tunlwip benchmark {run.stamp}", ""]
+    if interrupted:
+        out += ["**Interrupted: partial results.**", ""]
+    out += [f"- {k}: {v}" for k, v in run.meta.items()]
+    out += [
+        "",
+        f"Cells: the figure, then ({X}) its ratio to the kernel's figure in the same run. "
+        "↑ higher is better, ↓ lower is better. Compare ratios, not absolute numbers, "
+        "across runs.",
+        "",
+    ]
+    mtus = sorted({r["mtu"] for r in run.records})
+    for cpu in (False, True):
+        for mtu in mtus:
+            rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+            for r in run.records:
+                if r["mtu"] != mtu or (r["metric"] == "cpu") != cpu:
+                    continue
+                rows.setdefault((r["workload"], r["metric"]), {})[r["method"]] = r
+            if not rows:
+                continue
+            title = "Gateway CPU seconds per workload" if cpu else "Results"
+            out += [f"## {title}, MTU {mtu}", ""]
+            peer_col = "tunlwip" in cols and PEER in cols
+            head = ["workload", "metric", *cols] + (["tunlwip ÷ slirp4netns"] if peer_col else [])
+            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for (workload, metric), by in rows.items():
+                any_r = next(iter(by.values()))
+                arrow = "↑" if any_r["better"] == "higher" else "↓"
+                cells = [label(workload), f"{metric} ({any_r['unit']}) {arrow}"]
+                for m in cols:
+                    r = by.get(m)
+                    if r is None:
+                        cells.append("")
+                    elif r["value"] is None:
+                        cells.append("error")
+                    else:
+                        ratio = fmt_ratio(r["ratio"]) if not cpu else ""
+                        cells.append(fmt(r["value"]) + (f" ({ratio})" if ratio else ""))
+                if peer_col:
+                    t = by.get("tunlwip")
+                    peer = fmt_ratio(t["ratio_slirp4netns"]) if t else ""
+                    cells.append(f"**{peer}**" if peer else "")
+                out.append("| " + " | ".join(cells) + " |")
+            out.append("")
+    errors = [r for r in run.records if r.get("error")]
+    if errors:
+        out += ["## Errors", ""]
+        out += [
+            f"- {r['method']} {r['workload']} {r['metric']} @ MTU {r['mtu']}: {r['error']}"
+            for r in errors
+        ]
+        out.append("")
+    if run.skips:
+        out += ["## Not measured", ""]
+        out += [f"- {s.method} {s.phase} @ MTU {s.mtu}: {s.reason}" for s in run.skips]
+        out.append("")
+    out += render_targets(run)
+    return "\n".join(out)
+
+
+def render_targets(run: Run) -> list[str]:
+    """Issue #7's targets, checked against this run's figures."""
+
+    def get(method: str, workload: str, metric: str, mtu: int) -> dict[str, Any] | None:
+        for r in run.records:
+            if (r["method"], r["workload"], r["metric"], r["mtu"]) == (
+                method,
+                workload,
+                metric,
+                mtu,
+            ):
+                return r
+        return None
+
+    rows: list[tuple[str, str, bool | None]] = []
+    mtus = sorted({r["mtu"] for r in run.records})
+    for mtu in mtus:
+        for d in ("down", "up"):
+            r = get("tunlwip", f"tcp-{d}-1-v4", "throughput", mtu)
+            x = r["ratio_slirp4netns"] if r else None
+            rows.append(
+                (
+                    f"TCP 1 stream {d}load IPv4, MTU {mtu}: ≥ 1.0{X} slirp4netns",
+                    fmt_ratio(x) or "—",
+                    None if x is None else x >= 1.0,
+                )
+            )
+    for workload, metric, what in (
+        ("conn-serial", "rate", "serial connection rate"),
+        ("rr-1byte", "rate", "request/response rate"),
+    ):
+        r = next(
+            (
+                get("tunlwip", workload, metric, m)
+                for m in mtus
+                if get("tunlwip", workload, metric, m)
+            ),
+            None,
+        )
+        x = r["ratio_slirp4netns"] if r else None
+        rows.append(
+            (f"{what}: ≥ 0.8{X} slirp4netns", fmt_ratio(x) or "—", None if x is None else x >= 0.8)
+        )
+
+    def first(workload_prefix: str, metric: str) -> float | None:
+        for r in run.records:
+            if (
+                r["method"] == "tunlwip"
+                and r["workload"].startswith(workload_prefix)
+                and r["metric"] == metric
+                and r["value"] is not None
+            ):
+                return float(r["value"])
+        return None
+
+    idle = first("rss-idle", "rss")
+    rows.append(("idle RSS ≤ 40 MiB", f"{fmt(idle)} MiB", None if idle is None else idle <= 40))
+    per_tcp = first("rss-", "KiB per conn")
+    rows.append(
+        (
+            "≤ 4 KiB RSS per idle TCP connection",
+            f"{fmt(per_tcp)} KiB",
+            None if per_tcp is None else per_tcp <= 4,
+        )
+    )
+    per_udp = first("rss-", "KiB per session")
+    rows.append(
+        (
+            "≤ 2 KiB RSS per UDP session",
+            f"{fmt(per_udp)} KiB",
+            None if per_udp is None else per_udp <= 2,
+        )
+    )
+    qps, p99 = first("dns-cached", "qps"), first("dns-cached", "p99")
+    ok = None if qps is None or p99 is None else qps >= 10_000 and p99 < 5
+    rows.append(
+        ("DNS cached ≥ 10,000 q/s with p99 < 5 ms", f"{fmt(qps)} q/s, p99 {fmt(p99)} ms", ok)
+    )
+    if all(r[2] is None for r in rows):
+        return []
+    out = ["## Issue #7 targets (tunlwip)", "", "| target | this run | met |", "|---|---|---|"]
+    for name, got, met in rows:
+        out.append(f"| {name} | {got} | {'—' if met is None else ('yes' if met else 'no')} |")
+    out.append("")
+    return out
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def tool_version(*cmd: str) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "not installed"
+    text = (r.stdout or r.stderr).strip().splitlines()
+    lines = [t for t in text if t.strip() and "syslog" not in t]
+    return lines[0].strip() if lines else "?"
+
+
+def host_meta(opts: Options, mtus: list[int]) -> dict[str, Any]:
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    rev = tool_version("git", "-C", str(ROOT), "describe", "--always", "--dirty")
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    return {
+        "load average at start": f"{load} (other work on the machine adds noise)",
+        "host": f"{platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs ({cpu})",
+        "tunlwip": f"git {rev}, {sys.executable}",
+        "tools": "; ".join(
+            [
+                tool_version("iperf3", "--version"),
+                tool_version("slirp4netns", "--version"),
+                "pasta (passt) " + _dpkg_version("passt"),
+                "dnsperf " + _dpkg_version("dnsperf"),
+                "unbound " + _dpkg_version("unbound"),
+            ]
+        ),
+        "settings": (
+            f"MTUs {','.join(map(str, mtus))}; iperf3 {opts.duration} s per run, streams "
+            f"{','.join(map(str, opts.streams))}, IPv6 {'on' if opts.ipv6 else 'off'}; "
+            f"{opts.conns} connections (serial, {opts.parallel} parallel); "
+            f"rr {opts.rr_seconds:g} s; "
+            f"UDP {opts.udp_rate}; DNS concurrency {opts.dns_concurrency}; "
+            f"held {opts.tcp_hold} TCP / {opts.udp_hold} UDP"
+        ),
+    }
+
+
+def _dpkg_version(pkg: str) -> str:
+    r = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", pkg],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    return r.stdout.strip() if r.returncode == 0 else "not installed"
+
+
+def run_one(run: Run, method: str, phase: str, mtu: int, opts: Options, work: Path) -> None:
+    """One phase of one method at one MTU, in namespaces of its own."""
+    wdir = Path(tempfile.mkdtemp(prefix=f"{method}-{phase}-{mtu}-", dir=work))
+    t0 = time.monotonic()
+    with netns.Topology() as topo:
+        split = netns.split_topology(topo)
+        start_servers(split, wdir, phase)
+        middle = methods.start(method, split, mtu, wdir)
+        ctx = Ctx(split, middle, mtu, opts, wdir)
+        try:
+            probe(ctx)
+            PHASE_FUNCS[phase](ctx)
+        finally:
+            for m in ctx.out:
+                rec = run.add(m)
+                notes = [f"{fmt_ratio(rec['ratio'])} of kernel"] if rec["ratio"] else []
+                if rec["ratio_slirp4netns"]:
+                    notes.append(f"{fmt_ratio(rec['ratio_slirp4netns'])} of slirp4netns")
+                if m.error:
+                    notes.append(f"ERROR {m.error}")
+                print(
+                    f"  {method:<12} {m.workload:<18} {m.metric:<16} {fmt(m.value):>10} "
+                    f"{m.unit:<9} {', '.join(notes)}".rstrip(),
+                    flush=True,
+                )
+        if not middle.alive():
+            raise RuntimeError(f"{method} died during {phase}: {middle.log_tail()}")
+    print(f"  ({method} {phase} @ MTU {mtu}: {time.monotonic() - t0:.0f} s)", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS)
+    )
+    p.add_argument(
+        "--workloads",
+        default="all",
+        help="comma list of phases: " + ", ".join(PHASES) + " (aliases: iperf3, memory, all)",
+    )
+    p.add_argument("--mtus", default=None, help="comma list (default 1500,65520; --quick 1500)")
+    p.add_argument(
+        "--every-mtu",
+        action="store_true",
+        help="run every phase at every MTU (default: only iperf3 at the larger ones)",
+    )
+    p.add_argument("--duration", type=int, default=None, help="seconds per iperf3/dnsperf run (5)")
+    p.add_argument("--conns", type=int, default=None, help="connections per connrate run (2000)")
+    p.add_argument("--tcp-hold", type=int, default=None, help="idle TCP connections held (10000)")
+    p.add_argument("--udp-hold", type=int, default=None, help="UDP sessions held (5000)")
+    p.add_argument("--dns-concurrency", type=int, default=32, help="queries in flight (32)")
+    p.add_argument("--no-ipv6", action="store_true", help="IPv4 only")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 s runs, few connections, MTU 1500, IPv4, 1 stream",
+    )
+    p.add_argument(
+        "--max-time",
+        type=float,
+        default=None,
+        help="stop starting new phases after this many seconds (3600; --quick 180)",
+    )
+    p.add_argument("--results-dir", type=Path, default=RESULTS)
+    p.add_argument(
+        "--keep-logs", action="store_true", help="keep the per-phase logs and print where"
+    )
+    return p.parse_args(argv)
+
+
+def options(a: argparse.Namespace) -> tuple[Options, list[int]]:
+    q = a.quick
+    opts = Options(
+        duration=a.duration or (1 if q else 5),
+        streams=(1,) if q else (1, 4),
+        ipv6=not (a.no_ipv6 or q),
+        conns=a.conns or (200 if q else 2000),
+        rr_seconds=float(a.duration or (1 if q else 5)),
+        dns_concurrency=a.dns_concurrency,
+        dns_names=20_000 if q else 300_000,
+        tcp_hold=a.tcp_hold or (500 if q else 10_000),
+        udp_hold=a.udp_hold or (200 if q else 5_000),
+        step_timeout=30.0 if q else 120.0,
+    )
+    mtus = [int(x) for x in (a.mtus or ("1500" if q else "1500,65520")).split(",")]
+    return opts, mtus
+
+
+def selected_phases(spec: str) -> list[str]:
+    want: list[str] = []
+    for name in (x.strip() for x in spec.split(",") if x.strip()):
+        for phase in ALIASES.get(name, [name]):
+            if phase not in PHASES:
+                raise SystemExit(f"unknown workload {name!r}; choose from {', '.join(PHASES)}")
+            if phase not in want:
+                want.append(phase)
+    return [p for p in PHASES if p in want]
+
+
+def raise_nofile() -> None:
+    """10,000 held connections need >10,000 fds in the client, the gateway and the server;
+    children inherit this limit."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in (max(hard, 65536), hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            return
+        except (ValueError, OSError):
+            continue
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: needs root (network namespaces, TUN, veth)", file=sys.stderr)
+        return 77
+    ok, why = netns.have_netns()
+    if not ok:
+        print(f"bench: cannot use network namespaces: {why}", file=sys.stderr)
+        return 77
+    chosen = [m.strip() for m in a.methods.split(",") if m.strip()]
+    for m in chosen:
+        if m not in METHODS:
+            print(f"bench: unknown method {m!r}; choose from {', '.join(METHODS)}", file=sys.stderr)
+            return 2
+    chosen = [m for m in METHODS if m in chosen]  # kernel first: ratios need the baseline
+    phases = selected_phases(a.workloads)
+    needs = {"iperf3"} if any(p.startswith("iperf3") or p == "udp" for p in phases) else set()
+    needs |= {"unbound"} if "dns" in phases else set()
+    for tool in sorted(needs):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is required (make bench installs it)", file=sys.stderr)
+            return 78
+    opts, mtus = options(a)
+    max_time = a.max_time or (180.0 if a.quick else 3600.0)
+    raise_nofile()
+    # Explicitly: a shell starting us in the background would leave SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+
+    a.results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = Run(
+        stamp,
+        a.results_dir / f"{stamp}.jsonl",
+        a.results_dir / f"{stamp}.md",
+        host_meta(opts, mtus),
+    )
+    work = Path(tempfile.mkdtemp(prefix="tunlwip-bench-"))
+    deadline = time.monotonic() + max_time
+    interrupted = False
+    print(f"bench: methods {','.join(chosen)}; phases {','.join(phases)}; MTUs {mtus}", flush=True)
+    try:
+        for i, mtu in enumerate(mtus):
+            for phase in phases:
+                if i > 0 and not PHASES[phase] and not a.every_mtu:
+                    continue
+                print(f"== {phase} @ MTU {mtu}", flush=True)
+                for method in chosen:
+                    reason = NOT_APPLICABLE.get((phase, method)) or available(method, mtu)
+                    if reason is None and time.monotonic() > deadline:
+                        reason = f"run time limit ({max_time:g} s, --max-time) reached"
+                    if reason:
+                        run.skip(method, phase, mtu, reason)
+                        continue
+                    try:
+                        run_one(run, method, phase, mtu, opts, work)
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as exc:
+                        msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:600]
+                        run.skip(method, phase, mtu, f"failed: {msg}")
+    except KeyboardInterrupt:
+        interrupted = True
+        print("bench: interrupted; namespaces removed, writing partial results", flush=True)
+    finally:
+        if a.keep_logs:
+            print(f"bench: logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    text = render(run, chosen, interrupted)
+    run.md.write_text(text + "\n")
+    print()
+    print(text)
+    print(f"bench: wrote {run.md} and {run.jsonl}")
+    measured = any(r["value"] is not None for r in run.records)
+    if interrupted:
+        return 130
+    return 0 if measured else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""The control socket of a running gateway, and ``tunlwip status``, its client.
+
+Protocol: a client connects to the unix stream socket (``/run/tunlwip/<iface>.sock``, mode
+0600, so only the gateway's user can ask), sends one JSON request line (``{"cmd": "status"}``),
+reads one JSON document (newline-terminated) and the gateway closes the connection.
+
+The data path comes first: answers are built synchronously from counters the gateway keeps
+anyway, at most ``MAX_CONTROL_CLIENTS`` clients are served at once, a request larger than 4 KiB
+or slower than 5 s is dropped, and any error with a client is logged at debug level and ends
+only that client's connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+
+import trio
+
+from . import __version__
+from .errors import TunlwipError
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+log = logging.getLogger("tunlwip.control")
+
+CONTROL_DIR = Path("/run/tunlwip")
+MAX_REQUEST = 4096
+REQUEST_TIMEOUT = 5.0
+MAX_CONTROL_CLIENTS = 8
+MAX_LISTED_FLOWS = 1000
+MAX_RESPONSE = 64 << 20  # what the client reads at most
+
+
+class ControlError(TunlwipError):
+    """The control socket cannot be set up (another gateway listens there, bad path)."""
+
+
+def default_socket_path(iface: str) -> Path:
+    return CONTROL_DIR / f"{iface}.sock"
+
+
+# -- the answers ---------------------------------------------------------------------------------
+
+
+def status(gateway: Gateway, *, iface: str | None = None,
+           max_flows: int = MAX_LISTED_FLOWS) -> dict[str, Any]:  # fmt: skip
+    """The ``status`` answer: version, uptime, totals, drops by reason and the live flows
+    (most bytes first, at most ``max_flows``; ``flows_omitted`` counts the rest)."""
+    stats = gateway.statistics()
+    live = stats.flows.live_tcp + stats.flows.live_udp
+    flows = gateway.live_flows(max_flows)
+    return {
+        "version": __version__,
+        "iface": iface if iface is not None else _device_name(gateway),
+        "pid": os.getpid(),
+        "started": gateway.started,
+        "uptime": round(stats.uptime, 3),
+        "totals": dataclasses.asdict(stats),
+        "drops": stats.stack.dropped,
+        "flows": [flow.to_json() for flow in flows],
+        "flows_live": live,
+        "flows_omitted": max(0, live - len(flows)),
+    }
+
+
+def _device_name(gateway: Gateway) -> str | None:
+    name = getattr(gateway.stack.device, "name", None)
+    return name if isinstance(name, str) else None
+
+
+def answer(gateway: Gateway, request: bytes, *, iface: str | None = None) -> dict[str, Any]:
+    """The response document to one raw request line."""
+    try:
+        message = json.loads(request)
+    except (ValueError, UnicodeDecodeError):
+        return {"error": "the request is not JSON"}
+    command = message.get("cmd") if isinstance(message, dict) else None
+    if command == "status":
+        return status(gateway, iface=iface)
+    return {"error": f"unknown command {command!r}; known: status"}
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
+async def serve_control(
+    gateway: Gateway,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    iface: str | None = None,
+    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Answer control requests about ``gateway`` on the unix socket ``path`` until cancelled.
+
+    ``path`` defaults to ``/run/tunlwip/<iface>.sock`` (``iface``: the device's name). The
+    directory is created (0755) if missing; the socket is 0600. A stale socket file is
+    replaced, but if another gateway still answers there, ControlError is raised (through
+    ``nursery.start``). The socket file is removed on exit. ``started(path)`` once listening.
+    """
+    iface = iface if iface is not None else _device_name(gateway)
+    if path is None:
+        if iface is None:
+            raise ControlError("no control socket path given and the device has no name")
+        path = default_socket_path(iface)
+    path = Path(path)
+    listener, identity = _bind(path)
+    clients = 0
+
+    async def serve_client(sock: trio.socket.SocketType) -> None:
+        nonlocal clients
+        try:
+            await _serve_client(gateway, iface, sock)
+        finally:
+            clients -= 1
+
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started(path)
+            while True:
+                try:
+                    sock, _ = await listener.accept()
+                except OSError as exc:  # EMFILE and the like: keep serving, a bit later
+                    log.debug("control socket accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                if clients >= MAX_CONTROL_CLIENTS:
+                    log.debug("control client refused: %d already connected", clients)
+                    sock.close()
+                    continue
+                clients += 1
+                nursery.start_soon(serve_client, sock)
+    finally:
+        listener.close()
+        _remove_if_ours(path, identity)
+
+
+def _bind(path: Path) -> tuple[trio.socket.SocketType, tuple[int, int]]:
+    """Listen on ``path`` (mode 0600). Binds a temporary name and renames it into place, so
+    the socket is never reachable with looser permissions. (Blocking, but only local file
+    operations, once at startup.)"""
+    if not path.parent.is_dir():
+        try:
+            path.parent.mkdir(parents=True)
+            os.chmod(path.parent, 0o755)
+        except OSError as exc:
+            raise ControlError(f"cannot create {path.parent}: {exc.strerror or exc}") from exc
+    _clear_stale(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(temporary))
+        os.chmod(temporary, 0o600)
+        sock.listen(16)
+        os.replace(temporary, path)
+        info = path.stat()
+    except OSError as exc:
+        sock.close()
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise ControlError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+    return trio.socket.from_stdlib_socket(sock), (info.st_dev, info.st_ino)
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove a socket file nobody listens on; refuse if someone does, or if it is no socket."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ControlError(f"{path} exists and is not a socket; not replacing it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError, TimeoutError):
+            pass  # nobody home (a crashed gateway's leftover): replace it
+        except OSError as exc:
+            raise ControlError(f"cannot check {path}: {exc.strerror or exc}") from exc
+        else:
+            raise ControlError(f"another gateway is listening on {path}")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _remove_if_ours(path: Path, identity: tuple[int, int]) -> None:
+    """Unlink the socket file unless another gateway has replaced it since."""
+    try:
+        info = path.lstat()
+        if (info.st_dev, info.st_ino) == identity:
+            path.unlink()
+    except OSError:
+        pass
+
+
+async def _serve_client(gateway: Gateway, iface: str | None,
+                        sock: trio.socket.SocketType) -> None:  # fmt: skip
+    """One request, one answer, all within REQUEST_TIMEOUT."""
+    with sock, trio.move_on_after(REQUEST_TIMEOUT) as scope:
+        try:
+            request = await _read_line(sock)
+            if request is None:
+                return
+            document = answer(gateway, request, iface=iface)
+            data = (json.dumps(document, separators=(",", ":")) + "\n").encode()
+            view = memoryview(data)
+            while view:
+                sent = await sock.send(view)
+                view = view[sent:]
+        except Exception as exc:  # a control client must never take the gateway down
+            log.debug("control client failed: %r", exc, exc_info=True)
+    if scope.cancelled_caught:
+        log.debug("control client too slow: dropped after %.0f s", REQUEST_TIMEOUT)
+
+
+async def _read_line(sock: trio.socket.SocketType) -> bytes | None:
+    """The request line (at most MAX_REQUEST bytes; the newline may be missing at EOF)."""
+    buffer = b""
+    while b"\n" not in buffer:
+        data = await sock.recv(MAX_REQUEST + 1 - len(buffer))
+        if not data:
+            break
+        buffer += data
+        if len(buffer) > MAX_REQUEST:
+            log.debug("control request over %d bytes dropped", MAX_REQUEST)
+            return None
+    line = buffer.split(b"\n", 1)[0]
+    return line if line.strip() else None
+
+
+# -- the client: ``tunlwip status`` --------------------------------------------------------------
+
+
+def add_status_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``status [--iface X] [--socket PATH] [--json]`` to the ``tunlwip`` command."""
+    parser = subparsers.add_parser(
+        "status",
+        help="show a running gateway's counters and live flows",
+        description="Ask a running `tunlwip up` over its control socket for its counters, "
+        "drops and live flows.",
+    )
+    parser.add_argument("--iface", help="the gateway's TUN interface (default: the only one "
+                        f"with a socket in {CONTROL_DIR})")  # fmt: skip
+    parser.add_argument("--socket", dest="control_socket", metavar="PATH",
+                        help="control socket path (default /run/tunlwip/<iface>.sock)")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    parser.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT, metavar="SECONDS",
+                        help=f"give up after this long ({REQUEST_TIMEOUT:g})")  # fmt: skip
+
+
+def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``tunlwip status``: 0 with the answer printed; 1 (message on stderr) if no gateway
+    answered."""
+    out = out if out is not None else sys.stdout
+    try:
+        path = _client_path(getattr(args, "control_socket", None), getattr(args, "iface", None))
+        raw = request(path, {"cmd": "status"}, timeout=getattr(args, "timeout", REQUEST_TIMEOUT))
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            raise _StatusError(f"the answer from {path} is not JSON") from None
+        if not isinstance(document, dict):
+            raise _StatusError(f"unexpected answer from {path}")
+        if "error" in document:
+            raise _StatusError(f"the gateway on {path} said: {document['error']}")
+    except _StatusError as exc:
+        print(f"tunlwip status: {exc}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
+        out.write(raw.decode())
+    else:
+        out.write(format_status(document))
+    return 0
+
+
+class _StatusError(Exception):
+    pass
+
+
+def _client_path(path: str | None, iface: str | None) -> Path:
+    if path:
+        return Path(path)
+    if iface:
+        return default_socket_path(iface)
+    try:
+        found = sorted(p for p in CONTROL_DIR.glob("*.sock"))
+    except OSError:
+        found = []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise _StatusError(f"no gateway found in {CONTROL_DIR}: is `tunlwip up` running? "
+                           "(or give --iface / --socket)")  # fmt: skip
+    names = ", ".join(p.stem for p in found)
+    raise _StatusError(f"several gateways run ({names}): choose one with --iface")
+
+
+def request(path: Path, message: dict[str, Any], *, timeout: float = REQUEST_TIMEOUT) -> bytes:
+    """Send one request to the control socket at ``path``; the raw JSON answer."""
+    hint = f"is `tunlwip up --iface {path.stem}` running?"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            chunks, size = [], 0
+            while data := sock.recv(1 << 16):
+                chunks.append(data)
+                size += len(data)
+                if size > MAX_RESPONSE:
+                    raise _StatusError(f"the answer from {path} is too large")
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise _StatusError(f"no gateway on {path}: {hint}") from None
+        except PermissionError:
+            raise _StatusError(f"permission denied on {path} (run as the gateway's user, "
+                               "usually root)") from None  # fmt: skip
+        except TimeoutError:
+            raise _StatusError(f"the gateway on {path} did not answer within "
+                               f"{timeout:g} s") from None  # fmt: skip
+        except OSError as exc:
+            if exc.errno == errno.ENOTSOCK:
+                raise _StatusError(f"{path} is not a socket: {hint}") from None
+            raise _StatusError(f"cannot talk to {path}: {exc.strerror or exc}") from None
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise _StatusError(f"the gateway on {path} closed without answering")
+    return raw
+
+
+# -- the table -----------------------------------------------------------------------------------
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    """The readable form of a status answer: totals, drops, then the flows by bytes."""
+    totals = doc.get("totals") or {}
+    lines = [f"tunlwip {doc.get('version', '?')} on {doc.get('iface') or '?'} "
+             f"(pid {doc.get('pid', '?')}), up {_duration(doc.get('uptime', 0))}"]  # fmt: skip
+    flows = totals.get("flows") or {}
+    lines.append(f"flows:     {flows.get('live_tcp', 0)} TCP and {flows.get('live_udp', 0)} "
+                 f"UDP open; {flows.get('tcp', 0)} TCP, {flows.get('udp', 0)} UDP since "
+                 "start")  # fmt: skip
+    lines.append(f"dials:     ok {totals.get('dials_ok', 0)}, refused "
+                 f"{totals.get('dials_refused', 0)}, failed {totals.get('dials_failed', 0)}, "
+                 f"pending {totals.get('pending_dials', 0)}")  # fmt: skip
+    udp = totals.get("udp") or {}
+    lines.append(f"udp:       sessions {udp.get('opened', 0)} opened, {udp.get('expired', 0)} "
+                 f"expired, {udp.get('evicted', 0)} evicted; datagrams "
+                 f"{udp.get('datagrams_in', 0)} in, {udp.get('datagrams_out', 0)} out")  # fmt: skip
+    counters = (totals.get("stack") or {}).get("counters") or {}
+    echo = totals.get("icmp_echo") or {}
+    echo_details = "".join(f", {k.replace('_', ' ')} {v}" for k, v in echo.items() if v)
+    lines.append(f"icmp echo: replied {counters.get('icmp_echo_replied', 0)}, forwarded "
+                 f"{counters.get('icmp_echo_forwarded', 0)}{echo_details}")  # fmt: skip
+    dns = totals.get("dns")
+    if dns:
+        lines.append(f"dns:       queries {dns.get('queries', 0)}, blocked "
+                     f"{dns.get('blocked', 0)}, cached {dns.get('cache_hits', 0)}, forwarded "
+                     f"{dns.get('forwarded', 0)}, failed {dns.get('upstream_failures', 0)} "
+                     f"(timeouts {dns.get('timeouts', 0)})")  # fmt: skip
+    else:
+        lines.append("dns:       proxy off")
+    drops = doc.get("drops") or {}
+    dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(drops.items()))
+    lines.append(f"drops:     {dropped or 'none'}")
+    rows = [("PROTO", "CLIENT", "TARGET", "NAME", "UP", "DOWN", "AGE")]
+    for flow in doc.get("flows") or []:
+        rows.append((str(flow.get("protocol", "")), str(flow.get("client", "")),
+                     str(flow.get("target", "")), str(flow.get("name") or "-"),
+                     _bytes(flow.get("bytes_up", 0)), _bytes(flow.get("bytes_down", 0)),
+                     _duration(flow.get("age", 0))))  # fmt: skip
+    lines.append("")
+    if len(rows) == 1:
+        lines.append("no open flows")
+    else:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        right = {4, 5, 6}
+        for row in rows:
+            cells = [cell.rjust(w) if i in right else cell.ljust(w)
+                     for i, (cell, w) in enumerate(zip(row, widths, strict=True))]  # fmt: skip
+            lines.append("  ".join(cells).rstrip())
+    omitted = doc.get("flows_omitted") or 0
+    if omitted:
+        lines.append(f"... and {omitted} more")
+    return "\n".join(lines) + "\n"
+
+
+def _bytes(value: Any) -> str:
+    amount = float(value or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if amount < 1024 or unit == "TiB":
+            return f"{int(amount)} B" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _duration(value: Any) -> str:
+    seconds = int(float(value or 0))
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return f"{days}d{hours:02d}h{minutes:02d}m"
+    if hours:
+        return f"{hours}h{minutes:02d}m{seconds:02d}s"
+    if minutes:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{seconds}s"

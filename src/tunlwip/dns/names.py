@@ -1,0 +1,68 @@
+"""Which name each client resolved to which address, from the answers the proxy sent it.
+
+Why: flow records and ``tunlwip status`` show "who talked to what"; an address alone rarely
+says what. When a client then connects to an address it got from us, the name it asked for
+(the question, not a CNAME target at the end of the chain) names the flow. Entries are per
+client address, live as long as the answer's TTL but at least ``min_ttl`` (apps keep using an
+address after its TTL ran out), and the table is an LRU of at most ``max_entries``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+
+import dns.message
+import dns.rdatatype
+
+from ..endpoint import IPAddress
+
+_ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
+
+
+class ResolvedNames:
+    """(client address, answered address) -> name, bounded and expiring (trio clock times)."""
+
+    def __init__(self, max_entries: int = 50_000, min_ttl: float = 60.0) -> None:
+        self.max_entries = max_entries
+        self.min_ttl = min_ttl
+        self._entries: OrderedDict[tuple[IPAddress, IPAddress], tuple[str, float]] = \
+            OrderedDict()  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def remember(self, client: IPAddress, response: dns.message.Message, now: float) -> int:
+        """Note the A/AAAA addresses of ``response`` as answers to its question for ``client``;
+        returns how many."""
+        if not response.answer or len(response.question) != 1 or self.max_entries <= 0:
+            return 0
+        name = response.question[0].name.to_text(omit_final_dot=True).lower()
+        count = 0
+        for rrset in response.answer:
+            if rrset.rdtype not in _ADDRESS_TYPES:
+                continue
+            expires = now + max(float(rrset.ttl), self.min_ttl)
+            for rdata in rrset:
+                try:
+                    address = ipaddress.ip_address(rdata.address)
+                except (AttributeError, ValueError):
+                    continue
+                key = (client, address)
+                self._entries.pop(key, None)
+                self._entries[key] = (name, expires)
+                count += 1
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return count
+
+    def lookup(self, client: IPAddress, address: IPAddress, now: float) -> str | None:
+        """The name ``client`` last resolved to ``address``, unless that answer expired."""
+        entry = self._entries.get((client, address))
+        if entry is None:
+            return None
+        name, expires = entry
+        if now >= expires:
+            del self._entries[(client, address)]
+            return None
+        return name

@@ -1,0 +1,347 @@
+"""Flow records: what each TCP connection and UDP session did, for flow logs and ``status``.
+
+Theory of operation
+-------------------
+The gateway opens a ``LiveFlow`` in ``FlowTable`` when it starts handling a connection or a UDP
+session and closes it with a reason when the handler ends. A live flow does not copy byte
+counts: it reads them on demand from the stream or session that already keeps them, so the data
+path pays nothing per byte. Closing turns the flow into a frozen ``FlowRecord``, offered to
+every subscriber (``Gateway.flows()``).
+
+Subscribers each have their own bounded buffer. A consumer that falls behind loses records (each
+one counted, on the subscription and in the totals) rather than slowing the gateway or growing
+its memory; with no subscriber nothing is buffered at all. Subscriptions are held weakly, so one
+an embedder forgot to close stops costing anything once it is garbage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import json
+import logging
+import os
+import time
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Literal, Protocol
+
+import trio
+
+from .endpoint import Endpoint
+
+log = logging.getLogger("tunlwip.flows")
+
+FlowProtocol = Literal["tcp", "udp"]
+ByteCounts = Callable[[], tuple[int, int]]  # () -> (bytes_up, bytes_down), read when needed
+DEFAULT_BUFFER = 10_000
+
+
+def _no_bytes() -> tuple[int, int]:
+    return (0, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowRecord:
+    """One finished flow.
+
+    ``bytes_up`` went from the client towards the destination, ``bytes_down`` back. ``started``
+    is wall-clock time (``time.time()``, for logs); ``duration`` is measured on trio's clock.
+    ``connect_latency`` is the upstream dial time of the default TCP forwarder (None for UDP and
+    custom handlers). ``name`` is the TLS SNI or HTTP Host the client sent, else the name it
+    resolved to this address through the DNS proxy, else None.
+    """
+
+    protocol: FlowProtocol
+    client: Endpoint
+    target: Endpoint
+    bytes_up: int
+    bytes_down: int
+    started: float
+    duration: float
+    connect_latency: float | None
+    #: "closed", "reset", "idle timeout", "evicted", "refused", "unreachable", "dial timeout",
+    #: "stopped" (the gateway stopped), "error" (the handler raised).
+    close_reason: str
+    name: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (endpoints as ``addr:port`` strings), e.g. for a JSON-lines log."""
+        return {
+            "protocol": self.protocol,
+            "client": str(self.client),
+            "target": str(self.target),
+            "name": self.name,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "started": round(self.started, 3),
+            "duration": round(self.duration, 6),
+            "connect_latency": _round(self.connect_latency),
+            "close_reason": self.close_reason,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowInfo:
+    """A snapshot of one live flow: a ``FlowRecord`` without an end (``age`` so far)."""
+
+    protocol: FlowProtocol
+    client: Endpoint
+    target: Endpoint
+    bytes_up: int
+    bytes_down: int
+    started: float
+    age: float
+    connect_latency: float | None
+    name: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "client": str(self.client),
+            "target": str(self.target),
+            "name": self.name,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "started": round(self.started, 3),
+            "age": round(self.age, 3),
+            "connect_latency": _round(self.connect_latency),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowTotals:
+    """Flow counts since the gateway started."""
+
+    live_tcp: int = 0
+    live_udp: int = 0
+    #: Flows opened (TCP: connections handled plus dials that failed before accepting).
+    tcp: int = 0
+    udp: int = 0
+    #: Records a slow subscriber did not get (summed over subscribers).
+    records_dropped: int = 0
+    subscribers: int = 0
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+class LiveFlow:
+    """A flow in progress (the table's mutable entry; the gateway fills in latency and name)."""
+
+    __slots__ = ("_counts", "client", "connect_latency", "name", "opened", "protocol",
+                 "started", "target")  # fmt: skip
+
+    def __init__(self, protocol: FlowProtocol, client: Endpoint, target: Endpoint,
+                 counts: ByteCounts, name: str | None) -> None:  # fmt: skip
+        self.protocol: FlowProtocol = protocol
+        self.client = client
+        self.target = target
+        self.name = name
+        self.connect_latency: float | None = None
+        self.started = time.time()
+        self.opened = trio.current_time()
+        self._counts = counts
+
+    def __repr__(self) -> str:
+        return f"<LiveFlow {self.protocol} {self.client} -> {self.target}>"
+
+    def byte_counts(self) -> tuple[int, int]:
+        return self._counts()
+
+    def snapshot(self, now: float) -> FlowInfo:
+        up, down = self._counts()
+        return FlowInfo(self.protocol, self.client, self.target, up, down, self.started,
+                        now - self.opened, self.connect_latency, self.name)  # fmt: skip
+
+    def record(self, now: float, reason: str) -> FlowRecord:
+        up, down = self._counts()
+        return FlowRecord(self.protocol, self.client, self.target, up, down, self.started,
+                          now - self.opened, self.connect_latency, reason, self.name)  # fmt: skip
+
+
+class FlowSubscription:
+    """Records of flows as they close, from the moment ``Gateway.flows()`` was called.
+
+    Iterate with ``async for``; iteration ends when the gateway stops. ``aclose()`` (or a
+    ``with`` block) unsubscribes at once; an abandoned subscription is dropped when collected.
+    ``dropped`` counts records lost because the buffer (``max_buffer`` records) was full.
+    """
+
+    def __init__(self, table: FlowTable, max_buffer: int) -> None:
+        if max_buffer < 1:
+            raise ValueError("max_buffer must be >= 1")
+        self._table = table
+        self._send, self._receive = trio.open_memory_channel[FlowRecord](max_buffer)
+        self.dropped = 0
+
+    def __aiter__(self) -> FlowSubscription:
+        return self
+
+    async def __anext__(self) -> FlowRecord:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    def receive_nowait(self) -> FlowRecord:
+        """The next buffered record; ``trio.WouldBlock`` if none, ``trio.EndOfChannel`` once
+        the gateway stopped and everything was read (for consumers that write in batches)."""
+        try:
+            return self._receive.receive_nowait()
+        except trio.ClosedResourceError:
+            raise trio.EndOfChannel from None
+
+    def __enter__(self) -> FlowSubscription:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        self.close()
+
+    def close(self) -> None:
+        """Unsubscribe; records already buffered are discarded."""
+        self._table._subscribers.discard(self)
+        self._send.close()
+        self._receive.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def _offer(self, record: FlowRecord) -> bool:
+        try:
+            self._send.send_nowait(record)
+        except trio.WouldBlock:
+            if not self.dropped:
+                log.warning("flow records dropped: a consumer of Gateway.flows() is too slow")
+            self.dropped += 1
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._table._subscribers.discard(self)
+        return True
+
+    def _end(self) -> None:
+        self._send.close()  # the consumer reads what is buffered, then iteration stops
+
+
+class FlowTable:
+    """The gateway's live flows and the subscribers to their records."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, LiveFlow] = {}
+        self._subscribers: weakref.WeakSet[FlowSubscription] = weakref.WeakSet()
+        self._opened = {"tcp": 0, "udp": 0}
+        self._open_now = {"tcp": 0, "udp": 0}
+        self._records_dropped = 0
+        self._ended = False
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def open(self, protocol: FlowProtocol, client: Endpoint, target: Endpoint,
+             counts: ByteCounts = _no_bytes, name: str | None = None) -> LiveFlow:  # fmt: skip
+        flow = LiveFlow(protocol, client, target, counts, name)
+        self._live[id(flow)] = flow
+        self._opened[protocol] += 1
+        self._open_now[protocol] += 1
+        return flow
+
+    def close(self, flow: LiveFlow, reason: str) -> FlowRecord | None:
+        """End ``flow``; returns its record (None if it was already closed)."""
+        if self._live.pop(id(flow), None) is None:
+            return None
+        self._open_now[flow.protocol] -= 1
+        record = flow.record(trio.current_time(), reason)
+        for subscriber in list(self._subscribers):
+            if not subscriber._offer(record):
+                self._records_dropped += 1
+        return record
+
+    def failed(
+        self,
+        protocol: FlowProtocol,
+        client: Endpoint,
+        target: Endpoint,
+        reason: str,
+        *,
+        connect_latency: float | None = None,
+        name: str | None = None,
+    ) -> FlowRecord:
+        """Record a flow that ended before it was handled (a failed dial before accept)."""
+        flow = self.open(protocol, client, target, name=name)
+        if connect_latency is not None:
+            flow.connect_latency = connect_latency
+            flow.opened -= connect_latency
+            flow.started -= connect_latency
+        record = self.close(flow, reason)
+        assert record is not None
+        return record
+
+    def live(self, limit: int | None = None) -> list[FlowInfo]:
+        """Snapshots of the live flows, most bytes first; at most ``limit`` of them."""
+        flows = self._live.values()
+        now = trio.current_time()
+
+        def volume(flow: LiveFlow) -> int:
+            return sum(flow.byte_counts())
+
+        chosen = (sorted(flows, key=volume, reverse=True) if limit is None
+                  else heapq.nlargest(limit, flows, key=volume))  # fmt: skip
+        return [flow.snapshot(now) for flow in chosen]
+
+    def subscribe(self, max_buffer: int = DEFAULT_BUFFER) -> FlowSubscription:
+        subscription = FlowSubscription(self, max_buffer)
+        if self._ended:
+            subscription._end()
+        else:
+            self._subscribers.add(subscription)
+        return subscription
+
+    def start(self) -> None:
+        self._ended = False
+
+    def end_subscriptions(self) -> None:
+        """The gateway stopped: let every subscriber's iteration finish."""
+        self._ended = True
+        for subscriber in list(self._subscribers):
+            subscriber._end()
+        self._subscribers.clear()
+
+    def totals(self) -> FlowTotals:
+        live = self._open_now
+        return FlowTotals(live_tcp=live["tcp"], live_udp=live["udp"], tcp=self._opened["tcp"],
+                          udp=self._opened["udp"], records_dropped=self._records_dropped,
+                          subscribers=len(self._subscribers))  # fmt: skip
+
+
+class _FlowSource(Protocol):
+    def flows(self, max_buffer: int = DEFAULT_BUFFER) -> FlowSubscription: ...
+
+
+async def write_flow_log(
+    gateway: _FlowSource,
+    path: str | os.PathLike[str],
+    *,
+    max_buffer: int = DEFAULT_BUFFER,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Append one JSON line (``FlowRecord.to_json()``) per closed flow to ``path`` until the
+    gateway stops or this is cancelled; ``started()`` once the file is open (an OSError before
+    that means it cannot be). Lines are written in batches off the trio thread, so a slow disk
+    costs dropped records (counted in ``statistics().flows.records_dropped``), never gateway
+    speed. Rotate with copytruncate, or restart: the file is opened once."""
+    log_file = await trio.open_file(path, "a", encoding="utf-8")
+    async with log_file:
+        with gateway.flows(max_buffer) as records:
+            task_status.started()
+            async for record in records:
+                lines = [json.dumps(record.to_json())]
+                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                    while len(lines) < 1024:
+                        lines.append(json.dumps(records.receive_nowait().to_json()))
+                await log_file.write("\n".join(lines) + "\n")
+                await log_file.flush()
