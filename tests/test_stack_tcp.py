@@ -194,6 +194,25 @@ async def test_time_wait_expires_on_virtual_clock(
     assert harness.stack.statistics().lwip_tcp_pcbs == 0
 
 
+async def test_new_syn_replaces_a_connection_in_time_wait(harness: Harness) -> None:
+    """A client reusing its port while lwIP still holds the old 4-tuple in TIME-WAIT must get
+    a new connection (as from Linux), not an ACK for the old one and a stall."""
+    peer = TcpPeer(harness.wire, CLIENT4, 45001, "192.0.2.4", 80, isn=1000)
+    await peer.connect()
+    stream = await harness.next_stream()
+    await stream.send_eof()
+    assert await peer.recv_until_eof() == b""
+    await peer.shutdown()
+    assert await stream.receive_some() == b""
+    await peer.wait_acked()
+    peer.detach()
+    assert harness.stack.statistics().lwip_tcp_pcbs == 1  # TIME-WAIT
+    again = TcpPeer(harness.wire, CLIENT4, 45001, "192.0.2.4", 80, isn=500_000)
+    await again.connect()
+    assert (await harness.next_stream()).remote.port == 45001
+    assert harness.stack.statistics().counters["time_wait_recycled"] == 1
+
+
 async def test_stray_ack_without_connection_gets_rst(harness: Harness) -> None:
     harness.device.inject_packet(
         tcp_packet(CLIENT4, "192.0.2.12", 41000, 80, seq=77, ack=5, flags=ACK)

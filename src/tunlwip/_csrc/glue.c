@@ -596,6 +596,19 @@ static int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int
         u8_t flags = TCPH_FLAGS(th);
         u16_t dport = lwip_ntohs(th->dest);
         if ((flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN)) == TCP_SYN) {
+            /* A new SYN for a 4-tuple lwIP still holds in TIME-WAIT: lwIP would only ACK it
+             * (tcp_timewait_input) and the client, reusing its port, would stall until the
+             * TIME-WAIT ends. Like Linux (tcp_timewait_state_process), let the new connection
+             * replace it. */
+            u16_t sport_tw = lwip_ntohs(th->src);
+            for (struct tcp_pcb *tw = tcp_tw_pcbs; tw; tw = tw->next) {
+                if (tw->local_port == dport && tw->remote_port == sport_tw &&
+                    ip_addr_cmp(&tw->local_ip, dst) && ip_addr_cmp(&tw->remote_ip, src)) {
+                    tcp_abort(tw); /* TIME-WAIT: removed and freed, no RST */
+                    tl_stats.time_wait_recycled++;
+                    break;
+                }
+            }
             if (tl_hold_syns && !tl_releasing) {
                 int known = 0;
                 u16_t sport = lwip_ntohs(th->src);
