@@ -5,12 +5,11 @@ real client resolves a name through the proxy, keeps a TCP connection and a UDP 
 after exchanging bytes, and ``status --json`` must list both with exact byte counts and the
 TCP one must carry the name the client resolved.
 
-The gateway runs from GATEWAY_SCRIPT (``Gateway`` plus ``serve_control``, as ``tunlwip up``
-runs them), the status client from STATUS_SCRIPT (the same ``add_status_parser`` and
-``run_status`` the ``tunlwip status`` command uses)::
+``tunlwip up --control-socket PATH --flow-log FILE`` runs in gw; ``tunlwip status`` asks it
+from the test's own namespace (a unix socket is a file: namespaces do not matter)::
 
     [cli]                          [gw]                                [srv]
-    CLIENT_SCRIPT                  GATEWAY_SCRIPT --iface T            SERVER_SCRIPT: DNS on
+    CLIENT_SCRIPT                  tunlwip up --iface T                SERVER_SCRIPT: DNS on
     T: 198.18.0.2/32               DNS upstream udp://198.18.1.2:5353  5353 (www.flows.test ->
     default dev T ===== fd =====>  sockets -- veth 198.18.1.1 ------- 198.18.1.2), TCP and UDP
                                                                        echo on 7300 / 7301
@@ -19,7 +18,6 @@ runs them), the status client from STATUS_SCRIPT (the same ``add_status_parser``
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,37 +27,14 @@ from pathlib import Path
 
 import pytest
 
-from gatewayproc import wait_for
-from netns import CLIENT_ADDR4, SRV_ADDR4, SplitTopology, move_link, setup_client_tun
+from gatewayproc import StartGateway, wait_for
+from netns import CLIENT_ADDR4, SRV_ADDR4, SplitTopology
 
 pytestmark = pytest.mark.netns
 
 NAME = "www.flows.test"
 DNS_PORT, TCP_PORT, UDP_PORT = 5353, 7300, 7301
 TCP_BYTES, UDP_BYTES = 10_000, 300
-
-GATEWAY_SCRIPT = r"""
-import signal, sys, trio
-from tunlwip import DnsConfig, Gateway, GatewayConfig, TunDevice
-from tunlwip.control import serve_control
-
-iface, path, upstream = sys.argv[1:4]
-
-async def main():
-    device = TunDevice.open(iface)  # brought up once moved to cli
-    gateway = Gateway(device, GatewayConfig(dns=DnsConfig(upstreams=(upstream,))))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(gateway.serve)
-        await nursery.start(serve_control, gateway, path)
-        print("serving", flush=True)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                break
-        nursery.cancel_scope.cancel()
-    await device.aclose()
-
-trio.run(main)
-"""
 
 SERVER_SCRIPT = r"""
 import socket, sys, threading
@@ -121,15 +96,6 @@ print("ready", address, tcp.getsockname()[1], udp.getsockname()[1], flush=True)
 sys.stdin.read()  # keep both open until the test is done
 """
 
-STATUS_SCRIPT = r"""
-import argparse, sys
-from tunlwip.control import add_status_parser, run_status
-
-parser = argparse.ArgumentParser(prog="tunlwip")
-add_status_parser(parser.add_subparsers(dest="command"))
-sys.exit(run_status(parser.parse_args(["status", *sys.argv[1:]])))
-"""
-
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
@@ -149,30 +115,22 @@ def read_line(proc: subprocess.Popen[str], what: str) -> str:
 
 
 def status(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", STATUS_SCRIPT, "--socket", str(path), *args],
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "tunlwip", "status", "--socket", str(path),
+                           *args], capture_output=True, text=True, timeout=30)  # fmt: skip
 
 
 def test_status_lists_live_flows_with_bytes_and_name(
-    split: SplitTopology, sock_dir: Path, tmp_path: Path
+    split: SplitTopology, split_gateway: StartGateway, sock_dir: Path, tmp_path: Path
 ) -> None:
-    iface = split.topo.ifname("t")
-    path = sock_dir / f"{iface}.sock"
+    path, flow_log = sock_dir / "gw.sock", tmp_path / "flows.jsonl"
     server = split.srv.popen(
         [sys.executable, "-c", SERVER_SCRIPT, NAME, SRV_ADDR4, str(DNS_PORT), str(TCP_PORT),
          str(UDP_PORT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert read_line(server, "the servers") == "ready"
-    log_path = tmp_path / "gateway.log"
-    with log_path.open("w") as log:
-        gateway = split.gw.popen(
-            [sys.executable, "-c", GATEWAY_SCRIPT, iface, str(path),
-             f"udp://{SRV_ADDR4}:{DNS_PORT}"], stdout=subprocess.PIPE, stderr=log, text=True,
-        )  # fmt: skip
-    assert read_line(gateway, "the gateway") == "serving", log_path.read_text()
+    gw = split_gateway("--control-socket", str(path), "--flow-log", str(flow_log),
+                       "--dns-upstream", f"udp://{SRV_ADDR4}:{DNS_PORT}")  # fmt: skip
     assert (path.stat().st_mode & 0o777) == 0o600
-    move_link(iface, split.gw, split.cli)
-    setup_client_tun(split.cli, iface, client_addr6=None)
 
     client = split.cli.popen(
         [sys.executable, "-c", CLIENT_SCRIPT, NAME, str(TCP_PORT), str(UDP_PORT),
@@ -183,7 +141,7 @@ def test_status_lists_live_flows_with_bytes_and_name(
     assert (ready, address) == ("ready", SRV_ADDR4)
 
     result = status(path, "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, f"{result.stderr}\n{gw.tail()}"
     doc = json.loads(result.stdout)
     flows = {(f["protocol"], f["client"]): f for f in doc["flows"]}
     tcp = flows[("tcp", f"{CLIENT_ADDR4}:{tcp_port}")]
@@ -192,18 +150,28 @@ def test_status_lists_live_flows_with_bytes_and_name(
     udp = flows[("udp", f"{CLIENT_ADDR4}:{udp_port}")]
     assert udp["target"] == f"{SRV_ADDR4}:{UDP_PORT}" and udp["name"] == NAME
     assert (udp["bytes_up"], udp["bytes_down"]) == (UDP_BYTES, UDP_BYTES)
-    assert doc["iface"] == iface and doc["totals"]["dns"]["forwarded"] >= 1
+    assert doc["iface"] == gw.iface and doc["totals"]["dns"]["forwarded"] >= 1
 
     table = status(path)
     assert table.returncode == 0, table.stderr
     assert NAME in table.stdout and f"{SRV_ADDR4}:{TCP_PORT}" in table.stdout
 
     assert client.stdin is not None
-    client.stdin.close()
+    client.stdin.close()  # the client closes its sockets and exits
     client.wait(10)
-    gateway.terminate()
-    assert gateway.wait(10) == 0, log_path.read_text()
-    wait_for(lambda: not path.exists(), "the control socket's removal", timeout=5)
+
+    def tcp_logged() -> bool:
+        lines = flow_log.read_text().splitlines() if flow_log.exists() else []
+        return any(json.loads(line)["protocol"] == "tcp" for line in lines)
+
+    wait_for(tcp_logged, "the TCP flow's record in the flow log", timeout=10)
+    [record] = [r for r in map(json.loads, flow_log.read_text().splitlines())
+                if r["protocol"] == "tcp"]  # fmt: skip
+    assert (record["name"], record["close_reason"]) == (NAME, "closed")
+    assert (record["bytes_up"], record["bytes_down"]) == (TCP_BYTES, TCP_BYTES)
+    assert record["connect_latency"] is not None
+
+    gw.stop()
+    assert not path.exists()  # removed on exit
     gone = status(path)
     assert gone.returncode == 1 and f"no gateway on {path}" in gone.stderr
-    assert os.path.isdir(sock_dir)
