@@ -38,6 +38,9 @@ extern "Python+C" int tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst,
                                 const uint8_t *data, size_t len);
 extern "Python+C" void tl_py_icmp_echo(const tl_endpoint *src, const tl_endpoint *dst,
                                        const uint8_t *msg, size_t len);
+extern "Python+C" void tl_py_relay_done(uintptr_t conn, int reason, uint64_t bytes_up,
+                                        uint64_t bytes_down);
+extern "Python+C" void tl_py_relay_first_data(uintptr_t conn, const uint8_t *data, size_t len);
 """
 
 
@@ -54,7 +57,7 @@ def _sources() -> list[str]:
             "run `bash vendor/lwip/fetch.sh` (or `make install`) first"
         )
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731 - setuptools wants relative paths
-    return [rel(LWIP / s) for s in LWIP_SOURCES] + [rel(CSRC / "glue.c")]
+    return [rel(LWIP / s) for s in LWIP_SOURCES] + [rel(CSRC / "glue.c"), rel(CSRC / "relay.c")]
 
 
 ffibuilder = FFI()

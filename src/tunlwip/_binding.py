@@ -1,9 +1,9 @@
 """The only importer of the compiled lwIP module: callbacks, conversions, error codes.
 
 Theory of operation: lwIP calls back into Python (accept, recv, sent, err, output, held SYN,
-UDP datagram) from inside an lwIP call that the stack made on the trio thread. Each callback
-converts its C arguments to Python values and forwards them to the one active ``Sink`` (the
-stack). Callbacks never raise into C: an exception is logged and handed to the sink, and the C
+UDP datagram, relay events) from inside an lwIP call that the stack made on the trio thread. Each
+callback converts its C arguments to Python values and forwards them to the one active ``Sink``
+(the stack). Callbacks never raise into C: an exception is logged and handed to the sink, and the C
 side sees a safe default (reject the connection, pass the SYN, drop the datagram). Sinks must not
 call back into lwIP input or timers from these methods; they record events and wake tasks.
 """
@@ -60,6 +60,8 @@ class Sink(Protocol):
     def on_syn(self, packet: bytes, src: Endpoint, dst: Endpoint) -> bool: ...
     def on_udp(self, src: Endpoint, dst: Endpoint, data: bytes) -> bool: ...
     def on_icmp_echo(self, src: Endpoint, dst: Endpoint, message: bytes) -> None: ...
+    def on_relay_done(self, conn: int, reason: int, bytes_up: int, bytes_down: int) -> None: ...
+    def on_relay_first_data(self, conn: int, data: bytes) -> None: ...
     def on_callback_error(self, exc: BaseException) -> None: ...
 
 
@@ -152,3 +154,15 @@ def tl_py_icmp_echo(src: Any, dst: Any, message: Any, length: int) -> None:
         _sink.on_icmp_echo(
             endpoint_from_c(src), endpoint_from_c(dst), bytes(ffi.buffer(message, length))
         )
+
+
+@ffi.def_extern(onerror=_onerror)
+def tl_py_relay_done(conn: int, reason: int, bytes_up: int, bytes_down: int) -> None:
+    if _sink is not None:
+        _sink.on_relay_done(conn, reason, bytes_up, bytes_down)
+
+
+@ffi.def_extern(onerror=_onerror)
+def tl_py_relay_first_data(conn: int, data: Any, length: int) -> None:
+    if _sink is not None:
+        _sink.on_relay_first_data(conn, bytes(ffi.buffer(data, length)))

@@ -34,7 +34,7 @@ from .service import configure_logging
 log = logging.getLogger("tunlwip")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOPERM, EXIT_CONFIG = 0, 1, 2, 77, 78
-SIOCSIFMTU, SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8922, 0x8913, 0x8914, 0x1
+SIOCSIFMTU, SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFTXQLEN, IFF_UP = 0x8922, 0x8913, 0x8914, 0x8943, 0x1
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -50,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the gateway. Flags override the config file's values.",
     )
     config.add_arguments(up)
-    up.add_argument("--control-socket", metavar="PATH",
-                    help="unix socket `tunlwip status` asks (default /run/tunlwip/IFACE.sock)")
+    up.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="unix socket `tunlwip status` asks (default /run/tunlwip/IFACE.sock)",
+    )
     up.add_argument("--flow-log", metavar="FILE",
                     help="append a JSON line per closed flow to FILE")  # fmt: skip
     up.set_defaults(handler=cmd_up, needs_config=True)
@@ -78,10 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 # -- the device ------------------------------------------------------------------------------
 
 
-def set_link_up(name: str, mtu: int) -> None:
-    """Set the TUN's MTU and bring it up (ioctls on a throwaway socket, no `ip` needed)."""
+def set_link_up(name: str, mtu: int, txqueuelen: int) -> None:
+    """Set the TUN's MTU and queue length (see ``Settings.txqueuelen``) and bring it up
+    (ioctls on a throwaway socket, no `ip` needed)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         fcntl.ioctl(s, SIOCSIFMTU, struct.pack("16si20x", name.encode(), mtu))
+        fcntl.ioctl(s, SIOCSIFTXQLEN, struct.pack("16si20x", name.encode(), txqueuelen))
         flags = struct.unpack_from("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16s24x",
                                    name.encode())))[1]  # fmt: skip
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh22x", name.encode(), flags | IFF_UP))
@@ -121,7 +126,8 @@ def reload(gateway: Gateway, running: Settings, current: Settings, reloader: Rel
     except ConfigError as exc:
         log.error("reload: configuration not reloaded, keeping the old one: %s", exc)
         return current
-    pending += [key for key in ("device.name", "protect.fwmark", "protect.interface")
+    pending += [key for key in ("device.name", "device.txqueuelen", "protect.fwmark",
+                                "protect.interface")
                 if new.values[key] != running.values[key]]  # fmt: skip
     if pending:
         log.warning("reload: these settings need a restart: %s", ", ".join(pending))
@@ -146,7 +152,7 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
     config = settings.gateway
     device = TunDevice.open(settings.iface)
     try:
-        set_link_up(device.name, config.stack.mtu)
+        set_link_up(device.name, config.stack.mtu, settings.txqueuelen)
     except OSError as exc:
         await device.aclose()
         raise DeviceError(f"cannot configure {device.name}: {exc.strerror}") from exc

@@ -468,6 +468,9 @@ SCHEMA: tuple[Option, ...] = (
     Option("device.name", IfName(), None, "TUN interface to create or attach to", "--iface",
            unset="the `--iface` value"),
     Option("device.mtu", Integer(576, 65520), 1500, "interface MTU", "--mtu", "stack.mtu"),
+    Option("device.txqueuelen", Integer(1, 1_000_000), None, "packets the kernel queues "
+           "for the gateway to read before it drops", "--txqueuelen",
+           unset="auto: 16 MiB of MTU-sized packets, 500 to 10000"),
     Option("device.ipv4", Address(4), _v4("198.18.0.1"), "lwIP's IPv4 address (also the DNS "
            "proxy's)", "--gateway4", "stack.ipv4_address"),
     Option("device.ipv6", Address(6), _v6("fd00:18::1"), "lwIP's IPv6 address (also the DNS "
@@ -580,6 +583,16 @@ class Settings:
     def iface(self) -> str:
         name: str = self.values["device.name"]
         return name
+
+    @property
+    def txqueuelen(self) -> int:
+        """The TUN's queue length: as set, or 16 MiB worth of MTU-sized packets (500-10000).
+        Every packet dropped there costs a client a retransmission timeout, and many parallel
+        flows overflow the kernel's default of 500; the byte budget bounds kernel memory."""
+        qlen: int | None = self.values["device.txqueuelen"]
+        if qlen is None:
+            qlen = min(10_000, max(500, (16 << 20) // self.gateway.stack.mtu))
+        return qlen
 
     @property
     def log_level(self) -> str:

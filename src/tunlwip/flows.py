@@ -149,6 +149,10 @@ class LiveFlow:
     def __repr__(self) -> str:
         return f"<LiveFlow {self.protocol} {self.client} -> {self.target}>"
 
+    def count_bytes_with(self, counts: ByteCounts) -> None:
+        """Read byte counts from ``counts`` from now on (the flow moved to a C relay)."""
+        self._counts = counts
+
     def byte_counts(self) -> tuple[int, int]:
         return self._counts()
 

@@ -1,6 +1,6 @@
 """Gateway: the stack, the protected dialer and the default forwarders wired together.
 
-TCP connections go to ``tcp_handler`` (default: splice with a protected upstream connection),
+TCP connections go to ``tcp_handler`` (default: a C relay with a protected upstream connection),
 UDP flows become sessions handled by ``udp_handler`` (default: relay through a protected UDP
 socket), and echo requests are answered, forwarded with ping sockets, or ignored.
 
@@ -26,9 +26,10 @@ from .dns.proxy import DnsConfig, DnsCounters, DnsProxy
 from .endpoint import Endpoint
 from .errors import ProtectError, TunlwipError
 from .flows import DEFAULT_BUFFER, FlowInfo, FlowSubscription, FlowTable, FlowTotals, LiveFlow
-from .forward import relay_datagrams, splice
+from .forward import relay_datagrams
 from .icmp import EchoCounters, EchoForwarder, unavailable_reason
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
+from .relay import RESET_SIDES
 from .sniff import sniff_name
 from .stack import LwipStack, StackConfig, StackStatistics
 from .tcp import LwipTcpStream
@@ -104,6 +105,7 @@ class Gateway:
             stack_config = dataclasses.replace(stack_config, icmp_echo="reply")
             self.config = dataclasses.replace(self.config, stack=stack_config)
         self.stack = LwipStack(device, stack_config)
+        self.stack.relay_idle_timeout = self.config.idle_timeout
         self._udp_handler = udp_handler or self._forward_udp
         self.udp = UdpSessions(self.stack, self._dispatch_udp, self.config.udp)
         #: The DNS proxy (None when ``dns.hijack`` is "off": port 53 is then forwarded).
@@ -187,6 +189,7 @@ class Gateway:
             stack = dataclasses.replace(stack, icmp_echo=old.stack.icmp_echo)
         self.stack.apply_packet_policy(stack)
         self.dialer.connect_timeout = config.dial_timeout
+        self.stack.relay_idle_timeout = config.idle_timeout
         self.udp.config = config.udp
         self.echo.idle_timeout = config.icmp_echo_idle_timeout
         keep = {name: getattr(old, name) for name in ("dial_before_accept",)}
@@ -332,12 +335,21 @@ class Gateway:
             if name is not None:
                 flow.name = name  # what the client asked the server for beats the DNS guess
 
-        async with upstream:
-            result = await splice(stream, upstream, idle_timeout=self.config.idle_timeout,
-                                  on_first_client_data=name_from_first_bytes)  # fmt: skip
-        log.debug("flow %s -> %s ended: %s, %d bytes up, %d down", stream.remote, target,
-                  result.reason, result.client_to_upstream, result.upstream_to_client)  # fmt: skip
-        return result.reason.partition(" (")[0]  # "reset (which direction: why)" -> "reset"
+        try:
+            relay = self.stack.relay(stream, upstream.socket, on_first_data=name_from_first_bytes)
+        except BaseException:
+            upstream.socket.close()
+            raise
+        flow.count_bytes_with(relay.byte_counts)
+        try:
+            reason = await relay.wait()
+        finally:
+            relay.abort()  # cancelled (the gateway stops): both ends see RST; no-op once ended
+        up, down = relay.byte_counts()
+        log.debug("flow %s -> %s ended: %s%s, %d bytes up, %d down", stream.remote, target, reason,
+                  f" by the {RESET_SIDES[relay.reason_code]}"
+                  if relay.reason_code in RESET_SIDES else "", up, down)  # fmt: skip
+        return reason
 
     async def _forward_udp(self, session: UdpSession) -> None:
         try:

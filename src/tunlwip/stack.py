@@ -8,7 +8,8 @@ a time, and lwIP answers by invoking callbacks (see ``_binding``). Those callbac
 events: they queue output packets, buffer received bytes and unpark waiting tasks. They never
 enter lwIP again.
 
-Three tasks drive it: the *reader* feeds device packets to ``tl_input``; the *timer* runs
+Three tasks drive it: the *reader* feeds device packets to ``tl_input`` (or, for a device
+with an fd, lets C read them in batches: ``tl_input_fd``); the *timer* runs
 ``sys_check_timeouts`` at most 250 ms apart; the *writer* delivers queued output to the device
 (unless the device let C write to its fd directly). lwIP's clock is trio's clock, so trio's
 ``autojump_clock`` makes retransmissions and TIME-WAIT instant in tests.
@@ -21,8 +22,10 @@ may run (tests do this constantly).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, NoReturn
 
@@ -32,7 +35,8 @@ from . import _binding
 from ._binding import ffi, lib
 from .device import PacketDevice
 from .endpoint import Endpoint
-from .errors import LwipError, TunlwipError
+from .errors import DeviceError, LwipError, TunlwipError
+from .relay import FirstDataCallback, Relay
 from .tcp import LwipTcpStream
 
 log = logging.getLogger("tunlwip.stack")
@@ -47,8 +51,11 @@ _UDP_ACTIONS = {"reject": lib.TL_UDP_REJECT, "drop": lib.TL_UDP_DROP, "off": lib
 _ECHO_MODES = {"reply": lib.TL_ECHO_REPLY, "forward": lib.TL_ECHO_FORWARD, "off": lib.TL_ECHO_OFF}
 
 _TIMER_CAP_SECONDS = 0.25
-_READ_BURST = 32  # packets read before the reader lets other tasks run
+_RELAY_POLL_BATCH = 256  # ready sockets handled before the poll task lets others run
+_RELAY_SWEEP_SECONDS = 1.0
+_READ_BATCH = 64  # packets read before the reader lets other tasks run
 _SLEEPTIME_INFINITE = 0xFFFFFFFF
+_ERR_MEM = -1
 DEFAULT_IPV4 = ipaddress.IPv4Address("198.18.0.1")
 DEFAULT_IPV6 = ipaddress.IPv6Address("fd00:18::1")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -118,6 +125,9 @@ class LwipStack:
         #: Called with (client, destination, ICMP message) for echo requests in "forward" mode.
         self.icmp_echo_receiver: EchoReceiver | None = None
         self._streams: dict[int, LwipTcpStream] = {}
+        self._relays: dict[int, Relay] = {}
+        #: Relays with no byte moved for this long are reset (None: never).
+        self.relay_idle_timeout: float | None = None
         self._next_conn_id = 1
         self._outbox: list[bytes] = []
         self._output_ready = trio.Event()
@@ -152,6 +162,7 @@ class LwipStack:
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._timer)
                 nursery.start_soon(self._writer)
+                nursery.start_soon(self._relay_poller)
                 task_status.started(self)
                 await trio.sleep_forever()
         finally:
@@ -164,8 +175,11 @@ class LwipStack:
         counters = {name: int(getattr(c, name)) for name in _COUNTER_FIELDS}
         counters["packets_out"] += self._packets_sent_outside_lwip
         counters["callback_errors"] = self._callback_errors
+        relays = lib.tl_relay_get_counters()
+        counters["relays_opened"] = int(relays.opened)
+        counters["relay_spills"] = int(relays.spills)
         return StackStatistics(
-            tcp_connections=len(self._streams),
+            tcp_connections=len(self._streams) + len(self._relays),
             lwip_tcp_pcbs=lib.tl_tcp_pcb_count(),
             counters=counters,
         )
@@ -181,6 +195,42 @@ class LwipStack:
         self._packets_sent_outside_lwip += 1
         self._outbox.append(packet)
         self._output_ready.set()
+
+    def relay(
+        self,
+        stream: LwipTcpStream,
+        upstream: Any,
+        *,
+        on_first_data: FirstDataCallback | None = None,
+    ) -> Relay:
+        """Hand ``stream`` and its connected ``upstream`` socket (stdlib or trio; its fd is
+        taken over) to the C relay, which forwards both ways with half-close until both ends
+        finished, either reset, or the relay idle timeout. The stream is closed afterwards;
+        ``on_first_data`` sees the client's first bytes (up to 4 KiB) before they go on.
+        Raises ``trio.BrokenResourceError`` if the connection is already gone (the socket is
+        then left to the caller) and ``LwipError`` if the relay cannot be set up (both ends
+        reset)."""
+        conn_id = stream._conn_id
+        pcb, pending, client_eof = stream._hand_over()
+        fd = upstream.detach()
+        relay = Relay(stream.remote, stream.local, on_first_data, self._after_lwip)
+        self._relays[conn_id] = relay
+        if pending:  # the first bytes arrived before the handover: name the flow now
+            self._first_data(relay, pending)
+        out = ffi.new("void **")
+        self._tick_clock()
+        rc = lib.tl_relay_open(pcb, fd, conn_id, pending, len(pending), client_eof,
+                               relay.on_first_data is not None, out)  # fmt: skip
+        self._after_lwip()
+        if rc != 0:
+            self._relays.pop(conn_id, None)
+            os.close(fd)
+            lib.tl_tcp_abort(pcb)
+            self._after_lwip()
+            raise LwipError(_ERR_MEM, "relay setup")
+        if out[0] != ffi.NULL:
+            relay._started(out[0])
+        return relay
 
     def send_udp(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
         """Send a datagram to client ``dst`` appearing to come from ``src`` (any address)."""
@@ -263,6 +313,8 @@ class LwipStack:
 
     def _stop_lwip(self) -> None:
         self._running = False
+        self._tick_clock()
+        lib.tl_relay_abort_all()  # closes every upstream socket (reported as "stopped")
         for stream in list(self._streams.values()):
             stream._on_stack_stopped()
         self._streams.clear()
@@ -273,6 +325,34 @@ class LwipStack:
 
     # -- tasks --------------------------------------------------------------------------------
     async def _reader(self) -> None:
+        direct_fd = getattr(self.device, "direct_input_fd", None)
+        if callable(direct_fd) and direct_fd() is not None:
+            await self._read_fd(direct_fd)
+        else:
+            await self._read_packets()
+
+    async def _read_fd(self, direct_fd: Callable[[], int | None]) -> None:
+        """The fast path: C reads batches from the device's fd and feeds lwIP directly."""
+        while (fd := direct_fd()) is not None:
+            self._tick_clock()
+            count = lib.tl_input_fd(fd, _READ_BATCH)
+            if lib.tl_sleeptime() == 0:
+                lib.tl_check_timeouts()
+            self._after_lwip()
+            if count < 0:
+                if -count in (errno.EBADF, errno.EPIPE):
+                    break
+                raise DeviceError(f"packet device read failed: {os.strerror(-count)}")
+            if count == _READ_BATCH:
+                await trio.lowlevel.checkpoint()  # more waiting: let other tasks run first
+                continue
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            except trio.ClosedResourceError:
+                break
+        log.info("packet device closed; the stack stops reading")
+
+    async def _read_packets(self) -> None:
         device = self.device
         burst = 0
         while True:
@@ -283,16 +363,33 @@ class LwipStack:
                 return
             self.inject_packet(packet)
             burst += 1
-            if burst == _READ_BURST:
+            if burst == _READ_BATCH:
                 # A device with packets waiting returns without yielding; under a flood the
                 # reader would starve every other task (UDP relays, timers, the writer).
                 burst = 0
                 await trio.lowlevel.checkpoint()
 
+    async def _relay_poller(self) -> None:
+        """Wait for any relayed upstream socket to be ready; C then moves the bytes."""
+        epoll_fd = lib.tl_relay_epoll_fd()
+        if epoll_fd < 0:
+            raise TunlwipError(f"cannot create the relay poll set: {os.strerror(-epoll_fd)}")
+        while True:
+            await trio.lowlevel.wait_readable(epoll_fd)
+            self._tick_clock()
+            handled = lib.tl_relay_poll(_RELAY_POLL_BATCH)
+            self._after_lwip()
+            if handled == _RELAY_POLL_BATCH:
+                await trio.lowlevel.checkpoint()
+
     async def _timer(self) -> None:
+        next_sweep = trio.current_time()
         while True:
             self._tick_clock()
             lib.tl_check_timeouts()
+            if self.relay_idle_timeout is not None and trio.current_time() >= next_sweep:
+                next_sweep = trio.current_time() + _RELAY_SWEEP_SECONDS
+                lib.tl_relay_sweep(int(self.relay_idle_timeout * 1000))
             self._after_lwip()
             sleep_ms = lib.tl_sleeptime()
             delay = _TIMER_CAP_SECONDS if sleep_ms == _SLEEPTIME_INFINITE else sleep_ms / 1000
@@ -380,6 +477,25 @@ class LwipStack:
     def on_icmp_echo(self, src: Endpoint, dst: Endpoint, message: bytes) -> None:
         if self.icmp_echo_receiver is not None:
             self.icmp_echo_receiver(src, dst, message)
+
+    def on_relay_done(self, conn: int, reason: int, bytes_up: int, bytes_down: int) -> None:
+        relay = self._relays.pop(conn, None)
+        if relay is not None:
+            relay._finish(reason, bytes_up, bytes_down)
+
+    def on_relay_first_data(self, conn: int, data: bytes) -> None:
+        relay = self._relays.get(conn)
+        if relay is not None:
+            self._first_data(relay, data)
+
+    @staticmethod
+    def _first_data(relay: Relay, data: bytes) -> None:
+        callback, relay.on_first_data = relay.on_first_data, None
+        if callback is not None:
+            try:
+                callback(data)
+            except Exception:
+                log.debug("first-data callback failed", exc_info=True)
 
     def on_callback_error(self, exc: BaseException) -> None:
         self._callback_errors += 1

@@ -192,6 +192,23 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
         self._stack._forget(self._conn_id)
         self._wake_all()
 
+    def _hand_over(self) -> tuple[Any, bytes, bool]:
+        """Give the connection to a C relay: returns (PCB, bytes received but not read, client
+        EOF seen). The stream is closed afterwards; lwIP's callbacks go to the relay."""
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._pcb is None:
+            raise trio.BrokenResourceError(f"connection {self._error or 'gone'}")
+        if self._eof_sent or self.bytes_sent:
+            raise trio.BusyResourceError("only an untouched stream can be handed over")
+        pcb, pending, eof = self._pcb, bytes(self._recv_buffer), self._eof_received
+        self._pcb = None
+        self._closed = True
+        self._recv_buffer.clear()
+        self._stack._forget(self._conn_id)
+        self._wake_all()
+        return pcb, pending, eof
+
     def _check_can_send(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("stream was closed")

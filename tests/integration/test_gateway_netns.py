@@ -176,10 +176,13 @@ connect_times, flow_times = [], []
 def chunks(i):
     return [struct.pack("!II", i, k) + FILL for k in range(SIZE // CHUNK)]
 
+progress = {}  # flow -> [bytes sent, bytes received]: which direction stalled
+
 async def one(i):
     expected = hashlib.sha256()
     for c in chunks(i):
         expected.update(c)
+    progress[i] = [0, 0]
     t0 = time.monotonic()
     r, w = await asyncio.open_connection(HOSTS[i % len(HOSTS)], PORT)
     connect_times.append(time.monotonic() - t0)
@@ -188,6 +191,7 @@ async def one(i):
         for c in chunks(i):
             w.write(c)
             await w.drain()
+            progress[i][0] += len(c)
         w.write_eof()
 
     sender = asyncio.create_task(send())
@@ -195,6 +199,7 @@ async def one(i):
     while data := await r.read(CHUNK):
         got.update(data)
         n += len(data)
+        progress[i][1] = n
     await sender
     w.close()
     flow_times.append(time.monotonic() - t0)
@@ -205,8 +210,12 @@ async def main():
     done, pending = await asyncio.wait(tasks, timeout=TIMEOUT)
     bad = [(i, "timeout" if t in pending else t.exception() or "mismatch")
            for i, t in enumerate(tasks) if t in pending or t.exception() or not t.result()]
+    flow_times.sort()
+    median = flow_times[len(flow_times) // 2] if flow_times else 0
     print(f"{N - len(bad)}/{N} verified; slowest connect {max(connect_times, default=0):.2f}s,"
-          f" slowest flow {max(flow_times, default=0):.2f}s; first failures: {bad[:5]}")
+          f" flows median {median:.2f}s, slowest {max(flow_times, default=0):.2f}s;"
+          f" first failures (flow, why, [sent, received]): "
+          f"{[(i, why, progress.get(i)) for i, why in bad[:5]]}")
     for t in pending:
         t.cancel()
     sys.exit(1 if bad else 0)

@@ -94,6 +94,7 @@ static struct udp_pcb *tl_udp_pcbs[65536];
 /* Scratch buffers for flattening pbuf chains (single-threaded, never re-entered). */
 static uint8_t tl_out_scratch[65536];
 static uint8_t tl_in_scratch[65536];
+static uint8_t tl_read_buf[65536]; /* tl_input_fd's packet; tl_input copies it out first */
 
 /* ---- time, randomness -------------------------------------------------------------------- */
 
@@ -322,7 +323,8 @@ int tl_init(uint16_t mtu, const uint8_t *ip4, const uint8_t *ip6)
     return 0;
 }
 
-static void tl_forget(struct tcp_pcb *pcb)
+/* Drop every callback of a PCB before letting it go (relay.c uses it too). */
+void tl_tcp_forget(struct tcp_pcb *pcb)
 {
     tcp_arg(pcb, NULL);
     if (pcb->state != LISTEN) {
@@ -338,7 +340,7 @@ void tl_deinit(void)
     if (!tl_netif_added) return;
     while (tcp_active_pcbs) {
         struct tcp_pcb *pcb = tcp_active_pcbs;
-        tl_forget(pcb);
+        tl_tcp_forget(pcb);
         tcp_abort(pcb);
     }
     while (tcp_tw_pcbs) tcp_abort(tcp_tw_pcbs);
@@ -835,6 +837,26 @@ int tl_input(const uint8_t *data, size_t len)
     return 0;
 }
 
+/* Read up to max_packets packets from a non-blocking packet fd and feed each to lwIP: the
+ * reader's hot loop without a Python call per packet. Returns the number read (fewer than
+ * max_packets: the fd is drained) or -errno if the first read failed. */
+int tl_input_fd(int fd, int max_packets)
+{
+    int count = 0;
+    while (count < max_packets) {
+        ssize_t n = read(fd, tl_read_buf, sizeof tl_read_buf);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            return count > 0 ? count : -errno;
+        }
+        if (n == 0) return count > 0 ? count : -EPIPE;
+        count++;
+        tl_input(tl_read_buf, (size_t)n);
+    }
+    return count;
+}
+
 int tl_input_release(const uint8_t *data, size_t len)
 {
     tl_releasing = 1;
@@ -904,14 +926,14 @@ int tl_tcp_shutdown_tx(void *pcb_)
 void tl_tcp_close(void *pcb_)
 {
     struct tcp_pcb *pcb = (struct tcp_pcb *)pcb_;
-    tl_forget(pcb);
+    tl_tcp_forget(pcb);
     if (tcp_close(pcb) != ERR_OK) tcp_abort(pcb);
 }
 
 void tl_tcp_abort(void *pcb_)
 {
     struct tcp_pcb *pcb = (struct tcp_pcb *)pcb_;
-    tl_forget(pcb);
+    tl_tcp_forget(pcb);
     tcp_abort(pcb);
 }
 

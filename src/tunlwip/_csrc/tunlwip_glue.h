@@ -52,6 +52,8 @@ int tl_set_icmp_echo_mode(int mode);
 /* packet input: 0 when handed on, a negative value when dropped before lwIP saw it */
 int tl_input(const uint8_t *data, size_t len);
 int tl_input_release(const uint8_t *data, size_t len);
+/* read and input up to max_packets from a non-blocking fd: count read (< max: drained) or -errno */
+int tl_input_fd(int fd, int max_packets);
 
 /* TCP connections (pcb is opaque) */
 void tl_tcp_endpoints(void *pcb, tl_endpoint *local, tl_endpoint *remote);
@@ -68,5 +70,28 @@ int tl_udp_send(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *d
 
 /* ICMP: send a message (type, code, checksum filled here, rest) to a client from any address */
 int tl_icmp_send(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *msg, size_t len);
+
+/* Relays (relay.c): the default forwarder, bytes moved between a connection and its upstream
+ * socket in C. Python waits for tl_relay_epoll_fd to be readable and calls tl_relay_poll. */
+enum { TL_RELAY_CLOSED = 0, TL_RELAY_CLIENT_RESET = 1, TL_RELAY_UPSTREAM_RESET = 2,
+       TL_RELAY_ERROR = 3, TL_RELAY_IDLE = 4, TL_RELAY_STOPPED = 5 };
+typedef struct {
+    uint64_t opened, spills;
+    uint64_t ended[6]; /* by reason */
+} tl_relay_counters;
+typedef struct {
+    uint64_t bytes_up, bytes_down; /* client -> upstream, upstream -> client */
+    uint32_t idle_ms;
+} tl_relay_stats;
+int tl_relay_epoll_fd(void);
+int tl_relay_open(void *pcb, int fd, uintptr_t conn, const uint8_t *pending, size_t len,
+                  int client_eof, int want_first_data, void **out);
+int tl_relay_poll(int max_events);
+void tl_relay_info(void *relay, tl_relay_stats *out);
+void tl_relay_abort(void *relay, int reason);
+int tl_relay_sweep(uint32_t idle_ms);
+void tl_relay_abort_all(void);
+uint32_t tl_relay_count(void);
+const tl_relay_counters *tl_relay_get_counters(void);
 
 #endif

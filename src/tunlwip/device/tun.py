@@ -65,6 +65,10 @@ class TunDevice:
     def fileno(self) -> int:
         return self._fd
 
+    def direct_input_fd(self) -> int | None:
+        """The fd the stack may read packets from in C, in batches (waiting with trio)."""
+        return None if self._closed else self._fd
+
     def direct_output_fd(self) -> int | None:
         """The fd the stack may write output packets to directly from C."""
         return None if self._closed else self._fd

@@ -1,0 +1,411 @@
+/*
+ * Relays: the default TCP forwarder in C. A relay owns one lwIP connection and the upstream
+ * socket dialed for it, and moves bytes between them without entering Python.
+ *
+ * Theory of operation
+ * -------------------
+ * Python dials the upstream (protect, connect, dial-before-accept) and then hands the
+ * connection's PCB and the socket's fd to tl_relay_open. From then on:
+ *  - client -> upstream: lwIP's recv callback queues the pbufs and writes them to the socket
+ *    (writev); whatever the socket does not take stays queued, EPOLLOUT is watched, and the
+ *    client's window only reopens (tcp_recved) for bytes the socket took. A client FIN becomes
+ *    shutdown(SHUT_WR) once the queue is empty.
+ *  - upstream -> client: when the socket is readable, read at most what lwIP's send buffer
+ *    admits and tcp_write it; with no room, stop watching EPOLLIN until lwIP's sent callback
+ *    reports acknowledged bytes. EOF becomes our FIN after the queued data.
+ *  - Readiness comes from one epoll set (tl_relay_epoll_fd): Python's single poll task waits
+ *    for it with trio and calls tl_relay_poll. No task, no Python object per byte or packet.
+ *  - A reset on either side resets the other: client RST -> upstream sees RST (SO_LINGER 0);
+ *    upstream RST or error -> tcp_abort, the client sees RST. Never a clean close after a
+ *    failure, so neither end mistakes a broken transfer for a complete one.
+ *  - When both directions are finished the socket is closed and the PCB is handed back to lwIP
+ *    to finish its close (LAST-ACK/TIME-WAIT); tl_py_relay_done reports the end exactly once,
+ *    after which the relay is freed and its pointer must not be used.
+ *
+ * Invariants: single-threaded (the trio thread); a relay is registered in epoll only while it
+ * wants an event (so a hung-up socket never spins the poll loop); bytes are acknowledged to the
+ * client only once the upstream socket has accepted them.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "lwip/pbuf.h"
+#include "lwip/sys.h"
+#include "lwip/tcp.h"
+
+#include "tunlwip_glue.h"
+
+/* Implemented in Python (cffi extern "Python+C"). */
+void tl_py_relay_done(uintptr_t conn, int reason, uint64_t bytes_up, uint64_t bytes_down);
+void tl_py_relay_first_data(uintptr_t conn, const uint8_t *data, size_t len);
+
+/* From glue.c: drop every lwIP callback of a PCB before letting it go. */
+void tl_tcp_forget(struct tcp_pcb *pcb);
+
+#define TL_RELAY_IOV 64
+#define TL_RELAY_FIRST_DATA_MAX 4096
+
+struct tl_relay {
+    struct tcp_pcb *pcb;      /* NULL once lwIP let go of it */
+    int fd;                   /* -1 once closed */
+    uintptr_t conn;
+    struct pbuf *up_queue;    /* client bytes the socket has not taken yet */
+    uint8_t *down_spill;      /* upstream bytes read but not taken by lwIP (rare) */
+    u32_t down_spill_len;
+    u32_t watching;           /* epoll events registered (0: not in the set) */
+    u8_t client_eof, upstream_shut, upstream_eof, client_shut, want_first_data;
+    uint64_t bytes_up, bytes_down;
+    u32_t last_active;
+    struct tl_relay *prev, *next;
+};
+
+static struct tl_relay *tl_relays;
+static u32_t tl_relay_n;
+static int tl_epoll_fd = -1;
+static uint8_t tl_relay_buf[65536];
+static tl_relay_counters tl_rstats;
+
+static void tl_relay_update_watch(struct tl_relay *r);
+
+/* ---- lifecycle ---------------------------------------------------------------------------- */
+
+int tl_relay_epoll_fd(void)
+{
+    if (tl_epoll_fd < 0) {
+        tl_epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+        if (tl_epoll_fd < 0) return -errno;
+    }
+    return tl_epoll_fd;
+}
+
+static void tl_relay_touch(struct tl_relay *r) { r->last_active = sys_now(); }
+
+/* Close the socket; with reset, SO_LINGER 0 makes the upstream see RST instead of FIN. */
+static void tl_relay_close_fd(struct tl_relay *r, int reset)
+{
+    if (r->fd < 0) return;
+    if (r->watching) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
+    r->watching = 0;
+    if (reset) {
+        struct linger lg = {1, 0};
+        setsockopt(r->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    }
+    close(r->fd);
+    r->fd = -1;
+}
+
+/* The last step of every relay: report, unlink, free (r is gone afterwards). Returns 1 if
+ * the PCB was aborted, which an lwIP callback must answer with ERR_ABRT. */
+static int tl_relay_end(struct tl_relay *r, int reason)
+{
+    int aborted = 0;
+    tl_relay_close_fd(r, reason != TL_RELAY_CLOSED);
+    if (r->pcb != NULL) {
+        struct tcp_pcb *pcb = r->pcb;
+        r->pcb = NULL;
+        tl_tcp_forget(pcb);
+        if (reason != TL_RELAY_CLOSED || tcp_close(pcb) != ERR_OK) {
+            tcp_abort(pcb); /* the client sees RST */
+            aborted = 1;
+        }
+    }
+    if (r->up_queue) pbuf_free(r->up_queue);
+    free(r->down_spill);
+    if (r->prev) r->prev->next = r->next; else tl_relays = r->next;
+    if (r->next) r->next->prev = r->prev;
+    tl_relay_n--;
+    tl_rstats.ended[reason]++;
+    tl_py_relay_done(r->conn, reason, r->bytes_up, r->bytes_down);
+    free(r);
+    return aborted;
+}
+
+/* Outcome of a step: the relay goes on, ended (r freed), or ended by aborting the PCB. */
+enum { TL_GOES_ON = 0, TL_ENDED = 1, TL_ABORTED = 2 };
+
+static int tl_relay_fail(struct tl_relay *r, int reason)
+{
+    return tl_relay_end(r, reason) ? TL_ABORTED : TL_ENDED;
+}
+
+/* Both directions finished: close the socket, hand the PCB to lwIP to finish closing. */
+static int tl_relay_maybe_finish(struct tl_relay *r)
+{
+    if (r->upstream_shut && r->client_shut && r->up_queue == NULL && r->down_spill_len == 0)
+        return tl_relay_fail(r, TL_RELAY_CLOSED);
+    return TL_GOES_ON;
+}
+
+/* ---- client -> upstream ------------------------------------------------------------------- */
+
+/* Write queued client bytes to the socket; reopen the client's window for what it took. */
+static int tl_relay_flush_up(struct tl_relay *r)
+{
+    while (r->up_queue != NULL) {
+        struct iovec iov[TL_RELAY_IOV];
+        int n_iov = 0;
+        for (struct pbuf *q = r->up_queue; q != NULL && n_iov < TL_RELAY_IOV; q = q->next) {
+            if (q->len == 0) continue;
+            iov[n_iov].iov_base = q->payload;
+            iov[n_iov].iov_len = q->len;
+            n_iov++;
+        }
+        if (n_iov == 0) { /* only empty pbufs left */
+            pbuf_free(r->up_queue);
+            r->up_queue = NULL;
+            break;
+        }
+        struct msghdr msg = {0};
+        msg.msg_iov = iov;
+        msg.msg_iovlen = (size_t)n_iov;
+        ssize_t n = sendmsg(r->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            return tl_relay_fail(r, TL_RELAY_UPSTREAM_RESET); /* EPIPE, ECONNRESET, ... */
+        }
+        size_t left = (size_t)n;
+        while (left > 0) {
+            u16_t step = left > 0xFFFF ? 0xFFFF : (u16_t)left;
+            r->up_queue = pbuf_free_header(r->up_queue, step);
+            if (r->pcb) tcp_recved(r->pcb, step);
+            left -= step;
+        }
+        r->bytes_up += (uint64_t)n;
+        tl_relay_touch(r);
+    }
+    if (r->up_queue == NULL && r->client_eof && !r->upstream_shut) {
+        shutdown(r->fd, SHUT_WR);
+        r->upstream_shut = 1;
+    }
+    return TL_GOES_ON;
+}
+
+static err_t tl_relay_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err)
+{
+    struct tl_relay *r = (struct tl_relay *)arg;
+    if (p == NULL) {
+        r->client_eof = 1;
+    } else {
+        if (err != ERR_OK) { /* never happens in lwIP 2.1.3; keep the window honest anyway */
+            tcp_recved(pcb, p->tot_len);
+            pbuf_free(p);
+            return ERR_OK;
+        }
+        if (r->want_first_data) {
+            r->want_first_data = 0;
+            u16_t n = pbuf_copy_partial(p, tl_relay_buf,
+                                        p->tot_len < TL_RELAY_FIRST_DATA_MAX ? p->tot_len
+                                                                             : TL_RELAY_FIRST_DATA_MAX, 0);
+            tl_py_relay_first_data(r->conn, tl_relay_buf, n);
+        }
+        if (r->up_queue == NULL) r->up_queue = p;
+        else pbuf_cat(r->up_queue, p);
+    }
+    int outcome = tl_relay_flush_up(r);
+    if (outcome == TL_GOES_ON) {
+        tl_relay_update_watch(r);
+        outcome = tl_relay_maybe_finish(r);
+    }
+    return outcome == TL_ABORTED ? ERR_ABRT : ERR_OK;
+}
+
+/* ---- upstream -> client ------------------------------------------------------------------- */
+
+/* Read from the socket while lwIP has room (spilled bytes first); EOF -> FIN, error -> reset. */
+static int tl_relay_pump_down(struct tl_relay *r)
+{
+    if (r->pcb == NULL) return TL_GOES_ON;
+    if (r->down_spill_len > 0) {
+        int queued = tl_tcp_write(r->pcb, r->down_spill, r->down_spill_len);
+        if (queued < 0) return tl_relay_fail(r, TL_RELAY_ERROR);
+        memmove(r->down_spill, r->down_spill + queued, r->down_spill_len - (u32_t)queued);
+        r->down_spill_len -= (u32_t)queued;
+        if (r->down_spill_len > 0) {
+            tcp_output(r->pcb);
+            return TL_GOES_ON;
+        }
+        free(r->down_spill);
+        r->down_spill = NULL;
+    }
+    while (!r->upstream_eof) {
+        u32_t room = tl_tcp_sndbuf(r->pcb);
+        if (room == 0) break;
+        size_t want = room < sizeof tl_relay_buf ? room : sizeof tl_relay_buf;
+        ssize_t n = recv(r->fd, tl_relay_buf, want, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            return tl_relay_fail(r, TL_RELAY_UPSTREAM_RESET);
+        }
+        if (n == 0) {
+            r->upstream_eof = 1;
+            if (tcp_shutdown(r->pcb, 0, 1) != ERR_OK) return tl_relay_fail(r, TL_RELAY_ERROR);
+            r->client_shut = 1;
+            break;
+        }
+        r->bytes_down += (uint64_t)n;
+        tl_relay_touch(r);
+        int queued = tl_tcp_write(r->pcb, tl_relay_buf, (size_t)n);
+        if (queued < 0) return tl_relay_fail(r, TL_RELAY_ERROR);
+        if (queued < n) { /* lwIP ran out of segments: keep the rest, never drop it */
+            r->down_spill = malloc((size_t)n - (size_t)queued);
+            if (r->down_spill == NULL) return tl_relay_fail(r, TL_RELAY_ERROR);
+            memcpy(r->down_spill, tl_relay_buf + queued, (size_t)n - (size_t)queued);
+            r->down_spill_len = (u32_t)(n - queued);
+            tl_rstats.spills++;
+            break;
+        }
+    }
+    tcp_output(r->pcb);
+    return TL_GOES_ON;
+}
+
+static err_t tl_relay_on_sent(void *arg, struct tcp_pcb *pcb, u16_t len)
+{
+    struct tl_relay *r = (struct tl_relay *)arg;
+    LWIP_UNUSED_ARG(pcb); LWIP_UNUSED_ARG(len);
+    int outcome = tl_relay_pump_down(r);
+    if (outcome == TL_GOES_ON) {
+        tl_relay_update_watch(r);
+        outcome = tl_relay_maybe_finish(r);
+    }
+    return outcome == TL_ABORTED ? ERR_ABRT : ERR_OK;
+}
+
+static void tl_relay_on_error(void *arg, err_t err)
+{
+    struct tl_relay *r = (struct tl_relay *)arg;
+    r->pcb = NULL; /* lwIP has freed it */
+    tl_relay_end(r, err == ERR_RST ? TL_RELAY_CLIENT_RESET : TL_RELAY_ERROR);
+}
+
+/* ---- epoll -------------------------------------------------------------------------------- */
+
+static void tl_relay_update_watch(struct tl_relay *r)
+{
+    u32_t want = 0;
+    if (r->up_queue != NULL) want |= EPOLLOUT;
+    if (r->pcb != NULL && !r->upstream_eof && r->down_spill_len == 0 && tl_tcp_sndbuf(r->pcb) > 0)
+        want |= EPOLLIN | EPOLLRDHUP;
+    if (want == r->watching) return;
+    struct epoll_event ev = {.events = want, .data.ptr = r};
+    if (want == 0) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
+    else epoll_ctl(tl_epoll_fd, r->watching ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, r->fd, &ev);
+    r->watching = want;
+}
+
+int tl_relay_poll(int max_events)
+{
+    struct epoll_event events[256];
+    if (tl_epoll_fd < 0) return 0;
+    if (max_events > 256) max_events = 256;
+    int n = epoll_wait(tl_epoll_fd, events, max_events, 0);
+    if (n < 0) return errno == EINTR ? 0 : -errno;
+    for (int i = 0; i < n; i++) {
+        struct tl_relay *r = (struct tl_relay *)events[i].data.ptr;
+        u32_t ev = events[i].events;
+        if ((ev & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && r->up_queue != NULL &&
+            tl_relay_flush_up(r) != TL_GOES_ON)
+            continue;
+        if ((ev & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) &&
+            tl_relay_pump_down(r) != TL_GOES_ON)
+            continue;
+        tl_relay_update_watch(r);
+        tl_relay_maybe_finish(r);
+    }
+    return n;
+}
+
+/* ---- API ---------------------------------------------------------------------------------- */
+
+/* Take over a connection and its upstream socket. Returns 0 with *out set to the relay (or
+ * NULL if it already ended and was reported), or -1 if nothing was taken over (no memory). */
+int tl_relay_open(void *pcb_, int fd, uintptr_t conn, const uint8_t *pending, size_t len,
+                  int client_eof, int want_first_data, void **out)
+{
+    struct tcp_pcb *pcb = (struct tcp_pcb *)pcb_;
+    *out = NULL;
+    if (tl_relay_epoll_fd() < 0) return -1;
+    struct tl_relay *r = calloc(1, sizeof *r);
+    if (r == NULL) return -1;
+    if (len > 0) {
+        /* Bytes the Python stream buffered before the handover (not yet acknowledged). */
+        while (len > 0) {
+            u16_t step = len > 0xFFFF ? 0xFFFF : (u16_t)len;
+            struct pbuf *p = pbuf_alloc(PBUF_RAW, step, PBUF_RAM);
+            if (p == NULL) {
+                if (r->up_queue) pbuf_free(r->up_queue);
+                free(r);
+                return -1;
+            }
+            memcpy(p->payload, pending, step);
+            if (r->up_queue == NULL) r->up_queue = p; else pbuf_cat(r->up_queue, p);
+            pending += step;
+            len -= step;
+        }
+    }
+    r->pcb = pcb;
+    r->fd = fd;
+    r->conn = conn;
+    r->client_eof = client_eof ? 1 : 0;
+    r->want_first_data = want_first_data && !r->up_queue ? 1 : 0;
+    tl_relay_touch(r);
+    r->next = tl_relays;
+    if (tl_relays) tl_relays->prev = r;
+    tl_relays = r;
+    tl_relay_n++;
+    tl_rstats.opened++;
+    tcp_arg(pcb, r);
+    tcp_recv(pcb, tl_relay_on_recv);
+    tcp_sent(pcb, tl_relay_on_sent);
+    tcp_err(pcb, tl_relay_on_error);
+    if (tl_relay_flush_up(r) != TL_GOES_ON || tl_relay_pump_down(r) != TL_GOES_ON) return 0;
+    tl_relay_update_watch(r);
+    if (tl_relay_maybe_finish(r) == TL_GOES_ON) *out = r;
+    return 0;
+}
+
+void tl_relay_info(void *relay, tl_relay_stats *out)
+{
+    struct tl_relay *r = (struct tl_relay *)relay;
+    out->bytes_up = r->bytes_up;
+    out->bytes_down = r->bytes_down;
+    out->idle_ms = sys_now() - r->last_active;
+}
+
+void tl_relay_abort(void *relay, int reason)
+{
+    tl_relay_end((struct tl_relay *)relay, reason);
+}
+
+/* Reset relays idle for idle_ms or more; returns how many. */
+int tl_relay_sweep(uint32_t idle_ms)
+{
+    int ended = 0;
+    u32_t now = sys_now();
+    struct tl_relay *r = tl_relays;
+    while (r != NULL) {
+        struct tl_relay *next = r->next;
+        if ((u32_t)(now - r->last_active) >= idle_ms) {
+            tl_relay_end(r, TL_RELAY_IDLE);
+            ended++;
+        }
+        r = next;
+    }
+    return ended;
+}
+
+void tl_relay_abort_all(void)
+{
+    while (tl_relays != NULL) tl_relay_end(tl_relays, TL_RELAY_STOPPED);
+}
+
+uint32_t tl_relay_count(void) { return tl_relay_n; }
+
+const tl_relay_counters *tl_relay_get_counters(void) { return &tl_rstats; }

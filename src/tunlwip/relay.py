@@ -1,0 +1,93 @@
+"""Relay: the Python handle of a connection the C relay (``_csrc/relay.c``) forwards.
+
+Why: the default forwarder moves every byte in C, between lwIP and the upstream socket, so a
+connection costs no task switch, no Python object per read and no copy through Python. Python
+keeps what it needs around that: when the relay ended and why (for the flow record), its byte
+counts (for ``tunlwip status``), the first bytes the client sent (to name the flow), and a way
+to end it early. ``LwipStack.relay`` creates one; the stack's poll task drives them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from ._binding import ffi, lib
+from .endpoint import Endpoint
+
+#: Why a relay ended, as flow records name it.
+REASONS = {
+    lib.TL_RELAY_CLOSED: "closed",
+    lib.TL_RELAY_CLIENT_RESET: "reset",
+    lib.TL_RELAY_UPSTREAM_RESET: "reset",
+    lib.TL_RELAY_ERROR: "error",
+    lib.TL_RELAY_IDLE: "idle timeout",
+    lib.TL_RELAY_STOPPED: "stopped",
+}
+#: Which side a reset came from, for debug logs.
+RESET_SIDES = {lib.TL_RELAY_CLIENT_RESET: "client", lib.TL_RELAY_UPSTREAM_RESET: "upstream"}
+
+FirstDataCallback = Callable[[bytes], None]
+
+
+class Relay:
+    """One connection forwarded in C. ``wait`` returns once it ended; ``abort`` ends it now
+    (both sides see RST)."""
+
+    __slots__ = ("_done", "_final", "_ptr", "_stack_after", "client", "on_first_data", "reason",
+                 "reason_code", "target")  # fmt: skip
+
+    def __init__(self, client: Endpoint, target: Endpoint,
+                 on_first_data: FirstDataCallback | None,
+                 stack_after: Callable[[], None]) -> None:  # fmt: skip
+        self.client = client
+        self.target = target
+        self.on_first_data = on_first_data
+        self.reason: str | None = None
+        self.reason_code: int | None = None
+        self._ptr: Any = None
+        self._final = (0, 0)
+        self._done = trio.Event()
+        self._stack_after = stack_after
+
+    def __repr__(self) -> str:
+        state = self.reason or "open"
+        return f"<Relay {self.client} -> {self.target} {state}>"
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def byte_counts(self) -> tuple[int, int]:
+        """(client -> upstream, upstream -> client) bytes so far."""
+        if self._ptr is None:
+            return self._final
+        stats = ffi.new("tl_relay_stats *")
+        lib.tl_relay_info(self._ptr, stats)
+        return int(stats.bytes_up), int(stats.bytes_down)
+
+    async def wait(self) -> str:
+        """Wait until the relay ended; returns the reason ("closed", "reset", ...)."""
+        await self._done.wait()
+        assert self.reason is not None
+        return self.reason
+
+    def abort(self, reason: int = lib.TL_RELAY_STOPPED) -> None:
+        """End the relay now: RST to the client and the upstream. No-op once ended."""
+        if self._ptr is not None:
+            lib.tl_relay_abort(self._ptr, reason)  # reports back through _finish
+            self._stack_after()
+
+    # -- from the stack (lwIP callbacks) ---------------------------------------------------------
+    def _started(self, ptr: Any) -> None:
+        if not self.done:
+            self._ptr = ptr
+
+    def _finish(self, reason: int, bytes_up: int, bytes_down: int) -> None:
+        self._ptr = None
+        self._final = (bytes_up, bytes_down)
+        self.reason_code = reason
+        self.reason = REASONS.get(reason, "error")
+        self._done.set()
