@@ -13,6 +13,7 @@ destination unreachable (or RST). SYN retransmits for a tuple being dialed are s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +30,7 @@ from .flows import DEFAULT_BUFFER, FlowInfo, FlowSubscription, FlowTable, FlowTo
 from .forward import relay_datagrams
 from .icmp import EchoCounters, EchoForwarder, unavailable_reason
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
-from .relay import RESET_SIDES
+from .relay import RESET_SIDES, Relay
 from .sniff import sniff_name
 from .stack import LwipStack, StackConfig, StackStatistics
 from .tcp import LwipTcpStream
@@ -65,6 +66,15 @@ class GatewayConfig:
             raise ValueError("unreachable_reply must be 'icmp' or 'rst'")
         if self.max_pending_dials < 1:
             raise ValueError("max_pending_dials must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Predialed:
+    """An upstream connected for a held SYN, waiting for the client's handshake to claim it."""
+
+    upstream: trio.SocketStream
+    latency: float
+    claimed: trio.CancelScope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +129,7 @@ class Gateway:
             self.stack.icmp_echo_receiver = self.echo.on_echo
         self._custom_handler = tcp_handler
         self._pending: dict[FlowKey, bytes] = {}
-        self._predialed: dict[FlowKey, trio.SocketStream] = {}
-        self._dial_latency: dict[FlowKey, float] = {}  # of the upstreams in _predialed
+        self._predialed: dict[FlowKey, _Predialed] = {}
         self._flows = FlowTable()
         self._started_at: float | None = None
         #: Wall-clock time ``serve`` started (``time.time()``), None before.
@@ -284,22 +293,18 @@ class Gateway:
         flow = self._flows.open("tcp", stream.remote, target,
                                 lambda: (stream.bytes_received, stream.bytes_sent),
                                 self._dns_name(stream.remote, target))  # fmt: skip
-        outcome = "closed"
+        dns = self.dns is not None and self._is_dns(target)
+        if not dns:
+            self._flow_started()
+        outcome: str | None = "closed"
         try:
-            if self.dns is not None and self._is_dns(target):
+            if dns:
+                assert self.dns is not None
                 await self.dns.serve_tcp(stream)
-                return
-            self._active += 1
-            self._idle = trio.Event() if self._active == 1 else self._idle
-            try:
-                if self._custom_handler is not None:
-                    await self._custom_handler(stream, target)
-                else:
-                    outcome = await self._forward(stream, target, flow)
-            finally:
-                self._active -= 1
-                if self._active == 0:
-                    self._idle.set()
+            elif self._custom_handler is not None:
+                await self._custom_handler(stream, target)
+            else:
+                outcome = await self._forward(stream, target, flow)
         except trio.Cancelled:
             outcome = "stopped"
             raise
@@ -310,14 +315,31 @@ class Gateway:
             outcome = "error"
             raise
         finally:
-            self._flows.close(flow, outcome)
+            if outcome is not None:  # None: a relay owns the flow now and ends it
+                self._end_flow(flow, outcome, counted=not dns)
 
-    async def _forward(self, stream: LwipTcpStream, target: Endpoint, flow: LiveFlow) -> str:
-        """Splice ``stream`` with its upstream; returns the close reason for the flow record."""
+    def _flow_started(self) -> None:
+        self._active += 1
+        if self._active == 1:
+            self._idle = trio.Event()
+
+    def _end_flow(self, flow: LiveFlow, reason: str, *, counted: bool = True) -> None:
+        self._flows.close(flow, reason)
+        if counted:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def _forward(self, stream: LwipTcpStream, target: Endpoint, flow: LiveFlow) -> str | None:
+        """Hand ``stream`` and its upstream to a C relay, which then owns the flow (returns
+        None); or returns why the flow ended before that (the dial failed)."""
         key = (stream.remote, target)
-        upstream = self._predialed.pop(key, None)
-        flow.connect_latency = self._dial_latency.pop(key, None)
-        if upstream is None:
+        predialed = self._predialed.pop(key, None)
+        if predialed is not None:
+            upstream = predialed.upstream
+            flow.connect_latency = predialed.latency
+            predialed.claimed.cancel()
+        else:
             dial_started = trio.current_time()
             try:
                 upstream = await self.dialer.open_tcp(target)
@@ -341,15 +363,16 @@ class Gateway:
             upstream.socket.close()
             raise
         flow.count_bytes_with(relay.byte_counts)
-        try:
-            reason = await relay.wait()
-        finally:
-            relay.abort()  # cancelled (the gateway stops): both ends see RST; no-op once ended
+        relay.when_done(functools.partial(self._relay_ended, flow))
+        return None
+
+    def _relay_ended(self, flow: LiveFlow, relay: Relay) -> None:
         up, down = relay.byte_counts()
-        log.debug("flow %s -> %s ended: %s%s, %d bytes up, %d down", stream.remote, target, reason,
-                  f" by the {RESET_SIDES[relay.reason_code]}"
-                  if relay.reason_code in RESET_SIDES else "", up, down)  # fmt: skip
-        return reason
+        reason = relay.reason or "error"
+        side = RESET_SIDES.get(relay.reason_code or 0)
+        log.debug("flow %s -> %s ended: %s%s, %d bytes up, %d down", flow.client, flow.target,
+                  reason, f" by the {side}" if side else "", up, down)  # fmt: skip
+        self._end_flow(flow, reason)
 
     async def _forward_udp(self, session: UdpSession) -> None:
         try:
@@ -397,17 +420,18 @@ class Gateway:
             self._record_failed_dial(key, exc, trio.current_time() - dial_started)
         else:
             self._counts["ok"] += 1
-            self._predialed[key] = upstream
-            self._dial_latency[key] = trio.current_time() - dial_started
-            self._pending.pop(key, None)
-            try:
-                self.stack.release_syn(packet)
-                await trio.sleep(self.config.predial_claim_timeout)
-            finally:
-                self._dial_latency.pop(key, None)
-                unclaimed = self._predialed.pop(key, None)
-                if unclaimed is not None:  # the client never completed its handshake
-                    unclaimed.socket.close()
+            with trio.move_on_after(self.config.predial_claim_timeout) as claimed:
+                self._predialed[key] = _Predialed(
+                    upstream, trio.current_time() - dial_started, claimed
+                )
+                self._pending.pop(key, None)
+                try:
+                    self.stack.release_syn(packet)
+                    await trio.sleep_forever()  # until the handshake claims it, or the timeout
+                finally:
+                    unclaimed = self._predialed.pop(key, None)
+                    if unclaimed is not None:  # the client never completed its handshake
+                        unclaimed.upstream.socket.close()
         finally:
             self._pending.pop(key, None)
 

@@ -36,8 +36,8 @@ class Relay:
     """One connection forwarded in C. ``wait`` returns once it ended; ``abort`` ends it now
     (both sides see RST)."""
 
-    __slots__ = ("_done", "_final", "_ptr", "_stack_after", "client", "on_first_data", "reason",
-                 "reason_code", "target")  # fmt: skip
+    __slots__ = ("_done", "_final", "_on_done", "_ptr", "_stack_after", "client",
+                 "on_first_data", "reason", "reason_code", "target")  # fmt: skip
 
     def __init__(self, client: Endpoint, target: Endpoint,
                  on_first_data: FirstDataCallback | None,
@@ -49,7 +49,8 @@ class Relay:
         self.reason_code: int | None = None
         self._ptr: Any = None
         self._final = (0, 0)
-        self._done = trio.Event()
+        self._done: trio.Event | None = None  # created by the first ``wait``
+        self._on_done: Callable[[Relay], None] | None = None
         self._stack_after = stack_after
 
     def __repr__(self) -> str:
@@ -58,7 +59,7 @@ class Relay:
 
     @property
     def done(self) -> bool:
-        return self._done.is_set()
+        return self.reason is not None
 
     def byte_counts(self) -> tuple[int, int]:
         """(client -> upstream, upstream -> client) bytes so far."""
@@ -70,9 +71,20 @@ class Relay:
 
     async def wait(self) -> str:
         """Wait until the relay ended; returns the reason ("closed", "reset", ...)."""
-        await self._done.wait()
+        if self.reason is None:
+            if self._done is None:
+                self._done = trio.Event()
+            await self._done.wait()
         assert self.reason is not None
         return self.reason
+
+    def when_done(self, callback: Callable[[Relay], None]) -> None:
+        """Call ``callback(relay)`` when it ends (now, if it has). No task needed: this is how
+        the gateway keeps a relayed connection's Python cost to a few small objects."""
+        if self.reason is not None:
+            callback(self)
+        else:
+            self._on_done = callback
 
     def abort(self, reason: int = lib.TL_RELAY_STOPPED) -> None:
         """End the relay now: RST to the client and the upstream. No-op once ended."""
@@ -90,4 +102,8 @@ class Relay:
         self._final = (bytes_up, bytes_down)
         self.reason_code = reason
         self.reason = REASONS.get(reason, "error")
-        self._done.set()
+        if self._done is not None:
+            self._done.set()
+        callback, self._on_done = self._on_done, None
+        if callback is not None:
+            callback(self)

@@ -178,6 +178,8 @@ class LwipStack:
         relays = lib.tl_relay_get_counters()
         counters["relays_opened"] = int(relays.opened)
         counters["relay_spills"] = int(relays.spills)
+        counters["relay_upstream_full"] = int(relays.upstream_full)
+        counters["relay_client_full"] = int(relays.client_full)
         return StackStatistics(
             tcp_connections=len(self._streams) + len(self._relays),
             lwip_tcp_pcbs=lib.tl_tcp_pcb_count(),
@@ -269,6 +271,7 @@ class LwipStack:
             raise TunlwipError(f"lwIP netif setup failed ({rc})")
         _binding.set_sink(self)
         lib.tl_reset_counters()
+        lib.tl_relay_reset_counters()
         lib.tl_set_checksum_check(1 if cfg.verify_checksums else 0)
         nets = cfg.client_networks
         c_nets = ffi.new("tl_endpoint[]", max(1, len(nets)))

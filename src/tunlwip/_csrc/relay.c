@@ -166,7 +166,10 @@ static int tl_relay_flush_up(struct tl_relay *r)
         ssize_t n = sendmsg(r->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR) continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                tl_rstats.upstream_full++;
+                break;
+            }
             return tl_relay_fail(r, TL_RELAY_UPSTREAM_RESET); /* EPIPE, ECONNRESET, ... */
         }
         size_t left = (size_t)n;
@@ -235,7 +238,10 @@ static int tl_relay_pump_down(struct tl_relay *r)
     }
     while (!r->upstream_eof) {
         u32_t room = tl_tcp_sndbuf(r->pcb);
-        if (room == 0) break;
+        if (room == 0) {
+            tl_rstats.client_full++;
+            break;
+        }
         size_t want = room < sizeof tl_relay_buf ? room : sizeof tl_relay_buf;
         ssize_t n = recv(r->fd, tl_relay_buf, want, MSG_DONTWAIT);
         if (n < 0) {
@@ -409,3 +415,5 @@ void tl_relay_abort_all(void)
 uint32_t tl_relay_count(void) { return tl_relay_n; }
 
 const tl_relay_counters *tl_relay_get_counters(void) { return &tl_rstats; }
+
+void tl_relay_reset_counters(void) { memset(&tl_rstats, 0, sizeof tl_rstats); }

@@ -77,6 +77,7 @@ enum { TL_RELAY_CLOSED = 0, TL_RELAY_CLIENT_RESET = 1, TL_RELAY_UPSTREAM_RESET =
        TL_RELAY_ERROR = 3, TL_RELAY_IDLE = 4, TL_RELAY_STOPPED = 5 };
 typedef struct {
     uint64_t opened, spills;
+    uint64_t upstream_full, client_full; /* backpressure: socket or lwIP send buffer full */
     uint64_t ended[6]; /* by reason */
 } tl_relay_counters;
 typedef struct {
@@ -93,5 +94,6 @@ int tl_relay_sweep(uint32_t idle_ms);
 void tl_relay_abort_all(void);
 uint32_t tl_relay_count(void);
 const tl_relay_counters *tl_relay_get_counters(void);
+void tl_relay_reset_counters(void);
 
 #endif
