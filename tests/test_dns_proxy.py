@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from tunlwip import MemoryDevice
 from tunlwip.dns.proxy import DnsConfig, resolv_conf_upstreams
+from tunlwip.endpoint import Endpoint
 from tunlwip.gateway import Gateway, GatewayConfig
 from tunlwip.udp import UdpSession
 
@@ -212,6 +213,56 @@ async def test_second_query_comes_from_the_cache(nursery: trio.Nursery, upstream
     (reply,) = await env.answers(1)
     assert message(reply).id == 2 and message(reply).answer
     assert upstream.asked == ["www.test."]
+
+
+async def test_repeated_query_is_replayed_for_a_second_then_aged_from_the_cache(
+    nursery: trio.Nursery, upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    env = await start(nursery, upstream)
+    env.ask("www.test", qid=1)
+    first = message((await env.answers(1))[0])
+    env.ask("www.test", qid=2)  # byte-identical but for the ID: replayed, not parsed
+    replayed = message((await env.answers(1))[0])
+    assert replayed.id == 2 and replayed.answer == first.answer
+    assert replayed.answer[0].ttl == first.answer[0].ttl == 300
+    stats = env.gateway.statistics().dns
+    assert stats is not None and (stats.replayed, stats.cache_hits, stats.queries) == (1, 0, 2)
+    await trio.sleep(3)
+    env.ask("www.test", qid=3)  # past the replay window: the cache answers, TTL aged
+    aged = message((await env.answers(1))[0])
+    assert aged.id == 3 and aged.answer[0].ttl == 297
+    assert upstream.asked == ["www.test."]
+    assert env.gateway.dns is not None
+    client, server = Endpoint.parse(CLIENT4, 5353), Endpoint.parse("198.18.5.5", 443)
+    assert env.gateway.dns.name_for(client, server) == "www.test"
+
+
+async def test_failures_and_truncated_answers_are_not_replayed(
+    nursery: trio.Nursery, upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    env = await start(nursery, upstream, query_timeout=2.0, attempt_timeout=2.0)
+    for qid in (1, 2):
+        env.ask("slow.test", qid=qid)
+        assert message((await env.answers(1))[0]).rcode() == dns.rcode.SERVFAIL
+        env.ask("big.test", qid=qid, sport=5400)
+        assert message((await env.answers(1))[0]).flags & dns.flags.TC
+    stats = env.gateway.statistics().dns
+    assert stats is not None and stats.replayed == 0 and stats.truncated == 2
+
+
+async def test_policy_reload_stops_replaying_old_answers(
+    nursery: trio.Nursery, upstream: Upstream, tmp_path: Path
+) -> None:
+    block = tmp_path / "block"
+    block.write_text("")
+    env = await start(nursery, upstream, block_files=(str(block),))
+    env.ask("other.test", qid=1)
+    assert message((await env.answers(1))[0]).answer
+    block.write_text("other.test\n")
+    assert env.gateway.dns is not None
+    env.gateway.dns.reload()
+    env.ask("other.test", qid=2)  # identical query within the replay window
+    assert message((await env.answers(1))[0]).rcode() == dns.rcode.NXDOMAIN
 
 
 async def test_silent_upstream_gives_servfail_at_the_timeout_and_blocks_nobody(

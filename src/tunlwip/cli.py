@@ -214,10 +214,11 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
                  stats.stack.dropped or "none")  # fmt: skip
         if stats.dns is not None:
             d = stats.dns
-            log.info("dns: queries %d blocked %d overridden %d cached %d forwarded %d failed %d "
-                     "(timeouts %d) truncated %d malformed %d", d.queries, d.blocked,
-                     d.overridden, d.cache_hits, d.forwarded, d.upstream_failures, d.timeouts,
-                     d.truncated, d.malformed + d.formerr)  # fmt: skip
+            log.info("dns: queries %d blocked %d overridden %d cached %d (replayed %d) "
+                     "forwarded %d failed %d (timeouts %d) truncated %d malformed %d", d.queries,
+                     d.blocked, d.overridden, d.cache_hits + d.replayed, d.replayed, d.forwarded,
+                     d.upstream_failures, d.timeouts, d.truncated,
+                     d.malformed + d.formerr)  # fmt: skip
         nursery.cancel_scope.cancel()
     await device.aclose()
     return EXIT_OK

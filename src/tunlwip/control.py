@@ -367,8 +367,9 @@ def format_status(doc: dict[str, Any]) -> str:
                  f"{counters.get('icmp_echo_forwarded', 0)}{echo_details}")  # fmt: skip
     dns = totals.get("dns")
     if dns:
+        cached = dns.get("cache_hits", 0) + dns.get("replayed", 0)
         lines.append(f"dns:       queries {dns.get('queries', 0)}, blocked "
-                     f"{dns.get('blocked', 0)}, cached {dns.get('cache_hits', 0)}, forwarded "
+                     f"{dns.get('blocked', 0)}, cached {cached}, forwarded "
                      f"{dns.get('forwarded', 0)}, failed {dns.get('upstream_failures', 0)} "
                      f"(timeouts {dns.get('timeouts', 0)})")  # fmt: skip
     else:

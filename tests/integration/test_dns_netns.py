@@ -117,7 +117,7 @@ NOT_BLOCKED = ["www.test", "sub.exact.test", "ok.ads.test", "fine.ads.test", "x.
 
 STATS = re.compile(
     r"dns: queries (?P<queries>\d+) blocked (?P<blocked>\d+) overridden (?P<overridden>\d+) "
-    r"cached (?P<cached>\d+) forwarded (?P<forwarded>\d+) failed (?P<failed>\d+) "
+    r"cached (?P<cached>\d+) \(replayed \d+\) forwarded (?P<forwarded>\d+) failed (?P<failed>\d+) "
     r"\(timeouts (?P<timeouts>\d+)\) truncated (?P<truncated>\d+) malformed (?P<malformed>\d+)"
 )
 

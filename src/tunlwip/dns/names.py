@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import dns.message
 import dns.rdatatype
@@ -18,6 +19,24 @@ import dns.rdatatype
 from ..endpoint import IPAddress
 
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
+
+
+def answered_addresses(
+    response: dns.message.Message,
+) -> tuple[str, tuple[tuple[IPAddress, int], ...]]:
+    """(the question's name, the (address, TTL) pairs of the A/AAAA answers) of a response
+    with one question."""
+    name = response.question[0].name.to_text(omit_final_dot=True).lower()
+    found = []
+    for rrset in response.answer:
+        if rrset.rdtype not in _ADDRESS_TYPES:
+            continue
+        for rdata in rrset:
+            try:
+                found.append((ipaddress.ip_address(rdata.address), rrset.ttl))
+            except (AttributeError, ValueError):
+                continue
+    return name, tuple(found)
 
 
 class ResolvedNames:
@@ -37,21 +56,18 @@ class ResolvedNames:
         returns how many."""
         if not response.answer or len(response.question) != 1 or self.max_entries <= 0:
             return 0
-        name = response.question[0].name.to_text(omit_final_dot=True).lower()
+        return self.remember_addresses(client, *answered_addresses(response), now)
+
+    def remember_addresses(
+        self, client: IPAddress, name: str, addresses: Iterable[tuple[IPAddress, int]], now: float
+    ) -> int:
+        """Note that ``name`` resolved to these (address, TTL) pairs for ``client``."""
         count = 0
-        for rrset in response.answer:
-            if rrset.rdtype not in _ADDRESS_TYPES:
-                continue
-            expires = now + max(float(rrset.ttl), self.min_ttl)
-            for rdata in rrset:
-                try:
-                    address = ipaddress.ip_address(rdata.address)
-                except (AttributeError, ValueError):
-                    continue
-                key = (client, address)
-                self._entries.pop(key, None)
-                self._entries[key] = (name, expires)
-                count += 1
+        for address, ttl in addresses:
+            key = (client, address)
+            self._entries.pop(key, None)
+            self._entries[key] = (name, now + max(float(ttl), self.min_ttl))
+            count += 1
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return count
