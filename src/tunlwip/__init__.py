@@ -11,8 +11,11 @@ from .errors import DeviceError as DeviceError
 from .errors import LwipError as LwipError
 from .errors import ProtectError as ProtectError
 from .errors import TunlwipError as TunlwipError
+from .flows import FlowInfo as FlowInfo
+from .flows import FlowRecord as FlowRecord
 from .gateway import Gateway as Gateway
 from .gateway import GatewayConfig as GatewayConfig
+from .gateway import GatewayStatistics as GatewayStatistics
 from .stack import LwipStack as LwipStack
 from .stack import StackConfig as StackConfig
 from .stack import StackStatistics as StackStatistics
