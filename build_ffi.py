@@ -41,6 +41,7 @@ extern "Python+C" void tl_py_icmp_echo(const tl_endpoint *src, const tl_endpoint
 extern "Python+C" void tl_py_relay_done(uintptr_t conn, int reason, uint64_t bytes_up,
                                         uint64_t bytes_down);
 extern "Python+C" void tl_py_relay_first_data(uintptr_t conn, const uint8_t *data, size_t len);
+extern "Python+C" void tl_py_fd_ready(uintptr_t token);
 """
 
 

@@ -221,6 +221,30 @@ async def test_idle_session_releases_its_socket(
     assert open_fds() == before and len(env.gateway.udp) == 0
 
 
+async def test_default_sessions_need_no_task_and_eviction_closes_their_sockets(
+    nursery: trio.Nursery, echo_server: int
+) -> None:
+    env = await start(nursery, GatewayConfig(udp=UdpConfig(max_sessions=20)))
+    await trio.testing.wait_all_tasks_blocked()
+    tasks_before, fds_before = trio.lowlevel.current_statistics().tasks_living, open_fds()
+    with env.gateway.flows() as records:
+        for ports in (range(7000, 7020), range(7020, 7030)):  # a cap of 20: 10 evictions
+            for port in ports:
+                env.device.inject_packet(udp_packet(CLIENT4, "127.0.0.1", port, echo_server, b"x"))
+            with trio.fail_after(10):
+                replies = [await env.wire.next_unmatched() for _ in ports]
+            assert sorted(r.dport for r in replies) == list(ports)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = env.gateway.statistics()
+        assert stats.udp_sessions == 20 and stats.udp.evicted == 10
+        assert trio.lowlevel.current_statistics().tasks_living == tasks_before  # no task each
+        assert open_fds() == fds_before + 20  # the evicted sessions' sockets are closed
+        with trio.fail_after(10):
+            evicted = [await records.__anext__() for _ in range(10)]
+        assert sorted(r.client.port for r in evicted) == list(range(7000, 7010))
+        assert {r.close_reason for r in evicted} == {"evicted"}
+
+
 async def test_dns_sessions_use_the_shorter_timeout(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:

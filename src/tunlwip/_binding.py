@@ -62,6 +62,7 @@ class Sink(Protocol):
     def on_icmp_echo(self, src: Endpoint, dst: Endpoint, message: bytes) -> None: ...
     def on_relay_done(self, conn: int, reason: int, bytes_up: int, bytes_down: int) -> None: ...
     def on_relay_first_data(self, conn: int, data: bytes) -> None: ...
+    def on_fd_ready(self, token: int) -> None: ...
     def on_callback_error(self, exc: BaseException) -> None: ...
 
 
@@ -166,3 +167,9 @@ def tl_py_relay_done(conn: int, reason: int, bytes_up: int, bytes_down: int) -> 
 def tl_py_relay_first_data(conn: int, data: Any, length: int) -> None:
     if _sink is not None:
         _sink.on_relay_first_data(conn, bytes(ffi.buffer(data, length)))
+
+
+@ffi.def_extern(onerror=_onerror)
+def tl_py_fd_ready(token: int) -> None:
+    if _sink is not None:
+        _sink.on_fd_ready(token)

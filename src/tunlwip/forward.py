@@ -104,35 +104,51 @@ def _peek_safely(peek: Callable[[bytes], None], data: bytes | bytearray) -> None
         log.debug("first-data callback failed", exc_info=True)
 
 
-async def relay_datagrams(session: UdpSession, upstream: socket.socket) -> None:
-    """Copy datagrams between ``session`` and the connected, non-blocking ``upstream`` socket
-    until the session is closed. Client datagrams go out from the stack's callback (no task
-    switch); replies are drained in bursts. Errors drop the datagram (UDP semantics), counted.
-    """
-    last_sent = b""
-    counters = session.counters
+class DatagramRelay:
+    """Copies datagrams between ``session`` and a connected, non-blocking ``upstream`` socket:
+    ``to_upstream`` for each client datagram (the session's ``divert`` target: no task switch),
+    ``drain`` whenever the socket is readable (a burst of replies to the client). Errors drop
+    the datagram (UDP semantics), counted. A port-unreachable from upstream is mirrored to the
+    client as ICMP."""
 
-    def to_upstream(data: bytes) -> None:
-        nonlocal last_sent
+    __slots__ = ("_last_sent", "session", "upstream")
+
+    def __init__(self, session: UdpSession, upstream: socket.socket) -> None:
+        self.session = session
+        self.upstream = upstream
+        self._last_sent = b""
+
+    def to_upstream(self, data: bytes) -> None:
         try:
-            upstream.send(data)
-            last_sent = data
+            self.upstream.send(data)
+            self._last_sent = data
         except OSError as exc:  # buffer full (BlockingIOError), too big, unreachable
-            counters.dropped_to_upstream += 1
-            log.debug("UDP %s -> %s: datagram dropped: %s", session.client, session.target, exc)
+            self.session.counters.dropped_to_upstream += 1
+            log.debug("UDP %s -> %s: datagram dropped: %s", self.session.client,
+                      self.session.target, exc)  # fmt: skip
 
-    session.divert(to_upstream)
-    while True:
-        await trio.lowlevel.wait_readable(upstream)
+    def drain(self) -> None:
+        session = self.session
         for _ in range(UDP_BURST):
             try:
-                data = upstream.recv(MAX_DATAGRAM)
+                data = self.upstream.recv(MAX_DATAGRAM)
             except BlockingIOError:
-                break
+                return
             except ConnectionRefusedError:  # the destination said "port unreachable"
-                session.send_unreachable("port", last_sent)
+                session.send_unreachable("port", self._last_sent)
                 continue
             except OSError as exc:
                 log.debug("UDP %s <- %s: receive error: %s", session.client, session.target, exc)
                 continue
             session.send_nowait(data)
+
+
+async def relay_datagrams(session: UdpSession, upstream: socket.socket) -> None:
+    """Relay between ``session`` and the connected, non-blocking ``upstream`` socket until the
+    session is closed (a task per session; the gateway's default path has none, see
+    ``Gateway._attach_udp``)."""
+    relay = DatagramRelay(session, upstream)
+    session.divert(relay.to_upstream)
+    while True:
+        await trio.lowlevel.wait_readable(upstream)
+        relay.drain()

@@ -27,7 +27,7 @@ from .dns.proxy import DnsConfig, DnsCounters, DnsProxy
 from .endpoint import Endpoint
 from .errors import ProtectError, TunlwipError
 from .flows import DEFAULT_BUFFER, FlowInfo, FlowSubscription, FlowTable, FlowTotals, LiveFlow
-from .forward import relay_datagrams
+from .forward import DatagramRelay, relay_datagrams
 from .icmp import EchoCounters, EchoForwarder, unavailable_reason
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
 from .relay import RESET_SIDES, Relay
@@ -117,7 +117,8 @@ class Gateway:
         self.stack = LwipStack(device, stack_config)
         self.stack.relay_idle_timeout = self.config.idle_timeout
         self._udp_handler = udp_handler or self._forward_udp
-        self.udp = UdpSessions(self.stack, self._dispatch_udp, self.config.udp)
+        self.udp = UdpSessions(self.stack, self._dispatch_udp, self.config.udp,
+                               attach=None if udp_handler else self._attach_udp)  # fmt: skip
         #: The DNS proxy (None when ``dns.hijack`` is "off": port 53 is then forwarded).
         self.dns = DnsProxy(self.config.dns, self.dialer) if self.config.dns.hijack != "off" \
             else None  # fmt: skip
@@ -373,6 +374,35 @@ class Gateway:
         log.debug("flow %s -> %s ended: %s%s, %d bytes up, %d down", flow.client, flow.target,
                   reason, f" by the {side}" if side else "", up, down)  # fmt: skip
         self._end_flow(flow, reason)
+
+    def _attach_udp(self, session: UdpSession) -> bool:
+        """The default UDP forwarder without a task: a protected socket watched by the relay
+        poll task, datagrams copied by callbacks both ways (``DatagramRelay``). DNS sessions,
+        and sessions whose socket cannot be opened, go to the task path instead."""
+        if self._is_dns(session.target):
+            return False
+        try:
+            upstream = self.dialer.open_udp(session.target)
+        except (OSError, TunlwipError):
+            return False  # _forward_udp tries again and answers "unreachable"
+        relay = DatagramRelay(session, upstream)
+        try:
+            token = self.stack.watch_readable(upstream.fileno(), relay.drain)
+        except OSError:
+            upstream.close()
+            return False
+        flow = self._flows.open("udp", session.client, session.target,
+                                lambda: (session.bytes_in, session.bytes_out),
+                                self._dns_name(session.client, session.target))  # fmt: skip
+
+        def end(reason: str) -> None:
+            self.stack.unwatch(upstream.fileno(), token)
+            upstream.close()
+            self._flows.close(flow, {"idle": "idle timeout"}.get(reason, reason))
+
+        session._on_end = end
+        session.divert(relay.to_upstream)
+        return True
 
     async def _forward_udp(self, session: UdpSession) -> None:
         try:

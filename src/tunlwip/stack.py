@@ -126,6 +126,8 @@ class LwipStack:
         self.icmp_echo_receiver: EchoReceiver | None = None
         self._streams: dict[int, LwipTcpStream] = {}
         self._relays: dict[int, Relay] = {}
+        self._watchers: dict[int, Callable[[], None]] = {}
+        self._next_watch_token = 1
         #: Relays with no byte moved for this long are reset (None: never).
         self.relay_idle_timeout: float | None = None
         self._next_conn_id = 1
@@ -233,6 +235,24 @@ class LwipStack:
         if out[0] != ffi.NULL:
             relay._started(out[0])
         return relay
+
+    def watch_readable(self, fd: int, on_ready: Callable[[], None]) -> int:
+        """Call ``on_ready()`` whenever ``fd`` is readable (level-triggered), from the relay
+        poll task, with no task of its own: how a UDP session is relayed for a few hundred
+        bytes. ``on_ready`` may send to clients. Returns a token for ``unwatch``; unwatch
+        before closing the fd. Raises OSError if the fd cannot be watched."""
+        token = self._next_watch_token
+        self._next_watch_token += 1
+        rc = lib.tl_watch_add(fd, token)
+        if rc != 0:
+            raise OSError(-rc, f"cannot watch fd {fd}: {os.strerror(-rc)}")
+        self._watchers[token] = on_ready
+        return token
+
+    def unwatch(self, fd: int, token: int) -> None:
+        """Stop watching ``fd`` (registered as ``token``); harmless if already stopped."""
+        if self._watchers.pop(token, None) is not None:
+            lib.tl_watch_del(fd)
 
     def send_udp(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
         """Send a datagram to client ``dst`` appearing to come from ``src`` (any address)."""
@@ -485,6 +505,11 @@ class LwipStack:
         relay = self._relays.pop(conn, None)
         if relay is not None:
             relay._finish(reason, bytes_up, bytes_down)
+
+    def on_fd_ready(self, token: int) -> None:
+        on_ready = self._watchers.get(token)
+        if on_ready is not None:
+            on_ready()
 
     def on_relay_first_data(self, conn: int, data: bytes) -> None:
         relay = self._relays.get(conn)

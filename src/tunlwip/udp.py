@@ -82,6 +82,10 @@ class UdpSession:
     """One UDP flow. ``receive`` yields the client's datagrams; ``send`` answers the client,
     appearing to come from ``target`` (the address and port the client sent to)."""
 
+    __slots__ = ("_cancel_scope", "_channel", "_diverted", "_on_end", "_owner", "bytes_in",
+                 "bytes_out", "client", "datagrams_in", "datagrams_out", "end_reason",
+                 "idle_timeout", "last_activity", "target")  # fmt: skip
+
     def __init__(self, owner: UdpSessions, client: Endpoint, target: Endpoint,
                  idle_timeout: float) -> None:  # fmt: skip
         self.client = client
@@ -92,9 +96,13 @@ class UdpSession:
         #: Why the session ended: "closed" (handler returned), "idle", "evicted", "error".
         self.end_reason = ""
         self._owner = owner
-        self._send, self._receive = trio.open_memory_channel[bytes](owner.config.queue_datagrams)
-        self._cancel_scope = trio.CancelScope()
+        # Created on first use: a session relayed without a task (``attach``) needs neither.
+        self._channel: tuple[trio.MemorySendChannel[bytes],
+                             trio.MemoryReceiveChannel[bytes]] | None = None  # fmt: skip
+        self._cancel_scope: trio.CancelScope | None = None
         self._diverted: Callable[[bytes], None] | None = None
+        #: Called with the reason when a task-less (attached) session ends.
+        self._on_end: Callable[[str], None] | None = None
 
     def __repr__(self) -> str:
         return f"<UdpSession {self.client} -> {self.target}>"
@@ -108,9 +116,17 @@ class UdpSession:
     def key(self) -> SessionKey:
         return (self.client, self.target)
 
+    @property
+    def _queue(self) -> tuple[trio.MemorySendChannel[bytes], trio.MemoryReceiveChannel[bytes]]:
+        if self._channel is None:
+            self._channel = trio.open_memory_channel[bytes](self._owner.config.queue_datagrams)
+            if self.end_reason:
+                self._channel[0].close()
+        return self._channel
+
     async def receive(self) -> bytes:
         """The next datagram from the client. Raises ``trio.EndOfChannel`` once closed."""
-        return await self._receive.receive()
+        return await self._queue[1].receive()
 
     async def send(self, data: bytes) -> None:
         """Send ``data`` to the client from ``target``. Too big or no memory: dropped, counted
@@ -129,9 +145,9 @@ class UdpSession:
         """From now on hand each client datagram to ``deliver`` at once, from the stack's
         callback, instead of queueing it for ``receive``: the fast path of the default
         forwarder (no task switch per datagram). Datagrams already queued go first."""
-        while True:
+        while self._channel is not None:
             try:
-                deliver(self._receive.receive_nowait())
+                deliver(self._channel[1].receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
         self._diverted = deliver
@@ -154,7 +170,12 @@ class UdpSession:
         if not self.end_reason:
             self.end_reason = reason
         self._owner._table.remove(self)  # the flow's next datagram opens a fresh session
-        self._cancel_scope.cancel()
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:  # a task-less session ends here
+            self._owner._ended(self)
+            on_end(self.end_reason)
 
     # -- used by UdpSessions ---------------------------------------------------------------------
     def _touch(self) -> None:
@@ -169,7 +190,7 @@ class UdpSession:
             self._diverted(data)
             return True
         try:
-            self._send.send_nowait(data)
+            self._queue[0].send_nowait(data)
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             return False
         return True
@@ -198,6 +219,9 @@ class SessionTable:
         if key in self._sessions:
             self._sessions.move_to_end(key)
 
+    def all(self) -> list[UdpSession]:
+        return list(self._sessions.values())
+
     def least_recent(self) -> UdpSession | None:
         return next(iter(self._sessions.values()), None)
 
@@ -215,15 +239,19 @@ class SessionTable:
 
 
 UdpHandler = Callable[[UdpSession], Awaitable[None]]
+#: Takes a new session over without a task (True), or leaves it to the handler (False). An
+#: attacher diverts the session's datagrams and sets ``_on_end`` (see ``UdpSessions``).
+UdpAttacher = Callable[[UdpSession], bool]
 
 
 class UdpSessions:
     """The gateway's UDP side: the session table, one task per session, and the sweep."""
 
-    def __init__(self, stack: LwipStack, handler: UdpHandler, config: UdpConfig | None = None
-                 ) -> None:  # fmt: skip
+    def __init__(self, stack: LwipStack, handler: UdpHandler, config: UdpConfig | None = None,
+                 *, attach: UdpAttacher | None = None) -> None:  # fmt: skip
         self.stack = stack
         self.handler = handler
+        self.attach = attach
         self.config = config or UdpConfig()
         self.counters = UdpCounters()
         self._table = SessionTable()
@@ -243,6 +271,9 @@ class UdpSessions:
                     self.sweep()
             finally:
                 self._nursery = None
+                for session in self._table.all():
+                    if session._on_end is not None:
+                        session.close("stopped")
 
     def sweep(self) -> int:
         """Close every session idle past its timeout; returns how many."""
@@ -280,10 +311,24 @@ class UdpSessions:
         session = UdpSession(self, client, target, timeout)
         self._table.add(session)
         self.counters.opened += 1
+        if self.attach is not None and self.attach(session):
+            if session._on_end is None:
+                raise TypeError("a UDP attacher must set the session's _on_end")
+            return session
+        session._cancel_scope = trio.CancelScope()
         self._nursery.start_soon(self._run_session, session)
         return session
 
+    def _ended(self, session: UdpSession) -> None:
+        """A task-less session ended (its attacher closes its socket)."""
+        if session._channel is not None:
+            session._channel[0].close()
+        log.debug("UDP session %s -> %s ended (%s): %d datagrams in, %d out",
+                  session.client, session.target, session.end_reason,
+                  session.datagrams_in, session.datagrams_out)  # fmt: skip
+
     async def _run_session(self, session: UdpSession) -> None:
+        assert session._cancel_scope is not None
         try:
             with session._cancel_scope:
                 await self.handler(session)
@@ -294,8 +339,9 @@ class UdpSessions:
         finally:
             session.end_reason = session.end_reason or "closed"
             self._table.remove(session)
-            session._send.close()
-            session._receive.close()
+            if session._channel is not None:
+                session._channel[0].close()
+                session._channel[1].close()
             log.debug("UDP session %s -> %s ended (%s): %d datagrams in, %d out",
                       session.client, session.target, session.end_reason,
                       session.datagrams_in, session.datagrams_out)  # fmt: skip

@@ -842,19 +842,24 @@ int tl_input(const uint8_t *data, size_t len)
  * max_packets: the fd is drained) or -errno if the first read failed. */
 int tl_input_fd(int fd, int max_packets)
 {
-    int count = 0;
+    int count = 0, err = 0;
+    tl_relay_defer_begin(); /* relays write what the batch brought once, at its end */
     while (count < max_packets) {
         ssize_t n = read(fd, tl_read_buf, sizeof tl_read_buf);
         if (n < 0) {
             if (errno == EINTR) continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-            return count > 0 ? count : -errno;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) err = errno;
+            break;
         }
-        if (n == 0) return count > 0 ? count : -EPIPE;
+        if (n == 0) {
+            err = EPIPE;
+            break;
+        }
         count++;
         tl_input(tl_read_buf, (size_t)n);
     }
-    return count;
+    tl_relay_defer_end();
+    return count > 0 || err == 0 ? count : -err;
 }
 
 int tl_input_release(const uint8_t *data, size_t len)

@@ -43,6 +43,7 @@
 /* Implemented in Python (cffi extern "Python+C"). */
 void tl_py_relay_done(uintptr_t conn, int reason, uint64_t bytes_up, uint64_t bytes_down);
 void tl_py_relay_first_data(uintptr_t conn, const uint8_t *data, size_t len);
+void tl_py_fd_ready(uintptr_t token);
 
 /* From glue.c: drop every lwIP callback of a PCB before letting it go. */
 void tl_tcp_forget(struct tcp_pcb *pcb);
@@ -58,13 +59,16 @@ struct tl_relay {
     uint8_t *down_spill;      /* upstream bytes read but not taken by lwIP (rare) */
     u32_t down_spill_len;
     u32_t watching;           /* epoll events registered (0: not in the set) */
-    u8_t client_eof, upstream_shut, upstream_eof, client_shut, want_first_data;
+    u8_t client_eof, upstream_shut, upstream_eof, client_shut, want_first_data, dirty;
     uint64_t bytes_up, bytes_down;
     u32_t last_active;
     struct tl_relay *prev, *next;
+    struct tl_relay *dirty_next; /* on tl_dirty: client bytes to write after the input batch */
 };
 
 static struct tl_relay *tl_relays;
+static struct tl_relay *tl_dirty;  /* relays with client bytes queued during an input batch */
+static int tl_deferring;
 static u32_t tl_relay_n;
 static int tl_epoll_fd = -1;
 static uint8_t tl_relay_buf[65536];
@@ -113,6 +117,11 @@ static int tl_relay_end(struct tl_relay *r, int reason)
             tcp_abort(pcb); /* the client sees RST */
             aborted = 1;
         }
+    }
+    if (r->dirty) {
+        struct tl_relay **link = &tl_dirty;
+        while (*link != r) link = &(*link)->dirty_next;
+        *link = r->dirty_next;
     }
     if (r->up_queue) pbuf_free(r->up_queue);
     free(r->down_spill);
@@ -210,12 +219,38 @@ static err_t tl_relay_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, er
         if (r->up_queue == NULL) r->up_queue = p;
         else pbuf_cat(r->up_queue, p);
     }
+    if (tl_deferring) { /* one write per relay per input batch (tl_relay_defer_end) */
+        if (!r->dirty) {
+            r->dirty = 1;
+            r->dirty_next = tl_dirty;
+            tl_dirty = r;
+        }
+        return ERR_OK;
+    }
     int outcome = tl_relay_flush_up(r);
     if (outcome == TL_GOES_ON) {
         tl_relay_update_watch(r);
         outcome = tl_relay_maybe_finish(r);
     }
     return outcome == TL_ABORTED ? ERR_ABRT : ERR_OK;
+}
+
+/* Batching: while lwIP processes a batch of input packets, client bytes are only queued;
+ * the end of the batch writes each relay's queue with one sendmsg (and reopens the client's
+ * window once), instead of one write per segment. */
+void tl_relay_defer_begin(void) { tl_deferring = 1; }
+
+void tl_relay_defer_end(void)
+{
+    tl_deferring = 0;
+    while (tl_dirty != NULL) {
+        struct tl_relay *r = tl_dirty;
+        tl_dirty = r->dirty_next;
+        r->dirty = 0;
+        if (tl_relay_flush_up(r) != TL_GOES_ON) continue;
+        tl_relay_update_watch(r);
+        tl_relay_maybe_finish(r);
+    }
 }
 
 /* ---- upstream -> client ------------------------------------------------------------------- */
@@ -314,6 +349,10 @@ int tl_relay_poll(int max_events)
     int n = epoll_wait(tl_epoll_fd, events, max_events, 0);
     if (n < 0) return errno == EINTR ? 0 : -errno;
     for (int i = 0; i < n; i++) {
+        if (events[i].data.u64 & 1) { /* a Python watcher (tl_watch_add), not a relay */
+            tl_py_fd_ready((uintptr_t)(events[i].data.u64 >> 1));
+            continue;
+        }
         struct tl_relay *r = (struct tl_relay *)events[i].data.ptr;
         u32_t ev = events[i].events;
         if ((ev & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && r->up_queue != NULL &&
@@ -326,6 +365,22 @@ int tl_relay_poll(int max_events)
         tl_relay_maybe_finish(r);
     }
     return n;
+}
+
+/* Python watchers share the poll set: readiness of fd (level-triggered, EPOLLIN) is reported
+ * as tl_py_fd_ready(token), from tl_relay_poll. Tokens are tagged with the low bit, which no
+ * relay pointer has. Remove a watcher before closing its fd. */
+int tl_watch_add(int fd, uintptr_t token)
+{
+    if (tl_relay_epoll_fd() < 0) return -errno;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = ((uint64_t)token << 1) | 1};
+    return epoll_ctl(tl_epoll_fd, EPOLL_CTL_ADD, fd, &ev) == 0 ? 0 : -errno;
+}
+
+int tl_watch_del(int fd)
+{
+    if (tl_epoll_fd < 0) return 0;
+    return epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, fd, NULL) == 0 ? 0 : -errno;
 }
 
 /* ---- API ---------------------------------------------------------------------------------- */

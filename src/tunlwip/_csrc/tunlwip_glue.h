@@ -95,5 +95,10 @@ void tl_relay_abort_all(void);
 uint32_t tl_relay_count(void);
 const tl_relay_counters *tl_relay_get_counters(void);
 void tl_relay_reset_counters(void);
+void tl_relay_defer_begin(void);
+void tl_relay_defer_end(void);
+/* Python watchers on the same poll set: tl_py_fd_ready(token) when fd is readable */
+int tl_watch_add(int fd, uintptr_t token);
+int tl_watch_del(int fd);
 
 #endif
