@@ -8,11 +8,13 @@ a time, and lwIP answers by invoking callbacks (see ``_binding``). Those callbac
 events: they queue output packets, buffer received bytes and unpark waiting tasks. They never
 enter lwIP again.
 
-Three tasks drive it: the *reader* feeds device packets to ``tl_input`` (or, for a device
-with an fd, lets C read them in batches: ``tl_input_fd``); the *timer* runs
-``sys_check_timeouts`` at most 250 ms apart; the *writer* delivers queued output to the device
-(unless the device let C write to its fd directly). lwIP's clock is trio's clock, so trio's
-``autojump_clock`` makes retransmissions and TIME-WAIT instant in tests.
+Four tasks drive it. The *poller* waits for one epoll set that C keeps: the device's fd (if
+the device has one: C reads batches of packets into lwIP, ``tl_input_fd``), the upstream
+sockets of C relays (``relay.py``) and watched sockets (UDP sessions); one wakeup serves them
+all. For a device without an fd the *reader* feeds packets to ``tl_input`` one by one. The
+*timer* runs ``sys_check_timeouts`` at most 250 ms apart; the *writer* delivers queued output
+to the device (unless the device let C write to its fd directly). lwIP's clock is trio's
+clock, so trio's ``autojump_clock`` makes retransmissions and TIME-WAIT instant in tests.
 
 lwIP has global state and can be initialised once per process, so one stack runs at a time; a
 stack tears down by aborting its connections and removing its netif, after which another stack
@@ -51,7 +53,7 @@ _UDP_ACTIONS = {"reject": lib.TL_UDP_REJECT, "drop": lib.TL_UDP_DROP, "off": lib
 _ECHO_MODES = {"reply": lib.TL_ECHO_REPLY, "forward": lib.TL_ECHO_FORWARD, "off": lib.TL_ECHO_OFF}
 
 _TIMER_CAP_SECONDS = 0.25
-_RELAY_POLL_BATCH = 256  # ready sockets handled before the poll task lets others run
+_RELAY_POLL_BATCH = 256  # poll-set events handled per wakeup of the poll task
 _RELAY_SWEEP_SECONDS = 1.0
 _READ_BATCH = 64  # packets read before the reader lets other tasks run
 _SLEEPTIME_INFINITE = 0xFFFFFFFF
@@ -164,7 +166,7 @@ class LwipStack:
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._timer)
                 nursery.start_soon(self._writer)
-                nursery.start_soon(self._relay_poller)
+                nursery.start_soon(self._poller)
                 task_status.started(self)
                 await trio.sleep_forever()
         finally:
@@ -337,6 +339,7 @@ class LwipStack:
     def _stop_lwip(self) -> None:
         self._running = False
         self._tick_clock()
+        lib.tl_poll_set_input(-1)
         lib.tl_relay_abort_all()  # closes every upstream socket (reported as "stopped")
         for stream in list(self._streams.values()):
             stream._on_stack_stopped()
@@ -349,31 +352,15 @@ class LwipStack:
     # -- tasks --------------------------------------------------------------------------------
     async def _reader(self) -> None:
         direct_fd = getattr(self.device, "direct_input_fd", None)
-        if callable(direct_fd) and direct_fd() is not None:
-            await self._read_fd(direct_fd)
-        else:
+        fd = direct_fd() if callable(direct_fd) else None
+        if fd is None:
             await self._read_packets()
-
-    async def _read_fd(self, direct_fd: Callable[[], int | None]) -> None:
-        """The fast path: C reads batches from the device's fd and feeds lwIP directly."""
-        while (fd := direct_fd()) is not None:
-            self._tick_clock()
-            count = lib.tl_input_fd(fd, _READ_BATCH)
-            if lib.tl_sleeptime() == 0:
-                lib.tl_check_timeouts()
-            self._after_lwip()
-            if count < 0:
-                if -count in (errno.EBADF, errno.EPIPE):
-                    break
-                raise DeviceError(f"packet device read failed: {os.strerror(-count)}")
-            if count == _READ_BATCH:
-                await trio.lowlevel.checkpoint()  # more waiting: let other tasks run first
-                continue
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            except trio.ClosedResourceError:
-                break
-        log.info("packet device closed; the stack stops reading")
+            return
+        # The fast path: the poll set reads the device in C (``_poller``), so one wakeup
+        # serves client packets and upstream sockets alike.
+        rc = lib.tl_poll_set_input(fd)
+        if rc != 0:
+            raise DeviceError(f"cannot poll the packet device: {os.strerror(-rc)}")
 
     async def _read_packets(self) -> None:
         device = self.device
@@ -392,18 +379,26 @@ class LwipStack:
                 burst = 0
                 await trio.lowlevel.checkpoint()
 
-    async def _relay_poller(self) -> None:
-        """Wait for any relayed upstream socket to be ready; C then moves the bytes."""
+    async def _poller(self) -> None:
+        """Wait for the poll set (the device's fd, relayed and watched sockets); C then reads
+        packets into lwIP and moves relayed bytes. Each wait is a checkpoint, so a busy device
+        cannot starve other tasks."""
         epoll_fd = lib.tl_relay_epoll_fd()
         if epoll_fd < 0:
-            raise TunlwipError(f"cannot create the relay poll set: {os.strerror(-epoll_fd)}")
+            raise TunlwipError(f"cannot create the poll set: {os.strerror(-epoll_fd)}")
         while True:
             await trio.lowlevel.wait_readable(epoll_fd)
             self._tick_clock()
-            handled = lib.tl_relay_poll(_RELAY_POLL_BATCH)
+            lib.tl_relay_poll(_RELAY_POLL_BATCH)
+            if lib.tl_sleeptime() == 0:
+                lib.tl_check_timeouts()
             self._after_lwip()
-            if handled == _RELAY_POLL_BATCH:
-                await trio.lowlevel.checkpoint()
+            if (err := lib.tl_poll_input_error()) != 0:
+                lib.tl_poll_set_input(-1)  # clears the error: report it once
+                if err in (errno.EBADF, errno.EPIPE):
+                    log.info("packet device closed; the stack stops reading")
+                else:
+                    raise DeviceError(f"packet device read failed: {os.strerror(err)}")
 
     async def _timer(self) -> None:
         next_sweep = trio.current_time()

@@ -20,7 +20,7 @@
  *    failure, so neither end mistakes a broken transfer for a complete one.
  *  - When both directions are finished the socket is closed and the PCB is handed back to lwIP
  *    to finish its close (LAST-ACK/TIME-WAIT); tl_py_relay_done reports the end exactly once,
- *    after which the relay is freed and its pointer must not be used.
+ *    after which its pointer must not be used (the memory is freed after the poll round).
  *
  * Invariants: single-threaded (the trio thread); a relay is registered in epoll only while it
  * wants an event (so a hung-up socket never spins the poll loop); bytes are acknowledged to the
@@ -59,16 +59,25 @@ struct tl_relay {
     uint8_t *down_spill;      /* upstream bytes read but not taken by lwIP (rare) */
     u32_t down_spill_len;
     u32_t watching;           /* epoll events registered (0: not in the set) */
-    u8_t client_eof, upstream_shut, upstream_eof, client_shut, want_first_data, dirty;
+    u8_t client_eof, upstream_shut, upstream_eof, client_shut, want_first_data, dirty, ended;
     uint64_t bytes_up, bytes_down;
     u32_t last_active;
     struct tl_relay *prev, *next;
     struct tl_relay *dirty_next; /* on tl_dirty: client bytes to write after the input batch */
+    struct tl_relay *grave_next; /* on tl_graveyard once ended, until tl_relay_bury */
 };
 
 static struct tl_relay *tl_relays;
-static struct tl_relay *tl_dirty;  /* relays with client bytes queued during an input batch */
+static struct tl_relay *tl_dirty;
+/* Ended relays are freed only between poll rounds: an event for one may still be pending in
+ * the batch epoll_wait returned (the device's packets can end relays mid-batch). */
+static struct tl_relay *tl_graveyard;  /* relays with client bytes queued during an input batch */
 static int tl_deferring;
+static int tl_poll_input = -1;    /* the device fd read by tl_relay_poll, or -1 */
+static int tl_poll_input_err;     /* errno that made it stop reading the device */
+
+#define TL_INPUT_TAG 1u           /* epoll data of the device fd: watcher token 0 */
+#define TL_INPUT_BATCH 64
 static u32_t tl_relay_n;
 static int tl_epoll_fd = -1;
 static uint8_t tl_relay_buf[65536];
@@ -103,7 +112,7 @@ static void tl_relay_close_fd(struct tl_relay *r, int reset)
     r->fd = -1;
 }
 
-/* The last step of every relay: report, unlink, free (r is gone afterwards). Returns 1 if
+/* The last step of every relay: report, unlink, and leave it to tl_relay_bury. Returns 1 if
  * the PCB was aborted, which an lwIP callback must answer with ERR_ABRT. */
 static int tl_relay_end(struct tl_relay *r, int reason)
 {
@@ -129,12 +138,23 @@ static int tl_relay_end(struct tl_relay *r, int reason)
     if (r->next) r->next->prev = r->prev;
     tl_relay_n--;
     tl_rstats.ended[reason]++;
+    r->ended = 1;
+    r->grave_next = tl_graveyard;
+    tl_graveyard = r;
     tl_py_relay_done(r->conn, reason, r->bytes_up, r->bytes_down);
-    free(r);
     return aborted;
 }
 
-/* Outcome of a step: the relay goes on, ended (r freed), or ended by aborting the PCB. */
+static void tl_relay_bury(void)
+{
+    while (tl_graveyard != NULL) {
+        struct tl_relay *r = tl_graveyard;
+        tl_graveyard = r->grave_next;
+        free(r);
+    }
+}
+
+/* Outcome of a step: the relay goes on, ended, or ended by aborting the PCB. */
 enum { TL_GOES_ON = 0, TL_ENDED = 1, TL_ABORTED = 2 };
 
 static int tl_relay_fail(struct tl_relay *r, int reason)
@@ -349,12 +369,21 @@ int tl_relay_poll(int max_events)
     int n = epoll_wait(tl_epoll_fd, events, max_events, 0);
     if (n < 0) return errno == EINTR ? 0 : -errno;
     for (int i = 0; i < n; i++) {
+        if (events[i].data.u64 == TL_INPUT_TAG) { /* the device: a batch of client packets */
+            int got = tl_input_fd(tl_poll_input, TL_INPUT_BATCH);
+            if (got < 0) {
+                tl_poll_input_err = -got;
+                tl_poll_set_input(-1);
+            }
+            continue;
+        }
         if (events[i].data.u64 & 1) { /* a Python watcher (tl_watch_add), not a relay */
             tl_py_fd_ready((uintptr_t)(events[i].data.u64 >> 1));
             continue;
         }
         struct tl_relay *r = (struct tl_relay *)events[i].data.ptr;
         u32_t ev = events[i].events;
+        if (r->ended) continue;
         if ((ev & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && r->up_queue != NULL &&
             tl_relay_flush_up(r) != TL_GOES_ON)
             continue;
@@ -364,6 +393,7 @@ int tl_relay_poll(int max_events)
         tl_relay_update_watch(r);
         tl_relay_maybe_finish(r);
     }
+    tl_relay_bury();
     return n;
 }
 
@@ -382,6 +412,24 @@ int tl_watch_del(int fd)
     if (tl_epoll_fd < 0) return 0;
     return epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, fd, NULL) == 0 ? 0 : -errno;
 }
+
+/* Read the packet device from the poll set too: one wakeup of the poll task then serves the
+ * device and every relay (fd -1: stop). Returns 0 or -errno. */
+int tl_poll_set_input(int fd)
+{
+    if (tl_relay_epoll_fd() < 0) return -errno;
+    if (tl_poll_input >= 0) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, tl_poll_input, NULL);
+    tl_poll_input = -1;
+    if (fd < 0) return 0;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TL_INPUT_TAG};
+    if (epoll_ctl(tl_epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) return -errno;
+    tl_poll_input = fd;
+    tl_poll_input_err = 0;
+    return 0;
+}
+
+/* Why the poll set stopped reading the device (an errno), or 0. */
+int tl_poll_input_error(void) { return tl_poll_input_err; }
 
 /* ---- API ---------------------------------------------------------------------------------- */
 
@@ -459,12 +507,14 @@ int tl_relay_sweep(uint32_t idle_ms)
         }
         r = next;
     }
+    tl_relay_bury();
     return ended;
 }
 
 void tl_relay_abort_all(void)
 {
     while (tl_relays != NULL) tl_relay_end(tl_relays, TL_RELAY_STOPPED);
+    tl_relay_bury();
 }
 
 uint32_t tl_relay_count(void) { return tl_relay_n; }

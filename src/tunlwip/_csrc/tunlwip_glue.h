@@ -100,5 +100,8 @@ void tl_relay_defer_end(void);
 /* Python watchers on the same poll set: tl_py_fd_ready(token) when fd is readable */
 int tl_watch_add(int fd, uintptr_t token);
 int tl_watch_del(int fd);
+/* the packet device read from the same poll set (-1: stop); why it stopped (errno) or 0 */
+int tl_poll_set_input(int fd);
+int tl_poll_input_error(void);
 
 #endif
