@@ -14,9 +14,11 @@ import socket
 
 import trio
 
-from test_gateway import CLIENT, start_env
+from test_gateway import CLIENT, serve_sha256, start_env
 from tunlwip._binding import lib
+from tunlwip.endpoint import Endpoint
 from tunlwip.gateway import GatewayConfig
+from tunlwip.tcp import LwipTcpStream
 
 from tcppeer import TcpPeer
 
@@ -137,3 +139,27 @@ async def test_stopping_the_gateway_closes_upstream_sockets() -> None:
             await ended.wait()
         assert outcome == ["reset"]
         outer.cancel_scope.cancel()
+
+
+async def test_a_custom_handler_can_hand_over_to_the_relay(nursery: trio.Nursery) -> None:
+    """The embedding API: decide in Python, then let C forward (docs/embedding.md)."""
+    reasons: list[str] = []
+
+    async def handler(stream: LwipTcpStream, target: Endpoint) -> None:
+        upstream = await env.gateway.dialer.open_tcp(target)
+        relay = env.gateway.stack.relay(stream, upstream.socket)
+        reasons.append(await relay.wait())
+        reasons.append(repr(relay.byte_counts()))
+
+    env = await start_env(nursery, GatewayConfig(dial_timeout=5), tcp_handler=handler)
+    port = await nursery.start(serve_sha256)
+    peer = TcpPeer(env.wire, CLIENT, 41300, "127.0.0.1", port)
+    await peer.connect()
+    payload = os.urandom(100_000)
+    await peer.send(payload)
+    await peer.shutdown()
+    assert await peer.recv_until_eof() == hashlib.sha256(payload).hexdigest().encode()
+    with trio.fail_after(10):
+        while len(reasons) < 2:  # noqa: ASYNC110 - the handler task reports when it ends
+            await trio.sleep(0.01)
+    assert reasons == ["closed", repr((100_000, 64))]
