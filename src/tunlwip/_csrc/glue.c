@@ -130,7 +130,31 @@ u32_t tl_hook_tcp_isn(const ip_addr_t *local_ip, u16_t local_port,
 }
 
 uint32_t tl_sleeptime(void) { return sys_timeouts_sleeptime(); }
-void tl_check_timeouts(void) { sys_check_timeouts(); }
+/*
+ * At most this many connections stay in TIME-WAIT; the oldest beyond it are dropped, as Linux
+ * does past tcp_max_tw_buckets. lwIP finds a segment's PCB by walking lists, and every SYN
+ * walks the whole TIME-WAIT list: at a thousand connections a second, 2*MSL (10 s) would keep
+ * ten thousand there and cost ~100 us per new connection. On a point-to-point TUN nothing
+ * lingers in flight for long, and a client that reuses a port replaces its TIME-WAIT anyway.
+ */
+#define TL_MAX_TIME_WAIT 256
+
+static void tl_trim_time_wait(void)
+{
+    struct tcp_pcb *keep = tcp_tw_pcbs; /* newest first: lwIP registers at the head */
+    for (unsigned n = 1; keep != NULL && n < TL_MAX_TIME_WAIT; n++) keep = keep->next;
+    if (keep == NULL) return;
+    while (keep->next != NULL) {
+        tcp_abort(keep->next); /* TIME-WAIT: unlinked and freed, no RST */
+        tl_stats.time_wait_trimmed++;
+    }
+}
+
+void tl_check_timeouts(void)
+{
+    sys_check_timeouts();
+    tl_trim_time_wait();
+}
 /* Fragments lwIP's reassembly discarded (overlapping, too many queued, IPv4 options), counted
  * by lwIP's own statistics; `base` makes them start from zero at each reset. */
 static uint64_t tl_reass_dropped(void)

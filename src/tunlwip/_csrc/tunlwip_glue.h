@@ -19,7 +19,7 @@ typedef struct {
     uint64_t drop_bad_address, drop_not_client, drop_port_zero, drop_transport_header;
     uint64_t drop_transport_checksum, drop_unsupported, drop_no_memory, drop_no_listener;
     uint64_t fragments_in, datagrams_reassembled, drop_fragment;
-    uint64_t syn_held, syn_released, time_wait_recycled;
+    uint64_t syn_held, syn_released, time_wait_recycled, time_wait_trimmed;
     uint64_t udp_unhandled, output_errors;
     uint64_t udp_port_rejected, drop_udp_port_blocked;
     uint64_t icmp_echo_in, icmp_echo_replied, icmp_echo_forwarded, drop_echo_off;
