@@ -72,14 +72,19 @@ async def serve_sha256(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNO
     await serve_on_loopback(handler, task_status=task_status)
 
 
+async def upload_and_check_digest(peer: TcpPeer, size: int) -> None:
+    """Send ``size`` random bytes, half-close, and expect their sha256 back (``serve_sha256``)."""
+    payload = os.urandom(size)
+    await peer.send(payload)
+    await peer.shutdown()
+    assert await peer.recv_until_eof() == hashlib.sha256(payload).hexdigest().encode()
+
+
 async def test_forward_with_half_close(env: Env, nursery: trio.Nursery) -> None:
     port = await nursery.start(serve_sha256)
     peer = TcpPeer(env.wire, CLIENT, 40000, "127.0.0.1", port)
     await peer.connect()
-    payload = os.urandom(300_000)
-    await peer.send(payload)
-    await peer.shutdown()
-    assert await peer.recv_until_eof() == hashlib.sha256(payload).hexdigest().encode()
+    await upload_and_check_digest(peer, 300_000)
     assert env.gateway.statistics().dials_ok == 1
 
 

@@ -14,7 +14,7 @@ import socket
 
 import trio
 
-from test_gateway import CLIENT, serve_sha256, start_env
+from test_gateway import CLIENT, serve_sha256, start_env, upload_and_check_digest
 from tunlwip._binding import lib
 from tunlwip.endpoint import Endpoint
 from tunlwip.gateway import GatewayConfig
@@ -155,10 +155,7 @@ async def test_a_custom_handler_can_hand_over_to_the_relay(nursery: trio.Nursery
     port = await nursery.start(serve_sha256)
     peer = TcpPeer(env.wire, CLIENT, 41300, "127.0.0.1", port)
     await peer.connect()
-    payload = os.urandom(100_000)
-    await peer.send(payload)
-    await peer.shutdown()
-    assert await peer.recv_until_eof() == hashlib.sha256(payload).hexdigest().encode()
+    await upload_and_check_digest(peer, 100_000)
     with trio.fail_after(10):
         while len(reasons) < 2:  # noqa: ASYNC110 - the handler task reports when it ends
             await trio.sleep(0.01)
