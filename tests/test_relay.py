@@ -12,6 +12,7 @@ import hashlib
 import os
 import socket
 
+import pytest
 import trio
 
 from test_gateway import CLIENT, serve_sha256, start_env, upload_and_check_digest
@@ -160,3 +161,49 @@ async def test_a_custom_handler_can_hand_over_to_the_relay(nursery: trio.Nursery
         while len(reasons) < 2:  # noqa: ASYNC110 - the handler task reports when it ends
             await trio.sleep(0.01)
     assert reasons == ["closed", repr((100_000, 64))]
+
+
+@pytest.mark.parametrize("upstream_fin_first", [True, False])
+async def test_client_bytes_outlive_the_finished_lwip_connection(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, upstream_fin_first: bool
+) -> None:
+    """Both FINs exchanged while the upstream has not read the client's bytes yet: lwIP
+    finishes its side on its own (LAST-ACK, or TIME-WAIT for 10 s) long before the upstream
+    reads, and every byte must still arrive (the relay lets go of the PCB, not of the bytes).
+    """
+    digests: list[str] = []
+    env = await start_env(nursery, GatewayConfig(dial_timeout=5), protector=small_send_buffer)
+
+    async def serve(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.socket.socket() as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            task_status.started(listener.getsockname()[1])
+            sock, _ = await listener.accept()
+        with sock:
+            if not upstream_fin_first:
+                await trio.sleep(1)  # the client's bytes and FIN arrive first
+            sock.shutdown(socket.SHUT_WR)
+            await trio.sleep(30)  # past LAST-ACK and TIME-WAIT (2 * TCP_MSL = 10 s)
+            h = hashlib.sha256()
+            while data := await sock.recv(65536):
+                h.update(data)
+            digests.append(h.hexdigest())
+
+    port = await nursery.start(serve)
+    peer = TcpPeer(env.wire, CLIENT, 41400, "127.0.0.1", port, timeout=600)
+    await peer.connect()
+    if upstream_fin_first:
+        assert await peer.recv_until_eof() == b""
+    payload = os.urandom(200_000)  # within lwIP's window, far beyond the socket buffers
+    await peer.send(payload)
+    await peer.shutdown()
+    if not upstream_fin_first:
+        assert await peer.recv_until_eof() == b""
+    with trio.fail_after(120):
+        while not digests:  # noqa: ASYNC110 - the upstream reports when it has read all
+            await trio.sleep(1)
+    assert digests == [hashlib.sha256(payload).hexdigest()]
+    assert await env.gateway.drain(10)
+    assert lib.tl_relay_count() == 0

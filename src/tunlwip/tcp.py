@@ -247,7 +247,8 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
     def _on_error(self, err: int) -> None:
         self._pcb = None  # lwIP has freed it
         if err == ERR_CLSD:
-            # LAST-ACK completed after our FIN: a clean end, not an error.
+            # Both FINs exchanged and lwIP finishes on its own (LAST-ACK done, or our FIN went
+            # first): a clean end, not an error. Unread bytes stay readable.
             self._eof_received = True
         elif err == ERR_RST:
             self._error = "reset by the client"

@@ -384,7 +384,17 @@ static err_t tl_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t er
     LWIP_UNUSED_ARG(pcb);
     uintptr_t conn = (uintptr_t)arg;
     if (p == NULL) {
-        if (conn) tl_py_recv(conn, NULL, 0);
+        if (conn == 0) return ERR_OK;
+        tl_py_recv(conn, NULL, 0);
+        if (pcb->state != ESTABLISHED && pcb->state != CLOSE_WAIT) {
+            /* Our FIN went out first: lwIP finishes (CLOSING, TIME-WAIT) and frees the PCB on
+             * its own, with no callback, while Python may still hold unread bytes. Let go of
+             * it now (tcp_close only marks it closed in these states) and tell Python the
+             * connection ended cleanly. */
+            tl_tcp_forget(pcb);
+            tcp_close(pcb);
+            tl_py_error(conn, ERR_CLSD);
+        }
         return ERR_OK;
     }
     if (err != ERR_OK || conn == 0) {

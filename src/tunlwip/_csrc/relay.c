@@ -68,10 +68,10 @@ struct tl_relay {
 };
 
 static struct tl_relay *tl_relays;
-static struct tl_relay *tl_dirty;
+static struct tl_relay *tl_dirty;  /* relays with client bytes queued during an input batch */
 /* Ended relays are freed only between poll rounds: an event for one may still be pending in
  * the batch epoll_wait returned (the device's packets can end relays mid-batch). */
-static struct tl_relay *tl_graveyard;  /* relays with client bytes queued during an input batch */
+static struct tl_relay *tl_graveyard;
 static int tl_deferring;
 static int tl_poll_input = -1;    /* the device fd read by tl_relay_poll, or -1 */
 static int tl_poll_input_err;     /* errno that made it stop reading the device */
@@ -83,7 +83,9 @@ static int tl_epoll_fd = -1;
 static uint8_t tl_relay_buf[65536];
 static tl_relay_counters tl_rstats;
 
-static void tl_relay_update_watch(struct tl_relay *r);
+static int tl_relay_update_watch(struct tl_relay *r);
+static int tl_relay_settle(struct tl_relay *r);
+static void tl_relay_release_pcb(struct tl_relay *r);
 
 /* ---- lifecycle ---------------------------------------------------------------------------- */
 
@@ -117,6 +119,7 @@ static void tl_relay_close_fd(struct tl_relay *r, int reset)
 static int tl_relay_end(struct tl_relay *r, int reason)
 {
     int aborted = 0;
+    if (r->ended) return 0; /* ended already (re-entered from a Python callback) */
     tl_relay_close_fd(r, reason != TL_RELAY_CLOSED);
     if (r->pcb != NULL) {
         struct tcp_pcb *pcb = r->pcb;
@@ -235,10 +238,15 @@ static err_t tl_relay_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, er
                                         p->tot_len < TL_RELAY_FIRST_DATA_MAX ? p->tot_len
                                                                              : TL_RELAY_FIRST_DATA_MAX, 0);
             tl_py_relay_first_data(r->conn, tl_relay_buf, n);
+            if (r->ended) { /* the callback aborted the relay (and the PCB) */
+                pbuf_free(p);
+                return ERR_ABRT;
+            }
         }
         if (r->up_queue == NULL) r->up_queue = p;
         else pbuf_cat(r->up_queue, p);
     }
+    if (p == NULL) tl_relay_release_pcb(r); /* at once: lwIP may free a TIME-WAIT PCB */
     if (tl_deferring) { /* one write per relay per input batch (tl_relay_defer_end) */
         if (!r->dirty) {
             r->dirty = 1;
@@ -248,10 +256,7 @@ static err_t tl_relay_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, er
         return ERR_OK;
     }
     int outcome = tl_relay_flush_up(r);
-    if (outcome == TL_GOES_ON) {
-        tl_relay_update_watch(r);
-        outcome = tl_relay_maybe_finish(r);
-    }
+    if (outcome == TL_GOES_ON) outcome = tl_relay_settle(r);
     return outcome == TL_ABORTED ? ERR_ABRT : ERR_OK;
 }
 
@@ -268,8 +273,7 @@ void tl_relay_defer_end(void)
         tl_dirty = r->dirty_next;
         r->dirty = 0;
         if (tl_relay_flush_up(r) != TL_GOES_ON) continue;
-        tl_relay_update_watch(r);
-        tl_relay_maybe_finish(r);
+        tl_relay_settle(r);
     }
 }
 
@@ -332,10 +336,7 @@ static err_t tl_relay_on_sent(void *arg, struct tcp_pcb *pcb, u16_t len)
     struct tl_relay *r = (struct tl_relay *)arg;
     LWIP_UNUSED_ARG(pcb); LWIP_UNUSED_ARG(len);
     int outcome = tl_relay_pump_down(r);
-    if (outcome == TL_GOES_ON) {
-        tl_relay_update_watch(r);
-        outcome = tl_relay_maybe_finish(r);
-    }
+    if (outcome == TL_GOES_ON) outcome = tl_relay_settle(r);
     return outcome == TL_ABORTED ? ERR_ABRT : ERR_OK;
 }
 
@@ -343,22 +344,56 @@ static void tl_relay_on_error(void *arg, err_t err)
 {
     struct tl_relay *r = (struct tl_relay *)arg;
     r->pcb = NULL; /* lwIP has freed it */
+    if (err == ERR_CLSD && r->client_eof && r->client_shut) {
+        tl_relay_settle(r); /* lwIP finished its side cleanly; the socket side goes on */
+        return;
+    }
     tl_relay_end(r, err == ERR_RST ? TL_RELAY_CLIENT_RESET : TL_RELAY_ERROR);
 }
 
 /* ---- epoll -------------------------------------------------------------------------------- */
 
-static void tl_relay_update_watch(struct tl_relay *r)
+/* Watch what the relay waits for. A poll set that refuses the fd ends the relay: it would
+ * never be woken again. */
+static int tl_relay_update_watch(struct tl_relay *r)
 {
     u32_t want = 0;
     if (r->up_queue != NULL) want |= EPOLLOUT;
     if (r->pcb != NULL && !r->upstream_eof && r->down_spill_len == 0 && tl_tcp_sndbuf(r->pcb) > 0)
         want |= EPOLLIN | EPOLLRDHUP;
-    if (want == r->watching) return;
+    if (want == r->watching) return TL_GOES_ON;
     struct epoll_event ev = {.events = want, .data.ptr = r};
-    if (want == 0) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
-    else epoll_ctl(tl_epoll_fd, r->watching ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, r->fd, &ev);
+    int rc = want == 0 ? epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL)
+                       : epoll_ctl(tl_epoll_fd, r->watching ? EPOLL_CTL_MOD : EPOLL_CTL_ADD,
+                                   r->fd, &ev);
+    if (rc != 0 && want != 0) {
+        tl_rstats.poll_errors++;
+        return tl_relay_fail(r, TL_RELAY_ERROR);
+    }
     r->watching = want;
+    return TL_GOES_ON;
+}
+
+/* Both FINs are exchanged: lwIP now finishes the connection on its own (LAST-ACK, CLOSING,
+ * TIME-WAIT) and frees the PCB without telling us, possibly while the upstream socket has not
+ * yet taken the client's last bytes. Let go of the PCB now; the relay goes on for the socket.
+ * In these states tcp_close only marks the PCB as closed by us (no RST, no callback). */
+static void tl_relay_release_pcb(struct tl_relay *r)
+{
+    if (r->pcb == NULL || !r->client_eof || !r->client_shut) return;
+    if (r->pcb->state == ESTABLISHED || r->pcb->state == CLOSE_WAIT) return;
+    struct tcp_pcb *pcb = r->pcb;
+    r->pcb = NULL;
+    tl_tcp_forget(pcb);
+    tcp_close(pcb);
+}
+
+/* After any step: release a finished PCB, watch what is still awaited, end if all is done. */
+static int tl_relay_settle(struct tl_relay *r)
+{
+    tl_relay_release_pcb(r);
+    int outcome = tl_relay_update_watch(r);
+    return outcome == TL_GOES_ON ? tl_relay_maybe_finish(r) : outcome;
 }
 
 int tl_relay_poll(int max_events)
@@ -390,8 +425,7 @@ int tl_relay_poll(int max_events)
         if ((ev & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) &&
             tl_relay_pump_down(r) != TL_GOES_ON)
             continue;
-        tl_relay_update_watch(r);
-        tl_relay_maybe_finish(r);
+        tl_relay_settle(r);
     }
     tl_relay_bury();
     return n;
@@ -475,8 +509,7 @@ int tl_relay_open(void *pcb_, int fd, uintptr_t conn, const uint8_t *pending, si
     tcp_sent(pcb, tl_relay_on_sent);
     tcp_err(pcb, tl_relay_on_error);
     if (tl_relay_flush_up(r) != TL_GOES_ON || tl_relay_pump_down(r) != TL_GOES_ON) return 0;
-    tl_relay_update_watch(r);
-    if (tl_relay_maybe_finish(r) == TL_GOES_ON) *out = r;
+    if (tl_relay_settle(r) == TL_GOES_ON) *out = r;
     return 0;
 }
 
@@ -490,7 +523,8 @@ void tl_relay_info(void *relay, tl_relay_stats *out)
 
 void tl_relay_abort(void *relay, int reason)
 {
-    tl_relay_end((struct tl_relay *)relay, reason);
+    if (reason <= TL_RELAY_CLOSED || reason > TL_RELAY_STOPPED) reason = TL_RELAY_STOPPED;
+    tl_relay_end((struct tl_relay *)relay, reason); /* never a clean close: both ends reset */
 }
 
 /* Reset relays idle for idle_ms or more; returns how many. */

@@ -78,6 +78,7 @@ enum { TL_RELAY_CLOSED = 0, TL_RELAY_CLIENT_RESET = 1, TL_RELAY_UPSTREAM_RESET =
 typedef struct {
     uint64_t opened, spills;
     uint64_t upstream_full, client_full; /* backpressure: socket or lwIP send buffer full */
+    uint64_t poll_errors;                /* relays ended because epoll refused their fd */
     uint64_t ended[6]; /* by reason */
 } tl_relay_counters;
 typedef struct {
