@@ -184,6 +184,7 @@ class LwipStack:
         counters["relay_spills"] = int(relays.spills)
         counters["relay_upstream_full"] = int(relays.upstream_full)
         counters["relay_client_full"] = int(relays.client_full)
+        counters["relay_poll_errors"] = int(relays.poll_errors)
         return StackStatistics(
             tcp_connections=len(self._streams) + len(self._relays),
             lwip_tcp_pcbs=lib.tl_tcp_pcb_count(),
