@@ -407,8 +407,8 @@ int tl_relay_poll(int max_events)
         if (events[i].data.u64 == TL_INPUT_TAG) { /* the device: a batch of client packets */
             int got = tl_input_fd(tl_poll_input, TL_INPUT_BATCH);
             if (got < 0) {
-                tl_poll_input_err = -got;
                 tl_poll_set_input(-1);
+                tl_poll_input_err = -got; /* reported once: the next set_input clears it */
             }
             continue;
         }
@@ -454,11 +454,11 @@ int tl_poll_set_input(int fd)
     if (tl_relay_epoll_fd() < 0) return -errno;
     if (tl_poll_input >= 0) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, tl_poll_input, NULL);
     tl_poll_input = -1;
+    tl_poll_input_err = 0;
     if (fd < 0) return 0;
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TL_INPUT_TAG};
     if (epoll_ctl(tl_epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) return -errno;
     tl_poll_input = fd;
-    tl_poll_input_err = 0;
     return 0;
 }
 
