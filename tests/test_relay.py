@@ -24,18 +24,24 @@ from tunlwip.tcp import LwipTcpStream
 from tcppeer import TcpPeer
 
 
-async def serve_slow_sha256(
-    delay: float, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """An upstream with a tiny receive buffer that waits ``delay`` s before reading to EOF,
-    then answers with the sha256: the relay must hold back, not buffer or drop."""
+async def accept_one_slow_reader(task_status: trio.TaskStatus[int]) -> trio.socket.SocketType:
+    """Accept one loopback connection (its port goes to ``task_status``) on a socket with a
+    4 KiB receive buffer, so an upstream that does not read pushes back at once."""
     with trio.socket.socket() as listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         await listener.bind(("127.0.0.1", 0))
         listener.listen(8)
         task_status.started(listener.getsockname()[1])
         sock, _ = await listener.accept()
-    with sock:
+    return sock
+
+
+async def serve_slow_sha256(
+    delay: float, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """An upstream with a tiny receive buffer that waits ``delay`` s before reading to EOF,
+    then answers with the sha256: the relay must hold back, not buffer or drop."""
+    with await accept_one_slow_reader(task_status) as sock:
         await trio.sleep(delay)
         h = hashlib.sha256()
         while data := await sock.recv(65536):
@@ -175,13 +181,7 @@ async def test_client_bytes_outlive_the_finished_lwip_connection(
     env = await start_env(nursery, GatewayConfig(dial_timeout=5), protector=small_send_buffer)
 
     async def serve(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.socket.socket() as listener:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            await listener.bind(("127.0.0.1", 0))
-            listener.listen(8)
-            task_status.started(listener.getsockname()[1])
-            sock, _ = await listener.accept()
-        with sock:
+        with await accept_one_slow_reader(task_status) as sock:
             if not upstream_fin_first:
                 await trio.sleep(1)  # the client's bytes and FIN arrive first
             sock.shutdown(socket.SHUT_WR)
