@@ -70,13 +70,7 @@ class FlowRecord:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (endpoints as ``addr:port`` strings), e.g. for a JSON-lines log."""
         return {
-            "protocol": self.protocol,
-            "client": str(self.client),
-            "target": str(self.target),
-            "name": self.name,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "started": round(self.started, 3),
+            **_flow_json(self),
             "duration": round(self.duration, 6),
             "connect_latency": _round(self.connect_latency),
             "close_reason": self.close_reason,
@@ -99,13 +93,7 @@ class FlowInfo:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "protocol": self.protocol,
-            "client": str(self.client),
-            "target": str(self.target),
-            "name": self.name,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "started": round(self.started, 3),
+            **_flow_json(self),
             "age": round(self.age, 3),
             "connect_latency": _round(self.connect_latency),
         }
@@ -123,6 +111,19 @@ class FlowTotals:
     #: Records a slow subscriber did not get (summed over subscribers).
     records_dropped: int = 0
     subscribers: int = 0
+
+
+def _flow_json(flow: FlowRecord | FlowInfo) -> dict[str, Any]:
+    """The JSON fields a finished and a live flow share, in the order both print them."""
+    return {
+        "protocol": flow.protocol,
+        "client": str(flow.client),
+        "target": str(flow.target),
+        "name": flow.name,
+        "bytes_up": flow.bytes_up,
+        "bytes_down": flow.bytes_down,
+        "started": round(flow.started, 3),
+    }
 
 
 def _round(value: float | None) -> float | None:

@@ -15,12 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from netns import Namespace
 
 __all__ = [
     "GATEWAY_CMD",
     "LOG_TAIL",
+    "LoggedProcess",
     "RunningGateway",
     "StartGateway",
     "launch_gateway",
@@ -47,20 +49,45 @@ def pattern(seed: int, size: int) -> bytes:
 
 
 @dataclass
-class RunningGateway:
-    """One ``tunlwip up`` process; its stdout and stderr go to ``log_path``."""
+class LoggedProcess:
+    """A process in a test namespace (with its TUN ``iface``) whose stdout and stderr go to
+    ``log_path``; it must stop on SIGTERM with exit status 0."""
 
     ns: Namespace
     iface: str
     proc: subprocess.Popen[bytes]
     log_path: Path
     returncode: int | None = None
+    #: How logs and failures name it.
+    what: ClassVar[str] = "process"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def tail(self) -> str:
-        return f"gateway log (tail):\n{self.log()[-LOG_TAIL:]}"
+        return f"{self.what} log (tail):\n{self.log()[-LOG_TAIL:]}"
+
+    def terminate(self, timeout: float = 10.0) -> None:
+        """SIGTERM (once); require exit status 0 within ``timeout`` s."""
+        if self.returncode is None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.returncode = self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.returncode = self.proc.wait()
+                raise AssertionError(
+                    f"{self.what} ignored SIGTERM for {timeout}s; {self.tail()}"
+                ) from None
+        assert self.returncode == 0, f"{self.what} exited {self.returncode}; {self.tail()}"
+
+
+@dataclass
+class RunningGateway(LoggedProcess):
+    """One ``tunlwip up`` process."""
+
+    what: ClassVar[str] = "gateway"
 
     def wait_serving(self) -> None:
         """Wait until the gateway serves and its TUN is up; fail if it exits first."""
@@ -77,18 +104,7 @@ class RunningGateway:
 
     def stop(self, timeout: float = 10.0) -> str:
         """SIGTERM; require exit status 0 within ``timeout`` s. Returns the "stopped" line."""
-        if self.returncode is None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.returncode = self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.returncode = self.proc.wait()
-                raise AssertionError(
-                    f"gateway ignored SIGTERM for {timeout}s; {self.tail()}"
-                ) from None
-        assert self.returncode == 0, f"gateway exited {self.returncode}; {self.tail()}"
+        self.terminate(timeout)
         lines = [line for line in self.log().splitlines() if "tunlwip: stopped" in line]
         assert lines, f"no 'stopped' line; {self.tail()}"
         return lines[-1]

@@ -15,17 +15,17 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
-from gatewayproc import wait_for
+from gatewayproc import LoggedProcess, wait_for
 from netns import (
     CLIENT_ADDR4,
     CLIENT_ADDR6,
@@ -53,20 +53,10 @@ FAMILIES = [
 
 
 @dataclass
-class Example:
-    """One example process; stdout and stderr go to ``log_path``."""
+class Example(LoggedProcess):
+    """One example process."""
 
-    ns: Namespace
-    iface: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    returncode: int | None = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def tail(self) -> str:
-        return f"example log (tail):\n{self.log()[-4000:]}"
+    what: ClassVar[str] = "example"
 
     def wait_line(self, text: str, timeout: float = 20.0) -> None:
         def seen() -> bool:
@@ -78,16 +68,7 @@ class Example:
 
     def stop(self, timeout: float = 10.0) -> str:
         """SIGTERM; require exit status 0 within ``timeout`` s; returns the whole log."""
-        if self.returncode is None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.returncode = self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.returncode = self.proc.wait()
-                raise AssertionError(f"example ignored SIGTERM; {self.tail()}") from None
-        assert self.returncode == 0, f"example exited {self.returncode}; {self.tail()}"
+        self.terminate(timeout)
         assert "example." in self.log() and "stopped" in self.log(), self.tail()
         return self.log()
 
