@@ -17,8 +17,8 @@ import pytest
 import trio
 
 from tunlwip import MemoryDevice
-from tunlwip.endpoint import Endpoint
 from tunlwip.gateway import Gateway, GatewayConfig
+from tunlwip.predial import HeldDial
 
 from packets import ACK, RST, SYN, is_valid, parse, tcp_options, tcp_packet
 from tcppeer import PacketWire, TcpPeer
@@ -103,14 +103,15 @@ async def test_syn_retransmits_are_swallowed_while_dialing(
     env: Env, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = await nursery.start(serve_sha256)
-    dial_may_finish = trio.Event()
-    real_open_tcp = env.gateway.dialer.open_tcp
+    dials = env.gateway._dials
+    assert dials is not None
+    finished: list[HeldDial] = []
 
-    async def slow_open_tcp(target: Endpoint) -> trio.SocketStream:
-        await dial_may_finish.wait()
-        return await real_open_tcp(target)
+    def not_yet(dial: HeldDial) -> None:  # the connect is done, but we pretend it is not
+        dials._unwatch(dial)
+        finished.append(dial)
 
-    monkeypatch.setattr(env.gateway.dialer, "open_tcp", slow_open_tcp)
+    monkeypatch.setattr(dials, "_finished", not_yet)
     syn = tcp_packet(CLIENT, "127.0.0.1", 40002, port, seq=9, flags=SYN,
                      options=tcp_options(mss=1460))  # fmt: skip
     for _ in range(3):
@@ -118,7 +119,9 @@ async def test_syn_retransmits_are_swallowed_while_dialing(
     await trio.testing.wait_all_tasks_blocked()
     assert env.wire.unmatched_nowait() == []  # held: no handshake before the upstream answers
     assert env.gateway.statistics().syn_retransmits_swallowed == 2
-    dial_may_finish.set()
+    monkeypatch.undo()
+    for dial in finished:
+        dials._finished(dial)
     reply = await env.wire.next_unmatched()
     assert reply.flags == SYN | ACK and reply.ack == 10
     await trio.testing.wait_all_tasks_blocked()

@@ -8,6 +8,8 @@ there is never a fallback to an unprotected socket.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from collections.abc import Callable
 
@@ -102,6 +104,22 @@ class Dialer:
             sock.close()
             raise
         return trio.SocketStream(sock)
+
+    def start_tcp(self, target: Endpoint) -> socket.socket:
+        """A protected socket with a non-blocking connect to ``target`` under way: the caller
+        waits for it to turn writable, then reads SO_ERROR (``predial``). Raises OSError
+        (including ProtectError, or EMFILE when out of file descriptors) if it cannot start."""
+        family = socket.AF_INET if target.family == 4 else socket.AF_INET6
+        sock = self._protected_socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = sock.connect_ex(target.sockaddr())
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def open_udp(self, target: Endpoint) -> socket.socket:
         """A protected, non-blocking UDP socket connected to ``target``: it only receives from

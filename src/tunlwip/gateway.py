@@ -17,7 +17,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Literal, NoReturn
+from typing import Any, Literal, NoReturn
 
 import trio
 
@@ -25,11 +25,12 @@ from .device import PacketDevice
 from .dialer import Dialer, Protector, describe, no_protection
 from .dns.proxy import DnsConfig, DnsCounters, DnsProxy
 from .endpoint import Endpoint
-from .errors import ProtectError, TunlwipError
+from .errors import LwipError, ProtectError, TunlwipError
 from .flows import DEFAULT_BUFFER, FlowInfo, FlowSubscription, FlowTable, FlowTotals, LiveFlow
 from .forward import DatagramRelay, relay_datagrams
 from .icmp import EchoCounters, EchoForwarder, unavailable_reason
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
+from .predial import HeldDial, HeldSynDials
 from .relay import RESET_SIDES, Relay
 from .sniff import sniff_name
 from .stack import LwipStack, StackConfig, StackStatistics
@@ -66,15 +67,6 @@ class GatewayConfig:
             raise ValueError("unreachable_reply must be 'icmp' or 'rst'")
         if self.max_pending_dials < 1:
             raise ValueError("max_pending_dials must be >= 1")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Predialed:
-    """An upstream connected for a held SYN, waiting for the client's handshake to claim it."""
-
-    upstream: trio.SocketStream
-    latency: float
-    claimed: trio.CancelScope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +121,8 @@ class Gateway:
         if stack_config.icmp_echo == "forward":
             self.stack.icmp_echo_receiver = self.echo.on_echo
         self._custom_handler = tcp_handler
-        self._pending: dict[FlowKey, bytes] = {}
-        self._predialed: dict[FlowKey, _Predialed] = {}
+        #: Upstream connects of held SYNs (dial before accept with the default forwarder).
+        self._dials: HeldSynDials | None = None
         self._flows = FlowTable()
         self._started_at: float | None = None
         #: Wall-clock time ``serve`` started (``time.time()``), None before.
@@ -142,7 +134,12 @@ class Gateway:
         self._idle.set()
         self._counts = dict(ok=0, refused=0, failed=0, swallowed=0)
         if tcp_handler is None and self.config.dial_before_accept:
+            self._dials = HeldSynDials(self.stack, self.dialer,
+                                       claim_timeout=self.config.predial_claim_timeout,
+                                       on_connected=self._dial_connected,
+                                       on_failed=self._dial_failed)  # fmt: skip
             self.stack.syn_interceptor = self._on_syn
+            self.stack.accept_taker = self._take_predialed
 
     @property
     def protect_mode(self) -> str:
@@ -159,6 +156,8 @@ class Gateway:
                 self._nursery = nursery
                 await nursery.start(self.udp.run)
                 await nursery.start(self.echo.run)
+                if self._dials is not None:
+                    await nursery.start(self._dials.run)
                 await nursery.start(self.stack.run, self._handle)
                 task_status.started(self)
                 try:
@@ -201,6 +200,8 @@ class Gateway:
         self.dialer.connect_timeout = config.dial_timeout
         self.stack.relay_idle_timeout = config.idle_timeout
         self.udp.config = config.udp
+        if self._dials is not None:
+            self._dials.claim_timeout = config.predial_claim_timeout
         self.echo.idle_timeout = config.icmp_echo_idle_timeout
         keep = {name: getattr(old, name) for name in ("dial_before_accept",)}
         keep_dns = dataclasses.replace(config.dns, hijack=old.dns.hijack)
@@ -220,7 +221,7 @@ class Gateway:
         return GatewayStatistics(
             stack=self.stack.statistics(),
             active_flows=self._active,
-            pending_dials=len(self._pending),
+            pending_dials=len(self._dials) if self._dials is not None else 0,
             dials_ok=self._counts["ok"],
             dials_refused=self._counts["refused"],
             dials_failed=self._counts["failed"],
@@ -334,24 +335,24 @@ class Gateway:
     async def _forward(self, stream: LwipTcpStream, target: Endpoint, flow: LiveFlow) -> str | None:
         """Hand ``stream`` and its upstream to a C relay, which then owns the flow (returns
         None); or returns why the flow ended before that (the dial failed)."""
-        key = (stream.remote, target)
-        predialed = self._predialed.pop(key, None)
-        if predialed is not None:
-            upstream = predialed.upstream
-            flow.connect_latency = predialed.latency
-            predialed.claimed.cancel()
-        else:
-            dial_started = trio.current_time()
-            try:
-                upstream = await self.dialer.open_tcp(target)
-            except OSError as exc:
-                flow.connect_latency = trio.current_time() - dial_started
-                self._counts["failed"] += 1
-                log.debug("dial %s for %s failed: %s", target, stream.remote, exc)
-                stream.abort()
-                return _dial_failure(exc)
+        dial_started = trio.current_time()
+        try:
+            upstream = await self.dialer.open_tcp(target)
+        except OSError as exc:
             flow.connect_latency = trio.current_time() - dial_started
-            self._counts["ok"] += 1
+            self._counts["failed"] += 1
+            log.debug("dial %s for %s failed: %s", target, stream.remote, exc)
+            stream.abort()
+            return _dial_failure(exc)
+        flow.connect_latency = trio.current_time() - dial_started
+        self._counts["ok"] += 1
+        self._start_relay(stream, upstream.socket, flow)
+        return None
+
+    def _start_relay(self, stream: LwipTcpStream, upstream: Any, flow: LiveFlow) -> None:
+        """Hand ``stream`` and its connected ``upstream`` socket to a C relay, which owns the
+        flow from then on. Raises ``trio.BrokenResourceError`` if the client is gone already
+        (the socket is closed)."""
 
         def name_from_first_bytes(data: bytes) -> None:
             name = sniff_name(data)
@@ -359,13 +360,30 @@ class Gateway:
                 flow.name = name  # what the client asked the server for beats the DNS guess
 
         try:
-            relay = self.stack.relay(stream, upstream.socket, on_first_data=name_from_first_bytes)
+            relay = self.stack.relay(stream, upstream, on_first_data=name_from_first_bytes)
         except BaseException:
-            upstream.socket.close()
+            upstream.close()
             raise
         flow.count_bytes_with(relay.byte_counts)
         relay.when_done(functools.partial(self._relay_ended, flow))
-        return None
+
+    def _take_predialed(self, stream: LwipTcpStream) -> bool:
+        """A new connection whose upstream was dialed before accept goes straight to a relay,
+        with no task (``LwipStack.accept_taker``). Others get the handler task."""
+        assert self._dials is not None
+        dial = self._dials.claim((stream.remote, stream.local))
+        if dial is None:
+            return False
+        flow = self._flows.open("tcp", stream.remote, stream.local,
+                                lambda: (stream.bytes_received, stream.bytes_sent),
+                                self._dns_name(stream.remote, stream.local))  # fmt: skip
+        flow.connect_latency = dial.latency
+        self._flow_started()
+        try:
+            self._start_relay(stream, dial.sock, flow)
+        except (trio.BrokenResourceError, LwipError):
+            self._end_flow(flow, "reset")
+        return True
 
     def _relay_ended(self, flow: LiveFlow, relay: Relay) -> None:
         up, down = relay.byte_counts()
@@ -419,51 +437,34 @@ class Gateway:
     def _on_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:
         if self._is_dns(target):
             return False  # the proxy answers: accept at once, nothing to dial
+        dials = self._dials
         key = (client, target)
-        if key in self._pending:
+        if dials is None or self._nursery is None:
+            return False
+        if dials.is_dialing(key):
             self._counts["swallowed"] += 1
             return True
-        if self._nursery is None:
-            return False
         if not self._accepting:  # draining: refuse new flows outright
             self._answer(packet, refused=True)
             return True
-        if len(self._pending) >= self.config.max_pending_dials:
+        if len(dials) >= self.config.max_pending_dials:
             return False  # degrade to accept-then-dial rather than drop
-        self._pending[key] = packet
-        self._nursery.start_soon(self._dial_held, key, packet)
+        dials.start(key, packet)
         return True
 
-    async def _dial_held(self, key: FlowKey, packet: bytes) -> None:
-        client, target = key
-        dial_started = trio.current_time()
-        try:
-            upstream = await self.dialer.open_tcp(target)
-        except ConnectionRefusedError as exc:
+    def _dial_connected(self, dial: HeldDial) -> None:
+        self._counts["ok"] += 1
+        self.stack.release_syn(dial.packet)  # lwIP answers SYN-ACK; the ACK claims the dial
+
+    def _dial_failed(self, key: FlowKey, packet: bytes, exc: OSError, latency: float) -> None:
+        if isinstance(exc, ConnectionRefusedError):
             self._counts["refused"] += 1
             self._answer(packet, refused=True)
-            self._record_failed_dial(key, exc, trio.current_time() - dial_started)
-        except OSError as exc:
-            self._counts["failed"] += 1
-            log.debug("dial %s for %s failed: %s", target, client, exc)
-            self._answer(packet, refused=self.config.unreachable_reply == "rst")
-            self._record_failed_dial(key, exc, trio.current_time() - dial_started)
         else:
-            self._counts["ok"] += 1
-            with trio.move_on_after(self.config.predial_claim_timeout) as claimed:
-                self._predialed[key] = _Predialed(
-                    upstream, trio.current_time() - dial_started, claimed
-                )
-                self._pending.pop(key, None)
-                try:
-                    self.stack.release_syn(packet)
-                    await trio.sleep_forever()  # until the handshake claims it, or the timeout
-                finally:
-                    unclaimed = self._predialed.pop(key, None)
-                    if unclaimed is not None:  # the client never completed its handshake
-                        unclaimed.upstream.socket.close()
-        finally:
-            self._pending.pop(key, None)
+            self._counts["failed"] += 1
+            log.debug("dial %s for %s failed: %s", key[1], key[0], exc)
+            self._answer(packet, refused=self.config.unreachable_reply == "rst")
+        self._record_failed_dial(key, exc, latency)
 
     def _record_failed_dial(self, key: FlowKey, exc: OSError, latency: float) -> None:
         """A flow that never got past the dial still gets a record (reason, latency, name)."""

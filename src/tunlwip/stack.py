@@ -126,6 +126,11 @@ class LwipStack:
         self.udp_receiver: UdpReceiver | None = None
         #: Called with (client, destination, ICMP message) for echo requests in "forward" mode.
         self.icmp_echo_receiver: EchoReceiver | None = None
+        #: Offered each new connection, outside lwIP's callbacks, before a handler task is
+        #: started; returning True means it took the stream (no task): how the gateway hands
+        #: a connection whose upstream is already connected straight to a C relay.
+        self.accept_taker: Callable[[LwipTcpStream], bool] | None = None
+        self._accepted: list[LwipTcpStream] = []
         self._streams: dict[int, LwipTcpStream] = {}
         self._relays: dict[int, Relay] = {}
         self._watchers: dict[int, Callable[[], None]] = {}
@@ -244,9 +249,17 @@ class LwipStack:
         poll task, with no task of its own: how a UDP session is relayed for a few hundred
         bytes. ``on_ready`` may send to clients. Returns a token for ``unwatch``; unwatch
         before closing the fd. Raises OSError if the fd cannot be watched."""
+        return self._watch(fd, on_ready, writable=False)
+
+    def watch_writable(self, fd: int, on_ready: Callable[[], None]) -> int:
+        """Like ``watch_readable``, for writability (or an error): how a non-blocking
+        ``connect()`` is waited for without a task. Unwatch once it fired."""
+        return self._watch(fd, on_ready, writable=True)
+
+    def _watch(self, fd: int, on_ready: Callable[[], None], *, writable: bool) -> int:
         token = self._next_watch_token
         self._next_watch_token += 1
-        rc = lib.tl_watch_add(fd, token)
+        rc = lib.tl_watch_add(fd, token, 1 if writable else 0)
         if rc != 0:
             raise OSError(-rc, f"cannot watch fd {fd}: {os.strerror(-rc)}")
         self._watchers[token] = on_ready
@@ -433,8 +446,30 @@ class LwipStack:
         lib.tl_set_now((self._clock_base_ms + elapsed_ms) & 0xFFFFFFFF)
 
     def _after_lwip(self) -> None:
+        if self._accepted:
+            self._dispatch_accepted()
         if self._outbox:
             self._output_ready.set()
+
+    def _dispatch_accepted(self) -> None:
+        """Give connections accepted during the last lwIP call to ``accept_taker``, else to a
+        handler task (lwIP must not be re-entered from its accept callback, hence the list)."""
+        accepted, self._accepted = self._accepted, []
+        taker = self.accept_taker
+        for stream in accepted:
+            taken = False
+            if taker is not None:
+                try:
+                    taken = taker(stream)
+                except Exception:
+                    log.exception("accept_taker failed for %s -> %s; resetting", stream.remote,
+                                  stream.local)  # fmt: skip
+                    stream.abort()
+                    stream._close_now()
+                    continue
+            if not taken:
+                assert self._handler_nursery is not None
+                self._handler_nursery.start_soon(self._run_handler, stream)
 
     def _forget(self, conn_id: int) -> None:
         self._streams.pop(conn_id, None)
@@ -462,8 +497,7 @@ class LwipStack:
             self, conn_id, pcb, _binding.endpoint_from_c(local), _binding.endpoint_from_c(remote)
         )
         self._streams[conn_id] = stream
-        assert self._handler_nursery is not None
-        self._handler_nursery.start_soon(self._run_handler, stream)
+        self._accepted.append(stream)  # dispatched once lwIP returns (_after_lwip)
         return conn_id
 
     def on_recv(self, conn: int, data: bytes | None) -> None:

@@ -431,13 +431,15 @@ int tl_relay_poll(int max_events)
     return n;
 }
 
-/* Python watchers share the poll set: readiness of fd (level-triggered, EPOLLIN) is reported
- * as tl_py_fd_ready(token), from tl_relay_poll. Tokens are tagged with the low bit, which no
- * relay pointer has. Remove a watcher before closing its fd. */
-int tl_watch_add(int fd, uintptr_t token)
+/* Python watchers share the poll set: readiness of fd (level-triggered; readable, or writable
+ * as a connect() in progress finishing) is reported as tl_py_fd_ready(token), from
+ * tl_relay_poll. Tokens are tagged with the low bit, which no relay pointer has. Remove a
+ * watcher before closing its fd. */
+int tl_watch_add(int fd, uintptr_t token, int writable)
 {
     if (tl_relay_epoll_fd() < 0) return -errno;
-    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = ((uint64_t)token << 1) | 1};
+    struct epoll_event ev = {.events = writable ? EPOLLOUT : EPOLLIN,
+                             .data.u64 = ((uint64_t)token << 1) | 1};
     return epoll_ctl(tl_epoll_fd, EPOLL_CTL_ADD, fd, &ev) == 0 ? 0 : -errno;
 }
 

@@ -98,8 +98,9 @@ const tl_relay_counters *tl_relay_get_counters(void);
 void tl_relay_reset_counters(void);
 void tl_relay_defer_begin(void);
 void tl_relay_defer_end(void);
-/* Python watchers on the same poll set: tl_py_fd_ready(token) when fd is readable */
-int tl_watch_add(int fd, uintptr_t token);
+/* Python watchers on the same poll set: tl_py_fd_ready(token) when fd is readable (or
+ * writable) */
+int tl_watch_add(int fd, uintptr_t token, int writable);
 int tl_watch_del(int fd);
 /* the packet device read from the same poll set (-1: stop); why it stopped (errno) or 0 */
 int tl_poll_set_input(int fd);

@@ -1,0 +1,182 @@
+"""Dial before accept, without a task per connection.
+
+A held SYN starts a non-blocking ``connect()`` on a protected socket. The stack's poll set
+reports when it finished (the socket turns writable), so one wakeup of the poll task serves
+packets, relays and finished dials alike. Then the SYN is released to lwIP and the connected
+socket waits, here, for the client's handshake to claim it. One small task enforces the two
+deadlines: the dial timeout while connecting and the claim timeout afterwards.
+
+Why not a task per dial: the connection rate is the gateway's per-connection overhead, and a
+task with its cancel scopes cost more than the whole dial does here.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import socket
+from collections.abc import Callable
+
+import trio
+
+from .dialer import Dialer
+from .endpoint import Endpoint
+from .stack import LwipStack
+
+log = logging.getLogger("tunlwip.predial")
+
+FlowKey = tuple[Endpoint, Endpoint]  # (client, original destination)
+_MAX_SLEEP = 1.0
+
+
+class HeldDial:
+    """One upstream connect for a held SYN."""
+
+    __slots__ = ("connected_at", "key", "packet", "sock", "started", "token")
+
+    def __init__(self, key: FlowKey, packet: bytes, sock: socket.socket, started: float):
+        self.key = key
+        self.packet = packet
+        self.sock = sock
+        self.started = started
+        self.token = 0
+        self.connected_at = 0.0
+
+    @property
+    def latency(self) -> float:
+        return self.connected_at - self.started
+
+
+Connected = Callable[[HeldDial], None]
+Failed = Callable[[FlowKey, bytes, OSError, float], None]
+
+
+class HeldSynDials:
+    """The dials of held SYNs: connecting, then connected and waiting to be claimed.
+
+    ``on_connected(dial)`` runs when a connect succeeded (the gateway releases the SYN);
+    ``on_failed(key, packet, error, latency)`` when it failed or timed out (the socket is
+    closed already). Both run on the trio thread, outside lwIP's callbacks.
+    """
+
+    def __init__(self, stack: LwipStack, dialer: Dialer, *, claim_timeout: float,
+                 on_connected: Connected, on_failed: Failed) -> None:  # fmt: skip
+        self._stack = stack
+        self._dialer = dialer
+        self.claim_timeout = claim_timeout
+        self._on_connected = on_connected
+        self._on_failed = on_failed
+        # Both ordered by when they started waiting, so their deadlines are in order too.
+        self._dialing: dict[FlowKey, HeldDial] = {}
+        self._connected: dict[FlowKey, HeldDial] = {}
+        self._wake_at = math.inf
+        self._poke = trio.Event()
+
+    def __len__(self) -> int:
+        """Dials still connecting (the held SYNs)."""
+        return len(self._dialing)
+
+    def is_dialing(self, key: FlowKey) -> bool:
+        return key in self._dialing
+
+    def start(self, key: FlowKey, packet: bytes) -> None:
+        """Start connecting to ``key``'s destination; the outcome arrives by callback (an
+        immediate failure, such as no free file descriptor, too)."""
+        now = trio.current_time()
+        try:
+            sock = self._dialer.start_tcp(key[1])
+        except OSError as exc:
+            self._on_failed(key, packet, exc, 0.0)
+            return
+        dial = HeldDial(key, packet, sock, now)
+        try:
+            dial.token = self._stack.watch_writable(sock.fileno(), lambda: self._finished(dial))
+        except OSError as exc:
+            sock.close()
+            self._on_failed(key, packet, exc, 0.0)
+            return
+        self._dialing[key] = dial
+        if now + self._dialer.connect_timeout < self._wake_at:
+            self._poke.set()
+
+    def claim(self, key: FlowKey) -> HeldDial | None:
+        """The connected dial for ``key`` (now the caller's, with its socket), or None."""
+        return self._connected.pop(key, None)
+
+    def close(self) -> None:
+        """Close every socket (the gateway stops)."""
+        for dial in (*self._dialing.values(), *self._connected.values()):
+            self._unwatch(dial)
+            dial.sock.close()
+        self._dialing.clear()
+        self._connected.clear()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Enforce the dial and claim timeouts until cancelled."""
+        task_status.started()
+        try:
+            while True:
+                now = trio.current_time()
+                self._expire(now)
+                self._wake_at = min(now + _MAX_SLEEP, self._next_deadline())
+                with trio.move_on_at(self._wake_at):
+                    await self._poke.wait()
+                self._poke = trio.Event()
+        finally:
+            self.close()
+
+    # -- internals ------------------------------------------------------------------------------
+    def _finished(self, dial: HeldDial) -> None:
+        """The poll set saw the socket writable (or failed): the connect is over."""
+        if self._dialing.pop(dial.key, None) is not dial:
+            return
+        self._unwatch(dial)
+        err = dial.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        now = trio.current_time()
+        if err:
+            dial.sock.close()
+            self._on_failed(dial.key, dial.packet, _os_error(err), now - dial.started)
+            return
+        dial.connected_at = now
+        self._connected[dial.key] = dial
+        self._on_connected(dial)
+
+    def _unwatch(self, dial: HeldDial) -> None:
+        if dial.token:
+            self._stack.unwatch(dial.sock.fileno(), dial.token)
+            dial.token = 0
+
+    def _next_deadline(self) -> float:
+        deadline = math.inf
+        if self._dialing:
+            deadline = next(iter(self._dialing.values())).started + self._dialer.connect_timeout
+        if self._connected:
+            first = next(iter(self._connected.values()))
+            deadline = min(deadline, first.connected_at + self.claim_timeout)
+        return deadline
+
+    def _expire(self, now: float) -> None:
+        timeout = self._dialer.connect_timeout
+        while self._dialing:
+            dial = next(iter(self._dialing.values()))
+            if dial.started + timeout > now:
+                break
+            del self._dialing[dial.key]
+            self._unwatch(dial)
+            dial.sock.close()
+            error = TimeoutError(errno.ETIMEDOUT, f"connect to {dial.key[1]} timed out")
+            self._on_failed(dial.key, dial.packet, error, now - dial.started)
+        while self._connected:
+            dial = next(iter(self._connected.values()))
+            if dial.connected_at + self.claim_timeout > now:
+                break
+            del self._connected[dial.key]  # the client never completed its handshake
+            log.debug("upstream for %s -> %s unclaimed; closed", *dial.key)
+            dial.sock.close()
+
+
+def _os_error(err: int) -> OSError:
+    """The OSError subclass Python raises for ``err`` (ConnectionRefusedError, ...)."""
+    return OSError(err, os.strerror(err))
