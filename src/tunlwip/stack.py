@@ -38,6 +38,7 @@ from ._binding import ffi, lib
 from .device import PacketDevice
 from .endpoint import Endpoint
 from .errors import DeviceError, LwipError, TunlwipError
+from .loopidle import LoopIdleProbe
 from .relay import FirstDataCallback, Relay
 from .tcp import LwipTcpStream
 
@@ -55,6 +56,8 @@ _ECHO_MODES = {"reply": lib.TL_ECHO_REPLY, "forward": lib.TL_ECHO_FORWARD, "off"
 _TIMER_CAP_SECONDS = 0.25
 _RELAY_POLL_BATCH = 256  # poll-set events handled per wakeup of the poll task
 _RELAY_SWEEP_SECONDS = 1.0
+_MIN_WAIT_IN_C = 0.001  # below this, trio's deadline is too close: go back to trio
+_MAX_WAIT_IN_C = 0.1  # then the poll task goes back through trio even when all is quiet
 _READ_BATCH = 64  # packets read before the reader lets other tasks run
 _SLEEPTIME_INFINITE = 0xFFFFFFFF
 _ERR_MEM = -1
@@ -131,6 +134,8 @@ class LwipStack:
         #: a connection whose upstream is already connected straight to a C relay.
         self.accept_taker: Callable[[LwipTcpStream], bool] | None = None
         self._accepted: list[LwipTcpStream] = []
+        #: Let the poll task wait in C while trio is idle (``loopidle``); off: always via trio.
+        self.wait_in_c = True
         self._streams: dict[int, LwipTcpStream] = {}
         self._relays: dict[int, Relay] = {}
         self._watchers: dict[int, Callable[[], None]] = {}
@@ -400,19 +405,31 @@ class LwipStack:
         epoll_fd = lib.tl_relay_epoll_fd()
         if epoll_fd < 0:
             raise TunlwipError(f"cannot create the poll set: {os.strerror(-epoll_fd)}")
+        probe = LoopIdleProbe.current() if self.wait_in_c else None
         while True:
             await trio.lowlevel.wait_readable(epoll_fd)
-            self._tick_clock()
-            lib.tl_relay_poll(_RELAY_POLL_BATCH)
-            if lib.tl_sleeptime() == 0:
-                lib.tl_check_timeouts()
-            self._after_lwip()
-            if (err := lib.tl_poll_input_error()) != 0:
-                lib.tl_poll_set_input(-1)  # clears the error: report it once
-                if err in (errno.EBADF, errno.EPIPE):
-                    log.info("packet device closed; the stack stops reading")
-                else:
-                    raise DeviceError(f"packet device read failed: {os.strerror(err)}")
+            self._serve_poll_set()
+            # While trio has nothing else to do, wait for the next events in C: a pass through
+            # trio's scheduler per packet costs more than handling the packet.
+            while probe is not None and (idle := probe.idle_seconds()) > _MIN_WAIT_IN_C:
+                timeout_ms = int(min(idle, _MAX_WAIT_IN_C) * 1000)
+                if lib.tl_relay_wait(probe.io_fd, timeout_ms) != 1:
+                    break  # trio has I/O to handle, or nothing came: wait through trio
+                self._serve_poll_set()
+
+    def _serve_poll_set(self) -> None:
+        """Handle what the poll set has ready: device packets, relays, watchers."""
+        self._tick_clock()
+        lib.tl_relay_poll(_RELAY_POLL_BATCH)
+        if lib.tl_sleeptime() == 0:
+            lib.tl_check_timeouts()
+        self._after_lwip()
+        if (err := lib.tl_poll_input_error()) != 0:
+            lib.tl_poll_set_input(-1)  # clears the error: report it once
+            if err in (errno.EBADF, errno.EPIPE):
+                log.info("packet device closed; the stack stops reading")
+            else:
+                raise DeviceError(f"packet device read failed: {os.strerror(err)}")
 
     async def _timer(self) -> None:
         next_sweep = trio.current_time()

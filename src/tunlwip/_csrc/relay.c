@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -429,6 +430,21 @@ int tl_relay_poll(int max_events)
     }
     tl_relay_bury();
     return n;
+}
+
+/* Block until the poll set has events (1), other_fd is readable (2, both: 3), or timeout_ms
+ * passed (0); -errno on failure. The poll task waits here while the event loop has nothing
+ * else to do, other_fd being the loop's own epoll fd: one syscall per wakeup instead of a
+ * pass through the loop. poll(), not epoll: the loop's epoll set contains ours, and an epoll
+ * set containing it back would be a loop the kernel refuses. */
+int tl_relay_wait(int other_fd, int timeout_ms)
+{
+    if (tl_epoll_fd < 0) return -EBADF;
+    struct pollfd fds[2] = {{.fd = tl_epoll_fd, .events = POLLIN},
+                            {.fd = other_fd, .events = POLLIN}};
+    int n = poll(fds, other_fd >= 0 ? 2 : 1, timeout_ms);
+    if (n < 0) return errno == EINTR ? 0 : -errno;
+    return (fds[0].revents ? 1 : 0) | (other_fd >= 0 && fds[1].revents ? 2 : 0);
 }
 
 /* Python watchers share the poll set: readiness of fd (level-triggered; readable, or writable

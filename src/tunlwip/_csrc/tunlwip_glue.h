@@ -89,6 +89,7 @@ int tl_relay_epoll_fd(void);
 int tl_relay_open(void *pcb, int fd, uintptr_t conn, const uint8_t *pending, size_t len,
                   int client_eof, int want_first_data, void **out);
 int tl_relay_poll(int max_events);
+int tl_relay_wait(int other_fd, int timeout_ms);
 void tl_relay_info(void *relay, tl_relay_stats *out);
 void tl_relay_abort(void *relay, int reason);
 int tl_relay_sweep(uint32_t idle_ms);

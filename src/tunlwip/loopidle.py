@@ -1,0 +1,58 @@
+"""When trio's event loop has nothing to do, and the fd that wakes it.
+
+Why: each pass through trio's scheduler costs the poll task about 15 µs of Python, more than
+lwIP and the relays spend on a small packet. While traffic flows, the poll task therefore
+blocks in C (``tl_relay_wait``) on its own poll set *and* trio's epoll fd, for as long as trio
+has no runnable task, no pending callback and no deadline due, so that it returns to trio
+exactly when trio would have woken up anyway.
+
+trio has no public API for this, so this module reads four of its internals (the runner's run
+queue, deadlines, entry queue and the epoll object). It checks they are there once, and
+``LoopIdleProbe.current()`` returns None if not (another trio version or I/O backend, or a
+test clock that is not real time): the poll task then simply always waits through trio.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from trio._core._run import GLOBAL_RUN_CONTEXT
+except ImportError:  # pragma: no cover - a trio without it: the probe stays off
+    GLOBAL_RUN_CONTEXT = None  # type: ignore[assignment,misc]
+_RUN_CONTEXT: Any = GLOBAL_RUN_CONTEXT
+
+
+class LoopIdleProbe:
+    """Reads trio's scheduler state for the poll task (one per ``trio.run``)."""
+
+    __slots__ = ("_deadlines", "_entry_queue", "_runner", "_runq", "io_fd")
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+        self._runq = runner.runq
+        self._deadlines = runner.deadlines
+        self._entry_queue = runner.entry_queue
+        #: trio's epoll fd: readable when trio has I/O to handle.
+        self.io_fd: int = runner.io_manager._epoll.fileno()
+
+    @classmethod
+    def current(cls) -> LoopIdleProbe | None:
+        """The probe for the running trio loop, or None where it cannot be trusted."""
+        runner = getattr(_RUN_CONTEXT, "runner", None)
+        if runner is None or type(runner.clock).__name__ != "SystemClock":
+            return None  # MockClock's virtual time cannot be waited for in real time
+        try:
+            probe = cls(runner)
+            probe.idle_seconds()
+        except (AttributeError, TypeError):
+            return None
+        return probe
+
+    def idle_seconds(self) -> float:
+        """How long trio may sleep with nothing to run: 0 if a task or callback is waiting,
+        else the time to its next deadline (``inf`` if none)."""
+        if self._runq or self._entry_queue.size():
+            return 0.0
+        until = self._deadlines.next_deadline() - self._runner.current_time()
+        return until if until > 0 else 0.0
