@@ -4,13 +4,12 @@ against a real kernel fd in a unit test."""
 
 from __future__ import annotations
 
-import logging
 import socket
 
 import pytest
 import trio
 
-from tunlwip import TunDevice
+from tunlwip import DeviceError, TunDevice
 from tunlwip.stack import LwipStack, StackConfig
 from tunlwip.tcp import LwipTcpStream
 
@@ -21,29 +20,31 @@ async def never_accept(stream: LwipTcpStream, target: object) -> None:
     await stream.aclose()
 
 
-async def test_packets_are_read_in_c_and_a_closed_peer_is_reported_once(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+async def test_packets_are_read_in_c_and_a_closed_device_stops_the_stack() -> None:
+    """A device whose reads fail for good (here: end of file; a deleted TUN gives EBADFD)
+    stops the stack with one DeviceError naming the device, instead of running on deaf."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     device = TunDevice.from_fd(ours.detach(), name="pair")
     stack = LwipStack(device, StackConfig())
-    caplog.set_level(logging.INFO, logger="tunlwip.stack")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(stack.run, never_accept)
-        theirs.send(tcp_packet("198.18.0.2", "198.18.9.9", 40000, 80, seq=1, flags=SYN))
-        theirs.setblocking(False)
-        with trio.fail_after(10):
-            await trio.lowlevel.wait_readable(theirs)
-        reply = parse(theirs.recv(65536))
-        assert (reply.src, reply.sport, reply.dst, reply.dport) == (
-            "198.18.9.9",
-            80,
-            "198.18.0.2",
-            40000,
-        )
-        assert stack.statistics().counters["packets_in"] == 1
-        theirs.close()  # the device's other end goes away: read() returns 0
-        await trio.sleep(0.3)
-        assert caplog.text.count("packet device closed") == 1
-        nursery.cancel_scope.cancel()
+    with pytest.RaisesGroup(
+        pytest.RaisesGroup(pytest.RaisesExc(DeviceError, match="^packet device pair failed: "
+                                            "read: end of file; stopping$"))
+    ):  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stack.run, never_accept)
+            theirs.send(tcp_packet("198.18.0.2", "198.18.9.9", 40000, 80, seq=1, flags=SYN))
+            theirs.setblocking(False)
+            with trio.fail_after(10):
+                await trio.lowlevel.wait_readable(theirs)
+            reply = parse(theirs.recv(65536))
+            assert (reply.src, reply.sport, reply.dst, reply.dport) == (
+                "198.18.9.9",
+                80,
+                "198.18.0.2",
+                40000,
+            )
+            assert stack.statistics().counters["packets_in"] == 1
+            theirs.close()  # the device's other end goes away: read() returns 0
+            with trio.fail_after(10):
+                await trio.sleep_forever()
     await device.aclose()

@@ -26,7 +26,7 @@ import trio
 from . import __version__, config, control, service
 from .config import ConfigProblems, Settings
 from .device import TunDevice
-from .errors import ConfigError, DeviceError
+from .errors import ConfigError, DeviceError, TunlwipError
 from .flows import write_flow_log
 from .gateway import Gateway
 from .service import configure_logging
@@ -240,9 +240,14 @@ def cmd_up(args: argparse.Namespace) -> int:
                   exc.strerror)  # fmt: skip
         return EXIT_CONFIG
     try:
-        return trio.run(functools.partial(run_up, settings, Reloader(args.config, overrides),
-                                          control_socket=args.control_socket,
-                                          flow_log=args.flow_log))  # fmt: skip
+        try:
+            return trio.run(functools.partial(run_up, settings, Reloader(args.config, overrides),
+                                              control_socket=args.control_socket,
+                                              flow_log=args.flow_log))  # fmt: skip
+        except BaseExceptionGroup as group:
+            if (own := _own_error(group)) is None:
+                raise
+            raise own from own.__cause__  # keeps the cause: an OSError with the errno
     except DeviceError as exc:
         log.error("%s", exc)
         cause = exc.__cause__
@@ -254,6 +259,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _own_error(group: BaseExceptionGroup[BaseException]) -> TunlwipError | None:
+    """The first error in ``group`` if all are tunlwip's own: each trio nursery a task's error
+    passes wraps it in a group, which would print as nested tracebacks, not one line."""
+    ours, rest = group.split(TunlwipError)
+    exc: BaseException | None = ours
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc if rest is None and isinstance(exc, TunlwipError) else None
 
 
 # -- check-config, version -------------------------------------------------------------------

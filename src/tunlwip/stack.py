@@ -114,6 +114,19 @@ class StackStatistics:
 
 
 _COUNTER_FIELDS = [name for name, _ in ffi.typeof("tl_counters").fields]
+
+
+def _device_failed(device: PacketDevice, err: int) -> DeviceError:
+    """The error that stops the stack when reading ``device`` failed with ``err`` (EPIPE is
+    how C reports end of file), naming the device and the errno; the OSError is its cause."""
+    name = getattr(device, "name", "") or type(device).__name__
+    why = "end of file" if err == errno.EPIPE else \
+        f"{os.strerror(err)} ({errno.errorcode.get(err, err)})"  # fmt: skip
+    exc = DeviceError(f"packet device {name} failed: read: {why}; stopping")
+    exc.__cause__ = OSError(err, os.strerror(err))
+    return exc
+
+
 _active: LwipStack | None = None
 
 
@@ -401,7 +414,9 @@ class LwipStack:
     async def _poller(self) -> None:
         """Wait for the poll set (the device's fd, relayed and watched sockets); C then reads
         packets into lwIP and moves relayed bytes. Each wait is a checkpoint, so a busy device
-        cannot starve other tasks."""
+        cannot starve other tasks. A failed device read (the TUN deleted, the fd closed: EOF,
+        EBADFD, EBADF, EIO) stops the stack with ``DeviceError``: no packet can arrive any
+        more, and running on would hold every upstream open until its idle timeout."""
         epoll_fd = lib.tl_relay_epoll_fd()
         if epoll_fd < 0:
             raise TunlwipError(f"cannot create the poll set: {os.strerror(-epoll_fd)}")
@@ -426,10 +441,7 @@ class LwipStack:
         self._after_lwip()
         if (err := lib.tl_poll_input_error()) != 0:
             lib.tl_poll_set_input(-1)  # clears the error: report it once
-            if err in (errno.EBADF, errno.EPIPE):
-                log.info("packet device closed; the stack stops reading")
-            else:
-                raise DeviceError(f"packet device read failed: {os.strerror(err)}")
+            raise _device_failed(self.device, err)
 
     async def _timer(self) -> None:
         next_sweep = trio.current_time()

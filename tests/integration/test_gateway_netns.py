@@ -33,7 +33,6 @@ import select
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +51,14 @@ from netns import (
     SplitTopology,
     Topology,
 )
+from transfers import (
+    OneShotServer,
+    connect,
+    listen,
+    recv_all,
+    start_script_server,
+    upload_and_check_digest,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -66,7 +73,6 @@ BLACKHOLE_NET6, BLACKHOLE6 = "fd00:60::/64", "fd00:60::7"
 UNROUTED4, UNROUTED6 = "198.19.77.7", "fd00:77::7"
 #: Extra cli addresses outside the client networks of the filter test.
 FOREIGN4, FOREIGN6 = "198.18.0.3", "fd00:19::3"
-SOCK_TIMEOUT = 30.0
 
 FAMILIES = [
     pytest.param(socket.AF_INET, SRV_ADDR4, id="v4"),
@@ -118,47 +124,6 @@ def curl(ns: Namespace, target: str, out: Path, max_time: int) -> subprocess.Com
 def sha256_file(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-#: asyncio servers on all addresses. "echo" echoes and mirrors EOF; "digest" reads to EOF, then
-#: answers "<sha256> <length>\n".
-SERVER_SCRIPT = r"""
-import asyncio, hashlib, sys
-
-async def echo(r, w):
-    try:
-        while data := await r.read(1 << 16):
-            w.write(data)
-            await w.drain()
-        w.write_eof()
-        await w.drain()
-    finally:
-        w.close()
-
-async def digest(r, w):
-    h, n = hashlib.sha256(), 0
-    try:
-        while data := await r.read(1 << 16):
-            h.update(data)
-            n += len(data)
-        w.write(f"{h.hexdigest()} {n}\n".encode())
-        await w.drain()
-    finally:
-        w.close()
-
-async def main():
-    handler = {"echo": echo, "digest": digest}[sys.argv[1]]
-    server = await asyncio.start_server(handler, None, int(sys.argv[2]), backlog=1024)
-    async with server:
-        await server.serve_forever()
-
-asyncio.run(main())
-"""
-
-
-def start_script_server(ns: Namespace, mode: str, port: int) -> None:
-    ns.popen([sys.executable, "-c", SERVER_SCRIPT, mode, str(port)])
-    ns.wait_port(port)
 
 
 #: N concurrent connections alternating over HOSTS; each sends SIZE bytes (64 KiB chunks tagged
@@ -224,76 +189,6 @@ asyncio.run(main())
 """
 
 
-# -- in-process sockets: created in a namespace (setns thread), then used from any thread -----
-
-
-def listen(ns: Namespace, family: int, port: int) -> socket.socket:
-    sock = ns.socket(family)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
-    sock.listen(64)
-    sock.settimeout(SOCK_TIMEOUT)
-    return sock
-
-
-def connect(
-    ns: Namespace,
-    family: int,
-    host: str,
-    port: int,
-    *,
-    timeout: float = SOCK_TIMEOUT,
-    bind: str | None = None,
-) -> socket.socket:
-    sock = ns.socket(family)
-    try:
-        sock.settimeout(timeout)
-        if bind is not None:
-            sock.bind((bind, 0))
-        sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    sock.settimeout(SOCK_TIMEOUT)
-    return sock
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    """Everything until EOF (each recv bounded by the socket's timeout)."""
-    chunks = []
-    while chunk := sock.recv(1 << 16):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-class OneShotServer:
-    """Accepts one connection on ``listener`` in a daemon thread and runs ``fn`` on it."""
-
-    def __init__(self, listener: socket.socket, fn: Callable[[socket.socket], bytes]) -> None:
-        self._listener, self._fn = listener, fn
-        self._result: list[bytes] = []
-        self._error: list[BaseException] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        try:
-            with self._listener:
-                conn, _ = self._listener.accept()
-            with conn:
-                conn.settimeout(SOCK_TIMEOUT)
-                self._result.append(self._fn(conn))
-        except BaseException as exc:
-            self._error.append(exc)
-
-    def result(self) -> bytes:
-        self._thread.join(timeout=2 * SOCK_TIMEOUT)
-        if self._error:
-            raise self._error[0]
-        assert self._result, "server thread did not finish"
-        return self._result[0]
-
-
 # -- 1. bulk transfers ------------------------------------------------------------------------
 
 
@@ -327,15 +222,12 @@ def test_upload_50mb(
 ) -> None:
     """A kernel socket in cli sends 50 MiB to a digest server in srv; the digests agree."""
     start_script_server(split.srv, "digest", DIGEST_PORT)
-    gw = split_gateway()
+    split_gateway()
     payload = pattern(7, BIG)
     started = time.monotonic()
     with connect(split.cli, family, srv_addr, DIGEST_PORT) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        reply = recv_all(sock).decode()
+        upload_and_check_digest(sock, payload)
     elapsed = time.monotonic() - started
-    assert reply == f"{hashlib.sha256(payload).hexdigest()} {BIG}\n", gw.tail()
     print(f"upload 50 MiB: {elapsed:.2f}s, {BIG * 8 / elapsed / 1e6:.0f} Mbit/s")
 
 
