@@ -9,10 +9,11 @@ APT_PACKAGES := iproute2 iputils-ping curl iperf3 nginx-light dnsutils unbound o
 # Only `make bench` needs these (the peers it measures and the DNS load generator).
 BENCH_APT_PACKAGES := slirp4netns passt dnsperf
 BENCH_ARGS ?=
+SOAK_ARGS ?=
 SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') build_ffi.py pyproject.toml setup.py \
        $(wildcard vendor/lwip/port/*.h vendor/lwip/port/arch/*.h)
 
-.PHONY: install test unit lint demo clean distclean sysdeps lwip bench benchdeps
+.PHONY: install test unit lint demo clean distclean sysdeps lwip bench benchdeps soak
 
 install: sysdeps lwip $(STAMP)
 
@@ -54,6 +55,12 @@ demo: install
 # `make bench BENCH_ARGS="--methods kernel,tunlwip --workloads iperf3"`.
 bench: install benchdeps
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Leak check (root; not part of `make test`; about 5 minutes, see bench/README.md): 100,000
+# sequential and 10,000 held TCP connections, 5,000 UDP sessions through one gateway, which
+# must then be back at its baseline. `make soak SOAK_ARGS=--quick` takes a minute.
+soak: install
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 benchdeps:
 	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

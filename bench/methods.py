@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -122,8 +122,11 @@ def available(method: str, mtu: int) -> str | None:
     return None
 
 
-def start(method: str, split: SplitTopology, mtu: int, work: Path) -> Middle:
-    """Build ``method`` between split.cli and split.srv; return once cli has its routes."""
+def start(
+    method: str, split: SplitTopology, mtu: int, work: Path, tunlwip_args: Sequence[str] = ()
+) -> Middle:
+    """Build ``method`` between split.cli and split.srv; return once cli has its routes.
+    ``tunlwip_args`` are extra ``tunlwip up`` flags (the soak's short UDP timeout, say)."""
     set_mtu(split.gw, split.gw_veth, mtu)
     set_mtu(split.srv, split.srv_veth, mtu)
     if method == "kernel":
@@ -133,7 +136,7 @@ def start(method: str, split: SplitTopology, mtu: int, work: Path) -> Middle:
     if method == "pasta":
         return _pasta(split, mtu, work)
     if method == "tunlwip":
-        return _tunlwip(split, mtu, work)
+        return _tunlwip(split, mtu, work, tunlwip_args)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -248,7 +251,7 @@ def _pasta(split: SplitTopology, mtu: int, work: Path) -> Middle:
     return Middle("pasta", proc.pid, SRV_ADDR4, log_path)
 
 
-def _tunlwip(split: SplitTopology, mtu: int, work: Path) -> Middle:
+def _tunlwip(split: SplitTopology, mtu: int, work: Path, extra: Sequence[str] = ()) -> Middle:
     """``tunlwip up`` in gw; its TUN then moves to cli (as conftest's split_gateway does).
     --max-udp-sessions is raised above the default 4096 so the 5,000-session test is not
     measuring eviction; everything else is the default configuration."""
@@ -271,6 +274,7 @@ def _tunlwip(split: SplitTopology, mtu: int, work: Path) -> Middle:
         "1",
         "--log-level",
         "info",
+        *extra,
     ]
     proc = _spawn(split.gw, args, log_path)
 

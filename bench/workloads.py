@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,24 +154,25 @@ def start_server(ns: Namespace, work: Path, *args: str) -> subprocess.Popen[byte
         return ns.popen(list(args), stdout=f, stderr=subprocess.STDOUT)
 
 
-def start_servers(split: SplitTopology, work: Path, phase: str) -> None:
-    """What ``phase`` needs in srv, plus the echo server every phase probes the path with."""
+def start_servers(split: SplitTopology, work: Path, *phases: str) -> None:
+    """What the ``phases`` need in srv, plus the echo server every phase probes the path with
+    (several phases: the soak runs its workloads against one gateway)."""
     srv = split.srv
     start_server(srv, work, sys.executable, LOADGEN, "serve", "echo", str(ECHO_PORT))
     waits: list[tuple[int, str]] = [(ECHO_PORT, "tcp")]
-    if phase.startswith("iperf3") or phase == "udp":
+    if any(p.startswith("iperf3") or p == "udp" for p in phases):
         start_server(srv, work, "iperf3", "-s", "-p", str(IPERF_PORT))
         waits.append((IPERF_PORT, "tcp"))
-    if phase == "connrate":
+    if "connrate" in phases:
         start_server(srv, work, sys.executable, LOADGEN, "serve", "connect", str(CONNECT_PORT))
         waits.append((CONNECT_PORT, "tcp"))
-    if phase == "memory-tcp":
+    if "memory-tcp" in phases:
         start_server(srv, work, sys.executable, LOADGEN, "serve", "hold", str(HOLD_PORT))
         waits.append((HOLD_PORT, "tcp"))
-    if phase == "memory-udp":
+    if "memory-udp" in phases:
         start_server(srv, work, sys.executable, LOADGEN, "serve", "udp-echo", str(UDP_ECHO_PORT))
         waits.append((UDP_ECHO_PORT, "udp"))
-    if phase == "dns":
+    if "dns" in phases:
         start_unbound(srv, work)
         waits += [(53, "udp"), (53, "tcp")]
     for port, proto in waits:
@@ -452,7 +453,7 @@ def phase_dns(ctx: Ctx) -> None:
         ctx.add(workload, "p99", res["p99_ms"], "ms", "lower")
 
 
-def _read_json_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+def read_json_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     buf = b""
@@ -477,6 +478,29 @@ def settle_rss(pid: int, seconds: float = 1.0) -> int:
     return rss_kib(pid)
 
 
+@contextmanager
+def holding(ns: Namespace, args: list[str], timeout: float) -> Iterator[dict[str, Any]]:
+    """Run a loadgen ``hold-tcp``/``hold-udp`` client in ``ns`` and yield its result line while
+    it holds its sockets; leaving the block makes it close them and waits for it to exit."""
+    client = ns.popen(
+        [sys.executable, LOADGEN, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        yield read_json_line(client, timeout)
+    finally:
+        assert client.stdin is not None
+        try:
+            client.stdin.write(b"done\n")
+            client.stdin.close()
+        except OSError:
+            pass
+        try:
+            client.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.wait()
+
+
 def phase_memory(ctx: Ctx, kind: str) -> None:
     """Idle RSS of a fresh gateway, then RSS with ``tcp_hold`` idle TCP connections (or
     ``udp_hold`` UDP sessions) held open; the per-connection cost is the growth / count."""
@@ -494,29 +518,15 @@ def phase_memory(ctx: Ctx, kind: str) -> None:
         workload = f"rss-{count}-udp"
     limit = ctx.opts.step_timeout
     args += ["--max-time", str(limit), "--max-hold", str(limit + 60)]
-    client = ctx.split.cli.popen(
-        [sys.executable, LOADGEN, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
     try:
-        with cpu_meter(ctx, workload):
-            res = _read_json_line(client, limit + 30)
-        held = int(res["held"])
-        rss = settle_rss(pid, 1.0)
+        with ExitStack() as hold:
+            with cpu_meter(ctx, workload):  # opening them, not closing them
+                res = hold.enter_context(holding(ctx.split.cli, args, limit + 30))
+            held = int(res["held"])
+            rss = settle_rss(pid, 1.0)
     except (RuntimeError, TimeoutError) as exc:
         ctx.add(workload, "rss", None, "MiB", "lower", error=str(exc))
         return
-    finally:
-        assert client.stdin is not None
-        try:
-            client.stdin.write(b"done\n")
-            client.stdin.close()
-        except OSError:
-            pass
-        try:
-            client.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            client.kill()
-            client.wait()
     unit = "conn" if kind == "tcp" else "session"
     err = "" if held else f"none held: {res}"
     ctx.add(
