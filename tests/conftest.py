@@ -18,17 +18,17 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tunlwip import LwipStack, LwipTcpStream, MemoryDevice, StackConfig
+from tunlwip import LwipStack, LwipTcpStream, MemoryDevice
 from tunlwip.endpoint import Endpoint
 
-from harness import Harness
+from harness import LOOPBACK_STACK, Harness
 from tcppeer import PacketWire
 
 
 @pytest.fixture
 async def harness(nursery: trio.Nursery) -> AsyncIterator[Harness]:
     device = MemoryDevice()
-    stack = LwipStack(device, StackConfig())
+    stack = LwipStack(device, LOOPBACK_STACK)
     wire = PacketWire(device)
     h = Harness(stack, device, wire)
     done = trio.Event()

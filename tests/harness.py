@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import trio
 
 from tunlwip import LwipStack, LwipTcpStream, MemoryDevice
 from tunlwip.endpoint import Endpoint
+from tunlwip.gateway import GatewayConfig
+from tunlwip.stack import StackConfig
 
 from tcppeer import PacketWire
 
@@ -25,3 +29,14 @@ class Harness:
         with trio.fail_after(30):
             stream, _ = await self.accepted.receive()
         return stream
+
+
+def on_loopback(config: GatewayConfig | None = None) -> GatewayConfig:
+    """``config`` for a gateway whose test upstreams listen on 127.0.0.1 and ::1, which a
+    real gateway never forwards to (``drop_local_destination``)."""
+    config = config or GatewayConfig()
+    stack = dataclasses.replace(config.stack, forward_local_destinations=True)
+    return dataclasses.replace(config, stack=stack)
+
+
+LOOPBACK_STACK = StackConfig(forward_local_destinations=True)

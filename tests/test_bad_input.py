@@ -71,6 +71,37 @@ async def test_each_kind_of_bad_packet_is_dropped_and_counted(
     assert harness.wire.unmatched_nowait() == []
 
 
+@pytest.mark.parametrize(
+    "packet",
+    [
+        tcp_packet(C4, "127.0.0.1", 40000, 22, seq=1, flags=SYN),
+        udp_packet(C4, "127.0.0.53", 4000, 53, b"local resolver"),
+        udp_packet(C4, "169.254.169.254", 4000, 80, b"cloud metadata"),
+        tcp_packet(C4, "0.1.2.3", 40000, 80, seq=1, flags=SYN),
+        tcp_packet(C6, "::1", 40000, 22, seq=1, flags=SYN),
+        udp_packet(C6, "fe80::1", 4000, 9000, b"link-local"),
+    ],
+)
+async def test_the_gateway_hosts_local_networks_are_never_forwarded(packet: bytes) -> None:
+    """A client must not reach the gateway host's loopback services (or a cloud metadata
+    address) through the gateway: dropped and counted before any handler sees it."""
+    device = MemoryDevice()
+    stack = LwipStack(device)
+    seen: list[object] = []
+    stack.udp_receiver = lambda src, dst, data: seen.append(dst)
+
+    async def handler(stream: object, target: object) -> None:
+        seen.append(target)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stack.run, handler)
+        stack.inject_packet(packet)
+        await trio.testing.wait_all_tasks_blocked()
+        assert stack.statistics().dropped == {"local_destination": 1}
+        assert seen == [] and device.emitted_nowait() == []
+        nursery.cancel_scope.cancel()
+
+
 def only_reassembly_timeouts(h: Harness) -> bool:
     """Abandoning a datagram whose first fragment arrived sends ICMP "fragment reassembly time
     exceeded" (RFC 792 / RFC 8200 4.5), as a host would; nothing else may come out."""

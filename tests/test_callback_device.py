@@ -25,12 +25,12 @@ from tunlwip import (
     LwipStack,
     LwipTcpStream,
     PacketDevice,
-    StackConfig,
 )
 from tunlwip.endpoint import Endpoint
 from tunlwip.errors import ProtectError
 from tunlwip.gateway import Gateway, GatewayConfig
 
+from harness import LOOPBACK_STACK, on_loopback
 from packets import udp_packet
 from tcppeer import PacketWire, TcpPeer
 
@@ -104,7 +104,7 @@ async def wait_until(predicate: Callable[[], bool], what: str) -> None:
 async def env(nursery: trio.Nursery) -> AsyncIterator[Env]:
     app = FakeApp()
     device = app.device()
-    env = Env(app, device, LwipStack(device, StackConfig()))
+    env = Env(app, device, LwipStack(device, LOOPBACK_STACK))
     done = trio.Event()
 
     async def handler(stream: LwipTcpStream, target: Endpoint) -> None:
@@ -192,7 +192,7 @@ async def test_read_packet_raising_is_a_device_error_logged_once(
 ) -> None:
     app = FakeApp()
     device = app.device()
-    stack = LwipStack(device, StackConfig())
+    stack = LwipStack(device, LOOPBACK_STACK)
 
     async def handler(stream: LwipTcpStream, target: Endpoint) -> None:
         raise AssertionError("no connection expected")
@@ -285,7 +285,7 @@ async def test_gateway_dials_through_protect(nursery: trio.Nursery, protect_answ
     device = app.device()
     assert device.protector is not None
     config = GatewayConfig(dial_timeout=5, unreachable_reply="rst")
-    gateway = Gateway(device, config, protector=device.protector)
+    gateway = Gateway(device, on_loopback(config), protector=device.protector)
     wire = PacketWire(app, timeout=WAIT)
     nursery.start_soon(wire.run)
     await nursery.start(gateway.serve)

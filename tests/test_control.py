@@ -33,9 +33,10 @@ from tunlwip.control import (
     serve_control,
     status,
 )
-from tunlwip.gateway import Gateway, GatewayConfig
+from tunlwip.gateway import Gateway
 from tunlwip.udp import UdpSession
 
+from harness import on_loopback
 from packets import udp_packet
 from tcppeer import PacketWire, TcpPeer
 
@@ -58,7 +59,7 @@ async def hold(session: UdpSession) -> None:
 
 async def start_gateway(nursery: trio.Nursery) -> tuple[Gateway, MemoryDevice, PacketWire]:
     device = MemoryDevice()
-    gateway = Gateway(device, GatewayConfig(), udp_handler=hold, tcp_handler=echo_tcp)
+    gateway = Gateway(device, on_loopback(), udp_handler=hold, tcp_handler=echo_tcp)
     wire = PacketWire(device)
     nursery.start_soon(wire.run)
     await nursery.start(gateway.serve)

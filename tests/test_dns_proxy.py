@@ -30,6 +30,7 @@ from tunlwip.endpoint import Endpoint
 from tunlwip.gateway import Gateway, GatewayConfig
 from tunlwip.udp import UdpSession
 
+from harness import on_loopback
 from packets import udp_packet
 from tcppeer import PacketWire, TcpPeer
 
@@ -142,7 +143,7 @@ async def start(nursery: trio.Nursery, upstream: Upstream, **dns_kw: Any) -> Env
     async def handler(session: UdpSession) -> None:  # what is not the proxy's
         forwarded.append(session)
 
-    gateway = Gateway(device, config, udp_handler=handler)
+    gateway = Gateway(device, on_loopback(config), udp_handler=handler)
     wire = PacketWire(device)
     nursery.start_soon(wire.run)
     await nursery.start(gateway.serve)

@@ -35,6 +35,7 @@ from tunlwip.sniff import http_host, sniff_name, tls_server_name
 from tunlwip.tcp import LwipTcpStream
 from tunlwip.udp import UdpConfig, UdpSession
 
+from harness import on_loopback
 from packets import parse, udp_packet
 from tcppeer import PacketWire, TcpPeer
 
@@ -59,7 +60,7 @@ class Env:
 
 async def start(nursery: trio.Nursery, config: GatewayConfig | None = None, **kw: Any) -> Env:
     device = MemoryDevice()
-    gateway = Gateway(device, config or GatewayConfig(dial_timeout=5), **kw)
+    gateway = Gateway(device, on_loopback(config or GatewayConfig(dial_timeout=5)), **kw)
     wire = PacketWire(device)
     nursery.start_soon(wire.run)
     await nursery.start(gateway.serve)

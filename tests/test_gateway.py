@@ -20,6 +20,7 @@ from tunlwip import MemoryDevice
 from tunlwip.gateway import Gateway, GatewayConfig
 from tunlwip.predial import HeldDial
 
+from harness import on_loopback
 from packets import ACK, RST, SYN, is_valid, parse, tcp_options, tcp_packet
 from tcppeer import PacketWire, TcpPeer
 
@@ -33,7 +34,7 @@ class Env:
 
 async def start_env(nursery: trio.Nursery, config: GatewayConfig, **kw: Any) -> Env:
     device = MemoryDevice()
-    gateway = Gateway(device, config, **kw)
+    gateway = Gateway(device, on_loopback(config), **kw)
     wire = PacketWire(device)
     nursery.start_soon(wire.run)
     await nursery.start(gateway.serve)

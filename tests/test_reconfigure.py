@@ -18,6 +18,7 @@ from tunlwip.errors import ConfigError
 from tunlwip.gateway import Gateway
 from tunlwip.udp import UdpConfig, UdpSession
 
+from harness import on_loopback
 from packets import udp_packet
 from tcppeer import PacketWire
 
@@ -30,7 +31,7 @@ async def start(nursery: trio.Nursery, config: GatewayConfig) -> tuple[Gateway, 
         await trio.sleep_forever()
 
     device = MemoryDevice()
-    gateway = Gateway(device, config, udp_handler=hold)
+    gateway = Gateway(device, on_loopback(config), udp_handler=hold)
     wire = PacketWire(device)
     nursery.start_soon(wire.run)
     await nursery.start(gateway.serve)

@@ -24,6 +24,7 @@ from tunlwip.endpoint import Endpoint
 from tunlwip.gateway import Gateway, GatewayConfig
 from tunlwip.udp import UdpConfig, UdpSession
 
+from harness import on_loopback
 from packets import PROTO_ICMP, fragment, icmp_echo, ip_packet, udp_packet
 from tcppeer import PacketWire
 
@@ -45,7 +46,7 @@ class Env:
 
 async def start(nursery: trio.Nursery, config: GatewayConfig | None = None, **kw: Any) -> Env:
     device = MemoryDevice()
-    gateway = Gateway(device, config or GatewayConfig(), **kw)
+    gateway = Gateway(device, on_loopback(config), **kw)
     wire = PacketWire(device)
     nursery.start_soon(wire.run)
     await nursery.start(gateway.serve)

@@ -86,6 +86,10 @@ class StackConfig:
     #: Echo requests to any address: answered by the stack, handed to ``icmp_echo_receiver``
     #: ("forward"), or ignored. Echo to the stack's own addresses is always answered.
     icmp_echo: EchoMode = "reply"
+    #: Forward packets to loopback and link-local destinations (127/8, 0/8, 169.254/16, ::1,
+    #: fe80::/10). Off, they are dropped (``drop_local_destination``): they would reach the
+    #: gateway host's own services. Only for tests whose upstreams live on loopback.
+    forward_local_destinations: bool = False
 
     def __post_init__(self) -> None:
         if not 576 <= self.mtu <= 65520:
@@ -343,6 +347,7 @@ class LwipStack:
             if out_fd is not None:
                 lib.tl_set_output_fd(out_fd)
         lib.tl_set_hold_syns(1 if self.syn_interceptor is not None else 0)
+        lib.tl_set_forward_local(1 if cfg.forward_local_destinations else 0)
         self._apply_packet_policy(cfg, None)
         self._running = True
 

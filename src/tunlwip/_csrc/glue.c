@@ -79,6 +79,7 @@ static u32_t tl_clock_ms;
 static int tl_output_fd = -1;
 static int tl_checksum_check = 1;
 static int tl_hold_syns;
+static int tl_forward_local; /* loopback and link-local destinations: tests on one host only */
 static int tl_releasing;
 static int tl_icmp_echo_mode = TL_ECHO_REPLY;
 static uint8_t tl_udp_port_actions[65536];
@@ -188,6 +189,8 @@ uint32_t tl_tcp_pcb_count(void)
 
 void tl_set_checksum_check(int on) { tl_checksum_check = on; }
 void tl_set_output_fd(int fd) { tl_output_fd = fd; }
+void tl_set_forward_local(int on) { tl_forward_local = on ? 1 : 0; }
+
 void tl_set_hold_syns(int on) { tl_hold_syns = on; }
 
 int tl_set_icmp_echo_mode(int mode)
@@ -732,6 +735,12 @@ int tl_hook_ip4_input(struct pbuf *p, struct netif *inp)
     if (ip4_addr_isany_val(s) || ip4_addr_isbroadcast(&s, inp) || ip4_addr_ismulticast(&s) ||
         ip4_addr_isany_val(d) || ip4_addr_isbroadcast(&d, inp) || ip4_addr_ismulticast(&d))
         return tl_drop(p, &tl_stats.drop_bad_address);
+    /* The gateway host's own loopback and link-local networks are never a client's
+     * destination: forwarding them would open the host's local services (and a cloud's
+     * metadata address, 169.254.169.254) to every client. Routers do not forward them either. */
+    if (!tl_forward_local &&
+        (ip4_addr_isloopback(&d) || ip4_addr_islinklocal(&d) || ip4_addr_get_byte(&d, 0) == 0))
+        return tl_drop(p, &tl_stats.drop_local_destination);
 
     if (fragment) {
         tl_stats.fragments_in++;
@@ -799,6 +808,10 @@ int tl_hook_ip6_input(struct pbuf *p, struct netif *inp)
         ip6_addr_isany(d) || ip6_addr_ismulticast(d) || ip6_addr_isipv4mappedipv6(d)) {
         tl_clear_ip_data();
         return tl_drop(p, &tl_stats.drop_bad_address);
+    }
+    if (!tl_forward_local && (ip6_addr_isloopback(d) || ip6_addr_islinklocal(d))) { /* as IPv4 */
+        tl_clear_ip_data();
+        return tl_drop(p, &tl_stats.drop_local_destination);
     }
 
     u16_t hlen = IP6_HLEN;

@@ -16,7 +16,8 @@ typedef struct {
     uint64_t packets_in, bytes_in, packets_out, bytes_out;
     uint64_t tcp_in, udp_in, other_in;
     uint64_t drop_too_short, drop_too_long, drop_bad_version, drop_ip_header, drop_ip_checksum;
-    uint64_t drop_bad_address, drop_not_client, drop_port_zero, drop_transport_header;
+    uint64_t drop_bad_address, drop_local_destination, drop_not_client, drop_port_zero;
+    uint64_t drop_transport_header;
     uint64_t drop_transport_checksum, drop_unsupported, drop_no_memory, drop_no_listener;
     uint64_t fragments_in, datagrams_reassembled, drop_fragment;
     uint64_t syn_held, syn_released, time_wait_recycled, time_wait_trimmed;
@@ -41,6 +42,7 @@ uint32_t tl_tcp_pcb_count(void);
 void tl_set_checksum_check(int on);
 void tl_set_output_fd(int fd);
 void tl_set_hold_syns(int on);
+void tl_set_forward_local(int on);
 int tl_set_client_networks(const tl_endpoint *networks, const uint8_t *prefixes, int count);
 /* UDP to a destination port: pass (default), reject with port unreachable, or drop */
 enum { TL_UDP_PASS = 0, TL_UDP_REJECT = 1, TL_UDP_DROP = 2 };
