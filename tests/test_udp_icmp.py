@@ -225,7 +225,7 @@ async def test_idle_session_releases_its_socket(
 async def test_default_sessions_need_no_task_and_eviction_closes_their_sockets(
     nursery: trio.Nursery, echo_server: int
 ) -> None:
-    env = await start(nursery, GatewayConfig(udp=UdpConfig(max_sessions=20)))
+    env = await start(nursery, GatewayConfig(udp=UdpConfig(max_sessions=20, when_full="evict")))
     await trio.testing.wait_all_tasks_blocked()
     tasks_before, fds_before = trio.lowlevel.current_statistics().tasks_living, open_fds()
     with env.gateway.flows() as records:
@@ -244,6 +244,30 @@ async def test_default_sessions_need_no_task_and_eviction_closes_their_sockets(
             evicted = [await records.__anext__() for _ in range(10)]
         assert sorted(r.client.port for r in evicted) == list(range(7000, 7010))
         assert {r.close_reason for r in evicted} == {"evicted"}
+
+
+async def test_new_flows_beyond_the_session_cap_are_refused_and_old_ones_keep_working(
+    nursery: trio.Nursery, echo_server: int
+) -> None:
+    env = await start(nursery, GatewayConfig(udp=UdpConfig(max_sessions=20)))
+    for port in range(7000, 7020):
+        env.device.inject_packet(udp_packet(CLIENT4, "127.0.0.1", port, echo_server, b"x"))
+    with trio.fail_after(10):
+        replies = [await env.wire.next_unmatched() for _ in range(20)]
+    assert sorted(r.dport for r in replies) == list(range(7000, 7020))
+    for port in range(7020, 7025):  # over the cap: port unreachable, quoting the datagram
+        env.device.inject_packet(udp_packet(CLIENT4, "127.0.0.1", port, echo_server, b"y"))
+        with trio.fail_after(1):
+            refusal = await env.wire.next_unmatched()
+        assert (refusal.proto, refusal.icmp_type, refusal.icmp_code) == (1, 3, 3)
+        assert refusal.src == "127.0.0.1" and refusal.dst == CLIENT4
+    for port in (7000, 7019):  # the sessions already open are untouched
+        env.device.inject_packet(udp_packet(CLIENT4, "127.0.0.1", port, echo_server, b"z"))
+        with trio.fail_after(10):
+            reply = await env.wire.next_unmatched()
+        assert (reply.dport, reply.payload) == (port, b"z")
+    stats = env.gateway.statistics()
+    assert stats.udp_sessions == 20 and stats.udp.refused_full == 5 and stats.udp.evicted == 0
 
 
 async def test_dns_sessions_use_the_shorter_timeout(
@@ -270,7 +294,11 @@ async def test_the_cap_evicts_the_least_recently_active_session(
         while True:
             await session.receive()
 
-    env = await start(nursery, GatewayConfig(udp=UdpConfig(max_sessions=3)), udp_handler=handler)
+    env = await start(
+        nursery,
+        GatewayConfig(udp=UdpConfig(max_sessions=3, when_full="evict")),
+        udp_handler=handler,
+    )
     for port in (1, 2, 3, 1):  # 1, 2, 3 open; then 1 is active again: 2 is now the oldest
         env.device.inject_packet(udp_packet(CLIENT4, "203.0.113.1", port, 9999, b"x"))
         await trio.sleep(1)

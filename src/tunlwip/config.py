@@ -508,8 +508,11 @@ SCHEMA: tuple[Option, ...] = (
            "forwarded as plain UDP, seconds", None, "udp.dns_idle_timeout"),
     Option("udp.sweep_interval", _positive, None, "how often idle sessions are looked for, "
            "seconds", None, "udp.sweep_interval", unset="min(30, `udp.idle_timeout` / 2)"),
-    Option("udp.max_sessions", Integer(1), 4096, "beyond this many sessions the least "
-           "recently active one is evicted", "--max-udp-sessions", "udp.max_sessions"),
+    Option("udp.max_sessions", Integer(1), 4096, "sessions open at most; see "
+           "`udp.when_full`", "--max-udp-sessions", "udp.max_sessions"),
+    Option("udp.when_full", Choice("refuse", "evict"), "refuse", "a new flow at "
+           "`udp.max_sessions`: refused with ICMP port unreachable, or it replaces the least "
+           "recently active session", None, "udp.when_full"),
     Option("udp.queue_datagrams", Integer(1), 512, "client datagrams queued per session; "
            "beyond it they are dropped", None, "udp.queue_datagrams"),
     Option("quic.mode", Choice("reject", "drop", "off"), "reject", "UDP to the QUIC ports: "
@@ -553,7 +556,7 @@ SCHEMA: tuple[Option, ...] = (
     Option("dns.max_negative_ttl", Integer(0), 3_600, "negative answers are cached at most "
            "this many seconds", None, "dns.max_negative_ttl"),
     Option("dns.max_in_flight", Integer(1), 1024, "queries resolved at once; beyond it they "
-           "are dropped", None, "dns.max_in_flight"),
+           "are answered REFUSED (counted: overload)", None, "dns.max_in_flight"),
     Option("logging.level", LogLevel(), "info", "log level (the numeric levels 0-5 of the seed "
            "too)", "--log-level"),
     Option("logging.file", FilePath(readable=False), None, "append the log to this file",

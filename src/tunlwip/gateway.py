@@ -13,8 +13,11 @@ destination unreachable (or RST). SYN retransmits for a tuple being dialed are s
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import logging
+import math
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, NoReturn
@@ -69,6 +72,22 @@ class GatewayConfig:
             raise ValueError("max_pending_dials must be >= 1")
 
 
+@dataclasses.dataclass
+class RefusedCounters:
+    """New flows turned away at a limit (existing flows are never touched for a new one).
+    UDP sessions and DNS queries count theirs in ``UdpCounters`` and ``DnsCounters``."""
+
+    #: ``stack.max_tcp_connections`` open or being dialed: RST.
+    tcp_connections: int = 0
+    #: ``max_pending_dials`` SYNs held while dialing: RST.
+    pending_dials: int = 0
+    #: No file descriptor left for an upstream socket (EMFILE, ENFILE): RST or ICMP.
+    file_descriptors: int = 0
+    #: The gateway's own upstream traffic came back through the TUN (protection not in
+    #: effect): dropped, so it cannot loop.
+    loops: int = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class GatewayStatistics:
     stack: StackStatistics
@@ -85,6 +104,7 @@ class GatewayStatistics:
     #: Seconds since ``serve`` started (0 before).
     uptime: float = 0.0
     flows: FlowTotals = dataclasses.field(default_factory=FlowTotals)
+    refused: RefusedCounters = dataclasses.field(default_factory=RefusedCounters)
 
 
 class Gateway:
@@ -110,7 +130,8 @@ class Gateway:
         self.stack.relay_idle_timeout = self.config.idle_timeout
         self._udp_handler = udp_handler or self._forward_udp
         self.udp = UdpSessions(self.stack, self._dispatch_udp, self.config.udp,
-                               attach=None if udp_handler else self._attach_udp)  # fmt: skip
+                               attach=None if udp_handler else self._attach_udp,
+                               admit=self._admit_udp)  # fmt: skip
         #: The DNS proxy (None when ``dns.hijack`` is "off": port 53 is then forwarded).
         self.dns = DnsProxy(self.config.dns, self.dialer) if self.config.dns.hijack != "off" \
             else None  # fmt: skip
@@ -133,6 +154,12 @@ class Gateway:
         self._idle = trio.Event()
         self._idle.set()
         self._counts = dict(ok=0, refused=0, failed=0, swallowed=0)
+        self._refused = RefusedCounters()
+        #: (our UDP socket's address, destination) of open upstream UDP sockets: what their
+        #: datagrams look like if they come back through the TUN.
+        self._own_udp: set[FlowKey] = set()
+        self._loop_reported = False
+        self._fd_shortage_reported_at = -math.inf
         if tcp_handler is None and self.config.dial_before_accept:
             self._dials = HeldSynDials(self.stack, self.dialer,
                                        claim_timeout=self.config.predial_claim_timeout,
@@ -232,6 +259,7 @@ class Gateway:
             dns=dataclasses.replace(self.dns.counters) if self.dns is not None else None,
             uptime=self.uptime,
             flows=self._flows.totals(),
+            refused=dataclasses.replace(self._refused),
         )
 
     @property
@@ -409,11 +437,18 @@ class Gateway:
         except OSError:
             upstream.close()
             return False
+        try:
+            own = self._own_udp_key(upstream, session.target)
+        except OSError:
+            self.stack.unwatch(upstream.fileno(), token)
+            upstream.close()
+            return False
         flow = self._flows.open("udp", session.client, session.target,
                                 lambda: (session.bytes_in, session.bytes_out),
                                 self._dns_name(session.client, session.target))  # fmt: skip
 
         def end(reason: str) -> None:
+            self._own_udp.discard(own)
             self.stack.unwatch(upstream.fileno(), token)
             upstream.close()
             self._flows.close(flow, {"idle": "idle timeout"}.get(reason, reason))
@@ -428,10 +463,57 @@ class Gateway:
         except (OSError, TunlwipError) as exc:
             log.debug("UDP %s -> %s: cannot open upstream: %s", session.client, session.target,
                       exc)  # fmt: skip
+            if isinstance(exc, OSError) and exc.errno in _FD_SHORTAGE:
+                self._fd_shortage(exc)
             session.send_unreachable("host")
             return
         with upstream:
-            await relay_datagrams(session, upstream)
+            try:
+                own = self._own_udp_key(upstream, session.target)
+            except OSError:
+                session.send_unreachable("host")
+                return
+            try:
+                await relay_datagrams(session, upstream)
+            finally:
+                self._own_udp.discard(own)
+
+    def _own_udp_key(self, upstream: socket.socket, target: Endpoint) -> FlowKey:
+        local = upstream.getsockname()
+        own = (Endpoint.parse(local[0], local[1]), target)
+        self._own_udp.add(own)
+        return own
+
+    def _admit_udp(self, client: Endpoint, target: Endpoint) -> bool:
+        """A new UDP flow that is one of our own upstream sockets coming back is a loop."""
+        if (client, target) in self._own_udp:
+            self._loop_detected("UDP", client, target)
+            return False
+        return True
+
+    def _loop_detected(self, kind: str, client: Endpoint, target: Endpoint) -> None:
+        """Our own upstream traffic arrived on the TUN: drop it (forwarding it would dial the
+        same destination again, and again), count it, and say once, loudly, what to fix."""
+        self._refused.loops += 1
+        if not self._loop_reported:
+            self._loop_reported = True
+            log.error("routing loop: the gateway's own %s traffic %s -> %s came back through "
+                      "the TUN, so its sockets are not protected (protect: %s). Set "
+                      "protect.fwmark with a matching `ip rule`, or protect.interface, or run "
+                      "the gateway where its routes do not lead into the TUN. Looping packets "
+                      "are dropped (counted: refused.loops); this is logged once.", kind,
+                      client, target, self.protect_mode)  # fmt: skip
+
+    def _fd_shortage(self, exc: OSError) -> None:
+        """Out of file descriptors: new flows are refused (counted) until some close; warn at
+        most once a minute rather than per flow."""
+        self._refused.file_descriptors += 1
+        now = trio.current_time()
+        if now - self._fd_shortage_reported_at >= 60:
+            self._fd_shortage_reported_at = now
+            log.warning("out of file descriptors (%s): new flows are refused until some close; "
+                        "raise the limit (LimitNOFILE, ulimit -n) or lower tcp.max_connections "
+                        "and udp.max_sessions", exc.strerror)  # fmt: skip
 
     # -- dial before accept ------------------------------------------------------------------
     def _on_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:
@@ -444,11 +526,21 @@ class Gateway:
         if dials.is_dialing(key):
             self._counts["swallowed"] += 1
             return True
+        if dials.is_own(key):
+            self._loop_detected("TCP", client, target)
+            return True  # held for good: dropped
         if not self._accepting:  # draining: refuse new flows outright
             self._answer(packet, refused=True)
             return True
+        opening = self.stack.connection_count() + len(dials) + dials.connected_count()
+        if opening >= self.stack.config.max_tcp_connections:
+            self._refused.tcp_connections += 1
+            self._answer(packet, refused=True)
+            return True
         if len(dials) >= self.config.max_pending_dials:
-            return False  # degrade to accept-then-dial rather than drop
+            self._refused.pending_dials += 1
+            self._answer(packet, refused=True)
+            return True
         dials.start(key, packet)
         return True
 
@@ -457,7 +549,10 @@ class Gateway:
         self.stack.release_syn(dial.packet)  # lwIP answers SYN-ACK; the ACK claims the dial
 
     def _dial_failed(self, key: FlowKey, packet: bytes, exc: OSError, latency: float) -> None:
-        if isinstance(exc, ConnectionRefusedError):
+        if exc.errno in _FD_SHORTAGE:
+            self._fd_shortage(exc)
+            self._answer(packet, refused=True)  # our shortage, not the destination's fault
+        elif isinstance(exc, ConnectionRefusedError):
             self._counts["refused"] += 1
             self._answer(packet, refused=True)
         else:
@@ -483,6 +578,9 @@ class Gateway:
             cfg = self.config.stack
             reply = unreachable_for(syn, cfg.ipv4_address if syn.version == 4 else cfg.ipv6_address)
         self.stack.send_to_client(reply)
+
+
+_FD_SHORTAGE = (errno.EMFILE, errno.ENFILE)
 
 
 def _dial_failure(exc: OSError) -> str:

@@ -151,6 +151,8 @@ class LwipStack:
         #: a connection whose upstream is already connected straight to a C relay.
         self.accept_taker: Callable[[LwipTcpStream], bool] | None = None
         self._accepted: list[LwipTcpStream] = []
+        self._after: list[Callable[[], None]] = []
+        self._refused_at_limit = 0
         #: Let the poll task wait in C while trio is idle (``loopidle``); off: always via trio.
         self.wait_in_c = True
         self._streams: dict[int, LwipTcpStream] = {}
@@ -212,8 +214,9 @@ class LwipStack:
         counters["relay_upstream_full"] = int(relays.upstream_full)
         counters["relay_client_full"] = int(relays.client_full)
         counters["relay_poll_errors"] = int(relays.poll_errors)
+        counters["tcp_refused_at_limit"] = self._refused_at_limit
         return StackStatistics(
-            tcp_connections=len(self._streams) + len(self._relays),
+            tcp_connections=self.connection_count(),
             lwip_tcp_pcbs=lib.tl_tcp_pcb_count(),
             counters=counters,
         )
@@ -385,6 +388,8 @@ class LwipStack:
         lib.tl_deinit()
         _binding.set_sink(None)
         self._outbox.clear()
+        self._accepted.clear()
+        self._after.clear()
 
     # -- tasks --------------------------------------------------------------------------------
     async def _reader(self) -> None:
@@ -479,9 +484,25 @@ class LwipStack:
         elapsed_ms = int((trio.current_time() - self._clock_origin) * 1000)
         lib.tl_set_now((self._clock_base_ms + elapsed_ms) & 0xFFFFFFFF)
 
+    def call_after_lwip(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` as soon as the current lwIP call returns: how a callback (which must
+        not re-enter lwIP) gets a packet sent."""
+        self._after.append(fn)
+
+    def connection_count(self) -> int:
+        """Open TCP connections: Python streams and C relays."""
+        return len(self._streams) + len(self._relays)
+
     def _after_lwip(self) -> None:
         if self._accepted:
             self._dispatch_accepted()
+        while self._after:
+            after, self._after = self._after, []
+            for fn in after:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("deferred call failed")
         if self._outbox:
             self._output_ready.set()
 
@@ -520,8 +541,11 @@ class LwipStack:
 
     # -- lwIP callbacks (via _binding); never re-enter lwIP here --------------------------------
     def on_accept(self, pcb: Any) -> int:
-        if not self._running or len(self._streams) >= self.config.max_tcp_connections:
+        if not self._running:
             return 0
+        if self.connection_count() >= self.config.max_tcp_connections:
+            self._refused_at_limit += 1
+            return 0  # lwIP resets the connection
         conn_id = self._next_conn_id
         self._next_conn_id += 1
         local = ffi.new("tl_endpoint *")

@@ -48,8 +48,11 @@ class UdpConfig:
     dns_idle_timeout: float = 10.0
     #: How often idle sessions are looked for (a session lives at most timeout + interval).
     sweep_interval: float = 30.0
-    #: Beyond this many sessions the least recently active one is evicted.
+    #: Sessions open at most. A new flow beyond it is refused with ICMP unreachable
+    #: (``when_full="refuse"``: existing flows keep working) or takes the place of the least
+    #: recently active session (``"evict"``).
     max_sessions: int = 4096
+    when_full: Literal["refuse", "evict"] = "refuse"
     #: Client datagrams waiting for the handler, per session; beyond it they are dropped.
     queue_datagrams: int = 512
 
@@ -58,6 +61,8 @@ class UdpConfig:
             raise ValueError("UDP timeouts and the sweep interval must be positive")
         if self.max_sessions < 1 or self.queue_datagrams < 1:
             raise ValueError("max_sessions and queue_datagrams must be >= 1")
+        if self.when_full not in ("refuse", "evict"):
+            raise ValueError("when_full must be 'refuse' or 'evict'")
 
 
 @dataclasses.dataclass
@@ -67,6 +72,10 @@ class UdpCounters:
     opened: int = 0
     expired: int = 0
     evicted: int = 0
+    #: New flows refused: ``max_sessions`` open (ICMP unreachable sent), or turned away by the
+    #: gateway's admission check (a routing loop).
+    refused_full: int = 0
+    refused_admission: int = 0
     datagrams_in: int = 0
     datagrams_out: int = 0
     #: Client datagrams dropped: the session's queue was full, or the gateway is stopping.
@@ -242,16 +251,20 @@ UdpHandler = Callable[[UdpSession], Awaitable[None]]
 #: Takes a new session over without a task (True), or leaves it to the handler (False). An
 #: attacher diverts the session's datagrams and sets ``_on_end`` (see ``UdpSessions``).
 UdpAttacher = Callable[[UdpSession], bool]
+#: Whether a new flow (client, destination) may open a session at all (False: dropped).
+UdpAdmission = Callable[[Endpoint, Endpoint], bool]
 
 
 class UdpSessions:
     """The gateway's UDP side: the session table, one task per session, and the sweep."""
 
     def __init__(self, stack: LwipStack, handler: UdpHandler, config: UdpConfig | None = None,
-                 *, attach: UdpAttacher | None = None) -> None:  # fmt: skip
+                 *, attach: UdpAttacher | None = None,
+                 admit: UdpAdmission | None = None) -> None:  # fmt: skip
         self.stack = stack
         self.handler = handler
         self.attach = attach
+        self.admit = admit
         self.config = config or UdpConfig()
         self.counters = UdpCounters()
         self._table = SessionTable()
@@ -284,27 +297,49 @@ class UdpSessions:
             session.close("idle")
         return len(idle)
 
+    def _refuse(self, client: Endpoint, target: Endpoint, data: bytes) -> None:
+        """ICMP port unreachable for a flow refused at ``max_sessions``: the client's socket
+        fails at once (ECONNREFUSED) instead of waiting. Sent once lwIP returns: this runs in
+        its UDP callback, which must not send."""
+        message = udp_unreachable(client.address.packed, target.address.packed, client.port,
+                                  target.port, data, PORT_UNREACHABLE)  # fmt: skip
+
+        def send() -> None:
+            try:
+                self.stack.send_icmp(message, Endpoint(target.address, 0),
+                                     Endpoint(client.address, 0))  # fmt: skip
+            except LwipError:
+                self.counters.dropped_to_client += 1
+
+        self.stack.call_after_lwip(send)
+
     # -- from the stack ---------------------------------------------------------------------------
     def on_datagram(self, client: Endpoint, target: Endpoint, data: bytes) -> None:
         """The stack's ``udp_receiver``: deliver to the flow's session, opening it if new."""
         self.counters.datagrams_in += 1
         session = self._table.get((client, target))
         if session is None:
-            session = self._open(client, target)
+            session = self._open(client, target, data)
             if session is None:
                 self.counters.dropped_from_client += 1
                 return
         if not session._deliver(data):
             self.counters.dropped_from_client += 1
 
-    def _open(self, client: Endpoint, target: Endpoint) -> UdpSession | None:
+    def _open(self, client: Endpoint, target: Endpoint, data: bytes) -> UdpSession | None:
         if self._nursery is None:
+            return None
+        if self.admit is not None and not self.admit(client, target):
+            self.counters.refused_admission += 1
             return None
         if len(self._table) >= self.config.max_sessions:
             oldest = self._table.least_recent()
-            if oldest is not None:
-                self.counters.evicted += 1
-                oldest.close("evicted")
+            if self.config.when_full == "refuse" or oldest is None:
+                self.counters.refused_full += 1
+                self._refuse(client, target, data)
+                return None
+            self.counters.evicted += 1
+            oldest.close("evicted")
         timeout = self.config.idle_timeout
         if target.port == DNS_PORT:
             timeout = min(timeout, self.config.dns_idle_timeout)

@@ -223,7 +223,10 @@ class DnsProxy:
                 if answer is not None:
                     session.send_nowait(answer)
                     continue
-                if not self._admit(query, session.client):
+                admitted, refusal = self._admit(query, session.client)
+                if not admitted:
+                    if refusal is not None:
+                        session.send_nowait(refusal)
                     continue
                 nursery.start_soon(self._answer_udp, session, query)
 
@@ -269,7 +272,11 @@ class DnsProxy:
                         break
                     query = bytes(buffer[2 : 2 + length])
                     del buffer[: 2 + length]
-                    if not self._admit(query, client):
+                    admitted, refusal = self._admit(query, client)
+                    if not admitted:
+                        if refusal is not None:
+                            async with send_lock:
+                                await stream.send_all(struct.pack("!H", len(refusal)) + refusal)
                         continue
                     await slots.acquire()
                     nursery.start_soon(answer_one, query)
@@ -290,21 +297,24 @@ class DnsProxy:
             log.debug("dns %s %s -> replayed", client, entry.name)
         return query[:2] + entry.answer_tail
 
-    def _admit(self, query: bytes, client: Endpoint) -> bool:
-        """Count the query; refuse duplicates in flight and overload (the client retries)."""
+    def _admit(self, query: bytes, client: Endpoint) -> tuple[bool, bytes | None]:
+        """Count the query and say whether to resolve it; if not, what to answer at once.
+        Duplicates of a query in flight are dropped (the first one will be answered); beyond
+        ``max_in_flight`` queries get REFUSED, so the client tries again or elsewhere at once
+        rather than after a timeout."""
         self.counters.queries += 1
         if len(query) < HEADER_LEN:
             self.counters.malformed += 1
-            return False
+            return False, None
         key = (client, int.from_bytes(query[:2], "big"))
         if key in self._in_flight:
             self.counters.duplicates += 1
-            return False
+            return False, None
         if len(self._in_flight) >= self.config.max_in_flight:
             self.counters.overload += 1
-            return False
+            return False, _refused(query)
         self._in_flight.add(key)
-        return True
+        return True, None
 
     def _release(self, query: bytes, client: Endpoint) -> None:
         self._in_flight.discard((client, int.from_bytes(query[:2], "big")))
@@ -422,6 +432,14 @@ class DnsProxy:
         self.counters.formerr += 1
         opcode_rd = wire[2] & 0x79  # keep opcode and RD
         return wire[:2] + bytes([0x80 | opcode_rd, dns.rcode.FORMERR]) + bytes(8)
+
+
+def _refused(query: bytes) -> bytes | None:
+    """REFUSED built from the query's header alone (no parse under load); None for a
+    response (answering one could make a loop)."""
+    if query[2] & 0x80:
+        return None
+    return query[:2] + bytes([0x80 | (query[2] & 0x79), dns.rcode.REFUSED]) + bytes(8)
 
 
 def _client_udp_size(query: dns.message.Message) -> int:
