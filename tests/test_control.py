@@ -221,4 +221,11 @@ def test_table_of_an_idle_gateway() -> None:
     table = format_status({"version": "1", "iface": "t", "pid": 1, "uptime": 3725,
                            "totals": {"dns": None}, "drops": {}, "flows": []})  # fmt: skip
     assert "up 1h02m05s" in table and "drops:     none" in table and "no open flows" in table
-    assert "dns:       proxy off" in table
+    assert "dns:       proxy off" in table and "refused:   none" in table
+
+
+def test_table_names_the_limits_new_flows_met() -> None:
+    totals = {"refused": {"tcp_connections": 3, "pending_dials": 0, "loops": 1},
+              "udp": {"refused_full": 2}, "dns": {"overload": 5}}  # fmt: skip
+    table = format_status({"version": "1", "totals": totals, "drops": {}, "flows": []})
+    assert "refused:   tcp connections 3, loops 1, udp sessions 2, dns in flight 5" in table

@@ -4,6 +4,7 @@ against a real kernel fd in a unit test."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -48,3 +49,21 @@ async def test_packets_are_read_in_c_and_a_closed_device_stops_the_stack() -> No
             with trio.fail_after(10):
                 await trio.sleep_forever()
     await device.aclose()
+
+
+async def test_a_device_fd_closed_under_the_stack_stops_it() -> None:
+    """Closing the device's fd (its last reference) silently drops it from the poll set, so
+    no read ever fails: the stack notices by looking, within about a second."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fd = ours.detach()
+    device = TunDevice.from_fd(fd, name="pair")
+    stack = LwipStack(device, StackConfig())
+    with pytest.RaisesGroup(
+        pytest.RaisesGroup(pytest.RaisesExc(DeviceError, match="^packet device pair failed: "))
+    ):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stack.run, never_accept)
+            os.close(fd)  # what an embedder closing the VPN fd too early does
+            with trio.fail_after(10):
+                await trio.sleep_forever()
+    theirs.close()

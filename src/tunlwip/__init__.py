@@ -16,6 +16,7 @@ from .flows import FlowRecord as FlowRecord
 from .gateway import Gateway as Gateway
 from .gateway import GatewayConfig as GatewayConfig
 from .gateway import GatewayStatistics as GatewayStatistics
+from .gateway import RefusedCounters as RefusedCounters
 from .stack import LwipStack as LwipStack
 from .stack import StackConfig as StackConfig
 from .stack import StackStatistics as StackStatistics

@@ -374,6 +374,11 @@ def format_status(doc: dict[str, Any]) -> str:
                      f"(timeouts {dns.get('timeouts', 0)})")  # fmt: skip
     else:
         lines.append("dns:       proxy off")
+    refused = {k.replace("_", " "): v for k, v in (totals.get("refused") or {}).items() if v}
+    refused["udp sessions"] = udp.get("refused_full", 0)
+    refused["dns in flight"] = (dns or {}).get("overload", 0)
+    at_limits = ", ".join(f"{k} {v}" for k, v in refused.items() if v)
+    lines.append(f"refused:   {at_limits or 'none'}")
     drops = doc.get("drops") or {}
     dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(drops.items()))
     lines.append(f"drops:     {dropped or 'none'}")

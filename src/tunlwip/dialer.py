@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import weakref
 from collections.abc import Callable
 
 import trio
@@ -69,6 +70,20 @@ class Dialer:
     def __init__(self, protector: Protector = no_protection, connect_timeout: float = 30.0):
         self.protector = protector
         self.connect_timeout = connect_timeout
+        # (our address, peer) of every TCP/UDP socket handed out and still alive: what its
+        # packets look like should they come back through the TUN (``is_own``).
+        self._own: weakref.WeakValueDictionary[tuple[Endpoint, Endpoint], socket.socket] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def is_own(self, source: Endpoint, destination: Endpoint) -> bool:
+        """Is a packet from ``source`` to ``destination`` one of our own sockets' (so, arriving
+        on the TUN, a routing loop: protection is not in effect)?"""
+        return (source, destination) in self._own
+
+    def _remember(self, sock: socket.socket, target: Endpoint) -> None:
+        local = sock.getsockname()
+        self._own[(Endpoint.parse(local[0], local[1]), target)] = sock
 
     def _protected_socket(self, family: int, kind: int, proto: int = 0) -> socket.socket:
         """A new non-blocking socket, protected; closed again if protection fails."""
@@ -88,22 +103,23 @@ class Dialer:
     async def open_tcp(self, target: Endpoint) -> trio.SocketStream:
         """Connect to ``target`` through a protected socket, within ``connect_timeout``.
 
-        Raises ConnectionRefusedError, TimeoutError (``trio.TooSlowError`` mapped), other
-        OSErrors (unreachable), or ProtectError.
+        Raises ConnectionRefusedError, TimeoutError, other OSErrors (unreachable), or
+        ProtectError.
         """
-        family = socket.AF_INET if target.family == 4 else socket.AF_INET6
-        sock = trio.socket.from_stdlib_socket(self._protected_socket(family, socket.SOCK_STREAM))
+        sock = self.start_tcp(target)
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with trio.fail_after(self.connect_timeout):
-                await sock.connect(target.sockaddr())
+                await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
         except trio.TooSlowError:
             sock.close()
-            raise TimeoutError(f"connect to {target} timed out") from None
+            raise TimeoutError(errno.ETIMEDOUT, f"connect to {target} timed out") from None
         except BaseException:
             sock.close()
             raise
-        return trio.SocketStream(sock)
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
     def start_tcp(self, target: Endpoint) -> socket.socket:
         """A protected socket with a non-blocking connect to ``target`` under way: the caller
@@ -116,6 +132,7 @@ class Dialer:
             err = sock.connect_ex(target.sockaddr())
             if err not in (0, errno.EINPROGRESS):
                 raise OSError(err, os.strerror(err))
+            self._remember(sock, target)
         except BaseException:
             sock.close()
             raise
@@ -126,8 +143,14 @@ class Dialer:
         ``target``, and ICMP errors from it surface on ``recv`` (ECONNREFUSED for a closed
         port). Connecting a UDP socket only picks a route, so this does not wait."""
         family = socket.AF_INET if target.family == 4 else socket.AF_INET6
-        return self._connected(self._protected_socket(family, socket.SOCK_DGRAM),
+        sock = self._connected(self._protected_socket(family, socket.SOCK_DGRAM),
                                target.sockaddr())  # fmt: skip
+        try:
+            self._remember(sock, target)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def open_icmp_echo(self, target: Endpoint) -> socket.socket:
         """A protected, non-blocking ICMP echo ("ping") socket connected to ``target.address``.

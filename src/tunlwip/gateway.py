@@ -17,7 +17,6 @@ import errno
 import functools
 import logging
 import math
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, NoReturn
@@ -155,9 +154,6 @@ class Gateway:
         self._idle.set()
         self._counts = dict(ok=0, refused=0, failed=0, swallowed=0)
         self._refused = RefusedCounters()
-        #: (our UDP socket's address, destination) of open upstream UDP sockets: what their
-        #: datagrams look like if they come back through the TUN.
-        self._own_udp: set[FlowKey] = set()
         self._loop_reported = False
         self._fd_shortage_reported_at = -math.inf
         if tcp_handler is None and self.config.dial_before_accept:
@@ -167,6 +163,8 @@ class Gateway:
                                        on_failed=self._dial_failed)  # fmt: skip
             self.stack.syn_interceptor = self._on_syn
             self.stack.accept_taker = self._take_predialed
+        else:  # SYNs are accepted at once; only our own, looping back, are held (dropped)
+            self.stack.syn_interceptor = self._drop_own_syn
 
     @property
     def protect_mode(self) -> str:
@@ -437,18 +435,11 @@ class Gateway:
         except OSError:
             upstream.close()
             return False
-        try:
-            own = self._own_udp_key(upstream, session.target)
-        except OSError:
-            self.stack.unwatch(upstream.fileno(), token)
-            upstream.close()
-            return False
         flow = self._flows.open("udp", session.client, session.target,
                                 lambda: (session.bytes_in, session.bytes_out),
                                 self._dns_name(session.client, session.target))  # fmt: skip
 
         def end(reason: str) -> None:
-            self._own_udp.discard(own)
             self.stack.unwatch(upstream.fileno(), token)
             upstream.close()
             self._flows.close(flow, {"idle": "idle timeout"}.get(reason, reason))
@@ -468,25 +459,12 @@ class Gateway:
             session.send_unreachable("host")
             return
         with upstream:
-            try:
-                own = self._own_udp_key(upstream, session.target)
-            except OSError:
-                session.send_unreachable("host")
-                return
-            try:
-                await relay_datagrams(session, upstream)
-            finally:
-                self._own_udp.discard(own)
-
-    def _own_udp_key(self, upstream: socket.socket, target: Endpoint) -> FlowKey:
-        local = upstream.getsockname()
-        own = (Endpoint.parse(local[0], local[1]), target)
-        self._own_udp.add(own)
-        return own
+            await relay_datagrams(session, upstream)
 
     def _admit_udp(self, client: Endpoint, target: Endpoint) -> bool:
-        """A new UDP flow that is one of our own upstream sockets coming back is a loop."""
-        if (client, target) in self._own_udp:
+        """A new UDP flow that is one of our own sockets coming back (an upstream's, the DNS
+        proxy's) is a loop."""
+        if self.dialer.is_own(client, target):
             self._loop_detected("UDP", client, target)
             return False
         return True
@@ -517,6 +495,8 @@ class Gateway:
 
     # -- dial before accept ------------------------------------------------------------------
     def _on_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:
+        if self._drop_own_syn(packet, client, target):
+            return True
         if self._is_dns(target):
             return False  # the proxy answers: accept at once, nothing to dial
         dials = self._dials
@@ -526,9 +506,6 @@ class Gateway:
         if dials.is_dialing(key):
             self._counts["swallowed"] += 1
             return True
-        if dials.is_own(key):
-            self._loop_detected("TCP", client, target)
-            return True  # held for good: dropped
         if not self._accepting:  # draining: refuse new flows outright
             self._answer(packet, refused=True)
             return True
@@ -543,6 +520,12 @@ class Gateway:
             return True
         dials.start(key, packet)
         return True
+
+    def _drop_own_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:
+        if self.dialer.is_own(client, target):
+            self._loop_detected("TCP", client, target)
+            return True
+        return False
 
     def _dial_connected(self, dial: HeldDial) -> None:
         self._counts["ok"] += 1

@@ -34,7 +34,7 @@ _MAX_SLEEP = 1.0
 class HeldDial:
     """One upstream connect for a held SYN."""
 
-    __slots__ = ("connected_at", "key", "own", "packet", "sock", "started", "token")
+    __slots__ = ("connected_at", "key", "packet", "sock", "started", "token")
 
     def __init__(self, key: FlowKey, packet: bytes, sock: socket.socket, started: float):
         self.key = key
@@ -43,8 +43,6 @@ class HeldDial:
         self.started = started
         self.token = 0
         self.connected_at = 0.0
-        #: (our socket's address, destination): what its SYN looks like if it loops back.
-        self.own: FlowKey | None = None
 
     @property
     def latency(self) -> float:
@@ -73,7 +71,6 @@ class HeldSynDials:
         # Both ordered by when they started waiting, so their deadlines are in order too.
         self._dialing: dict[FlowKey, HeldDial] = {}
         self._connected: dict[FlowKey, HeldDial] = {}
-        self._own: dict[FlowKey, HeldDial] = {}  # by (our socket's address, destination)
         self._wake_at = math.inf
         self._poke = trio.Event()
 
@@ -88,11 +85,6 @@ class HeldSynDials:
         """Upstreams connected and waiting for their client's handshake."""
         return len(self._connected)
 
-    def is_own(self, key: FlowKey) -> bool:
-        """Is ``key`` (a new SYN's client and destination) one of our own connects coming back
-        through the TUN? Then protection is not in effect and forwarding it would loop."""
-        return key in self._own
-
     def start(self, key: FlowKey, packet: bytes) -> None:
         """Start connecting to ``key``'s destination; the outcome arrives by callback (an
         immediate failure, such as no free file descriptor, too)."""
@@ -105,14 +97,10 @@ class HeldSynDials:
         dial = HeldDial(key, packet, sock, now)
         try:
             dial.token = self._stack.watch_writable(sock.fileno(), lambda: self._finished(dial))
-            local = sock.getsockname()
         except OSError as exc:
-            self._unwatch(dial)
             sock.close()
             self._on_failed(key, packet, exc, 0.0)
             return
-        dial.own = (Endpoint.parse(local[0], local[1]), key[1])
-        self._own[dial.own] = dial
         self._dialing[key] = dial
         if now + self._dialer.connect_timeout < self._wake_at:
             self._poke.set()
@@ -128,7 +116,6 @@ class HeldSynDials:
             dial.sock.close()
         self._dialing.clear()
         self._connected.clear()
-        self._own.clear()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Enforce the dial and claim timeouts until cancelled."""
@@ -150,7 +137,6 @@ class HeldSynDials:
         if self._dialing.pop(dial.key, None) is not dial:
             return
         self._unwatch(dial)
-        self._forget_own(dial)
         err = dial.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         now = trio.current_time()
         if err:
@@ -160,10 +146,6 @@ class HeldSynDials:
         dial.connected_at = now
         self._connected[dial.key] = dial
         self._on_connected(dial)
-
-    def _forget_own(self, dial: HeldDial) -> None:
-        if dial.own is not None and self._own.get(dial.own) is dial:
-            del self._own[dial.own]
 
     def _unwatch(self, dial: HeldDial) -> None:
         if dial.token:
@@ -187,7 +169,6 @@ class HeldSynDials:
                 break
             del self._dialing[dial.key]
             self._unwatch(dial)
-            self._forget_own(dial)
             dial.sock.close()
             error = TimeoutError(errno.ETIMEDOUT, f"connect to {dial.key[1]} timed out")
             self._on_failed(dial.key, dial.packet, error, now - dial.started)

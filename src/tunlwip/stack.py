@@ -153,6 +153,7 @@ class LwipStack:
         self._accepted: list[LwipTcpStream] = []
         self._after: list[Callable[[], None]] = []
         self._refused_at_limit = 0
+        self._input_fd_identity: tuple[int, int, int] | None = None
         #: Let the poll task wait in C while trio is idle (``loopidle``); off: always via trio.
         self.wait_in_c = True
         self._streams: dict[int, LwipTcpStream] = {}
@@ -403,6 +404,8 @@ class LwipStack:
         rc = lib.tl_poll_set_input(fd)
         if rc != 0:
             raise DeviceError(f"cannot poll the packet device: {os.strerror(-rc)}")
+        st = os.fstat(fd)
+        self._input_fd_identity = (fd, st.st_dev, st.st_ino)
 
     async def _read_packets(self) -> None:
         device = self.device
@@ -458,13 +461,28 @@ class LwipStack:
         while True:
             self._tick_clock()
             lib.tl_check_timeouts()
-            if self.relay_idle_timeout is not None and trio.current_time() >= next_sweep:
+            if trio.current_time() >= next_sweep:
                 next_sweep = trio.current_time() + _RELAY_SWEEP_SECONDS
-                lib.tl_relay_sweep(int(self.relay_idle_timeout * 1000))
+                self._check_input_fd()
+                if self.relay_idle_timeout is not None:
+                    lib.tl_relay_sweep(int(self.relay_idle_timeout * 1000))
             self._after_lwip()
             sleep_ms = lib.tl_sleeptime()
             delay = _TIMER_CAP_SECONDS if sleep_ms == _SLEEPTIME_INFINITE else sleep_ms / 1000
             await trio.sleep(min(delay, _TIMER_CAP_SECONDS))
+
+    def _check_input_fd(self) -> None:
+        """The device's fd closed under us (by an embedder, say) vanishes from the poll set
+        without a read error, so look: the same fd number must still be the same file."""
+        if self._input_fd_identity is None:
+            return
+        fd, dev, ino = self._input_fd_identity
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise _device_failed(self.device, exc.errno or errno.EBADF) from None
+        if (st.st_dev, st.st_ino) != (dev, ino):
+            raise _device_failed(self.device, errno.EBADF)
 
     async def _writer(self) -> None:
         while True:

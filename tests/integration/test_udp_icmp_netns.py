@@ -25,6 +25,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -462,12 +463,17 @@ def test_idle_sessions_release_sockets(
     print(gw.stop())
 
 
-def test_max_udp_sessions_evicts(split: SplitTopology, split_gateway: StartGateway) -> None:
-    """``--max-udp-sessions 8``: 24 flows in turn all get their echo, the gateway never holds
-    more than 8 upstream sockets, and an evicted flow works again when it sends."""
+def test_max_udp_sessions_evicts_when_configured(
+    split: SplitTopology, split_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """``--max-udp-sessions 8`` with ``udp.when_full = "evict"``: 24 flows in turn all get
+    their echo, the gateway never holds more than 8 upstream sockets, and an evicted flow works
+    again when it sends. (The default, refusing, is in test_budgets_netns.py.)"""
     cap, flows = 8, 24
     start_udp_echo(split.srv, ECHO_PORT)
-    gw = split_gateway("--max-udp-sessions", str(cap))
+    config = tmp_path / "evict.toml"
+    config.write_text('[udp]\nwhen_full = "evict"\n')
+    gw = split_gateway("--config", str(config), "--max-udp-sessions", str(cap))
     socks = [udp_socket(split.cli, socket.AF_INET, 1.0) for _ in range(flows)]
     try:
         for i, sock in enumerate(socks):
