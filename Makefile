@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunlwip-installed
 APT_PACKAGES := iproute2 iputils-ping curl iperf3 nginx-light dnsutils unbound openssl systemd xz-utils gcc \
-                python3-dev
+                python3-dev clang-14 libclang-rt-14-dev
 # Only `make bench` needs these (the peers it measures and the DNS load generator).
 BENCH_APT_PACKAGES := slirp4netns passt dnsperf
 BENCH_ARGS ?=
@@ -13,7 +13,8 @@ SOAK_ARGS ?=
 SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') build_ffi.py pyproject.toml setup.py \
        $(wildcard vendor/lwip/port/*.h vendor/lwip/port/arch/*.h)
 
-.PHONY: install test unit lint demo clean distclean sysdeps lwip bench benchdeps soak
+.PHONY: install test unit lint demo clean distclean sysdeps lwip bench benchdeps soak fuzz fuzz-smoke \
+        fuzz-build fuzz-corpus
 
 install: sysdeps lwip $(STAMP)
 
@@ -36,16 +37,17 @@ $(STAMP): $(SRC)
 	touch $(STAMP)
 
 test: install
-	$(PY) -m ruff check src tests examples bench
+	$(PY) -m ruff check src tests examples bench fuzz
 	$(PY) -m mypy
 	$(PY) -m pytest -q -ra
+	$(MAKE) --no-print-directory fuzz-smoke
 
 unit: install
 	$(PY) -m pytest -q -ra --ignore=tests/integration
 
 lint: install
-	$(PY) -m ruff check src tests examples bench
-	$(PY) -m ruff format --check src tests examples bench
+	$(PY) -m ruff check src tests examples bench fuzz
+	$(PY) -m ruff format --check src tests examples bench fuzz
 	$(PY) -m mypy
 
 demo: install
@@ -71,7 +73,42 @@ benchdeps:
 	fi
 
 clean:
-	rm -rf build dist src/*.egg-info src/tunlwip/_lwip*.so src/tunlwip/_lwip.c
+	rm -rf build dist src/*.egg-info src/tunlwip/_lwip*.so src/tunlwip/_lwip.c fuzz/build
 
 distclean: clean
 	rm -rf $(VENV) vendor/lwip/upstream vendor/lwip/.cache
+
+# ---- fuzzing (fuzz/README.md) -------------------------------------------------------------------
+# The packet harness: lwIP (the sources build_ffi.py compiles) + glue.c + relay.c under libFuzzer,
+# ASan and UBSan. `make fuzz` runs both harnesses for FUZZ_SECONDS each (or FUZZ_RUNS packet
+# inputs); `make fuzz-smoke` is the bounded run `make test` ends with.
+CLANG ?= clang-14
+FUZZ_BUILD := fuzz/build
+FUZZ_SECONDS ?= 3600
+FUZZ_RUNS ?=
+FUZZ_SMOKE_SECONDS ?= 60
+FUZZ_FLAGS := -g -O1 -std=gnu11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+              -Ivendor/lwip/port -Ivendor/lwip/upstream/src/include -Isrc/tunlwip/_csrc \
+              -Wno-unused-parameter -Wno-unused-variable -Wno-address \
+              -Wno-tautological-constant-out-of-range-compare
+FUZZ_RUN := nice -n 10 bash fuzz/run.sh
+
+$(FUZZ_BUILD)/packet_fuzzer: fuzz/packet_fuzzer.c $(SRC) | install
+	@mkdir -p $(FUZZ_BUILD)
+	$(CLANG) $(FUZZ_FLAGS) -o $@ fuzz/packet_fuzzer.c src/tunlwip/_csrc/relay.c \
+	  $$($(PY) -c 'import build_ffi as b; print(" ".join(str(b.LWIP / s) for s in b.LWIP_SOURCES))')
+
+fuzz-build: $(FUZZ_BUILD)/packet_fuzzer
+
+fuzz: install fuzz-build
+	$(FUZZ_RUN) packet $(if $(FUZZ_RUNS),-runs=$(FUZZ_RUNS),-max_total_time=$(FUZZ_SECONDS))
+	$(FUZZ_RUN) dns -max_total_time=$(FUZZ_SECONDS)
+
+fuzz-smoke: install fuzz-build
+	$(FUZZ_RUN) packet -max_total_time=$(FUZZ_SMOKE_SECONDS)
+	$(FUZZ_RUN) dns -max_total_time=$(FUZZ_SMOKE_SECONDS)
+
+# Minimise what the runs found (fuzz/build/corpus) together with fuzz/corpus back into fuzz/corpus.
+fuzz-corpus: install fuzz-build
+	$(FUZZ_RUN) merge packet
+	$(FUZZ_RUN) merge dns

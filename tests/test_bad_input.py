@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from tunlwip import LwipStack, MemoryDevice
 
 from harness import Harness
-from packets import ACK, PSH, SYN, fragment, icmp_echo, tcp_options, tcp_packet, udp_packet
+from packets import ACK, FIN, PSH, SYN, fragment, icmp_echo, tcp_options, tcp_packet, udp_packet
+from tcppeer import TcpPeer
 
 C4, D4, C6, D6 = "198.18.0.2", "192.0.2.1", "fd00:18::2", "2001:db8::1"
 
@@ -34,6 +35,10 @@ SYN4 = tcp_packet(C4, D4, 40000, 80, seq=1, flags=SYN, options=tcp_options(mss=1
 SYN6 = tcp_packet(C6, D6, 40000, 80, seq=1, flags=SYN, options=tcp_options(mss=1440))
 UDP4 = udp_packet(C4, D4, 4000, 53, b"hello")
 UDP6 = udp_packet(C6, D6, 4000, 53, b"hello")
+SYN_OPTION_AT_END4 = tcp_packet(C4, D4, 40000, 80, seq=1, flags=SYN, options=b"\x01\x01\x01\x08")
+SYN_OPTION_AT_END6 = tcp_packet(
+    C6, D6, 40000, 80, seq=1, flags=SYN, options=bytes([2, 4, 5, 180, 1, 1, 1, 30])
+)
 
 
 @pytest.mark.parametrize(
@@ -60,6 +65,9 @@ UDP6 = udp_packet(C6, D6, 4000, 53, b"hello")
         (with_byte(SYN6, 5, 0xFF), "ip_header"),  # IPv6 payload length lies
         (with_byte(UDP6, 47, UDP6[47] ^ 0x10), "transport_checksum"),
         (with_byte(SYN4, 32, 0x20), "transport_header"),  # TCP data offset 8 bytes
+        # an option kind in the header's last byte: lwIP would read its length past the packet
+        (SYN_OPTION_AT_END4, "transport_header"),
+        (SYN_OPTION_AT_END6, "transport_header"),
     ],
 )
 async def test_each_kind_of_bad_packet_is_dropped_and_counted(
@@ -100,6 +108,54 @@ async def test_the_gateway_hosts_local_networks_are_never_forwarded(packet: byte
         assert stack.statistics().dropped == {"local_destination": 1}
         assert seen == [] and device.emitted_nowait() == []
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("src", "dst"), [(C4, D4), (C6, D6)])
+@pytest.mark.parametrize("flags", [ACK | FIN, ACK | PSH])
+async def test_segment_half_the_sequence_space_away_is_dropped(
+    harness: Harness, src: str, dst: str, flags: int
+) -> None:
+    """lwIP 2.1.3 aborts (assertion "insane offset!") on a 1-byte segment 2^31 from rcv_nxt:
+    any client could stop the gateway with it (found by fuzz/packet_fuzzer.c)."""
+    peer = TcpPeer(harness.wire, src, 43000, dst, 80, isn=5000)
+    await peer.connect()
+    stream = await harness.next_stream()
+    payload = b"" if flags & FIN else b"x"
+    far = tcp_packet(src, dst, 43000, 80, seq=peer.seq + 2**31, ack=peer.ack, flags=flags,
+                     payload=payload)  # fmt: skip
+    harness.device.inject_packet(far)
+    await settle(harness)
+    assert drops(harness) == {"transport_header": 1}
+    await peer.send(b"still fine")
+    assert await stream.receive_some() == b"still fine"
+
+
+async def test_mss_option_after_the_handshake_is_ignored(harness: Harness) -> None:
+    """lwIP 2.1.3 takes an MSS option from any segment; a smaller one with data queued made
+    the next write abort ("inconsistent oversize vs. space", found by fuzz/packet_fuzzer.c)."""
+    peer = TcpPeer(harness.wire, C4, 44000, D4, 80, isn=5000)
+    await peer.connect()
+    stream = await harness.next_stream()
+    peer.detach()  # raw segments from here on: the client's window closes, then reopens
+    seq, ack = peer.seq, peer.ack
+
+    def segment(seq: int, window: int, payload: bytes = b"", options: bytes = b"") -> None:
+        harness.device.inject_packet(tcp_packet(C4, D4, 44000, 80, seq=seq, ack=ack, flags=ACK,
+                                                window=window, payload=payload,
+                                                options=options))  # fmt: skip
+
+    segment(seq, 65535, b"abc")
+    segment(seq + 3, 0)  # a newer segment, so lwIP takes the zero window
+    assert await stream.receive_some() == b"abc"
+    await stream.send_all(b"x" * 50)  # stays queued; the next write leaves room to grow
+    await stream.send_all(b"x" * 50)
+    segment(seq + 3, 0, options=tcp_options(mss=536))
+    await settle(harness)
+    await stream.send_all(b"y" * 100)  # lwIP 2.1.3 aborted here
+    segment(seq + 3, 65535)
+    await settle(harness)
+    sent = b"".join(p.payload for p in harness.wire.unmatched_nowait())
+    assert sent == b"x" * 100 + b"y" * 100
 
 
 def only_reassembly_timeouts(h: Harness) -> bool:

@@ -616,6 +616,59 @@ static int tl_icmp_echo_input(struct pbuf *p, struct netif *inp, int family)
 }
 
 /*
+ * Two lwIP 2.1.3 flaws in tcp_parseopt, both found by fuzz/packet_fuzzer.c:
+ *  - it reads an option's length byte before checking that it lies inside the header: a header
+ *    whose last option byte is a kind other than EOL/NOP makes it read one byte past the
+ *    options, which is past the packet when no data follows (heap over-read). Such a header is
+ *    malformed: returns 0.
+ *  - it takes an MSS option from any segment, not only a SYN: a smaller MSS mid-connection
+ *    leaves queued data larger than the new MSS, and the next tcp_write fails the assertion
+ *    "inconsistent oversize vs. space" (abort). The MSS option only counts in a SYN (RFC 9293
+ *    3.7.1), so elsewhere it is overwritten with NOPs (the checksum was verified already and
+ *    lwIP does not check it again).
+ * Walks the options as lwIP will.
+ */
+static int tl_tcp_options_ok(u8_t *opt, u16_t optlen, int syn)
+{
+    u16_t i = 0;
+    while (i < optlen) {
+        u8_t kind = opt[i];
+        if (kind == 0) return 1;          /* EOL: lwIP stops */
+        if (kind == 1) { i++; continue; } /* NOP */
+        if (i + 1 >= optlen) return 0;    /* the length byte lwIP reads is outside */
+        u8_t len = opt[i + 1];
+        if (len < 2) return 1;            /* lwIP stops at a bad length */
+        if ((kind == 2 && len != 4) || (kind == 3 && len != 3) || (kind == 4 && len != 2))
+            return 1;                     /* MSS, window scale, SACK-permitted: lwIP stops */
+        if (kind == 2 && !syn && i + 4 <= optlen) memset(opt + i, 1, 4);
+        i = (u16_t)(i + len);
+    }
+    return 1;
+}
+
+/*
+ * lwIP 2.1.3's tcp_receive compares sequence numbers with TCP_SEQ_BETWEEN, which is ambiguous
+ * at half the sequence space: a segment of sequence length 1 (one byte, or a bare SYN or FIN)
+ * starting exactly 2^31 before rcv_nxt passes for one that overlaps rcv_nxt, and lwIP fails the
+ * assertion "insane offset!" (abort(); without assertions it would take the byte as in order).
+ * Any client can send it (found by fuzz/packet_fuzzer.c). No valid segment lies 2^30 or more
+ * from rcv_nxt (windows stay below 2^30, RFC 7323 2.3), so such segments of a connection are
+ * dropped before lwIP sees them; lwIP would at most have answered them with an ACK.
+ */
+static int tl_tcp_seq_far(const struct tcp_hdr *th, const ip_addr_t *src, const ip_addr_t *dst)
+{
+    u16_t sport = lwip_ntohs(th->src), dport = lwip_ntohs(th->dest);
+    for (struct tcp_pcb *c = tcp_active_pcbs; c; c = c->next) {
+        if (c->local_port == dport && c->remote_port == sport && ip_addr_cmp(&c->local_ip, dst) &&
+            ip_addr_cmp(&c->remote_ip, src)) {
+            u32_t d = lwip_ntohl(th->seqno) - c->rcv_nxt;
+            return d >= 0x40000000UL && d <= 0xC0000000UL;
+        }
+    }
+    return 0;
+}
+
+/*
  * Common transport step, once p->payload sits on the TCP/UDP header and ip_data is filled.
  * `packet`/`packet_len` is the whole IP packet (for a held SYN). Consumes p.
  */
@@ -633,6 +686,9 @@ static int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int
         if (tl_checksum_check && ip_chksum_pseudo(p, IP_PROTO_TCP, len, src, dst) != 0)
             return tl_drop(p, &tl_stats.drop_transport_checksum);
         u8_t flags = TCPH_FLAGS(th);
+        if (!tl_tcp_options_ok((u8_t *)p->payload + TCP_HLEN, (u16_t)(hdrlen - TCP_HLEN),
+                               flags & TCP_SYN))
+            return tl_drop(p, &tl_stats.drop_transport_header);
         u16_t dport = lwip_ntohs(th->dest);
         if ((flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN)) == TCP_SYN) {
             /* A new SYN for a 4-tuple lwIP still holds in TIME-WAIT: lwIP would only ACK it
@@ -666,6 +722,8 @@ static int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int
                 }
             }
             if (tl_ensure_listener(dport) != 0) return tl_drop(p, &tl_stats.drop_no_memory);
+        } else if (tl_tcp_seq_far(th, src, dst)) { /* (lwIP ignores a pure SYN's number) */
+            return tl_drop(p, &tl_stats.drop_transport_header);
         }
         if (tl_releasing) tl_stats.syn_released++;
         tl_stats.tcp_in++;

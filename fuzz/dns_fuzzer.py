@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""atheris harness for the DNS proxy: arbitrary client queries and arbitrary upstream answers.
+
+Each input runs ``DnsProxy.answer`` (and the replay fast path ``serve_udp`` tries first) in a
+fresh proxy, under trio's autojump clock so upstream timeouts cost no real time. The upstream
+is a real ``udp://`` upstream pointed at a responder on 127.0.0.1 (UDP, and TCP on the same
+port for the truncated-answer retry), so the upstream code's own checks run too.
+
+Input: a mode byte, then the body.
+  mode & 1 == 0: the body is the client's query; the responder answers it properly (when it
+                 parses) or with SERVFAIL. mode & 2: answer as for UDP (client buffer size).
+  mode & 1 == 1: the client asks QUERIES[mode >> 4]; the body is the upstream's answer.
+                 mode & 2: splice the query's question into the body after its 12-byte
+                 header (so the answer matches and its records get parsed); mode & 4: keep
+                 the body's ID (usually a mismatch: the upstream ignores it, then times out);
+                 mode & 8: ask twice (cache, replay).
+A finding is any exception out of the proxy, or an answer that breaks what clients rely on:
+the query's ID, and a UDP answer that fits the client's buffer.
+
+    .venv/bin/python fuzz/dns_fuzzer.py [libFuzzer options] CORPUS_DIR
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import atheris
+
+with atheris.instrument_imports(include=["dns", "tunlwip"]):
+    import dns.flags
+    import dns.message
+    import dns.rcode
+    import dns.rrset
+    import trio
+    import trio.testing
+
+    from tunlwip.dialer import Dialer
+    from tunlwip.dns.proxy import DnsConfig, DnsProxy, _client_udp_size
+    from tunlwip.endpoint import Endpoint
+
+CLIENT = Endpoint.parse("198.18.0.2", 5353)
+
+
+def _with_id(wire: bytes) -> bytes:
+    return b"\x12\x34" + wire[2:]  # fixed: an input must replay the same way
+
+
+QUERIES = [
+    _with_id(dns.message.make_query(name, rdtype, use_edns=edns).to_wire())
+    for name, rdtype, edns in [
+        ("example.com.", "A", True), ("example.net.", "AAAA", False),
+        ("blocked.test.", "A", True), ("override.test.", "AAAA", False),
+        ("example.org.", "TXT", True), ("example.com.", "MX", False),
+    ]
+]  # fmt: skip
+_TMP = tempfile.TemporaryDirectory(prefix="tunlwip-dns-fuzz-")
+BLOCK_FILE = Path(_TMP.name) / "block.txt"
+BLOCK_FILE.write_text("blocked.test\n||ads.test^\n0.0.0.0 tracker.test\n")
+OVERRIDES = {"override.test": ["192.0.2.7", "2001:db8::7"]}
+
+
+class _Formatting(logging.Handler):
+    """Format every record, so the proxy's debug lines are exercised, and drop it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.format(record)
+
+
+def _question_len(query: bytes) -> int:
+    """Length of the (single, uncompressed) question section of a query we sent."""
+    i = 12
+    while i < len(query) and query[i] != 0:
+        i += 1 + query[i]
+    return min(i + 1 + 4, len(query)) - 12
+
+
+def _good_answer(query: bytes) -> bytes:
+    try:
+        message = dns.message.from_wire(query)
+        response = dns.message.make_response(message)
+        if message.question and message.question[0].rdtype == 1:
+            name = message.question[0].name
+            response.answer.append(dns.rrset.from_text(name, 60, "IN", "A", "192.0.2.1"))
+        return response.to_wire()
+    except Exception:
+        return query[:2] + b"\x81\x82" + bytes(8)  # SERVFAIL
+
+
+def _upstream_answer(mode: int, body: bytes, query: bytes) -> bytes:
+    if not mode & 1:
+        return _good_answer(query)
+    if mode & 2:
+        header = bytearray(body[:12].ljust(12, b"\0"))
+        header[4:6] = b"\x00\x01"  # one question
+        body = bytes(header) + query[12 : 12 + _question_len(query)] + body[12:]
+    if not mode & 4:
+        body = query[:2] + body[2:]
+    return body
+
+
+async def _serve(mode: int, body: bytes, udp: trio.socket.SocketType,
+                 listeners: list[trio.SocketListener]) -> None:  # fmt: skip
+    async def over_tcp(stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                head = await stream.receive_some(65537)
+                if len(head) >= 2:
+                    (n,) = struct.unpack_from("!H", head)
+                    answer = _upstream_answer(mode, body, head[2 : 2 + n])[:65535]
+                    await stream.send_all(struct.pack("!H", len(answer)) + answer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        if listeners:
+            nursery.start_soon(trio.serve_listeners, over_tcp, listeners)
+        while True:
+            query, addr = await udp.recvfrom(65535)
+            await udp.sendto(_upstream_answer(mode, body, query)[:65507], addr)
+
+
+async def _one_input(mode: int, body: bytes) -> None:
+    udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await udp.bind(("127.0.0.1", 0))
+    port = udp.getsockname()[1]
+    try:
+        listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    except OSError:
+        listeners = []  # the TCP retry then fails fast (refused), also a path worth running
+    config = DnsConfig(upstreams=(f"udp://127.0.0.1:{port}",), block_files=(str(BLOCK_FILE),),
+                       overrides=OVERRIDES)  # fmt: skip
+    proxy = DnsProxy(config, Dialer())
+    if mode & 1:
+        wires = [QUERIES[(mode >> 4) % len(QUERIES)]] * (2 if mode & 8 else 1)
+        udp_size = True
+    else:
+        wires = [body]
+        udp_size = bool(mode & 2)
+    with udp:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serve, mode, body, udp, listeners)
+            for wire in wires:
+                answer = proxy._replay(wire, CLIENT) if udp_size else None
+                if answer is None:
+                    if not proxy._admit(wire, CLIENT):
+                        continue
+                    try:
+                        answer = await proxy.answer(wire, CLIENT, max_udp_size=udp_size)
+                    finally:
+                        proxy._release(wire, CLIENT)
+                _check(wire, answer, udp_size)
+            nursery.cancel_scope.cancel()
+        for listener in listeners:
+            await listener.aclose()
+    await proxy.aclose()
+
+
+def _check(wire: bytes, answer: bytes | None, udp_size: bool) -> None:
+    """What a client relies on: its ID back, and a UDP answer within its buffer."""
+    if answer is None:
+        return
+    if not isinstance(answer, bytes) or len(answer) < 12 or len(answer) > 65535:
+        raise AssertionError(f"bad answer: {answer!r:.80}")
+    if answer[:2] != wire[:2]:
+        raise AssertionError(f"answer ID {answer[:2]!r} for query ID {wire[:2]!r}")
+    if not answer[2] & 0x80:
+        raise AssertionError("the answer has QR clear")
+    if udp_size:
+        try:
+            limit = _client_udp_size(dns.message.from_wire(wire))
+        except Exception:
+            limit = 512
+        if len(answer) > limit:
+            raise AssertionError(f"UDP answer of {len(answer)} bytes for a {limit}-byte buffer")
+
+
+def test_one_input(data: bytes) -> None:
+    if not data:
+        return
+    trio.run(_one_input, data[0], data[1:], clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def main() -> None:
+    handler = _Formatting()
+    for name in ("tunlwip", "dns"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+        logger.propagate = False
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
