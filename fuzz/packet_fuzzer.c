@@ -391,7 +391,7 @@ static void app_step(unsigned step, uint8_t arg)
         break;
     case 28: /* a Python watcher on the upstream's socket (as UDP sessions use) */
         if (c && c->relay && c->peer >= 0) {
-            if (tl_watch_add(c->peer, c->id) != 0) tl_watch_del(c->peer);
+            if (tl_watch_add(c->peer, c->id, (int)(arg & 1)) != 0) tl_watch_del(c->peer);
             tl_relay_poll(64);
         }
         break;
@@ -420,6 +420,8 @@ static void setup(uint8_t cfg)
     if (tl_init(cur_mtu, GW4, GW6) != 0) abort();
     tl_set_checksum_check((cfg & CFG_CHECKSUMS) != 0);
     tl_set_hold_syns((cfg & CFG_HOLD_SYNS) != 0);
+    /* loopback and link-local destinations: dropped at MTU 1500, forwarded at 65520 */
+    tl_set_forward_local((cfg & CFG_MTU_MAX) != 0);
     int echo = (cfg >> CFG_ECHO_SHIFT) & 3;
     tl_set_icmp_echo_mode(echo == 3 ? TL_ECHO_REPLY : echo);
     if (cfg & CFG_CLIENT_NETS) {
