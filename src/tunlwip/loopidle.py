@@ -6,8 +6,8 @@ blocks in C (``tl_relay_wait``) on its own poll set *and* trio's epoll fd, for a
 has no runnable task, no pending callback and no deadline due, so that it returns to trio
 exactly when trio would have woken up anyway.
 
-trio has no public API for this, so this module reads four of its internals (the runner's run
-queue, deadlines, entry queue and the epoll object). It checks they are there once, and
+trio has no public API for this, so this module reads five of its internals (the runner's run
+queue, task set, deadlines, entry queue and the epoll object). It checks they are there once, and
 ``LoopIdleProbe.current()`` returns None if not (another trio version or I/O backend, or a
 test clock that is not real time): the poll task then simply always waits through trio.
 """
@@ -21,6 +21,9 @@ try:
 except ImportError:  # pragma: no cover - a trio without it: the probe stays off
     GLOBAL_RUN_CONTEXT = None  # type: ignore[assignment,misc]
 _RUN_CONTEXT: Any = GLOBAL_RUN_CONTEXT
+
+
+_MAX_TASKS_WALKED = 64
 
 
 class LoopIdleProbe:
@@ -54,5 +57,14 @@ class LoopIdleProbe:
         else the time to its next deadline (``inf`` if none)."""
         if self._runq or self._entry_queue.size():
             return 0.0
+        # Tasks trio picked to run in this round beside the caller are off the run queue but
+        # still scheduled (``_next_send_fn`` set until they run). Looking costs a walk over
+        # every task: with many, say trio is busy rather than walk.
+        tasks = self._runner.tasks
+        if len(tasks) > _MAX_TASKS_WALKED:
+            return 0.0
+        for task in tasks:
+            if task._next_send_fn is not None:
+                return 0.0
         until = self._deadlines.next_deadline() - self._runner.current_time()
         return until if until > 0 else 0.0
