@@ -495,15 +495,28 @@ def _terminate(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+def preflight(tool: str) -> int:
+    """0 when this process may build namespaces (root, netns usable), else 77 (skipped) with
+    the reason printed; then files and signals are set up for a long run that must clean up
+    its namespaces on Ctrl-C or SIGTERM."""
     if os.geteuid() != 0:
-        print("bench: needs root (network namespaces, TUN, veth)", file=sys.stderr)
+        print(f"{tool}: needs root (network namespaces, TUN, veth)", file=sys.stderr)
         return 77
     ok, why = netns.have_netns()
     if not ok:
-        print(f"bench: cannot use network namespaces: {why}", file=sys.stderr)
+        print(f"{tool}: cannot use network namespaces: {why}", file=sys.stderr)
         return 77
+    raise_nofile()  # 10,000 held connections: the client, the gateway and the server inherit it
+    # Explicitly: a shell starting us in the background would leave SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if (refused := preflight("bench")) != 0:
+        return refused
     chosen = [m.strip() for m in a.methods.split(",") if m.strip()]
     for m in chosen:
         if m not in METHODS:
@@ -519,11 +532,6 @@ def main(argv: list[str] | None = None) -> int:
             return 78
     opts, mtus = options(a)
     max_time = a.max_time or (180.0 if a.quick else 3600.0)
-    raise_nofile()
-    # Explicitly: a shell starting us in the background would leave SIGINT ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _terminate)
-
     a.results_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run = Run(

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from typing import Any
 
 import methods
 from methods import SRV_ADDR4, netns
-from run import RESULTS, fmt, host_meta, raise_nofile
+from run import RESULTS, fmt, host_meta, preflight
 from workloads import (
     CONNECT_PORT,
     HOLD_PORT,
@@ -411,22 +410,10 @@ def widen_ports(split: methods.SplitTopology) -> None:
     split.cli.write_sysctl("net.ipv4.tcp_max_tw_buckets", "32768")
 
 
-def _terminate(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    if os.geteuid() != 0:
-        print("soak: needs root (network namespaces, TUN, veth)", file=sys.stderr)
-        return 77
-    ok, why = netns.have_netns()
-    if not ok:
-        print(f"soak: cannot use network namespaces: {why}", file=sys.stderr)
-        return 77
-    raise_nofile()  # 10,000 held connections: the client, the gateway and the server inherit it
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _terminate)
+    if (refused := preflight("soak")) != 0:
+        return refused
     a.results_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     jsonl = a.results_dir / f"soak-{stamp}.jsonl"
