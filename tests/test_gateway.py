@@ -6,6 +6,7 @@ dial-before-accept, refusal and splicing are exercised against the kernel's loop
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -17,6 +18,7 @@ import pytest
 import trio
 
 from tunlwip import MemoryDevice
+from tunlwip.endpoint import Endpoint
 from tunlwip.gateway import Gateway, GatewayConfig
 from tunlwip.predial import HeldDial
 
@@ -98,6 +100,26 @@ async def test_closed_port_is_refused_with_rst(env: Env) -> None:
         await peer.connect()
     stats = env.gateway.statistics()
     assert stats.dials_refused == 1 and stats.stack.lwip_tcp_pcbs == 0
+
+
+async def test_out_of_file_descriptors_refuses_new_connections(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No fd for the upstream socket (EMFILE): the new connection is refused with RST, counted
+    and warned about once, and the gateway keeps going (no crash, no spinning)."""
+
+    def no_fds(target: Endpoint) -> socket.socket:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(env.gateway.dialer, "start_tcp", no_fds)
+    for port in (40010, 40011):
+        peer = TcpPeer(env.wire, CLIENT, port, "127.0.0.1", 9)
+        with pytest.raises(ConnectionRefusedError):
+            await peer.connect()
+    refused = env.gateway.statistics().refused
+    assert refused.file_descriptors == 2 and refused.tcp_connections == 0
+    warnings = [r for r in caplog.records if "out of file descriptors" in r.getMessage()]
+    assert len(warnings) == 1  # once, not per flow
 
 
 async def test_syn_retransmits_are_swallowed_while_dialing(
