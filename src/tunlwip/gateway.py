@@ -32,7 +32,7 @@ from .flows import DEFAULT_BUFFER, FlowInfo, FlowSubscription, FlowTable, FlowTo
 from .forward import DatagramRelay, relay_datagrams
 from .icmp import EchoCounters, EchoForwarder, unavailable_reason
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
-from .predial import HeldDial, HeldSynDials
+from .predial import FlowKey, HeldDial, HeldSynDials
 from .relay import RESET_SIDES, Relay
 from .sniff import sniff_name
 from .stack import LwipStack, StackConfig, StackStatistics
@@ -42,7 +42,6 @@ from .udp import DNS_PORT, UdpConfig, UdpCounters, UdpHandler, UdpSession, UdpSe
 log = logging.getLogger("tunlwip.gateway")
 
 TcpHandler = Callable[[LwipTcpStream, Endpoint], Awaitable[None]]
-FlowKey = tuple[Endpoint, Endpoint]  # (client, original destination)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,7 +365,10 @@ class Gateway:
             upstream = await self.dialer.open_tcp(target)
         except OSError as exc:
             flow.connect_latency = trio.current_time() - dial_started
-            self._counts["failed"] += 1
+            if exc.errno in _FD_SHORTAGE:
+                self._fd_shortage(exc)
+            else:
+                self._counts["failed"] += 1
             log.debug("dial %s for %s failed: %s", target, stream.remote, exc)
             stream.abort()
             return _dial_failure(exc)
@@ -400,13 +402,17 @@ class Gateway:
         dial = self._dials.claim((stream.remote, stream.local))
         if dial is None:
             return False
-        flow = self._flows.open("tcp", stream.remote, stream.local,
-                                lambda: (stream.bytes_received, stream.bytes_sent),
-                                self._dns_name(stream.remote, stream.local))  # fmt: skip
+        try:
+            flow = self._flows.open("tcp", stream.remote, stream.local,
+                                    lambda: (stream.bytes_received, stream.bytes_sent),
+                                    self._dns_name(stream.remote, stream.local))  # fmt: skip
+        except BaseException:
+            dial.sock.close()  # the claimed upstream is ours to close
+            raise
         flow.connect_latency = dial.latency
         self._flow_started()
         try:
-            self._start_relay(stream, dial.sock, flow)
+            self._start_relay(stream, dial.sock, flow)  # closes the socket if it raises
         except (trio.BrokenResourceError, LwipError):
             self._end_flow(flow, "reset")
         return True
