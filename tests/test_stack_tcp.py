@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 
@@ -219,3 +220,27 @@ async def test_stray_ack_without_connection_gets_rst(harness: Harness) -> None:
     )
     reply = await harness.wire.next_unmatched()
     assert reply.flags & RST and reply.src == "192.0.2.12" and reply.sport == 80
+
+
+async def test_new_connections_are_refused_while_python_holds_too_many_unread_bytes(
+    harness: Harness,
+) -> None:
+    """The ``max_buffered_bytes`` budget: a handler that does not read keeps its client's
+    bytes in Python; past the budget new connections get RST, counted, while the existing
+    stream keeps its bytes and works on."""
+    harness.stack.config = dataclasses.replace(harness.stack.config, max_buffered_bytes=1000)
+    slow = TcpPeer(harness.wire, CLIENT4, 43000, "203.0.113.9", 80)
+    await slow.connect()
+    stream = await harness.next_stream()
+    await slow.send(b"x" * 1500)  # nobody reads them yet
+    await slow.wait_acked()
+    assert harness.stack.buffered_bytes() == 1500
+    late = TcpPeer(harness.wire, CLIENT4, 43001, "203.0.113.9", 80)
+    await late.connect()  # lwIP completes the handshake, then refuses the connection
+    with pytest.raises(ConnectionResetError):
+        await late.recv()
+    assert harness.stack.statistics().counters["tcp_refused_buffers_full"] == 1
+    assert await stream.receive_some() == b"x" * 1500  # the existing flow is untouched
+    again = TcpPeer(harness.wire, CLIENT4, 43002, "203.0.113.9", 80)
+    await again.connect()
+    assert (await harness.next_stream()).remote.port == 43002  # read: accepted again

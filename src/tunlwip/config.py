@@ -502,6 +502,9 @@ SCHEMA: tuple[Option, ...] = (
            "waits for the client's handshake, seconds", None, "predial_claim_timeout"),
     Option("tcp.max_connections", Integer(1), 65536, "new connections beyond this many open "
            "ones are refused with RST", None, "stack.max_tcp_connections"),
+    Option("tcp.max_buffered_bytes", Integer(1), 64 * 1024 * 1024, "client bytes held unread "
+           "in Python streams (custom handlers, DNS over TCP) over all connections; while more "
+           "are held, new connections are refused with RST", None, "stack.max_buffered_bytes"),
     Option("udp.idle_timeout", _positive, 60.0, "close UDP sessions idle this long in both "
            "directions, seconds", "--udp-idle-timeout", "udp.idle_timeout"),
     Option("udp.dns_idle_timeout", _positive, 10.0, "idle timeout of port-53 sessions "

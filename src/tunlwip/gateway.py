@@ -203,7 +203,8 @@ class Gateway:
         old = self.config
         needs_restart = []
         device_fields = ("mtu", "ipv4_address", "ipv6_address", "client_networks",
-                         "verify_checksums", "max_tcp_connections")  # fmt: skip
+                         "verify_checksums", "max_tcp_connections",
+                         "max_buffered_bytes")  # fmt: skip
         for name in device_fields:
             if getattr(config.stack, name) != getattr(old.stack, name):
                 needs_restart.append(f"stack.{name}")

@@ -79,6 +79,10 @@ class StackConfig:
     verify_checksums: bool = True
     #: New connections beyond this many open ones are refused with RST.
     max_tcp_connections: int = 65536
+    #: Client bytes held in Python streams (custom handlers, DNS over TCP) over all
+    #: connections; while more are held, new connections are refused with RST. Each stream
+    #: holds at most lwIP's window (256 KiB): its unread bytes are not acknowledged.
+    max_buffered_bytes: int = 64 * 1024 * 1024
     #: UDP to these destination ports (QUIC) is answered with ICMP port unreachable
     #: ("reject": clients fall back to TCP at once), silently dropped, or let through ("off").
     blocked_udp_ports: tuple[int, ...] = (443, 80)
@@ -92,6 +96,8 @@ class StackConfig:
     forward_local_destinations: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_buffered_bytes < 1:
+            raise ValueError("max_buffered_bytes must be >= 1")
         if not 576 <= self.mtu <= 65520:
             raise ValueError(f"mtu must be between 576 and 65520, not {self.mtu}")
         if len(self.client_networks) > 16:
@@ -153,6 +159,7 @@ class LwipStack:
         self._accepted: list[LwipTcpStream] = []
         self._after: list[Callable[[], None]] = []
         self._refused_at_limit = 0
+        self._refused_buffer_full = 0
         self._input_fd_identity: tuple[int, int, int] | None = None
         #: Let the poll task wait in C while trio is idle (``loopidle``); off: always via trio.
         self.wait_in_c = True
@@ -216,6 +223,7 @@ class LwipStack:
         counters["relay_client_full"] = int(relays.client_full)
         counters["relay_poll_errors"] = int(relays.poll_errors)
         counters["tcp_refused_at_limit"] = self._refused_at_limit
+        counters["tcp_refused_buffers_full"] = self._refused_buffer_full
         return StackStatistics(
             tcp_connections=self.connection_count(),
             lwip_tcp_pcbs=lib.tl_tcp_pcb_count(),
@@ -507,6 +515,10 @@ class LwipStack:
         not re-enter lwIP) gets a packet sent."""
         self._after.append(fn)
 
+    def buffered_bytes(self) -> int:
+        """Client bytes received and not yet read, over the Python streams."""
+        return sum(len(stream._recv_buffer) for stream in self._streams.values())
+
     def connection_count(self) -> int:
         """Open TCP connections: Python streams and C relays."""
         return len(self._streams) + len(self._relays)
@@ -564,6 +576,9 @@ class LwipStack:
         if self.connection_count() >= self.config.max_tcp_connections:
             self._refused_at_limit += 1
             return 0  # lwIP resets the connection
+        if self._streams and self.buffered_bytes() >= self.config.max_buffered_bytes:
+            self._refused_buffer_full += 1
+            return 0
         conn_id = self._next_conn_id
         self._next_conn_id += 1
         local = ffi.new("tl_endpoint *")
