@@ -126,13 +126,14 @@ class StackStatistics:
 _COUNTER_FIELDS = [name for name, _ in ffi.typeof("tl_counters").fields]
 
 
-def _device_failed(device: PacketDevice, err: int) -> DeviceError:
-    """The error that stops the stack when reading ``device`` failed with ``err`` (EPIPE is
-    how C reports end of file), naming the device and the errno; the OSError is its cause."""
+def _device_failed(device: PacketDevice, err: int, operation: str = "read") -> DeviceError:
+    """The error that stops the stack when ``operation`` on ``device`` failed with ``err``
+    (EPIPE is how C reports end of file), naming the device and the errno; the OSError is
+    its cause."""
     name = getattr(device, "name", "") or type(device).__name__
     why = "end of file" if err == errno.EPIPE else \
         f"{os.strerror(err)} ({errno.errorcode.get(err, err)})"  # fmt: skip
-    exc = DeviceError(f"packet device {name} failed: read: {why}; stopping")
+    exc = DeviceError(f"packet device {name} failed: {operation}: {why}; stopping")
     exc.__cause__ = OSError(err, os.strerror(err))
     return exc
 
@@ -410,8 +411,8 @@ class LwipStack:
         # The fast path: the poll set reads the device in C (``_poller``), so one wakeup
         # serves client packets and upstream sockets alike.
         rc = lib.tl_poll_set_input(fd)
-        if rc != 0:
-            raise DeviceError(f"cannot poll the packet device: {os.strerror(-rc)}")
+        if rc != 0:  # e.g. the fd was closed before the stack got to watch it
+            raise _device_failed(self.device, -rc, "poll")
         st = os.fstat(fd)
         self._input_fd_identity = (fd, st.st_dev, st.st_ino)
 
