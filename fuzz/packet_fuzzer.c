@@ -126,16 +126,19 @@ uintptr_t tl_py_accept(void *pcb)
     return 0;
 }
 
-void tl_py_recv(uintptr_t id, const uint8_t *data, size_t len)
+int tl_py_recv(uintptr_t id, const uint8_t *data, size_t len)
 {
     struct conn *c = by_id(id);
     if (c == NULL || c->pcb == NULL) abort(); /* glue.c must not report for a released PCB */
     if (data == NULL) {
         c->eof_in = 1;
-        return;
+        return 1;
     }
     touch(data, len);
+    /* tcp.py refuses while the stream holds its per-connection budget: lwIP keeps the data */
+    if (c->unread > 0 && (decide & 0x18) == 0x18) return 0;
     c->unread += len;
+    return 1;
 }
 
 void tl_py_sent(uintptr_t id, uint32_t len)
@@ -269,6 +272,12 @@ static void open_relay(struct conn *c, uint8_t arg)
     if (c != NULL) c->relay = relay;
 }
 
+/* tcp.py's receive_some after a read: data lwIP kept for a full stream is offered again */
+static void offer_deferred(struct conn *c)
+{
+    if (tl_tcp_offer_deferred(c->pcb) < 0) abort(); /* our callbacks never abort */
+}
+
 static void app_step(unsigned step, uint8_t arg)
 {
     struct conn *c = pick(arg >> 3);
@@ -277,6 +286,7 @@ static void app_step(unsigned step, uint8_t arg)
         if (c && c->pcb && c->unread) {
             tl_tcp_recved(c->pcb, c->unread);
             c->unread = 0;
+            offer_deferred(c);
         }
         if (c) maybe_finish(c);
         break;
@@ -286,6 +296,7 @@ static void app_step(unsigned step, uint8_t arg)
             if (n > c->unread) n = c->unread;
             tl_tcp_recved(c->pcb, n);
             c->unread -= n;
+            offer_deferred(c);
         }
         break;
     case 10: case 11: { /* write: a little, or up to more than the send buffer */

@@ -244,3 +244,34 @@ async def test_new_connections_are_refused_while_python_holds_too_many_unread_by
     again = TcpPeer(harness.wire, CLIENT4, 43002, "203.0.113.9", 80)
     await again.connect()
     assert (await harness.next_stream()).remote.port == 43002  # read: accepted again
+
+
+async def test_a_stream_holds_at_most_its_per_connection_budget_and_loses_nothing(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    """``max_buffered_bytes_per_connection``: a handler that reads slowly holds at most its
+    budget in Python; lwIP keeps the rest (the client's window closes) and offers it again as
+    the stream is read, so every byte arrives, in order."""
+    budget = 100_000  # above lwIP's largest single delivery (64 KiB), below its window
+    harness.stack.config = dataclasses.replace(
+        harness.stack.config, max_buffered_bytes_per_connection=budget
+    )
+    upload = os.urandom(1_000_000)  # more than lwIP's window: the client waits for reads
+    peer = TcpPeer(harness.wire, CLIENT4, 43100, "203.0.113.9", 80)
+    await peer.connect()
+    stream = await harness.next_stream()
+    received = bytearray()
+    peaks: list[int] = []
+
+    async def slow_reader() -> None:
+        while len(received) < len(upload):
+            await trio.sleep(0.05)  # let the client fill everything it may
+            peaks.append(harness.stack.buffered_bytes())
+            received.extend(await stream.receive_some(5000))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(slow_reader)
+        await peer.send(upload)
+    assert max(peaks) <= budget
+    assert harness.stack.statistics().counters["tcp_recv_deferred"] > 0
+    assert hashlib.sha256(received).digest() == hashlib.sha256(upload).digest()

@@ -53,7 +53,7 @@ TCP_STATES = [
 
 class Sink(Protocol):
     def on_accept(self, pcb: Any) -> int: ...
-    def on_recv(self, conn: int, data: bytes | None) -> None: ...
+    def on_recv(self, conn: int, data: bytes | None) -> bool: ...
     def on_sent(self, conn: int, length: int) -> None: ...
     def on_error(self, conn: int, err: int) -> None: ...
     def on_output(self, packet: bytes) -> None: ...
@@ -105,10 +105,12 @@ def tl_py_accept(pcb: Any) -> int:
     return _sink.on_accept(pcb) if _sink is not None else 0
 
 
-@ffi.def_extern(onerror=_onerror)
-def tl_py_recv(conn: int, data: Any, length: int) -> None:
-    if _sink is not None:
-        _sink.on_recv(conn, None if data == ffi.NULL else bytes(ffi.buffer(data, length)))
+@ffi.def_extern(onerror=_onerror, error=1)
+def tl_py_recv(conn: int, data: Any, length: int) -> int:
+    """1: the bytes were taken; 0: the stream is full, lwIP keeps them and offers them again."""
+    if _sink is None:
+        return 1
+    return _sink.on_recv(conn, None if data == ffi.NULL else bytes(ffi.buffer(data, length)))
 
 
 @ffi.def_extern(onerror=_onerror)

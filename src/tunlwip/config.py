@@ -505,6 +505,10 @@ SCHEMA: tuple[Option, ...] = (
     Option("tcp.max_buffered_bytes", Integer(1), 64 * 1024 * 1024, "client bytes held unread "
            "in Python streams (custom handlers, DNS over TCP) over all connections; while more "
            "are held, new connections are refused with RST", None, "stack.max_buffered_bytes"),
+    Option("tcp.max_buffered_bytes_per_connection", Integer(1), 256 * 1024, "client bytes "
+           "one Python stream holds unread; beyond them lwIP keeps the data (at most its "
+           "256 KiB window) until the stream is read", None,
+           "stack.max_buffered_bytes_per_connection"),
     Option("udp.idle_timeout", _positive, 60.0, "close UDP sessions idle this long in both "
            "directions, seconds", "--udp-idle-timeout", "udp.idle_timeout"),
     Option("udp.dns_idle_timeout", _positive, 10.0, "idle timeout of port-53 sessions "

@@ -204,7 +204,7 @@ class Gateway:
         needs_restart = []
         device_fields = ("mtu", "ipv4_address", "ipv6_address", "client_networks",
                          "verify_checksums", "max_tcp_connections",
-                         "max_buffered_bytes")  # fmt: skip
+                         "max_buffered_bytes", "max_buffered_bytes_per_connection")  # fmt: skip
         for name in device_fields:
             if getattr(config.stack, name) != getattr(old.stack, name):
                 needs_restart.append(f"stack.{name}")

@@ -80,9 +80,13 @@ class StackConfig:
     #: New connections beyond this many open ones are refused with RST.
     max_tcp_connections: int = 65536
     #: Client bytes held in Python streams (custom handlers, DNS over TCP) over all
-    #: connections; while more are held, new connections are refused with RST. Each stream
-    #: holds at most lwIP's window (256 KiB): its unread bytes are not acknowledged.
+    #: connections; while more are held, new connections are refused with RST.
     max_buffered_bytes: int = 64 * 1024 * 1024
+    #: Client bytes one Python stream holds unread; beyond them lwIP keeps the data (within
+    #: its window, 256 KiB, which bounds this too: unread bytes are not acknowledged) and
+    #: offers it again when the stream is read. An empty stream always takes one delivery
+    #: (at most 64 KiB), so smaller values are approximate.
+    max_buffered_bytes_per_connection: int = 256 * 1024
     #: UDP to these destination ports (QUIC) is answered with ICMP port unreachable
     #: ("reject": clients fall back to TCP at once), silently dropped, or let through ("off").
     blocked_udp_ports: tuple[int, ...] = (443, 80)
@@ -98,6 +102,8 @@ class StackConfig:
     def __post_init__(self) -> None:
         if self.max_buffered_bytes < 1:
             raise ValueError("max_buffered_bytes must be >= 1")
+        if self.max_buffered_bytes_per_connection < 1:
+            raise ValueError("max_buffered_bytes_per_connection must be >= 1")
         if not 576 <= self.mtu <= 65520:
             raise ValueError(f"mtu must be between 576 and 65520, not {self.mtu}")
         if len(self.client_networks) > 16:
@@ -592,10 +598,9 @@ class LwipStack:
         self._accepted.append(stream)  # dispatched once lwIP returns (_after_lwip)
         return conn_id
 
-    def on_recv(self, conn: int, data: bytes | None) -> None:
+    def on_recv(self, conn: int, data: bytes | None) -> bool:
         stream = self._streams.get(conn)
-        if stream is not None:
-            stream._on_recv(data)
+        return stream._on_recv(data) if stream is not None else True
 
     def on_sent(self, conn: int, length: int) -> None:
         stream = self._streams.get(conn)

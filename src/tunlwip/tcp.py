@@ -67,6 +67,7 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
         self.local = local
         self.remote = remote
         self._recv_buffer = bytearray()
+        self._recv_deferred = False  # lwIP holds bytes this stream refused as full
         self._eof_received = False
         self._eof_sent = False
         self._closed = False
@@ -108,6 +109,9 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
             del self._recv_buffer[:max_bytes]
             if data and self._pcb is not None:
                 lib.tl_tcp_recved(self._pcb, len(data))
+                if self._recv_deferred:  # room again: lwIP offers what it kept (may recurse
+                    self._recv_deferred = False  # into _on_recv, which may refuse again)
+                    lib.tl_tcp_offer_deferred(self._pcb)
                 self._stack._after_lwip()
             if not self._recv_buffer:
                 self._maybe_finish()
@@ -233,13 +237,20 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
         self._send_lot.unpark_all()
 
     # -- events from lwIP (no lwIP calls here) ------------------------------------------------
-    def _on_recv(self, data: bytes | None) -> None:
+    def _on_recv(self, data: bytes | None) -> bool:
+        """Take received bytes, or refuse them (False) while the stream holds its budget:
+        lwIP then keeps them, unacknowledged beyond its window, until ``receive_some``."""
         if data is None:
             self._eof_received = True
         else:
+            held = len(self._recv_buffer)
+            if held and held + len(data) > self._stack.config.max_buffered_bytes_per_connection:
+                self._recv_deferred = True
+                return False
             self._recv_buffer += data
             self.bytes_received += len(data)
         self._recv_lot.unpark_all()
+        return True
 
     def _on_sent(self, length: int) -> None:
         self._send_lot.unpark_all()

@@ -60,7 +60,7 @@ _Static_assert(TCP_WND <= (0xFFFFUL << TCP_RCV_SCALE), "TCP_WND too large for TC
 
 /* Implemented in Python (cffi extern "Python+C"). */
 uintptr_t tl_py_accept(void *pcb);
-void tl_py_recv(uintptr_t conn, const uint8_t *data, size_t len);
+int tl_py_recv(uintptr_t conn, const uint8_t *data, size_t len); /* 0: full, offer it later */
 void tl_py_sent(uintptr_t conn, uint32_t len);
 void tl_py_error(uintptr_t conn, int err);
 void tl_py_output(const uint8_t *data, size_t len);
@@ -406,11 +406,18 @@ static err_t tl_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t er
         pbuf_free(p);
         return ERR_OK;
     }
+    int taken;
     if (p->next == NULL) {
-        tl_py_recv(conn, (const uint8_t *)p->payload, p->len);
+        taken = tl_py_recv(conn, (const uint8_t *)p->payload, p->len);
     } else {
         u16_t n = pbuf_copy_partial(p, tl_in_scratch, p->tot_len, 0);
-        tl_py_recv(conn, tl_in_scratch, n);
+        taken = tl_py_recv(conn, tl_in_scratch, n);
+    }
+    if (!taken) {
+        /* The stream holds its per-connection budget: lwIP keeps the data (refused_data) and
+         * offers it again once Python reads (tl_tcp_recved) or on its fast timer. */
+        tl_stats.tcp_recv_deferred++;
+        return ERR_MEM;
     }
     pbuf_free(p);
     return ERR_OK;
@@ -1023,6 +1030,14 @@ void tl_tcp_recved(void *pcb_, size_t len)
         tcp_recved(pcb, chunk);
         len -= chunk;
     }
+}
+
+int tl_tcp_offer_deferred(void *pcb_)
+{
+    struct tcp_pcb *pcb = (struct tcp_pcb *)pcb_;
+    if (pcb->refused_data == NULL) return 0;
+    /* Calls the recv callback again, now that the stream has room (it may refuse again). */
+    return tcp_process_refused_data(pcb) == ERR_ABRT ? -1 : 1;
 }
 
 int tl_tcp_shutdown_tx(void *pcb_)

@@ -24,6 +24,7 @@ typedef struct {
     uint64_t udp_unhandled, output_errors;
     uint64_t udp_port_rejected, drop_udp_port_blocked;
     uint64_t icmp_echo_in, icmp_echo_replied, icmp_echo_forwarded, drop_echo_off;
+    uint64_t tcp_recv_deferred; /* deliveries a full Python stream refused (lwIP keeps them) */
     uint64_t listeners, udp_ports;
 } tl_counters;
 
@@ -62,6 +63,8 @@ void tl_tcp_endpoints(void *pcb, tl_endpoint *local, tl_endpoint *remote);
 int tl_tcp_write(void *pcb, const uint8_t *data, size_t len);
 uint32_t tl_tcp_sndbuf(void *pcb);
 void tl_tcp_recved(void *pcb, size_t len);
+/* Offer data a full stream refused again: 0 none held, 1 offered, -1 the PCB was aborted */
+int tl_tcp_offer_deferred(void *pcb);
 int tl_tcp_shutdown_tx(void *pcb);
 void tl_tcp_close(void *pcb);
 void tl_tcp_abort(void *pcb);
