@@ -74,7 +74,8 @@ async def test_a_device_fd_closed_under_the_stack_stops_it() -> None:
 
 
 async def test_a_device_fd_closed_before_the_stack_starts_is_named_in_the_error() -> None:
-    """The same error when the fd is already gone when the stack starts watching it."""
+    """The same error when the fd is already gone when the stack starts watching it (EBADF,
+    or another error if the stack reused the number for an fd of its own)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fd = ours.detach()
     device = TunDevice.from_fd(fd, name="pair")
@@ -82,7 +83,7 @@ async def test_a_device_fd_closed_before_the_stack_starts_is_named_in_the_error(
     os.close(fd)
     with theirs, pytest.RaisesGroup(
         pytest.RaisesGroup(pytest.RaisesExc(DeviceError, match="^packet device pair failed: "
-                                            "poll: Bad file descriptor \\(EBADF\\); stopping$"))
+                                            "poll: .+; stopping$"))
     ):  # fmt: skip
         async with trio.open_nursery() as nursery:
             await nursery.start(stack.run, never_accept)

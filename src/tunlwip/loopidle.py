@@ -2,9 +2,9 @@
 
 Why: each pass through trio's scheduler costs the poll task about 15 µs of Python, more than
 lwIP and the relays spend on a small packet. While traffic flows, the poll task therefore
-blocks in C (``tl_relay_wait``) on its own poll set *and* trio's epoll fd, for as long as trio
-has no runnable task, no pending callback and no deadline due, so that it returns to trio
-exactly when trio would have woken up anyway.
+runs the poll loop in C (``tl_relay_run``), waiting on its own poll set *and* trio's epoll fd,
+for as long as trio has no runnable task, no pending callback and no deadline due, so that it
+returns to trio exactly when trio would have woken up anyway.
 
 trio has no public API for this, so this module reads five of its internals (the runner's run
 queue, task set, deadlines, entry queue and the epoll object). It checks they are there once, and
@@ -14,6 +14,7 @@ test clock that is not real time): the poll task then simply always waits throug
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 try:
@@ -29,7 +30,7 @@ _MAX_TASKS_WALKED = 64
 class LoopIdleProbe:
     """Reads trio's scheduler state for the poll task (one per ``trio.run``)."""
 
-    __slots__ = ("_deadlines", "_entry_queue", "_runner", "_runq", "io_fd")
+    __slots__ = ("_deadlines", "_entry_queue", "_runner", "_runq", "io_fd", "monotonic_offset")
 
     def __init__(self, runner: Any) -> None:
         self._runner = runner
@@ -38,6 +39,9 @@ class LoopIdleProbe:
         self._entry_queue = runner.entry_queue
         #: trio's epoll fd: readable when trio has I/O to handle.
         self.io_fd: int = runner.io_manager._epoll.fileno()
+        #: trio's time minus CLOCK_MONOTONIC's (SystemClock is an offset perf_counter), so C
+        #: can keep lwIP's clock in step with trio's while Python is not running.
+        self.monotonic_offset: float = runner.current_time() - time.perf_counter()
 
     @classmethod
     def current(cls) -> LoopIdleProbe | None:
@@ -45,6 +49,8 @@ class LoopIdleProbe:
         runner = getattr(_RUN_CONTEXT, "runner", None)
         if runner is None or type(runner.clock).__name__ != "SystemClock":
             return None  # MockClock's virtual time cannot be waited for in real time
+        if "CLOCK_MONOTONIC" not in time.get_clock_info("perf_counter").implementation:
+            return None  # C could not follow trio's clock
         try:
             probe = cls(runner)
             probe.idle_seconds()

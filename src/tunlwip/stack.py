@@ -396,6 +396,7 @@ class LwipStack:
         self._running = False
         self._tick_clock()
         lib.tl_poll_set_input(-1)
+        lib.tl_relay_wait_with(-1)
         lib.tl_relay_abort_all()  # closes every upstream socket (reported as "stopped")
         for stream in list(self._streams.values()):
             stream._on_stack_stopped()
@@ -449,16 +450,22 @@ class LwipStack:
         if epoll_fd < 0:
             raise TunlwipError(f"cannot create the poll set: {os.strerror(-epoll_fd)}")
         probe = LoopIdleProbe.current() if self.wait_in_c else None
+        if probe is not None and lib.tl_relay_wait_with(probe.io_fd) != 0:
+            probe = None  # cannot wait on trio's epoll set: always wait through trio
         while True:
             await trio.lowlevel.wait_readable(epoll_fd)
             self._serve_poll_set()
-            # While trio has nothing else to do, wait for the next events in C: a pass through
-            # trio's scheduler per packet costs more than handling the packet.
+            # While trio has nothing else to do, run the poll loop in C (wait, serve, lwIP's
+            # timers) until Python is needed: a pass through trio's scheduler, or even through
+            # this loop, per packet costs more than handling the packet.
             while probe is not None and (idle := probe.idle_seconds()) > _MIN_WAIT_IN_C:
                 timeout_ms = int(min(idle, _MAX_WAIT_IN_C) * 1000)
-                if lib.tl_relay_wait(probe.io_fd, timeout_ms) != 1:
-                    break  # trio has I/O to handle, or nothing came: wait through trio
-                self._serve_poll_set()
+                origin = self._clock_origin - probe.monotonic_offset
+                why = lib.tl_relay_run(timeout_ms, self._clock_base_ms, origin)
+                self._tick_clock()
+                self._after_serving()
+                if why != lib.TL_RUN_PYTHON:
+                    break  # trio has I/O or a deadline, or a signal came: go through trio
 
     def _serve_poll_set(self) -> None:
         """Handle what the poll set has ready: device packets, relays, watchers."""
@@ -466,6 +473,10 @@ class LwipStack:
         lib.tl_relay_poll(_RELAY_POLL_BATCH)
         if lib.tl_sleeptime() == 0:
             lib.tl_check_timeouts()
+        self._after_serving()
+
+    def _after_serving(self) -> None:
+        """What Python does after the poll set was served: queued work, a failed device."""
         self._after_lwip()
         if (err := lib.tl_poll_input_error()) != 0:
             lib.tl_poll_set_input(-1)  # clears the error: report it once

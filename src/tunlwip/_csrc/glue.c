@@ -69,6 +69,11 @@ int tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *dat
 void tl_py_icmp_echo(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *msg,
                      size_t len);
 
+/* Calls into Python so far. Python has work queued after one (a task woken, a packet to
+ * send), so the poll loop in C (tl_relay_run) hands control back after a pass that made one. */
+uint64_t tl_python_calls;
+#define TL_PY(call) (tl_python_calls++, (call))
+
 #define TL_MAX_CLIENT_NETS 16
 #define TL_IPPROTO_FRAGMENT 44
 
@@ -291,7 +296,7 @@ static void tl_emit(struct pbuf *p)
         do { n = write(tl_output_fd, data, len); } while (n < 0 && errno == EINTR);
         if (n != (ssize_t)len) tl_stats.output_errors++;
     } else {
-        tl_py_output(data, len);
+        TL_PY(tl_py_output(data, len));
     }
 }
 
@@ -388,7 +393,7 @@ static err_t tl_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t er
     uintptr_t conn = (uintptr_t)arg;
     if (p == NULL) {
         if (conn == 0) return ERR_OK;
-        tl_py_recv(conn, NULL, 0);
+        TL_PY(tl_py_recv(conn, NULL, 0));
         if (pcb->state != ESTABLISHED && pcb->state != CLOSE_WAIT) {
             /* Our FIN went out first: lwIP finishes (CLOSING, TIME-WAIT) and frees the PCB on
              * its own, with no callback, while Python may still hold unread bytes. Let go of
@@ -396,7 +401,7 @@ static err_t tl_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t er
              * connection ended cleanly. */
             tl_tcp_forget(pcb);
             tcp_close(pcb);
-            tl_py_error(conn, ERR_CLSD);
+            TL_PY(tl_py_error(conn, ERR_CLSD));
         }
         return ERR_OK;
     }
@@ -408,10 +413,10 @@ static err_t tl_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t er
     }
     int taken;
     if (p->next == NULL) {
-        taken = tl_py_recv(conn, (const uint8_t *)p->payload, p->len);
+        taken = TL_PY(tl_py_recv(conn, (const uint8_t *)p->payload, p->len));
     } else {
         u16_t n = pbuf_copy_partial(p, tl_in_scratch, p->tot_len, 0);
-        taken = tl_py_recv(conn, tl_in_scratch, n);
+        taken = TL_PY(tl_py_recv(conn, tl_in_scratch, n));
     }
     if (!taken) {
         /* The stream holds its per-connection budget: lwIP keeps the data (refused_data) and
@@ -426,21 +431,21 @@ static err_t tl_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t er
 static err_t tl_on_sent(void *arg, struct tcp_pcb *pcb, u16_t len)
 {
     LWIP_UNUSED_ARG(pcb);
-    if (arg) tl_py_sent((uintptr_t)arg, len);
+    if (arg) TL_PY(tl_py_sent((uintptr_t)arg, len));
     return ERR_OK;
 }
 
 static void tl_on_error(void *arg, err_t err)
 {
     /* lwIP has freed (or is freeing) the PCB: only tell Python, never touch it. */
-    if (arg) tl_py_error((uintptr_t)arg, err);
+    if (arg) TL_PY(tl_py_error((uintptr_t)arg, err));
 }
 
 static err_t tl_on_accept(void *arg, struct tcp_pcb *newpcb, err_t err)
 {
     LWIP_UNUSED_ARG(arg);
     if (err != ERR_OK || newpcb == NULL) return ERR_VAL;
-    uintptr_t conn = tl_py_accept(newpcb);
+    uintptr_t conn = TL_PY(tl_py_accept(newpcb));
     if (conn == 0) return ERR_MEM; /* lwIP aborts the new connection (RST) for us */
     tcp_arg(newpcb, (void *)conn);
     tcp_recv(newpcb, tl_on_recv);
@@ -487,7 +492,7 @@ static void tl_on_udp(void *arg, struct udp_pcb *pcb, struct pbuf *p, const ip_a
         pbuf_copy_partial(p, tl_in_scratch, p->tot_len, 0);
         data = tl_in_scratch;
     }
-    if (!tl_py_udp(&src, &dst, data, p->tot_len)) tl_stats.udp_unhandled++;
+    if (!TL_PY(tl_py_udp(&src, &dst, data, p->tot_len))) tl_stats.udp_unhandled++;
     pbuf_free(p);
 }
 
@@ -611,7 +616,7 @@ static int tl_icmp_echo_input(struct pbuf *p, struct netif *inp, int family)
         tl_endpoint_from(&s, src, 0);
         tl_endpoint_from(&d, dst, 0);
         tl_stats.icmp_echo_forwarded++;
-        tl_py_icmp_echo(&s, &d, (const uint8_t *)p->payload, len); /* p is one flat pbuf */
+        TL_PY(tl_py_icmp_echo(&s, &d, (const uint8_t *)p->payload, len)); /* p is one flat pbuf */
         pbuf_free(p);
         return 1;
     }
@@ -721,7 +726,7 @@ static int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int
                     tl_endpoint s, d;
                     tl_endpoint_from(&s, src, sport);
                     tl_endpoint_from(&d, dst, dport);
-                    if (tl_py_syn(packet, packet_len, &s, &d)) {
+                    if (TL_PY(tl_py_syn(packet, packet_len, &s, &d))) {
                         tl_stats.syn_held++;
                         pbuf_free(p);
                         return 1;

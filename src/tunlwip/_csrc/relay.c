@@ -27,10 +27,10 @@
  * client only once the upstream socket has accepted them.
  */
 #include <errno.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -46,8 +46,10 @@ void tl_py_relay_done(uintptr_t conn, int reason, uint64_t bytes_up, uint64_t by
 void tl_py_relay_first_data(uintptr_t conn, const uint8_t *data, size_t len);
 void tl_py_fd_ready(uintptr_t token);
 
-/* From glue.c: drop every lwIP callback of a PCB before letting it go. */
+/* From glue.c: drop every lwIP callback of a PCB before letting it go; count calls into Python. */
 void tl_tcp_forget(struct tcp_pcb *pcb);
+extern uint64_t tl_python_calls;
+#define TL_PY(call) (tl_python_calls++, (call))
 
 #define TL_RELAY_IOV 64
 #define TL_RELAY_FIRST_DATA_MAX 4096
@@ -61,6 +63,7 @@ struct tl_relay {
     u32_t down_spill_len;
     u32_t watching;           /* epoll events registered (0: not in the set) */
     u8_t client_eof, upstream_shut, upstream_eof, client_shut, want_first_data, dirty, ended;
+    u8_t drained;             /* the socket had nothing more to read; epoll says when it has */
     uint64_t bytes_up, bytes_down;
     u32_t last_active;
     struct tl_relay *prev, *next;
@@ -145,7 +148,7 @@ static int tl_relay_end(struct tl_relay *r, int reason)
     r->ended = 1;
     r->grave_next = tl_graveyard;
     tl_graveyard = r;
-    tl_py_relay_done(r->conn, reason, r->bytes_up, r->bytes_down);
+    TL_PY(tl_py_relay_done(r->conn, reason, r->bytes_up, r->bytes_down));
     return aborted;
 }
 
@@ -238,7 +241,7 @@ static err_t tl_relay_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, er
             u16_t n = pbuf_copy_partial(p, tl_relay_buf,
                                         p->tot_len < TL_RELAY_FIRST_DATA_MAX ? p->tot_len
                                                                              : TL_RELAY_FIRST_DATA_MAX, 0);
-            tl_py_relay_first_data(r->conn, tl_relay_buf, n);
+            TL_PY(tl_py_relay_first_data(r->conn, tl_relay_buf, n));
             if (r->ended) { /* the callback aborted the relay (and the PCB) */
                 pbuf_free(p);
                 return ERR_ABRT;
@@ -280,7 +283,9 @@ void tl_relay_defer_end(void)
 
 /* ---- upstream -> client ------------------------------------------------------------------- */
 
-/* Read from the socket while lwIP has room (spilled bytes first); EOF -> FIN, error -> reset. */
+/* Read from the socket while lwIP has room (spilled bytes first); EOF -> FIN, error -> reset.
+ * A short read means the socket is empty: no second recv() to hear EAGAIN, and none when lwIP
+ * reports room again (the sent callback) until epoll (level-triggered) says there is more. */
 static int tl_relay_pump_down(struct tl_relay *r)
 {
     if (r->pcb == NULL) return TL_GOES_ON;
@@ -296,7 +301,7 @@ static int tl_relay_pump_down(struct tl_relay *r)
         free(r->down_spill);
         r->down_spill = NULL;
     }
-    while (!r->upstream_eof) {
+    while (!r->upstream_eof && !r->drained) {
         u32_t room = tl_tcp_sndbuf(r->pcb);
         if (room == 0) {
             tl_rstats.client_full++;
@@ -306,9 +311,13 @@ static int tl_relay_pump_down(struct tl_relay *r)
         ssize_t n = recv(r->fd, tl_relay_buf, want, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR) continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                r->drained = 1;
+                break;
+            }
             return tl_relay_fail(r, TL_RELAY_UPSTREAM_RESET);
         }
+        if (n > 0 && (size_t)n < want) r->drained = 1;
         if (n == 0) {
             r->upstream_eof = 1;
             if (tcp_shutdown(r->pcb, 0, 1) != ERR_OK) return tl_relay_fail(r, TL_RELAY_ERROR);
@@ -414,7 +423,7 @@ int tl_relay_poll(int max_events)
             continue;
         }
         if (events[i].data.u64 & 1) { /* a Python watcher (tl_watch_add), not a relay */
-            tl_py_fd_ready((uintptr_t)(events[i].data.u64 >> 1));
+            TL_PY(tl_py_fd_ready((uintptr_t)(events[i].data.u64 >> 1)));
             continue;
         }
         struct tl_relay *r = (struct tl_relay *)events[i].data.ptr;
@@ -423,28 +432,89 @@ int tl_relay_poll(int max_events)
         if ((ev & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && r->up_queue != NULL &&
             tl_relay_flush_up(r) != TL_GOES_ON)
             continue;
-        if ((ev & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) &&
-            tl_relay_pump_down(r) != TL_GOES_ON)
-            continue;
+        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) {
+            r->drained = 0;
+            if (tl_relay_pump_down(r) != TL_GOES_ON) continue;
+        }
         tl_relay_settle(r);
     }
     tl_relay_bury();
     return n;
 }
 
-/* Block until the poll set has events (1), other_fd is readable (2, both: 3), or timeout_ms
- * passed (0); -errno on failure. The poll task waits here while the event loop has nothing
- * else to do, other_fd being the loop's own epoll fd: one syscall per wakeup instead of a
- * pass through the loop. poll(), not epoll: the loop's epoll set contains ours, and an epoll
- * set containing it back would be a loop the kernel refuses. */
-int tl_relay_wait(int other_fd, int timeout_ms)
+/* What tl_relay_run waits on: a third epoll set holding ours and the event loop's. The loop's
+ * set contains ours, so ours cannot contain it back (the kernel refuses cycles), but a third
+ * set may contain both; unlike poll() on the two, it is not set up anew for every wait. */
+static int tl_wait_epoll_fd = -1;
+
+int tl_relay_wait_with(int loop_fd)
 {
     if (tl_epoll_fd < 0) return -EBADF;
-    struct pollfd fds[2] = {{.fd = tl_epoll_fd, .events = POLLIN},
-                            {.fd = other_fd, .events = POLLIN}};
-    int n = poll(fds, other_fd >= 0 ? 2 : 1, timeout_ms);
-    if (n < 0) return errno == EINTR ? 0 : -errno;
-    return (fds[0].revents ? 1 : 0) | (other_fd >= 0 && fds[1].revents ? 2 : 0);
+    if (tl_wait_epoll_fd >= 0) close(tl_wait_epoll_fd); /* drops a previous loop's fd too */
+    tl_wait_epoll_fd = -1;
+    if (loop_fd < 0) return 0; /* the stack stops: let go of the loop's set */
+    tl_wait_epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    if (tl_wait_epoll_fd < 0) return -errno;
+    struct epoll_event ours = {.events = EPOLLIN, .data.u32 = 1};
+    struct epoll_event loop = {.events = EPOLLIN, .data.u32 = 2};
+    if (epoll_ctl(tl_wait_epoll_fd, EPOLL_CTL_ADD, tl_epoll_fd, &ours) != 0 ||
+        epoll_ctl(tl_wait_epoll_fd, EPOLL_CTL_ADD, loop_fd, &loop) != 0) {
+        int err = errno;
+        close(tl_wait_epoll_fd);
+        tl_wait_epoll_fd = -1;
+        return -err;
+    }
+    return 0;
+}
+
+/* Block until the poll set has events (1), the event loop's set has (2, both: 3), or
+ * timeout_ms passed (0); -errno on failure (-EINTR for a signal). */
+static int tl_relay_wait(int timeout_ms)
+{
+    struct epoll_event events[2];
+    int n = epoll_wait(tl_wait_epoll_fd, events, 2, timeout_ms);
+    if (n < 0) return -errno;
+    int ready = 0;
+    for (int i = 0; i < n; i++) ready |= (int)events[i].data.u32;
+    return ready;
+}
+
+static double tl_monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* The poll loop, in C, for as long as the event loop has nothing else to do: wait for the
+ * poll set or the event loop's epoll set (tl_relay_wait_with), serve what is ready, run lwIP's due
+ * timers, and go on, so a packet costs a syscall or two and no Python. lwIP's clock follows
+ * CLOCK_MONOTONIC as Python sets it: clock_base_ms at clock_origin (seconds, CLOCK_MONOTONIC).
+ * Returns to Python when it is needed: a pass called into it (TL_RUN_PYTHON), the event loop
+ * has I/O (TL_RUN_LOOP), timeout_ms passed (TL_RUN_TIMEOUT), a signal came (TL_RUN_SIGNAL),
+ * the device failed (TL_RUN_PYTHON: tl_poll_input_error says why), or -errno. */
+int tl_relay_run(int timeout_ms, uint32_t clock_base_ms, double clock_origin)
+{
+    if (tl_wait_epoll_fd < 0) return -EBADF;
+    uint64_t calls = tl_python_calls;
+    double end = tl_monotonic() + timeout_ms / 1000.0;
+    for (int pass = 0; pass < TL_RUN_PASSES; pass++) {
+        double now = tl_monotonic();
+        tl_set_now(clock_base_ms + (uint32_t)(int64_t)((now - clock_origin) * 1000.0));
+        if (tl_sleeptime() == 0) tl_check_timeouts();
+        if (tl_python_calls != calls || tl_poll_input_err != 0) return TL_RUN_PYTHON;
+        double left_ms = (end - now) * 1000.0;
+        if (left_ms <= 0) return TL_RUN_TIMEOUT;
+        uint32_t wait = left_ms < 1.0 ? 1u : (uint32_t)left_ms;
+        uint32_t lwip_due = tl_sleeptime();
+        if (lwip_due < wait) wait = lwip_due;
+        int ready = tl_relay_wait((int)wait);
+        if (ready == -EINTR) return TL_RUN_SIGNAL;
+        if (ready < 0) return ready;
+        if (ready & 1) tl_relay_poll(256);
+        if (ready & 2) return TL_RUN_LOOP;
+    }
+    return TL_RUN_PYTHON; /* a long busy stretch: let Python look around now and then */
 }
 
 /* Python watchers share the poll set: readiness of fd (level-triggered; readable, or writable

@@ -94,7 +94,10 @@ int tl_relay_epoll_fd(void);
 int tl_relay_open(void *pcb, int fd, uintptr_t conn, const uint8_t *pending, size_t len,
                   int client_eof, int want_first_data, void **out);
 int tl_relay_poll(int max_events);
-int tl_relay_wait(int other_fd, int timeout_ms);
+/* The poll loop in C while the event loop is idle; why it returned: */
+enum { TL_RUN_PYTHON = 0, TL_RUN_LOOP = 1, TL_RUN_TIMEOUT = 2, TL_RUN_SIGNAL = 3, TL_RUN_PASSES = 256 };
+int tl_relay_wait_with(int loop_fd); /* the event loop's epoll fd, once per run; -1: none */
+int tl_relay_run(int timeout_ms, uint32_t clock_base_ms, double clock_origin);
 void tl_relay_info(void *relay, tl_relay_stats *out);
 void tl_relay_abort(void *relay, int reason);
 int tl_relay_sweep(uint32_t idle_ms);
