@@ -1,0 +1,105 @@
+"""The poll loop in C (``tl_relay_run``) runs while trio is idle, so it must hand control back
+as soon as trio has work: I/O on trio's own fds, and tasks woken by lwIP's callbacks. A loop
+that missed either would still work, but late (it returns every 100 ms regardless), so these
+tests compare the median wake-up delay over many rounds with that fallback."""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+
+import pytest
+import trio
+
+from tunlwip import TunDevice
+from tunlwip.endpoint import Endpoint
+from tunlwip.stack import LwipStack, StackConfig
+from tunlwip.tcp import LwipTcpStream
+
+from packets import RST, tcp_packet, udp_packet
+
+ROUNDS = 20
+FALLBACK = 0.1  # the poll loop goes back through trio at least this often
+CLIENT, SERVER = "198.18.0.2", "198.18.9.9"
+STRAY_RST = tcp_packet(CLIENT, SERVER, 40001, 80, seq=1, flags=RST)  # no connection: dropped
+
+
+async def never_accept(stream: LwipTcpStream, target: object) -> None:
+    await stream.aclose()
+
+
+def _in_a_while(
+    device_peer: socket.socket, sock: socket.socket, payload: bytes, sent_at: list[float]
+) -> threading.Thread:
+    """From a thread: wake the poll task with a packet lwIP drops silently (it then waits in
+    C, trio being idle), and a moment later send ``payload`` on ``sock``."""
+
+    def send() -> None:
+        time.sleep(0.02)
+        device_peer.send(STRAY_RST)
+        time.sleep(0.01 + 0.005 * (len(sent_at) % 3))
+        sent_at.append(time.perf_counter())
+        sock.send(payload)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def device_pair() -> tuple[TunDevice, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = TunDevice.from_fd(ours.detach(), name="pair")
+    yield device, theirs
+    theirs.close()
+
+
+async def test_trio_io_brings_the_loop_back_at_once(
+    device_pair: tuple[TunDevice, socket.socket],
+) -> None:
+    device, theirs = device_pair
+    stack = LwipStack(device, StackConfig())
+    a, b = trio.socket.socketpair()
+    delays: list[float] = []
+    with a, b:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stack.run, never_accept)
+            for _ in range(ROUNDS):
+                sent_at: list[float] = []
+                thread = _in_a_while(theirs, a._sock, b"x", sent_at)  # type: ignore[attr-defined]
+                with trio.fail_after(5):
+                    await b.recv(1)
+                delays.append(time.perf_counter() - sent_at[0])
+                thread.join()
+            nursery.cancel_scope.cancel()
+    await device.aclose()
+    assert statistics.median(delays) < FALLBACK / 4, delays
+
+
+async def test_a_task_woken_by_a_callback_runs_at_once(
+    device_pair: tuple[TunDevice, socket.socket],
+) -> None:
+    device, theirs = device_pair
+    stack = LwipStack(device, StackConfig())
+    send, receive = trio.open_memory_channel[bytes](ROUNDS)
+
+    def on_udp(src: Endpoint, dst: Endpoint, data: bytes) -> None:
+        send.send_nowait(data)
+
+    stack.udp_receiver = on_udp
+    delays: list[float] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stack.run, never_accept)
+        for i in range(ROUNDS):
+            sent_at: list[float] = []
+            packet = udp_packet(CLIENT, SERVER, 40000, 5000, b"%d" % i)
+            thread = _in_a_while(theirs, theirs, packet, sent_at)
+            with trio.fail_after(5):
+                assert await receive.receive() == b"%d" % i
+            delays.append(time.perf_counter() - sent_at[0])
+            thread.join()
+        nursery.cancel_scope.cancel()
+    await device.aclose()
+    assert statistics.median(delays) < FALLBACK / 4, delays
