@@ -28,7 +28,8 @@ LWIP_SOURCES = [
 
 CALLBACKS = """
 extern "Python+C" uintptr_t tl_py_accept(void *pcb);
-extern "Python+C" int tl_py_recv(uintptr_t conn, const uint8_t *data, size_t len);
+extern "Python+C" int tl_py_recv(uintptr_t conn, const uint8_t *data, size_t len,
+                                 int may_defer);
 extern "Python+C" void tl_py_sent(uintptr_t conn, uint32_t len);
 extern "Python+C" void tl_py_error(uintptr_t conn, int err);
 extern "Python+C" void tl_py_output(const uint8_t *data, size_t len);

@@ -126,7 +126,7 @@ uintptr_t tl_py_accept(void *pcb)
     return 0;
 }
 
-int tl_py_recv(uintptr_t id, const uint8_t *data, size_t len)
+int tl_py_recv(uintptr_t id, const uint8_t *data, size_t len, int may_defer)
 {
     struct conn *c = by_id(id);
     if (c == NULL || c->pcb == NULL) abort(); /* glue.c must not report for a released PCB */
@@ -136,7 +136,7 @@ int tl_py_recv(uintptr_t id, const uint8_t *data, size_t len)
     }
     touch(data, len);
     /* tcp.py refuses while the stream holds its per-connection budget: lwIP keeps the data */
-    if (c->unread > 0 && (decide & 0x18) == 0x18) return 0;
+    if (may_defer && c->unread > 0 && (decide & 0x18) == 0x18) return 0;
     c->unread += len;
     return 1;
 }

@@ -53,7 +53,7 @@ TCP_STATES = [
 
 class Sink(Protocol):
     def on_accept(self, pcb: Any) -> int: ...
-    def on_recv(self, conn: int, data: bytes | None) -> bool: ...
+    def on_recv(self, conn: int, data: bytes | None, may_defer: bool) -> bool: ...
     def on_sent(self, conn: int, length: int) -> None: ...
     def on_error(self, conn: int, err: int) -> None: ...
     def on_output(self, packet: bytes) -> None: ...
@@ -106,11 +106,13 @@ def tl_py_accept(pcb: Any) -> int:
 
 
 @ffi.def_extern(onerror=_onerror, error=1)
-def tl_py_recv(conn: int, data: Any, length: int) -> int:
-    """1: the bytes were taken; 0: the stream is full, lwIP keeps them and offers them again."""
+def tl_py_recv(conn: int, data: Any, length: int, may_defer: int) -> int:
+    """1: the bytes were taken; 0 (only if ``may_defer``): the stream is full, lwIP keeps
+    them and offers them again."""
     if _sink is None:
         return 1
-    return _sink.on_recv(conn, None if data == ffi.NULL else bytes(ffi.buffer(data, length)))
+    payload = None if data == ffi.NULL else bytes(ffi.buffer(data, length))
+    return _sink.on_recv(conn, payload, bool(may_defer))
 
 
 @ffi.def_extern(onerror=_onerror)

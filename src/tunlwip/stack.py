@@ -609,9 +609,9 @@ class LwipStack:
         self._accepted.append(stream)  # dispatched once lwIP returns (_after_lwip)
         return conn_id
 
-    def on_recv(self, conn: int, data: bytes | None) -> bool:
+    def on_recv(self, conn: int, data: bytes | None, may_defer: bool) -> bool:
         stream = self._streams.get(conn)
-        return stream._on_recv(data) if stream is not None else True
+        return stream._on_recv(data, may_defer) if stream is not None else True
 
     def on_sent(self, conn: int, length: int) -> None:
         stream = self._streams.get(conn)

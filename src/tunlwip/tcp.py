@@ -237,14 +237,15 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
         self._send_lot.unpark_all()
 
     # -- events from lwIP (no lwIP calls here) ------------------------------------------------
-    def _on_recv(self, data: bytes | None) -> bool:
-        """Take received bytes, or refuse them (False) while the stream holds its budget:
-        lwIP then keeps them, unacknowledged beyond its window, until ``receive_some``."""
+    def _on_recv(self, data: bytes | None, may_defer: bool) -> bool:
+        """Take received bytes, or refuse them (False) while the stream holds its budget and
+        lwIP can keep them (``may_defer``): it then offers them again on ``receive_some``."""
         if data is None:
             self._eof_received = True
         else:
             held = len(self._recv_buffer)
-            if held and held + len(data) > self._stack.config.max_buffered_bytes_per_connection:
+            budget = self._stack.config.max_buffered_bytes_per_connection
+            if may_defer and held and held + len(data) > budget:
                 self._recv_deferred = True
                 return False
             self._recv_buffer += data

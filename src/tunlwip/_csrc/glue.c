@@ -60,7 +60,8 @@ _Static_assert(TCP_WND <= (0xFFFFUL << TCP_RCV_SCALE), "TCP_WND too large for TC
 
 /* Implemented in Python (cffi extern "Python+C"). */
 uintptr_t tl_py_accept(void *pcb);
-int tl_py_recv(uintptr_t conn, const uint8_t *data, size_t len); /* 0: full, offer it later */
+/* 0: the stream is full, offer the bytes again later (only asked when may_defer) */
+int tl_py_recv(uintptr_t conn, const uint8_t *data, size_t len, int may_defer);
 void tl_py_sent(uintptr_t conn, uint32_t len);
 void tl_py_error(uintptr_t conn, int err);
 void tl_py_output(const uint8_t *data, size_t len);
@@ -393,7 +394,7 @@ static err_t tl_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t er
     uintptr_t conn = (uintptr_t)arg;
     if (p == NULL) {
         if (conn == 0) return ERR_OK;
-        TL_PY(tl_py_recv(conn, NULL, 0));
+        TL_PY(tl_py_recv(conn, NULL, 0, 0));
         if (pcb->state != ESTABLISHED && pcb->state != CLOSE_WAIT) {
             /* Our FIN went out first: lwIP finishes (CLOSING, TIME-WAIT) and frees the PCB on
              * its own, with no callback, while Python may still hold unread bytes. Let go of
@@ -411,12 +412,19 @@ static err_t tl_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t er
         pbuf_free(p);
         return ERR_OK;
     }
+    /* Data lwIP keeps (refused) is offered again only on an active PCB, and a PCB entering
+     * TIME-WAIT drops it (tcp_pcb_purge) with no callback. A segment carrying the client's
+     * FIN can move the PCB there before this callback (FIN-WAIT-2, or FIN-WAIT-1 -> CLOSING
+     * -> TIME-WAIT on a bare ACK later): defer only where no FIN of the client's can follow
+     * the kept data through tcp_process. */
+    int may_defer = pcb->state == ESTABLISHED || pcb->state == FIN_WAIT_1 ||
+                    pcb->state == FIN_WAIT_2 || pcb->state == CLOSE_WAIT;
     int taken;
     if (p->next == NULL) {
-        taken = TL_PY(tl_py_recv(conn, (const uint8_t *)p->payload, p->len));
+        taken = TL_PY(tl_py_recv(conn, (const uint8_t *)p->payload, p->len, may_defer));
     } else {
         u16_t n = pbuf_copy_partial(p, tl_in_scratch, p->tot_len, 0);
-        taken = TL_PY(tl_py_recv(conn, tl_in_scratch, n));
+        taken = TL_PY(tl_py_recv(conn, tl_in_scratch, n, may_defer));
     }
     if (!taken) {
         /* The stream holds its per-connection budget: lwIP keeps the data (refused_data) and
