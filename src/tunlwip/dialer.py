@@ -60,6 +60,10 @@ def callback(fn: Callable[[int], bool]) -> Protector:
     return protect
 
 
+def _flow_key(address: bytes, port: int, peer: Endpoint) -> bytes:
+    return address + port.to_bytes(2, "big") + peer.address.packed + peer.port.to_bytes(2, "big")
+
+
 def describe(protector: Protector) -> str:
     return "none" if protector is no_protection else (protector.__doc__ or "custom")
 
@@ -71,19 +75,18 @@ class Dialer:
         self.protector = protector
         self.connect_timeout = connect_timeout
         # (our address, peer) of every TCP/UDP socket handed out and still alive: what its
-        # packets look like should they come back through the TUN (``is_own``).
-        self._own: weakref.WeakValueDictionary[tuple[Endpoint, Endpoint], socket.socket] = (
-            weakref.WeakValueDictionary()
-        )
+        # packets look like should they come back through the TUN (``is_own``). Packed into
+        # bytes: one entry per flow, and Endpoint objects would double its size.
+        self._own: weakref.WeakValueDictionary[bytes, socket.socket] = weakref.WeakValueDictionary()
 
     def is_own(self, source: Endpoint, destination: Endpoint) -> bool:
         """Is a packet from ``source`` to ``destination`` one of our own sockets' (so, arriving
         on the TUN, a routing loop: protection is not in effect)?"""
-        return (source, destination) in self._own
+        return _flow_key(source.address.packed, source.port, destination) in self._own
 
     def _remember(self, sock: socket.socket, target: Endpoint) -> None:
         local = sock.getsockname()
-        self._own[(Endpoint.parse(local[0], local[1]), target)] = sock
+        self._own[_flow_key(socket.inet_pton(sock.family, local[0]), local[1], target)] = sock
 
     def _protected_socket(self, family: int, kind: int, proto: int = 0) -> socket.socket:
         """A new non-blocking socket, protected; closed again if protection fails."""
