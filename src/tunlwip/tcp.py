@@ -9,8 +9,10 @@ errors. Callbacks only update state and unpark waiters; every lwIP call is made 
 Invariants:
   * Backpressure both ways. Received bytes are acknowledged to lwIP (``tcp_recved``) only when
     ``receive_some`` hands them out, so the client's window closes while nobody reads and this
-    object buffers at most TCP_WND. ``send_all`` queues only what ``tcp_sndbuf`` admits and
-    parks until the sent callback frees room.
+    object buffers at most TCP_WND, or ``max_buffered_bytes_per_connection``: beyond it
+    ``_on_recv`` refuses deliveries, which lwIP keeps and offers again after a read.
+    ``send_all`` queues only what ``tcp_sndbuf`` admits and parks until the sent callback
+    frees room.
   * ``_pcb`` is None once lwIP no longer owns a connection for us (reset, aborted, or handed
     back to lwIP to finish closing). Before handing it back, every callback is cleared in C.
   * Graceful close: ``send_eof`` shuts down our direction (FIN after queued data); when both

@@ -624,7 +624,8 @@ static int tl_icmp_echo_input(struct pbuf *p, struct netif *inp, int family)
         tl_endpoint_from(&s, src, 0);
         tl_endpoint_from(&d, dst, 0);
         tl_stats.icmp_echo_forwarded++;
-        TL_PY(tl_py_icmp_echo(&s, &d, (const uint8_t *)p->payload, len)); /* p is one flat pbuf */
+        /* p is one flat pbuf */
+        TL_PY(tl_py_icmp_echo(&s, &d, (const uint8_t *)p->payload, len));
         pbuf_free(p);
         return 1;
     }

@@ -487,8 +487,8 @@ static double tl_monotonic(void)
 }
 
 /* The poll loop, in C, for as long as the event loop has nothing else to do: wait for the
- * poll set or the event loop's epoll set (tl_relay_wait_with), serve what is ready, run lwIP's due
- * timers, and go on, so a packet costs a syscall or two and no Python. lwIP's clock follows
+ * poll set or the event loop's epoll set (tl_relay_wait_with), serve what is ready, run
+ * lwIP's due timers, and go on, so a packet costs a few syscalls and no Python. lwIP's clock follows
  * CLOCK_MONOTONIC as Python sets it: clock_base_ms at clock_origin (seconds, CLOCK_MONOTONIC).
  * Returns to Python when it is needed: a pass called into it (TL_RUN_PYTHON), the event loop
  * has I/O (TL_RUN_LOOP), timeout_ms passed (TL_RUN_TIMEOUT), a signal came (TL_RUN_SIGNAL),

@@ -95,7 +95,8 @@ int tl_relay_open(void *pcb, int fd, uintptr_t conn, const uint8_t *pending, siz
                   int client_eof, int want_first_data, void **out);
 int tl_relay_poll(int max_events);
 /* The poll loop in C while the event loop is idle; why it returned: */
-enum { TL_RUN_PYTHON = 0, TL_RUN_LOOP = 1, TL_RUN_TIMEOUT = 2, TL_RUN_SIGNAL = 3, TL_RUN_PASSES = 256 };
+enum { TL_RUN_PYTHON = 0, TL_RUN_LOOP = 1, TL_RUN_TIMEOUT = 2, TL_RUN_SIGNAL = 3,
+       TL_RUN_PASSES = 256 };
 int tl_relay_wait_with(int loop_fd); /* the event loop's epoll fd, once per run; -1: none */
 int tl_relay_run(int timeout_ms, uint32_t clock_base_ms, double clock_origin);
 void tl_relay_info(void *relay, tl_relay_stats *out);
