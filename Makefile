@@ -95,7 +95,7 @@ FUZZ_RUN := nice -n 10 bash fuzz/run.sh
 
 $(FUZZ_BUILD)/packet_fuzzer: fuzz/packet_fuzzer.c $(SRC) | install
 	@mkdir -p $(FUZZ_BUILD)
-	$(CLANG) $(FUZZ_FLAGS) -o $@ fuzz/packet_fuzzer.c src/tunlwip/_csrc/relay.c \
+	$(CLANG) $(FUZZ_FLAGS) -o $@ fuzz/packet_fuzzer.c src/tunlwip/_csrc/relay.c src/tunlwip/_csrc/vnet.c \
 	  $$($(PY) -c 'import build_ffi as b; print(" ".join(str(b.LWIP / s) for s in b.LWIP_SOURCES))')
 
 fuzz-build: $(FUZZ_BUILD)/packet_fuzzer

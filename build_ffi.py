@@ -59,7 +59,8 @@ def _sources() -> list[str]:
             "run `bash vendor/lwip/fetch.sh` (or `make install`) first"
         )
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731 - setuptools wants relative paths
-    return [rel(LWIP / s) for s in LWIP_SOURCES] + [rel(CSRC / "glue.c"), rel(CSRC / "relay.c")]
+    ours = [CSRC / "glue.c", CSRC / "relay.c", CSRC / "vnet.c"]
+    return [rel(LWIP / s) for s in LWIP_SOURCES] + [rel(p) for p in ours]
 
 
 ffibuilder = FFI()

@@ -28,6 +28,7 @@ C6, G6, T6 = "fd00:18::2", "fd00:18::1", "2001:db8::34"
 # config bits (packet_fuzzer.c CFG_*)
 MTU_MAX, HOLD, CHECKSUMS, CLIENT_NETS, FD_BATCH, UDP_BLOCK = 1, 2, 4, 0x20, 0x40, 0x80
 ECHO_OFF, ECHO_REPLY, ECHO_FORWARD = 0 << 3, 1 << 3, 2 << 3
+ECHO_REPLY_VNET = 3 << 3  # echo reply, and the device has a virtio-net header (vnet.c)
 
 # application steps (packet_fuzzer.c app_step)
 NOP, READ, READ_SOME, WRITE_SMALL, WRITE_BIG, EOF, CLOSE, ABORT = 0, 8, 9, 10, 11, 12, 13, 14
@@ -73,6 +74,7 @@ def packet_seeds() -> dict[str, bytes]:
             record(pk.tcp_packet(c, t, 40000, 443, seq=1029, ack=3002, flags=pk.ACK), POLL),
         ]
         seeds[f"tcp_{fam}_relay"] = bytes([FD_BATCH if fam == "v4" else 0]) + b"".join(relay)
+        seeds[f"tcp_{fam}_relay_vnet"] = bytes([FD_BATCH | ECHO_REPLY_VNET]) + b"".join(relay)
         # relayed, the upstream sends more than lwIP buffers; a watcher on its socket
         flood = [record(p) for p in pkts[:2]] + [
             record(b"", RELAY),
@@ -91,6 +93,7 @@ def packet_seeds() -> dict[str, bytes]:
             record(pk.tcp_packet(c, t, 40000, 443, seq=1001, ack=1, flags=pk.RST)),
         ]
         seeds[f"tcp_{fam}_big"] = bytes([MTU_MAX]) + b"".join(big)
+        seeds[f"tcp_{fam}_big_vnet"] = bytes([FD_BATCH | ECHO_REPLY_VNET]) + b"".join(big)
         # UDP, QUIC blocked, an answer that needs fragments
         udp = [
             record(pk.udp_packet(c, t, 5353, 53, b"\x12\x34" + bytes(30)), UDP_REPLY, 0x7F),

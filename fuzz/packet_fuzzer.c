@@ -15,6 +15,10 @@
  *     ctl & 7   time step class (TIME_STEPS), ctl >> 3 the application step after the packet
  *     arg       the step's parameter, and the decisions the callbacks make for this packet
  *
+ * Echo mode 3 (reply, like 1) also gives the device a virtio-net header, as a TUN stack.py
+ * opens: packets read by tl_input_fd carry one, and output goes to a socketpair through vnet.c
+ * (TCP segments coalesced into GSO writes), where check_vnet_output reads and checks it.
+ *
  * glue.c is included rather than linked so the harness can reach its per-port catch-all PCB
  * tables: lwIP's state must be emptied after every input (otherwise listeners for every port
  * the fuzzer ever used pile up, every later packet walks them, and a crash would depend on
@@ -30,6 +34,8 @@
 #include <unistd.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
+#include <linux/virtio_net.h>
 
 static ssize_t fuzz_getrandom(void *buf, size_t len, unsigned int flags)
 {
@@ -58,6 +64,8 @@ enum {
 #define MAX_HELD 8
 #define BATCH_MAX 16
 static int batch_fd[2] = {-1, -1}; /* a packet device: one datagram per packet */
+static int vnet_out[2] = {-1, -1}; /* the device's output side in vnet mode */
+static int vnet_mode;
 static const uint32_t TIME_STEPS[8] = {0, 10, 100, 250, 500, 1000, 3000, 12000};
 
 struct conn {
@@ -413,6 +421,43 @@ static void app_step(unsigned step, uint8_t arg)
 
 /* ---- driving ----------------------------------------------------------------------------- */
 
+/* What vnet.c wrote: a header the kernel would take, then one packet as lwIP sends them (no
+ * GSO) or a TCP packet of several whole segments (GSO). Nothing may be held between steps. */
+static void check_vnet_output(void)
+{
+    static uint8_t buf[TL_VNET_HDR_LEN + 65536];
+    if (tl_vnet_held() != 0) abort();
+    if (!vnet_mode) return;
+    for (;;) {
+        ssize_t n = recv(vnet_out[1], buf, sizeof buf, MSG_DONTWAIT);
+        if (n < 0) return;
+        struct virtio_net_hdr h;
+        if (n < TL_VNET_HDR_LEN + 20) abort();
+        memcpy(&h, buf, sizeof h);
+        const uint8_t *pkt = buf + TL_VNET_HDR_LEN;
+        size_t len = (size_t)n - TL_VNET_HDR_LEN;
+        touch(pkt, len);
+        int v6 = pkt[0] >> 4 == 6;
+        size_t ip_len = v6 ? ((size_t)pkt[4] << 8 | pkt[5]) + 40 : (size_t)pkt[2] << 8 | pkt[3];
+        if (ip_len != len || (!v6 && pkt[0] >> 4 != 4)) abort();
+        if (h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+            unsigned ip_hlen = v6 ? 40 : (pkt[0] & 15u) * 4;
+            if (h.csum_start != ip_hlen || h.csum_offset != 16 || len < ip_hlen + 20) abort();
+            if ((v6 ? pkt[6] : pkt[9]) != 6) abort(); /* only TCP's checksum is left partial */
+            if (h.hdr_len != ip_hlen + (pkt[ip_hlen + 12] >> 4) * 4u || h.hdr_len > len) abort();
+        } else if (h.flags != 0) {
+            abort();
+        }
+        if (h.gso_type == VIRTIO_NET_HDR_GSO_NONE) {
+            if (h.gso_size != 0 || len > cur_mtu) abort(); /* lwIP fragments to the MTU */
+            continue;
+        }
+        if (h.gso_type != (v6 ? VIRTIO_NET_HDR_GSO_TCPV6 : VIRTIO_NET_HDR_GSO_TCPV4)) abort();
+        if (!(h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || h.gso_size == 0) abort();
+        if (h.hdr_len + h.gso_size > cur_mtu || len - h.hdr_len <= h.gso_size) abort();
+    }
+}
+
 static void advance(uint32_t ms)
 {
     /* in timer-task steps (stack.py runs timers at most 250 ms apart) */
@@ -435,6 +480,11 @@ static void setup(uint8_t cfg)
     tl_set_forward_local((cfg & CFG_MTU_MAX) != 0);
     int echo = (cfg >> CFG_ECHO_SHIFT) & 3;
     tl_set_icmp_echo_mode(echo == 3 ? TL_ECHO_REPLY : echo);
+    vnet_mode = echo == 3;
+    if (vnet_mode) {
+        tl_set_vnet_hdr(1);
+        tl_set_output_fd(vnet_out[0]);
+    }
     if (cfg & CFG_CLIENT_NETS) {
         tl_endpoint nets[2] = {{.family = 4, .addr = {198, 18}}, {.family = 6, .addr = {0xfd}}};
         uint8_t prefixes[2] = {15, 8};
@@ -455,12 +505,13 @@ static void report(void)
     const tl_relay_counters *r = tl_relay_get_counters();
     fprintf(stderr, "in=%lu out=%lu tcp=%lu udp=%lu other=%lu frags=%lu reass=%lu held=%lu "
             "released=%lu accepted=%lu echo=%lu/%lu/%lu relays=%lu ended=%lu,%lu,%lu,%lu,%lu,%lu "
-            "drops(hdr=%lu tr=%lu cks=%lu)\n",
+            "drops(hdr=%lu tr=%lu cks=%lu) gso=%lu+%lu\n",
             k->packets_in, k->packets_out, k->tcp_in, k->udp_in, k->other_in, k->fragments_in,
             k->datagrams_reassembled, k->syn_held, k->syn_released, (unsigned long)next_id,
             k->icmp_echo_in, k->icmp_echo_replied, k->icmp_echo_forwarded, r->opened,
             r->ended[0], r->ended[1], r->ended[2], r->ended[3], r->ended[4], r->ended[5],
-            k->drop_ip_header, k->drop_transport_header, k->drop_transport_checksum);
+            k->drop_ip_header, k->drop_transport_header, k->drop_transport_checksum,
+            k->output_writes, k->output_gso_writes);
 }
 
 static void teardown(void)
@@ -491,6 +542,8 @@ static void teardown(void)
     tl_stats.listeners = tl_stats.udp_ports = 0;
     /* nothing may survive an input: a PCB or relay left here would be a leak in the gateway */
     if (tcp_active_pcbs || tcp_tw_pcbs || tcp_bound_pcbs || tl_relay_count() != 0) abort();
+    check_vnet_output(); /* and the resets tl_deinit sent */
+    vnet_mode = 0;
     tl_reset_counters();
     tl_relay_reset_counters();
     udp_seen = 0;
@@ -523,11 +576,14 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     for (int i = 0; i < MAX_CONNS; i++) conns[i].peer = -1;
     for (size_t i = 0; i < sizeof wbuf; i++) wbuf[i] = (uint8_t)(i * 7 + 1);
     /* the packet device of tl_input_fd: one datagram per packet, like a TUN fd */
-    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, batch_fd) != 0)
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, batch_fd) != 0 ||
+        socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, vnet_out) != 0)
         abort();
     int size = 4 << 20;
     setsockopt(batch_fd[0], SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
     setsockopt(batch_fd[1], SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+    setsockopt(vnet_out[0], SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+    setsockopt(vnet_out[1], SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
     tl_set_now(1000);
     return 0;
 }
@@ -548,7 +604,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (len > 0) {
             if (cfg & CFG_FD_BATCH) {
                 /* several packets read by tl_input_fd in one batch, as from the TUN fd */
-                if (send(batch_fd[0], data + off, len, MSG_DONTWAIT) == (ssize_t)len) queued++;
+                static const uint8_t no_gso[TL_VNET_HDR_LEN];
+                struct iovec iov[2] = {{(void *)no_gso, vnet_mode ? sizeof no_gso : 0},
+                                       {(void *)(data + off), len}};
+                struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
+                if (sendmsg(batch_fd[0], &msg, MSG_DONTWAIT) == (ssize_t)(iov[0].iov_len + len))
+                    queued++;
                 if (queued == BATCH_MAX || (ctl >> 3) >= 8 || off + len + 4 > size) {
                     drain_batch(arg & 0x40);
                     queued = 0;
@@ -560,8 +621,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         off += len;
         advance(TIME_STEPS[ctl & 7]);
         app_step(ctl >> 3, arg);
+        check_vnet_output();
     }
     if (queued) drain_batch(0);
+    check_vnet_output();
     teardown();
     return 0;
 }

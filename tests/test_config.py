@@ -577,7 +577,14 @@ def test_every_flag_of_up_is_in_the_schema() -> None:
     up = build_parser()._subparsers._group_actions[0].choices["up"]  # type: ignore[union-attr]
     options = {s for a in up._actions for s in a.option_strings if s.startswith("--")}
     schema_flags = {opt.cli for opt in SCHEMA if opt.cli}
-    expected = {"--help", "--config", "--no-dial-before-accept", "--control-socket", "--flow-log"}
+    expected = {
+        "--help",
+        "--config",
+        "--no-dial-before-accept",
+        "--no-offload",
+        "--control-socket",
+        "--flow-log",
+    }
     assert options - schema_flags == expected
 
 

@@ -126,8 +126,8 @@ def reload(gateway: Gateway, running: Settings, current: Settings, reloader: Rel
     except ConfigError as exc:
         log.error("reload: configuration not reloaded, keeping the old one: %s", exc)
         return current
-    pending += [key for key in ("device.name", "device.txqueuelen", "protect.fwmark",
-                                "protect.interface")
+    pending += [key for key in ("device.name", "device.txqueuelen", "device.offload",
+                                "protect.fwmark", "protect.interface")
                 if new.values[key] != running.values[key]]  # fmt: skip
     if pending:
         log.warning("reload: these settings need a restart: %s", ", ".join(pending))
@@ -150,7 +150,7 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
     """Open the TUN, serve until SIGINT/SIGTERM (SIGHUP reloads), drain and log counters."""
     reloader = reloader or Reloader(str(settings.source) if settings.source else None, {})
     config = settings.gateway
-    device = TunDevice.open(settings.iface)
+    device = TunDevice.open(settings.iface, offload=settings.offload)
     try:
         set_link_up(device.name, config.stack.mtu, settings.txqueuelen)
     except OSError as exc:
@@ -207,10 +207,12 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
         c, u = stats.stack.counters, stats.udp
         log.info("stopped%s: dials ok %d refused %d failed %d; udp sessions %d expired %d "
                  "evicted %d; quic rejected %d; echo replied %d forwarded %d; packets in %d "
-                 "out %d; drops %s", "" if drained else " (grace period over, flows reset)",
+                 "out %d (GSO writes %d carried %d more); drops %s",
+                 "" if drained else " (grace period over, flows reset)",
                  stats.dials_ok, stats.dials_refused, stats.dials_failed, u.opened, u.expired,
                  u.evicted, c["udp_port_rejected"], c["icmp_echo_replied"],
                  c["icmp_echo_forwarded"], c["packets_in"], c["packets_out"],
+                 c["output_gso_writes"], c["output_segments_coalesced"],
                  stats.stack.dropped or "none")  # fmt: skip
         if stats.dns is not None:
             d = stats.dns

@@ -479,6 +479,9 @@ SCHEMA: tuple[Option, ...] = (
            (_net("198.18.0.0/15"), _net("fd00:18::/64")),
            "only packets from these sources are processed (empty: any source)", "--client-net",
            "stack.client_networks"),
+    Option("device.offload", Boolean(), True, "open the TUN with a virtio-net header: a "
+           "connection's TCP segments reach the kernel in one write (GSO), checksums left to "
+           "it; off, one write per packet as lwIP sent it (for captures on the TUN)", "--offload"),
     Option("device.verify_checksums", Boolean(), True,
            "verify IP/TCP/UDP checksums of client packets", None, "stack.verify_checksums"),
     Option("device.forward_local_destinations", Boolean(), False, "forward to the gateway "
@@ -606,6 +609,11 @@ class Settings:
         if qlen is None:
             qlen = min(10_000, max(500, (16 << 20) // self.gateway.stack.mtu))
         return qlen
+
+    @property
+    def offload(self) -> bool:
+        on: bool = self.values["device.offload"]
+        return on
 
     @property
     def log_level(self) -> str:

@@ -360,6 +360,9 @@ class LwipStack:
             prefixes[i] = net.prefixlen
         if lib.tl_set_client_networks(c_nets, prefixes, len(nets)) != 0:
             raise TunlwipError("invalid client networks")
+        # A device whose packets carry a virtio-net header (a TUN we opened) gets its output
+        # coalesced into GSO writes in C; the header applies to the C reader's reads too.
+        lib.tl_set_vnet_hdr(1 if getattr(self.device, "vnet_header", False) else 0)
         fd = getattr(self.device, "direct_output_fd", None)
         if callable(fd):
             out_fd = fd()

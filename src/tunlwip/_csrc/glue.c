@@ -50,6 +50,7 @@
 #include "lwip/prot/udp.h"
 
 #include "tunlwip_glue.h"
+#include "tl_vnet.h"
 
 /* The TCP sanity checks of lwIP's init.c that still apply (lwipopts.h disables the set). */
 _Static_assert(TCP_SND_BUF >= 2 * TCP_MSS, "TCP_SND_BUF too small for TCP_MSS");
@@ -83,6 +84,7 @@ static int tl_netif_added;
 static int tl_lwip_initialised;
 static u32_t tl_clock_ms;
 static int tl_output_fd = -1;
+static int tl_vnet_hdr; /* the device's packets carry a virtio-net header (vnet.c) */
 static int tl_checksum_check = 1;
 static int tl_hold_syns;
 static int tl_forward_local; /* loopback and link-local destinations: tests on one host only */
@@ -159,7 +161,9 @@ static void tl_trim_time_wait(void)
 
 void tl_check_timeouts(void)
 {
+    tl_output_batch_begin(); /* a retransmission of many segments leaves together (vnet.c) */
     sys_check_timeouts();
+    tl_output_batch_end();
     tl_trim_time_wait();
 }
 /* Fragments lwIP's reassembly discarded (overlapping, too many queued, IPv4 options), counted
@@ -173,6 +177,10 @@ static uint64_t tl_reass_dropped_base;
 const tl_counters *tl_get_counters(void)
 {
     tl_stats.drop_fragment = tl_reass_dropped() - tl_reass_dropped_base;
+    tl_stats.output_writes = tl_vnet_stats.writes;
+    tl_stats.output_gso_writes = tl_vnet_stats.gso_writes;
+    tl_stats.output_segments_coalesced = tl_vnet_stats.segments_coalesced;
+    tl_stats.output_gso_refused = tl_vnet_stats.gso_refused;
     return &tl_stats;
 }
 
@@ -181,6 +189,7 @@ void tl_reset_counters(void)
     uint64_t listeners = tl_stats.listeners, udp_ports = tl_stats.udp_ports;
     tl_reass_dropped_base = tl_reass_dropped();
     memset(&tl_stats, 0, sizeof tl_stats);
+    memset(&tl_vnet_stats, 0, sizeof tl_vnet_stats);
     tl_stats.listeners = listeners;
     tl_stats.udp_ports = udp_ports;
 }
@@ -194,7 +203,38 @@ uint32_t tl_tcp_pcb_count(void)
 }
 
 void tl_set_checksum_check(int on) { tl_checksum_check = on; }
-void tl_set_output_fd(int fd) { tl_output_fd = fd; }
+/* lwIP computes TCP checksums unless the kernel is told they are partial (vnet.c). */
+static void tl_apply_checksum_ctrl(void)
+{
+    /* The hook verifies TCP/UDP checksums itself (and counts failures); lwIP checks the rest. */
+    u16_t flags = NETIF_CHECKSUM_GEN_IP | NETIF_CHECKSUM_GEN_UDP | NETIF_CHECKSUM_GEN_ICMP |
+                  NETIF_CHECKSUM_GEN_ICMP6 | NETIF_CHECKSUM_CHECK_ICMP | NETIF_CHECKSUM_CHECK_ICMP6;
+    if (!(tl_vnet_hdr && tl_output_fd >= 0)) flags |= NETIF_CHECKSUM_GEN_TCP;
+    if (tl_netif_added) NETIF_SET_CHECKSUM_CTRL(&tl_netif, flags);
+}
+
+void tl_set_output_fd(int fd)
+{
+    tl_vnet_reset();
+    tl_output_fd = fd;
+    tl_apply_checksum_ctrl();
+}
+
+void tl_set_vnet_hdr(int on)
+{
+    tl_vnet_reset();
+    tl_vnet_hdr = on ? 1 : 0;
+    tl_apply_checksum_ctrl();
+}
+
+/* Output inside a batch may be held and coalesced (vnet.c) until the batch ends. */
+void tl_output_batch_begin(void) { tl_vnet_batch_begin(); }
+
+void tl_output_batch_end(void)
+{
+    unsigned lost = tl_vnet_batch_end(tl_output_fd);
+    tl_stats.output_errors += lost;
+}
 void tl_set_forward_local(int on) { tl_forward_local = on ? 1 : 0; }
 
 void tl_set_hold_syns(int on) { tl_hold_syns = on; }
@@ -292,7 +332,10 @@ static void tl_emit(struct pbuf *p)
     }
     tl_stats.packets_out++;
     tl_stats.bytes_out += len;
-    if (tl_output_fd >= 0) {
+    if (tl_output_fd >= 0 && tl_vnet_hdr) {
+        tl_stats.output_errors += tl_vnet_output(tl_output_fd, p->next == NULL ? p : NULL,
+                                                 (uint8_t *)data, len);
+    } else if (tl_output_fd >= 0) {
         ssize_t n;
         do { n = write(tl_output_fd, data, len); } while (n < 0 && errno == EINTR);
         if (n != (ssize_t)len) tl_stats.output_errors++;
@@ -344,15 +387,11 @@ int tl_init(uint16_t mtu, const uint8_t *ip4, const uint8_t *ip6)
     ip6_addr_clear_zone(&a6);
     netif_ip6_addr_set(&tl_netif, 0, &a6);
     netif_ip6_addr_set_state(&tl_netif, 0, IP6_ADDR_PREFERRED);
-    /* The hook verifies TCP/UDP checksums itself (and counts failures); lwIP checks the rest. */
-    NETIF_SET_CHECKSUM_CTRL(&tl_netif, NETIF_CHECKSUM_GEN_IP | NETIF_CHECKSUM_GEN_UDP |
-                            NETIF_CHECKSUM_GEN_TCP | NETIF_CHECKSUM_GEN_ICMP |
-                            NETIF_CHECKSUM_GEN_ICMP6 | NETIF_CHECKSUM_CHECK_ICMP |
-                            NETIF_CHECKSUM_CHECK_ICMP6);
     netif_set_default(&tl_netif);
     netif_set_up(&tl_netif);
     netif_set_link_up(&tl_netif);
     tl_netif_added = 1;
+    tl_apply_checksum_ctrl();
     return 0;
 }
 
@@ -379,7 +418,9 @@ void tl_deinit(void)
     while (tcp_tw_pcbs) tcp_abort(tcp_tw_pcbs);
     netif_remove(&tl_netif);
     tl_netif_added = 0;
+    tl_vnet_reset();
     tl_output_fd = -1;
+    tl_vnet_hdr = 0;
     tl_hold_syns = 0;
     tl_client_net_count = 0;
     tl_icmp_echo_mode = TL_ECHO_REPLY;
@@ -969,6 +1010,7 @@ int tl_input(const uint8_t *data, size_t len)
 int tl_input_fd(int fd, int max_packets)
 {
     int count = 0, err = 0;
+    tl_output_batch_begin(); /* what the batch makes lwIP send may leave in fewer writes */
     tl_relay_defer_begin(); /* relays write what the batch brought once, at its end */
     while (count < max_packets) {
         ssize_t n = read(fd, tl_read_buf, sizeof tl_read_buf);
@@ -982,9 +1024,17 @@ int tl_input_fd(int fd, int max_packets)
             break;
         }
         count++;
-        tl_input(tl_read_buf, (size_t)n);
+        if (!tl_vnet_hdr) {
+            tl_input(tl_read_buf, (size_t)n);
+        } else if (tl_vnet_check_input(tl_read_buf, (size_t)n) == 0) {
+            tl_input(tl_read_buf + TL_VNET_HDR_LEN, (size_t)n - TL_VNET_HDR_LEN);
+        } else {
+            tl_stats.packets_in++;
+            tl_stats.drop_unsupported++; /* a GSO packet: we never offered to take them */
+        }
     }
     tl_relay_defer_end();
+    tl_output_batch_end();
     return count > 0 || err == 0 ? count : -err;
 }
 
@@ -1031,7 +1081,11 @@ int tl_tcp_write(void *pcb_, const uint8_t *data, size_t len)
         if (err != ERR_OK) break;
         done += chunk;
     }
-    if (done > 0) tcp_output(pcb);
+    if (done > 0) {
+        tl_output_batch_begin(); /* the segments leave together (vnet.c) */
+        tcp_output(pcb);
+        tl_output_batch_end();
+    }
     if (done == 0 && err != ERR_OK) return err;
     return (int)done;
 }

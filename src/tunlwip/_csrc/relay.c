@@ -40,6 +40,7 @@
 #include "lwip/tcp.h"
 
 #include "tunlwip_glue.h"
+#include "tl_vnet.h"
 
 /* Implemented in Python (cffi extern "Python+C"). */
 void tl_py_relay_done(uintptr_t conn, int reason, uint64_t bytes_up, uint64_t bytes_down);
@@ -413,6 +414,7 @@ int tl_relay_poll(int max_events)
     if (max_events > 256) max_events = 256;
     int n = epoll_wait(tl_epoll_fd, events, max_events, 0);
     if (n < 0) return errno == EINTR ? 0 : -errno;
+    tl_output_batch_begin(); /* a pass's segments of a connection leave in one write */
     for (int i = 0; i < n; i++) {
         if (events[i].data.u64 == TL_INPUT_TAG) { /* the device: a batch of client packets */
             int got = tl_input_fd(tl_poll_input, TL_INPUT_BATCH);
@@ -438,6 +440,7 @@ int tl_relay_poll(int max_events)
         }
         tl_relay_settle(r);
     }
+    tl_output_batch_end();
     tl_relay_bury();
     return n;
 }

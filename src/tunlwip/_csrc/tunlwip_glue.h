@@ -25,6 +25,9 @@ typedef struct {
     uint64_t udp_port_rejected, drop_udp_port_blocked;
     uint64_t icmp_echo_in, icmp_echo_replied, icmp_echo_forwarded, drop_echo_off;
     uint64_t tcp_recv_deferred; /* deliveries a full Python stream refused (lwIP keeps them) */
+    /* a device with a virtio-net header: writes made, of which several segments in one (GSO),
+     * segments that rode in another's write, GSO writes the kernel refused */
+    uint64_t output_writes, output_gso_writes, output_segments_coalesced, output_gso_refused;
     uint64_t listeners, udp_ports;
 } tl_counters;
 
@@ -42,6 +45,9 @@ uint32_t tl_tcp_pcb_count(void);
 /* policy knobs */
 void tl_set_checksum_check(int on);
 void tl_set_output_fd(int fd);
+/* the device's packets carry a virtio-net header (a TUN opened with IFF_VNET_HDR): reads skip
+ * it, and output to the fd coalesces TCP segments into GSO writes */
+void tl_set_vnet_hdr(int on);
 void tl_set_hold_syns(int on);
 void tl_set_forward_local(int on);
 int tl_set_client_networks(const tl_endpoint *networks, const uint8_t *prefixes, int count);

@@ -3,6 +3,12 @@
 Packets are whole IP packets (``IFF_TUN | IFF_NO_PI``). The fd is non-blocking; reads wait with
 ``trio.lowlevel.wait_readable``. Writing to a TUN fd enters the kernel's receive path and does
 not block in practice, so the stack may write to it straight from C (``direct_output_fd``).
+
+A TUN we open ourselves also gets a virtio-net header on every packet (``IFF_VNET_HDR``,
+``vnet_header``): it lets the stack hand the kernel many TCP segments of a connection in one
+write (GSO) with checksums left to the kernel, which is what makes downloads at MTU 1500 cheap
+(docs/performance.md). An adopted fd (a mobile VPN fd) has no header: the kernel decided that
+when it was opened.
 """
 
 from __future__ import annotations
@@ -19,22 +25,35 @@ from ..errors import DeviceError
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUNSETVNETHDRSZ = 0x400454D8
+VNET_HDR_LEN = 10  # struct virtio_net_hdr
+_NO_VNET_HDR = bytes(VNET_HDR_LEN)  # no GSO, checksums complete
 _READ_SIZE = 65536
 
 
 class TunDevice:
     """A TUN interface's packet fd."""
 
-    def __init__(self, fd: int, name: str = "", *, owns_fd: bool = True) -> None:
+    def __init__(
+        self, fd: int, name: str = "", *, owns_fd: bool = True, vnet_header: bool = False
+    ) -> None:
         self._fd = fd
         self.name = name
         self._owns_fd = owns_fd
+        #: Every packet read or written starts with a ``struct virtio_net_hdr``.
+        self.vnet_header = vnet_header
         self._closed = False
         os.set_blocking(fd, False)
 
     @classmethod
-    def open(cls, name: str) -> TunDevice:
-        """Attach to TUN interface ``name``, creating it if it does not exist."""
+    def open(cls, name: str, *, offload: bool = True) -> TunDevice:
+        """Attach to TUN interface ``name``, creating it if it does not exist.
+
+        ``offload`` opens it with a virtio-net header (``vnet_header``): TCP output is
+        coalesced into GSO writes. Turn it off to see exactly the packets lwIP sends (one
+        write each, checksums complete), e.g. when debugging with a capture on the TUN.
+        """
         if not name or len(name.encode()) > 15:
             raise DeviceError(f"invalid interface name {name!r} (1-15 bytes)")
         try:
@@ -44,23 +63,29 @@ class TunDevice:
                 f"cannot open /dev/net/tun for {name!r}: {exc.strerror} (needs CAP_NET_ADMIN)"
             ) from exc
         try:
-            ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+            flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+            ifr = struct.pack("16sH22x", name.encode(), flags)
             result = fcntl.ioctl(fd, TUNSETIFF, ifr)
+            if offload:  # the size is the device's, not the fd's: another user may have set it
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
         except OSError as exc:
             os.close(fd)
             hint = " (needs CAP_NET_ADMIN)" if exc.errno == errno.EPERM else ""
             raise DeviceError(f"cannot attach TUN {name!r}: {exc.strerror}{hint}") from exc
         actual = result[:16].rstrip(b"\0").decode()
-        return cls(fd, actual)
+        return cls(fd, actual, vnet_header=offload)
 
     @classmethod
-    def from_fd(cls, fd: int, *, name: str = "", owns_fd: bool = True) -> TunDevice:
-        """Adopt an already configured packet fd (e.g. Android's VpnService fd)."""
+    def from_fd(
+        cls, fd: int, *, name: str = "", owns_fd: bool = True, vnet_header: bool = False
+    ) -> TunDevice:
+        """Adopt an already configured packet fd (e.g. Android's VpnService fd).
+        ``vnet_header``: it was opened with ``IFF_VNET_HDR`` (header size 10)."""
         try:
             os.fstat(fd)
         except OSError as exc:
             raise DeviceError(f"fd {fd} is not open: {exc.strerror}") from exc
-        return cls(fd, name, owns_fd=owns_fd)
+        return cls(fd, name, owns_fd=owns_fd, vnet_header=vnet_header)
 
     def fileno(self) -> int:
         return self._fd
@@ -78,7 +103,12 @@ class TunDevice:
             if self._closed:
                 raise trio.ClosedResourceError("TUN device closed")
             try:
-                return os.read(self._fd, _READ_SIZE)
+                packet = os.read(self._fd, _READ_SIZE)
+                if not self.vnet_header:
+                    return packet
+                # Without offloads negotiated (TUNSETOFFLOAD) the kernel sends no GSO packets
+                # and computes checksums itself: the header carries nothing we need.
+                return packet[VNET_HDR_LEN:]
             except BlockingIOError:
                 pass
             except OSError as exc:
@@ -92,7 +122,10 @@ class TunDevice:
             raise trio.ClosedResourceError("TUN device closed")
         while True:
             try:
-                os.write(self._fd, packet)
+                if self.vnet_header:
+                    os.writev(self._fd, (_NO_VNET_HDR, packet))
+                else:
+                    os.write(self._fd, packet)
                 break
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(self._fd)
