@@ -235,6 +235,7 @@ void tl_output_batch_end(void)
     unsigned lost = tl_vnet_batch_end(tl_output_fd);
     tl_stats.output_errors += lost;
 }
+
 void tl_set_forward_local(int on) { tl_forward_local = on ? 1 : 0; }
 
 void tl_set_hold_syns(int on) { tl_hold_syns = on; }
@@ -1024,13 +1025,14 @@ int tl_input_fd(int fd, int max_packets)
             break;
         }
         count++;
-        if (!tl_vnet_hdr) {
-            tl_input(tl_read_buf, (size_t)n);
-        } else if (tl_vnet_check_input(tl_read_buf, (size_t)n) == 0) {
-            tl_input(tl_read_buf + TL_VNET_HDR_LEN, (size_t)n - TL_VNET_HDR_LEN);
+        int header = tl_vnet_hdr ? tl_vnet_check_input(tl_read_buf, (size_t)n) : 0;
+        if (header == 0) {
+            size_t skip = tl_vnet_hdr ? TL_VNET_HDR_LEN : 0;
+            tl_input(tl_read_buf + skip, (size_t)n - skip);
         } else {
             tl_stats.packets_in++;
-            tl_stats.drop_unsupported++; /* a GSO packet: we never offered to take them */
+            if (header == -1) tl_stats.drop_too_short++;
+            else tl_stats.drop_unsupported++; /* GSO: we never offered to take it */
         }
     }
     tl_relay_defer_end();

@@ -36,7 +36,8 @@ unsigned tl_vnet_batch_end(int fd);
 int tl_vnet_held(void);
 /* Let go of anything held without writing it (the stack stops); GSO is tried again. */
 void tl_vnet_reset(void);
-/* A packet read from the device: 0 if its header is one we can take (no GSO), -1 if not. */
+/* A packet read from the device: 0 if its header is one we can take, -1 if it is shorter than
+ * a header, -2 if it is a GSO packet (we never offered to take those: TUNSETOFFLOAD). */
 int tl_vnet_check_input(const uint8_t *buf, size_t len);
 
 #endif
