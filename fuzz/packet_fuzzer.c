@@ -421,12 +421,37 @@ static void app_step(unsigned step, uint8_t arg)
 
 /* ---- driving ----------------------------------------------------------------------------- */
 
+static uint32_t ones_sum(const uint8_t *p, size_t len, uint32_t sum)
+{
+    for (size_t i = 0; i + 1 < len; i += 2) sum += (uint32_t)p[i] << 8 | p[i + 1];
+    if (len & 1) sum += (uint32_t)p[len - 1] << 8;
+    while (sum >> 16) sum = (sum & 0xFFFF) + (sum >> 16);
+    return sum;
+}
+
+/* Complete a partial TCP checksum as the kernel does (the field holds the pseudo-header's
+ * sum; store the complement of the sum from csum_start on), then verify the segment the way a
+ * receiver would: pseudo header and segment must sum to 0xFFFF. */
+static int partial_checksum_completes(uint8_t *pkt, size_t len, unsigned ip_hlen, int v6)
+{
+    uint8_t *tcp = pkt + ip_hlen;
+    size_t tcp_len = len - ip_hlen;
+    uint16_t check = (uint16_t)~ones_sum(tcp, tcp_len, 0);
+    tcp[16] = (uint8_t)(check >> 8);
+    tcp[17] = (uint8_t)check;
+    uint32_t pseudo = v6 ? ones_sum(pkt + 8, 32, 6 + (uint32_t)tcp_len)
+                         : ones_sum(pkt + 12, 8, 6 + (uint32_t)tcp_len);
+    return ones_sum(tcp, tcp_len, pseudo) == 0xFFFF;
+}
+
 /* What vnet.c wrote: a header the kernel would take, then one packet as lwIP sends them (no
- * GSO) or a TCP packet of several whole segments (GSO). Nothing may be held between steps. */
+ * GSO) or a TCP packet of several whole segments (GSO); every TCP packet's checksum is left
+ * partial and completes to a valid one; IPv4 header checksums hold. Nothing may be held
+ * between steps, and a socket pair never refuses GSO. */
 static void check_vnet_output(void)
 {
     static uint8_t buf[TL_VNET_HDR_LEN + 65536];
-    if (tl_vnet_held() != 0) abort();
+    if (tl_vnet_held() != 0 || tl_vnet_stats.gso_refused != 0) abort();
     if (!vnet_mode) return;
     for (;;) {
         ssize_t n = recv(vnet_out[1], buf, sizeof buf, MSG_DONTWAIT);
@@ -434,19 +459,22 @@ static void check_vnet_output(void)
         struct virtio_net_hdr h;
         if (n < TL_VNET_HDR_LEN + 20) abort();
         memcpy(&h, buf, sizeof h);
-        const uint8_t *pkt = buf + TL_VNET_HDR_LEN;
+        uint8_t *pkt = buf + TL_VNET_HDR_LEN;
         size_t len = (size_t)n - TL_VNET_HDR_LEN;
         touch(pkt, len);
         int v6 = pkt[0] >> 4 == 6;
         size_t ip_len = v6 ? ((size_t)pkt[4] << 8 | pkt[5]) + 40 : (size_t)pkt[2] << 8 | pkt[3];
         if (ip_len != len || (!v6 && pkt[0] >> 4 != 4)) abort();
+        unsigned ip_hlen = v6 ? 40 : (pkt[0] & 15u) * 4;
+        if (!v6 && ones_sum(pkt, ip_hlen, 0) != 0xFFFF) abort();
+        int tcp = (v6 ? pkt[6] : pkt[9]) == 6;
         if (h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
-            unsigned ip_hlen = v6 ? 40 : (pkt[0] & 15u) * 4;
             if (h.csum_start != ip_hlen || h.csum_offset != 16 || len < ip_hlen + 20) abort();
-            if ((v6 ? pkt[6] : pkt[9]) != 6) abort(); /* only TCP's checksum is left partial */
+            if (!tcp) abort(); /* only TCP's checksum is left partial */
             if (h.hdr_len != ip_hlen + (pkt[ip_hlen + 12] >> 4) * 4u || h.hdr_len > len) abort();
-        } else if (h.flags != 0) {
-            abort();
+            if (!partial_checksum_completes(pkt, len, ip_hlen, v6)) abort();
+        } else if (h.flags != 0 || tcp) {
+            abort(); /* lwIP computed no TCP checksum: vnet.c must have marked it partial */
         }
         if (h.gso_type == VIRTIO_NET_HDR_GSO_NONE) {
             if (h.gso_size != 0 || len > cur_mtu) abort(); /* lwIP fragments to the MTU */
@@ -455,6 +483,7 @@ static void check_vnet_output(void)
         if (h.gso_type != (v6 ? VIRTIO_NET_HDR_GSO_TCPV6 : VIRTIO_NET_HDR_GSO_TCPV4)) abort();
         if (!(h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || h.gso_size == 0) abort();
         if (h.hdr_len + h.gso_size > cur_mtu || len - h.hdr_len <= h.gso_size) abort();
+        if ((pkt[ip_hlen + 13] & ~0x08) != 0x10) abort(); /* data: ACK, maybe PSH, no more */
     }
 }
 

@@ -59,6 +59,7 @@ CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16  # including the NUL: names are at most 15 characters
 
 #: The gateway's own addresses live inside lwIP, never on a kernel interface.
@@ -453,8 +454,9 @@ def _cleanup_at_exit() -> None:
             topo.close()
 
 
-def open_tun_in(ns: Namespace, name: str, mtu: int = 1500) -> int:
-    """Create TUN ``name`` (IFF_TUN|IFF_NO_PI) inside ``ns``; return its non-blocking fd.
+def open_tun_in(ns: Namespace, name: str, mtu: int = 1500, *, vnet_header: bool = False) -> int:
+    """Create TUN ``name`` (IFF_TUN|IFF_NO_PI, and IFF_VNET_HDR if ``vnet_header``) inside
+    ``ns``; return its non-blocking fd.
 
     The fd is opened in a setns() thread, so the device is born in ``ns``. The device is not
     persistent: closing the fd removes it.
@@ -466,8 +468,8 @@ def open_tun_in(ns: Namespace, name: str, mtu: int = 1500) -> int:
     def create() -> int:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         try:
-            ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
-            fcntl.ioctl(fd, TUNSETIFF, ifr)
+            flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_header else 0)
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
         except BaseException:
             os.close(fd)
             raise

@@ -9,14 +9,18 @@ stack in this process. trio's generic stream conformance suite runs on the pair.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
+import struct
 from collections.abc import AsyncIterator
 
 import pytest
 import trio
 import trio.testing
 
-from tunlwip import LwipStack, LwipTcpStream, StackConfig, TunDevice
+from tunlwip import DeviceError, LwipStack, LwipTcpStream, StackConfig, TunDevice
+from tunlwip.device.tun import TUNSETVNETHDRSZ
 from tunlwip.endpoint import Endpoint
 
 from netns import Namespace, Topology, open_tun_in, setup_client_tun
@@ -44,13 +48,18 @@ class KernelPeer:
         return ours, trio.SocketStream(sock)
 
 
-@pytest.fixture
-async def kernel_peer(topology: Topology, nursery: trio.Nursery) -> AsyncIterator[KernelPeer]:
+@pytest.fixture(params=[False, True], ids=["plain", "vnet"])
+async def kernel_peer(
+    topology: Topology, nursery: trio.Nursery, request: pytest.FixtureRequest
+) -> AsyncIterator[KernelPeer]:
+    """The stack on a TUN with and without a virtio-net header: with one, the streams' output
+    reaches the kernel as coalesced GSO writes with partial checksums."""
     cli = topology.add("cli")
     name = topology.ifname("t")
-    fd = open_tun_in(cli, name)
+    vnet = request.param
+    fd = open_tun_in(cli, name, vnet_header=vnet)
     setup_client_tun(cli, name)
-    stack = LwipStack(TunDevice.from_fd(fd, name=name), StackConfig())
+    stack = LwipStack(TunDevice.from_fd(fd, name=name, vnet_header=vnet), StackConfig())
     peer = KernelPeer(cli, stack)
     stop = trio.Event()
 
@@ -92,3 +101,17 @@ async def test_kernel_client_round_trip(kernel_peer: KernelPeer, family: int) ->
         assert await theirs.receive_some() == b""
     await theirs.aclose()
     await ours.aclose()
+
+
+def test_an_adopted_tun_with_another_header_size_is_refused(topology: Topology) -> None:
+    """A TUN whose virtio-net header is not the 10 bytes the stack parses would have every
+    packet misread: adopting it as one with a header fails at once, naming the sizes."""
+    cli = topology.add("cli")
+    name = topology.ifname("t")
+    fd = open_tun_in(cli, name, vnet_header=True)
+    try:
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", 12))
+        with pytest.raises(DeviceError, match="header of 12 bytes; tunlwip reads 10"):
+            TunDevice.from_fd(fd, name=name, vnet_header=True)
+    finally:
+        os.close(fd)

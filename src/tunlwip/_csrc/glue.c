@@ -161,9 +161,9 @@ static void tl_trim_time_wait(void)
 
 void tl_check_timeouts(void)
 {
-    tl_output_batch_begin(); /* a retransmission of many segments leaves together (vnet.c) */
+    /* Not in an output batch: a held segment is busy to lwIP (pbuf ref), and tcp_slowtmr would
+     * skip retransmitting a connection whose segments tcp_fasttmr just sent and vnet.c holds. */
     sys_check_timeouts();
-    tl_output_batch_end();
     tl_trim_time_wait();
 }
 /* Fragments lwIP's reassembly discarded (overlapping, too many queued, IPv4 options), counted

@@ -21,7 +21,8 @@ typedef struct {
 
 extern tl_vnet_counters tl_vnet_stats;
 
-/* glue.c's scope around work that may send many packets (a poll pass, a write, the timers):
+/* glue.c's scope around work that may send many packets (a poll pass, a write; not the
+ * timers, where a held segment would make tcp_slowtmr skip its retransmission):
  * output to a device with the header may be held inside it and coalesced (below). */
 void tl_output_batch_begin(void);
 void tl_output_batch_end(void);

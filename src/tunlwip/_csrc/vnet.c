@@ -117,13 +117,16 @@ static void tl_vnet_tcp_header(struct virtio_net_hdr *h, const struct tl_tcp_vie
     h->hdr_len = (uint16_t)(v->ip_hlen + v->tcp_hlen);
 }
 
-/* 0, or -errno. A TUN takes a packet whole or not at all. */
+/* 0, or -errno (-EIO for a short write: a TUN takes a packet whole or not at all). */
 static int tl_writev(int fd, struct iovec *iov, int count)
 {
+    size_t total = 0;
+    for (int i = 0; i < count; i++) total += iov[i].iov_len;
     ssize_t n;
     do { n = writev(fd, iov, count); } while (n < 0 && errno == EINTR);
     tl_vnet_stats.writes++;
-    return n < 0 ? -errno : 0;
+    if (n < 0) return -errno;
+    return (size_t)n == total ? 0 : -EIO;
 }
 
 /* One packet, no GSO; tcp: its view (checksum partial), or NULL (checksums are complete). */
@@ -251,6 +254,8 @@ unsigned tl_vnet_output(int fd, struct pbuf *p, uint8_t *data, size_t len)
     struct tl_tcp_view v;
     int tcp = tl_view_tcp(data, len, &v);
     if (tcp) tl_set_pseudo_sum(data, &v, len - v.ip_hlen); /* lwIP left it to the kernel */
+    else if (len >= 20 && (data[0] >> 4 == 4 ? data[9] : len >= 40 ? data[6] : 0) == 6)
+        return tl_write_run(fd) + 1; /* TCP we cannot mark (a fragment): its sum is missing */
     if (tl_run.n > 0 && tcp && p != NULL && v.payload > 0 &&
         (data[v.ip_hlen + 13] & ~TL_TCP_PSH) == TL_TCP_ACK && tl_continues_run(data, &v)) {
         tl_hold(p, data, len, &v);

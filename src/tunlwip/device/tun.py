@@ -27,9 +27,24 @@ IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUNSETVNETHDRSZ = 0x400454D8
+TUNGETVNETHDRSZ = 0x800454D7
 VNET_HDR_LEN = 10  # struct virtio_net_hdr
 _NO_VNET_HDR = bytes(VNET_HDR_LEN)  # no GSO, checksums complete
 _READ_SIZE = 65536
+
+
+def _check_vnet_header_size(fd: int, name: str) -> None:
+    """A TUN whose header is not the 10 bytes we parse would have every packet misread. An
+    fd that is no TUN (a test's socket pair) cannot say, and is taken at its word."""
+    try:
+        size = struct.unpack("i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, struct.pack("i", 0)))[0]
+    except OSError:
+        return
+    if size != VNET_HDR_LEN:
+        raise DeviceError(
+            f"TUN {name or fd}: virtio-net header of {size} bytes; tunlwip reads {VNET_HDR_LEN}"
+            " (set it with TUNSETVNETHDRSZ)"
+        )
 
 
 class TunDevice:
@@ -85,6 +100,8 @@ class TunDevice:
             os.fstat(fd)
         except OSError as exc:
             raise DeviceError(f"fd {fd} is not open: {exc.strerror}") from exc
+        if vnet_header:
+            _check_vnet_header_size(fd, name)
         return cls(fd, name, owns_fd=owns_fd, vnet_header=vnet_header)
 
     def fileno(self) -> int:
