@@ -275,3 +275,33 @@ async def test_a_stream_holds_at_most_its_per_connection_budget_and_loses_nothin
     assert max(peaks) <= budget
     assert harness.stack.statistics().counters["tcp_recv_deferred"] > 0
     assert hashlib.sha256(received).digest() == hashlib.sha256(upload).digest()
+
+
+async def test_a_client_that_opens_with_a_zero_window_then_a_small_one(harness: Harness) -> None:
+    """A SYN offering no window, then a window smaller than the segments already queued: lwIP
+    2.1.3 sized those segments to the MSS (its fallback for a zero window) and then aborted the
+    process on the next write ("mss_local is too small"; found by the packet fuzzer). The
+    stream keeps writing, and the bytes arrive in order once the window opens."""
+    client, server = (CLIENT4, 43000), ("192.0.2.60", 80)
+    harness.device.inject_packet(tcp_packet(CLIENT4, server[0], client[1], server[1],
+                                            seq=1, flags=SYN, window=0))  # fmt: skip
+    with trio.fail_after(5):
+        synack = await harness.wire.next_unmatched()
+    isn = synack.seq
+    harness.device.inject_packet(tcp_packet(CLIENT4, server[0], client[1], server[1], seq=2,
+                                            ack=isn + 1, flags=ACK, window=0))  # fmt: skip
+    stream = await harness.next_stream()
+    await stream.send_all(b"a" * 2000)  # queued: the window is closed
+    harness.device.inject_packet(tcp_packet(CLIENT4, server[0], client[1], server[1], seq=2,
+                                            ack=isn + 1, flags=ACK, window=256))  # fmt: skip
+    await trio.sleep(0.1)
+    await stream.send_all(b"b" * 100)  # lwIP's assertion fired here
+    harness.device.inject_packet(tcp_packet(CLIENT4, server[0], client[1], server[1], seq=2,
+                                            ack=isn + 1, flags=ACK, window=65535))  # fmt: skip
+    received = b""
+    with trio.fail_after(10):
+        while len(received) < 2100:
+            segment = await harness.wire.next_unmatched()
+            if segment.payload and segment.seq == (isn + 1 + len(received)) % 2**32:
+                received += segment.payload
+    assert received == b"a" * 2000 + b"b" * 100

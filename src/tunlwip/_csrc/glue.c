@@ -502,6 +502,13 @@ static err_t tl_on_accept(void *arg, struct tcp_pcb *newpcb, err_t err)
     tcp_sent(newpcb, tl_on_sent);
     tcp_err(newpcb, tl_on_error);
     tcp_nagle_disable(newpcb);
+    /* lwIP 2.1.3 sizes segments to min(MSS, largest window seen / 2), and to the MSS while that
+     * half is 0. A client whose SYN offered a window of 0 or 1 thus got MSS-sized segments
+     * queued, and a later small window made tcp_write find a queued segment larger than its new
+     * size: the assertion "mss_local is too small" (abort; found by fuzz/packet_fuzzer.c). The
+     * largest window only ever grows, so starting it at 2 * MSS keeps the size where lwIP's
+     * fallback put it; it sizes segments and nothing else. */
+    if (newpcb->snd_wnd_max < 2) newpcb->snd_wnd_max = (tcpwnd_size_t)(2 * newpcb->mss);
     return ERR_OK;
 }
 
