@@ -157,7 +157,8 @@ static int tl_continues_run(const uint8_t *d, const struct tl_tcp_view *v)
         && memcmp(t + 18, ht + 18, v->tcp_hlen - 18) == 0; /* urgent pointer, options */
 }
 
-static int tl_may_start_run(const uint8_t *d, const struct tl_tcp_view *v)
+/* A data segment (ACK, maybe PSH, nothing else) whose headers fit tl_run.head: may be held. */
+static int tl_holdable_segment(const uint8_t *d, const struct tl_tcp_view *v)
 {
     return v->payload > 0 && (d[v->ip_hlen + 13] & ~TL_TCP_PSH) == TL_TCP_ACK &&
            v->ip_hlen + v->tcp_hlen <= sizeof tl_run.head;
@@ -256,13 +257,13 @@ unsigned tl_vnet_output(int fd, struct pbuf *p, uint8_t *data, size_t len)
     if (tcp) tl_set_pseudo_sum(data, &v, len - v.ip_hlen); /* lwIP left it to the kernel */
     else if (len >= 20 && (data[0] >> 4 == 4 ? data[9] : len >= 40 ? data[6] : 0) == 6)
         return tl_write_run(fd) + 1; /* TCP we cannot mark (a fragment): its sum is missing */
-    if (tl_run.n > 0 && tcp && p != NULL && v.payload > 0 &&
-        (data[v.ip_hlen + 13] & ~TL_TCP_PSH) == TL_TCP_ACK && tl_continues_run(data, &v)) {
+    int holdable = tcp && p != NULL && tl_holdable_segment(data, &v);
+    if (holdable && tl_run.n > 0 && tl_continues_run(data, &v)) {
         tl_hold(p, data, len, &v);
         return 0;
     }
     unsigned lost = tl_write_run(fd);
-    if (tcp && p != NULL && tl_batch_depth > 0 && !tl_gso_refused && tl_may_start_run(data, &v)) {
+    if (holdable && tl_batch_depth > 0 && !tl_gso_refused) {
         tl_hold(p, data, len, &v);
         return lost;
     }
