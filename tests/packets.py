@@ -267,6 +267,30 @@ def _fragment_v6(packet: bytes, mtu: int) -> list[bytes]:
     return out
 
 
+def with_ipv6_extension(packet: bytes, kind: int) -> bytes:
+    """``packet`` (IPv6, no extension headers) with one 8-byte Hop-by-Hop (0), Routing (43) or
+    Destination Options (60) header inserted after the IPv6 header (options: one PadN)."""
+    if packet[0] >> 4 != 6 or kind not in (0, 43, 60):
+        raise ValueError("an IPv6 packet and an extension header kind of 0, 43 or 60")
+    inner = packet[6]
+    body = bytes([0, 0, 0, 0, 0, 0]) if kind == 43 else bytes([1, 4, 0, 0, 0, 0])
+    header = bytearray(packet[:IPV6_HEADER_LEN])
+    (payload_len,) = struct.unpack_from("!H", header, 4)
+    struct.pack_into("!H", header, 4, payload_len + 8)
+    header[6] = kind
+    return bytes(header) + bytes([inner, 0]) + body + packet[IPV6_HEADER_LEN:]
+
+
+def with_ipv4_protocol(packet: bytes, proto: int) -> bytes:
+    """An IPv4 packet (or fragment) with another protocol number and its header checksum fixed."""
+    header_len = (packet[0] & 0x0F) * 4
+    header = bytearray(packet[:header_len])
+    header[9] = proto
+    struct.pack_into("!H", header, 10, 0)
+    struct.pack_into("!H", header, 10, internet_checksum(bytes(header)))
+    return bytes(header) + packet[header_len:]
+
+
 # -- parsing ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Parsed:

@@ -505,6 +505,9 @@ SCHEMA: tuple[Option, ...] = (
            "waits for the client's handshake, seconds", None, "predial_claim_timeout"),
     Option("tcp.max_connections", Integer(1), 65536, "new connections beyond this many open "
            "ones are refused with RST", None, "stack.max_tcp_connections"),
+    Option("tcp.max_half_open", Integer(1), 1024, "connections whose handshake is not yet "
+           "complete at most (SYN floods); a new one beyond it resets the oldest", None,
+           "stack.max_half_open"),
     Option("tcp.max_buffered_bytes", Integer(1), 64 * 1024 * 1024, "client bytes held unread "
            "in Python streams (custom handlers, DNS over TCP) over all connections; while more "
            "are held, new connections are refused with RST", None, "stack.max_buffered_bytes"),

@@ -79,6 +79,9 @@ class StackConfig:
     verify_checksums: bool = True
     #: New connections beyond this many open ones are refused with RST.
     max_tcp_connections: int = 65536
+    #: Connections in SYN_RCVD (handshake not yet complete) at most; a new one beyond it resets
+    #: the oldest (``tcp_half_open_evicted``), as a SYN flood must not grow lwIP's PCB list.
+    max_half_open: int = 1024
     #: Client bytes held in Python streams (custom handlers, DNS over TCP) over all
     #: connections; while more are held, new connections are refused with RST.
     max_buffered_bytes: int = 64 * 1024 * 1024
@@ -102,6 +105,8 @@ class StackConfig:
     def __post_init__(self) -> None:
         if self.max_buffered_bytes < 1:
             raise ValueError("max_buffered_bytes must be >= 1")
+        if not 1 <= self.max_half_open <= 0xFFFFFFFF:
+            raise ValueError("max_half_open must be >= 1")
         if self.max_buffered_bytes_per_connection < 1:
             raise ValueError("max_buffered_bytes_per_connection must be >= 1")
         if not 576 <= self.mtu <= 65520:
@@ -374,8 +379,9 @@ class LwipStack:
         self._running = True
 
     def apply_packet_policy(self, config: StackConfig) -> None:
-        """Switch the running stack to ``config``'s QUIC and ICMP echo policy (the packet
-        filters in C); the other fields (device, addresses, client networks) stay as started.
+        """Switch the running stack to ``config``'s QUIC and ICMP echo policy and half-open
+        limit (the packet filters in C); the other fields (device, addresses, client networks)
+        stay as started.
         """
         self._apply_packet_policy(config, self.config)
         self.config = dataclasses.replace(self.config, blocked_udp_ports=config.blocked_udp_ports,
@@ -394,6 +400,7 @@ class LwipStack:
             log.warning("icmp_echo is 'forward' but nothing receives echoes; replying instead")
             echo = "reply"
         lib.tl_set_icmp_echo_mode(_ECHO_MODES[echo])
+        lib.tl_set_max_half_open(cfg.max_half_open)
 
     def _stop_lwip(self) -> None:
         self._running = False

@@ -24,6 +24,7 @@
  *  - sys_now() returns the clock Python sets from trio.current_time().
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/random.h>
@@ -89,12 +90,17 @@ static int tl_checksum_check = 1;
 static int tl_hold_syns;
 static int tl_forward_local; /* loopback and link-local destinations: tests on one host only */
 static int tl_releasing;
+/* Set only while tl_transport_input hands a checked segment to tcp_input/udp_input: lwIP's
+ * TCP hook and our UDP callback drop anything that arrives without it (tl_hook_tcp_inpacket). */
+static int tl_checked_input;
 static int tl_icmp_echo_mode = TL_ECHO_REPLY;
 static uint8_t tl_udp_port_actions[65536];
 static tl_counters tl_stats;
 static tl_endpoint tl_client_nets[TL_MAX_CLIENT_NETS];
 static uint8_t tl_client_prefix[TL_MAX_CLIENT_NETS];
 static int tl_client_net_count;
+static u32_t tl_frag_seed; /* keys the fragment-train table's hash (tl_frag_train) */
+static u8_t tl_ext_id = LWIP_TCP_PCB_NUM_EXT_ARG_ID_INVALID; /* half-open tracking's PCB slot */
 
 /* Per-port catch-all PCBs, kept for the life of the process (lwip-notes §2.4). */
 static struct tcp_pcb *tl_listeners[65536];
@@ -187,11 +193,13 @@ const tl_counters *tl_get_counters(void)
 void tl_reset_counters(void)
 {
     uint64_t listeners = tl_stats.listeners, udp_ports = tl_stats.udp_ports;
+    uint64_t half_open = tl_stats.tcp_half_open;
     tl_reass_dropped_base = tl_reass_dropped();
     memset(&tl_stats, 0, sizeof tl_stats);
     memset(&tl_vnet_stats, 0, sizeof tl_vnet_stats);
     tl_stats.listeners = listeners;
     tl_stats.udp_ports = udp_ports;
+    tl_stats.tcp_half_open = half_open;
 }
 
 uint32_t tl_tcp_pcb_count(void)
@@ -376,6 +384,8 @@ int tl_init(uint16_t mtu, const uint8_t *ip4, const uint8_t *ip6)
     if (tl_netif_added) return -1;
     if (!tl_lwip_initialised) {
         lwip_init();
+        tl_ext_id = tcp_ext_arg_alloc_id();
+        tl_frag_seed = tl_random32();
         tl_lwip_initialised = 1;
     }
     memcpy(&addr.addr, ip4, 4);
@@ -426,6 +436,84 @@ void tl_deinit(void)
     tl_client_net_count = 0;
     tl_icmp_echo_mode = TL_ECHO_REPLY;
     memset(tl_udp_port_actions, TL_UDP_PASS, sizeof tl_udp_port_actions);
+}
+
+/* ---- half-open connections --------------------------------------------------------------- */
+
+/*
+ * A SYN lwIP takes at once (not held for a dial: port 53 under hijack, dial-before-accept off,
+ * a custom handler) leaves a PCB in SYN_RCVD for up to 20 s, and lwIP walks its list of PCBs
+ * for every segment: 30,000 spoofed SYNs would make each packet cost a millisecond. They are
+ * bounded as a kernel bounds its SYN queue. Each half-open PCB sits in a list (newest first)
+ * through lwIP's per-PCB extension slot, from the passive-open callback until it is accepted
+ * or freed (destroy callback); when the list is full the oldest is reset to admit the new one
+ * (a real client retransmits its SYN; a flood only pushes out its own).
+ * The same passive-open callback raises the client's MSS to at least TL_MIN_MSS: lwIP takes
+ * any non-zero MSS, and an MSS of 1 would turn every byte we send into a segment.
+ */
+#define TL_MIN_MSS 536 /* RFC 9293's default MSS; a TUN's MTU (>= 576) always carries it */
+
+struct tl_half_open {
+    struct tcp_pcb *pcb;
+    struct tl_half_open *newer, *older;
+};
+static struct tl_half_open *tl_half_open_newest, *tl_half_open_oldest;
+static u32_t tl_max_half_open = 1024;
+
+void tl_set_max_half_open(uint32_t count) { tl_max_half_open = count ? count : 1; }
+
+static void tl_half_open_unlink(struct tl_half_open *h)
+{
+    if (h->newer) h->newer->older = h->older;
+    else tl_half_open_newest = h->older;
+    if (h->older) h->older->newer = h->newer;
+    else tl_half_open_oldest = h->newer;
+    tl_stats.tcp_half_open--;
+    free(h);
+}
+
+static void tl_half_open_destroyed(u8_t id, void *data)
+{
+    LWIP_UNUSED_ARG(id);
+    if (data) tl_half_open_unlink((struct tl_half_open *)data);
+}
+
+/* The handshake completed: the PCB is a connection now, no longer counted. */
+static void tl_half_open_done(struct tcp_pcb *pcb)
+{
+    struct tl_half_open *h = (struct tl_half_open *)tcp_ext_arg_get(pcb, tl_ext_id);
+    if (h == NULL) return;
+    tcp_ext_arg_set(pcb, tl_ext_id, NULL);
+    tl_half_open_unlink(h);
+}
+
+static err_t tl_half_open_passive_open(u8_t id, struct tcp_pcb_listen *lpcb, struct tcp_pcb *pcb);
+
+static const struct tcp_ext_arg_callbacks tl_half_open_callbacks = {
+    tl_half_open_destroyed, tl_half_open_passive_open,
+};
+
+static err_t tl_half_open_passive_open(u8_t id, struct tcp_pcb_listen *lpcb, struct tcp_pcb *pcb)
+{
+    LWIP_UNUSED_ARG(lpcb);
+    u16_t floor = tcp_eff_send_mss(TL_MIN_MSS, &pcb->local_ip, &pcb->remote_ip);
+    if (pcb->mss < floor) pcb->mss = floor;
+    while (tl_stats.tcp_half_open >= tl_max_half_open && tl_half_open_oldest != NULL) {
+        tl_stats.tcp_half_open_evicted++;
+        tcp_abort(tl_half_open_oldest->pcb); /* RST; its destroy callback unlinks it */
+    }
+    struct tl_half_open *h = (struct tl_half_open *)malloc(sizeof *h);
+    if (h == NULL) return ERR_MEM; /* lwIP drops the new PCB; the client retransmits */
+    h->pcb = pcb;
+    h->newer = NULL;
+    h->older = tl_half_open_newest;
+    if (tl_half_open_newest) tl_half_open_newest->newer = h;
+    else tl_half_open_oldest = h;
+    tl_half_open_newest = h;
+    tl_stats.tcp_half_open++;
+    tcp_ext_arg_set_callbacks(pcb, id, &tl_half_open_callbacks);
+    tcp_ext_arg_set(pcb, id, h);
+    return ERR_OK;
 }
 
 /* ---- TCP callbacks ------------------------------------------------------------------------ */
@@ -495,6 +583,7 @@ static err_t tl_on_accept(void *arg, struct tcp_pcb *newpcb, err_t err)
 {
     LWIP_UNUSED_ARG(arg);
     if (err != ERR_OK || newpcb == NULL) return ERR_VAL;
+    tl_half_open_done(newpcb);
     uintptr_t conn = TL_PY(tl_py_accept(newpcb));
     if (conn == 0) return ERR_MEM; /* lwIP aborts the new connection (RST) for us */
     tcp_arg(newpcb, (void *)conn);
@@ -521,6 +610,7 @@ static int tl_ensure_listener(u16_t port)
         tcp_close(pcb);
         return -1;
     }
+    tcp_ext_arg_set_callbacks(pcb, tl_ext_id, &tl_half_open_callbacks); /* tcp_listen copies it */
     err_t err;
     struct tcp_pcb *lpcb = tcp_listen_with_backlog_and_err(pcb, TCP_DEFAULT_LISTEN_BACKLOG, &err);
     if (lpcb == NULL) {
@@ -539,6 +629,11 @@ static void tl_on_udp(void *arg, struct udp_pcb *pcb, struct pbuf *p, const ip_a
                       u16_t port)
 {
     LWIP_UNUSED_ARG(arg);
+    if (!tl_checked_input) { /* see tl_hook_tcp_inpacket */
+        tl_stats.drop_unchecked++;
+        pbuf_free(p);
+        return;
+    }
     tl_endpoint src, dst;
     tl_endpoint_from(&src, addr, port);
     tl_endpoint_from(&dst, ip_current_dest_addr(), pcb->local_port);
@@ -614,6 +709,69 @@ int tl_icmp_send(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *
     }
     pbuf_free(p);
     return err;
+}
+
+/* ---- fragment trains ---------------------------------------------------------------------- */
+
+/*
+ * lwIP's reassembly matches fragments on addresses and identification only and takes the
+ * protocol from one of them (IPv4: the fragment at offset 0; IPv6: the first to arrive), so a
+ * train whose fragments name different protocols would reassemble into a datagram no single
+ * fragment announced. The protocol of each datagram's first fragment is kept here; a later
+ * fragment naming another is dropped (drop_fragment_protocol), and the whole datagram must
+ * name it too. A direct-mapped table under a random hash seed: a colliding datagram only
+ * replaces an entry, and whatever happens the transport checks run on the protocol the
+ * reassembled header names, so a lost entry costs the check, never safety.
+ */
+#define TL_FRAG_SLOTS 256
+#define TL_FRAG_KEY 37 /* family, source, destination (16 bytes each), identification */
+
+struct tl_frag_train {
+    uint8_t key[TL_FRAG_KEY];
+    uint8_t proto;
+    u32_t expires; /* sys_now() by which lwIP has given up on the datagram */
+};
+static struct tl_frag_train tl_frag_trains[TL_FRAG_SLOTS];
+
+static struct tl_frag_train *tl_frag_train(int family, const void *src, const void *dst, u32_t id,
+                                           uint8_t *key, int *live)
+{
+    size_t alen = family == 4 ? 4 : 16;
+    memset(key, 0, TL_FRAG_KEY);
+    key[0] = (uint8_t)family;
+    memcpy(key + 1, src, alen);
+    memcpy(key + 17, dst, alen);
+    memcpy(key + 33, &id, 4);
+    u32_t h = tl_frag_seed ^ 2166136261u; /* FNV-1a */
+    for (int i = 0; i < TL_FRAG_KEY; i++) h = (h ^ key[i]) * 16777619u;
+    struct tl_frag_train *t = &tl_frag_trains[h % TL_FRAG_SLOTS];
+    *live = (s32_t)(t->expires - sys_now()) > 0 && memcmp(t->key, key, TL_FRAG_KEY) == 0;
+    return t;
+}
+
+/* A fragment arrives: 1 if it names another protocol than its datagram's first fragment. */
+static int tl_frag_protocol_differs(int family, const void *src, const void *dst, u32_t id,
+                                    u8_t proto)
+{
+    uint8_t key[TL_FRAG_KEY];
+    int live;
+    struct tl_frag_train *t = tl_frag_train(family, src, dst, id, key, &live);
+    if (live) return t->proto != proto;
+    memcpy(t->key, key, TL_FRAG_KEY);
+    t->proto = proto;
+    t->expires = sys_now() + 1000u * (family == 4 ? IP_REASS_MAXAGE : IPV6_REASS_MAXAGE) + 1000u;
+    return 0;
+}
+
+/* The datagram is whole: forget its train; its first fragment's protocol, or -1 if unknown. */
+static int tl_frag_train_end(int family, const void *src, const void *dst, u32_t id)
+{
+    uint8_t key[TL_FRAG_KEY];
+    int live;
+    struct tl_frag_train *t = tl_frag_train(family, src, dst, id, key, &live);
+    if (!live) return -1;
+    t->expires = sys_now();
+    return t->proto;
 }
 
 /* ---- input hooks -------------------------------------------------------------------------- */
@@ -725,17 +883,40 @@ static int tl_tcp_options_ok(u8_t *opt, u16_t optlen, int syn)
  * from rcv_nxt (windows stay below 2^30, RFC 7323 2.3), so such segments of a connection are
  * dropped before lwIP sees them; lwIP would at most have answered them with an ACK.
  */
-static int tl_tcp_seq_far(const struct tcp_hdr *th, const ip_addr_t *src, const ip_addr_t *dst)
+static int tl_tcp_seq_far(const struct tcp_pcb *pcb, const struct tcp_hdr *th)
 {
-    u16_t sport = lwip_ntohs(th->src), dport = lwip_ntohs(th->dest);
-    for (struct tcp_pcb *c = tcp_active_pcbs; c; c = c->next) {
-        if (c->local_port == dport && c->remote_port == sport && ip_addr_cmp(&c->local_ip, dst) &&
-            ip_addr_cmp(&c->remote_ip, src)) {
-            u32_t d = lwip_ntohl(th->seqno) - c->rcv_nxt;
-            return d >= 0x40000000UL && d <= 0xC0000000UL;
-        }
+    if (pcb->state == LISTEN || pcb->state == TIME_WAIT) return 0; /* no tcp_receive there */
+    if ((TCPH_FLAGS(th) & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN)) == TCP_SYN)
+        return 0; /* lwIP ignores a pure SYN's number */
+    u32_t d = th->seqno - pcb->rcv_nxt; /* tcp_input turned the header to host order */
+    return d >= 0x40000000UL && d <= 0xC0000000UL;
+}
+
+/*
+ * LWIP_HOOK_TCP_INPACKET_PCB: tcp_input found the segment's PCB (a connection, a TIME-WAIT or
+ * a listener) and asks whether to go on. This is the single point every TCP segment passes
+ * before lwIP parses its options or sequence numbers, whatever path led into tcp_input, so it
+ * is where the checks that keep lwIP's assertions out of reach are enforced:
+ *  - the segment came through tl_transport_input (header, ports, checksum and options checked):
+ *    a segment lwIP reached by its own IP input (an extension header or fragment train the
+ *    hooks let through) is dropped and counted as drop_unchecked, which must stay 0;
+ *  - its sequence number is not half the sequence space away (tl_tcp_seq_far); the PCB is at
+ *    hand here, so this costs no list walk.
+ * Returning anything but ERR_OK makes lwIP drop the segment.
+ */
+s8_t tl_hook_tcp_inpacket(struct tcp_pcb *pcb, struct tcp_hdr *hdr, u16_t optlen, u16_t opt1len,
+                          u8_t *opt2, struct pbuf *p)
+{
+    LWIP_UNUSED_ARG(optlen); LWIP_UNUSED_ARG(opt1len); LWIP_UNUSED_ARG(opt2); LWIP_UNUSED_ARG(p);
+    if (!tl_checked_input) {
+        tl_stats.drop_unchecked++;
+        return ERR_VAL;
     }
-    return 0;
+    if (tl_tcp_seq_far(pcb, hdr)) {
+        tl_stats.drop_transport_header++;
+        return ERR_VAL;
+    }
+    return ERR_OK;
 }
 
 /*
@@ -792,12 +973,12 @@ static int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int
                 }
             }
             if (tl_ensure_listener(dport) != 0) return tl_drop(p, &tl_stats.drop_no_memory);
-        } else if (tl_tcp_seq_far(th, src, dst)) { /* (lwIP ignores a pure SYN's number) */
-            return tl_drop(p, &tl_stats.drop_transport_header);
         }
         if (tl_releasing) tl_stats.syn_released++;
         tl_stats.tcp_in++;
+        tl_checked_input = 1;
         tcp_input(p, inp);
+        tl_checked_input = 0;
         return 0;
     }
     if (proto == (family == 4 ? IP_PROTO_ICMP : IP6_NEXTH_ICMP6))
@@ -830,7 +1011,9 @@ static int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int
     }
     if (tl_udp_for_port(dport) == NULL) return tl_drop(p, &tl_stats.drop_no_memory);
     tl_stats.udp_in++;
+    tl_checked_input = 1;
     udp_input(p, inp);
+    tl_checked_input = 0;
     return 0;
 }
 
@@ -852,6 +1035,10 @@ int tl_hook_ip4_input(struct pbuf *p, struct netif *inp)
     ip4_addr_copy(d, iph->dest);
     if (!tl_is_client(4, (const uint8_t *)&s.addr)) return tl_drop(p, &tl_stats.drop_not_client);
     int fragment = (IPH_OFFSET(iph) & PP_HTONS(IP_OFFMASK | IP_MF)) != 0;
+    /* Every fragment is reassembled here, never by ip4_input: what it reassembled would reach
+     * tcp_input/udp_input past these checks. */
+    if (fragment && proto != IP_PROTO_TCP && proto != IP_PROTO_UDP && proto != IP_PROTO_ICMP)
+        return tl_drop(p, &tl_stats.drop_unsupported);
     int claimed = proto == IP_PROTO_TCP || proto == IP_PROTO_UDP ||
                   (proto == IP_PROTO_ICMP &&
                    (fragment || tl_is_echo_request((const uint8_t *)p->payload + hlen,
@@ -871,6 +1058,9 @@ int tl_hook_ip4_input(struct pbuf *p, struct netif *inp)
         return tl_drop(p, &tl_stats.drop_local_destination);
 
     if (fragment) {
+        u32_t id = IPH_ID(iph);
+        if (tl_frag_protocol_differs(4, &s.addr, &d.addr, id, proto))
+            return tl_drop(p, &tl_stats.drop_fragment_protocol);
         tl_stats.fragments_in++;
         ip_data.current_input_netif = inp;
         p = ip4_reass(p);
@@ -884,6 +1074,9 @@ int tl_hook_ip4_input(struct pbuf *p, struct netif *inp)
         tl_stats.datagrams_reassembled++;
         iph = (const struct ip_hdr *)p->payload;
         hlen = (u16_t)IPH_HL_BYTES(iph);
+        proto = IPH_PROTO(iph); /* the header of the fragment at offset 0 */
+        int first = tl_frag_train_end(4, &s.addr, &d.addr, id);
+        if (first >= 0 && first != proto) return tl_drop(p, &tl_stats.drop_fragment_protocol);
     }
 
     const uint8_t *packet = (const uint8_t *)p->payload;
@@ -920,6 +1113,15 @@ int tl_hook_ip6_input(struct pbuf *p, struct netif *inp)
         nexth = IP6_FRAG_NEXTH(fh);
         fragmented = 1;
     }
+    /* Hop-by-Hop, Routing and Destination Options headers are dropped, and so is a fragment of
+     * anything but TCP, UDP or ICMPv6: ip6_input would walk or reassemble them and hand what
+     * follows to tcp_input/udp_input past these checks (and its option walk reads a byte past
+     * a header that ends in an option type). Hosts do not send them to unicast peers. */
+    if (nexth == IP6_NEXTH_HOPBYHOP || nexth == IP6_NEXTH_ROUTING || nexth == IP6_NEXTH_DESTOPTS ||
+        nexth == TL_IPPROTO_FRAGMENT)
+        return tl_drop(p, &tl_stats.drop_ip6_extension);
+    if (fragmented && nexth != IP_PROTO_TCP && nexth != IP_PROTO_UDP && nexth != IP6_NEXTH_ICMP6)
+        return tl_drop(p, &tl_stats.drop_unsupported);
     int claimed = nexth == IP_PROTO_TCP || nexth == IP_PROTO_UDP ||
                   (nexth == IP6_NEXTH_ICMP6 &&
                    (fragmented || tl_is_echo_request((const uint8_t *)p->payload + IP6_HLEN,
@@ -952,6 +1154,11 @@ int tl_hook_ip6_input(struct pbuf *p, struct netif *inp)
                 tl_clear_ip_data();
                 return tl_drop(p, &tl_stats.drop_ip_header);
             }
+            u32_t id = fh->_identification;
+            if (tl_frag_protocol_differs(6, s->addr, d->addr, id, nexth)) {
+                tl_clear_ip_data();
+                return tl_drop(p, &tl_stats.drop_fragment_protocol);
+            }
             tl_stats.fragments_in++;
             ip_data.current_netif = inp;
             ip_data.current_input_netif = inp;
@@ -972,10 +1179,12 @@ int tl_hook_ip6_input(struct pbuf *p, struct netif *inp)
             }
             tl_stats.datagrams_reassembled++;
             ip6h = (struct ip6_hdr *)p->payload;
-            nexth = IP6H_NEXTH(ip6h);
-            if (nexth != IP_PROTO_TCP && nexth != IP_PROTO_UDP && nexth != IP6_NEXTH_ICMP6) {
+            nexth = IP6H_NEXTH(ip6h); /* the first fragment's (ip6_reass) */
+            int first = tl_frag_train_end(6, s->addr, d->addr, id);
+            if ((first >= 0 && first != nexth) ||
+                (nexth != IP_PROTO_TCP && nexth != IP_PROTO_UDP && nexth != IP6_NEXTH_ICMP6)) {
                 tl_clear_ip_data();
-                return tl_drop(p, &tl_stats.drop_unsupported);
+                return tl_drop(p, &tl_stats.drop_fragment_protocol);
             }
         }
     }

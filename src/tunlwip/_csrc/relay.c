@@ -55,11 +55,16 @@ extern uint64_t tl_python_calls;
 #define TL_RELAY_IOV 64
 #define TL_RELAY_FIRST_DATA_MAX 4096
 
+struct tl_relay;
+static void tl_relay_drop_up_queue(struct tl_relay *r);
+
 struct tl_relay {
     struct tcp_pcb *pcb;      /* NULL once lwIP let go of it */
     int fd;                   /* -1 once closed */
     uintptr_t conn;
-    struct pbuf *up_queue;    /* client bytes the socket has not taken yet */
+    struct pbuf *up_queue;    /* client bytes the socket has not taken yet (tl_relay_queue_up) */
+    struct pbuf *up_tail;     /* its last pbuf */
+    u16_t up_tail_room;       /* bytes free after up_tail's data when it is ours to fill */
     uint8_t *down_spill;      /* upstream bytes read but not taken by lwIP (rare) */
     u32_t down_spill_len;
     u32_t watching;           /* epoll events registered (0: not in the set) */
@@ -140,7 +145,7 @@ static int tl_relay_end(struct tl_relay *r, int reason)
         while (*link != r) link = &(*link)->dirty_next;
         *link = r->dirty_next;
     }
-    if (r->up_queue) pbuf_free(r->up_queue);
+    tl_relay_drop_up_queue(r);
     free(r->down_spill);
     if (r->prev) r->prev->next = r->next; else tl_relays = r->next;
     if (r->next) r->next->prev = r->prev;
@@ -180,6 +185,65 @@ static int tl_relay_maybe_finish(struct tl_relay *r)
 
 /* ---- client -> upstream ------------------------------------------------------------------- */
 
+/*
+ * The queue of client bytes for the socket. Appending is O(1) (a tail pointer, never
+ * pbuf_cat's walk to the end), and a small segment is copied into the tail pbuf instead of
+ * queued as a pbuf of its own: a client sending one-byte segments would otherwise queue a pbuf
+ * (about 100 bytes) per byte, megabytes for one connection's window. The queue thus holds at
+ * most one pbuf per TL_RELAY_SMALL bytes plus one per larger segment, within the window.
+ */
+#define TL_RELAY_SMALL 512
+#define TL_RELAY_COALESCE 4096
+
+static void tl_relay_append_up(struct tl_relay *r, struct pbuf *q, u16_t room)
+{
+    q->next = NULL;
+    q->tot_len = q->len;
+    if (r->up_tail) r->up_tail->next = q;
+    else r->up_queue = q;
+    r->up_tail = q;
+    r->up_tail_room = room;
+}
+
+/* Takes the chain p. */
+static void tl_relay_queue_up(struct tl_relay *r, struct pbuf *p)
+{
+    while (p != NULL) {
+        struct pbuf *q = p;
+        p = p->next;
+        if (q->len == 0) {
+            q->next = NULL;
+            pbuf_free(q);
+            continue;
+        }
+        if (q->len < TL_RELAY_SMALL && r->up_tail_room < q->len) {
+            struct pbuf *c = pbuf_alloc(PBUF_RAW, TL_RELAY_COALESCE, PBUF_RAM);
+            if (c != NULL) {
+                c->len = 0;
+                tl_relay_append_up(r, c, TL_RELAY_COALESCE);
+            }
+        }
+        if (q->len < TL_RELAY_SMALL && r->up_tail_room >= q->len) {
+            struct pbuf *t = r->up_tail;
+            memcpy((u8_t *)t->payload + t->len, q->payload, q->len);
+            t->len = (u16_t)(t->len + q->len);
+            t->tot_len = t->len;
+            r->up_tail_room = (u16_t)(r->up_tail_room - q->len);
+            q->next = NULL;
+            pbuf_free(q);
+        } else {
+            tl_relay_append_up(r, q, 0);
+        }
+    }
+}
+
+static void tl_relay_drop_up_queue(struct tl_relay *r)
+{
+    if (r->up_queue) pbuf_free(r->up_queue);
+    r->up_queue = r->up_tail = NULL;
+    r->up_tail_room = 0;
+}
+
 /* Write queued client bytes to the socket; reopen the client's window for what it took. */
 static int tl_relay_flush_up(struct tl_relay *r)
 {
@@ -193,8 +257,7 @@ static int tl_relay_flush_up(struct tl_relay *r)
             n_iov++;
         }
         if (n_iov == 0) { /* only empty pbufs left */
-            pbuf_free(r->up_queue);
-            r->up_queue = NULL;
+            tl_relay_drop_up_queue(r);
             break;
         }
         struct msghdr msg = {0};
@@ -216,6 +279,7 @@ static int tl_relay_flush_up(struct tl_relay *r)
             if (r->pcb) tcp_recved(r->pcb, step);
             left -= step;
         }
+        if (r->up_queue == NULL) tl_relay_drop_up_queue(r); /* the tail went with it */
         r->bytes_up += (uint64_t)n;
         tl_relay_touch(r);
     }
@@ -248,8 +312,7 @@ static err_t tl_relay_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, er
                 return ERR_ABRT;
             }
         }
-        if (r->up_queue == NULL) r->up_queue = p;
-        else pbuf_cat(r->up_queue, p);
+        tl_relay_queue_up(r, p);
     }
     if (p == NULL) tl_relay_release_pcb(r); /* at once: lwIP may free a TIME-WAIT PCB */
     if (tl_deferring) { /* one write per relay per input batch (tl_relay_defer_end) */
@@ -574,12 +637,12 @@ int tl_relay_open(void *pcb_, int fd, uintptr_t conn, const uint8_t *pending, si
             u16_t step = len > 0xFFFF ? 0xFFFF : (u16_t)len;
             struct pbuf *p = pbuf_alloc(PBUF_RAW, step, PBUF_RAM);
             if (p == NULL) {
-                if (r->up_queue) pbuf_free(r->up_queue);
+                tl_relay_drop_up_queue(r);
                 free(r);
                 return -1;
             }
             memcpy(p->payload, pending, step);
-            if (r->up_queue == NULL) r->up_queue = p; else pbuf_cat(r->up_queue, p);
+            tl_relay_append_up(r, p, 0);
             pending += step;
             len -= step;
         }

@@ -28,7 +28,11 @@ typedef struct {
     /* a device with a virtio-net header: writes made, of which several segments in one (GSO),
      * segments that rode in another's write, GSO writes the kernel refused */
     uint64_t output_writes, output_gso_writes, output_segments_coalesced, output_gso_refused;
-    uint64_t listeners, udp_ports;
+    /* a TCP/UDP segment that reached lwIP by a path that skipped the input hooks' checks (0
+     * unless lwIP grows a new path), IPv6 extension headers, a fragment whose protocol differs
+     * from its datagram's first fragment, the oldest half-open connection evicted at the limit */
+    uint64_t drop_unchecked, drop_ip6_extension, drop_fragment_protocol, tcp_half_open_evicted;
+    uint64_t listeners, udp_ports, tcp_half_open; /* gauges, kept by tl_reset_counters */
 } tl_counters;
 
 /* lifecycle and time */
@@ -50,6 +54,8 @@ void tl_set_output_fd(int fd);
 void tl_set_vnet_hdr(int on);
 void tl_set_hold_syns(int on);
 void tl_set_forward_local(int on);
+/* at most this many connections in SYN_RCVD at once; the oldest is reset to admit a new one */
+void tl_set_max_half_open(uint32_t count);
 int tl_set_client_networks(const tl_endpoint *networks, const uint8_t *prefixes, int count);
 /* UDP to a destination port: pass (default), reject with port unreachable, or drop */
 enum { TL_UDP_PASS = 0, TL_UDP_REJECT = 1, TL_UDP_DROP = 2 };

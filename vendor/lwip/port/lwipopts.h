@@ -90,11 +90,17 @@
 #define TCP_OVERSIZE                    TCP_MSS
 #define TCP_QUEUE_OOSEQ                 1
 #define TCP_OOSEQ_MAX_BYTES             TCP_WND
-#define TCP_OOSEQ_MAX_PBUFS             0
+/* Segments held out of order per connection, whatever their size: lwIP walks this list on every
+ * insert, so 40,000 one-byte segments cost milliseconds each and megabytes. 256 covers a full
+ * window of 1,460-byte segments with room to spare; beyond it lwIP drops the highest. */
+#define TCP_OOSEQ_MAX_PBUFS             256
 #define LWIP_TCP_SACK_OUT               1
 #define LWIP_TCP_MAX_SACK_NUM           4
 #define LWIP_TCP_TIMESTAMPS             0
 #define TCP_LISTEN_BACKLOG              0
+/* One extension slot per PCB: glue.c tracks half-open connections (SYN_RCVD) through its
+ * passive-open and destroy callbacks, to bound them and evict the oldest. */
+#define LWIP_TCP_PCB_NUM_EXT_ARGS       1
 #define TCP_MSL                         5000UL  /* TIME-WAIT lasts 2*MSL = 10 s */
 #define LWIP_TCP_KEEPALIVE              0
 #define LWIP_CALLBACK_API               1
@@ -141,5 +147,9 @@
 #define LWIP_HOOK_IP4_INPUT(p, inp)     tl_hook_ip4_input((p), (inp))
 #define LWIP_HOOK_IP6_INPUT(p, inp)     tl_hook_ip6_input((p), (inp))
 #define LWIP_HOOK_TCP_ISN(lip, lport, rip, rport) tl_hook_tcp_isn((lip), (lport), (rip), (rport))
+/* Every segment tcp_input matched to a PCB: proof that it came through our checks, and the
+ * checks that need the PCB. */
+#define LWIP_HOOK_TCP_INPACKET_PCB(pcb, hdr, optlen, opt1len, opt2, p) \
+    tl_hook_tcp_inpacket((pcb), (hdr), (optlen), (opt1len), (opt2), (p))
 
 #endif /* TUNLWIP_LWIPOPTS_H */
