@@ -259,6 +259,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return EXIT_CONFIG
+    except TunlwipError as exc:  # e.g. HostAddressError: one line, not a traceback
+        log.error("%s", exc)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK
 
