@@ -9,6 +9,7 @@ import struct
 import pytest
 import trio
 
+from tunlwip import HostAddressError, hostaddrs
 from tunlwip.hostaddrs import (
     IFA_ADDRESS,
     IFA_LOCAL,
@@ -97,3 +98,14 @@ async def test_run_reports_the_set_and_leaves_it_empty_on_exit() -> None:
         assert ip("127.0.0.1") in seen[-1] and hosts.dumps == 1
         nursery.cancel_scope.cancel()
     assert seen[-1] == frozenset()
+
+
+async def test_no_rtnetlink_at_start_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sandbox without AF_NETLINK: the gateway must not start blind to the host's addresses."""
+
+    def denied(groups: int = 0) -> socket.socket:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(hostaddrs, "_netlink_socket", denied)
+    with pytest.raises(HostAddressError, match=r"rtnetlink.*Permission denied"):
+        await HostAddresses(lambda addresses: None).run()
