@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import struct
 
@@ -10,10 +11,23 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunlwip import LwipStack, MemoryDevice
+from tunlwip import LwipStack, MemoryDevice, StackConfig
 
 from harness import Harness
-from packets import ACK, FIN, PSH, SYN, fragment, icmp_echo, tcp_options, tcp_packet, udp_packet
+from packets import (
+    ACK,
+    FIN,
+    PROTO_TCP,
+    PSH,
+    RST,
+    SYN,
+    fragment,
+    icmp_echo,
+    parse,
+    tcp_options,
+    tcp_packet,
+    udp_packet,
+)
 from tcppeer import TcpPeer
 
 C4, D4, C6, D6 = "198.18.0.2", "192.0.2.1", "fd00:18::2", "2001:db8::1"
@@ -79,20 +93,39 @@ async def test_each_kind_of_bad_packet_is_dropped_and_counted(
     assert harness.wire.unmatched_nowait() == []
 
 
-@pytest.mark.parametrize(
-    "packet",
-    [
-        tcp_packet(C4, "127.0.0.1", 40000, 22, seq=1, flags=SYN),
-        udp_packet(C4, "127.0.0.53", 4000, 53, b"local resolver"),
-        udp_packet(C4, "169.254.169.254", 4000, 80, b"cloud metadata"),
-        tcp_packet(C4, "0.1.2.3", 40000, 80, seq=1, flags=SYN),
-        tcp_packet(C6, "::1", 40000, 22, seq=1, flags=SYN),
-        udp_packet(C6, "fe80::1", 4000, 9000, b"link-local"),
-    ],
-)
-async def test_the_gateway_hosts_local_networks_are_never_forwarded(packet: bytes) -> None:
+#: (packet, what the client gets back): a reset (TCP), ICMP port unreachable (UDP: type 3/1
+#: code 3/4), ICMP host or address unreachable (echo: type 3/1 code 1/3).
+LOCAL_DESTINATIONS = [
+    (tcp_packet(C4, "127.0.0.1", 40000, 22, seq=1, flags=SYN), "rst"),
+    (udp_packet(C4, "127.0.0.53", 4000, 53, b"local resolver"), (3, 3)),
+    (udp_packet(C4, "169.254.169.254", 4000, 80, b"cloud metadata"), (3, 3)),
+    (tcp_packet(C4, "0.1.2.3", 40000, 80, seq=1, flags=SYN), "rst"),
+    (tcp_packet(C6, "::1", 40000, 22, seq=1, flags=SYN), "rst"),
+    (udp_packet(C6, "fe80::1", 4000, 9000, b"link-local"), (1, 4)),
+    (icmp_echo(C4, "127.0.0.1", 7, 1, b"ping"), (3, 1)),
+]
+
+
+def check_refusal(packet: bytes, expected: str | tuple[int, int], reply: bytes) -> None:
+    """``reply`` is what a closed or unreachable destination answers ``packet`` with."""
+    asked, got = parse(packet), parse(reply)
+    assert got.l4_checksum_ok and got.dst == asked.src, got.summary()
+    if expected == "rst":
+        back = (PROTO_TCP, asked.dst, asked.dport, asked.sport)
+        assert (got.proto, got.src, got.sport, got.dport) == back, got.summary()
+        assert got.flags & RST and got.ack == asked.seq + 1, got.summary()  # the SYN counts 1
+    else:
+        assert (got.icmp_type, got.icmp_code) == expected, got.summary()
+        assert packet[: len(packet) - 8] in reply or packet[:28] in reply  # quotes the packet
+
+
+@pytest.mark.parametrize(("packet", "expected"), LOCAL_DESTINATIONS)
+async def test_the_gateway_hosts_local_networks_are_never_forwarded(
+    packet: bytes, expected: str | tuple[int, int]
+) -> None:
     """A client must not reach the gateway host's loopback services (or a cloud metadata
-    address) through the gateway: dropped and counted before any handler sees it."""
+    address) through the gateway: refused and counted before any handler sees it, with the
+    answer of a closed or unreachable destination so the client fails at once."""
     device = MemoryDevice()
     stack = LwipStack(device)
     seen: list[object] = []
@@ -106,7 +139,89 @@ async def test_the_gateway_hosts_local_networks_are_never_forwarded(packet: byte
         stack.inject_packet(packet)
         await trio.testing.wait_all_tasks_blocked()
         assert stack.statistics().dropped == {"local_destination": 1}
-        assert seen == [] and device.emitted_nowait() == []
+        assert seen == []
+        [reply] = device.emitted_nowait()
+        check_refusal(packet, expected, reply)
+        nursery.cancel_scope.cancel()
+
+
+HOST4, HOST6 = "192.0.2.77", "2001:db8::77"
+HOST_DESTINATIONS = [
+    (tcp_packet(C4, HOST4, 40000, 22, seq=1000, flags=SYN), "rst"),
+    (tcp_packet(C6, HOST6, 40000, 22, seq=1000, flags=SYN), "rst"),
+    (udp_packet(C4, HOST4, 4000, 5353, b"to the host"), (3, 3)),
+    (udp_packet(C6, HOST6, 4000, 5353, b"to the host"), (1, 4)),
+    (icmp_echo(C4, HOST4, 7, 1, b"ping"), (3, 1)),
+    (icmp_echo(C6, HOST6, 7, 1, b"ping"), (1, 3)),
+]
+
+
+@pytest.mark.parametrize(("packet", "expected"), HOST_DESTINATIONS)
+async def test_the_gateway_hosts_own_addresses_are_refused(
+    packet: bytes, expected: str | tuple[int, int]
+) -> None:
+    """Addresses given to set_host_addresses are refused as loopback is (same counter, same
+    answers); a bad checksum or a fragment is only dropped; an address taken off is forwarded
+    again, and forward_local_destinations forwards them all."""
+    device = MemoryDevice()
+    stack = LwipStack(device)
+    seen: list[object] = []
+    stack.udp_receiver = lambda src, dst, data: seen.append(dst) or True
+    stack.icmp_echo_receiver = lambda src, dst, message: seen.append(dst)
+
+    async def handler(stream: object, target: object) -> None:
+        seen.append(target)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stack.run, handler)
+        try:
+            hosts = map(ipaddress.ip_address, [HOST4, HOST6, "10.1.1.1"])
+            assert stack.set_host_addresses(hosts) == 3
+            stack.inject_packet(packet)
+            await trio.testing.wait_all_tasks_blocked()
+            assert stack.statistics().dropped == {"local_destination": 1} and seen == []
+            [reply] = device.emitted_nowait()
+            check_refusal(packet, expected, reply)
+            stack.inject_packet(with_byte(packet, len(packet) - 1, packet[-1] ^ 0xFF))
+            for piece in fragment(udp_packet(C4, HOST4, 4000, 9, bytes(1000)), 576):
+                stack.inject_packet(piece)  # 2 fragments: dropped, not answered
+            await trio.testing.wait_all_tasks_blocked()
+            assert stack.statistics().dropped == {"local_destination": 4}
+            assert device.emitted_nowait() == []  # a corrupted packet gets no answer
+            stack.set_host_addresses([ipaddress.ip_address("10.1.1.1")])
+            stack.inject_packet(packet)
+            await trio.testing.wait_all_tasks_blocked()
+            assert stack.statistics().dropped == {"local_destination": 4}  # forwarded now
+            answers = [parse(reply) for reply in device.emitted_nowait()]
+            # UDP handed on; TCP answered with SYN-ACK, echo with a reply (icmp.echo "reply")
+            assert seen or [a for a in answers if a.flags & SYN or a.icmp_type in (0, 129)]
+        finally:
+            stack.set_host_addresses([])
+        nursery.cancel_scope.cancel()
+
+
+async def test_host_addresses_leave_the_stacks_own_addresses_to_the_dns_proxy() -> None:
+    """The stack's own addresses (the DNS proxy's) are never refused, even if the host reports
+    them too; forward_local_destinations lifts the refusal entirely."""
+    device = MemoryDevice()
+    stack = LwipStack(device, StackConfig(forward_local_destinations=True))
+    got: list[object] = []
+    stack.udp_receiver = lambda src, dst, data: got.append(dst) or True
+
+    async def handler(stream: object, target: object) -> None:
+        got.append(target)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stack.run, handler)
+        own = [stack.config.ipv4_address, stack.config.ipv6_address]
+        try:
+            assert stack.set_host_addresses([*own, ipaddress.ip_address(HOST4)]) == 1
+            stack.inject_packet(udp_packet(C4, str(own[0]), 4000, 53, b"query"))
+            stack.inject_packet(udp_packet(C4, HOST4, 4000, 53, b"query"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert stack.statistics().dropped == {} and len(got) == 2
+        finally:
+            stack.set_host_addresses([])
         nursery.cancel_scope.cancel()
 
 

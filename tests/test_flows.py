@@ -8,12 +8,15 @@ device; upstreams are real sockets on loopback, DNS answers come from overrides 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import json
+import os
 import socket
 import ssl
-from collections.abc import AsyncIterator
+import stat
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ from tunlwip import MemoryDevice
 from tunlwip.dns.names import ResolvedNames
 from tunlwip.dns.proxy import DnsConfig
 from tunlwip.endpoint import Endpoint
-from tunlwip.flows import FlowRecord, FlowTable, write_flow_log
+from tunlwip.flows import FlowRecord, FlowTable, open_flow_log, write_flow_log
 from tunlwip.gateway import Gateway, GatewayConfig
 from tunlwip.sniff import http_host, sniff_name, tls_server_name
 from tunlwip.tcp import LwipTcpStream
@@ -249,6 +252,64 @@ async def test_flow_log_writes_json_lines(nursery: trio.Nursery, tmp_path: Path)
     assert sorted(line["client"] for line in lines) == [f"{CLIENT}:{p}" for p in (6200, 6201, 6202)]
     assert {(line["protocol"], line["bytes_up"], line["bytes_down"], line["close_reason"])
             for line in lines} == {("udp", 3, 3, "closed")}  # fmt: skip
+
+
+@pytest.fixture
+def umask_zero() -> Iterator[None]:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_flow_log_is_created_0640_whatever_the_umask(tmp_path: Path, umask_zero: None) -> None:
+    path = tmp_path / "flows.jsonl"
+    with open_flow_log(path) as log_file:
+        log_file.write("one\n")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    with open_flow_log(path) as log_file:  # appended, never truncated
+        log_file.write("two\n")
+    assert path.read_text() == "one\ntwo\n"
+
+
+def test_an_existing_flow_log_wider_than_0640_is_narrowed(tmp_path: Path) -> None:
+    path = tmp_path / "flows.jsonl"
+    path.write_text("old\n")
+    path.chmod(0o666)
+    open_flow_log(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    path.chmod(0o600)  # narrower stays as it is
+    open_flow_log(path).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == "old\n"
+
+
+def test_flow_log_refuses_a_symlink_and_other_non_files(tmp_path: Path) -> None:
+    """A link planted at the flow log's path would make root append to its target."""
+    target = tmp_path / "passwd"
+    target.write_text("precious\n")
+    link = tmp_path / "flows.jsonl"
+    link.symlink_to(target)
+    with pytest.raises(OSError, match="symbolic link") as caught:
+        open_flow_log(link)
+    assert caught.value.errno == errno.ELOOP and str(link) in str(caught.value)
+    assert target.read_text() == "precious\n"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError):  # ENXIO (no reader) or "not a regular file": never blocks
+        open_flow_log(fifo)
+    with pytest.raises(IsADirectoryError):
+        open_flow_log(tmp_path)
+    with pytest.raises(OSError, match="not a regular file"):
+        open_flow_log("/dev/null")
+
+
+async def test_write_flow_log_reports_a_symlink_before_started(tmp_path: Path) -> None:
+    link = tmp_path / "flows.jsonl"
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError, match="symbolic link"):
+        await write_flow_log(None, link)  # type: ignore[arg-type]  # never reached
+    assert not (tmp_path / "elsewhere").exists()
 
 
 async def test_no_subscriber_buffers_nothing() -> None:

@@ -8,6 +8,7 @@ from .dns.proxy import DnsConfig as DnsConfig
 from .endpoint import Endpoint as Endpoint
 from .errors import ConfigError as ConfigError
 from .errors import DeviceError as DeviceError
+from .errors import HostAddressError as HostAddressError
 from .errors import LwipError as LwipError
 from .errors import ProtectError as ProtectError
 from .errors import TunlwipError as TunlwipError

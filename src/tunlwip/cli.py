@@ -34,6 +34,8 @@ from .service import configure_logging
 log = logging.getLogger("tunlwip")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOPERM, EXIT_CONFIG = 0, 1, 2, 77, 78
+#: Seconds the flow log gets, after the grace period, to write the records of the flows reset.
+FLOW_LOG_FLUSH_TIMEOUT = 10.0
 SIOCSIFMTU, SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFTXQLEN, IFF_UP = 0x8922, 0x8913, 0x8914, 0x8943, 0x1
 
 Command = Callable[[argparse.Namespace], int]
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="unix socket `tunlwip status` asks (default /run/tunlwip/IFACE.sock)",
     )
     up.add_argument("--flow-log", metavar="FILE",
-                    help="append a JSON line per closed flow to FILE")  # fmt: skip
+                    help="append a JSON line per closed flow to FILE (created 0640; a "
+                         "symbolic link is refused)")  # fmt: skip
     up.set_defaults(handler=cmd_up, needs_config=True)
     check = sub.add_parser(
         "check-config",
@@ -162,19 +165,36 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
         await device.aclose()
         raise
     running = current = settings
+    start_failed = False
+    gateway_scope = trio.CancelScope()  # stopped first, so the last records reach the flow log
+    flow_log_done = trio.Event()
+
+    async def serve_gateway(*, task_status: trio.TaskStatus[Gateway]) -> None:
+        with gateway_scope:
+            await gateway.serve(task_status=task_status)
+
+    async def write_log(path: str, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await write_flow_log(gateway, path, task_status=task_status)
+        finally:
+            flow_log_done.set()
+
     async with trio.open_nursery() as nursery:
-        await nursery.start(gateway.serve)
+        await nursery.start(serve_gateway)
         try:
             socket_path = await nursery.start(
                 functools.partial(control.serve_control, gateway, control_socket,
                                   iface=device.name))  # fmt: skip
             if flow_log:
-                await nursery.start(functools.partial(write_flow_log, gateway, flow_log))
+                await nursery.start(write_log, flow_log)
         except (OSError, control.ControlError) as exc:
-            log.error("cannot start: %s", exc)
+            if isinstance(exc, OSError) and exc.filename and exc.strerror:
+                log.error("cannot start: %s: %s", exc.filename, exc.strerror)
+            else:
+                log.error("cannot start: %s", exc)
+            start_failed = True
             nursery.cancel_scope.cancel()
-            await device.aclose()
-            return EXIT_FAILURE
+            await trio.lowlevel.checkpoint()  # raises Cancelled: leaves the nursery at once
         s = gateway.config.stack  # the gateway may have fallen back (ICMP forward -> reply)
         log.info("up: iface %s mtu %d gateway %s %s clients %s protect %s dial-before-accept %s "
                  "udp-idle %gs %s config %s", device.name, s.mtu, s.ipv4_address,
@@ -221,9 +241,19 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
                      d.blocked, d.overridden, d.cache_hits + d.replayed, d.replayed, d.forwarded,
                      d.upstream_failures, d.timeouts, d.truncated,
                      d.malformed + d.formerr)  # fmt: skip
+        # Stop the gateway alone first: flows still open are reset now and their records
+        # (close reason "stopped") are written before the flow log closes at the end of its
+        # subscription; a stuck disk gets FLOW_LOG_FLUSH_TIMEOUT, not forever.
+        gateway_scope.cancel()
+        if flow_log:
+            with trio.move_on_after(FLOW_LOG_FLUSH_TIMEOUT) as flush:
+                await flow_log_done.wait()
+            if flush.cancelled_caught:
+                log.warning("flow log: last records not written within %g s",
+                            FLOW_LOG_FLUSH_TIMEOUT)  # fmt: skip
         nursery.cancel_scope.cancel()
     await device.aclose()
-    return EXIT_OK
+    return EXIT_FAILURE if start_failed else EXIT_OK
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -259,6 +289,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return EXIT_CONFIG
+    except TunlwipError as exc:  # e.g. HostAddressError: one line, not a traceback
+        log.error("%s", exc)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK
 

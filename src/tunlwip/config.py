@@ -485,8 +485,9 @@ SCHEMA: tuple[Option, ...] = (
     Option("device.verify_checksums", Boolean(), True,
            "verify IP/TCP/UDP checksums of client packets", None, "stack.verify_checksums"),
     Option("device.forward_local_destinations", Boolean(), False, "forward to the gateway "
-           "host's loopback and link-local networks (127/8, 169.254/16, ::1, fe80::/10); off, "
-           "such packets are dropped", None, "stack.forward_local_destinations"),
+           "host's loopback and link-local networks (127/8, 0/8, 169.254/16, ::1, fe80::/10) "
+           "and its own addresses; off, such packets are refused", None,
+           "stack.forward_local_destinations"),
     Option("protect.fwmark", Mark(), None, "SO_MARK for the gateway's sockets (pair with `ip "
            "rule add not fwmark N table T`)", "--fwmark", unset="none"),
     Option("protect.interface", IfName(), None, "SO_BINDTODEVICE: bind the gateway's sockets "

@@ -19,6 +19,10 @@ class ProtectError(TunlwipError, OSError):
     """A socket could not be protected, so it was not used (the dial fails closed)."""
 
 
+class HostAddressError(TunlwipError):
+    """The gateway host's own addresses (refused as destinations) cannot be learned."""
+
+
 class LwipError(TunlwipError):
     """lwIP returned an error code."""
 

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import heapq
+import io
 import json
 import logging
 import os
+import stat
 import time
 import weakref
 from collections.abc import Callable
@@ -327,6 +330,39 @@ class _FlowSource(Protocol):
     def flows(self, max_buffer: int = DEFAULT_BUFFER) -> FlowSubscription: ...
 
 
+#: A flow log is created with this mode (less under a stricter umask); an existing one wider
+#: than it is narrowed to it: the records carry client and destination addresses.
+FLOW_LOG_MODE = 0o640
+
+
+def open_flow_log(path: str | os.PathLike[str]) -> io.TextIOWrapper:
+    """Open ``path`` for appending as the gateway (often root) may: never through a symbolic
+    link (``O_NOFOLLOW``: a link planted there would make root append to any file), only a
+    regular file, created mode 0640 whatever the umask allows (an existing file's wider mode
+    is narrowed). OSError with a message that names the problem otherwise."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, FLOW_LOG_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "is a symbolic link (refused: the flow log is opened "
+                          "without following links)", os.fspath(path)) from None  # fmt: skip
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)  # O_NONBLOCK only kept a FIFO from blocking the open
+        if st.st_mode & 0o777 & ~FLOW_LOG_MODE:
+            os.fchmod(fd, st.st_mode & FLOW_LOG_MODE)
+            log.warning("flow log %s was mode %04o: narrowed to %04o", os.fspath(path),
+                        st.st_mode & 0o777, st.st_mode & FLOW_LOG_MODE)  # fmt: skip
+        return open(fd, "a", encoding="utf-8", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 async def write_flow_log(
     gateway: _FlowSource,
     path: str | os.PathLike[str],
@@ -338,8 +374,9 @@ async def write_flow_log(
     gateway stops or this is cancelled; ``started()`` once the file is open (an OSError before
     that means it cannot be). Lines are written in batches off the trio thread, so a slow disk
     costs dropped records (counted in ``statistics().flows.records_dropped``), never gateway
-    speed. Rotate with copytruncate, or restart: the file is opened once."""
-    log_file = await trio.open_file(path, "a", encoding="utf-8")
+    speed. Rotate with copytruncate, or restart: the file is opened once (``open_flow_log``).
+    """
+    log_file = trio.wrap_file(await trio.to_thread.run_sync(open_flow_log, path))
     async with log_file:
         with gateway.flows(max_buffer) as records:
             task_status.started()

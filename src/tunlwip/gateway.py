@@ -30,6 +30,7 @@ from .endpoint import Endpoint
 from .errors import LwipError, ProtectError, TunlwipError
 from .flows import DEFAULT_BUFFER, FlowInfo, FlowSubscription, FlowTable, FlowTotals, LiveFlow
 from .forward import DatagramRelay, relay_datagrams
+from .hostaddrs import HostAddresses
 from .icmp import EchoCounters, EchoForwarder, unavailable_reason
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
 from .predial import FlowKey, HeldDial, HeldSynDials
@@ -140,6 +141,9 @@ class Gateway:
         if stack_config.icmp_echo == "forward":
             self.stack.icmp_echo_receiver = self.echo.on_echo
         self._custom_handler = tcp_handler
+        #: The host's own addresses, refused as destinations (none with forward_local).
+        self._host_addresses = None if stack_config.forward_local_destinations else \
+            HostAddresses(self.stack.set_host_addresses)  # fmt: skip
         #: Upstream connects of held SYNs (dial before accept with the default forwarder).
         self._dials: HeldSynDials | None = None
         self._flows = FlowTable()
@@ -178,6 +182,8 @@ class Gateway:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self._host_addresses is not None:  # before the first client packet
+                    await nursery.start(self._host_addresses.run)
                 await nursery.start(self.udp.run)
                 await nursery.start(self.echo.run)
                 if self._dials is not None:

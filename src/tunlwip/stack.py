@@ -28,7 +28,7 @@ import errno
 import ipaddress
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, NoReturn
 
 import trio
@@ -98,8 +98,9 @@ class StackConfig:
     #: ("forward"), or ignored. Echo to the stack's own addresses is always answered.
     icmp_echo: EchoMode = "reply"
     #: Forward packets to loopback and link-local destinations (127/8, 0/8, 169.254/16, ::1,
-    #: fe80::/10). Off, they are dropped (``drop_local_destination``): they would reach the
-    #: gateway host's own services. Only for tests whose upstreams live on loopback.
+    #: fe80::/10) and to ``set_host_addresses``. Off, they are refused (TCP reset, ICMP
+    #: unreachable; ``drop_local_destination``): they would reach the gateway host's own
+    #: services. Only for tests whose upstreams live on loopback.
     forward_local_destinations: bool = False
 
     def __post_init__(self) -> None:
@@ -342,6 +343,25 @@ class LwipStack:
         if lib.tl_sleeptime() == 0:
             lib.tl_check_timeouts()
         self._after_lwip()
+
+    def set_host_addresses(
+        self, addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]
+    ) -> int:
+        """Refuse client flows to these addresses (the gateway host's own: dialed, they would
+        reach the host's services on ``lo``), as loopback is refused; replaces the previous
+        set. The stack's own addresses are left out: they are the DNS proxy's. Ignored with
+        ``forward_local_destinations``, like loopback. Returns how many were set."""
+        own = {self.config.ipv4_address, self.config.ipv6_address}
+        chosen = sorted({a for a in addresses if a not in own}, key=lambda a: (a.version, a))
+        c_addrs = ffi.new("tl_endpoint[]", max(1, len(chosen)))
+        for i, address in enumerate(chosen):
+            c_addrs[i].family = address.version
+            ffi.memmove(c_addrs[i].addr, address.packed, len(address.packed))
+        err = lib.tl_set_host_addresses(c_addrs, len(chosen))
+        if err != 0:
+            why = "out of memory" if err == -2 else "too many (at most 1048576)"
+            raise TunlwipError(f"cannot refuse {len(chosen)} host addresses: {why}")
+        return len(chosen)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _start_lwip(self) -> None:

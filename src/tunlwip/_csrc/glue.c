@@ -327,6 +327,49 @@ static int tl_is_client(int family, const uint8_t *src)
     return 0;
 }
 
+/*
+ * The gateway host's own addresses (every interface of the namespace its sockets live in, kept
+ * current by Python from rtnetlink): a client's flow to one would be dialed to the host itself
+ * and arrive on `lo`, past firewall rules that filter by interface. A sorted array of
+ * family-tagged keys, looked up by binary search on every claimed packet.
+ */
+#define TL_MAX_HOST_ADDRS (1 << 20)
+typedef struct { uint8_t key[17]; } tl_host_key; /* family, then 16 address bytes */
+static tl_host_key *tl_host_addrs;
+static size_t tl_host_addr_count;
+
+static void tl_host_key_of(tl_host_key *k, int family, const void *addr)
+{
+    memset(k, 0, sizeof *k);
+    k->key[0] = (uint8_t)family;
+    memcpy(k->key + 1, addr, family == 4 ? 4 : 16);
+}
+
+static int tl_host_key_cmp(const void *a, const void *b) { return memcmp(a, b, 17); }
+
+int tl_set_host_addresses(const tl_endpoint *addrs, int count)
+{
+    if (count < 0 || count > TL_MAX_HOST_ADDRS) return -1;
+    for (int i = 0; i < count; i++)
+        if (addrs[i].family != 4 && addrs[i].family != 6) return -1;
+    tl_host_key *keys = NULL;
+    if (count > 0 && (keys = malloc(sizeof *keys * (size_t)count)) == NULL) return -2;
+    for (int i = 0; i < count; i++) tl_host_key_of(&keys[i], addrs[i].family, addrs[i].addr);
+    if (count > 1) qsort(keys, (size_t)count, sizeof *keys, tl_host_key_cmp);
+    free(tl_host_addrs);
+    tl_host_addrs = keys;
+    tl_host_addr_count = (size_t)count;
+    return 0;
+}
+
+static int tl_is_host_address(int family, const void *addr)
+{
+    if (tl_host_addr_count == 0) return 0;
+    tl_host_key k;
+    tl_host_key_of(&k, family, addr);
+    return bsearch(&k, tl_host_addrs, tl_host_addr_count, sizeof k, tl_host_key_cmp) != NULL;
+}
+
 /* ---- netif output ------------------------------------------------------------------------- */
 
 static void tl_emit(struct pbuf *p)
@@ -803,6 +846,75 @@ static void tl_clear_ip_data(void)
     ip_addr_set_zero(&ip_data.current_iphdr_dest);
 }
 
+/*
+ * A packet to a local destination (loopback, link-local, 0/8, an address the gateway host owns)
+ * is refused the way a closed or unreachable destination refuses it, so the client fails at once
+ * instead of after its timeouts: TCP with a reset (ECONNREFUSED), UDP with ICMP port unreachable,
+ * an echo request with ICMP host (IPv6: address) unreachable. Fragments, resets, malformed
+ * headers and bad checksums get no answer. Counted in drop_local_destination either way.
+ * p->payload is on the IP header (the hooks checked it); consumes p and clears ip_data.
+ */
+static int tl_refuse_local(struct pbuf *p, struct netif *inp, int family, u8_t proto,
+                           int fragment)
+{
+    tl_stats.drop_local_destination++;
+    u16_t hlen = IP6_HLEN;
+    if (family == 4) {
+        const struct ip_hdr *iph = (const struct ip_hdr *)p->payload;
+        hlen = (u16_t)IPH_HL_BYTES(iph);
+        ip_addr_copy_from_ip4(ip_data.current_iphdr_src, iph->src);
+        ip_addr_copy_from_ip4(ip_data.current_iphdr_dest, iph->dest);
+    } else {
+        const struct ip6_hdr *ip6h = (const struct ip6_hdr *)p->payload;
+        ip_addr_copy_from_ip6_packed(ip_data.current_iphdr_src, ip6h->src);
+        ip_addr_copy_from_ip6_packed(ip_data.current_iphdr_dest, ip6h->dest);
+    }
+    ip_data.current_netif = inp; /* icmp6_dest_unreach answers through it */
+    ip_data.current_input_netif = inp;
+    const ip_addr_t *src = ip_current_src_addr(), *dst = ip_current_dest_addr();
+    u16_t len = (u16_t)(p->tot_len - hlen);
+    const u8_t *t = (const u8_t *)p->payload + hlen;
+    if (fragment || p->len < hlen + 8) goto out; /* 8: a UDP header, an echo header */
+    if (proto != IP_PROTO_ICMP && proto != IP6_NEXTH_ICMP6 &&
+        ((t[0] | t[1]) == 0 || (t[2] | t[3]) == 0))
+        goto out; /* port zero */
+    const struct tcp_hdr *th = (const struct tcp_hdr *)t;
+    if (proto == IP_PROTO_TCP) {
+        if (p->len < hlen + TCP_HLEN || (TCPH_FLAGS(th) & TCP_RST) ||
+            TCPH_HDRLEN(th) * 4 < TCP_HLEN || TCPH_HDRLEN(th) * 4 > len)
+            goto out;
+    } else if (proto == IP_PROTO_UDP) {
+        u16_t ulen = (u16_t)(t[4] << 8 | t[5]);
+        if (ulen < UDP_HLEN || ulen > len) goto out;
+        if (ulen < len) pbuf_realloc(p, (u16_t)(hlen + ulen)); /* the checksum covers ulen */
+        len = ulen;
+    }
+    if (tl_checksum_check) {
+        pbuf_remove_header(p, hlen);
+        int ok = proto == IP_PROTO_ICMP ? inet_chksum_pbuf(p) == 0
+                 : (proto == IP_PROTO_UDP && family == 4 && (t[6] | t[7]) == 0) ||
+                   ip_chksum_pseudo(p, proto, len, src, dst) == 0;
+        pbuf_add_header_force(p, hlen);
+        if (!ok) goto out;
+    }
+    if (proto == IP_PROTO_TCP) {
+        u8_t flags = TCPH_FLAGS(th);
+        u32_t seglen = (u32_t)(len - TCPH_HDRLEN(th) * 4) + ((flags & TCP_SYN) ? 1U : 0U) +
+                       ((flags & TCP_FIN) ? 1U : 0U);
+        /* as lwIP answers a segment without a connection (tcp_input) */
+        tcp_rst(NULL, lwip_ntohl(th->ackno), lwip_ntohl(th->seqno) + seglen, dst, src,
+                lwip_ntohs(th->dest), lwip_ntohs(th->src));
+    } else if (family == 4) {
+        icmp_dest_unreach(p, proto == IP_PROTO_UDP ? ICMP_DUR_PORT : ICMP_DUR_HOST);
+    } else {
+        icmp6_dest_unreach(p, proto == IP_PROTO_UDP ? ICMP6_DUR_PORT : ICMP6_DUR_ADDRESS);
+    }
+out:
+    pbuf_free(p);
+    tl_clear_ip_data();
+    return 1;
+}
+
 /* Is the unfragmented ICMP/ICMPv6 message at `icmp` (len bytes) an echo request? */
 static int tl_is_echo_request(const uint8_t *icmp, size_t len, int family)
 {
@@ -1050,12 +1162,14 @@ int tl_hook_ip4_input(struct pbuf *p, struct netif *inp)
     if (ip4_addr_isany_val(s) || ip4_addr_isbroadcast(&s, inp) || ip4_addr_ismulticast(&s) ||
         ip4_addr_isany_val(d) || ip4_addr_isbroadcast(&d, inp) || ip4_addr_ismulticast(&d))
         return tl_drop(p, &tl_stats.drop_bad_address);
-    /* The gateway host's own loopback and link-local networks are never a client's
-     * destination: forwarding them would open the host's local services (and a cloud's
-     * metadata address, 169.254.169.254) to every client. Routers do not forward them either. */
+    /* The gateway host's own loopback and link-local networks and its own addresses are never
+     * a client's destination: forwarding them would open the host's local services (and a
+     * cloud's metadata address, 169.254.169.254) to every client. Routers do not forward them
+     * either. */
     if (!tl_forward_local &&
-        (ip4_addr_isloopback(&d) || ip4_addr_islinklocal(&d) || ip4_addr_get_byte(&d, 0) == 0))
-        return tl_drop(p, &tl_stats.drop_local_destination);
+        (ip4_addr_isloopback(&d) || ip4_addr_islinklocal(&d) || ip4_addr_get_byte(&d, 0) == 0 ||
+         tl_is_host_address(4, &d.addr)))
+        return tl_refuse_local(p, inp, 4, proto, fragment);
 
     if (fragment) {
         u32_t id = IPH_ID(iph);
@@ -1139,10 +1253,9 @@ int tl_hook_ip6_input(struct pbuf *p, struct netif *inp)
         tl_clear_ip_data();
         return tl_drop(p, &tl_stats.drop_bad_address);
     }
-    if (!tl_forward_local && (ip6_addr_isloopback(d) || ip6_addr_islinklocal(d))) { /* as IPv4 */
-        tl_clear_ip_data();
-        return tl_drop(p, &tl_stats.drop_local_destination);
-    }
+    if (!tl_forward_local &&
+        (ip6_addr_isloopback(d) || ip6_addr_islinklocal(d) || tl_is_host_address(6, d->addr)))
+        return tl_refuse_local(p, inp, 6, nexth, fragmented); /* as IPv4 */
 
     u16_t hlen = IP6_HLEN;
     if (fragmented) {

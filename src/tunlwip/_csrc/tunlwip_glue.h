@@ -56,6 +56,9 @@ void tl_set_hold_syns(int on);
 void tl_set_forward_local(int on);
 /* at most this many connections in SYN_RCVD at once; the oldest is reset to admit a new one */
 void tl_set_max_half_open(uint32_t count);
+/* the gateway host's own addresses (port ignored), refused like loopback unless forward_local;
+ * replaces the previous set: 0, -1 bad family or count, -2 out of memory */
+int tl_set_host_addresses(const tl_endpoint *addrs, int count);
 int tl_set_client_networks(const tl_endpoint *networks, const uint8_t *prefixes, int count);
 /* UDP to a destination port: pass (default), reject with port unreachable, or drop */
 enum { TL_UDP_PASS = 0, TL_UDP_REJECT = 1, TL_UDP_DROP = 2 };
