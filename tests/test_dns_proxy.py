@@ -39,6 +39,7 @@ GW4, GW6 = "198.18.0.1", "fd00:18::1"
 ZONE = {"www.test.": "198.18.5.5", "other.test.": "198.18.5.6", "ads.test.": "198.18.5.7"}
 BIG = "big.test."  # 200 A records: about 3.2 KB
 SLOW = "slow.test."  # never answered
+CLOAKED = "cloaked.test."  # CNAME x.tracker.test. (a tracker behind an innocent name)
 
 
 class Upstream:
@@ -55,7 +56,14 @@ class Upstream:
         if name == SLOW:
             return None
         response = dns.message.make_response(query)
-        if name == BIG:
+        if name == CLOAKED:
+            response.answer.append(
+                dns.rrset.from_text(CLOAKED, 300, "IN", "CNAME", "x.tracker.test.")
+            )
+            response.answer.append(
+                dns.rrset.from_text("x.tracker.test.", 300, "IN", "A", "198.18.5.9")
+            )
+        elif name == BIG:
             addresses = [f"198.18.{i // 250}.{i % 250}" for i in range(200)]
             response.answer.append(dns.rrset.from_text(BIG, 300, "IN", "A", *addresses))
         elif name in ZONE and query.question[0].rdtype == dns.rdatatype.A:
@@ -204,6 +212,34 @@ async def test_blocked_names_never_reach_the_upstream(
     assert replies[6003].rcode() == dns.rcode.NXDOMAIN  # not in ZONE: the upstream said so
     assert upstream.asked == ["ok.ads.test."]
     assert env.gateway.statistics().dns.blocked == 3  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("how", ["nxdomain", "null"])
+async def test_cname_to_a_blocked_name_gets_the_blocked_answer_cached_or_not(
+    nursery: trio.Nursery, upstream: Upstream, tmp_path: Path, how: str
+) -> None:
+    """The question is not blocked, so it is asked; its answer's CNAME points at a blocked
+    name, so the client gets what the blocked name would get, from the cache as well; after a
+    reload that drops the rule, the cached answer is served whole."""
+    (tmp_path / "block").write_text("||tracker.test^\n")
+    env = await start(nursery, upstream, block_files=(str(tmp_path / "block"),),
+                      blocked_answer=how)  # fmt: skip
+    for sport, name in ((6000, "cloaked.test"), (6001, "CLOAKED.test")):  # 2nd: not replayed
+        env.ask(name, sport=sport)
+        answer = message((await env.answers(1))[0])
+        if how == "nxdomain":
+            assert answer.rcode() == dns.rcode.NXDOMAIN and not answer.answer
+        else:
+            assert [rd.to_text() for rrset in answer.answer for rd in rrset] == ["0.0.0.0"]
+    assert upstream.asked == [CLOAKED]
+    stats = env.gateway.statistics().dns
+    assert stats is not None and (stats.blocked, stats.blocked_cname, stats.cache_hits) == (2, 2, 1)
+    (tmp_path / "block").write_text("")
+    assert env.gateway.dns is not None
+    env.gateway.dns.reload()
+    env.ask("cloaked.test", sport=6002)
+    answer = message((await env.answers(1))[0])
+    assert [rrset.rdtype for rrset in answer.answer] == [dns.rdatatype.CNAME, dns.rdatatype.A]
 
 
 async def test_second_query_comes_from_the_cache(nursery: trio.Nursery, upstream: Upstream) -> None:

@@ -33,6 +33,16 @@ Decision order for a queried name:
 So an allow-listed subdomain of a blocked suffix resolves. Rules live in dicts of exact names
 and of suffixes; a lookup probes the name and each of its parents, never the rule list.
 
+Answers are checked too (``check_answer``): a tracker hidden behind a CNAME of an innocent
+name ("CNAME cloaking": ``metrics.shop.example CNAME shop.tracker.example``) would otherwise
+pass, since only the question is in the query. The chain is followed from the question name
+through the answer section's CNAMEs (and DNAMEs) exactly as a client follows it; each name on it
+is checked like a question, and the first blocked one blocks the whole answer. The walk visits
+each name at most once (a CNAME loop ends it) and takes at most one step per answer RRset, so
+an upstream cannot make it long. A question name matched by an allow rule is trusted with its
+whole chain (the operator said it resolves); an allow rule on a name along the chain spares
+that name only.
+
 ``blocked_response`` and ``override_response`` build the answers the proxy sends for the
 ``"block"`` and ``"override"`` verdicts.
 """
@@ -258,6 +268,35 @@ class DnsPolicy:
             return Verdict("block", rule=self._describe("block", *blocked))
         return PASS
 
+    def check_answer(self, response: dns.message.Message) -> Verdict:
+        """The verdict for the names a response's answer leads to (its CNAME/DNAME chain from
+        the question name): "block" for the first blocked one, else pass."""
+        if not self._block or len(response.question) != 1 or not response.answer:
+            return PASS
+        name = response.question[0].name
+        if self.check(name).action != "pass" or self._allow.match(_text(name)) is not None:
+            return PASS  # blocked or overridden questions never get here; allowed: trusted
+        aliases: dict[dns.name.Name, dns.name.Name] = {}
+        dnames: list[tuple[dns.name.Name, dns.name.Name]] = []
+        for rrset in response.answer:
+            if rrset.rdtype == dns.rdatatype.CNAME and len(rrset):
+                aliases.setdefault(rrset.name, rrset[0].target)
+            elif rrset.rdtype == dns.rdatatype.DNAME and len(rrset):
+                dnames.append((rrset.name, rrset[0].target))
+        seen = {name}
+        for _ in range(len(response.answer)):
+            target = aliases.get(name)
+            if target is None:
+                target = _dname_target(name, dnames)
+            if target is None or target in seen:
+                return PASS
+            seen.add(target)
+            verdict = self.check(target)
+            if verdict.action == "block":
+                return Verdict("block", rule=f"cname:{_text(target)} {verdict.rule}")
+            name = target
+        return PASS
+
     # -- loading --------------------------------------------------------------------------
 
     def _describe(self, kind: str, rule: str, origin: int) -> str:
@@ -331,6 +370,23 @@ class DnsPolicy:
             else:
                 rules.add(host, False, origin)
         return ok
+
+
+def _text(name: dns.name.Name) -> str:
+    return name.to_text(omit_final_dot=True).lower()
+
+
+def _dname_target(
+    name: dns.name.Name, dnames: Sequence[tuple[dns.name.Name, dns.name.Name]]
+) -> dns.name.Name | None:
+    """The name a DNAME of the answer rewrites ``name`` to (RFC 6672), if one applies."""
+    for owner, target in dnames:
+        if name != owner and name.is_subdomain(owner):
+            try:
+                return name.relativize(owner).derelativize(target)
+            except dns.name.NameTooLong:
+                return None
+    return None
 
 
 # -- answers ------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ so a slow upstream never delays other queries or other packets:
 2. policy: overrides, then allow rules, then block rules (``dns.policy``);
 3. cache (``dns.cache``), honouring TTLs, negative answers included;
 4. upstreams in order with failover (``dns.upstreams``); no answer within ``query_timeout``
-   gives the client SERVFAIL.
+   gives the client SERVFAIL;
+5. the answer's CNAME chain is checked against the policy too (cached answers included): one
+   leading to a blocked name gets the blocked answer.
 
 Queries in flight are tracked per (client address, client port, message ID): a client's
 retransmission of a query still being resolved is dropped, while two clients that happen to
@@ -121,6 +123,8 @@ def resolv_conf_upstreams(path: str = RESOLV_CONF) -> tuple[str, ...]:
 class DnsCounters:
     queries: int = 0
     blocked: int = 0
+    #: Of ``blocked``: answers whose CNAME chain led to a blocked name.
+    blocked_cname: int = 0
     overridden: int = 0
     cache_hits: int = 0
     forwarded: int = 0
@@ -363,7 +367,7 @@ class DnsProxy:
         cached = self.cache.get(query, trio.current_time())
         if cached is not None:
             self.counters.cache_hits += 1
-            return cached, None, "cache"
+            return self._screen(query, cached, None, "cache")
         with trio.move_on_after(self.config.query_timeout) as timeout:
             while True:
                 round_started = trio.current_time()
@@ -379,11 +383,24 @@ class DnsProxy:
                         return self._servfail(query), None, f"failed: {exc}"
             self.counters.forwarded += 1
             self.cache.put(query, response, trio.current_time())
-            return response, raw, upstream.url
+            return self._screen(query, response, raw, upstream.url)
         assert timeout.cancelled_caught
         self.counters.timeouts += 1
         self.counters.upstream_failures += 1
         return self._servfail(query), None, "timeout"
+
+    def _screen(self, query: dns.message.Message, response: dns.message.Message,
+                raw: bytes | None, source: str
+                ) -> tuple[dns.message.Message, bytes | None, str]:  # fmt: skip
+        """Block an answer whose CNAME chain leads to a blocked name, with the answer the
+        blocked name gets as a question. Done on every answer, cached ones too, so a reloaded
+        block list applies to answers cached before it."""
+        verdict = self.policy.check_answer(response)
+        if verdict.action != "block":
+            return response, raw, source
+        self.counters.blocked += 1
+        self.counters.blocked_cname += 1
+        return blocked_response(query, self.config.blocked_answer), None, verdict.rule
 
     def _finish(self, query: dns.message.Message, response: dns.message.Message,
                 raw: bytes | None, client: Endpoint, source: str, started: float,
