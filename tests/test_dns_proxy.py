@@ -354,6 +354,73 @@ async def test_tcp_queries_are_pipelined_and_answered_as_they_complete(
     assert not big.flags & dns.flags.TC and len(big.answer[0]) == 200
 
 
+def tcp_query(name: str, qid: int) -> bytes:
+    q = dns.message.make_query(name, "A")
+    q.id = qid
+    return struct.pack("!H", len(q.to_wire())) + q.to_wire()
+
+
+async def test_tcp_client_trickling_a_query_is_reset_at_the_query_deadline(
+    nursery: trio.Nursery, upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    """One byte every 9 s never trips the 30 s idle timeout; the query deadline (10 s from
+    its first byte) resets the connection, and another connection is answered meanwhile."""
+    env = await start(nursery, upstream, tcp_query_timeout=10.0)
+    slow = TcpPeer(env.wire, CLIENT4, 40053, GW4, 53)
+    await slow.connect()
+    t0 = trio.current_time()
+    wire = tcp_query("www.test", 1)
+    with pytest.raises(ConnectionResetError):
+        for byte in wire:
+            await slow.send(bytes([byte]))
+            await trio.sleep(9)
+    assert slow.reset_received and 10 <= trio.current_time() - t0 < 19
+    other = TcpPeer(env.wire, CLIENT4, 40054, GW4, 53)
+    await other.connect()
+    await other.send(tcp_query("other.test", 2))
+    (n,) = struct.unpack("!H", await other.recv_exactly(2))
+    assert dns.message.from_wire(await other.recv_exactly(n)).answer
+    stats = env.gateway.statistics().dns
+    assert stats is not None and stats.tcp_timeouts == 1 and upstream.asked == ["other.test."]
+
+
+async def test_tcp_queries_one_after_another_each_get_the_whole_deadline(
+    nursery: trio.Nursery, upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The deadline is per query, not per connection: a client asking every 6 s, each query
+    sent in two halves 3 s apart, keeps its connection for a minute."""
+    env = await start(nursery, upstream, tcp_query_timeout=5.0)
+    peer = TcpPeer(env.wire, CLIENT4, 40055, GW4, 53)
+    await peer.connect()
+    for qid in range(10):
+        wire = tcp_query("www.test", qid)
+        await peer.send(wire[:5])
+        await trio.sleep(3)
+        await peer.send(wire[5:])
+        (n,) = struct.unpack("!H", await peer.recv_exactly(2))
+        assert dns.message.from_wire(await peer.recv_exactly(n)).id == qid
+        await trio.sleep(3)
+    assert env.gateway.statistics().dns.tcp_timeouts == 0  # type: ignore[union-attr]
+
+
+async def test_tcp_client_that_never_reads_its_answers_is_reset(
+    nursery: trio.Nursery, upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    """120 pipelined 3.2 KB answers to a client whose window stays shut (it never reads):
+    lwIP's 256 KiB send buffer takes the first ones, then an answer cannot be written, and the
+    connection is reset once it has waited the query deadline rather than held forever."""
+    env = await start(nursery, upstream, tcp_query_timeout=10.0)
+    peer = TcpPeer(env.wire, CLIENT4, 40056, GW4, 53, window=512, wscale=None)
+    await peer.connect()
+    t0 = trio.current_time()
+    await peer.send(b"".join(tcp_query("big.test", qid) for qid in range(120)))
+    with trio.fail_after(60):
+        while not peer.reset_received:  # noqa: ASYNC110 (polls the peer, as a client would)
+            await trio.sleep(1)
+    assert 10 <= trio.current_time() - t0 < 20
+    assert env.gateway.statistics().dns.tcp_timeouts == 1  # type: ignore[union-attr]
+
+
 async def test_policy_reload_applies_to_new_queries(
     nursery: trio.Nursery, upstream: Upstream, tmp_path: Path
 ) -> None:

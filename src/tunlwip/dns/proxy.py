@@ -89,13 +89,17 @@ class DnsConfig:
     max_in_flight: int = 1024
     #: A client TCP connection with no query for this long is closed.
     tcp_idle_timeout: float = 30.0
+    #: A query over TCP must arrive whole this long after its first byte, and its answer be
+    #: taken by the client this long after it is ready; else the connection is reset.
+    tcp_query_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.hijack not in ("all", "gateway", "off"):
             raise ValueError("dns hijack must be 'all', 'gateway' or 'off'")
         if self.blocked_answer not in ("nxdomain", "null", "refused"):
             raise ValueError("dns blocked answer must be 'nxdomain', 'null' or 'refused'")
-        if min(self.query_timeout, self.attempt_timeout, self.tcp_idle_timeout) <= 0:
+        if min(self.query_timeout, self.attempt_timeout, self.tcp_idle_timeout,
+               self.tcp_query_timeout) <= 0:  # fmt: skip
             raise ValueError("DNS timeouts must be positive")
         if self.cache_size < 0 or self.max_in_flight < 1:
             raise ValueError("dns cache_size must be >= 0 and max_in_flight >= 1")
@@ -139,6 +143,9 @@ class DnsCounters:
     overload: int = 0
     #: Answered by replaying a recent answer to a byte-identical query (``dns.replay``).
     replayed: int = 0
+    #: TCP connections reset for a query not received, or an answer not taken, within
+    #: ``tcp_query_timeout``.
+    tcp_timeouts: int = 0
 
 
 class DnsProxy:
@@ -244,11 +251,33 @@ class DnsProxy:
 
     async def serve_tcp(self, stream: LwipTcpStream) -> None:
         """RFC 7766: length-prefixed queries, several in flight per connection, each answer
-        written as soon as it is ready (so possibly out of order)."""
+        written as soon as it is ready (so possibly out of order).
+
+        Deadlines, so a client cannot hold a connection and its task by trickling: a query
+        must arrive whole within ``tcp_query_timeout`` of its first byte (the idle timeout
+        alone restarts with every byte), and each answer must be taken by the client within
+        ``tcp_query_timeout`` of being ready (a client that never reads). Past either, the
+        connection is reset and counted (``tcp_timeouts``)."""
         client = stream.remote
         send_lock = trio.Lock()
         slots = trio.Semaphore(TCP_MAX_PIPELINED)
         buffer = bytearray()
+        config = self.config
+
+        def cut_off(why: str) -> None:
+            if nursery.cancel_scope.cancel_called:
+                return  # already cut off
+            self.counters.tcp_timeouts += 1
+            log.debug("dns %s: TCP connection reset: %s", client, why)
+            stream.abort()
+            nursery.cancel_scope.cancel()
+
+        async def send(message: bytes) -> None:
+            with trio.move_on_after(config.tcp_query_timeout) as sending:
+                async with send_lock:
+                    await stream.send_all(struct.pack("!H", len(message)) + message)
+            if sending.cancelled_caught:
+                cut_off(f"answer not taken within {config.tcp_query_timeout:g} s")
 
         async def answer_one(query: bytes) -> None:
             try:
@@ -257,18 +286,27 @@ class DnsProxy:
                 self._release(query, client)
                 slots.release()
             if answer is not None:
-                async with send_lock:
-                    try:
-                        await stream.send_all(struct.pack("!H", len(answer)) + answer)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        nursery.cancel_scope.cancel()
+                try:
+                    await send(answer)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    nursery.cancel_scope.cancel()
 
         async with stream, trio.open_nursery() as nursery:
+            query_started = 0.0  # when the first byte of the partial query in buffer came
             while True:
-                with trio.move_on_after(self.config.tcp_idle_timeout) as idle:
+                if buffer:
+                    deadline = query_started + config.tcp_query_timeout
+                else:
+                    deadline = trio.current_time() + config.tcp_idle_timeout
+                with trio.move_on_at(deadline) as waited:
                     data = await _receive_or_eof(stream)
-                if idle.cancelled_caught or data is None:
+                if waited.cancelled_caught and buffer:
+                    cut_off(f"query not complete within {config.tcp_query_timeout:g} s")
                     break
+                if waited.cancelled_caught or data is None:
+                    break
+                if not buffer:
+                    query_started = trio.current_time()
                 buffer += data
                 while len(buffer) >= 2:
                     (length,) = struct.unpack_from("!H", buffer)
@@ -276,11 +314,11 @@ class DnsProxy:
                         break
                     query = bytes(buffer[2 : 2 + length])
                     del buffer[: 2 + length]
+                    query_started = trio.current_time()  # the next query's bytes came now
                     admitted, refusal = self._admit(query, client)
                     if not admitted:
                         if refusal is not None:
-                            async with send_lock:
-                                await stream.send_all(struct.pack("!H", len(refusal)) + refusal)
+                            await send(refusal)
                         continue
                     await slots.acquire()
                     nursery.start_soon(answer_one, query)
