@@ -421,6 +421,40 @@ async def test_tcp_client_that_never_reads_its_answers_is_reset(
     assert env.gateway.statistics().dns.tcp_timeouts == 1  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(
+    ("client", "server"), [(CLIENT4, "203.0.113.53"), (CLIENT6, "2001:db8::53")]
+)
+async def test_reject_encrypted_refuses_port_853_as_a_closed_port_would(
+    nursery: trio.Nursery, upstream: Upstream, client: str, server: str
+) -> None:
+    """``reject_encrypted``: a SYN to port 853 (DoT) gets RST at once, a datagram to it (DoQ)
+    ICMP port unreachable quoting it; both counted, neither dialed nor made a session."""
+    env = await start(nursery, upstream, reject_encrypted=True)
+    peer = TcpPeer(env.wire, client, 40853, server, 853)
+    with trio.fail_after(5), pytest.raises(ConnectionRefusedError):
+        await peer.connect()
+    env.device.inject_packet(udp_packet(client, server, 5853, 853, b"\x00\x01quic"))
+    with trio.fail_after(5):
+        reply = await env.wire.next_unmatched()
+    assert (reply.icmp_type, reply.icmp_code) == ((3, 3) if ":" not in client else (1, 4))
+    assert (reply.src, reply.dst) == (server, client) and reply.l4_checksum_ok
+    stats = env.gateway.statistics()
+    assert stats.refused.encrypted_dns == 2 and stats.udp.opened == 0
+    assert env.forwarded == []  # type: ignore[attr-defined]
+
+
+async def test_reject_encrypted_blocks_doh_resolver_names_and_the_firefox_canary(
+    nursery: trio.Nursery, upstream: Upstream
+) -> None:
+    env = await start(nursery, upstream, reject_encrypted=True)
+    names = ["use-application-dns.net", "dns.google", "mozilla.cloudflare-dns.com", "www.test"]
+    for i, name in enumerate(names):
+        env.ask(name, sport=6100 + i)
+    replies = {r.dport: message(r) for r in await env.answers(len(names))}
+    assert [replies[6100 + i].rcode() for i in range(3)] == [dns.rcode.NXDOMAIN] * 3
+    assert replies[6103].answer and upstream.asked == ["www.test."]
+
+
 async def test_policy_reload_applies_to_new_queries(
     nursery: trio.Nursery, upstream: Upstream, tmp_path: Path
 ) -> None:

@@ -185,9 +185,10 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
         log.info("control socket %s%s", socket_path,
                  f"; flow log {flow_log}" if flow_log else "")  # fmt: skip
         if gateway.dns is not None:
-            log.info("dns: hijack %s upstreams %s rules %d blocked-answer %s",
+            log.info("dns: hijack %s upstreams %s rules %d blocked-answer %s encrypted %s",
                      config.dns.hijack, " ".join(gateway.dns.upstream_urls) or "none",
-                     len(gateway.dns.policy), config.dns.blocked_answer)  # fmt: skip
+                     len(gateway.dns.policy), config.dns.blocked_answer,
+                     "rejected" if config.dns.reject_encrypted else "forwarded")  # fmt: skip
         service.ready(f"serving {device.name}")
         stop = (signal.SIGINT, signal.SIGTERM)
         with trio.open_signal_receiver(*stop, signal.SIGHUP) as signals:

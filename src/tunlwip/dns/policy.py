@@ -80,6 +80,31 @@ _HOSTS_NON_NAMES = frozenset(
 )
 _COMMON_HOSTS_ADDRESSES = frozenset({"0.0.0.0", "127.0.0.1", "::", "::1"})
 
+#: Names of well-known public DNS-over-HTTPS resolvers (whole suffixes), blocked with
+#: ``dns.reject_encrypted``: a client that cannot resolve its DoH server falls back to plain
+#: DNS, which the proxy answers. DoH itself looks like any HTTPS, so this list (with the
+#: operator's own block lists) is the only handle on it. ``use-application-dns.net`` is
+#: Mozilla's canary: Firefox turns its default DoH off when that name does not resolve.
+ENCRYPTED_DNS_NAMES: tuple[str, ...] = (
+    "use-application-dns.net",
+    "||dns.google^",
+    "||cloudflare-dns.com^",
+    "||dns.quad9.net^",
+    "||doh.opendns.com^",
+    "||doh.cleanbrowsing.org^",
+    "||dns.adguard.com^",
+    "||dns.adguard-dns.com^",
+    "||dns.nextdns.io^",
+    "||doh.dns.sb^",
+    "||dns.mullvad.net^",
+    "||doh.mullvad.net^",
+    "||dns.alidns.com^",
+    "||doh.pub^",
+    "||doh.360.cn^",
+    "||doh.xfinity.com^",
+    "||dns.controld.com^",
+)
+
 # Rules are kept as name -> origin, where origin packs the source and line (see _Origins) so
 # a million rules cost one small int each rather than one string each.
 _ORIGIN_BITS = 20  # low bits: index into the sources list; high bits: line number
@@ -227,10 +252,19 @@ class DnsPolicy:
         block_files: Sequence[str | Path] = (),
         allow_files: Sequence[str | Path] = (),
         overrides: Mapping[str, Sequence[str | IPAddress]] = {},
+        builtin_blocked: Sequence[str] = (),
+        builtin_source: str = "built in",
     ) -> DnsPolicy:
-        """Load block and allow lists (all merged) plus overrides; an unreadable file raises
+        """Load block and allow lists (all merged) plus overrides, and ``builtin_blocked``
+        rules (named ``builtin_source`` in the query log); an unreadable file raises
         ``ConfigError``, bad lines are skipped, counted and logged once per file."""
         policy = cls(overrides=overrides)
+        if builtin_blocked:
+            source = len(policy._sources)
+            policy._sources.append(builtin_source)
+            for rule in builtin_blocked:
+                if not policy._load_line(rule, policy._block, source):
+                    raise ValueError(f"invalid built-in DNS rule {rule!r}")
         for path in block_files:
             policy._load(Path(path), policy._block)
         for path in allow_files:
@@ -303,7 +337,8 @@ class DnsPolicy:
         source = self._sources[origin & ((1 << _ORIGIN_BITS) - 1)]
         if not source:
             return f"{kind}:{rule}"
-        return f"{kind}:{rule} ({source}:{origin >> _ORIGIN_BITS})"
+        line = origin >> _ORIGIN_BITS
+        return f"{kind}:{rule} ({source}:{line})" if line else f"{kind}:{rule} ({source})"
 
     def _add_override(self, name: str, addresses: Sequence[str | IPAddress]) -> None:
         normalized = _normalize(name.strip())

@@ -45,7 +45,13 @@ from ..dialer import Dialer
 from ..endpoint import Endpoint
 from .cache import DnsCache
 from .names import ResolvedNames, answered_addresses
-from .policy import BlockedAnswer, DnsPolicy, blocked_response, override_response
+from .policy import (
+    ENCRYPTED_DNS_NAMES,
+    BlockedAnswer,
+    DnsPolicy,
+    blocked_response,
+    override_response,
+)
 from .replay import RecentAnswers
 from .upstreams import UpstreamError, UpstreamSet, parse_upstream
 
@@ -92,6 +98,10 @@ class DnsConfig:
     #: A query over TCP must arrive whole this long after its first byte, and its answer be
     #: taken by the client this long after it is ready; else the connection is reset.
     tcp_query_timeout: float = 10.0
+    #: Refuse encrypted DNS that would go around the proxy: the gateway resets TCP and
+    #: rejects UDP to port 853 (DoT, DoQ) as a closed port would, and the proxy blocks the
+    #: names of well-known DoH resolvers (``policy.ENCRYPTED_DNS_NAMES``).
+    reject_encrypted: bool = False
 
     def __post_init__(self) -> None:
         if self.hijack not in ("all", "gateway", "off"):
@@ -103,6 +113,15 @@ class DnsConfig:
             raise ValueError("DNS timeouts must be positive")
         if self.cache_size < 0 or self.max_in_flight < 1:
             raise ValueError("dns cache_size must be >= 0 and max_in_flight >= 1")
+
+
+def _policy(config: DnsConfig) -> DnsPolicy:
+    """The configured lists and overrides, plus the DoH resolver names when encrypted DNS is
+    rejected."""
+    builtin = ENCRYPTED_DNS_NAMES if config.reject_encrypted else ()
+    return DnsPolicy.from_files(config.block_files, config.allow_files, config.overrides,
+                                builtin_blocked=builtin,
+                                builtin_source="dns.reject_encrypted")  # fmt: skip
 
 
 def resolv_conf_upstreams(path: str = RESOLV_CONF) -> tuple[str, ...]:
@@ -182,8 +201,7 @@ class DnsProxy:
         return [u.url for u in self.upstreams.upstreams]
 
     def _load_policy(self) -> DnsPolicy:
-        c = self.config
-        return DnsPolicy.from_files(c.block_files, c.allow_files, c.overrides)
+        return _policy(self.config)
 
     def reconfigure(self, config: DnsConfig, dialer: Dialer) -> None:
         """Switch to ``config``: policy files, overrides, upstreams, timeouts and cache limits.
@@ -193,7 +211,7 @@ class DnsProxy:
         urls = config.upstreams or resolv_conf_upstreams()
         upstreams = UpstreamSet([parse_upstream(u, dialer, ca_file=config.ca_file) for u in urls],
                                 attempt_timeout=config.attempt_timeout)  # fmt: skip
-        policy = DnsPolicy.from_files(config.block_files, config.allow_files, config.overrides)
+        policy = _policy(config)
         cache_limits = (config.cache_size, config.min_ttl, config.max_ttl, config.max_negative_ttl)
         if cache_limits != (self.config.cache_size, self.config.min_ttl, self.config.max_ttl,
                             self.config.max_negative_ttl):  # fmt: skip
