@@ -219,10 +219,11 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
             d = stats.dns
             log.info("dns: queries %d blocked %d overridden %d cached %d (replayed %d) "
                      "forwarded %d failed %d (timeouts %d) truncated %d malformed %d; blocked "
-                     "by cname %d; tcp deadline resets %d", d.queries,
+                     "by cname %d; tcp deadline resets %d; encrypted dns refused %d", d.queries,
                      d.blocked, d.overridden, d.cache_hits + d.replayed, d.replayed, d.forwarded,
                      d.upstream_failures, d.timeouts, d.truncated,
-                     d.malformed + d.formerr, d.blocked_cname, d.tcp_timeouts)  # fmt: skip
+                     d.malformed + d.formerr, d.blocked_cname, d.tcp_timeouts,
+                     stats.refused.encrypted_dns)  # fmt: skip
         nursery.cancel_scope.cancel()
     await device.aclose()
     return EXIT_OK
