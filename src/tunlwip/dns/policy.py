@@ -38,8 +38,9 @@ name ("CNAME cloaking": ``metrics.shop.example CNAME shop.tracker.example``) wou
 pass, since only the question is in the query. The chain is followed from the question name
 through the answer section's CNAMEs (and DNAMEs) exactly as a client follows it; each name on it
 is checked like a question, and the first blocked one blocks the whole answer. The walk visits
-each name at most once (a CNAME loop ends it) and takes at most one step per answer RRset, so
-an upstream cannot make it long. A question name matched by an allow rule is trusted with its
+each name at most once (a CNAME loop ends it), follows every target of an (invalid) CNAME
+RRset with several, and takes at most one step per answer record, so an upstream cannot make
+it long. A question name matched by an allow rule is trusted with its
 whole chain (the operator said it resolves); an allow rule on a name along the chain spares
 that name only.
 
@@ -310,25 +311,33 @@ class DnsPolicy:
         name = response.question[0].name
         if self.check(name).action != "pass" or self._allow.match(_text(name)) is not None:
             return PASS  # blocked or overridden questions never get here; allowed: trusted
-        aliases: dict[dns.name.Name, dns.name.Name] = {}
+        aliases: dict[dns.name.Name, list[dns.name.Name]] = {}
         dnames: list[tuple[dns.name.Name, dns.name.Name]] = []
+        records = 0
         for rrset in response.answer:
-            if rrset.rdtype == dns.rdatatype.CNAME and len(rrset):
-                aliases.setdefault(rrset.name, rrset[0].target)
-            elif rrset.rdtype == dns.rdatatype.DNAME and len(rrset):
-                dnames.append((rrset.name, rrset[0].target))
-        seen = {name}
-        for _ in range(len(response.answer)):
-            target = aliases.get(name)
-            if target is None:
-                target = _dname_target(name, dnames)
-            if target is None or target in seen:
-                return PASS
-            seen.add(target)
-            verdict = self.check(target)
-            if verdict.action == "block":
-                return Verdict("block", rule=f"cname:{_text(target)} {verdict.rule}")
-            name = target
+            records += len(rrset)
+            if rrset.rdtype == dns.rdatatype.CNAME:
+                aliases.setdefault(rrset.name, []).extend(rdata.target for rdata in rrset)
+            elif rrset.rdtype == dns.rdatatype.DNAME:
+                dnames.extend((rrset.name, rdata.target) for rdata in rrset)
+        # Every branch (an invalid CNAME RRset with several targets is followed whole), each
+        # name once, at most one step per record: an upstream cannot make the walk long.
+        pending, seen = [name], {name}
+        while pending and records > 0:
+            records -= 1
+            current = pending.pop()
+            targets = aliases.get(current)
+            if targets is None:
+                rewritten = _dname_target(current, dnames)
+                targets = [rewritten] if rewritten is not None else []
+            for target in targets:
+                if target in seen:
+                    continue
+                seen.add(target)
+                verdict = self.check(target)
+                if verdict.action == "block":
+                    return Verdict("block", rule=f"cname:{_text(target)} {verdict.rule}")
+                pending.append(target)
         return PASS
 
     # -- loading --------------------------------------------------------------------------
