@@ -155,6 +155,8 @@ blocked_answer = "refused"
 query_timeout = 4
 attempt_timeout = 1.5
 tcp_idle_timeout = 12
+tcp_query_timeout = 6
+reject_encrypted = true
 cache_size = 0
 min_ttl = 5
 max_ttl = 600
@@ -222,6 +224,8 @@ def test_every_key_reaches_its_setting(
         query_timeout=4,
         attempt_timeout=1.5,
         tcp_idle_timeout=12,
+        tcp_query_timeout=6,
+        reject_encrypted=True,
         cache_size=0,
         min_ttl=5,
         max_ttl=600,
@@ -340,6 +344,8 @@ def test_name_comes_from_the_file_or_the_flag(tmp_path: Path) -> None:
         ),
         ('[dns.overrides]\n"nas.test" = 5\n', 'dns.overrides."nas.test": expected an address'),
         ("[dns]\nmin_ttl = 700\nmax_ttl = 600\n", "dns.min_ttl: must be <= dns.max_ttl (600)"),
+        ("[dns]\ntcp_query_timeout = 0\n", "dns.tcp_query_timeout: must be > 0, got 0"),
+        ('[dns]\nreject_encrypted = "yes"\n', "dns.reject_encrypted: expected true or false"),
         ('[logging]\nlevel = "loud"\n', 'logging.level: expected one of "debug"'),
         ("[logging]\nlevel = 6\n", "logging.level: expected one of"),
         ("[limits]\ngrace = -1\n", "limits.grace: must be >= 0, got -1"),
@@ -582,6 +588,7 @@ def test_every_flag_of_up_is_in_the_schema() -> None:
         "--config",
         "--no-dial-before-accept",
         "--no-offload",
+        "--no-dns-reject-encrypted",
         "--control-socket",
         "--flow-log",
     }
@@ -717,3 +724,12 @@ def test_log_file_is_appended_and_reopened(tmp_path: Path) -> None:
     assert (tmp_path / "gw.log.1").read_text().endswith(" DEBUG tunlwip.test: first\n")
     assert path.read_text().endswith(" WARNING tunlwip.test: second\n")
     assert "dropped" not in path.read_text()
+
+
+def test_reject_encrypted_flag_overrides_the_file(tmp_path: Path) -> None:
+    on = "[dns]\nreject_encrypted = true\n"
+    assert load_text(tmp_path, on).gateway.dns.reject_encrypted is True
+    off = flags("--iface", "tlw0", "--no-dns-reject-encrypted")
+    assert off == {"device.name": "tlw0", "dns.reject_encrypted": False}
+    assert load_text(tmp_path, on, **off).gateway.dns.reject_encrypted is False
+    assert flags("--dns-reject-encrypted")["dns.reject_encrypted"] is True

@@ -7,6 +7,7 @@ passed in, as the proxy passes ``trio.current_time()``.
 
 from __future__ import annotations
 
+import dns.edns
 import dns.exception
 import dns.flags
 import dns.message
@@ -357,16 +358,70 @@ def test_hits_are_copies() -> None:
 
 def test_authenticated_data_only_for_clients_that_ask() -> None:
     cache = DnsCache()
-    q = query(want_dnssec=True)
+    q = query()
     cache.put(q, reply(q, [("www.example.", 300, "A", "192.0.2.1")], flags=dns.flags.AD), 0.0)
     plain = cache.get(query(), 0.0)
     assert plain is not None and not plain.flags & dns.flags.AD
-    with_do = cache.get(query(want_dnssec=True), 0.0)
-    assert with_do is not None and with_do.flags & dns.flags.AD
     with_ad = query()
     with_ad.flags |= dns.flags.AD
     hit = cache.get(with_ad, 0.0)
     assert hit is not None and hit.flags & dns.flags.AD
+    q = query(want_dnssec=True)
+    cache.put(q, reply(q, [("www.example.", 300, "A", "192.0.2.1")], flags=dns.flags.AD), 0.0)
+    with_do = cache.get(query(want_dnssec=True), 0.0)
+    assert with_do is not None and with_do.flags & dns.flags.AD
+
+
+def cd_query(**kw: object) -> dns.message.Message:
+    q = query(**kw)
+    q.flags |= dns.flags.CD
+    return q
+
+
+def test_checking_disabled_answer_is_served_only_to_checking_disabled_queries() -> None:
+    """A CD=1 answer was not validated upstream (it may be bogus data a validating resolver
+    refuses): a query without CD misses and asks the upstream itself; CD queries share it."""
+    cache = DnsCache()
+    q = cd_query()
+    cache.put(q, reply(q, [("www.example.", 300, "A", "192.0.2.66")]), 0.0)
+    assert cache.get(query(), 1.0) is None
+    hit = cache.get(cd_query(qid=9), 1.0)
+    assert hit is not None and hit.id == 9 and hit.answer[0][0].address == "192.0.2.66"
+    plain = query()
+    cache.put(plain, reply(plain, [("www.example.", 300, "A", "192.0.2.1")]), 2.0)
+    answer = cache.get(query(), 3.0)
+    assert answer is not None and answer.answer[0][0].address == "192.0.2.1"
+    still = cache.get(cd_query(), 3.0)
+    assert still is not None and still.answer[0][0].address == "192.0.2.66"
+    assert len(cache) == 2
+
+
+def test_answer_without_dnssec_records_is_not_served_to_a_do_query() -> None:
+    """A DO=0 answer has no RRSIGs: a client asking with DO (to validate itself) must get
+    the upstream's DO answer, not that one."""
+    cache = DnsCache()
+    plain = query()
+    cache.put(plain, a_reply(plain), 0.0)
+    assert cache.get(query(want_dnssec=True), 0.0) is None
+    assert cache.get(query(), 0.0) is not None
+
+
+@pytest.mark.parametrize("subnet", ["198.18.100.0", "fd00:100::"])
+def test_answers_to_client_subnet_queries_are_not_cached(subnet: str) -> None:
+    """With an EDNS Client Subnet option the answer may be tailored to that subnet (RFC 7871):
+    it is never stored, so it reaches neither another subnet nor a query without ECS; a cached
+    answer is not handed to an ECS query either (it may be wrong for that subnet)."""
+    cache = DnsCache()
+    ecs = query(use_edns=0, options=[dns.edns.ECSOption(subnet, 24 if "." in subnet else 56)])
+    tailored = reply(ecs, [("www.example.", 300, "A", "192.0.2.100")])
+    tailored.use_edns(0, options=[dns.edns.ECSOption(subnet, 24 if "." in subnet else 56, 24)])
+    cache.put(ecs, tailored, 0.0)
+    assert len(cache) == 0
+    assert cache.get(query(use_edns=0), 0.0) is None
+    plain = query(use_edns=0)
+    cache.put(plain, a_reply(plain), 0.0)
+    assert cache.get(ecs, 0.0) is None
+    assert cache.get(query(use_edns=0), 0.0) is not None
 
 
 def test_least_recently_used_entry_is_evicted() -> None:

@@ -16,8 +16,10 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rrset
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -402,3 +404,124 @@ def test_override_response_answers_the_asked_family() -> None:
     assert mx.rcode() == dns.rcode.NOERROR and not mx.answer
     only_v4 = override_response(make_query("home.example", "AAAA"), addresses[:1])
     assert only_v4.rcode() == dns.rcode.NOERROR and not only_v4.answer
+
+
+# -- answers: CNAME chains ------------------------------------------------------------------
+
+
+def chain_answer(qname: str, *records: tuple[str, str, str]) -> dns.message.Message:
+    """An upstream's answer to ``qname A`` with (owner, type, rdata) records in that order."""
+    response = dns.message.make_response(dns.message.make_query(qname, "A"))
+    for owner, rdtype, text in records:
+        response.answer.append(dns.rrset.from_text(owner, 300, "IN", rdtype, text))
+    return response
+
+
+def test_cname_to_a_blocked_name_blocks_the_answer() -> None:
+    """CNAME cloaking: the question is innocent, its alias is a blocked tracker's."""
+    policy = DnsPolicy(blocked=["||tracker.test^"])
+    answer = chain_answer("metrics.shop.test.",
+                          ("metrics.shop.test.", "CNAME", "shop.tracker.test."),
+                          ("shop.tracker.test.", "A", "192.0.2.7"))  # fmt: skip
+    verdict = policy.check_answer(answer)
+    assert verdict.action == "block"
+    assert verdict.rule == "cname:shop.tracker.test block:*.tracker.test"
+
+
+def test_blocked_name_deep_in_a_chain_in_any_record_order() -> None:
+    hops = [f"hop{i}.test." for i in range(20)]
+    records = [
+        (a, "CNAME", b) for a, b in zip(["www.test.", *hops], [*hops, "ads.test."], strict=True)
+    ]
+    records.append(("ads.test.", "A", "192.0.2.9"))
+    policy = DnsPolicy(blocked=["ads.test"])
+    assert policy.check_answer(chain_answer("www.test.", *records)).action == "block"
+    assert policy.check_answer(chain_answer("www.test.", *reversed(records))).action == "block"
+    assert DnsPolicy(blocked=["other.test"]).check_answer(
+        chain_answer("www.test.", *records)).action == "pass"  # fmt: skip
+
+
+def test_records_off_the_chain_are_ignored() -> None:
+    """Only the chain from the question counts, as for the client: an unrelated CNAME to a
+    blocked name (an upstream's stray record) does not block the answer."""
+    policy = DnsPolicy(blocked=["ads.test"])
+    answer = chain_answer("www.test.", ("www.test.", "A", "192.0.2.1"),
+                          ("other.test.", "CNAME", "ads.test."))  # fmt: skip
+    assert policy.check_answer(answer).action == "pass"
+
+
+def test_cname_loop_ends_the_walk() -> None:
+    policy = DnsPolicy(blocked=["ads.test"])
+    answer = chain_answer("a.test.", ("a.test.", "CNAME", "b.test."),
+                          ("b.test.", "CNAME", "a.test."))  # fmt: skip
+    assert policy.check_answer(answer).action == "pass"
+
+
+def test_dname_rewrite_to_a_blocked_suffix_blocks() -> None:
+    policy = DnsPolicy(blocked=["||tracker.test^"])
+    answer = chain_answer("x.cdn.shop.test.", ("cdn.shop.test.", "DNAME", "tracker.test."),
+                          ("x.tracker.test.", "A", "192.0.2.3"))  # fmt: skip
+    assert policy.check_answer(answer).action == "block"
+
+
+def test_allowed_question_is_trusted_with_its_chain_but_allowed_hop_only_spares_itself() -> None:
+    policy = DnsPolicy(blocked=["||tracker.test^", "ads.test"],
+                       allowed=["shop.test", "ok.tracker.test"])  # fmt: skip
+    to_tracker = chain_answer("shop.test.", ("shop.test.", "CNAME", "x.tracker.test."))
+    assert policy.check_answer(to_tracker).action == "pass"
+    via_allowed = chain_answer("www.test.", ("www.test.", "CNAME", "ok.tracker.test."),
+                               ("ok.tracker.test.", "CNAME", "ads.test."))  # fmt: skip
+    verdict = policy.check_answer(via_allowed)
+    assert verdict.action == "block" and verdict.rule.startswith("cname:ads.test ")
+    only_allowed = chain_answer("www.test.", ("www.test.", "CNAME", "ok.tracker.test."))
+    assert policy.check_answer(only_allowed).action == "pass"
+
+
+def test_answers_without_block_rules_or_chain_pass() -> None:
+    answer = chain_answer("www.test.", ("www.test.", "CNAME", "ads.test."))
+    assert DnsPolicy(allowed=["x.test"]).check_answer(answer).action == "pass"
+    plain = chain_answer("www.test.", ("www.test.", "A", "192.0.2.1"))
+    assert DnsPolicy(blocked=["ads.test"]).check_answer(plain).action == "pass"
+
+
+_CHAIN_NAMES = ["a.test.", "b.test.", "x.ads.test.", "ads.test.", "c.ok.test.", "test."]
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(_CHAIN_NAMES), st.sampled_from(["CNAME", "DNAME", "A"]),
+                  st.sampled_from(_CHAIN_NAMES)),
+        max_size=12,
+    ),
+    st.sampled_from(_CHAIN_NAMES),
+)  # fmt: skip
+def test_any_answer_gets_a_verdict_that_matches_walking_the_chain(
+    records: list[tuple[str, str, str]], qname: str
+) -> None:
+    """Whatever an upstream puts in the answer (loops, DNAMEs over their own targets, stray
+    records), the walk ends, and blocks exactly when a name reached through CNAMEs from the
+    question is blocked (checked here without DNAMEs, against a plain walk)."""
+    policy = DnsPolicy(blocked=["||ads.test^"], allowed=["ok.test"])
+    response = dns.message.make_response(dns.message.make_query(qname, "A"))
+    for owner, rdtype, target in records:
+        text = "192.0.2.1" if rdtype == "A" else target
+        rrset = response.find_rrset(response.answer, dns.name.from_text(owner),
+                                    dns.rdataclass.IN, dns.rdatatype.from_text(rdtype),
+                                    create=True)  # fmt: skip
+        rrset.add(dns.rdata.from_text("IN", rdtype, text), 300)
+    verdict = policy.check_answer(response)
+    assert verdict.action in ("pass", "block")
+    if any(rdtype == "DNAME" for _, rdtype, _ in records):
+        return
+    aliases: dict[str, list[str]] = {}
+    for rrset in response.answer:
+        if rrset.rdtype == dns.rdatatype.CNAME:
+            aliases.setdefault(rrset.name.to_text(), []).extend(rd.target.to_text() for rd in rrset)
+    reached, stack = {qname}, [qname] if policy.check(qname).rule == "" else []
+    while stack:
+        for target in aliases.get(stack.pop(), []):
+            if target not in reached:
+                reached.add(target)
+                stack.append(target)
+    blocked = any(policy.check(n).action == "block" for n in reached - {qname})
+    assert (verdict.action == "block") == blocked, (records, qname, verdict)

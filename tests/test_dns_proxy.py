@@ -39,6 +39,7 @@ GW4, GW6 = "198.18.0.1", "fd00:18::1"
 ZONE = {"www.test.": "198.18.5.5", "other.test.": "198.18.5.6", "ads.test.": "198.18.5.7"}
 BIG = "big.test."  # 200 A records: about 3.2 KB
 SLOW = "slow.test."  # never answered
+CLOAKED = "cloaked.test."  # CNAME x.tracker.test. (a tracker behind an innocent name)
 
 
 class Upstream:
@@ -55,7 +56,14 @@ class Upstream:
         if name == SLOW:
             return None
         response = dns.message.make_response(query)
-        if name == BIG:
+        if name == CLOAKED:
+            response.answer.append(
+                dns.rrset.from_text(CLOAKED, 300, "IN", "CNAME", "x.tracker.test.")
+            )
+            response.answer.append(
+                dns.rrset.from_text("x.tracker.test.", 300, "IN", "A", "198.18.5.9")
+            )
+        elif name == BIG:
             addresses = [f"198.18.{i // 250}.{i % 250}" for i in range(200)]
             response.answer.append(dns.rrset.from_text(BIG, 300, "IN", "A", *addresses))
         elif name in ZONE and query.question[0].rdtype == dns.rdatatype.A:
@@ -206,6 +214,34 @@ async def test_blocked_names_never_reach_the_upstream(
     assert env.gateway.statistics().dns.blocked == 3  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("how", ["nxdomain", "null"])
+async def test_cname_to_a_blocked_name_gets_the_blocked_answer_cached_or_not(
+    nursery: trio.Nursery, upstream: Upstream, tmp_path: Path, how: str
+) -> None:
+    """The question is not blocked, so it is asked; its answer's CNAME points at a blocked
+    name, so the client gets what the blocked name would get, from the cache as well; after a
+    reload that drops the rule, the cached answer is served whole."""
+    (tmp_path / "block").write_text("||tracker.test^\n")
+    env = await start(nursery, upstream, block_files=(str(tmp_path / "block"),),
+                      blocked_answer=how)  # fmt: skip
+    for sport, name in ((6000, "cloaked.test"), (6001, "CLOAKED.test")):  # 2nd: not replayed
+        env.ask(name, sport=sport)
+        answer = message((await env.answers(1))[0])
+        if how == "nxdomain":
+            assert answer.rcode() == dns.rcode.NXDOMAIN and not answer.answer
+        else:
+            assert [rd.to_text() for rrset in answer.answer for rd in rrset] == ["0.0.0.0"]
+    assert upstream.asked == [CLOAKED]
+    stats = env.gateway.statistics().dns
+    assert stats is not None and (stats.blocked, stats.blocked_cname, stats.cache_hits) == (2, 2, 1)
+    (tmp_path / "block").write_text("")
+    assert env.gateway.dns is not None
+    env.gateway.dns.reload()
+    env.ask("cloaked.test", sport=6002)
+    answer = message((await env.answers(1))[0])
+    assert [rrset.rdtype for rrset in answer.answer] == [dns.rdatatype.CNAME, dns.rdatatype.A]
+
+
 async def test_second_query_comes_from_the_cache(nursery: trio.Nursery, upstream: Upstream) -> None:
     env = await start(nursery, upstream)
     env.ask("www.test", qid=1)
@@ -316,6 +352,107 @@ async def test_tcp_queries_are_pipelined_and_answered_as_they_complete(
     assert got[-1].rcode() == dns.rcode.SERVFAIL
     big = next(m for m in got if m.id == 2)
     assert not big.flags & dns.flags.TC and len(big.answer[0]) == 200
+
+
+def tcp_query(name: str, qid: int) -> bytes:
+    q = dns.message.make_query(name, "A")
+    q.id = qid
+    return struct.pack("!H", len(q.to_wire())) + q.to_wire()
+
+
+async def test_tcp_client_trickling_a_query_is_reset_at_the_query_deadline(
+    nursery: trio.Nursery, upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    """One byte every 9 s never trips the 30 s idle timeout; the query deadline (10 s from
+    its first byte) resets the connection, and another connection is answered meanwhile."""
+    env = await start(nursery, upstream, tcp_query_timeout=10.0)
+    slow = TcpPeer(env.wire, CLIENT4, 40053, GW4, 53)
+    await slow.connect()
+    t0 = trio.current_time()
+    wire = tcp_query("www.test", 1)
+    with pytest.raises(ConnectionResetError):
+        for byte in wire:
+            await slow.send(bytes([byte]))
+            await trio.sleep(9)
+    assert slow.reset_received and 10 <= trio.current_time() - t0 < 19
+    other = TcpPeer(env.wire, CLIENT4, 40054, GW4, 53)
+    await other.connect()
+    await other.send(tcp_query("other.test", 2))
+    (n,) = struct.unpack("!H", await other.recv_exactly(2))
+    assert dns.message.from_wire(await other.recv_exactly(n)).answer
+    stats = env.gateway.statistics().dns
+    assert stats is not None and stats.tcp_timeouts == 1 and upstream.asked == ["other.test."]
+
+
+async def test_tcp_queries_one_after_another_each_get_the_whole_deadline(
+    nursery: trio.Nursery, upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The deadline is per query, not per connection: a client asking every 6 s, each query
+    sent in two halves 3 s apart, keeps its connection for a minute."""
+    env = await start(nursery, upstream, tcp_query_timeout=5.0)
+    peer = TcpPeer(env.wire, CLIENT4, 40055, GW4, 53)
+    await peer.connect()
+    for qid in range(10):
+        wire = tcp_query("www.test", qid)
+        await peer.send(wire[:5])
+        await trio.sleep(3)
+        await peer.send(wire[5:])
+        (n,) = struct.unpack("!H", await peer.recv_exactly(2))
+        assert dns.message.from_wire(await peer.recv_exactly(n)).id == qid
+        await trio.sleep(3)
+    assert env.gateway.statistics().dns.tcp_timeouts == 0  # type: ignore[union-attr]
+
+
+async def test_tcp_client_that_never_reads_its_answers_is_reset(
+    nursery: trio.Nursery, upstream: Upstream, autojump_clock: trio.testing.MockClock
+) -> None:
+    """120 pipelined 3.2 KB answers to a client whose window stays shut (it never reads):
+    lwIP's 256 KiB send buffer takes the first ones, then an answer cannot be written, and the
+    connection is reset once it has waited the query deadline rather than held forever."""
+    env = await start(nursery, upstream, tcp_query_timeout=10.0)
+    peer = TcpPeer(env.wire, CLIENT4, 40056, GW4, 53, window=512, wscale=None)
+    await peer.connect()
+    t0 = trio.current_time()
+    await peer.send(b"".join(tcp_query("big.test", qid) for qid in range(120)))
+    with trio.fail_after(60):
+        while not peer.reset_received:  # noqa: ASYNC110 (polls the peer, as a client would)
+            await trio.sleep(1)
+    assert 10 <= trio.current_time() - t0 < 20
+    assert env.gateway.statistics().dns.tcp_timeouts == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("client", "server"), [(CLIENT4, "203.0.113.53"), (CLIENT6, "2001:db8::53")]
+)
+async def test_reject_encrypted_refuses_port_853_as_a_closed_port_would(
+    nursery: trio.Nursery, upstream: Upstream, client: str, server: str
+) -> None:
+    """``reject_encrypted``: a SYN to port 853 (DoT) gets RST at once, a datagram to it (DoQ)
+    ICMP port unreachable quoting it; both counted, neither dialed nor made a session."""
+    env = await start(nursery, upstream, reject_encrypted=True)
+    peer = TcpPeer(env.wire, client, 40853, server, 853)
+    with trio.fail_after(5), pytest.raises(ConnectionRefusedError):
+        await peer.connect()
+    env.device.inject_packet(udp_packet(client, server, 5853, 853, b"\x00\x01quic"))
+    with trio.fail_after(5):
+        reply = await env.wire.next_unmatched()
+    assert (reply.icmp_type, reply.icmp_code) == ((3, 3) if ":" not in client else (1, 4))
+    assert (reply.src, reply.dst) == (server, client) and reply.l4_checksum_ok
+    stats = env.gateway.statistics()
+    assert stats.refused.encrypted_dns == 2 and stats.udp.opened == 0
+    assert env.forwarded == []  # type: ignore[attr-defined]
+
+
+async def test_reject_encrypted_blocks_doh_resolver_names_and_the_firefox_canary(
+    nursery: trio.Nursery, upstream: Upstream
+) -> None:
+    env = await start(nursery, upstream, reject_encrypted=True)
+    names = ["use-application-dns.net", "dns.google", "mozilla.cloudflare-dns.com", "www.test"]
+    for i, name in enumerate(names):
+        env.ask(name, sport=6100 + i)
+    replies = {r.dport: message(r) for r in await env.answers(len(names))}
+    assert [replies[6100 + i].rcode() for i in range(3)] == [dns.rcode.NXDOMAIN] * 3
+    assert replies[6103].answer and upstream.asked == ["www.test."]
 
 
 async def test_policy_reload_applies_to_new_queries(

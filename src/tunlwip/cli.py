@@ -205,9 +205,10 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
         log.info("control socket %s%s", socket_path,
                  f"; flow log {flow_log}" if flow_log else "")  # fmt: skip
         if gateway.dns is not None:
-            log.info("dns: hijack %s upstreams %s rules %d blocked-answer %s",
+            log.info("dns: hijack %s upstreams %s rules %d blocked-answer %s encrypted %s",
                      config.dns.hijack, " ".join(gateway.dns.upstream_urls) or "none",
-                     len(gateway.dns.policy), config.dns.blocked_answer)  # fmt: skip
+                     len(gateway.dns.policy), config.dns.blocked_answer,
+                     "rejected" if config.dns.reject_encrypted else "forwarded")  # fmt: skip
         service.ready(f"serving {device.name}")
         stop = (signal.SIGINT, signal.SIGTERM)
         with trio.open_signal_receiver(*stop, signal.SIGHUP) as signals:
@@ -237,10 +238,12 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
         if stats.dns is not None:
             d = stats.dns
             log.info("dns: queries %d blocked %d overridden %d cached %d (replayed %d) "
-                     "forwarded %d failed %d (timeouts %d) truncated %d malformed %d", d.queries,
+                     "forwarded %d failed %d (timeouts %d) truncated %d malformed %d; blocked "
+                     "by cname %d; tcp deadline resets %d; encrypted dns refused %d", d.queries,
                      d.blocked, d.overridden, d.cache_hits + d.replayed, d.replayed, d.forwarded,
                      d.upstream_failures, d.timeouts, d.truncated,
-                     d.malformed + d.formerr)  # fmt: skip
+                     d.malformed + d.formerr, d.blocked_cname, d.tcp_timeouts,
+                     stats.refused.encrypted_dns)  # fmt: skip
         # Stop the gateway alone first: flows still open are reset now and their records
         # (close reason "stopped") are written before the flow log closes at the end of its
         # subscription; a stuck disk gets FLOW_LOG_FLUSH_TIMEOUT, not forever.

@@ -561,6 +561,14 @@ SCHEMA: tuple[Option, ...] = (
            "is tried", None, "dns.attempt_timeout"),
     Option("dns.tcp_idle_timeout", _positive, 30.0, "a client's DNS-over-TCP connection idle "
            "this many seconds is closed", None, "dns.tcp_idle_timeout"),
+    Option("dns.tcp_query_timeout", _positive, 10.0, "a DNS-over-TCP query must arrive whole "
+           "within this many seconds of its first byte, and its answer be read by the client "
+           "within as many; else the connection is reset (counted: tcp_timeouts)", None,
+           "dns.tcp_query_timeout"),
+    Option("dns.reject_encrypted", Boolean(), False, "refuse encrypted DNS that would bypass "
+           "the proxy: TCP to port 853 gets RST and UDP to it ICMP port unreachable (DoT, DoQ; "
+           "counted: refused.encrypted_dns), and well-known DoH resolver names are blocked",
+           "--dns-reject-encrypted", "dns.reject_encrypted"),
     Option("dns.cache_size", Integer(0), 10_000, "cached answers at most (0: no cache)",
            None, "dns.cache_size"),
     Option("dns.min_ttl", Integer(0), 0, "cached answers live at least this many seconds",

@@ -43,6 +43,8 @@ from .udp import DNS_PORT, UdpConfig, UdpCounters, UdpHandler, UdpSession, UdpSe
 log = logging.getLogger("tunlwip.gateway")
 
 TcpHandler = Callable[[LwipTcpStream, Endpoint], Awaitable[None]]
+#: DNS over TLS (RFC 7858) over TCP, DNS over QUIC (RFC 9250) and over DTLS over UDP.
+ENCRYPTED_DNS_PORT = 853
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,9 @@ class RefusedCounters:
     #: The gateway's own upstream traffic came back through the TUN (protection not in
     #: effect): dropped, so it cannot loop.
     loops: int = 0
+    #: TCP or UDP to port 853 (DNS over TLS or QUIC) with ``dns.reject_encrypted``: RST or
+    #: ICMP port unreachable, so the client falls back to plain DNS at once.
+    encrypted_dns: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +171,8 @@ class Gateway:
                                        on_failed=self._dial_failed)  # fmt: skip
             self.stack.syn_interceptor = self._on_syn
             self.stack.accept_taker = self._take_predialed
-        else:  # SYNs are accepted at once; only our own, looping back, are held (dropped)
-            self.stack.syn_interceptor = self._drop_own_syn
+        else:  # SYNs are accepted at once; only our own (looping back) and rejected ones are held
+            self.stack.syn_interceptor = self._screen_syn
 
     @property
     def protect_mode(self) -> str:
@@ -474,12 +479,14 @@ class Gateway:
         with upstream:
             await relay_datagrams(session, upstream)
 
-    def _admit_udp(self, client: Endpoint, target: Endpoint) -> bool:
+    def _admit_udp(self, client: Endpoint, target: Endpoint) -> bool | Literal["reject"]:
         """A new UDP flow that is one of our own sockets coming back (an upstream's, the DNS
-        proxy's) is a loop."""
+        proxy's) is a loop; DNS over QUIC with ``dns.reject_encrypted`` is rejected."""
         if self.dialer.is_own(client, target):
             self._loop_detected("UDP", client, target)
             return False
+        if self._rejects_encrypted_dns(target):
+            return "reject"
         return True
 
     def _loop_detected(self, kind: str, client: Endpoint, target: Endpoint) -> None:
@@ -508,7 +515,7 @@ class Gateway:
 
     # -- dial before accept ------------------------------------------------------------------
     def _on_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:
-        if self._drop_own_syn(packet, client, target):
+        if self._screen_syn(packet, client, target):
             return True
         if self._is_dns(target):
             return False  # the proxy answers: accept at once, nothing to dial
@@ -534,11 +541,23 @@ class Gateway:
         dials.start(key, packet)
         return True
 
-    def _drop_own_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:
+    def _screen_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:
+        """Take a SYN that must not become a connection: our own, looping back (dropped), or
+        encrypted DNS with ``dns.reject_encrypted`` (RST, as from a closed port)."""
         if self.dialer.is_own(client, target):
             self._loop_detected("TCP", client, target)
             return True
+        if self._rejects_encrypted_dns(target):
+            self._answer(packet, refused=True)
+            return True
         return False
+
+    def _rejects_encrypted_dns(self, target: Endpoint) -> bool:
+        """Is this flow DNS over TLS or QUIC (port 853) to be rejected? Counts it if so."""
+        if target.port != ENCRYPTED_DNS_PORT or not self.config.dns.reject_encrypted:
+            return False
+        self._refused.encrypted_dns += 1
+        return True
 
     def _dial_connected(self, dial: HeldDial) -> None:
         self._counts["ok"] += 1

@@ -252,7 +252,9 @@ UdpHandler = Callable[[UdpSession], Awaitable[None]]
 #: attacher diverts the session's datagrams and sets ``_on_end`` (see ``UdpSessions``).
 UdpAttacher = Callable[[UdpSession], bool]
 #: Whether a new flow (client, destination) may open a session at all (False: dropped).
-UdpAdmission = Callable[[Endpoint, Endpoint], bool]
+#: Decides on a new flow (client, target): True opens a session, False drops the datagram,
+#: "reject" answers it with ICMP port unreachable, as a closed port would.
+UdpAdmission = Callable[[Endpoint, Endpoint], bool | Literal["reject"]]
 
 
 class UdpSessions:
@@ -298,7 +300,8 @@ class UdpSessions:
         return len(idle)
 
     def _refuse(self, client: Endpoint, target: Endpoint, data: bytes) -> None:
-        """ICMP port unreachable for a flow refused at ``max_sessions``: the client's socket
+        """ICMP port unreachable for a flow refused at ``max_sessions`` or by ``admit``: the
+        client's socket
         fails at once (ECONNREFUSED) instead of waiting. Sent once lwIP returns: this runs in
         its UDP callback, which must not send."""
         message = udp_unreachable(client.address.packed, target.address.packed, client.port,
@@ -329,8 +332,11 @@ class UdpSessions:
     def _open(self, client: Endpoint, target: Endpoint, data: bytes) -> UdpSession | None:
         if self._nursery is None:
             return None
-        if self.admit is not None and not self.admit(client, target):
+        verdict = self.admit(client, target) if self.admit is not None else True
+        if verdict is not True:
             self.counters.refused_admission += 1
+            if verdict == "reject":
+                self._refuse(client, target, data)
             return None
         if len(self._table) >= self.config.max_sessions:
             oldest = self._table.least_recent()

@@ -1,4 +1,4 @@
-"""DNS answer cache: per (name, type, class), honouring TTLs, negative answers included.
+"""DNS answer cache: per (name, type, class, CD, DO), honouring TTLs, negative answers included.
 
 Theory of operation
 -------------------
@@ -16,8 +16,9 @@ so the cache is pure and tests use plain numbers.
   response is not cached (RFC 2308 §5: it has no negative TTL).
 
 Never cached: truncated (TC) responses, other rcodes (SERVFAIL, REFUSED, FORMERR, ...),
-responses whose question is not the query's, queries without exactly one question, and
-anything whose TTL is 0 after clamping.
+responses whose question is not the query's, queries without exactly one question, answers to
+queries carrying an EDNS Client Subnet option (RFC 7871: the answer may be tailored to that
+subnet, so it is not another client's answer), and anything whose TTL is 0 after clamping.
 
 ``get`` answers *this* query: a fresh ``make_response(query)`` (its ID, RD, question and EDNS)
 with the cached sections copied in, every TTL lowered by the whole seconds since ``put``, so
@@ -26,7 +27,12 @@ miss. RRsets owned by the query name carry the query's spelling of it (clients u
 case randomisation compare it).
 
 Size is bounded by ``max_entries``; the least recently used entry (``get`` counts as use)
-is evicted first. The key ignores the DO and CD bits, as most forwarders' caches do.
+is evicted first.
+
+The key holds the CD and DO bits: an answer fetched with CD=1 (checking disabled: the upstream
+did not validate, so it may be bogus data a validating resolver would refuse) is only ever
+served to queries that also set CD, and a DO=0 answer (no RRSIGs) never reaches a client that
+asked for DNSSEC records and would fail to validate without them.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import dataclasses
 from collections import OrderedDict
 from typing import cast
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.name
@@ -44,7 +51,8 @@ import dns.rdatatype
 import dns.rdtypes.ANY.SOA
 import dns.rrset
 
-CacheKey = tuple[dns.name.Name, int, int]  # (qname lowercased, rdtype, rdclass)
+#: (qname lowercased, rdtype, rdclass, the query's CD and DO bits)
+CacheKey = tuple[dns.name.Name, int, int, int]
 
 _NOT_CACHED_IN_ADDITIONAL = frozenset({dns.rdatatype.OPT, dns.rdatatype.TSIG})
 
@@ -60,11 +68,25 @@ class _Entry:
     additional: tuple[dns.rrset.RRset, ...]
 
 
+def has_client_subnet(message: dns.message.Message) -> bool:
+    """Does the message carry an EDNS Client Subnet option (RFC 7871)?"""
+    return any(option.otype == dns.edns.OptionType.ECS for option in message.options)
+
+
 def cache_key(query: dns.message.Message) -> CacheKey | None:
-    """The cache key of a query, or None if it cannot be cached (not one question)."""
-    if len(query.question) != 1:
+    """The cache key of a query, or None if its answer must not be cached (not one question,
+    or an EDNS Client Subnet option: the answer may be tailored to that subnet)."""
+    if len(query.question) != 1 or has_client_subnet(query):
         return None
     question = query.question[0]
+    bits = (1 if query.flags & dns.flags.CD else 0) | (2 if query.ednsflags & dns.flags.DO else 0)
+    return (question.name.canonicalize(), question.rdtype, question.rdclass, bits)
+
+
+def _question_key(message: dns.message.Message) -> tuple[dns.name.Name, int, int] | None:
+    if len(message.question) != 1:
+        return None
+    question = message.question[0]
     return (question.name.canonicalize(), question.rdtype, question.rdclass)
 
 
@@ -168,7 +190,7 @@ class DnsCache:
             return
         if query.opcode() != dns.opcode.QUERY or response.opcode() != dns.opcode.QUERY:
             return
-        if len(response.question) != 1 or cache_key(response) != key:
+        if _question_key(response) != key[:3]:
             return
         rcode = response.rcode()
         answer = response.answer

@@ -33,6 +33,17 @@ Decision order for a queried name:
 So an allow-listed subdomain of a blocked suffix resolves. Rules live in dicts of exact names
 and of suffixes; a lookup probes the name and each of its parents, never the rule list.
 
+Answers are checked too (``check_answer``): a tracker hidden behind a CNAME of an innocent
+name ("CNAME cloaking": ``metrics.shop.example CNAME shop.tracker.example``) would otherwise
+pass, since only the question is in the query. The chain is followed from the question name
+through the answer section's CNAMEs (and DNAMEs) exactly as a client follows it; each name on it
+is checked like a question, and the first blocked one blocks the whole answer. The walk visits
+each name at most once (a CNAME loop ends it), follows every target of an (invalid) CNAME
+RRset with several, and takes at most one step per answer record, so an upstream cannot make
+it long. A question name matched by an allow rule is trusted with its
+whole chain (the operator said it resolves); an allow rule on a name along the chain spares
+that name only.
+
 ``blocked_response`` and ``override_response`` build the answers the proxy sends for the
 ``"block"`` and ``"override"`` verdicts.
 """
@@ -69,6 +80,31 @@ _HOSTS_NON_NAMES = frozenset(
     {"localhost", "localhost.localdomain", "local", "broadcasthost", "0.0.0.0"}
 )
 _COMMON_HOSTS_ADDRESSES = frozenset({"0.0.0.0", "127.0.0.1", "::", "::1"})
+
+#: Names of well-known public DNS-over-HTTPS resolvers (whole suffixes), blocked with
+#: ``dns.reject_encrypted``: a client that cannot resolve its DoH server falls back to plain
+#: DNS, which the proxy answers. DoH itself looks like any HTTPS, so this list (with the
+#: operator's own block lists) is the only handle on it. ``use-application-dns.net`` is
+#: Mozilla's canary: Firefox turns its default DoH off when that name does not resolve.
+ENCRYPTED_DNS_NAMES: tuple[str, ...] = (
+    "use-application-dns.net",
+    "||dns.google^",
+    "||cloudflare-dns.com^",
+    "||dns.quad9.net^",
+    "||doh.opendns.com^",
+    "||doh.cleanbrowsing.org^",
+    "||dns.adguard.com^",
+    "||dns.adguard-dns.com^",
+    "||dns.nextdns.io^",
+    "||doh.dns.sb^",
+    "||dns.mullvad.net^",
+    "||doh.mullvad.net^",
+    "||dns.alidns.com^",
+    "||doh.pub^",
+    "||doh.360.cn^",
+    "||doh.xfinity.com^",
+    "||dns.controld.com^",
+)
 
 # Rules are kept as name -> origin, where origin packs the source and line (see _Origins) so
 # a million rules cost one small int each rather than one string each.
@@ -217,10 +253,19 @@ class DnsPolicy:
         block_files: Sequence[str | Path] = (),
         allow_files: Sequence[str | Path] = (),
         overrides: Mapping[str, Sequence[str | IPAddress]] = {},
+        builtin_blocked: Sequence[str] = (),
+        builtin_source: str = "built in",
     ) -> DnsPolicy:
-        """Load block and allow lists (all merged) plus overrides; an unreadable file raises
+        """Load block and allow lists (all merged) plus overrides, and ``builtin_blocked``
+        rules (named ``builtin_source`` in the query log); an unreadable file raises
         ``ConfigError``, bad lines are skipped, counted and logged once per file."""
         policy = cls(overrides=overrides)
+        if builtin_blocked:
+            source = len(policy._sources)
+            policy._sources.append(builtin_source)
+            for rule in builtin_blocked:
+                if not policy._load_line(rule, policy._block, source):
+                    raise ValueError(f"invalid built-in DNS rule {rule!r}")
         for path in block_files:
             policy._load(Path(path), policy._block)
         for path in allow_files:
@@ -258,13 +303,51 @@ class DnsPolicy:
             return Verdict("block", rule=self._describe("block", *blocked))
         return PASS
 
+    def check_answer(self, response: dns.message.Message) -> Verdict:
+        """The verdict for the names a response's answer leads to (its CNAME/DNAME chain from
+        the question name): "block" for the first blocked one, else pass."""
+        if not self._block or len(response.question) != 1 or not response.answer:
+            return PASS
+        name = response.question[0].name
+        if self.check(name).action != "pass" or self._allow.match(_text(name)) is not None:
+            return PASS  # blocked or overridden questions never get here; allowed: trusted
+        aliases: dict[dns.name.Name, list[dns.name.Name]] = {}
+        dnames: list[tuple[dns.name.Name, dns.name.Name]] = []
+        records = 0
+        for rrset in response.answer:
+            records += len(rrset)
+            if rrset.rdtype == dns.rdatatype.CNAME:
+                aliases.setdefault(rrset.name, []).extend(rdata.target for rdata in rrset)
+            elif rrset.rdtype == dns.rdatatype.DNAME:
+                dnames.extend((rrset.name, rdata.target) for rdata in rrset)
+        # Every branch (an invalid CNAME RRset with several targets is followed whole), each
+        # name once, at most one step per record: an upstream cannot make the walk long.
+        pending, seen = [name], {name}
+        while pending and records > 0:
+            records -= 1
+            current = pending.pop()
+            targets = aliases.get(current)
+            if targets is None:
+                rewritten = _dname_target(current, dnames)
+                targets = [rewritten] if rewritten is not None else []
+            for target in targets:
+                if target in seen:
+                    continue
+                seen.add(target)
+                verdict = self.check(target)
+                if verdict.action == "block":
+                    return Verdict("block", rule=f"cname:{_text(target)} {verdict.rule}")
+                pending.append(target)
+        return PASS
+
     # -- loading --------------------------------------------------------------------------
 
     def _describe(self, kind: str, rule: str, origin: int) -> str:
         source = self._sources[origin & ((1 << _ORIGIN_BITS) - 1)]
         if not source:
             return f"{kind}:{rule}"
-        return f"{kind}:{rule} ({source}:{origin >> _ORIGIN_BITS})"
+        line = origin >> _ORIGIN_BITS
+        return f"{kind}:{rule} ({source}:{line})" if line else f"{kind}:{rule} ({source})"
 
     def _add_override(self, name: str, addresses: Sequence[str | IPAddress]) -> None:
         normalized = _normalize(name.strip())
@@ -331,6 +414,23 @@ class DnsPolicy:
             else:
                 rules.add(host, False, origin)
         return ok
+
+
+def _text(name: dns.name.Name) -> str:
+    return name.to_text(omit_final_dot=True).lower()
+
+
+def _dname_target(
+    name: dns.name.Name, dnames: Sequence[tuple[dns.name.Name, dns.name.Name]]
+) -> dns.name.Name | None:
+    """The name a DNAME of the answer rewrites ``name`` to (RFC 6672), if one applies."""
+    for owner, target in dnames:
+        if name != owner and name.is_subdomain(owner):
+            try:
+                return name.relativize(owner).derelativize(target)
+            except dns.name.NameTooLong:
+                return None
+    return None
 
 
 # -- answers ------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ so a slow upstream never delays other queries or other packets:
 2. policy: overrides, then allow rules, then block rules (``dns.policy``);
 3. cache (``dns.cache``), honouring TTLs, negative answers included;
 4. upstreams in order with failover (``dns.upstreams``); no answer within ``query_timeout``
-   gives the client SERVFAIL.
+   gives the client SERVFAIL;
+5. the answer's CNAME chain is checked against the policy too (cached answers included): one
+   leading to a blocked name gets the blocked answer.
 
 Queries in flight are tracked per (client address, client port, message ID): a client's
 retransmission of a query still being resolved is dropped, while two clients that happen to
@@ -43,7 +45,13 @@ from ..dialer import Dialer
 from ..endpoint import Endpoint
 from .cache import DnsCache
 from .names import ResolvedNames, answered_addresses
-from .policy import BlockedAnswer, DnsPolicy, blocked_response, override_response
+from .policy import (
+    ENCRYPTED_DNS_NAMES,
+    BlockedAnswer,
+    DnsPolicy,
+    blocked_response,
+    override_response,
+)
 from .replay import RecentAnswers
 from .upstreams import UpstreamError, UpstreamSet, parse_upstream
 
@@ -87,16 +95,33 @@ class DnsConfig:
     max_in_flight: int = 1024
     #: A client TCP connection with no query for this long is closed.
     tcp_idle_timeout: float = 30.0
+    #: A query over TCP must arrive whole this long after its first byte, and its answer be
+    #: taken by the client this long after it is ready; else the connection is reset.
+    tcp_query_timeout: float = 10.0
+    #: Refuse encrypted DNS that would go around the proxy: the gateway resets TCP and
+    #: rejects UDP to port 853 (DoT, DoQ) as a closed port would, and the proxy blocks the
+    #: names of well-known DoH resolvers (``policy.ENCRYPTED_DNS_NAMES``).
+    reject_encrypted: bool = False
 
     def __post_init__(self) -> None:
         if self.hijack not in ("all", "gateway", "off"):
             raise ValueError("dns hijack must be 'all', 'gateway' or 'off'")
         if self.blocked_answer not in ("nxdomain", "null", "refused"):
             raise ValueError("dns blocked answer must be 'nxdomain', 'null' or 'refused'")
-        if min(self.query_timeout, self.attempt_timeout, self.tcp_idle_timeout) <= 0:
+        if min(self.query_timeout, self.attempt_timeout, self.tcp_idle_timeout,
+               self.tcp_query_timeout) <= 0:  # fmt: skip
             raise ValueError("DNS timeouts must be positive")
         if self.cache_size < 0 or self.max_in_flight < 1:
             raise ValueError("dns cache_size must be >= 0 and max_in_flight >= 1")
+
+
+def _policy(config: DnsConfig) -> DnsPolicy:
+    """The configured lists and overrides, plus the DoH resolver names when encrypted DNS is
+    rejected."""
+    builtin = ENCRYPTED_DNS_NAMES if config.reject_encrypted else ()
+    return DnsPolicy.from_files(config.block_files, config.allow_files, config.overrides,
+                                builtin_blocked=builtin,
+                                builtin_source="dns.reject_encrypted")  # fmt: skip
 
 
 def resolv_conf_upstreams(path: str = RESOLV_CONF) -> tuple[str, ...]:
@@ -121,6 +146,8 @@ def resolv_conf_upstreams(path: str = RESOLV_CONF) -> tuple[str, ...]:
 class DnsCounters:
     queries: int = 0
     blocked: int = 0
+    #: Of ``blocked``: answers whose CNAME chain led to a blocked name.
+    blocked_cname: int = 0
     overridden: int = 0
     cache_hits: int = 0
     forwarded: int = 0
@@ -135,6 +162,9 @@ class DnsCounters:
     overload: int = 0
     #: Answered by replaying a recent answer to a byte-identical query (``dns.replay``).
     replayed: int = 0
+    #: TCP connections reset for a query not received, or an answer not taken, within
+    #: ``tcp_query_timeout``.
+    tcp_timeouts: int = 0
 
 
 class DnsProxy:
@@ -171,8 +201,7 @@ class DnsProxy:
         return [u.url for u in self.upstreams.upstreams]
 
     def _load_policy(self) -> DnsPolicy:
-        c = self.config
-        return DnsPolicy.from_files(c.block_files, c.allow_files, c.overrides)
+        return _policy(self.config)
 
     def reconfigure(self, config: DnsConfig, dialer: Dialer) -> None:
         """Switch to ``config``: policy files, overrides, upstreams, timeouts and cache limits.
@@ -182,7 +211,7 @@ class DnsProxy:
         urls = config.upstreams or resolv_conf_upstreams()
         upstreams = UpstreamSet([parse_upstream(u, dialer, ca_file=config.ca_file) for u in urls],
                                 attempt_timeout=config.attempt_timeout)  # fmt: skip
-        policy = DnsPolicy.from_files(config.block_files, config.allow_files, config.overrides)
+        policy = _policy(config)
         cache_limits = (config.cache_size, config.min_ttl, config.max_ttl, config.max_negative_ttl)
         if cache_limits != (self.config.cache_size, self.config.min_ttl, self.config.max_ttl,
                             self.config.max_negative_ttl):  # fmt: skip
@@ -240,11 +269,33 @@ class DnsProxy:
 
     async def serve_tcp(self, stream: LwipTcpStream) -> None:
         """RFC 7766: length-prefixed queries, several in flight per connection, each answer
-        written as soon as it is ready (so possibly out of order)."""
+        written as soon as it is ready (so possibly out of order).
+
+        Deadlines, so a client cannot hold a connection and its task by trickling: a query
+        must arrive whole within ``tcp_query_timeout`` of its first byte (the idle timeout
+        alone restarts with every byte), and each answer must be taken by the client within
+        ``tcp_query_timeout`` of being ready (a client that never reads). Past either, the
+        connection is reset and counted (``tcp_timeouts``)."""
         client = stream.remote
         send_lock = trio.Lock()
         slots = trio.Semaphore(TCP_MAX_PIPELINED)
         buffer = bytearray()
+        config = self.config
+
+        def cut_off(why: str) -> None:
+            if nursery.cancel_scope.cancel_called:
+                return  # already cut off
+            self.counters.tcp_timeouts += 1
+            log.debug("dns %s: TCP connection reset: %s", client, why)
+            stream.abort()
+            nursery.cancel_scope.cancel()
+
+        async def send(message: bytes) -> None:
+            with trio.move_on_after(config.tcp_query_timeout) as sending:
+                async with send_lock:
+                    await stream.send_all(struct.pack("!H", len(message)) + message)
+            if sending.cancelled_caught:
+                cut_off(f"answer not taken within {config.tcp_query_timeout:g} s")
 
         async def answer_one(query: bytes) -> None:
             try:
@@ -253,18 +304,27 @@ class DnsProxy:
                 self._release(query, client)
                 slots.release()
             if answer is not None:
-                async with send_lock:
-                    try:
-                        await stream.send_all(struct.pack("!H", len(answer)) + answer)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        nursery.cancel_scope.cancel()
+                try:
+                    await send(answer)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    nursery.cancel_scope.cancel()
 
         async with stream, trio.open_nursery() as nursery:
+            query_started = 0.0  # when the first byte of the partial query in buffer came
             while True:
-                with trio.move_on_after(self.config.tcp_idle_timeout) as idle:
+                if buffer:
+                    deadline = query_started + config.tcp_query_timeout
+                else:
+                    deadline = trio.current_time() + config.tcp_idle_timeout
+                with trio.move_on_at(deadline) as waited:
                     data = await _receive_or_eof(stream)
-                if idle.cancelled_caught or data is None:
+                if waited.cancelled_caught and buffer:
+                    cut_off(f"query not complete within {config.tcp_query_timeout:g} s")
                     break
+                if waited.cancelled_caught or data is None:
+                    break
+                if not buffer:
+                    query_started = trio.current_time()
                 buffer += data
                 while len(buffer) >= 2:
                     (length,) = struct.unpack_from("!H", buffer)
@@ -272,11 +332,11 @@ class DnsProxy:
                         break
                     query = bytes(buffer[2 : 2 + length])
                     del buffer[: 2 + length]
+                    query_started = trio.current_time()  # the next query's bytes came now
                     admitted, refusal = self._admit(query, client)
                     if not admitted:
                         if refusal is not None:
-                            async with send_lock:
-                                await stream.send_all(struct.pack("!H", len(refusal)) + refusal)
+                            await send(refusal)
                         continue
                     await slots.acquire()
                     nursery.start_soon(answer_one, query)
@@ -363,7 +423,7 @@ class DnsProxy:
         cached = self.cache.get(query, trio.current_time())
         if cached is not None:
             self.counters.cache_hits += 1
-            return cached, None, "cache"
+            return self._screen(query, cached, None, "cache")
         with trio.move_on_after(self.config.query_timeout) as timeout:
             while True:
                 round_started = trio.current_time()
@@ -379,11 +439,24 @@ class DnsProxy:
                         return self._servfail(query), None, f"failed: {exc}"
             self.counters.forwarded += 1
             self.cache.put(query, response, trio.current_time())
-            return response, raw, upstream.url
+            return self._screen(query, response, raw, upstream.url)
         assert timeout.cancelled_caught
         self.counters.timeouts += 1
         self.counters.upstream_failures += 1
         return self._servfail(query), None, "timeout"
+
+    def _screen(self, query: dns.message.Message, response: dns.message.Message,
+                raw: bytes | None, source: str
+                ) -> tuple[dns.message.Message, bytes | None, str]:  # fmt: skip
+        """Block an answer whose CNAME chain leads to a blocked name, with the answer the
+        blocked name gets as a question. Done on every answer, cached ones too, so a reloaded
+        block list applies to answers cached before it."""
+        verdict = self.policy.check_answer(response)
+        if verdict.action != "block":
+            return response, raw, source
+        self.counters.blocked += 1
+        self.counters.blocked_cname += 1
+        return blocked_response(query, self.config.blocked_answer), None, verdict.rule
 
     def _finish(self, query: dns.message.Message, response: dns.message.Message,
                 raw: bytes | None, client: Endpoint, source: str, started: float,
