@@ -36,6 +36,7 @@ import trio
 from . import _binding
 from ._binding import ffi, lib
 from .device import PacketDevice
+from .dialer import Keepalive
 from .endpoint import Endpoint
 from .errors import DeviceError, LwipError, TunlwipError
 from .loopidle import LoopIdleProbe
@@ -144,6 +145,13 @@ def _device_failed(device: PacketDevice, err: int, operation: str = "read") -> D
     return exc
 
 
+def _apply_keepalive(keepalive: Keepalive | None) -> None:
+    if keepalive is None:
+        lib.tl_set_tcp_keepalive(0, 0, 0)
+    else:
+        lib.tl_set_tcp_keepalive(keepalive.idle * 1000, keepalive.interval * 1000, keepalive.count)
+
+
 _active: LwipStack | None = None
 
 
@@ -176,6 +184,7 @@ class LwipStack:
         self._next_watch_token = 1
         #: Relays with no byte moved for this long are reset (None: never).
         self.relay_idle_timeout: float | None = None
+        self._tcp_keepalive: Keepalive | None = None
         self._next_conn_id = 1
         self._outbox: list[bytes] = []
         self._output_ready = trio.Event()
@@ -217,6 +226,19 @@ class LwipStack:
             self._stop_lwip()
             _active = None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def tcp_keepalive(self) -> Keepalive | None:
+        """lwIP's keepalive toward clients, for connections accepted from now on (None: off).
+        A client that stops answering for ``budget`` seconds gets a RST and its flow ends
+        ("client timeout" for a relay: its upstream is reset). Timing runs on lwIP's 500 ms
+        slow timer, so each step may come up to half a second late."""
+        return self._tcp_keepalive
+
+    @tcp_keepalive.setter
+    def tcp_keepalive(self, keepalive: Keepalive | None) -> None:
+        self._tcp_keepalive = keepalive
+        _apply_keepalive(keepalive)
 
     def statistics(self) -> StackStatistics:
         c = lib.tl_get_counters()
@@ -350,6 +372,7 @@ class LwipStack:
         lib.tl_reset_counters()
         lib.tl_relay_reset_counters()
         lib.tl_set_checksum_check(1 if cfg.verify_checksums else 0)
+        _apply_keepalive(self._tcp_keepalive)  # lwIP is global: another stack may have set it
         nets = cfg.client_networks
         c_nets = ffi.new("tl_endpoint[]", max(1, len(nets)))
         prefixes = ffi.new("uint8_t[]", max(1, len(nets)))

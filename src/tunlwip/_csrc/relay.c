@@ -170,6 +170,19 @@ static int tl_relay_fail(struct tl_relay *r, int reason)
     return tl_relay_end(r, reason) ? TL_ABORTED : TL_ENDED;
 }
 
+/* Why a socket error ends a relay: the upstream reset it (ECONNRESET, EPIPE), or the kernel
+ * gave up on an upstream that stopped answering (keepalive or retransmissions: ETIMEDOUT, or
+ * the ICMP error seen meanwhile, which only a timeout makes fatal on a connected socket). */
+static int tl_relay_upstream_failure(int err)
+{
+    switch (err) {
+    case ETIMEDOUT: case EHOSTUNREACH: case ENETUNREACH: case EHOSTDOWN:
+        return TL_RELAY_UPSTREAM_TIMEOUT;
+    default:
+        return TL_RELAY_UPSTREAM_RESET;
+    }
+}
+
 /* Both directions finished: close the socket, hand the PCB to lwIP to finish closing. */
 static int tl_relay_maybe_finish(struct tl_relay *r)
 {
@@ -207,7 +220,7 @@ static int tl_relay_flush_up(struct tl_relay *r)
                 tl_rstats.upstream_full++;
                 break;
             }
-            return tl_relay_fail(r, TL_RELAY_UPSTREAM_RESET); /* EPIPE, ECONNRESET, ... */
+            return tl_relay_fail(r, tl_relay_upstream_failure(errno)); /* EPIPE, ... */
         }
         size_t left = (size_t)n;
         while (left > 0) {
@@ -316,7 +329,7 @@ static int tl_relay_pump_down(struct tl_relay *r)
                 r->drained = 1;
                 break;
             }
-            return tl_relay_fail(r, TL_RELAY_UPSTREAM_RESET);
+            return tl_relay_fail(r, tl_relay_upstream_failure(errno));
         }
         if (n > 0 && (size_t)n < want) r->drained = 1;
         if (n == 0) {
@@ -359,7 +372,10 @@ static void tl_relay_on_error(void *arg, err_t err)
         tl_relay_settle(r); /* lwIP finished its side cleanly; the socket side goes on */
         return;
     }
-    tl_relay_end(r, err == ERR_RST ? TL_RELAY_CLIENT_RESET : TL_RELAY_ERROR);
+    /* ERR_ABRT from lwIP itself: its slow timer gave up on the client (keepalive probes or
+     * retransmissions unanswered) and sent it a RST; the upstream is reset in turn. */
+    tl_relay_end(r, err == ERR_RST ? TL_RELAY_CLIENT_RESET
+                    : err == ERR_ABRT ? TL_RELAY_CLIENT_TIMEOUT : TL_RELAY_ERROR);
 }
 
 /* ---- epoll -------------------------------------------------------------------------------- */
@@ -634,6 +650,33 @@ int tl_relay_sweep(uint32_t idle_ms)
     }
     tl_relay_bury();
     return ended;
+}
+
+/* ---- keepalive toward clients ------------------------------------------------------------ */
+
+/* lwIP's keepalive timing for connections accepted from now on (idle_ms 0: none). Why per
+ * accepted PCB: a flow should end when its client is gone, not when it is quiet, and lwIP
+ * only probes PCBs with SOF_KEEPALIVE set. */
+static u32_t tl_keep_idle_ms, tl_keep_intvl_ms, tl_keep_cnt;
+
+void tl_set_tcp_keepalive(uint32_t idle_ms, uint32_t interval_ms, uint32_t count)
+{
+    tl_keep_idle_ms = idle_ms;
+    tl_keep_intvl_ms = interval_ms > 0 ? interval_ms : 1000;
+    tl_keep_cnt = count > 0 ? count : 1;
+}
+
+/* Called by glue.c's accept callback for every new connection. */
+void tl_tcp_keepalive_apply(struct tcp_pcb *pcb)
+{
+    if (tl_keep_idle_ms == 0) {
+        ip_reset_option(pcb, SOF_KEEPALIVE);
+        return;
+    }
+    ip_set_option(pcb, SOF_KEEPALIVE);
+    pcb->keep_idle = tl_keep_idle_ms;
+    pcb->keep_intvl = tl_keep_intvl_ms;
+    pcb->keep_cnt = tl_keep_cnt;
 }
 
 void tl_relay_abort_all(void)

@@ -96,7 +96,10 @@
 #define LWIP_TCP_TIMESTAMPS             0
 #define TCP_LISTEN_BACKLOG              0
 #define TCP_MSL                         5000UL  /* TIME-WAIT lasts 2*MSL = 10 s */
-#define LWIP_TCP_KEEPALIVE              0
+/* Keepalive toward clients: per-PCB timing (keep_idle, keep_intvl, keep_cnt), set on each
+ * accepted connection from tcp.keepalive_* (relay.c tl_tcp_keepalive_apply), so an idle flow
+ * ends when its client is gone, not when it is quiet. lwIP checks it on its 500 ms slow timer. */
+#define LWIP_TCP_KEEPALIVE              1
 #define LWIP_CALLBACK_API               1
 
 /* ---- checksums ------------------------------------------------------------------------- */
