@@ -18,12 +18,13 @@ import pytest
 import trio
 
 from tunlwip import MemoryDevice
+from tunlwip.dialer import Dialer, Keepalive
 from tunlwip.endpoint import Endpoint
 from tunlwip.gateway import Gateway, GatewayConfig
 from tunlwip.predial import HeldDial
 
 from harness import on_loopback
-from packets import ACK, RST, SYN, is_valid, parse, tcp_options, tcp_packet
+from packets import ACK, FIN, RST, SYN, is_valid, parse, tcp_options, tcp_packet
 from tcppeer import PacketWire, TcpPeer
 
 CLIENT = "198.18.0.2"
@@ -233,3 +234,115 @@ async def test_idle_flow_is_reset_after_idle_timeout(
     with pytest.raises(ConnectionResetError):
         await peer.recv()
     assert 60 <= trio.current_time() - start < 65
+
+
+async def serve_echo_until_reset(
+    ended: list[str],
+    done: trio.Event | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A loopback upstream that echoes; how its connection ended goes to ``ended``, then
+    ``done`` is set."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+            ended.append("eof")
+        except trio.BrokenResourceError as exc:
+            ended.append(repr(exc.__cause__))
+        if done is not None:
+            done.set()
+
+    await serve_on_loopback(handler, task_status=task_status)
+
+
+def keepalive_probes(peer: TcpPeer) -> list[Any]:
+    """The empty segments one below what the peer expects next: lwIP's keepalive probes."""
+    below = (peer.rcv_nxt - 1) % 2**32
+    return [
+        s for s in peer.segments if not s.payload and not s.flags & (SYN | FIN) and s.seq == below
+    ]
+
+
+async def test_quiet_flow_lives_while_its_client_answers_keepalives(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """The defaults: no idle limit, keepalive after 120 s. An hour without a byte, the flow
+    still carries bytes both ways; lwIP probed it all along and the client answered."""
+    wire = (await start_env(nursery, GatewayConfig())).wire
+    ended: list[str] = []
+    port = await nursery.start(serve_echo_until_reset, ended)
+    peer = TcpPeer(wire, CLIENT, 40013, "127.0.0.1", port, timeout=7200)
+    await peer.connect()
+    await peer.send(b"before")
+    assert await peer.recv_exactly(6) == b"before"
+    await trio.sleep(3600)
+    assert peer.probes_answered >= 3600 // (120 + 1) - 1, peer.probes_answered
+    payload = os.urandom(100_000)
+    await peer.send(payload)
+    assert await peer.recv_exactly(len(payload)) == payload
+    assert not ended and not peer.reset_received
+
+
+async def test_vanished_client_is_given_up_after_the_keepalive_budget(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """A client that stops answering: lwIP probes it ``count`` times, then resets it and the
+    relay resets the upstream, idle + interval x count seconds after its last packet (lwIP's
+    500 ms timer may add a tick). The flow record says why."""
+    config = GatewayConfig(keepalive_idle=60, keepalive_interval=10, keepalive_count=3)
+    env = await start_env(nursery, config)
+    records = env.gateway.flows()
+    ended: list[str] = []
+    done = trio.Event()
+    port = await nursery.start(serve_echo_until_reset, ended, done)
+    peer = TcpPeer(env.wire, CLIENT, 40014, "127.0.0.1", port, timeout=600)
+    await peer.connect()
+    await peer.send(b"hello")
+    assert await peer.recv_exactly(5) == b"hello"
+    peer.answer_probes = False
+    last_packet = trio.current_time()
+    with pytest.raises(ConnectionResetError):
+        await peer.recv()
+    elapsed = trio.current_time() - last_packet
+    with trio.fail_after(10):
+        record = await records.__anext__()
+    assert 90 <= elapsed <= 91, elapsed
+    assert len(keepalive_probes(peer)) == 3
+    assert record.close_reason == "client timeout"
+    with trio.fail_after(10):
+        await done.wait()
+    assert "ConnectionResetError" in ended[0], ended
+
+
+async def test_keepalive_off_and_no_idle_limit_keep_a_silent_client(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """Keepalive off: lwIP never probes, so nothing ends a flow whose client is silent."""
+    wire = (await start_env(nursery, GatewayConfig(keepalive_idle=None))).wire
+    port = await nursery.start(serve_echo_until_reset, [])
+    peer = TcpPeer(wire, CLIENT, 40015, "127.0.0.1", port, timeout=7200)
+    await peer.connect()
+    peer.answer_probes = False
+    await trio.sleep(3600)
+    assert not keepalive_probes(peer) and not peer.reset_received
+    await peer.send(b"still here")
+    assert await peer.recv_exactly(10) == b"still here"
+
+
+def test_upstream_sockets_get_the_keepalive_settings() -> None:
+    """The dialer arms the kernel's keepalive on every upstream TCP socket, so a vanished
+    upstream ends its flow (ETIMEDOUT) however quiet the flow is."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        target = Endpoint.parse("127.0.0.1", listener.getsockname()[1])
+        with Dialer(keepalive=Keepalive(idle=7, interval=3, count=2)).start_tcp(target) as sock:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            options = (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)
+            assert [sock.getsockopt(socket.IPPROTO_TCP, o) for o in options] == [7, 3, 2]
+        with Dialer().start_tcp(target) as sock:  # none asked for: the kernel's default, off
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+    with pytest.raises(ValueError):
+        Keepalive(idle=0)

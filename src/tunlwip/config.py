@@ -162,7 +162,8 @@ class Integer(Kind):
 
 class OffOr(Kind):
     """``inner``'s values, or "off" (and 0) for "none": a limit an operator may leave out.
-    Off is None, which ``--print`` shows as a commented-out key."""
+    Off is None, which ``--print`` writes as "off" (a commented-out key would mean the
+    default, which may be on)."""
 
     OFF = "off"
 
@@ -183,7 +184,12 @@ class OffOr(Kind):
                 return None
         if isinstance(value, str):
             raise self.wrong(where, value)
-        return self.inner.parse(value, where, base)
+        try:
+            return self.inner.parse(value, where, base)
+        except ConfigError as exc:
+            if str(exc).startswith(f"{where}: expected "):  # a wrong type: name "off" too
+                raise self.wrong(where, value) from None
+            raise
 
     def dump(self, value: Any) -> str:
         return self.inner.dump(value)
@@ -695,7 +701,9 @@ class Settings:
                 if opt.section != section:
                     continue
                 value = self.values[opt.path]
-                if value is None:
+                if value is None and isinstance(opt.kind, OffOr):  # off, even if on by default
+                    lines.append(f"{opt.key} = {_show(OffOr.OFF)}")
+                elif value is None:
                     lines.append(f"# {opt.key}: not set ({opt.unset})")
                 else:
                     lines.append(f"{opt.key} = {opt.kind.dump(value)}")
