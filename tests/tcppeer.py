@@ -278,6 +278,11 @@ class TcpPeer:
         return bytes(out)
 
     # -- waiting ----------------------------------------------------------------------------
+    async def wait_reset(self) -> None:
+        """Wait until the stack resets the connection (also after EOF, when ``recv`` no
+        longer waits)."""
+        await self._wait(lambda: self.reset_received)
+
     async def _wait(self, ready: Callable[[], bool]) -> None:
         with trio.fail_after(self.timeout):
             while not ready():

@@ -346,3 +346,32 @@ def test_upstream_sockets_get_the_keepalive_settings() -> None:
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
     with pytest.raises(ValueError):
         Keepalive(idle=0)
+
+
+async def test_upstream_reset_after_its_eof_resets_a_quiet_client(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """The upstream half-closes, then its connection dies (here a RST; a keepalive timeout
+    looks the same: an error on a socket with nothing left to read) while the client, which
+    has not closed its side, is quiet. The relay no longer reads that socket, but still hears
+    its error: the client gets RST at once, not never (there is no idle limit)."""
+    env = await start_env(nursery, GatewayConfig())
+    records = env.gateway.flows()
+
+    async def greet_close_then_reset(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"bye")
+        await stream.send_eof()
+        await trio.sleep(5)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+
+    port = await nursery.start(serve_on_loopback, greet_close_then_reset)
+    peer = TcpPeer(env.wire, CLIENT, 40016, "127.0.0.1", port, timeout=600)
+    await peer.connect()
+    assert await peer.recv_until_eof() == b"bye"
+    started = trio.current_time()
+    await peer.wait_reset()
+    assert trio.current_time() - started < 10
+    with trio.fail_after(10):
+        record = await records.__anext__()
+    assert record.close_reason == "reset"

@@ -22,9 +22,10 @@
  *    to finish its close (LAST-ACK/TIME-WAIT); tl_py_relay_done reports the end exactly once,
  *    after which its pointer must not be used (the memory is freed after the poll round).
  *
- * Invariants: single-threaded (the trio thread); a relay is registered in epoll only while it
- * wants an event (so a hung-up socket never spins the poll loop); bytes are acknowledged to the
- * client only once the upstream socket has accepted them.
+ * Invariants: single-threaded (the trio thread); a relay is in the epoll set while it wants an
+ * event, or with no events to hear an upstream that fails meanwhile (tl_relay_update_watch),
+ * but never once a hang-up is normal (so a hung-up socket never spins the poll loop); bytes are
+ * acknowledged to the client only once the upstream socket has accepted them.
  */
 #include <errno.h>
 #include <time.h>
@@ -32,6 +33,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -62,7 +64,9 @@ struct tl_relay {
     struct pbuf *up_queue;    /* client bytes the socket has not taken yet */
     uint8_t *down_spill;      /* upstream bytes read but not taken by lwIP (rare) */
     u32_t down_spill_len;
-    u32_t watching;           /* epoll events registered (0: not in the set) */
+    u32_t watching;           /* epoll events registered */
+    u8_t in_set;              /* in the poll set (with watching 0: only for errors) */
+    u8_t no_error_watch;      /* a hang-up without error came: never watch for errors only */
     u8_t client_eof, upstream_shut, upstream_eof, client_shut, want_first_data, dirty, ended;
     u8_t drained;             /* the socket had nothing more to read; epoll says when it has */
     uint64_t bytes_up, bytes_down;
@@ -109,8 +113,9 @@ static void tl_relay_touch(struct tl_relay *r) { r->last_active = sys_now(); }
 static void tl_relay_close_fd(struct tl_relay *r, int reset)
 {
     if (r->fd < 0) return;
-    if (r->watching) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
+    if (r->in_set) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
     r->watching = 0;
+    r->in_set = 0;
     if (reset) {
         struct linger lg = {1, 0};
         setsockopt(r->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
@@ -339,6 +344,7 @@ static int tl_relay_pump_down(struct tl_relay *r)
             break;
         }
         r->bytes_down += (uint64_t)n;
+        r->no_error_watch = 0; /* (tl_relay_on_socket_error) */
         tl_relay_touch(r);
         int queued = tl_tcp_write(r->pcb, tl_relay_buf, (size_t)n);
         if (queued < 0) return tl_relay_fail(r, TL_RELAY_ERROR);
@@ -381,24 +387,51 @@ static void tl_relay_on_error(void *arg, err_t err)
 /* ---- epoll -------------------------------------------------------------------------------- */
 
 /* Watch what the relay waits for. A poll set that refuses the fd ends the relay: it would
- * never be woken again. */
+ * never be woken again. Waiting for nothing (the upstream sent EOF, or the client's window is
+ * full), the socket stays in the set with no events, for errors only (epoll always reports
+ * EPOLLERR and EPOLLHUP): an upstream that dies meanwhile, reset or given up by keepalive,
+ * must still reset a quiet client, as there may be no idle limit to end the flow. Not once
+ * both directions of the socket are shut: that hang-up is normal and would spin the loop. */
 static int tl_relay_update_watch(struct tl_relay *r)
 {
     u32_t want = 0;
     if (r->up_queue != NULL) want |= EPOLLOUT;
     if (r->pcb != NULL && !r->upstream_eof && r->down_spill_len == 0 && tl_tcp_sndbuf(r->pcb) > 0)
         want |= EPOLLIN | EPOLLRDHUP;
-    if (want == r->watching) return TL_GOES_ON;
+    u8_t in_set = want != 0 || !(r->no_error_watch || (r->upstream_eof && r->upstream_shut));
+    if (want == r->watching && in_set == r->in_set) return TL_GOES_ON;
     struct epoll_event ev = {.events = want, .data.ptr = r};
-    int rc = want == 0 ? epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL)
-                       : epoll_ctl(tl_epoll_fd, r->watching ? EPOLL_CTL_MOD : EPOLL_CTL_ADD,
-                                   r->fd, &ev);
-    if (rc != 0 && want != 0) {
+    int rc = !in_set ? epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL)
+                     : epoll_ctl(tl_epoll_fd, r->in_set ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, r->fd, &ev);
+    if (rc != 0 && in_set) {
+        r->in_set = 0;
         tl_rstats.poll_errors++;
         return tl_relay_fail(r, TL_RELAY_ERROR);
     }
     r->watching = want;
+    r->in_set = in_set;
     return TL_GOES_ON;
+}
+
+/* An error or hang-up while the relay waited for nothing else (tl_relay_update_watch): end
+ * it with the socket's error. Not while the socket still holds bytes the upstream sent before
+ * (the client's window is full): those go first, as on a direct path, and reading them
+ * resumes the error watch (tl_relay_pump_down); reading SO_ERROR would clear the error and
+ * turn the reset into a clean EOF. Without an error (a hang-up of a clean close under way),
+ * stop watching for errors only: the level-triggered hang-up would spin the poll loop. */
+static int tl_relay_on_socket_error(struct tl_relay *r)
+{
+    int queued = 0;
+    if (!r->upstream_eof && ioctl(r->fd, FIONREAD, &queued) == 0 && queued > 0) {
+        r->no_error_watch = 1;
+        return tl_relay_settle(r);
+    }
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(r->fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0)
+        return tl_relay_fail(r, tl_relay_upstream_failure(err));
+    r->no_error_watch = 1;
+    return tl_relay_settle(r);
 }
 
 /* Both FINs are exchanged: lwIP now finishes the connection on its own (LAST-ACK, CLOSING,
@@ -447,6 +480,10 @@ int tl_relay_poll(int max_events)
         struct tl_relay *r = (struct tl_relay *)events[i].data.ptr;
         u32_t ev = events[i].events;
         if (r->ended) continue;
+        if ((ev & (EPOLLERR | EPOLLHUP)) && r->watching == 0) { /* waiting for nothing else */
+            tl_relay_on_socket_error(r);
+            continue;
+        }
         if ((ev & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && r->up_queue != NULL &&
             tl_relay_flush_up(r) != TL_GOES_ON)
             continue;
