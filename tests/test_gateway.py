@@ -375,3 +375,49 @@ async def test_upstream_reset_after_its_eof_resets_a_quiet_client(
     with trio.fail_after(10):
         record = await records.__anext__()
     assert record.close_reason == "reset"
+
+
+async def test_half_closed_flow_lives_while_its_client_answers_then_ends(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """The upstream sent EOF and waits for the client's; the client keeps its side open.
+    lwIP does not probe in FIN-WAIT-2, so the relay's sweep does, with the same timing: the
+    flow lives while the client answers, and once it stops, both ends are reset within the
+    keepalive budget (plus a sweep)."""
+    config = GatewayConfig(keepalive_idle=60, keepalive_interval=10, keepalive_count=3)
+    env = await start_env(nursery, config)
+    records = env.gateway.flows()
+    ended: list[str] = []
+    done = trio.Event()
+
+    async def bye_then_wait(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"bye")
+        await stream.send_eof()
+        try:
+            while await stream.receive_some(65536):
+                pass
+            ended.append("eof")
+        except trio.BrokenResourceError as exc:
+            ended.append(repr(exc.__cause__))
+        done.set()
+
+    port = await nursery.start(serve_on_loopback, bye_then_wait)
+    peer = TcpPeer(env.wire, CLIENT, 40017, "127.0.0.1", port, timeout=3600)
+    await peer.connect()
+    assert await peer.recv_until_eof() == b"bye"
+    await trio.sleep(600)
+    assert peer.probes_answered >= 600 // 61 - 1, peer.probes_answered
+    assert not ended and not peer.reset_received
+    peer.answer_probes = False
+    silent_from, seen = trio.current_time(), len(peer.segments)
+    await peer.wait_reset()
+    # The last answer came at most keep_idle before; the sweep runs every second.
+    elapsed = trio.current_time() - silent_from
+    assert 10 * 3 - 1 <= elapsed <= 60 + 10 * 3 + 1.5, elapsed
+    probes = [s for s in peer.segments[seen:] if not s.payload and not s.flags & (SYN | RST)]
+    assert len(probes) == 3, probes
+    with trio.fail_after(10):
+        record = await records.__anext__()
+        await done.wait()
+    assert record.close_reason == "client timeout"
+    assert "ConnectionResetError" in ended[0], ended

@@ -516,8 +516,8 @@ class LwipStack:
             if trio.current_time() >= next_sweep:
                 next_sweep = trio.current_time() + _RELAY_SWEEP_SECONDS
                 self._check_input_fd()
-                if self.relay_idle_timeout is not None:
-                    lib.tl_relay_sweep(int(self.relay_idle_timeout * 1000))
+                idle = self.relay_idle_timeout
+                lib.tl_relay_sweep(0 if idle is None else max(1, int(idle * 1000)))
             self._after_lwip()
             sleep_ms = lib.tl_sleeptime()
             delay = _TIMER_CAP_SECONDS if sleep_ms == _SLEEPTIME_INFINITE else sleep_ms / 1000

@@ -34,6 +34,7 @@ KEEPALIVE = ("--keepalive-idle", str(KEEP_IDLE), "--keepalive-interval", str(KEE
 #: From an end's last answer until its flow is given up.
 BUDGET = KEEP_IDLE + KEEP_INTERVAL * KEEP_COUNT
 LWIP_TICK = 0.5  # lwIP checks keepalive on its slow timer: each step may be this late
+SWEEP = 1.0  # the relay's sweep, which probes half-closed clients
 SLACK = 3.0  # scheduling on a loaded 2-CPU machine
 OLD_IDLE_LIMIT = 3.0  # test_faults_netns.IDLE_TIMEOUT: what an idle limit would have reset
 #: A second client address on the TUN, removed to make its client vanish without a FIN.
@@ -160,12 +161,15 @@ def test_vanished_upstream_resets_the_client_within_the_keepalive_budget(
     gw.stop()
 
 
+@pytest.mark.parametrize("half_closed", [False, True], ids=["open", "after-server-eof"])
 def test_vanished_client_frees_the_upstream_within_the_keepalive_budget(
-    split: SplitTopology, split_gateway: StartGateway, tmp_path: Path
+    split: SplitTopology, split_gateway: StartGateway, tmp_path: Path, half_closed: bool
 ) -> None:
     """A quiet client whose address disappears (lwIP's probes go nowhere, no FIN, no RST):
     lwIP gives up after its keepalive budget (on its 500 ms timer) and the gateway resets the
-    upstream socket: the server sees ECONNRESET, the flow leaves ``tunlwip status``."""
+    upstream socket: the server sees ECONNRESET, the flow leaves ``tunlwip status``. Also
+    after the server's EOF, with the client's side still open (FIN-WAIT-2, where lwIP does
+    not probe: the relay's once-a-second sweep does)."""
     flow_log = tmp_path / "flows.jsonl"
     gw = split_gateway(*KEEPALIVE, "--flow-log", str(flow_log))
     split.cli.add_addrs(gw.iface, [f"{VANISHING4}/32"])
@@ -173,6 +177,9 @@ def test_vanished_client_frees_the_upstream_within_the_keepalive_budget(
 
     def serve(conn: socket.socket) -> bytes:
         conn.settimeout(BUDGET + 30)
+        if half_closed:
+            conn.sendall(b"bye")
+            conn.shutdown(socket.SHUT_WR)
         result = echo_exactly(conn)
         ended.append(time.monotonic())
         return result
@@ -180,14 +187,17 @@ def test_vanished_client_frees_the_upstream_within_the_keepalive_budget(
     server = OneShotServer(listen(split.srv, socket.AF_INET, SOCK_PORT), serve)
     with connect(split.cli, socket.AF_INET, SRV_ADDR4, SOCK_PORT, bind=VANISHING4) as sock:
         client = sock_name(sock)
-        exchange(sock, 24, 64 * 1024)
+        if half_closed:
+            assert recv_exactly(sock, 3) == b"bye" and sock.recv(1) == b""
+        else:
+            exchange(sock, 24, 64 * 1024)
         time.sleep(BUDGET)  # quiet and alive: lwIP's probes answered by the client's kernel
         assert any(f["client"] == client for f in status_flows(gw)), gw.tail()
         split.cli.ip("addr", "del", f"{VANISHING4}/32", "dev", gw.iface)  # gone, silently
         vanished = time.monotonic()
         assert server.result() == b"reset"
         elapsed = ended[0] - vanished
-    lwip_budget = BUDGET + 2 * LWIP_TICK
+    lwip_budget = BUDGET + 2 * LWIP_TICK + (SWEEP if half_closed else 0)
     assert KEEP_INTERVAL * (KEEP_COUNT - 1) <= elapsed <= lwip_budget + SLACK, f"{elapsed:.1f}s"
     assert not any(f["client"] == client for f in status_flows(gw))
     record = wait_record(flow_log, client, "the vanished client's flow record")

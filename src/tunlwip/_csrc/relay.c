@@ -40,6 +40,7 @@
 #include "lwip/pbuf.h"
 #include "lwip/sys.h"
 #include "lwip/tcp.h"
+#include "lwip/priv/tcp_priv.h" /* tcp_keepalive, tcp_ticks: probing in FIN-WAIT-2 */
 
 #include "tunlwip_glue.h"
 #include "tl_vnet.h"
@@ -671,7 +672,28 @@ void tl_relay_abort(void *relay, int reason)
     tl_relay_end((struct tl_relay *)relay, reason); /* never a clean close: both ends reset */
 }
 
-/* Reset relays idle for idle_ms or more; returns how many. */
+/* lwIP probes only in ESTABLISHED and CLOSE-WAIT. After the upstream's EOF (our FIN sent
+ * and acknowledged) the PCB waits in FIN-WAIT-2 for the client's, which a vanished client
+ * never sends: with no idle limit the flow would be held forever. So probe there as lwIP's
+ * slow timer does elsewhere, with the PCB's own timing (pcb->tmr: the last segment received;
+ * keep_cnt_sent is reset by any segment). Returns 1 if the client was given up. */
+static int tl_relay_probe_half_closed(struct tl_relay *r)
+{
+    struct tcp_pcb *pcb = r->pcb;
+    if (pcb == NULL || pcb->state != FIN_WAIT_2 || !ip_get_option(pcb, SOF_KEEPALIVE)) return 0;
+    u32_t quiet_ms = (u32_t)(tcp_ticks - pcb->tmr) * TCP_SLOW_INTERVAL;
+    if (quiet_ms > pcb->keep_idle + pcb->keep_cnt * pcb->keep_intvl) {
+        tl_relay_end(r, TL_RELAY_CLIENT_TIMEOUT); /* RST to the client, the upstream reset */
+        return 1;
+    }
+    if (quiet_ms > pcb->keep_idle + pcb->keep_cnt_sent * pcb->keep_intvl &&
+        tcp_keepalive(pcb) == ERR_OK)
+        pcb->keep_cnt_sent++;
+    return 0;
+}
+
+/* Reset relays idle for idle_ms or more (0: no idle limit), and probe half-closed clients
+ * (tl_relay_probe_half_closed); returns how many ended. Called about once a second. */
 int tl_relay_sweep(uint32_t idle_ms)
 {
     int ended = 0;
@@ -679,9 +701,11 @@ int tl_relay_sweep(uint32_t idle_ms)
     struct tl_relay *r = tl_relays;
     while (r != NULL) {
         struct tl_relay *next = r->next;
-        if ((u32_t)(now - r->last_active) >= idle_ms) {
+        if (idle_ms > 0 && (u32_t)(now - r->last_active) >= idle_ms) {
             tl_relay_end(r, TL_RELAY_IDLE);
             ended++;
+        } else {
+            ended += tl_relay_probe_half_closed(r);
         }
         r = next;
     }

@@ -109,7 +109,7 @@ int tl_relay_wait_with(int loop_fd); /* the event loop's epoll fd, once per run;
 int tl_relay_run(int timeout_ms, uint32_t clock_base_ms, double clock_origin);
 void tl_relay_info(void *relay, tl_relay_stats *out);
 void tl_relay_abort(void *relay, int reason);
-int tl_relay_sweep(uint32_t idle_ms);
+int tl_relay_sweep(uint32_t idle_ms); /* 0: no idle limit (half-closed flows still probed) */
 void tl_relay_abort_all(void);
 /* lwIP keepalive toward clients, for connections accepted from now on (idle_ms 0: off) */
 void tl_set_tcp_keepalive(uint32_t idle_ms, uint32_t interval_ms, uint32_t count);
