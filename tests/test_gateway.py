@@ -20,8 +20,10 @@ import trio
 from tunlwip import MemoryDevice
 from tunlwip.dialer import Dialer, Keepalive
 from tunlwip.endpoint import Endpoint
+from tunlwip.forward import SpliceResult, splice
 from tunlwip.gateway import Gateway, GatewayConfig
 from tunlwip.predial import HeldDial
+from tunlwip.tcp import LwipTcpStream
 
 from harness import on_loopback
 from packets import ACK, FIN, RST, SYN, is_valid, parse, tcp_options, tcp_packet
@@ -421,3 +423,34 @@ async def test_half_closed_flow_lives_while_its_client_answers_then_ends(
         await done.wait()
     assert record.close_reason == "client timeout"
     assert "ConnectionResetError" in ended[0], ended
+
+
+async def test_splice_resets_the_upstream_of_a_client_keepalive_gave_up_on(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """The Python forwarder has no idle limit by default either: lwIP's keepalive giving up
+    on a silent client breaks the client's direction, and the upstream is reset."""
+    results: list[SpliceResult] = []
+    gateway_box: list[Gateway] = []
+
+    async def handler(stream: LwipTcpStream, target: Endpoint) -> None:
+        upstream = await gateway_box[0].dialer.open_tcp(target)
+        async with upstream:
+            results.append(await splice(stream, upstream))
+
+    config = GatewayConfig(keepalive_idle=60, keepalive_interval=10, keepalive_count=3)
+    env = await start_env(nursery, config, tcp_handler=handler)
+    gateway_box.append(env.gateway)
+    ended: list[str] = []
+    done = trio.Event()
+    port = await nursery.start(serve_echo_until_reset, ended, done)
+    peer = TcpPeer(env.wire, CLIENT, 40018, "127.0.0.1", port, timeout=600)
+    await peer.connect()
+    await peer.send(b"hello")
+    assert await peer.recv_exactly(5) == b"hello"
+    peer.answer_probes = False
+    await peer.wait_reset()
+    with trio.fail_after(10):
+        await done.wait()
+    assert "ConnectionResetError" in ended[0], ended
+    assert results[0].reason.startswith("reset") and "timeout" in results[0].reason, results
