@@ -404,8 +404,11 @@ static int tl_relay_update_watch(struct tl_relay *r)
     struct epoll_event ev = {.events = want, .data.ptr = r};
     int rc = !in_set ? epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL)
                      : epoll_ctl(tl_epoll_fd, r->in_set ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, r->fd, &ev);
-    if (rc != 0 && in_set) {
-        r->in_set = 0;
+    if (rc != 0 && want == 0 && in_set) { /* no room to watch for errors only: do without */
+        if (r->in_set) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
+        r->no_error_watch = 1;
+        in_set = 0;
+    } else if (rc != 0 && in_set) {
         tl_rstats.poll_errors++;
         return tl_relay_fail(r, TL_RELAY_ERROR);
     }
