@@ -73,7 +73,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iface", required=True, help="TUN interface (created if missing)")
     parser.add_argument("--mtu", type=int, default=1500, help="the interface's MTU (1500)")
     parser.add_argument("--fwmark", type=lambda s: int(s, 0), help="SO_MARK for upstream sockets")
-    parser.add_argument("--idle-timeout", type=float, default=300.0, help="idle flow timeout")
+    parser.add_argument("--idle-timeout", type=float, default=None,
+                        help="reset flows idle this many seconds (default: no limit; "
+                        "keepalive ends flows whose end vanished)")  # fmt: skip
     return parser.parse_args()
 
 

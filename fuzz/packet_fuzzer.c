@@ -213,7 +213,7 @@ void tl_py_relay_done(uintptr_t id, int reason, uint64_t up, uint64_t down)
 {
     (void)up; (void)down;
     struct conn *c = by_id(id);
-    if (c == NULL || reason < 0 || reason > TL_RELAY_STOPPED) abort();
+    if (c == NULL || reason < 0 || reason > TL_RELAY_UPSTREAM_TIMEOUT) abort();
     free_conn(c);
 }
 
@@ -523,6 +523,9 @@ static void setup(uint8_t cfg)
         tl_set_udp_port_action(443, TL_UDP_REJECT);
         tl_set_udp_port_action(80, TL_UDP_DROP);
     }
+    /* keepalive on, as the gateway runs by default, but short: inputs that wait see probes
+     * sent and connections given up on (relays ended by TL_RELAY_CLIENT_TIMEOUT) */
+    tl_set_tcp_keepalive(1000, 1000, 2);
 }
 
 /* Empty lwIP and our tables so the next input starts from the same state. */
@@ -533,12 +536,13 @@ static void report(void)
     const tl_counters *k = tl_get_counters();
     const tl_relay_counters *r = tl_relay_get_counters();
     fprintf(stderr, "in=%lu out=%lu tcp=%lu udp=%lu other=%lu frags=%lu reass=%lu held=%lu "
-            "released=%lu accepted=%lu echo=%lu/%lu/%lu relays=%lu ended=%lu,%lu,%lu,%lu,%lu,%lu "
-            "drops(hdr=%lu tr=%lu cks=%lu) gso=%lu+%lu\n",
+            "released=%lu accepted=%lu echo=%lu/%lu/%lu relays=%lu "
+            "ended=%lu,%lu,%lu,%lu,%lu,%lu,%lu,%lu drops(hdr=%lu tr=%lu cks=%lu) gso=%lu+%lu\n",
             k->packets_in, k->packets_out, k->tcp_in, k->udp_in, k->other_in, k->fragments_in,
             k->datagrams_reassembled, k->syn_held, k->syn_released, (unsigned long)next_id,
             k->icmp_echo_in, k->icmp_echo_replied, k->icmp_echo_forwarded, r->opened,
             r->ended[0], r->ended[1], r->ended[2], r->ended[3], r->ended[4], r->ended[5],
+            r->ended[6], r->ended[7],
             k->drop_ip_header, k->drop_transport_header, k->drop_transport_checksum,
             k->output_writes, k->output_gso_writes);
 }

@@ -158,6 +158,10 @@ class TcpPeer:
         self.violations: list[str] = []  # protocol errors the stack made towards us
         self.rtx_deadline = math.inf
         self.retransmissions = 0
+        #: Answer keepalive probes (an empty segment below rcv_nxt) with an ACK, as RFC 9293
+        #: has every TCP answer an unacceptable segment; off, the peer looks gone to them.
+        self.answer_probes = True
+        self.probes_answered = 0
         # Send side: _outbuf holds every byte from snd_una on; the first _in_flight are sent.
         self.snd_una = self.isn
         self.snd_wnd = 0  # bytes, already scaled
@@ -274,6 +278,11 @@ class TcpPeer:
         return bytes(out)
 
     # -- waiting ----------------------------------------------------------------------------
+    async def wait_reset(self) -> None:
+        """Wait until the stack resets the connection (also after EOF, when ``recv`` no
+        longer waits)."""
+        await self._wait(lambda: self.reset_received)
+
     async def _wait(self, ready: Callable[[], bool]) -> None:
         with trio.fail_after(self.timeout):
             while not ready():
@@ -416,6 +425,9 @@ class TcpPeer:
         if seg.payload or seg.flags & FIN:
             self._accept(seq, seg.payload, bool(seg.flags & FIN))
             self._emit(ACK, self.snd_nxt)  # every data segment is acked, duplicates too
+        elif seq_diff(seq, self.rcv_nxt) < 0 and self.answer_probes:  # a keepalive probe
+            self.probes_answered += 1
+            self._emit(ACK, self.snd_nxt)
 
     def _on_ack(self, seg: Parsed) -> None:
         acked = seq_diff(seg.ack, self.snd_una)

@@ -33,6 +33,7 @@ from tunlwip.cli import (
     reload,
 )
 from tunlwip.config import SCHEMA, ConfigProblems, Settings
+from tunlwip.dialer import Keepalive
 from tunlwip.errors import ConfigError
 from tunlwip.gateway import Gateway
 from tunlwip.udp import UdpConfig
@@ -733,3 +734,64 @@ def test_reject_encrypted_flag_overrides_the_file(tmp_path: Path) -> None:
     assert off == {"device.name": "tlw0", "dns.reject_encrypted": False}
     assert load_text(tmp_path, on, **off).gateway.dns.reject_encrypted is False
     assert flags("--dns-reject-encrypted")["dns.reject_encrypted"] is True
+
+
+# -- TCP liveness: no idle limit by default, keepalive ------------------------------------------
+
+
+def test_tcp_flows_have_keepalive_and_no_idle_limit_by_default(tmp_path: Path) -> None:
+    """Quiet flows live (no idle limit); keepalive finds the dead ones."""
+    g = load_text(tmp_path, "").gateway
+    assert g.idle_timeout is None
+    assert g.keepalive == Keepalive(idle=120, interval=15, count=4)
+    assert g.keepalive is not None and g.keepalive.budget == 180
+
+
+@pytest.mark.parametrize("off", ['"off"', "0", "0.0"])
+def test_idle_timeout_and_keepalive_can_be_off(tmp_path: Path, off: str) -> None:
+    settings = load_text(tmp_path, f"[tcp]\nidle_timeout = {off}\nkeepalive_idle = {off}\n")
+    assert settings.gateway.idle_timeout is None and settings.gateway.keepalive is None
+    text = settings.to_toml()
+    assert 'idle_timeout = "off"' in text and 'keepalive_idle = "off"' in text
+    assert load_text(tmp_path, text).gateway == settings.gateway
+
+
+def test_idle_timeout_and_keepalive_settings(tmp_path: Path) -> None:
+    text = "[tcp]\nidle_timeout = 3600\nkeepalive_idle = 60\nkeepalive_interval = 10\n" \
+        "keepalive_count = 5\n"  # fmt: skip
+    g = load_text(tmp_path, text).gateway
+    assert g.idle_timeout == 3600.0 and g.keepalive == Keepalive(60, 10, 5)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('idle_timeout = "never"', 'tcp.idle_timeout: expected a number or "off", got "never"'),
+        ("idle_timeout = -1", "tcp.idle_timeout: must be > 0, got -1"),
+        ("keepalive_idle = 1.5", 'tcp.keepalive_idle: expected an integer or "off", got 1.5'),
+        ("keepalive_idle = 40000", "tcp.keepalive_idle: must be between 1 and 32767, got 40000"),
+        ("keepalive_count = 0", "tcp.keepalive_count: must be between 1 and 127, got 0"),
+    ],
+)
+def test_bad_liveness_settings_name_their_key(tmp_path: Path, text: str, message: str) -> None:
+    assert problems(tmp_path, f"[tcp]\n{text}\n") == [message]
+
+
+def test_liveness_flags() -> None:
+    given = flags("--idle-timeout", "off", "--keepalive-idle", "30", "--keepalive-interval",
+                  "5", "--keepalive-count", "3")  # fmt: skip
+    settings = cfg.load(None, {"device.name": "tlw0", **given})
+    assert settings.gateway.idle_timeout is None
+    assert settings.gateway.keepalive == Keepalive(30, 5, 3)
+    on = cfg.load(None, {"device.name": "tlw0", **flags("--idle-timeout", "2.5")})
+    assert on.gateway.idle_timeout == 2.5
+    off = cfg.load(None, {"device.name": "tlw0", **flags("--keepalive-idle", "0")})
+    assert off.gateway.keepalive is None
+
+
+def test_gateway_config_checks_keepalive() -> None:
+    with pytest.raises(ValueError, match="keepalive count"):
+        GatewayConfig(keepalive_count=0)
+    with pytest.raises(ValueError, match="timeouts must be positive"):
+        GatewayConfig(idle_timeout=0)
+    assert GatewayConfig(keepalive_idle=None).keepalive is None

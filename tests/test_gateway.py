@@ -18,12 +18,15 @@ import pytest
 import trio
 
 from tunlwip import MemoryDevice
+from tunlwip.dialer import Dialer, Keepalive
 from tunlwip.endpoint import Endpoint
+from tunlwip.forward import SpliceResult, splice
 from tunlwip.gateway import Gateway, GatewayConfig
 from tunlwip.predial import HeldDial
+from tunlwip.tcp import LwipTcpStream
 
 from harness import on_loopback
-from packets import ACK, RST, SYN, is_valid, parse, tcp_options, tcp_packet
+from packets import ACK, FIN, RST, SYN, is_valid, parse, tcp_options, tcp_packet
 from tcppeer import PacketWire, TcpPeer
 
 CLIENT = "198.18.0.2"
@@ -233,3 +236,221 @@ async def test_idle_flow_is_reset_after_idle_timeout(
     with pytest.raises(ConnectionResetError):
         await peer.recv()
     assert 60 <= trio.current_time() - start < 65
+
+
+async def serve_echo_until_reset(
+    ended: list[str],
+    done: trio.Event | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A loopback upstream that echoes; how its connection ended goes to ``ended``, then
+    ``done`` is set."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+            ended.append("eof")
+        except trio.BrokenResourceError as exc:
+            ended.append(repr(exc.__cause__))
+        if done is not None:
+            done.set()
+
+    await serve_on_loopback(handler, task_status=task_status)
+
+
+def keepalive_probes(peer: TcpPeer) -> list[Any]:
+    """The empty segments one below what the peer expects next: lwIP's keepalive probes."""
+    below = (peer.rcv_nxt - 1) % 2**32
+    return [
+        s for s in peer.segments if not s.payload and not s.flags & (SYN | FIN) and s.seq == below
+    ]
+
+
+async def test_quiet_flow_lives_while_its_client_answers_keepalives(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """The defaults: no idle limit, keepalive after 120 s. An hour without a byte, the flow
+    still carries bytes both ways; lwIP probed it all along and the client answered."""
+    wire = (await start_env(nursery, GatewayConfig())).wire
+    ended: list[str] = []
+    port = await nursery.start(serve_echo_until_reset, ended)
+    peer = TcpPeer(wire, CLIENT, 40013, "127.0.0.1", port, timeout=7200)
+    await peer.connect()
+    await peer.send(b"before")
+    assert await peer.recv_exactly(6) == b"before"
+    await trio.sleep(3600)
+    assert peer.probes_answered >= 3600 // (120 + 1) - 1, peer.probes_answered
+    payload = os.urandom(100_000)
+    await peer.send(payload)
+    assert await peer.recv_exactly(len(payload)) == payload
+    assert not ended and not peer.reset_received
+
+
+async def test_vanished_client_is_given_up_after_the_keepalive_budget(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """A client that stops answering: lwIP probes it ``count`` times, then resets it and the
+    relay resets the upstream, idle + interval x count seconds after its last packet (lwIP's
+    500 ms timer may add a tick). The flow record says why."""
+    config = GatewayConfig(keepalive_idle=60, keepalive_interval=10, keepalive_count=3)
+    env = await start_env(nursery, config)
+    records = env.gateway.flows()
+    ended: list[str] = []
+    done = trio.Event()
+    port = await nursery.start(serve_echo_until_reset, ended, done)
+    peer = TcpPeer(env.wire, CLIENT, 40014, "127.0.0.1", port, timeout=600)
+    await peer.connect()
+    await peer.send(b"hello")
+    assert await peer.recv_exactly(5) == b"hello"
+    peer.answer_probes = False
+    last_packet = trio.current_time()
+    with pytest.raises(ConnectionResetError):
+        await peer.recv()
+    elapsed = trio.current_time() - last_packet
+    with trio.fail_after(10):
+        record = await records.__anext__()
+    assert 90 <= elapsed <= 91, elapsed
+    assert len(keepalive_probes(peer)) == 3
+    assert record.close_reason == "client timeout"
+    with trio.fail_after(10):
+        await done.wait()
+    assert "ConnectionResetError" in ended[0], ended
+
+
+async def test_keepalive_off_and_no_idle_limit_keep_a_silent_client(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """Keepalive off: lwIP never probes, so nothing ends a flow whose client is silent."""
+    wire = (await start_env(nursery, GatewayConfig(keepalive_idle=None))).wire
+    port = await nursery.start(serve_echo_until_reset, [])
+    peer = TcpPeer(wire, CLIENT, 40015, "127.0.0.1", port, timeout=7200)
+    await peer.connect()
+    peer.answer_probes = False
+    await trio.sleep(3600)
+    assert not keepalive_probes(peer) and not peer.reset_received
+    await peer.send(b"still here")
+    assert await peer.recv_exactly(10) == b"still here"
+
+
+def test_upstream_sockets_get_the_keepalive_settings() -> None:
+    """The dialer arms the kernel's keepalive on every upstream TCP socket, so a vanished
+    upstream ends its flow (ETIMEDOUT) however quiet the flow is."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        target = Endpoint.parse("127.0.0.1", listener.getsockname()[1])
+        with Dialer(keepalive=Keepalive(idle=7, interval=3, count=2)).start_tcp(target) as sock:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            options = (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)
+            assert [sock.getsockopt(socket.IPPROTO_TCP, o) for o in options] == [7, 3, 2]
+        with Dialer().start_tcp(target) as sock:  # none asked for: the kernel's default, off
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+    with pytest.raises(ValueError):
+        Keepalive(idle=0)
+
+
+async def test_upstream_reset_after_its_eof_resets_a_quiet_client(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """The upstream half-closes, then its connection dies (here a RST; a keepalive timeout
+    looks the same: an error on a socket with nothing left to read) while the client, which
+    has not closed its side, is quiet. The relay no longer reads that socket, but still hears
+    its error: the client gets RST at once, not never (there is no idle limit)."""
+    env = await start_env(nursery, GatewayConfig())
+    records = env.gateway.flows()
+
+    async def greet_close_then_reset(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"bye")
+        await stream.send_eof()
+        await trio.sleep(5)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+
+    port = await nursery.start(serve_on_loopback, greet_close_then_reset)
+    peer = TcpPeer(env.wire, CLIENT, 40016, "127.0.0.1", port, timeout=600)
+    await peer.connect()
+    assert await peer.recv_until_eof() == b"bye"
+    started = trio.current_time()
+    await peer.wait_reset()
+    assert trio.current_time() - started < 10
+    with trio.fail_after(10):
+        record = await records.__anext__()
+    assert record.close_reason == "reset"
+
+
+async def test_half_closed_flow_lives_while_its_client_answers_then_ends(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """The upstream sent EOF and waits for the client's; the client keeps its side open.
+    lwIP does not probe in FIN-WAIT-2, so the relay's sweep does, with the same timing: the
+    flow lives while the client answers, and once it stops, both ends are reset within the
+    keepalive budget (plus a sweep)."""
+    config = GatewayConfig(keepalive_idle=60, keepalive_interval=10, keepalive_count=3)
+    env = await start_env(nursery, config)
+    records = env.gateway.flows()
+    ended: list[str] = []
+    done = trio.Event()
+
+    async def bye_then_wait(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"bye")
+        await stream.send_eof()
+        try:
+            while await stream.receive_some(65536):
+                pass
+            ended.append("eof")
+        except trio.BrokenResourceError as exc:
+            ended.append(repr(exc.__cause__))
+        done.set()
+
+    port = await nursery.start(serve_on_loopback, bye_then_wait)
+    peer = TcpPeer(env.wire, CLIENT, 40017, "127.0.0.1", port, timeout=3600)
+    await peer.connect()
+    assert await peer.recv_until_eof() == b"bye"
+    await trio.sleep(600)
+    assert peer.probes_answered >= 600 // 61 - 1, peer.probes_answered
+    assert not ended and not peer.reset_received
+    peer.answer_probes = False
+    silent_from, seen = trio.current_time(), len(peer.segments)
+    await peer.wait_reset()
+    # The last answer came at most keep_idle before; the sweep runs every second.
+    elapsed = trio.current_time() - silent_from
+    assert 10 * 3 - 1 <= elapsed <= 60 + 10 * 3 + 1.5, elapsed
+    probes = [s for s in peer.segments[seen:] if not s.payload and not s.flags & (SYN | RST)]
+    assert len(probes) == 3, probes
+    with trio.fail_after(10):
+        record = await records.__anext__()
+        await done.wait()
+    assert record.close_reason == "client timeout"
+    assert "ConnectionResetError" in ended[0], ended
+
+
+async def test_splice_resets_the_upstream_of_a_client_keepalive_gave_up_on(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """The Python forwarder has no idle limit by default either: lwIP's keepalive giving up
+    on a silent client breaks the client's direction, and the upstream is reset."""
+    results: list[SpliceResult] = []
+    gateway_box: list[Gateway] = []
+
+    async def handler(stream: LwipTcpStream, target: Endpoint) -> None:
+        upstream = await gateway_box[0].dialer.open_tcp(target)
+        async with upstream:
+            results.append(await splice(stream, upstream))
+
+    config = GatewayConfig(keepalive_idle=60, keepalive_interval=10, keepalive_count=3)
+    env = await start_env(nursery, config, tcp_handler=handler)
+    gateway_box.append(env.gateway)
+    ended: list[str] = []
+    done = trio.Event()
+    port = await nursery.start(serve_echo_until_reset, ended, done)
+    peer = TcpPeer(env.wire, CLIENT, 40018, "127.0.0.1", port, timeout=600)
+    await peer.connect()
+    await peer.send(b"hello")
+    assert await peer.recv_exactly(5) == b"hello"
+    peer.answer_probes = False
+    await peer.wait_reset()
+    with trio.fail_after(10):
+        await done.wait()
+    assert "ConnectionResetError" in ended[0], ended
+    assert results[0].reason.startswith("reset") and "timeout" in results[0].reason, results

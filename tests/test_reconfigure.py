@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from tunlwip import DnsConfig, GatewayConfig, MemoryDevice, StackConfig
+from tunlwip.dialer import Keepalive
 from tunlwip.errors import ConfigError
 from tunlwip.gateway import Gateway
 from tunlwip.udp import UdpConfig, UdpSession
@@ -83,3 +84,17 @@ async def test_dns_policy_and_a_broken_file(nursery: trio.Nursery, tmp_path: Pat
         gateway.reconfigure(broken)
     assert gateway.dns.policy.check("tracker.test").action == "block"  # the old one stays
     assert gateway.dns.upstream_urls == ["tcp://127.0.0.1:9"]
+
+
+async def test_liveness_settings_change_for_new_flows(nursery: trio.Nursery) -> None:
+    """Idle limit and keepalive are reloaded in place: the relay sweep, lwIP's timing for
+    connections accepted from now on and the dialer's for new upstream sockets."""
+    gateway, _, _ = await start(nursery, GatewayConfig())
+    assert gateway.stack.relay_idle_timeout is None
+    assert gateway.stack.tcp_keepalive == gateway.dialer.keepalive == Keepalive(120, 15, 4)
+    new = GatewayConfig(idle_timeout=600, keepalive_idle=30, keepalive_interval=5)
+    assert gateway.reconfigure(new) == []
+    assert gateway.stack.relay_idle_timeout == 600
+    assert gateway.stack.tcp_keepalive == gateway.dialer.keepalive == Keepalive(30, 5, 4)
+    assert gateway.reconfigure(GatewayConfig(keepalive_idle=None)) == []
+    assert gateway.stack.tcp_keepalive is None and gateway.dialer.keepalive is None

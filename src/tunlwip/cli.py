@@ -196,10 +196,13 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
             nursery.cancel_scope.cancel()
             await trio.lowlevel.checkpoint()  # raises Cancelled: leaves the nursery at once
         s = gateway.config.stack  # the gateway may have fallen back (ICMP forward -> reply)
+        keep = config.keepalive
         log.info("up: iface %s mtu %d gateway %s %s clients %s protect %s dial-before-accept %s "
-                 "udp-idle %gs %s config %s", device.name, s.mtu, s.ipv4_address,
-                 s.ipv6_address, ",".join(map(str, s.client_networks)) or "any",
+                 "tcp-idle %s keepalive %s udp-idle %gs %s config %s", device.name, s.mtu,
+                 s.ipv4_address, s.ipv6_address, ",".join(map(str, s.client_networks)) or "any",
                  gateway.protect_mode, "on" if config.dial_before_accept else "off",
+                 "off" if config.idle_timeout is None else f"{config.idle_timeout:g}s",
+                 f"{keep.idle}s/{keep.interval}sx{keep.count}" if keep else "off",
                  config.udp.idle_timeout, _policy_summary(gateway, " "),
                  settings.source or "none")  # fmt: skip
         log.info("control socket %s%s", socket_path,

@@ -160,6 +160,45 @@ class Integer(Kind):
         return {"type": int, "metavar": "N"}
 
 
+class OffOr(Kind):
+    """``inner``'s values, or "off" (and 0) for "none": a limit an operator may leave out.
+    Off is None, which ``--print`` writes as "off" (a commented-out key would mean the
+    default, which may be on)."""
+
+    OFF = "off"
+
+    def __init__(self, inner: Kind) -> None:
+        self.inner = inner
+        self.doc = f'{inner.doc}, or "off" (or 0)'
+        self.expected = f'{inner.expected} or "off"'
+
+    def parse(self, value: object, where: str, base: Path | None) -> Any:
+        if value == self.OFF or (not isinstance(value, bool) and value == 0):
+            return None
+        if isinstance(value, str):  # from the command line: a number, spelt as text
+            try:
+                value = float(value) if isinstance(self.inner, Number) else int(value)
+            except ValueError:
+                raise self.wrong(where, value) from None
+            if value == 0:
+                return None
+        if isinstance(value, str):
+            raise self.wrong(where, value)
+        try:
+            return self.inner.parse(value, where, base)
+        except ConfigError as exc:
+            if str(exc).startswith(f"{where}: expected "):  # a wrong type: name "off" too
+                raise self.wrong(where, value) from None
+            raise
+
+    def dump(self, value: Any) -> str:
+        return self.inner.dump(value)
+
+    def argparse(self) -> dict[str, Any]:
+        metavar = self.inner.argparse().get("metavar", "VALUE")
+        return {"metavar": f"{metavar}|off"}
+
+
 class Boolean(Kind):
     doc, expected = "boolean", "true or false"
 
@@ -494,8 +533,17 @@ SCHEMA: tuple[Option, ...] = (
            "to this uplink", "--bind-interface", unset="none"),
     Option("tcp.dial_timeout", _positive, 30.0, "upstream connect timeout, seconds",
            "--dial-timeout", "dial_timeout"),
-    Option("tcp.idle_timeout", _positive, 300.0, "idle TCP flows are reset after this many "
-           "seconds", "--idle-timeout", "idle_timeout"),
+    Option("tcp.idle_timeout", OffOr(_positive), None, "TCP flows with no byte moved for "
+           "this many seconds are reset", "--idle-timeout", "idle_timeout",
+           unset="off"),
+    Option("tcp.keepalive_idle", OffOr(Integer(1, 32767)), 120, "a TCP flow quiet this many "
+           "seconds is probed with keepalives, on its upstream socket and toward its client "
+           "(off: never)", "--keepalive-idle", "keepalive_idle", unset="off"),
+    Option("tcp.keepalive_interval", Integer(1, 32767), 15, "seconds between keepalive probes",
+           "--keepalive-interval", "keepalive_interval"),
+    Option("tcp.keepalive_count", Integer(1, 127), 4, "unanswered probes after which the "
+           "flow is reset: a vanished end is found within idle + interval x count seconds of "
+           "its last packet", "--keepalive-count", "keepalive_count"),
     Option("tcp.dial_before_accept", Boolean(), True, "hold a client's SYN until the real "
            "destination accepted", "--dial-before-accept", "dial_before_accept"),
     Option("tcp.unreachable", Choice("icmp", "rst"), "icmp", "answer for unreachable "
@@ -665,7 +713,9 @@ class Settings:
                 if opt.section != section:
                     continue
                 value = self.values[opt.path]
-                if value is None:
+                if value is None and isinstance(opt.kind, OffOr):  # off, even if on by default
+                    lines.append(f"{opt.key} = {_show(OffOr.OFF)}")
+                elif value is None:
                     lines.append(f"# {opt.key}: not set ({opt.unset})")
                 else:
                     lines.append(f"{opt.key} = {opt.kind.dump(value)}")

@@ -8,6 +8,7 @@ there is never a fallback to an unprotected socket.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import socket
@@ -23,6 +24,39 @@ Protector = Callable[[socket.socket], None]
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+
+
+@dataclasses.dataclass(frozen=True)
+class Keepalive:
+    """TCP keepalive timing, seconds: probe after ``idle`` quiet seconds, then every
+    ``interval``; after ``count`` unanswered probes the connection is given up (reset).
+
+    Why: a flow should end when one of its ends is really gone, not because it was quiet (an
+    idle SSH session or database pool must live as it does on a direct route), and a dead end
+    costs a gateway a socket and a PCB until something notices. Used for both halves: the
+    kernel's keepalive on upstream sockets, lwIP's toward clients. The ranges are Linux's."""
+
+    idle: int = 120
+    interval: int = 15
+    count: int = 4
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.idle <= 32767 and 1 <= self.interval <= 32767):
+            raise ValueError("keepalive idle and interval must be between 1 and 32767 seconds")
+        if not 1 <= self.count <= 127:
+            raise ValueError("keepalive count must be between 1 and 127")
+
+    @property
+    def budget(self) -> int:
+        """Seconds from an end's last packet until its connection is given up."""
+        return self.idle + self.interval * self.count
+
+    def apply(self, sock: socket.socket) -> None:
+        """Turn keepalive on for ``sock`` with this timing (raises OSError)."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, self.idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, self.interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, self.count)
 
 
 def no_protection(sock: socket.socket) -> None:
@@ -69,11 +103,15 @@ def describe(protector: Protector) -> str:
 
 
 class Dialer:
-    """Creates protected TCP and UDP sockets towards real destinations."""
+    """Creates protected TCP and UDP sockets towards real destinations; TCP ones with
+    ``keepalive``, so an upstream that vanished ends its flow (ETIMEDOUT) however quiet."""
 
-    def __init__(self, protector: Protector = no_protection, connect_timeout: float = 30.0):
+    def __init__(self, protector: Protector = no_protection, connect_timeout: float = 30.0,
+                 keepalive: Keepalive | None = None) -> None:  # fmt: skip
         self.protector = protector
         self.connect_timeout = connect_timeout
+        #: Keepalive of TCP sockets created from now on (None: the kernel's default, off).
+        self.keepalive = keepalive
         # (our address, peer) of every TCP/UDP socket handed out and still alive: what its
         # packets look like should they come back through the TUN (``is_own``). Packed into
         # bytes: one entry per flow, and Endpoint objects would double its size.
@@ -132,6 +170,8 @@ class Dialer:
         sock = self._protected_socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.keepalive is not None:
+                self.keepalive.apply(sock)
             err = sock.connect_ex(target.sockaddr())
             if err not in (0, errno.EINPROGRESS):
                 raise OSError(err, os.strerror(err))

@@ -66,7 +66,8 @@ class FlowRecord:
     duration: float
     connect_latency: float | None
     #: "closed", "reset", "idle timeout", "evicted", "refused", "unreachable", "dial timeout",
-    #: "stopped" (the gateway stopped), "error" (the handler raised).
+    #: "client timeout" / "upstream timeout" (that end stopped answering keepalive probes or
+    #: retransmissions), "stopped" (the gateway stopped), "error" (the handler raised).
     close_reason: str
     name: str | None = None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
 import struct
 from collections.abc import Callable
@@ -48,11 +49,12 @@ async def splice(
     client: LwipTcpStream,
     upstream: trio.SocketStream,
     *,
-    idle_timeout: float = 300.0,
+    idle_timeout: float | None = None,
     on_first_client_data: Callable[[bytes], None] | None = None,
 ) -> SpliceResult:
     """Copy bytes both ways until both directions finished, one broke, or nothing moved for
-    ``idle_timeout`` seconds. Closes neither stream; the caller does (after a reset if asked).
+    ``idle_timeout`` seconds (None: no idle limit; a vanished end is then found by keepalive,
+    which breaks its direction). Closes neither stream; the caller does (after a reset if asked).
 
     ``on_first_client_data`` sees the first chunk read from the client before it is sent on
     (to name the flow from its TLS SNI or HTTP Host); its errors are logged, never raised."""
@@ -60,8 +62,11 @@ async def splice(
     broken: list[str] = []
     peek = on_first_client_data
 
+    def idle_deadline() -> float:
+        return math.inf if idle_timeout is None else trio.current_time() + idle_timeout
+
     with trio.CancelScope() as idle_scope:
-        idle_scope.deadline = trio.current_time() + idle_timeout
+        idle_scope.deadline = idle_deadline()
 
         async def pump(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
                        counter: str) -> None:  # fmt: skip
@@ -77,7 +82,7 @@ async def splice(
                         peek = None
                     await dst.send_all(data)
                     setattr(result, counter, getattr(result, counter) + len(data))
-                    idle_scope.deadline = trio.current_time() + idle_timeout
+                    idle_scope.deadline = idle_deadline()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 broken.append(f"{counter}: {exc}")
                 nursery.cancel_scope.cancel()

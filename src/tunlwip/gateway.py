@@ -24,7 +24,7 @@ from typing import Any, Literal, NoReturn
 import trio
 
 from .device import PacketDevice
-from .dialer import Dialer, Protector, describe, no_protection
+from .dialer import Dialer, Keepalive, Protector, describe, no_protection
 from .dns.proxy import DnsConfig, DnsCounters, DnsProxy
 from .endpoint import Endpoint
 from .errors import LwipError, ProtectError, TunlwipError
@@ -53,7 +53,14 @@ class GatewayConfig:
 
     stack: StackConfig = dataclasses.field(default_factory=StackConfig)
     dial_timeout: float = 30.0
-    idle_timeout: float = 300.0
+    #: Flows with no byte moved for this many seconds are reset (None: no idle limit; dead
+    #: ends are found by keepalive instead).
+    idle_timeout: float | None = None
+    #: TCP keepalive, seconds (``keepalive_idle`` None: off): on upstream sockets (the
+    #: kernel's) and toward clients (lwIP's), so a flow ends when an end is gone, not quiet.
+    keepalive_idle: int | None = 120
+    keepalive_interval: int = 15
+    keepalive_count: int = 4
     dial_before_accept: bool = True
     unreachable_reply: Literal["icmp", "rst"] = "icmp"
     max_pending_dials: int = 1024
@@ -64,9 +71,17 @@ class GatewayConfig:
     #: Idle time after which a forwarded ping's socket is closed.
     icmp_echo_idle_timeout: float = 30.0
 
+    @property
+    def keepalive(self) -> Keepalive | None:
+        """The keepalive settings together (None: off). Raises ValueError if out of range."""
+        if self.keepalive_idle is None:
+            return None
+        return Keepalive(self.keepalive_idle, self.keepalive_interval, self.keepalive_count)
+
     def __post_init__(self) -> None:
-        if self.dial_timeout <= 0 or self.idle_timeout <= 0:
+        if self.dial_timeout <= 0 or (self.idle_timeout is not None and self.idle_timeout <= 0):
             raise ValueError("timeouts must be positive")
+        _ = self.keepalive  # raises ValueError if a keepalive setting is out of range
         if self.unreachable_reply not in ("icmp", "rst"):
             raise ValueError("unreachable_reply must be 'icmp' or 'rst'")
         if self.max_pending_dials < 1:
@@ -124,7 +139,7 @@ class Gateway:
         udp_handler: UdpHandler | None = None,
     ) -> None:
         self.config = config or GatewayConfig()
-        self.dialer = Dialer(protector, self.config.dial_timeout)
+        self.dialer = Dialer(protector, self.config.dial_timeout, self.config.keepalive)
         stack_config = self.config.stack
         if stack_config.icmp_echo == "forward" and (reason := unavailable_reason()):
             log.warning("ICMP echo forwarding unavailable: %s; falling back to reply", reason)
@@ -132,6 +147,7 @@ class Gateway:
             self.config = dataclasses.replace(self.config, stack=stack_config)
         self.stack = LwipStack(device, stack_config)
         self.stack.relay_idle_timeout = self.config.idle_timeout
+        self.stack.tcp_keepalive = self.config.keepalive
         self._udp_handler = udp_handler or self._forward_udp
         self.udp = UdpSessions(self.stack, self._dispatch_udp, self.config.udp,
                                attach=None if udp_handler else self._attach_udp,
@@ -235,6 +251,7 @@ class Gateway:
         self.stack.apply_packet_policy(stack)
         self.dialer.connect_timeout = config.dial_timeout
         self.stack.relay_idle_timeout = config.idle_timeout
+        self.stack.tcp_keepalive = self.dialer.keepalive = config.keepalive  # new flows
         self.udp.config = config.udp
         if self._dials is not None:
             self._dials.claim_timeout = config.predial_claim_timeout

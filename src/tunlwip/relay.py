@@ -25,6 +25,9 @@ REASONS = {
     lib.TL_RELAY_ERROR: "error",
     lib.TL_RELAY_IDLE: "idle timeout",
     lib.TL_RELAY_STOPPED: "stopped",
+    # An end stopped answering (keepalive probes or retransmissions): the other one is reset.
+    lib.TL_RELAY_CLIENT_TIMEOUT: "client timeout",
+    lib.TL_RELAY_UPSTREAM_TIMEOUT: "upstream timeout",
 }
 #: Which side a reset came from, for debug logs.
 RESET_SIDES = {lib.TL_RELAY_CLIENT_RESET: "client", lib.TL_RELAY_UPSTREAM_RESET: "upstream"}

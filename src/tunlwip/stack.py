@@ -36,6 +36,7 @@ import trio
 from . import _binding
 from ._binding import ffi, lib
 from .device import PacketDevice
+from .dialer import Keepalive
 from .endpoint import Endpoint
 from .errors import DeviceError, LwipError, TunlwipError
 from .loopidle import LoopIdleProbe
@@ -150,6 +151,13 @@ def _device_failed(device: PacketDevice, err: int, operation: str = "read") -> D
     return exc
 
 
+def _apply_keepalive(keepalive: Keepalive | None) -> None:
+    if keepalive is None:
+        lib.tl_set_tcp_keepalive(0, 0, 0)
+    else:
+        lib.tl_set_tcp_keepalive(keepalive.idle * 1000, keepalive.interval * 1000, keepalive.count)
+
+
 _active: LwipStack | None = None
 
 
@@ -182,6 +190,7 @@ class LwipStack:
         self._next_watch_token = 1
         #: Relays with no byte moved for this long are reset (None: never).
         self.relay_idle_timeout: float | None = None
+        self._tcp_keepalive: Keepalive | None = None
         self._next_conn_id = 1
         self._outbox: list[bytes] = []
         self._output_ready = trio.Event()
@@ -223,6 +232,19 @@ class LwipStack:
             self._stop_lwip()
             _active = None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def tcp_keepalive(self) -> Keepalive | None:
+        """lwIP's keepalive toward clients, for connections accepted from now on (None: off).
+        A client that stops answering for ``budget`` seconds gets a RST and its flow ends
+        ("client timeout" for a relay: its upstream is reset). Timing runs on lwIP's 500 ms
+        slow timer, so each step may come up to half a second late."""
+        return self._tcp_keepalive
+
+    @tcp_keepalive.setter
+    def tcp_keepalive(self, keepalive: Keepalive | None) -> None:
+        self._tcp_keepalive = keepalive
+        _apply_keepalive(keepalive)
 
     def statistics(self) -> StackStatistics:
         c = lib.tl_get_counters()
@@ -375,6 +397,7 @@ class LwipStack:
         lib.tl_reset_counters()
         lib.tl_relay_reset_counters()
         lib.tl_set_checksum_check(1 if cfg.verify_checksums else 0)
+        _apply_keepalive(self._tcp_keepalive)  # lwIP is global: another stack may have set it
         nets = cfg.client_networks
         c_nets = ffi.new("tl_endpoint[]", max(1, len(nets)))
         prefixes = ffi.new("uint8_t[]", max(1, len(nets)))
@@ -520,8 +543,8 @@ class LwipStack:
             if trio.current_time() >= next_sweep:
                 next_sweep = trio.current_time() + _RELAY_SWEEP_SECONDS
                 self._check_input_fd()
-                if self.relay_idle_timeout is not None:
-                    lib.tl_relay_sweep(int(self.relay_idle_timeout * 1000))
+                idle = self.relay_idle_timeout
+                lib.tl_relay_sweep(0 if idle is None else max(1, int(idle * 1000)))
             self._after_lwip()
             sleep_ms = lib.tl_sleeptime()
             delay = _TIMER_CAP_SECONDS if sleep_ms == _SLEEPTIME_INFINITE else sleep_ms / 1000

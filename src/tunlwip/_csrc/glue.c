@@ -622,6 +622,8 @@ static void tl_on_error(void *arg, err_t err)
     if (arg) TL_PY(tl_py_error((uintptr_t)arg, err));
 }
 
+void tl_tcp_keepalive_apply(struct tcp_pcb *pcb); /* relay.c: tcp.keepalive_* */
+
 static err_t tl_on_accept(void *arg, struct tcp_pcb *newpcb, err_t err)
 {
     LWIP_UNUSED_ARG(arg);
@@ -634,6 +636,7 @@ static err_t tl_on_accept(void *arg, struct tcp_pcb *newpcb, err_t err)
     tcp_sent(newpcb, tl_on_sent);
     tcp_err(newpcb, tl_on_error);
     tcp_nagle_disable(newpcb);
+    tl_tcp_keepalive_apply(newpcb);
     /* lwIP 2.1.3 sizes segments to min(MSS, largest window seen / 2), and to the MSS while that
      * half is 0. A client whose SYN offered a window of 0 or 1 thus got MSS-sized segments
      * queued, and a later small window made tcp_write find a queued segment larger than its new

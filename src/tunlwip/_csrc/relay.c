@@ -22,9 +22,10 @@
  *    to finish its close (LAST-ACK/TIME-WAIT); tl_py_relay_done reports the end exactly once,
  *    after which its pointer must not be used (the memory is freed after the poll round).
  *
- * Invariants: single-threaded (the trio thread); a relay is registered in epoll only while it
- * wants an event (so a hung-up socket never spins the poll loop); bytes are acknowledged to the
- * client only once the upstream socket has accepted them.
+ * Invariants: single-threaded (the trio thread); a relay is in the epoll set while it wants an
+ * event, or with no events to hear an upstream that fails meanwhile (tl_relay_update_watch),
+ * but never once a hang-up is normal (so a hung-up socket never spins the poll loop); bytes are
+ * acknowledged to the client only once the upstream socket has accepted them.
  */
 #include <errno.h>
 #include <time.h>
@@ -32,12 +33,14 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
 #include "lwip/pbuf.h"
 #include "lwip/sys.h"
 #include "lwip/tcp.h"
+#include "lwip/priv/tcp_priv.h" /* tcp_keepalive, tcp_ticks: probing in FIN-WAIT-2 */
 
 #include "tunlwip_glue.h"
 #include "tl_vnet.h"
@@ -67,7 +70,9 @@ struct tl_relay {
     u16_t up_tail_room;       /* bytes free after up_tail's data when it is ours to fill */
     uint8_t *down_spill;      /* upstream bytes read but not taken by lwIP (rare) */
     u32_t down_spill_len;
-    u32_t watching;           /* epoll events registered (0: not in the set) */
+    u32_t watching;           /* epoll events registered */
+    u8_t in_set;              /* in the poll set (with watching 0: only for errors) */
+    u8_t no_error_watch;      /* a hang-up without error came: never watch for errors only */
     u8_t client_eof, upstream_shut, upstream_eof, client_shut, want_first_data, dirty, ended;
     u8_t drained;             /* the socket had nothing more to read; epoll says when it has */
     uint64_t bytes_up, bytes_down;
@@ -114,8 +119,9 @@ static void tl_relay_touch(struct tl_relay *r) { r->last_active = sys_now(); }
 static void tl_relay_close_fd(struct tl_relay *r, int reset)
 {
     if (r->fd < 0) return;
-    if (r->watching) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
+    if (r->in_set) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
     r->watching = 0;
+    r->in_set = 0;
     if (reset) {
         struct linger lg = {1, 0};
         setsockopt(r->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
@@ -173,6 +179,19 @@ enum { TL_GOES_ON = 0, TL_ENDED = 1, TL_ABORTED = 2 };
 static int tl_relay_fail(struct tl_relay *r, int reason)
 {
     return tl_relay_end(r, reason) ? TL_ABORTED : TL_ENDED;
+}
+
+/* Why a socket error ends a relay: the upstream reset it (ECONNRESET, EPIPE), or the kernel
+ * gave up on an upstream that stopped answering (keepalive or retransmissions: ETIMEDOUT, or
+ * the ICMP error seen meanwhile, which only a timeout makes fatal on a connected socket). */
+static int tl_relay_upstream_failure(int err)
+{
+    switch (err) {
+    case ETIMEDOUT: case EHOSTUNREACH: case ENETUNREACH: case EHOSTDOWN:
+        return TL_RELAY_UPSTREAM_TIMEOUT;
+    default:
+        return TL_RELAY_UPSTREAM_RESET;
+    }
 }
 
 /* Both directions finished: close the socket, hand the PCB to lwIP to finish closing. */
@@ -270,7 +289,7 @@ static int tl_relay_flush_up(struct tl_relay *r)
                 tl_rstats.upstream_full++;
                 break;
             }
-            return tl_relay_fail(r, TL_RELAY_UPSTREAM_RESET); /* EPIPE, ECONNRESET, ... */
+            return tl_relay_fail(r, tl_relay_upstream_failure(errno)); /* EPIPE, ... */
         }
         size_t left = (size_t)n;
         while (left > 0) {
@@ -379,7 +398,7 @@ static int tl_relay_pump_down(struct tl_relay *r)
                 r->drained = 1;
                 break;
             }
-            return tl_relay_fail(r, TL_RELAY_UPSTREAM_RESET);
+            return tl_relay_fail(r, tl_relay_upstream_failure(errno));
         }
         if (n > 0 && (size_t)n < want) r->drained = 1;
         if (n == 0) {
@@ -389,6 +408,7 @@ static int tl_relay_pump_down(struct tl_relay *r)
             break;
         }
         r->bytes_down += (uint64_t)n;
+        r->no_error_watch = 0; /* (tl_relay_on_socket_error) */
         tl_relay_touch(r);
         int queued = tl_tcp_write(r->pcb, tl_relay_buf, (size_t)n);
         if (queued < 0) return tl_relay_fail(r, TL_RELAY_ERROR);
@@ -422,30 +442,63 @@ static void tl_relay_on_error(void *arg, err_t err)
         tl_relay_settle(r); /* lwIP finished its side cleanly; the socket side goes on */
         return;
     }
-    tl_relay_end(r, err == ERR_RST ? TL_RELAY_CLIENT_RESET : TL_RELAY_ERROR);
+    /* ERR_ABRT from lwIP itself: its slow timer gave up on the client (keepalive probes or
+     * retransmissions unanswered) and sent it a RST; the upstream is reset in turn. */
+    tl_relay_end(r, err == ERR_RST ? TL_RELAY_CLIENT_RESET
+                    : err == ERR_ABRT ? TL_RELAY_CLIENT_TIMEOUT : TL_RELAY_ERROR);
 }
 
 /* ---- epoll -------------------------------------------------------------------------------- */
 
 /* Watch what the relay waits for. A poll set that refuses the fd ends the relay: it would
- * never be woken again. */
+ * never be woken again. Waiting for nothing (the upstream sent EOF, or the client's window is
+ * full), the socket stays in the set with no events, for errors only (epoll always reports
+ * EPOLLERR and EPOLLHUP): an upstream that dies meanwhile, reset or given up by keepalive,
+ * must still reset a quiet client, as there may be no idle limit to end the flow. Not once
+ * both directions of the socket are shut: that hang-up is normal and would spin the loop. */
 static int tl_relay_update_watch(struct tl_relay *r)
 {
     u32_t want = 0;
     if (r->up_queue != NULL) want |= EPOLLOUT;
     if (r->pcb != NULL && !r->upstream_eof && r->down_spill_len == 0 && tl_tcp_sndbuf(r->pcb) > 0)
         want |= EPOLLIN | EPOLLRDHUP;
-    if (want == r->watching) return TL_GOES_ON;
+    u8_t in_set = want != 0 || !(r->no_error_watch || (r->upstream_eof && r->upstream_shut));
+    if (want == r->watching && in_set == r->in_set) return TL_GOES_ON;
     struct epoll_event ev = {.events = want, .data.ptr = r};
-    int rc = want == 0 ? epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL)
-                       : epoll_ctl(tl_epoll_fd, r->watching ? EPOLL_CTL_MOD : EPOLL_CTL_ADD,
-                                   r->fd, &ev);
-    if (rc != 0 && want != 0) {
+    int rc = !in_set ? epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL)
+                     : epoll_ctl(tl_epoll_fd, r->in_set ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, r->fd, &ev);
+    if (rc != 0 && want == 0 && in_set) { /* no room to watch for errors only: do without */
+        if (r->in_set) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
+        r->no_error_watch = 1;
+        in_set = 0;
+    } else if (rc != 0 && in_set) {
         tl_rstats.poll_errors++;
         return tl_relay_fail(r, TL_RELAY_ERROR);
     }
     r->watching = want;
+    r->in_set = in_set;
     return TL_GOES_ON;
+}
+
+/* An error or hang-up while the relay waited for nothing else (tl_relay_update_watch): end
+ * it with the socket's error. Not while the socket still holds bytes the upstream sent before
+ * (the client's window is full): those go first, as on a direct path, and reading them
+ * resumes the error watch (tl_relay_pump_down); reading SO_ERROR would clear the error and
+ * turn the reset into a clean EOF. Without an error (a hang-up of a clean close under way),
+ * stop watching for errors only: the level-triggered hang-up would spin the poll loop. */
+static int tl_relay_on_socket_error(struct tl_relay *r)
+{
+    int queued = 0;
+    if (!r->upstream_eof && ioctl(r->fd, FIONREAD, &queued) == 0 && queued > 0) {
+        r->no_error_watch = 1;
+        return tl_relay_settle(r);
+    }
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(r->fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0)
+        return tl_relay_fail(r, tl_relay_upstream_failure(err));
+    r->no_error_watch = 1;
+    return tl_relay_settle(r);
 }
 
 /* Both FINs are exchanged: lwIP now finishes the connection on its own (LAST-ACK, CLOSING,
@@ -494,6 +547,10 @@ int tl_relay_poll(int max_events)
         struct tl_relay *r = (struct tl_relay *)events[i].data.ptr;
         u32_t ev = events[i].events;
         if (r->ended) continue;
+        if ((ev & (EPOLLERR | EPOLLHUP)) && r->watching == 0) { /* waiting for nothing else */
+            tl_relay_on_socket_error(r);
+            continue;
+        }
         if ((ev & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && r->up_queue != NULL &&
             tl_relay_flush_up(r) != TL_GOES_ON)
             continue;
@@ -681,7 +738,28 @@ void tl_relay_abort(void *relay, int reason)
     tl_relay_end((struct tl_relay *)relay, reason); /* never a clean close: both ends reset */
 }
 
-/* Reset relays idle for idle_ms or more; returns how many. */
+/* lwIP probes only in ESTABLISHED and CLOSE-WAIT. After the upstream's EOF (our FIN sent
+ * and acknowledged) the PCB waits in FIN-WAIT-2 for the client's, which a vanished client
+ * never sends: with no idle limit the flow would be held forever. So probe there as lwIP's
+ * slow timer does elsewhere, with the PCB's own timing (pcb->tmr: the last segment received;
+ * keep_cnt_sent is reset by any segment). Returns 1 if the client was given up. */
+static int tl_relay_probe_half_closed(struct tl_relay *r)
+{
+    struct tcp_pcb *pcb = r->pcb;
+    if (pcb == NULL || pcb->state != FIN_WAIT_2 || !ip_get_option(pcb, SOF_KEEPALIVE)) return 0;
+    u32_t quiet_ms = (u32_t)(tcp_ticks - pcb->tmr) * TCP_SLOW_INTERVAL;
+    if (quiet_ms > pcb->keep_idle + pcb->keep_cnt * pcb->keep_intvl) {
+        tl_relay_end(r, TL_RELAY_CLIENT_TIMEOUT); /* RST to the client, the upstream reset */
+        return 1;
+    }
+    if (quiet_ms > pcb->keep_idle + pcb->keep_cnt_sent * pcb->keep_intvl &&
+        tcp_keepalive(pcb) == ERR_OK)
+        pcb->keep_cnt_sent++;
+    return 0;
+}
+
+/* Reset relays idle for idle_ms or more (0: no idle limit), and probe half-closed clients
+ * (tl_relay_probe_half_closed); returns how many ended. Called about once a second. */
 int tl_relay_sweep(uint32_t idle_ms)
 {
     int ended = 0;
@@ -689,14 +767,43 @@ int tl_relay_sweep(uint32_t idle_ms)
     struct tl_relay *r = tl_relays;
     while (r != NULL) {
         struct tl_relay *next = r->next;
-        if ((u32_t)(now - r->last_active) >= idle_ms) {
+        if (idle_ms > 0 && (u32_t)(now - r->last_active) >= idle_ms) {
             tl_relay_end(r, TL_RELAY_IDLE);
             ended++;
+        } else {
+            ended += tl_relay_probe_half_closed(r);
         }
         r = next;
     }
     tl_relay_bury();
     return ended;
+}
+
+/* ---- keepalive toward clients ------------------------------------------------------------ */
+
+/* lwIP's keepalive timing for connections accepted from now on (idle_ms 0: none). Why per
+ * accepted PCB: a flow should end when its client is gone, not when it is quiet, and lwIP
+ * only probes PCBs with SOF_KEEPALIVE set. */
+static u32_t tl_keep_idle_ms, tl_keep_intvl_ms, tl_keep_cnt;
+
+void tl_set_tcp_keepalive(uint32_t idle_ms, uint32_t interval_ms, uint32_t count)
+{
+    tl_keep_idle_ms = idle_ms;
+    tl_keep_intvl_ms = interval_ms > 0 ? interval_ms : 1000;
+    tl_keep_cnt = count > 0 ? count : 1;
+}
+
+/* Called by glue.c's accept callback for every new connection. */
+void tl_tcp_keepalive_apply(struct tcp_pcb *pcb)
+{
+    if (tl_keep_idle_ms == 0) {
+        ip_reset_option(pcb, SOF_KEEPALIVE);
+        return;
+    }
+    ip_set_option(pcb, SOF_KEEPALIVE);
+    pcb->keep_idle = tl_keep_idle_ms;
+    pcb->keep_intvl = tl_keep_intvl_ms;
+    pcb->keep_cnt = tl_keep_cnt;
 }
 
 void tl_relay_abort_all(void)

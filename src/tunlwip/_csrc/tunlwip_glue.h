@@ -94,12 +94,14 @@ int tl_icmp_send(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *
 /* Relays (relay.c): the default forwarder, bytes moved between a connection and its upstream
  * socket in C. Python waits for tl_relay_epoll_fd to be readable and calls tl_relay_poll. */
 enum { TL_RELAY_CLOSED = 0, TL_RELAY_CLIENT_RESET = 1, TL_RELAY_UPSTREAM_RESET = 2,
-       TL_RELAY_ERROR = 3, TL_RELAY_IDLE = 4, TL_RELAY_STOPPED = 5 };
+       TL_RELAY_ERROR = 3, TL_RELAY_IDLE = 4, TL_RELAY_STOPPED = 5,
+       /* lwIP gave up on the client, the kernel on the upstream (keepalive, retransmissions) */
+       TL_RELAY_CLIENT_TIMEOUT = 6, TL_RELAY_UPSTREAM_TIMEOUT = 7 };
 typedef struct {
     uint64_t opened, spills;
     uint64_t upstream_full, client_full; /* backpressure: socket or lwIP send buffer full */
     uint64_t poll_errors;                /* relays ended because epoll refused their fd */
-    uint64_t ended[6]; /* by reason */
+    uint64_t ended[8]; /* by reason */
 } tl_relay_counters;
 typedef struct {
     uint64_t bytes_up, bytes_down; /* client -> upstream, upstream -> client */
@@ -116,8 +118,10 @@ int tl_relay_wait_with(int loop_fd); /* the event loop's epoll fd, once per run;
 int tl_relay_run(int timeout_ms, uint32_t clock_base_ms, double clock_origin);
 void tl_relay_info(void *relay, tl_relay_stats *out);
 void tl_relay_abort(void *relay, int reason);
-int tl_relay_sweep(uint32_t idle_ms);
+int tl_relay_sweep(uint32_t idle_ms); /* 0: no idle limit (half-closed flows still probed) */
 void tl_relay_abort_all(void);
+/* lwIP keepalive toward clients, for connections accepted from now on (idle_ms 0: off) */
+void tl_set_tcp_keepalive(uint32_t idle_ms, uint32_t interval_ms, uint32_t count);
 uint32_t tl_relay_count(void);
 const tl_relay_counters *tl_relay_get_counters(void);
 void tl_relay_reset_counters(void);

@@ -102,7 +102,10 @@
  * passive-open and destroy callbacks, to bound them and evict the oldest. */
 #define LWIP_TCP_PCB_NUM_EXT_ARGS       1
 #define TCP_MSL                         5000UL  /* TIME-WAIT lasts 2*MSL = 10 s */
-#define LWIP_TCP_KEEPALIVE              0
+/* Keepalive toward clients: per-PCB timing (keep_idle, keep_intvl, keep_cnt), set on each
+ * accepted connection from tcp.keepalive_* (relay.c tl_tcp_keepalive_apply), so an idle flow
+ * ends when its client is gone, not when it is quiet. lwIP checks it on its 500 ms slow timer. */
+#define LWIP_TCP_KEEPALIVE              1
 #define LWIP_CALLBACK_API               1
 
 /* ---- checksums ------------------------------------------------------------------------- */
