@@ -91,6 +91,11 @@ class ClientCounts:
         self._counts[key] = held + 1
         return True
 
+    def add(self, address: IPAddress) -> None:
+        """Count one more for ``address``'s client, share or not (its owner checked it)."""
+        key = client_key(address)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
     def release(self, address: IPAddress) -> None:
         """One of ``address``'s client's things is gone. Releasing what was never acquired
         is ignored (the count never goes below zero)."""
