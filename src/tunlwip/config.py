@@ -535,7 +535,8 @@ SCHEMA: tuple[Option, ...] = (
            "recently active session", None, "udp.when_full"),
     Option("udp.max_sessions_per_client", Integer(1), None, "sessions one client (IPv4 "
            "address, IPv6 /64) may hold; beyond it its new flows are refused with ICMP port "
-           "unreachable (also with `udp.when_full = \"evict\"`)", None,
+           "unreachable, or with `udp.when_full = \"evict\"` replace its own least recently "
+           "active session", None,
            "udp.max_sessions_per_client", unset=_AUTO_SHARE.format("udp.max_sessions")),
     Option("udp.queue_datagrams", Integer(1), 512, "client datagrams queued per session; "
            "beyond it they are dropped", None, "udp.queue_datagrams"),
