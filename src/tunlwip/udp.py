@@ -108,13 +108,14 @@ class UdpSession:
     """One UDP flow. ``receive`` yields the client's datagrams; ``send`` answers the client,
     appearing to come from ``target`` (the address and port the client sent to)."""
 
-    __slots__ = ("_cancel_scope", "_channel", "_diverted", "_on_end", "_owner", "bytes_in",
-                 "bytes_out", "client", "datagrams_in", "datagrams_out", "end_reason",
-                 "idle_timeout", "last_activity", "target")  # fmt: skip
+    __slots__ = ("_cancel_scope", "_channel", "_client_key", "_diverted", "_on_end", "_owner",
+                 "bytes_in", "bytes_out", "client", "datagrams_in", "datagrams_out",
+                 "end_reason", "idle_timeout", "last_activity", "target")  # fmt: skip
 
     def __init__(self, owner: UdpSessions, client: Endpoint, target: Endpoint,
                  idle_timeout: float) -> None:  # fmt: skip
         self.client = client
+        self._client_key = client_key(client.address)  # its share's key (per datagram: kept)
         self.target = target
         self.idle_timeout = idle_timeout
         self.last_activity = trio.current_time()
@@ -206,7 +207,7 @@ class UdpSession:
     # -- used by UdpSessions ---------------------------------------------------------------------
     def _touch(self) -> None:
         self.last_activity = trio.current_time()
-        self._owner._table.touch(self.key)
+        self._owner._table.touch(self)
 
     def _deliver(self, data: bytes) -> bool:
         self._touch()
@@ -242,22 +243,23 @@ class SessionTable:
         if old is not None:
             self.remove(old)
         self._sessions[session.key] = session
-        mine = self._by_client.setdefault(client_key(session.client.address), OrderedDict())
+        mine = self._by_client.setdefault(session._client_key, OrderedDict())
         mine[session.key] = session
 
     def remove(self, session: UdpSession) -> None:
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
-            owner = client_key(session.client.address)
+            owner = session._client_key
             mine = self._by_client[owner]
             del mine[session.key]
             if not mine:
                 del self._by_client[owner]
 
-    def touch(self, key: SessionKey) -> None:
-        if key in self._sessions:
+    def touch(self, session: UdpSession) -> None:
+        key = session.key
+        if self._sessions.get(key) is session:
             self._sessions.move_to_end(key)
-            self._by_client[client_key(key[0].address)].move_to_end(key)
+            self._by_client[session._client_key].move_to_end(key)
 
     def client_count(self, address: IPAddress) -> int:
         """Sessions of ``address``'s client (its IPv4 address or IPv6 /64)."""
