@@ -229,3 +229,15 @@ def test_table_names_the_limits_new_flows_met() -> None:
               "udp": {"refused_full": 2}, "dns": {"overload": 5}}  # fmt: skip
     table = format_status({"version": "1", "totals": totals, "drops": {}, "flows": []})
     assert "refused:   tcp connections 3, loops 1, udp sessions 2, dns in flight 5" in table
+
+
+def test_table_names_the_client_shares_new_flows_met() -> None:
+    """Refusals at a client's share get their own line; the global limits' line stays."""
+    totals = {"refused": {"tcp_connections": 1, "client_share_dials": 7,
+                          "client_share_connections": 0, "client_share_udp_sessions": 3,
+                          "client_share_dns": 2}, "udp": {}, "dns": {}}  # fmt: skip
+    table = format_status({"version": "1", "totals": totals, "drops": {}, "flows": []})
+    assert "refused:   tcp connections 1\n" in table
+    assert "shares:    refused dials 7, udp sessions 3, dns 2\n" in table
+    idle = format_status({"version": "1", "totals": {}, "drops": {}, "flows": []})
+    assert "shares:    none refused" in idle

@@ -225,7 +225,9 @@ async def test_idle_session_releases_its_socket(
 async def test_default_sessions_need_no_task_and_eviction_closes_their_sockets(
     nursery: trio.Nursery, echo_server: int
 ) -> None:
-    env = await start(nursery, GatewayConfig(udp=UdpConfig(max_sessions=20, when_full="evict")))
+    # One client may hold the whole table here: this is about eviction at the global cap.
+    udp = UdpConfig(max_sessions=20, when_full="evict", max_sessions_per_client=20)
+    env = await start(nursery, GatewayConfig(udp=udp))
     await trio.testing.wait_all_tasks_blocked()
     tasks_before, fds_before = trio.lowlevel.current_statistics().tasks_living, open_fds()
     with env.gateway.flows() as records:
@@ -249,7 +251,8 @@ async def test_default_sessions_need_no_task_and_eviction_closes_their_sockets(
 async def test_new_flows_beyond_the_session_cap_are_refused_and_old_ones_keep_working(
     nursery: trio.Nursery, echo_server: int
 ) -> None:
-    env = await start(nursery, GatewayConfig(udp=UdpConfig(max_sessions=20)))
+    udp = UdpConfig(max_sessions=20, max_sessions_per_client=20)  # the global cap, one client
+    env = await start(nursery, GatewayConfig(udp=udp))
     for port in range(7000, 7020):
         env.device.inject_packet(udp_packet(CLIENT4, "127.0.0.1", port, echo_server, b"x"))
     with trio.fail_after(10):

@@ -502,6 +502,8 @@ SECTIONS: dict[str, str] = {
 _v4, _v6 = ipaddress.IPv4Address, ipaddress.IPv6Address
 _net = ipaddress.ip_network
 _positive = Number(positive=True)
+#: What an unset per-client share means (``shares.share_of``).
+_AUTO_SHARE = "max(16, 1/4 of `{0}`), at most `{0}`"
 
 SCHEMA: tuple[Option, ...] = (
     Option("device.name", IfName(), None, "TUN interface to create or attach to", "--iface",
@@ -550,6 +552,10 @@ SCHEMA: tuple[Option, ...] = (
            "destinations", "--unreachable", "unreachable_reply"),
     Option("tcp.max_pending_dials", Integer(1), 1024, "SYNs held while dialing at most; "
            "beyond it new ones are refused", None, "max_pending_dials"),
+    Option("tcp.max_pending_dials_per_client", Integer(1), None, "SYNs one client (IPv4 "
+           "address, IPv6 /64) may have held while dialing; beyond it its new ones are refused "
+           "with RST", None, "max_pending_dials_per_client",
+           unset=_AUTO_SHARE.format("tcp.max_pending_dials")),
     Option("tcp.claim_timeout", _positive, 10.0, "how long a connection dialed for a held SYN "
            "waits for the client's handshake, seconds", None, "predial_claim_timeout"),
     Option("tcp.max_connections", Integer(1), 65536, "new connections beyond this many open "
@@ -557,6 +563,10 @@ SCHEMA: tuple[Option, ...] = (
     Option("tcp.max_half_open", Integer(1), 1024, "connections whose handshake is not yet "
            "complete at most (SYN floods); a new one beyond it resets the oldest", None,
            "stack.max_half_open"),
+    Option("tcp.max_connections_per_client", Integer(1), None, "connections one client (IPv4 "
+           "address, IPv6 /64) may have open or being dialed; beyond it its new ones are "
+           "refused with RST", None, "stack.max_tcp_connections_per_client",
+           unset=_AUTO_SHARE.format("tcp.max_connections")),
     Option("tcp.max_buffered_bytes", Integer(1), 64 * 1024 * 1024, "client bytes held unread "
            "in Python streams (custom handlers, DNS over TCP) over all connections; while more "
            "are held, new connections are refused with RST", None, "stack.max_buffered_bytes"),
@@ -575,6 +585,11 @@ SCHEMA: tuple[Option, ...] = (
     Option("udp.when_full", Choice("refuse", "evict"), "refuse", "a new flow at "
            "`udp.max_sessions`: refused with ICMP port unreachable, or it replaces the least "
            "recently active session", None, "udp.when_full"),
+    Option("udp.max_sessions_per_client", Integer(1), None, "sessions one client (IPv4 "
+           "address, IPv6 /64) may hold; beyond it its new flows are refused with ICMP port "
+           "unreachable, or with `udp.when_full = \"evict\"` replace its own least recently "
+           "active session", None,
+           "udp.max_sessions_per_client", unset=_AUTO_SHARE.format("udp.max_sessions")),
     Option("udp.queue_datagrams", Integer(1), 512, "client datagrams queued per session; "
            "beyond it they are dropped", None, "udp.queue_datagrams"),
     Option("quic.mode", Choice("reject", "drop", "off"), "reject", "UDP to the QUIC ports: "
@@ -627,6 +642,10 @@ SCHEMA: tuple[Option, ...] = (
            "this many seconds", None, "dns.max_negative_ttl"),
     Option("dns.max_in_flight", Integer(1), 1024, "queries resolved at once; beyond it they "
            "are answered REFUSED (counted: overload)", None, "dns.max_in_flight"),
+    Option("dns.max_in_flight_per_client", Integer(1), None, "queries one client (IPv4 "
+           "address, IPv6 /64) may have in flight; beyond it its queries are answered REFUSED "
+           "(counted: client_share)", None, "dns.max_in_flight_per_client",
+           unset=_AUTO_SHARE.format("dns.max_in_flight")),
     Option("logging.level", LogLevel(), "info", "log level (the numeric levels 0-5 of the seed "
            "too)", "--log-level"),
     Option("logging.file", FilePath(readable=False), None, "append the log to this file",

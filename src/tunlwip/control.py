@@ -374,11 +374,18 @@ def format_status(doc: dict[str, Any]) -> str:
                      f"(timeouts {dns.get('timeouts', 0)})")  # fmt: skip
     else:
         lines.append("dns:       proxy off")
-    refused = {k.replace("_", " "): v for k, v in (totals.get("refused") or {}).items() if v}
+    share_prefix = "client_share_"
+    all_refused = (totals.get("refused") or {}).items()
+    refused = {k.replace("_", " "): v for k, v in all_refused
+               if v and not k.startswith(share_prefix)}  # fmt: skip
     refused["udp sessions"] = udp.get("refused_full", 0)
     refused["dns in flight"] = (dns or {}).get("overload", 0)
     at_limits = ", ".join(f"{k} {v}" for k, v in refused.items() if v)
     lines.append(f"refused:   {at_limits or 'none'}")
+    # Refused because one client held its share of a budget that had room (``shares``).
+    at_shares = ", ".join(f"{k[len(share_prefix):].replace('_', ' ')} {v}"
+                          for k, v in all_refused if v and k.startswith(share_prefix))  # fmt: skip
+    lines.append(f"shares:    {'refused ' + at_shares if at_shares else 'none refused'}")
     drops = doc.get("drops") or {}
     dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(drops.items()))
     lines.append(f"drops:     {dropped or 'none'}")

@@ -35,6 +35,7 @@ from .icmp import EchoCounters, EchoForwarder, unavailable_reason
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
 from .predial import FlowKey, HeldDial, HeldSynDials
 from .relay import RESET_SIDES, Relay
+from .shares import share_of
 from .sniff import sniff_name
 from .stack import LwipStack, StackConfig, StackStatistics
 from .tcp import LwipTcpStream
@@ -64,6 +65,10 @@ class GatewayConfig:
     dial_before_accept: bool = True
     unreachable_reply: Literal["icmp", "rst"] = "icmp"
     max_pending_dials: int = 1024
+    #: SYNs one client (IPv4 address, IPv6 /64) may have held while dialing; beyond it its
+    #: new ones are refused with RST, so one client dialing black holes cannot take every
+    #: pending dial. None: ``shares.share_of(max_pending_dials)``.
+    max_pending_dials_per_client: int | None = None
     #: How long an upstream dialed for a held SYN waits for the client's handshake.
     predial_claim_timeout: float = 10.0
     udp: UdpConfig = dataclasses.field(default_factory=UdpConfig)
@@ -86,6 +91,14 @@ class GatewayConfig:
             raise ValueError("unreachable_reply must be 'icmp' or 'rst'")
         if self.max_pending_dials < 1:
             raise ValueError("max_pending_dials must be >= 1")
+        share = self.max_pending_dials_per_client
+        if share is not None and share < 1:
+            raise ValueError("max_pending_dials_per_client must be >= 1")
+
+    @property
+    def pending_dial_share(self) -> int:
+        """The SYNs one client may have held while dialing."""
+        return share_of(self.max_pending_dials, self.max_pending_dials_per_client)
 
 
 @dataclasses.dataclass
@@ -105,6 +118,18 @@ class RefusedCounters:
     #: TCP or UDP to port 853 (DNS over TLS or QUIC) with ``dns.reject_encrypted``: RST or
     #: ICMP port unreachable, so the client falls back to plain DNS at once.
     encrypted_dns: int = 0
+    #: New flows refused because their client (IPv4 address, IPv6 /64) held its share of a
+    #: budget while the budget itself had room; each answered as at the global limit:
+    #: held SYNs (``max_pending_dials_per_client``): RST;
+    client_share_dials: int = 0
+    #: connections open or being dialed (``stack.max_tcp_connections_per_client``): RST;
+    client_share_connections: int = 0
+    #: UDP sessions (``udp.max_sessions_per_client``, also ``udp.refused_client_share``):
+    #: ICMP port unreachable;
+    client_share_udp_sessions: int = 0
+    #: DNS queries in flight (``dns.max_in_flight_per_client``, also ``dns.client_share``):
+    #: REFUSED.
+    client_share_dns: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +256,8 @@ class Gateway:
         needs_restart = []
         device_fields = ("mtu", "ipv4_address", "ipv6_address", "client_networks",
                          "verify_checksums", "max_tcp_connections",
-                         "max_buffered_bytes", "max_buffered_bytes_per_connection")  # fmt: skip
+                         "max_tcp_connections_per_client", "max_buffered_bytes",
+                         "max_buffered_bytes_per_connection")  # fmt: skip
         for name in device_fields:
             if getattr(config.stack, name) != getattr(old.stack, name):
                 needs_restart.append(f"stack.{name}")
@@ -271,8 +297,16 @@ class Gateway:
         return False
 
     def statistics(self) -> GatewayStatistics:
+        stack = self.stack.statistics()
+        refused = dataclasses.replace(
+            self._refused,
+            client_share_connections=self._refused.client_share_connections
+            + stack.counters["tcp_refused_client_share"],
+            client_share_udp_sessions=self.udp.counters.refused_client_share,
+            client_share_dns=self.dns.counters.client_share if self.dns is not None else 0,
+        )
         return GatewayStatistics(
-            stack=self.stack.statistics(),
+            stack=stack,
             active_flows=self._active,
             pending_dials=len(self._dials) if self._dials is not None else 0,
             dials_ok=self._counts["ok"],
@@ -285,7 +319,7 @@ class Gateway:
             dns=dataclasses.replace(self.dns.counters) if self.dns is not None else None,
             uptime=self.uptime,
             flows=self._flows.totals(),
-            refused=dataclasses.replace(self._refused),
+            refused=refused,
         )
 
     @property
@@ -553,6 +587,19 @@ class Gateway:
             return True
         if len(dials) >= self.config.max_pending_dials:
             self._refused.pending_dials += 1
+            self._answer(packet, refused=True)
+            return True
+        # The client's shares, once the global limits had room (a full one is reported as
+        # such): its connections, open or being dialed, then its held SYNs.
+        address = client.address
+        opening = self.stack.client_connections.count(address) + dials.dialing_for(address) \
+            + dials.connected_for(address)  # fmt: skip
+        if opening >= self.stack.config.connection_share:
+            self._refused.client_share_connections += 1
+            self._answer(packet, refused=True)
+            return True
+        if dials.dialing_for(address) >= self.config.pending_dial_share:
+            self._refused.client_share_dials += 1
             self._answer(packet, refused=True)
             return True
         dials.start(key, packet)

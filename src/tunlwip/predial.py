@@ -23,6 +23,7 @@ import trio
 
 from .dialer import Dialer
 from .endpoint import Endpoint
+from .shares import ClientCounts, IPAddress
 from .stack import LwipStack
 
 log = logging.getLogger("tunlwip.predial")
@@ -71,6 +72,9 @@ class HeldSynDials:
         # Both ordered by when they started waiting, so their deadlines are in order too.
         self._dialing: dict[FlowKey, HeldDial] = {}
         self._connected: dict[FlowKey, HeldDial] = {}
+        # Both by client (``shares``): changed only by the four helpers below them.
+        self._dialing_per_client = ClientCounts()
+        self._connected_per_client = ClientCounts()
         self._wake_at = math.inf
         self._poke = trio.Event()
 
@@ -84,6 +88,18 @@ class HeldSynDials:
     def connected_count(self) -> int:
         """Upstreams connected and waiting for their client's handshake."""
         return len(self._connected)
+
+    def dialing_for(self, client: IPAddress) -> int:
+        """Held SYNs of ``client`` (its IPv4 address or IPv6 /64) still connecting."""
+        return self._dialing_per_client.count(client)
+
+    def connected_for(self, client: IPAddress) -> int:
+        """Upstreams connected for ``client`` and waiting for its handshake."""
+        return self._connected_per_client.count(client)
+
+    def per_client_total(self) -> int:
+        """Dials counted by client (equal to ``len(self) + connected_count()``; for tests)."""
+        return self._dialing_per_client.total() + self._connected_per_client.total()
 
     def start(self, key: FlowKey, packet: bytes) -> None:
         """Start connecting to ``key``'s destination; the outcome arrives by callback (an
@@ -101,13 +117,16 @@ class HeldSynDials:
             sock.close()
             self._on_failed(key, packet, exc, 0.0)
             return
-        self._dialing[key] = dial
+        self._add_dialing(dial)
         if now + self._dialer.connect_timeout < self._wake_at:
             self._poke.set()
 
     def claim(self, key: FlowKey) -> HeldDial | None:
         """The connected dial for ``key`` (now the caller's, with its socket), or None."""
-        return self._connected.pop(key, None)
+        dial = self._connected.get(key)
+        if dial is not None:
+            self._drop_connected(dial)
+        return dial
 
     def close(self) -> None:
         """Close every socket (the gateway stops)."""
@@ -116,6 +135,8 @@ class HeldSynDials:
             dial.sock.close()
         self._dialing.clear()
         self._connected.clear()
+        self._dialing_per_client.clear()
+        self._connected_per_client.clear()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Enforce the dial and claim timeouts until cancelled."""
@@ -132,10 +153,31 @@ class HeldSynDials:
             self.close()
 
     # -- internals ------------------------------------------------------------------------------
+    def _add_dialing(self, dial: HeldDial) -> None:
+        self._dialing[dial.key] = dial
+        self._dialing_per_client.add(dial.key[0].address)
+
+    def _drop_dialing(self, dial: HeldDial) -> None:
+        del self._dialing[dial.key]
+        self._dialing_per_client.release(dial.key[0].address)
+
+    def _add_connected(self, dial: HeldDial) -> None:
+        old = self._connected.get(dial.key)
+        if old is not None:  # a second SYN of the flow was dialed again: it replaces the first
+            self._drop_connected(old)
+            old.sock.close()
+        self._connected[dial.key] = dial
+        self._connected_per_client.add(dial.key[0].address)
+
+    def _drop_connected(self, dial: HeldDial) -> None:
+        del self._connected[dial.key]
+        self._connected_per_client.release(dial.key[0].address)
+
     def _finished(self, dial: HeldDial) -> None:
         """The poll set saw the socket writable (or failed): the connect is over."""
-        if self._dialing.pop(dial.key, None) is not dial:
+        if self._dialing.get(dial.key) is not dial:
             return
+        self._drop_dialing(dial)
         self._unwatch(dial)
         err = dial.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         now = trio.current_time()
@@ -144,7 +186,7 @@ class HeldSynDials:
             self._on_failed(dial.key, dial.packet, _os_error(err), now - dial.started)
             return
         dial.connected_at = now
-        self._connected[dial.key] = dial
+        self._add_connected(dial)
         self._on_connected(dial)
 
     def _unwatch(self, dial: HeldDial) -> None:
@@ -167,7 +209,7 @@ class HeldSynDials:
             dial = next(iter(self._dialing.values()))
             if dial.started + timeout > now:
                 break
-            del self._dialing[dial.key]
+            self._drop_dialing(dial)
             self._unwatch(dial)
             dial.sock.close()
             error = TimeoutError(errno.ETIMEDOUT, f"connect to {dial.key[1]} timed out")
@@ -176,7 +218,7 @@ class HeldSynDials:
             dial = next(iter(self._connected.values()))
             if dial.connected_at + self.claim_timeout > now:
                 break
-            del self._connected[dial.key]  # the client never completed its handshake
+            self._drop_connected(dial)  # the client never completed its handshake
             log.debug("upstream for %s -> %s unclaimed; closed", *dial.key)
             dial.sock.close()
 

@@ -41,6 +41,7 @@ from .endpoint import Endpoint
 from .errors import DeviceError, LwipError, TunlwipError
 from .loopidle import LoopIdleProbe
 from .relay import FirstDataCallback, Relay
+from .shares import ClientCounts, share_of
 from .tcp import LwipTcpStream
 
 log = logging.getLogger("tunlwip.stack")
@@ -83,6 +84,10 @@ class StackConfig:
     #: Connections in SYN_RCVD (handshake not yet complete) at most; a new one beyond it resets
     #: the oldest (``tcp_half_open_evicted``), as a SYN flood must not grow lwIP's PCB list.
     max_half_open: int = 1024
+    #: Open connections one client (IPv4 address, IPv6 /64) may hold; beyond it its new
+    #: connections are refused with RST too, so one client cannot take them all. None:
+    #: ``shares.share_of(max_tcp_connections)``.
+    max_tcp_connections_per_client: int | None = None
     #: Client bytes held in Python streams (custom handlers, DNS over TCP) over all
     #: connections; while more are held, new connections are refused with RST.
     max_buffered_bytes: int = 64 * 1024 * 1024
@@ -109,6 +114,9 @@ class StackConfig:
             raise ValueError("max_buffered_bytes must be >= 1")
         if not 1 <= self.max_half_open <= 0xFFFFFFFF:
             raise ValueError("max_half_open must be >= 1")
+        share = self.max_tcp_connections_per_client
+        if share is not None and share < 1:
+            raise ValueError("max_tcp_connections_per_client must be >= 1")
         if self.max_buffered_bytes_per_connection < 1:
             raise ValueError("max_buffered_bytes_per_connection must be >= 1")
         if not 576 <= self.mtu <= 65520:
@@ -121,6 +129,11 @@ class StackConfig:
             raise ValueError("blocked UDP ports must be between 1 and 65535")
         if self.icmp_echo not in _ECHO_MODES:
             raise ValueError(f"icmp_echo must be one of {', '.join(_ECHO_MODES)}")
+
+    @property
+    def connection_share(self) -> int:
+        """The open connections one client may hold."""
+        return share_of(self.max_tcp_connections, self.max_tcp_connections_per_client)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +194,11 @@ class LwipStack:
         self._after: list[Callable[[], None]] = []
         self._refused_at_limit = 0
         self._refused_buffer_full = 0
+        self._refused_client_share = 0
+        #: Open connections (streams and relays) by client, and each one's client by id:
+        #: released when an id has left both ``_streams`` and ``_relays`` (``_conn_gone``).
+        self.client_connections = ClientCounts()
+        self._conn_clients: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
         self._input_fd_identity: tuple[int, int, int] | None = None
         #: Let the poll task wait in C while trio is idle (``loopidle``); off: always via trio.
         self.wait_in_c = True
@@ -259,6 +277,7 @@ class LwipStack:
         counters["relay_poll_errors"] = int(relays.poll_errors)
         counters["tcp_refused_at_limit"] = self._refused_at_limit
         counters["tcp_refused_buffers_full"] = self._refused_buffer_full
+        counters["tcp_refused_client_share"] = self._refused_client_share
         return StackStatistics(
             tcp_connections=self.connection_count(),
             lwip_tcp_pcbs=lib.tl_tcp_pcb_count(),
@@ -292,10 +311,15 @@ class LwipStack:
         then left to the caller) and ``LwipError`` if the relay cannot be set up (both ends
         reset)."""
         conn_id = stream._conn_id
-        pcb, pending, client_eof = stream._hand_over()
-        fd = upstream.detach()
         relay = Relay(stream.remote, stream.local, on_first_data, self._after_lwip)
-        self._relays[conn_id] = relay
+        self._relays[conn_id] = relay  # first, so the client's share passes to the relay
+        try:
+            pcb, pending, client_eof = stream._hand_over()
+        except BaseException:
+            self._relays.pop(conn_id, None)
+            self._conn_gone(conn_id)
+            raise
+        fd = upstream.detach()
         if pending:  # the first bytes arrived before the handover: name the flow now
             self._first_data(relay, pending)
         out = ffi.new("void **")
@@ -305,6 +329,7 @@ class LwipStack:
         self._after_lwip()
         if rc != 0:
             self._relays.pop(conn_id, None)
+            self._conn_gone(conn_id)
             os.close(fd)
             lib.tl_tcp_abort(pcb)
             self._after_lwip()
@@ -454,6 +479,8 @@ class LwipStack:
         for stream in list(self._streams.values()):
             stream._on_stack_stopped()
         self._streams.clear()
+        self._conn_clients.clear()
+        self.client_connections.clear()
         self._tick_clock()
         lib.tl_deinit()
         _binding.set_sink(None)
@@ -629,6 +656,16 @@ class LwipStack:
 
     def _forget(self, conn_id: int) -> None:
         self._streams.pop(conn_id, None)
+        self._conn_gone(conn_id)
+
+    def _conn_gone(self, conn_id: int) -> None:
+        """Give the client's share back once the connection is neither a stream nor a
+        relay (idempotent: every path that ends a connection may call it)."""
+        if conn_id in self._streams or conn_id in self._relays:
+            return
+        address = self._conn_clients.pop(conn_id, None)
+        if address is not None:
+            self.client_connections.release(address)
 
     async def _run_handler(self, stream: LwipTcpStream) -> None:
         assert self._handler is not None
@@ -650,15 +687,19 @@ class LwipStack:
         if self._streams and self.buffered_bytes() >= self.config.max_buffered_bytes:
             self._refused_buffer_full += 1
             return 0
-        conn_id = self._next_conn_id
-        self._next_conn_id += 1
         local = ffi.new("tl_endpoint *")
         remote = ffi.new("tl_endpoint *")
         lib.tl_tcp_endpoints(pcb, local, remote)
-        stream = LwipTcpStream(
-            self, conn_id, pcb, _binding.endpoint_from_c(local), _binding.endpoint_from_c(remote)
-        )
+        client = _binding.endpoint_from_c(remote)
+        if self.client_connections.count(client.address) >= self.config.connection_share:
+            self._refused_client_share += 1
+            return 0
+        conn_id = self._next_conn_id
+        self._next_conn_id += 1
+        stream = LwipTcpStream(self, conn_id, pcb, _binding.endpoint_from_c(local), client)
         self._streams[conn_id] = stream
+        self._conn_clients[conn_id] = client.address
+        self.client_connections.add(client.address)
         self._accepted.append(stream)  # dispatched once lwIP returns (_after_lwip)
         return conn_id
 
@@ -674,6 +715,7 @@ class LwipStack:
     def on_error(self, conn: int, err: int) -> None:
         stream = self._streams.pop(conn, None)
         if stream is not None:
+            self._conn_gone(conn)
             stream._on_error(err)
 
     def on_output(self, packet: bytes) -> None:
@@ -695,6 +737,7 @@ class LwipStack:
     def on_relay_done(self, conn: int, reason: int, bytes_up: int, bytes_down: int) -> None:
         relay = self._relays.pop(conn, None)
         if relay is not None:
+            self._conn_gone(conn)
             relay._finish(reason, bytes_up, bytes_down)
 
     def on_fd_ready(self, token: int) -> None:

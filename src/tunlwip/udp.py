@@ -28,6 +28,7 @@ import trio
 from .endpoint import Endpoint
 from .errors import LwipError
 from .packet import HOST_UNREACHABLE, PORT_UNREACHABLE, udp_unreachable
+from .shares import ClientKey, IPAddress, client_key, share_of
 
 if TYPE_CHECKING:
     from .stack import LwipStack
@@ -53,6 +54,11 @@ class UdpConfig:
     #: recently active session (``"evict"``).
     max_sessions: int = 4096
     when_full: Literal["refuse", "evict"] = "refuse"
+    #: Sessions one client (IPv4 address, IPv6 /64) may hold, so one client cannot take the
+    #: whole table; a new flow beyond it is refused with ICMP unreachable (``"refuse"``) or
+    #: replaces the client's own least recently active session (``"evict"``). None:
+    #: ``shares.share_of(max_sessions)``.
+    max_sessions_per_client: int | None = None
     #: Client datagrams waiting for the handler, per session; beyond it they are dropped.
     queue_datagrams: int = 512
 
@@ -63,6 +69,13 @@ class UdpConfig:
             raise ValueError("max_sessions and queue_datagrams must be >= 1")
         if self.when_full not in ("refuse", "evict"):
             raise ValueError("when_full must be 'refuse' or 'evict'")
+        if self.max_sessions_per_client is not None and self.max_sessions_per_client < 1:
+            raise ValueError("max_sessions_per_client must be >= 1")
+
+    @property
+    def session_share(self) -> int:
+        """The sessions one client may hold."""
+        return share_of(self.max_sessions, self.max_sessions_per_client)
 
 
 @dataclasses.dataclass
@@ -76,6 +89,10 @@ class UdpCounters:
     #: gateway's admission check (a routing loop).
     refused_full: int = 0
     refused_admission: int = 0
+    #: New flows refused because their client holds its share of the sessions
+    #: (``max_sessions_per_client``, ``when_full="refuse"``): ICMP unreachable, as at
+    #: ``max_sessions``.
+    refused_client_share: int = 0
     datagrams_in: int = 0
     datagrams_out: int = 0
     #: Client datagrams dropped: the session's queue was full, or the gateway is stopping.
@@ -91,13 +108,14 @@ class UdpSession:
     """One UDP flow. ``receive`` yields the client's datagrams; ``send`` answers the client,
     appearing to come from ``target`` (the address and port the client sent to)."""
 
-    __slots__ = ("_cancel_scope", "_channel", "_diverted", "_on_end", "_owner", "bytes_in",
-                 "bytes_out", "client", "datagrams_in", "datagrams_out", "end_reason",
-                 "idle_timeout", "last_activity", "target")  # fmt: skip
+    __slots__ = ("_cancel_scope", "_channel", "_client_key", "_diverted", "_on_end", "_owner",
+                 "bytes_in", "bytes_out", "client", "datagrams_in", "datagrams_out",
+                 "end_reason", "idle_timeout", "last_activity", "target")  # fmt: skip
 
     def __init__(self, owner: UdpSessions, client: Endpoint, target: Endpoint,
                  idle_timeout: float) -> None:  # fmt: skip
         self.client = client
+        self._client_key = client_key(client.address)  # its share's key (per datagram: kept)
         self.target = target
         self.idle_timeout = idle_timeout
         self.last_activity = trio.current_time()
@@ -189,7 +207,7 @@ class UdpSession:
     # -- used by UdpSessions ---------------------------------------------------------------------
     def _touch(self) -> None:
         self.last_activity = trio.current_time()
-        self._owner._table.touch(self.key)
+        self._owner._table.touch(self)
 
     def _deliver(self, data: bytes) -> bool:
         self._touch()
@@ -206,10 +224,13 @@ class UdpSession:
 
 
 class SessionTable:
-    """Sessions ordered by last activity (least recent first). Pure bookkeeping, no I/O."""
+    """Sessions ordered by last activity (least recent first), overall and per client
+    (``shares.client_key``), both kept by add, remove and touch, so a client's count follows
+    the table whatever ends a session. Pure bookkeeping, no I/O."""
 
     def __init__(self) -> None:
         self._sessions: OrderedDict[SessionKey, UdpSession] = OrderedDict()
+        self._by_client: dict[ClientKey, OrderedDict[SessionKey, UdpSession]] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -218,15 +239,41 @@ class SessionTable:
         return self._sessions.get(key)
 
     def add(self, session: UdpSession) -> None:
+        old = self._sessions.get(session.key)
+        if old is not None:
+            self.remove(old)
         self._sessions[session.key] = session
+        mine = self._by_client.setdefault(session._client_key, OrderedDict())
+        mine[session.key] = session
 
     def remove(self, session: UdpSession) -> None:
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
+            owner = session._client_key
+            mine = self._by_client[owner]
+            del mine[session.key]
+            if not mine:
+                del self._by_client[owner]
 
-    def touch(self, key: SessionKey) -> None:
-        if key in self._sessions:
+    def touch(self, session: UdpSession) -> None:
+        key = session.key
+        if self._sessions.get(key) is session:
             self._sessions.move_to_end(key)
+            self._by_client[session._client_key].move_to_end(key)
+
+    def client_count(self, address: IPAddress) -> int:
+        """Sessions of ``address``'s client (its IPv4 address or IPv6 /64)."""
+        mine = self._by_client.get(client_key(address))
+        return len(mine) if mine is not None else 0
+
+    def clients(self) -> int:
+        """Clients with at least one session."""
+        return len(self._by_client)
+
+    def least_recent_of(self, address: IPAddress) -> UdpSession | None:
+        """The least recently active session of ``address``'s client."""
+        mine = self._by_client.get(client_key(address))
+        return next(iter(mine.values()), None) if mine else None
 
     def all(self) -> list[UdpSession]:
         return list(self._sessions.values())
@@ -300,10 +347,9 @@ class UdpSessions:
         return len(idle)
 
     def _refuse(self, client: Endpoint, target: Endpoint, data: bytes) -> None:
-        """ICMP port unreachable for a flow refused at ``max_sessions`` or by ``admit``: the
-        client's socket
-        fails at once (ECONNREFUSED) instead of waiting. Sent once lwIP returns: this runs in
-        its UDP callback, which must not send."""
+        """ICMP port unreachable for a flow refused at ``max_sessions``, at its client's share
+        or by ``admit``: the client's socket fails at once (ECONNREFUSED) instead of waiting.
+        Sent once lwIP returns: this runs in its UDP callback, which must not send."""
         message = udp_unreachable(client.address.packed, target.address.packed, client.port,
                                   target.port, data, PORT_UNREACHABLE)  # fmt: skip
 
@@ -338,14 +384,27 @@ class UdpSessions:
             if verdict == "reject":
                 self._refuse(client, target, data)
             return None
-        if len(self._table) >= self.config.max_sessions:
-            oldest = self._table.least_recent()
-            if self.config.when_full == "refuse" or oldest is None:
-                self.counters.refused_full += 1
+        evict = self.config.when_full == "evict"
+        full = len(self._table) >= self.config.max_sessions
+        if full and not evict:
+            self.counters.refused_full += 1
+            self._refuse(client, target, data)
+            return None
+        # The client's share, once the table had room (a full table is reported as such).
+        # A client at its share is refused, or with "evict" replaces its own least recently
+        # active session: never another client's.
+        victim = None
+        if self._table.client_count(client.address) >= self.config.session_share:
+            if not evict:
+                self.counters.refused_client_share += 1
                 self._refuse(client, target, data)
                 return None
+            victim = self._table.least_recent_of(client.address)
+        elif full:
+            victim = self._table.least_recent()
+        if victim is not None:
             self.counters.evicted += 1
-            oldest.close("evicted")
+            victim.close("evicted")
         timeout = self.config.idle_timeout
         if target.port == DNS_PORT:
             timeout = min(timeout, self.config.dns_idle_timeout)

@@ -43,6 +43,7 @@ import trio
 
 from ..dialer import Dialer
 from ..endpoint import Endpoint
+from ..shares import ClientCounts, share_of
 from .cache import DnsCache
 from .names import ResolvedNames, answered_addresses
 from .policy import (
@@ -93,6 +94,10 @@ class DnsConfig:
     max_negative_ttl: int = 3_600
     #: Queries resolved at once, over all clients; beyond it queries are dropped (counted).
     max_in_flight: int = 1024
+    #: Queries one client (IPv4 address, IPv6 /64) may have in flight; beyond it they get
+    #: REFUSED too, so one client's slow queries cannot take every slot. None:
+    #: ``shares.share_of(max_in_flight)``.
+    max_in_flight_per_client: int | None = None
     #: A client TCP connection with no query for this long is closed.
     tcp_idle_timeout: float = 30.0
     #: A query over TCP must arrive whole this long after its first byte, and its answer be
@@ -113,6 +118,13 @@ class DnsConfig:
             raise ValueError("DNS timeouts must be positive")
         if self.cache_size < 0 or self.max_in_flight < 1:
             raise ValueError("dns cache_size must be >= 0 and max_in_flight >= 1")
+        if self.max_in_flight_per_client is not None and self.max_in_flight_per_client < 1:
+            raise ValueError("dns max_in_flight_per_client must be >= 1")
+
+    @property
+    def in_flight_share(self) -> int:
+        """The queries one client may have in flight."""
+        return share_of(self.max_in_flight, self.max_in_flight_per_client)
 
 
 def _policy(config: DnsConfig) -> DnsPolicy:
@@ -159,7 +171,10 @@ class DnsCounters:
     malformed: int = 0
     formerr: int = 0
     duplicates: int = 0
+    #: Answered REFUSED: ``max_in_flight`` queries in flight (overload), or the client had
+    #: its share of them in flight (client_share).
     overload: int = 0
+    client_share: int = 0
     #: Answered by replaying a recent answer to a byte-identical query (``dns.replay``).
     replayed: int = 0
     #: TCP connections reset for a query not received, or an answer not taken, within
@@ -190,6 +205,8 @@ class DnsProxy:
         self.names = ResolvedNames()
         self.recent = RecentAnswers()
         self._in_flight: set[tuple[Endpoint, int]] = set()
+        #: Queries in flight by client (``shares``), next to ``_in_flight``.
+        self.in_flight_per_client = ClientCounts()
         self._retired: list[UpstreamSet] = []
 
     def name_for(self, client: Endpoint, address: Endpoint) -> str | None:
@@ -338,7 +355,11 @@ class DnsProxy:
                         if refusal is not None:
                             await send(refusal)
                         continue
-                    await slots.acquire()
+                    try:
+                        await slots.acquire()
+                    except BaseException:  # cancelled while waiting: never started
+                        self._release(query, client)
+                        raise
                     nursery.start_soon(answer_one, query)
             # EOF or idle: the answers still being resolved are written before the close.
 
@@ -360,8 +381,9 @@ class DnsProxy:
     def _admit(self, query: bytes, client: Endpoint) -> tuple[bool, bytes | None]:
         """Count the query and say whether to resolve it; if not, what to answer at once.
         Duplicates of a query in flight are dropped (the first one will be answered); beyond
-        ``max_in_flight`` queries get REFUSED, so the client tries again or elsewhere at once
-        rather than after a timeout."""
+        the client's share of ``max_in_flight``, or ``max_in_flight`` itself, queries get
+        REFUSED, so the client tries again or elsewhere at once rather than after a timeout.
+        An admitted query must be released (``_release``) whatever happens to it."""
         self.counters.queries += 1
         if len(query) < HEADER_LEN:
             self.counters.malformed += 1
@@ -373,11 +395,23 @@ class DnsProxy:
         if len(self._in_flight) >= self.config.max_in_flight:
             self.counters.overload += 1
             return False, _refused(query)
+        if self.in_flight_per_client.count(client.address) >= self.config.in_flight_share:
+            self.counters.client_share += 1
+            return False, _refused(query)
         self._in_flight.add(key)
+        self.in_flight_per_client.add(client.address)
         return True, None
 
     def _release(self, query: bytes, client: Endpoint) -> None:
-        self._in_flight.discard((client, int.from_bytes(query[:2], "big")))
+        key = (client, int.from_bytes(query[:2], "big"))
+        if key in self._in_flight:
+            self._in_flight.remove(key)
+            self.in_flight_per_client.release(client.address)
+
+    @property
+    def in_flight(self) -> int:
+        """Queries being resolved now."""
+        return len(self._in_flight)
 
     async def answer(self, wire: bytes, client: Endpoint, *, max_udp_size: bool) -> bytes | None:
         """The wire answer to one query (None: drop it). ``max_udp_size``: fit the answer in
