@@ -190,12 +190,14 @@ def shaped_seeds() -> dict[str, bytes]:
         hs = [record(p) for p in handshake(c, g, 53)]
         data = pk.tcp_packet(c, g, 40000, 53, seq=1001, ack=1, flags=pk.ACK | pk.PSH,
                              payload=b"\0\x1dquery")  # fmt: skip
+        # one byte: the shape of segment that made lwIP abort at rcv_nxt + 2^31
+        one = pk.tcp_packet(c, g, 40000, 53, seq=1001, ack=1, flags=pk.ACK, payload=b"x")
         # a far segment of an established connection to the gateway's port 53, then more data
         seeds[f"seg_far_{fam}"] = bytes([0]) + b"".join(
-            [*hs, shaped(SEG, bytes([AIM_HALF_SPACE]) + data), record(data, READ)]
+            [*hs, shaped(SEG, bytes([AIM_HALF_SPACE]) + one), record(data, READ)]
         )
         seeds[f"seg_aim_{fam}"] = bytes([CHECKSUMS]) + b"".join(
-            [*hs] + [shaped(SEG, bytes([i | AIM_ACK | AIM_FIX_CHECKSUM]) + data) for i in range(8)]
+            [*hs] + [shaped(SEG, bytes([i | AIM_ACK | AIM_FIX_CHECKSUM]) + one) for i in range(8)]
         )
         # a SYN flood beyond a half-open limit of 4, then a client completes its handshake
         flood = [shaped(SEG, bytes([HALF_OPEN_4]))]
@@ -228,22 +230,27 @@ def shaped_seeds() -> dict[str, bytes]:
             ooo.append(seg)
             size += len(seg)
         seeds[f"ooo_one_byte_{fam}"] = bytes([0]) + b"".join(ooo)
-        # fragment trains: TCP first, then protocol 99 / UDP / ICMP; reversed; incomplete
+        # fragment trains of the far byte: the whole TCP header (with four NOPs) in the first
+        # fragment of 24 bytes, the byte in the second; TCP first then protocol 99, UDP, ...
+        far_byte = far(c, g, 53, options=b"\x01" * 4)
         fragged = far(c, g, 53, payload=b"x" * 24)
         trains = {
-            "tcp_99": [P_OWN, P_OWN, P_99],
-            "tcp_udp": [P_TCP, P_TCP, P_UDP],
-            "99_tcp": [P_99, P_TCP, P_TCP],
-            "icmp": [P_ICMP, P_OWN, P_60],
+            "tcp_99": [P_OWN, P_99],
+            "tcp_udp": [P_TCP, P_UDP],
+            "99_tcp": [P_99, P_TCP],
+            "tcp_60": [P_OWN, P_60],
         }
         for name, protos in trains.items():
             seeds[f"frag_train_{name}_{fam}"] = bytes([0]) + b"".join(
                 [
                     *hs,
-                    shaped(FRAG_TRAIN, frag_train(fragged, protos, FT_TO_GATEWAY)),
+                    shaped(FRAG_TRAIN, frag_train(far_byte, protos, FT_TO_GATEWAY, unit=3)),
                     record(data, READ),
                 ]
             )
+        seeds[f"frag_train_icmp_{fam}"] = bytes([0]) + b"".join(
+            [*hs, shaped(FRAG_TRAIN, frag_train(fragged, [P_ICMP, P_OWN, P_60])), record(data)]
+        )
         seeds[f"frag_train_reversed_{fam}"] = bytes([CHECKSUMS]) + b"".join(
             [
                 *hs,
@@ -294,7 +301,7 @@ def shaped_seeds() -> dict[str, bytes]:
             seeds[f"xt_{name}_far"] = bytes([0]) + b"".join(
                 [
                     *hs,
-                    shaped(XT_CHAIN, xt_chain(data, headers, XT_AIM | XT_TO_GATEWAY)),
+                    shaped(XT_CHAIN, xt_chain(one, headers, XT_AIM | XT_TO_GATEWAY)),
                     record(data, READ),
                 ]
             )
