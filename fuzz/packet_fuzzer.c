@@ -204,10 +204,11 @@ int tl_py_syn(const uint8_t *packet, size_t len, const tl_endpoint *src, const t
 int tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *data, size_t len)
 {
     touch(data, len);
-    /* the hooks drop datagrams from or to port 0 and to multicast or unspecified addresses
-     * (behind an extension header they once reached this callback) */
+    /* the hooks drop datagrams from or to port 0 and to multicast, broadcast or unspecified
+     * addresses (behind an extension header they once reached this callback) */
     if (src->port == 0 || dst->port == 0 || src->family != dst->family) abort();
-    if (dst->family == 4 ? dst->addr[0] >= 224 || memcmp(dst->addr, "\0\0\0\0", 4) == 0
+    if (dst->family == 4 ? (dst->addr[0] & 0xF0) == 0xE0 || memcmp(dst->addr, "\0\0\0\0", 4) == 0 ||
+                               memcmp(dst->addr, "\xff\xff\xff\xff", 4) == 0
                          : dst->addr[0] == 0xff) abort();
     udp_src = *src;
     udp_dst = *dst;
@@ -560,7 +561,8 @@ static void report(void)
             r->ended[0], r->ended[1], r->ended[2], r->ended[3], r->ended[4], r->ended[5],
             k->drop_ip_header, k->drop_transport_header, k->drop_transport_checksum,
             k->drop_ip6_extension, k->drop_fragment_protocol, k->drop_unsupported,
-            k->drop_port_zero, k->drop_bad_address, k->tcp_half_open_evicted, k->output_writes, k->output_gso_writes);
+            k->drop_port_zero, k->drop_bad_address, k->tcp_half_open_evicted, k->output_writes,
+            k->output_gso_writes);
 }
 
 static void teardown(void)
@@ -718,7 +720,10 @@ static void set_destination(uint8_t *pkt, size_t len, const uint8_t *v4, const u
 
 static void put32(uint8_t *p, uint32_t v)
 {
-    p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
 }
 
 /* Aim a TCP segment at a connection lwIP holds (tcp_active_pcbs): the one of its ports, else
