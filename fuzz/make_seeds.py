@@ -5,6 +5,13 @@ the harness, so a client acknowledges its SYN-ACK with ack = 1. Packets are buil
 test suite's independent builders (tests/packets.py). DNS seeds: see dns_fuzzer.py's format.
 
     python fuzz/make_seeds.py OUTDIR   # writes OUTDIR/packet/* and OUTDIR/dns/*
+    python fuzz/make_seeds.py --regressions   # rewrites fuzz/regressions/packet-ip6-* etc.
+
+Records of kinds XT_CHAIN, FRAG_TRAIN and SEG (ctl >> 3 of 29-31) shape their packet in the
+harness (extension-header chains, fragment trains, segments aimed at a connection); their
+packet starts with the shape's description (packet_fuzzer.c, build_chain, frag_train,
+shape_record). The regression inputs use plain records only, so that the harness of any
+version (before those kinds existed) replays them.
 """
 
 from __future__ import annotations
@@ -35,6 +42,19 @@ NOP, READ, READ_SOME, WRITE_SMALL, WRITE_BIG, EOF, CLOSE, ABORT = 0, 8, 9, 10, 1
 RELAY = 15
 UP_SEND, UP_EOF, UP_CLOSE, UP_READ, RELAY_ABORT, SWEEP = 16, 17, 18, 19, 20, 21
 RELEASE, DROP_SYN, UDP_REPLY, ECHO_SEND, POLL, WATCH = 22, 23, 24, 25, 26, 28
+# record kinds that shape their packet (packet_fuzzer.c shape_record)
+XT_CHAIN, FRAG_TRAIN, SEG = 29, 30, 31
+# XT_CHAIN spec bits, header kinds (sel & 3) and sel bits
+XT_TO_GATEWAY, XT_AIM, XT_FIX_CHECKSUM, XT_TO_FF02_1 = 0x04, 0x08, 0x10, 0x20
+HBH, ROUTING, DEST_OPTS, FRAG_HDR = 0, 1, 2, 3
+SEL_RAW, SEL_TYPE_LAST = 0x10, 0x20
+# FRAG_TRAIN spec bits and protocol selectors (frag_proto)
+FT_AIM, FT_FIX_CHECKSUM, FT_TO_GATEWAY, FT_INCOMPLETE, FT_DEST_OPTS = 0x08, 0x10, 0x20, 0x40, 0x80
+P_OWN, P_TCP, P_UDP, P_ICMP, P_99, P_0, P_60, P_43 = range(8)
+# SEG spec: aim (SEQ_OFFSET index; 7 = window edge), ACK = snd_nxt, fix checksum, half-open limit
+AIM_HALF_SPACE, AIM_WINDOW_EDGE, AIM_ACK, AIM_FIX_CHECKSUM = 0, 7, 0x08, 0x10
+HALF_OPEN_4 = 4 << 5  # HALF_OPEN[4] == 4
+MAX_LEN = 4096  # the length the corpus is cut to (run.sh merge)
 
 
 def record(packet: bytes, step: int = NOP, arg: int = 0, time: int = 0) -> bytes:
@@ -128,6 +148,209 @@ def packet_seeds() -> dict[str, bytes]:
     return seeds
 
 
+def xt_chain(packet: bytes, headers: list[tuple[int, bytes]], spec: int = 0) -> bytes:
+    """An XT_CHAIN record's packet: spec, then per header sel and its body, then the packet."""
+    spec |= len(headers) - 1
+    out = bytearray([spec])
+    for sel, body in headers:
+        size = 8 if sel & 3 == FRAG_HDR else 8 * (1 + (sel >> 2 & 3))
+        out += bytes([sel]) + body.ljust(size - 2, b"\0")[: size - 2]
+    return bytes(out) + packet
+
+
+def frag_train(packet: bytes, protos: list[int], spec: int = 0, *, order: list[int] | None = None,
+               unit: int = 0, ident: int = 7) -> bytes:  # fmt: skip
+    """A FRAG_TRAIN record's packet: len(protos) fragments naming those protocol selectors."""
+    order = order or list(range(len(protos)))
+    pairs = b"".join(bytes([p, o]) for p, o in zip(protos, order, strict=True))
+    return bytes([spec | (len(protos) - 1), unit, ident]) + pairs + packet
+
+
+def handshake(c: str, g: str, port: int, sport: int = 40000, *, mss: int = 1460) -> list[bytes]:
+    """A client's SYN and ACK (ISN 1000; the gateway's is 0): rcv_nxt is then 1001."""
+    opts = pk.tcp_options(mss=mss, wscale=7, sack_permitted=True)
+    return [
+        pk.tcp_packet(c, g, sport, port, seq=1000, flags=pk.SYN, options=opts, window=64240),
+        pk.tcp_packet(c, g, sport, port, seq=1001, ack=1, flags=pk.ACK),
+    ]
+
+
+def far(c: str, g: str, port: int, sport: int = 40000, payload: bytes = b"x",
+        options: bytes = b"") -> bytes:  # fmt: skip
+    """The segment of issue 19: 2^31 from rcv_nxt (1001) of the connection handshake() opens."""
+    return pk.tcp_packet(c, g, sport, port, seq=1001 + 2**31, ack=1, flags=pk.ACK | pk.PSH,
+                         payload=payload, options=options)  # fmt: skip
+
+
+def shaped_seeds() -> dict[str, bytes]:
+    """Extension-header chains, mixed-protocol fragment trains, segments aimed at connections,
+    half-open floods, an MSS of 1, one-byte segments out of order."""
+    seeds: dict[str, bytes] = {}
+    for fam, (c, g) in {"v4": (C4, G4), "v6": (C6, G6)}.items():
+        hs = [record(p) for p in handshake(c, g, 53)]
+        data = pk.tcp_packet(c, g, 40000, 53, seq=1001, ack=1, flags=pk.ACK | pk.PSH,
+                             payload=b"\0\x1dquery")  # fmt: skip
+        # one byte: the shape of segment that made lwIP abort at rcv_nxt + 2^31
+        one = pk.tcp_packet(c, g, 40000, 53, seq=1001, ack=1, flags=pk.ACK, payload=b"x")
+        # a far segment of an established connection to the gateway's port 53, then more data
+        seeds[f"seg_far_{fam}"] = bytes([0]) + b"".join(
+            [*hs, shaped(SEG, bytes([AIM_HALF_SPACE]) + one), record(data, READ)]
+        )
+        seeds[f"seg_aim_{fam}"] = bytes([CHECKSUMS]) + b"".join(
+            [*hs] + [shaped(SEG, bytes([i | AIM_ACK | AIM_FIX_CHECKSUM]) + one) for i in range(8)]
+        )
+        # a SYN flood beyond a half-open limit of 4, then a client completes its handshake
+        flood = [shaped(SEG, bytes([HALF_OPEN_4]))]
+        flood += [record(handshake(c, g, 80, 41000 + i)[0]) for i in range(10)]
+        flood += [record(p) for p in handshake(c, g, 80, 42000)]
+        seeds[f"syn_flood_{fam}"] = bytes([0]) + b"".join(flood)
+        # a client MSS of 1 (raised to 536), then a large write
+        pkts = handshake(c, g, 443, mss=1)
+        seeds[f"mss_1_{fam}"] = bytes([0]) + b"".join(
+            [record(pkts[0]), record(pkts[1], WRITE_BIG, 3), record(b"", NOP, 0, 5)]
+        )
+        # one-byte segments out of order (every other byte), as many as fit in 4 KiB
+        ooo = [*hs]
+        size = 1 + sum(map(len, ooo))
+        for i in range(10_000):
+            seg = record(
+                pk.tcp_packet(
+                    c,
+                    g,
+                    40000,
+                    53,
+                    seq=1002 + 2 * i,
+                    ack=1,
+                    flags=pk.ACK,
+                    payload=bytes([i & 0xFF]),
+                )
+            )
+            if size + len(seg) > MAX_LEN:
+                break
+            ooo.append(seg)
+            size += len(seg)
+        seeds[f"ooo_one_byte_{fam}"] = bytes([0]) + b"".join(ooo)
+        # fragment trains of the far byte: the whole TCP header (with four NOPs) in the first
+        # fragment of 24 bytes, the byte in the second; TCP first then protocol 99, UDP, ...
+        far_byte = far(c, g, 53, options=b"\x01" * 4)
+        fragged = far(c, g, 53, payload=b"x" * 24)
+        trains = {
+            "tcp_99": [P_OWN, P_99],
+            "tcp_udp": [P_TCP, P_UDP],
+            "99_tcp": [P_99, P_TCP],
+            "tcp_60": [P_OWN, P_60],
+        }
+        for name, protos in trains.items():
+            seeds[f"frag_train_{name}_{fam}"] = bytes([0]) + b"".join(
+                [
+                    *hs,
+                    shaped(FRAG_TRAIN, frag_train(far_byte, protos, FT_TO_GATEWAY, unit=3)),
+                    record(data, READ),
+                ]
+            )
+        seeds[f"frag_train_icmp_{fam}"] = bytes([0]) + b"".join(
+            [*hs, shaped(FRAG_TRAIN, frag_train(fragged, [P_ICMP, P_OWN, P_60])), record(data)]
+        )
+        seeds[f"frag_train_reversed_{fam}"] = bytes([CHECKSUMS]) + b"".join(
+            [
+                *hs,
+                shaped(
+                    FRAG_TRAIN,
+                    frag_train(
+                        fragged,
+                        [P_OWN, P_OWN, P_99, P_OWN],
+                        FT_AIM | FT_FIX_CHECKSUM,
+                        order=[3, 2, 1, 0],
+                    ),
+                ),
+                record(data, READ),
+            ]
+        )
+        udp8 = pk.udp_packet(c, g, 5353, 53, bytes(8))  # two fragments of 8 bytes
+        seeds[f"frag_train_incomplete_{fam}"] = bytes([0]) + b"".join(
+            [
+                shaped(FRAG_TRAIN, frag_train(udp8, [P_OWN, P_UDP], FT_INCOMPLETE, unit=1)),
+                record(b"", NOP, 0, 7),
+                record(b"", NOP, 0, 7),
+            ]
+        )
+        udp = pk.udp_packet(c, g, 5353, 53, b"\x12\x34" + bytes(40))
+        seeds[f"frag_train_udp_{fam}"] = bytes([0]) + shaped(
+            FRAG_TRAIN, frag_train(udp, [P_OWN, P_TCP], FT_DEST_OPTS if fam == "v6" else 0)
+        )
+        if fam == "v4":
+            continue
+        # IPv6 extension-header chains to the gateway's own address
+        pad = bytes([1, 4])
+        chains = {
+            "destopts": [(DEST_OPTS, pad)],
+            "hbh_destopts": [(HBH, pad), (DEST_OPTS, pad)],
+            "routing": [(ROUTING, b"")],
+            "atomic_frag": [(FRAG_HDR, b"")],
+            "type_last": [(DEST_OPTS | SEL_TYPE_LAST | 4, bytes(13) + b"\xc2")],
+            "four": [
+                (HBH | 4, b""),
+                (ROUTING | SEL_RAW, bytes([0, 0])),
+                (DEST_OPTS, b""),
+                (FRAG_HDR | SEL_RAW, bytes([0, 8, 0, 0, 0, 9])),
+            ],
+        }
+        syn = handshake(c, g, 53)[0]
+        for name, headers in chains.items():
+            seeds[f"xt_{name}_syn"] = bytes([0]) + shaped(XT_CHAIN, xt_chain(syn, headers))
+            seeds[f"xt_{name}_far"] = bytes([0]) + b"".join(
+                [
+                    *hs,
+                    shaped(XT_CHAIN, xt_chain(one, headers, XT_AIM | XT_TO_GATEWAY)),
+                    record(data, READ),
+                ]
+            )
+        # UDP to ff02::1 port 0, bad checksum, behind Destination Options (and checked)
+        bad = pk.udp_packet(c, G6, 4000, 0, b"x", checksum=0x1234)
+        for cfg in (0, CHECKSUMS):
+            seeds[f"xt_udp_ff02_port0_{cfg}"] = bytes([cfg]) + shaped(
+                XT_CHAIN, xt_chain(bad, [(DEST_OPTS, pad)], XT_TO_FF02_1)
+            )
+    return seeds
+
+
+def shaped(kind: int, packet: bytes, arg: int = 0, time: int = 0) -> bytes:
+    """A record of a shaping kind (XT_CHAIN, FRAG_TRAIN, SEG)."""
+    return bytes([kind << 3 | time, arg]) + struct.pack("!H", len(packet)) + packet
+
+
+def regressions() -> dict[str, bytes]:
+    """fuzz/regressions/packet-*: the cases of issue 19 as plain records (any harness version
+    replays them). Each but the last sends the segment 2^31 from rcv_nxt that aborted lwIP."""
+    out: dict[str, bytes] = {}
+    hs6, hs4 = handshake(C6, G6, 53), handshake(C4, G4, 53)
+    seg6 = far(C6, G6, 53)
+    for name, kind in (("destination-options", 60), ("hop-by-hop", 0), ("routing", 43)):
+        out[f"packet-ip6-{name}-far-segment"] = bytes([0]) + b"".join(
+            record(p) for p in [*hs6, pk.with_ipv6_extension(seg6, kind)]
+        )
+    # Fragment trains: the first fragment holds the whole TCP header (24 bytes with four NOPs),
+    # or lwIP's tcp_input drops the reassembled chain as a short packet; the last holds the
+    # byte and names another protocol, which sent it (and the reassembly it completed) through
+    # lwIP's own ip4_input/ip6_input before be96f03.
+    nops = b"\x01" * 4
+    first, last = pk.fragment(far(C4, G4, 53, options=nops), 20 + 24)
+    out["packet-ip4-fragment-train-tcp-first-protocol-99-last"] = bytes([0]) + b"".join(
+        record(p) for p in [*hs4, first, pk.with_ipv4_protocol(last, 99)]
+    )
+    # (65 bytes: fragment() would send it whole at any MTU that cuts it after 24 bytes of TCP)
+    first, last = pk._fragment_v6(far(C6, G6, 53, options=nops), 48 + 24)
+    for nh in (17, 99):
+        out[f"packet-ip6-fragment-train-next-header-{nh}-last"] = bytes([0]) + b"".join(
+            record(p) for p in [*hs6, first, last[:40] + bytes([nh]) + last[41:]]
+        )
+    bad = pk.udp_packet(C6, "ff02::1", 4000, 0, b"x", checksum=0x1234)
+    out["packet-ip6-destination-options-udp-ff02-1-port-0"] = bytes([CHECKSUMS]) + record(
+        pk.with_ipv6_extension(bad, 60)
+    )
+    return out
+
+
 def qlen(wire: bytes) -> int:
     """Length of the first question of a message (uncompressed name, type, class)."""
     i = 12
@@ -169,8 +392,13 @@ def dns_seeds() -> dict[str, bytes]:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--regressions"]:
+        for name, data in regressions().items():
+            (ROOT / "fuzz" / "regressions" / name).write_bytes(data)
+            print(f"fuzz/regressions/{name}")
+        return
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "fuzz" / "build" / "seeds")
-    for kind, seeds in (("packet", packet_seeds()), ("dns", dns_seeds())):
+    for kind, seeds in (("packet", packet_seeds() | shaped_seeds()), ("dns", dns_seeds())):
         (out / kind).mkdir(parents=True, exist_ok=True)
         for name, data in seeds.items():
             (out / kind / f"seed_{name}").write_bytes(data)
