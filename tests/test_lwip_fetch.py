@@ -1,0 +1,49 @@
+"""vendor/lwip/fetch.sh: a tarball with the wrong hash is refused before anything is unpacked."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import subprocess
+
+FETCH = pathlib.Path(__file__).resolve().parent.parent / "vendor" / "lwip" / "fetch.sh"
+PINNED = "0a8276d09fc4e97bbba2f953d74af2388fc2195ea156be9d7589e297a68fde24"
+
+
+def _fetch(**env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("TUNLWIP_LWIP_")}
+    full.update(env)
+    return subprocess.run(
+        ["bash", str(FETCH)], env=full, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_wrong_hash_names_the_file_and_both_hashes(tmp_path: pathlib.Path) -> None:
+    bad = tmp_path / "lwip_2.1.3+dfsg1.orig.tar.xz"
+    bad.write_bytes(b"not lwIP")
+    upstream = FETCH.parent / "upstream"
+    before = sorted(p.name for p in upstream.iterdir()) if upstream.is_dir() else None
+    result = _fetch(TUNLWIP_LWIP_TARBALL=str(bad))
+    assert result.returncode == 1
+    assert str(bad) in result.stderr
+    assert PINNED in result.stderr
+    assert hashlib.sha256(b"not lwIP").hexdigest() in result.stderr
+    assert "nothing was unpacked" in result.stderr
+    after = sorted(p.name for p in upstream.iterdir()) if upstream.is_dir() else None
+    assert before == after
+
+
+def test_missing_tarball_and_bad_dir_are_errors(tmp_path: pathlib.Path) -> None:
+    result = _fetch(TUNLWIP_LWIP_TARBALL=str(tmp_path / "missing.tar.xz"))
+    assert result.returncode == 1 and "no such file" in result.stderr
+    result = _fetch(TUNLWIP_LWIP_DIR=str(tmp_path))
+    assert result.returncode == 1 and "src/core/tcp.c missing" in result.stderr
+
+
+def test_an_unpacked_tree_is_used_as_is(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "src" / "core").mkdir(parents=True)
+    (tmp_path / "src" / "core" / "tcp.c").write_text("")
+    result = _fetch(TUNLWIP_LWIP_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "as is" in result.stdout
