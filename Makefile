@@ -17,7 +17,7 @@ SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') build_ffi.py pyproje
        $(wildcard vendor/lwip/port/*.h vendor/lwip/port/arch/*.h)
 
 .PHONY: install test unit lint demo clean distclean sysdeps lwip bench benchdeps soak fuzz fuzz-smoke \
-        fuzz-build fuzz-corpus fuzzdeps dist
+        fuzz-build fuzz-corpus fuzzdeps dist dist-check
 
 install: sysdeps lwip $(STAMP)
 
@@ -84,7 +84,8 @@ distclean: clean
 # ---- distributions (README "Installing") -------------------------------------------------------
 # `make dist`: dist/ gets the sdist (with the verified lwIP tree) and a manylinux wheel (cp311-abi3),
 # both made by `python -m build` (the wheel from the sdist) in a tools venv, then checked with
-# abi3audit and repaired by auditwheel.
+# abi3audit and repaired by auditwheel. `make dist-check` (root, about 10 minutes, not part of
+# `make test`): scripts/dist_check.sh installs them on Python 3.11-3.13 and in a Debian 13 root.
 DIST_TOOLS := .venv-tools
 
 dist: sysdeps lwip
@@ -97,6 +98,9 @@ dist: sysdeps lwip
 	PATH="$(abspath $(DIST_TOOLS))/bin:$$PATH" $(DIST_TOOLS)/bin/auditwheel repair -w dist build/dist-raw/*.whl
 	cp build/dist-raw/*.tar.gz dist/
 	@ls -l dist
+
+dist-check:
+	bash scripts/dist_check.sh
 
 # ---- fuzzing (fuzz/README.md) -------------------------------------------------------------------
 # The packet harness: lwIP (the sources build_ffi.py compiles) + glue.c + relay.c under libFuzzer,
