@@ -24,6 +24,9 @@ ROOT = pathlib.Path(__file__).resolve().parent
 PORT = ROOT / "vendor" / "lwip" / "port"
 CSRC = ROOT / "src" / "tunlwip" / "_csrc"
 DEFAULT_TREE = ROOT / "vendor" / "lwip" / "upstream"
+# setuptools compiles only sources inside the project: an lwIP tree elsewhere (TUNLWIP_LWIP_DIR)
+# is compiled through one-line wrappers here that #include its files.
+WRAPPERS = ROOT / "build" / "lwip-wrappers"
 
 # The pin (also in vendor/lwip/fetch.sh): the sha256 of Debian's orig tarball of lwIP 2.1.3.
 LWIP_TARBALL = "lwip_2.1.3+dfsg1.orig.tar.xz"
@@ -51,9 +54,11 @@ def find_lwip() -> pathlib.Path | None:
 
 
 def require_lwip() -> pathlib.Path:
+    """The lwIP tree, ready to compile; exits with the message naming the three ways without one."""
     tree = find_lwip()
     if tree is None:
         raise SystemExit(MISSING_LWIP)
+    _write_wrappers()
     return tree
 
 
@@ -104,9 +109,25 @@ def _path(p: pathlib.Path) -> str:
     return os.path.relpath(p, ROOT) if p.is_relative_to(ROOT) else str(p)
 
 
+def _outside() -> bool:
+    return not LWIP.is_relative_to(ROOT)
+
+
+def _write_wrappers() -> None:
+    if not _outside():
+        return
+    for s in LWIP_SOURCES:
+        wrapper = WRAPPERS / s
+        text = f'#include "{LWIP / s}"  /* TUNLWIP_LWIP_DIR */\n'
+        if not wrapper.is_file() or wrapper.read_text() != text:
+            wrapper.parent.mkdir(parents=True, exist_ok=True)
+            wrapper.write_text(text)
+
+
 def _sources() -> list[str]:
     ours = [CSRC / "glue.c", CSRC / "relay.c", CSRC / "vnet.c"]
-    return [_path(LWIP / s) for s in LWIP_SOURCES] + [_path(p) for p in ours]
+    lwip = WRAPPERS if _outside() else LWIP
+    return [_path(lwip / s) for s in LWIP_SOURCES] + [_path(p) for p in ours]
 
 
 def _include_dirs(lwip_src: pathlib.Path = LWIP) -> list[pathlib.Path]:
