@@ -56,6 +56,7 @@ cleanup() {
     if [[ -d $root && ${DIST_CHECK_KEEP_ROOT:-} != 1 ]]; then
         # never delete through a mount that is still there
         findmnt -rn -o TARGET | grep -q "^$root/" || rm -rf "$root"
+        [[ -z ${DIST_CHECK_ROOT:-} ]] && rmdir "$(dirname "$root")" 2>/dev/null
     fi
     rm -rf "$work"
 }
