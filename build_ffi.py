@@ -1,21 +1,73 @@
-"""Build tunlwip._lwip: lwIP 2.1.3 (fetched by vendor/lwip/fetch.sh) plus our C glue, cffi API mode.
+"""Build tunlwip._lwip: lwIP 2.1.3 plus our C glue, cffi API mode.
 
 Only our own flat functions and the extern "Python" callbacks are declared to cffi; lwIP's
-structures stay opaque. The lwIP tree must have been fetched first (`make install` does it).
+structures stay opaque.
+
+The lwIP tree is looked for in this order: ``TUNLWIP_LWIP_DIR`` (an unpacked tree, used as
+is), then ``vendor/lwip/upstream`` (where ``vendor/lwip/fetch.sh`` unpacks the verified tarball,
+and where an sdist carries it). Importing this file never fails for want of lwIP, so reading
+the package metadata or making an sdist's file list works without it; only compiling does
+(``require_lwip``), with a message naming the three ways to provide it.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import sys
+import shlex
+import subprocess
+import sysconfig
 
 from cffi import FFI
 
 ROOT = pathlib.Path(__file__).resolve().parent
-LWIP = ROOT / "vendor" / "lwip" / "upstream" / "src"
 PORT = ROOT / "vendor" / "lwip" / "port"
 CSRC = ROOT / "src" / "tunlwip" / "_csrc"
+DEFAULT_TREE = ROOT / "vendor" / "lwip" / "upstream"
+# setuptools compiles only sources inside the project: an lwIP tree elsewhere (TUNLWIP_LWIP_DIR)
+# is compiled through one-line wrappers here that #include its files.
+WRAPPERS = ROOT / "build" / "lwip-wrappers"
+
+# The pin (also in vendor/lwip/fetch.sh): the sha256 of Debian's orig tarball of lwIP 2.1.3.
+LWIP_TARBALL = "lwip_2.1.3+dfsg1.orig.tar.xz"
+LWIP_SHA256 = "0a8276d09fc4e97bbba2f953d74af2388fc2195ea156be9d7589e297a68fde24"
+VERIFIED_STAMP = ".tunlwip-verified"  # fetch.sh writes the tarball's sha256 into it
+
+MISSING_LWIP = f"""\
+build_ffi.py: error: the lwIP 2.1.3 source is needed to compile tunlwip._lwip and was not found
+(looked in TUNLWIP_LWIP_DIR and vendor/lwip/upstream). Provide it one of three ways:
+  1. TUNLWIP_LWIP_DIR=/path/to/lwip          an unpacked lwIP 2.1.3 tree (holding src/core/tcp.c)
+  2. TUNLWIP_LWIP_TARBALL=/path/to/{LWIP_TARBALL} bash vendor/lwip/fetch.sh
+                                            a local tarball, sha256 {LWIP_SHA256}
+  3. bash vendor/lwip/fetch.sh (or `make install`): Debian's package client (apt-get source lwip)
+Installing from the sdist needs none of these: it carries the verified lwIP tree."""
+
+
+def find_lwip() -> pathlib.Path | None:
+    """The lwIP tree to build from (the folder holding ``src/``), or None."""
+    env = os.environ.get("TUNLWIP_LWIP_DIR")
+    candidates = [pathlib.Path(env).resolve()] if env else [DEFAULT_TREE]
+    for tree in candidates:
+        if (tree / "src" / "core" / "tcp.c").is_file():
+            return tree
+    return None
+
+
+def require_lwip() -> pathlib.Path:
+    """The lwIP tree, ready to compile; exits with the message naming the three ways without one."""
+    tree = find_lwip()
+    if tree is None:
+        raise SystemExit(MISSING_LWIP)
+    _write_wrappers()
+    return tree
+
+
+def is_verified(tree: pathlib.Path) -> bool:
+    stamp = tree / VERIFIED_STAMP
+    return stamp.is_file() and stamp.read_text().strip() == LWIP_SHA256
+
+
+LWIP = (find_lwip() or DEFAULT_TREE) / "src"
 
 LWIP_SOURCES = [
     "core/init.c", "core/def.c", "core/inet_chksum.c", "core/ip.c", "core/mem.c",
@@ -52,15 +104,58 @@ def _cdef() -> str:
     return "\n".join(lines) + CALLBACKS
 
 
+def _path(p: pathlib.Path) -> str:
+    """Relative to the project when inside it, else absolute (objects then stay in build/)."""
+    return os.path.relpath(p, ROOT) if p.is_relative_to(ROOT) else str(p)
+
+
+def _outside() -> bool:
+    return not LWIP.is_relative_to(ROOT)
+
+
+def _write_wrappers() -> None:
+    if not _outside():
+        return
+    for s in LWIP_SOURCES:
+        wrapper = WRAPPERS / s
+        text = f'#include "{LWIP / s}"  /* TUNLWIP_LWIP_DIR */\n'
+        if not wrapper.is_file() or wrapper.read_text() != text:
+            wrapper.parent.mkdir(parents=True, exist_ok=True)
+            wrapper.write_text(text)
+
+
 def _sources() -> list[str]:
-    if not (LWIP / "core" / "tcp.c").exists():
-        sys.exit(
-            "build_ffi.py: lwIP source not found in vendor/lwip/upstream; "
-            "run `bash vendor/lwip/fetch.sh` (or `make install`) first"
-        )
-    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731 - setuptools wants relative paths
     ours = [CSRC / "glue.c", CSRC / "relay.c", CSRC / "vnet.c"]
-    return [rel(LWIP / s) for s in LWIP_SOURCES] + [rel(p) for p in ours]
+    lwip = WRAPPERS if _outside() else LWIP
+    return [_path(lwip / s) for s in LWIP_SOURCES] + [_path(p) for p in ours]
+
+
+def _include_dirs(lwip_src: pathlib.Path = LWIP) -> list[pathlib.Path]:
+    return [PORT, lwip_src / "include", CSRC]
+
+
+def lwip_dist_files(tree: pathlib.Path) -> list[str]:
+    """The files of an lwIP tree an sdist carries, relative to the tree: the sources compiled, the
+    headers they include (asked of the C preprocessor; all of src/include without one) and the
+    licence, README and changelog."""
+    src = tree / "src"
+    files = {"COPYING", "README", "CHANGELOG", VERIFIED_STAMP}
+    files.update(f"src/{s}" for s in LWIP_SOURCES)
+    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    includes = [f"-I{d}" for d in _include_dirs(src)]
+    compiled = [src / s for s in LWIP_SOURCES] + sorted(CSRC.glob("*.c"))
+    try:
+        out = subprocess.run(
+            [*cc, "-MM", *includes, *map(str, compiled)],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        out = ""
+    deps = [pathlib.Path(w) for w in out.replace("\\\n", " ").split() if w.endswith(".h")]
+    headers = {str(d.resolve().relative_to(tree)) for d in deps if d.resolve().is_relative_to(tree)}
+    if not headers:
+        headers = {str(p.relative_to(tree)) for p in (src / "include").rglob("*.h")}
+    return sorted(files | headers)
 
 
 ffibuilder = FFI()
@@ -69,12 +164,11 @@ ffibuilder.set_source(
     "tunlwip._lwip",
     '#include <stdint.h>\n#include <stddef.h>\n#include "tunlwip_glue.h"\n',
     sources=_sources(),
-    include_dirs=[
-        os.path.relpath(p, ROOT) for p in (PORT, LWIP / "include", CSRC)
-    ],
+    include_dirs=[_path(p) for p in _include_dirs()],
     extra_compile_args=["-O2", "-std=gnu11", "-Wno-unused-parameter", "-Wno-unused-variable",
                         "-Wno-address"],
 )
 
 if __name__ == "__main__":
+    require_lwip()
     ffibuilder.compile(verbose=True)

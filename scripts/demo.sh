@@ -7,10 +7,16 @@
 # Split topology: the gateway creates the TUN in `gw`, then the interface moves to `cli` (the
 # open fd keeps working). Everything lives in namespaces this script creates and removes; no
 # route outside them is touched. Needs root.
+#
+#   PYTHON=/path/to/python   runs the web server and, by default, the gateway (`python -m tunlwip`)
+#   TUNLWIP_CMD="chroot /srv/root /opt/tunlwip/bin/tunlwip"
+#                            the command that runs the gateway instead (split on spaces), e.g. a
+#                            tunlwip installed in another distribution's root (scripts/dist_check.sh)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$here/.venv/bin/python}
+if [[ -n ${TUNLWIP_CMD:-} ]]; then read -ra tunlwip <<<"$TUNLWIP_CMD"; else tunlwip=("$python" -m tunlwip); fi
 id=tlwdemo$$
 gw=$id-gw srv=$id-srv cli=$id-cli
 tun=dmesh1
@@ -54,7 +60,7 @@ ip netns exec "$srv" "$python" -m http.server 8080 --bind :: --directory "$work/
 srv_pid=$!
 
 say "tunlwip up --iface $tun in gw"
-ip netns exec "$gw" "$python" -m tunlwip up --iface "$tun" --mtu "$mtu" >"$work/gw.log" 2>&1 &
+ip netns exec "$gw" "${tunlwip[@]}" up --iface "$tun" --mtu "$mtu" >"$work/gw.log" 2>&1 &
 gw_pid=$!
 for _ in $(seq 100); do ip -n "$gw" link show "$tun" >/dev/null 2>&1 && break; sleep 0.1; done
 ip -n "$gw" link show "$tun" >/dev/null || { cat "$work/gw.log"; exit 1; }

@@ -1,7 +1,7 @@
 /*
  * lwIP options for tunlwip: a userspace TUN gateway that terminates TCP/UDP for any address.
  *
- * Why these values: see ../../../../shared notes summarised in vendor/lwip/README.md.
+ * Why these values (each is also explained where it is set):
  *  - NO_SYS, single netif, no link layer: lwIP runs on one trio thread behind a TUN.
  *  - Heap allocation everywhere (MEM_LIBC_MALLOC + MEMP_MEM_MALLOC): pools would kill live
  *    connections when exhausted; tunlwip enforces its own caps instead.
