@@ -97,7 +97,7 @@ async def main(args: argparse.Namespace) -> None:
                 log.info("udp %s <- %s: %d bytes from a third party", session.client, sender,
                          len(data))  # fmt: skip
                 try:
-                    gateway.send_udp(data, sender, session.client)  # from the real sender
+                    gateway.send_udp(data, src=sender, dst=session.client)  # from the real sender
                 except LwipError as exc:  # too big, no memory: dropped
                     log.debug("udp %s <- %s: dropped: %s", session.client, sender, exc)
 

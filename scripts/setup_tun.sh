@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Route this host's traffic through a tunlwip TUN (single-host topology, DESIGN.md §5).
+# Route this host's traffic through a tunlwip TUN (single-host topology, see
+# docs/architecture.md#test-topology).
 #
 # Why a script: the gateway itself never touches routing. The operator (root) creates a
 # persistent TUN with the *client* addresses (the gateway's own 198.18.0.1 / fd00:18::1 live

@@ -579,8 +579,8 @@ SCHEMA: tuple[Option, ...] = (
            "this many seconds", None, "dns.max_negative_ttl"),
     Option("dns.max_in_flight", Integer(1), 1024, "queries resolved at once; beyond it they "
            "are answered REFUSED (counted: overload)", None, "dns.max_in_flight"),
-    Option("logging.level", LogLevel(), "info", "log level (the numeric levels 0-5 of the seed "
-           "too)", "--log-level"),
+    Option("logging.level", LogLevel(), "info", "log level, by name or number "
+           "(0: critical only .. 4 and 5: debug)", "--log-level"),
     Option("logging.file", FilePath(readable=False), None, "append the log to this file",
            "--log-file", unset="stderr"),
     Option("limits.grace", Number(minimum=0), 5.0, "seconds open flows get on SIGINT/SIGTERM",

@@ -246,7 +246,10 @@ async def _read_line(sock: trio.socket.SocketType) -> bytes | None:
 
 
 def add_status_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``status [--iface X] [--socket PATH] [--json]`` to the ``tunlwip`` command."""
+    """Add ``status [--iface X] [--control-socket PATH] [--json]`` to the ``tunlwip`` command.
+
+    ``--control-socket`` is named as in ``up``; ``--socket``, its older name, still works but
+    warns (one flag name for one thing on both sides)."""
     parser = subparsers.add_parser(
         "status",
         help="show a running gateway's counters and live flows",
@@ -255,11 +258,28 @@ def add_status_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     )
     parser.add_argument("--iface", help="the gateway's TUN interface (default: the only one "
                         f"with a socket in {CONTROL_DIR})")  # fmt: skip
-    parser.add_argument("--socket", dest="control_socket", metavar="PATH",
-                        help="control socket path (default /run/tunlwip/<iface>.sock)")  # fmt: skip
+    parser.add_argument("--control-socket", dest="control_socket", metavar="PATH",
+                        help="control socket path, as given to `up --control-socket` (default "
+                             "/run/tunlwip/<iface>.sock)")  # fmt: skip
+    parser.add_argument(
+        "--socket",
+        dest="control_socket",
+        metavar="PATH",
+        action=_DeprecatedSocketFlag,
+        help=argparse.SUPPRESS,
+    )
     parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
     parser.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT, metavar="SECONDS",
                         help=f"give up after this long ({REQUEST_TIMEOUT:g})")  # fmt: skip
+
+
+class _DeprecatedSocketFlag(argparse.Action):
+    """``status --socket PATH``: stores like ``--control-socket`` and says so on stderr."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:  # fmt: skip
+        print("tunlwip status: --socket is deprecated, use --control-socket", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -304,7 +324,7 @@ def _client_path(path: str | None, iface: str | None) -> Path:
         return found[0]
     if not found:
         raise _StatusError(f"no gateway found in {CONTROL_DIR}: is `tunlwip up` running? "
-                           "(or give --iface / --socket)")  # fmt: skip
+                           "(or give --iface / --control-socket)")  # fmt: skip
     names = ", ".join(p.stem for p in found)
     raise _StatusError(f"several gateways run ({names}): choose one with --iface")
 

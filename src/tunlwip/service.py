@@ -31,7 +31,7 @@ __all__ = [
 log = logging.getLogger("tunlwip.service")
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-#: The seed's numeric levels, 0 (silent: only critical) .. 5 (most verbose), by index.
+#: The numeric levels, 0 (silent: only critical) .. 5 (most verbose), by index.
 NUMERIC_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "debug")
 NOTIFY_TIMEOUT = 1.0  # seconds; a stuck manager must not stall the event loop for long
 
@@ -132,7 +132,7 @@ class _JournalFormatter(logging.Formatter):
 
 
 def parse_level(level: str) -> int:
-    """A level name (``debug`` .. ``critical``, any case) or the seed's ``0``..``5`` as a
+    """A level name (``debug`` .. ``critical``, any case) or ``0``..``5`` as a
     :mod:`logging` level; ValueError naming the accepted values otherwise."""
     name = level.strip().lower()
     if name.isdigit() and int(name) < len(NUMERIC_LOG_LEVELS):

@@ -71,7 +71,8 @@ def topology(netns_available: None) -> Iterator[Topology]:
 
 @pytest.fixture
 def split(topology: Topology) -> SplitTopology:
-    """DESIGN.md §5 split topology: gw <-veth-> srv, plus cli for the TUN."""
+    """The split topology (docs/architecture.md#test-topology): gw <-veth-> srv, plus cli for
+    the TUN."""
     return split_topology(topology)
 
 
