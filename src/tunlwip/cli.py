@@ -2,7 +2,8 @@
 
 Settings come from ``/etc/tunlwip/<iface>.toml`` (or ``--config PATH``) with the flags given on
 top; ``check-config`` validates them without touching the network. SIGHUP makes ``up`` re-read
-both and apply what can change while flows run (see ``reload``).
+both and apply what can change while flows run (see ``reload``). ``route up|down`` sets up the
+host's policy routing into the TUN (the gateway itself never touches routing).
 
 Exit codes: 0 clean stop, 1 runtime failure, 2 usage, 77 no permission to open the TUN,
 78 bad configuration.
@@ -23,7 +24,7 @@ from collections.abc import Callable, Mapping
 
 import trio
 
-from . import __version__, config, control, service
+from . import __version__, config, control, route, service
 from .config import ConfigProblems, Settings
 from .device import TunDevice
 from .errors import ConfigError, DeviceError, TunlwipError
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_check_config, needs_config=True)
     control.add_status_parser(sub)
     sub.choices["status"].set_defaults(handler=control.run_status, needs_config=False)
+    route.add_route_parser(sub)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(handler=cmd_version, needs_config=False)
     return parser
