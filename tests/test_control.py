@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import shutil
 import socket
 import stat
@@ -29,6 +30,7 @@ from tunlwip.control import (
     ControlError,
     add_status_parser,
     format_status,
+    process_usage,
     run_status,
     serve_control,
     status,
@@ -239,3 +241,10 @@ def test_table_names_the_limits_new_flows_met() -> None:
               "udp": {"refused_full": 2}, "dns": {"overload": 5}}  # fmt: skip
     table = format_status({"version": "1", "totals": totals, "drops": {}, "flows": []})
     assert "refused:   tcp connections 3, loops 1, udp sessions 2, dns in flight 5" in table
+
+
+def test_process_usage_reports_memory_and_file_descriptors() -> None:
+    usage = process_usage()
+    assert usage["rss_bytes"] is not None and usage["rss_bytes"] > 1 << 20
+    assert usage["open_files"] is not None and usage["open_files"] >= 3  # stdin/out/err at least
+    assert usage["open_files_limit"] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]

@@ -37,6 +37,9 @@ log = logging.getLogger("tunlwip")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOPERM, EXIT_CONFIG = 0, 1, 2, 77, 78
 #: Seconds the flow log gets, after the grace period, to write the records of the flows reset.
 FLOW_LOG_FLUSH_TIMEOUT = 10.0
+#: File descriptors the gateway keeps besides one per flow: the TUN, epoll, the control socket
+#: and its clients, DNS upstream sockets, logs.
+FD_MARGIN = 256
 SIOCSIFMTU, SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFTXQLEN, IFF_UP = 0x8922, 0x8913, 0x8914, 0x8943, 0x1
 
 Command = Callable[[argparse.Namespace], int]
@@ -98,6 +101,23 @@ def set_link_up(name: str, mtu: int, txqueuelen: int) -> None:
 
 
 # -- up --------------------------------------------------------------------------------------
+
+
+def check_open_files(settings: Settings) -> int:
+    """Raise the open-files limit to the hard limit, log it, and warn once if it cannot hold
+    a socket for every flow the limits allow (beyond it, new flows are refused: counted as
+    ``refused.file_descriptors``). Returns the soft limit now in force."""
+    soft, hard = service.raise_open_files_limit()
+    config = settings.gateway
+    needed = config.stack.max_tcp_connections + config.udp.max_sessions + FD_MARGIN
+    log.info("open files: limit %d (hard %d)", soft, hard)
+    if soft < needed:
+        log.warning("open files: the limit %d is below the %d that tcp.max_connections (%d) + "
+                    "udp.max_sessions (%d) + %d for the gateway's own need; flows beyond it "
+                    "are refused. Raise the hard limit (LimitNOFILE=, ulimit -Hn) or lower "
+                    "those settings", soft, needed, config.stack.max_tcp_connections,
+                    config.udp.max_sessions, FD_MARGIN)  # fmt: skip
+    return soft
 
 
 class Reloader:
@@ -212,6 +232,9 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
                      len(gateway.dns.policy), config.dns.blocked_answer,
                      "rejected" if config.dns.reject_encrypted else "forwarded")  # fmt: skip
         service.ready(f"serving {device.name}")
+        if (interval := service.watchdog_interval()) is not None:
+            log.info("systemd watchdog: pinging every %g s", interval / 2)
+            nursery.start_soon(service.watchdog, interval)
         stop = (signal.SIGINT, signal.SIGTERM)
         with trio.open_signal_receiver(*stop, signal.SIGHUP) as signals:
             async for signum in signals:
@@ -276,6 +299,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         log.error("bad configuration: logging.file: cannot open %s: %s", settings.log_file,
                   exc.strerror)  # fmt: skip
         return EXIT_CONFIG
+    check_open_files(settings)
     try:
         try:
             return trio.run(functools.partial(run_up, settings, Reloader(args.config, overrides),

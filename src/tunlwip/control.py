@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import socket
 import stat
 import sys
@@ -69,10 +70,27 @@ def status(gateway: Gateway, *, iface: str | None = None,
         "uptime": round(stats.uptime, 3),
         "totals": dataclasses.asdict(stats),
         "drops": stats.stack.dropped,
+        "process": process_usage(),
         "flows": [flow.to_json() for flow in flows],
         "flows_live": live,
         "flows_omitted": max(0, live - len(flows)),
     }
+
+
+def process_usage() -> dict[str, int | None]:
+    """The gateway process's resident memory, open file descriptors and their limit (None
+    where /proc cannot tell): every flow holds a socket, so fds run out before memory does."""
+    usage: dict[str, int | None] = {"rss_bytes": None, "open_files": None}
+    try:
+        with open("/proc/self/statm") as f:
+            usage["rss_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    with contextlib.suppress(OSError):
+        usage["open_files"] = len(os.listdir("/proc/self/fd"))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    usage["open_files_limit"] = None if soft == resource.RLIM_INFINITY else soft
+    return usage
 
 
 def _device_name(gateway: Gateway) -> str | None:
@@ -399,6 +417,11 @@ def format_status(doc: dict[str, Any]) -> str:
     refused["dns in flight"] = (dns or {}).get("overload", 0)
     at_limits = ", ".join(f"{k} {v}" for k, v in refused.items() if v)
     lines.append(f"refused:   {at_limits or 'none'}")
+    process = doc.get("process") or {}
+    if process.get("rss_bytes") is not None:
+        limit = process.get("open_files_limit") or "unlimited"
+        lines.append(f"process:   rss {_bytes(process['rss_bytes'])}, open files "
+                     f"{process.get('open_files', '?')} of {limit}")  # fmt: skip
     drops = doc.get("drops") or {}
     dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(drops.items()))
     lines.append(f"drops:     {dropped or 'none'}")

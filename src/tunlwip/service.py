@@ -1,18 +1,27 @@
-"""Running as a service: systemd readiness notifications and logging setup.
+"""Running as a service: systemd notifications (readiness, watchdog), the open-files limit and
+logging setup.
 
 ``notify`` speaks the sd_notify datagram protocol by hand (one ``sendto`` on an AF_UNIX socket)
-so that ``Type=notify`` needs no dependency. ``configure_logging`` writes to stderr or a file;
-under journald it leaves the timestamps out (journald stamps every line itself) and prefixes
-lines with the syslog priority ``<N>`` that journald parses, so ``journalctl -p warning`` works.
+so that ``Type=notify`` and ``WatchdogSec=`` need no dependency. The watchdog pings come from a
+trio task, so they stop when the event loop is wedged and systemd restarts the gateway.
+
+``configure_logging`` writes to stderr or a file; under journald it leaves the timestamps out
+(journald stamps every line itself) and prefixes lines with the syslog priority ``<N>`` that
+journald parses, so ``journalctl -p warning`` works.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
 import socket
 import sys
 import time
+from collections.abc import Mapping
+from typing import NoReturn
+
+import trio
 
 __all__ = [
     "LOG_LEVELS",
@@ -21,11 +30,14 @@ __all__ = [
     "log_format",
     "notify",
     "parse_level",
+    "raise_open_files_limit",
     "ready",
     "reloading",
     "status",
     "stopping",
     "under_journald",
+    "watchdog",
+    "watchdog_interval",
 ]
 
 log = logging.getLogger("tunlwip.service")
@@ -94,6 +106,63 @@ def stopping(status_text: str | None = None) -> bool:
 def status(text: str) -> bool:
     """Free-form status shown by ``systemctl status``."""
     return notify(_status_line(text))
+
+
+def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
+    """The watchdog timeout systemd expects pings within (``WatchdogSec=``), in seconds; None
+    when there is none for this process.
+
+    ``$WATCHDOG_USEC`` is the timeout; ``$WATCHDOG_PID``, when set, names the process it is
+    meant for, so a child that inherited the environment does not ping for its parent."""
+    env = os.environ if environ is None else environ
+    try:
+        usec = int(env.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    pid = env.get("WATCHDOG_PID")
+    if usec <= 0 or (pid is not None and pid.strip() != str(os.getpid())):
+        return None
+    return usec / 1e6
+
+
+async def watchdog(interval: float) -> NoReturn:
+    """Send ``WATCHDOG=1`` now and then every ``interval / 2`` seconds, until cancelled.
+
+    From the trio loop on purpose: when the loop is wedged (a blocking call, a stuck
+    callback) the pings stop and systemd restarts the gateway after ``interval``."""
+    while True:
+        notify("WATCHDOG=1")
+        await trio.sleep(interval / 2)
+
+
+# -- open files ------------------------------------------------------------------------------
+
+
+def _nr_open() -> int:
+    """The kernel's ceiling for RLIMIT_NOFILE (``fs.nr_open``)."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20  # the kernel's default
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns (soft, hard) now in force.
+
+    Why: every TCP flow and UDP session holds an upstream socket, and the usual soft limit
+    (1024) would refuse flows long before ``tcp.max_connections``; the hard limit is what the
+    administrator (or ``LimitNOFILE=``) granted. Never raises: if the kernel refuses (e.g. a
+    seccomp filter), the limit stays and the caller's warning tells."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(hard, _nr_open()) if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.debug("cannot raise RLIMIT_NOFILE to %d: %s", target, exc)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft, hard
 
 
 # -- logging ---------------------------------------------------------------------------------
