@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -271,12 +272,13 @@ def test_unopenable_log_file_keeps_the_old_setup(
     assert good.read_text().endswith("INFO tunlwip.test: still here\n")
 
 
-def _run_logging(tmp_path: Path, journald: bool) -> list[str]:
+def _run_logging(tmp_path: Path, journald: bool, fmt: str = "text") -> list[str]:
     """stderr of a child that configures logging, with stderr a file and JOURNAL_STREAM
     naming that file (as systemd does) or not set."""
     out = tmp_path / "stderr"
     code = (
-        "import logging; from tunlwip import service; service.configure_logging('info', None);"
+        "import logging; from tunlwip import service;"
+        f"service.configure_logging('info', None, {fmt!r});"
         "log = logging.getLogger('tunlwip'); log.info('up'); log.warning('careful');"
         "log.error('two\\nlines')"
     )
@@ -296,6 +298,41 @@ def test_stderr_under_journald_has_priorities_and_no_timestamps(tmp_path: Path) 
         "<3>ERROR tunlwip: two",
         "<3>lines",
     ]
+
+
+def test_json_lines(tmp_path: Path, root_logger: logging.Logger) -> None:
+    """One JSON object per line: time, level, logger, message, and the traceback of an
+    exception as one escaped string, so a record never spans lines."""
+    path = tmp_path / "tunlwip.json"
+    service.configure_logging("info", str(path), "json")
+    log = logging.getLogger("tunlwip.test")
+    log.info("hello %s", "json")
+    log.debug("not at info")
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        log.exception("it failed: %d", 42)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert set(first) == {"time", "level", "logger", "message"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
+    assert (first["level"], first["logger"], first["message"]) == ("info", "tunlwip.test",
+                                                                    "hello json")  # fmt: skip
+    assert (second["level"], second["message"]) == ("error", "it failed: 42")
+    assert second["exception"].startswith("Traceback (most recent call last):")
+    assert second["exception"].endswith("ValueError: bad\nthing")
+
+
+def test_json_under_journald_keeps_the_priority_prefix(tmp_path: Path) -> None:
+    lines = _run_logging(tmp_path, journald=True, fmt="json")
+    assert [line[:3] for line in lines] == ["<6>", "<4>", "<3>"]  # "two\nlines": one record
+    assert [json.loads(line[3:])["message"] for line in lines] == ["up", "careful", "two\nlines"]
+
+
+def test_bad_log_format_is_a_clear_value_error(root_logger: logging.Logger) -> None:
+    with pytest.raises(ValueError, match=r"bad log format 'xml': use one of text, json"):
+        service.configure_logging("info", None, "xml")
 
 
 def test_stderr_elsewhere_has_timestamps(tmp_path: Path) -> None:

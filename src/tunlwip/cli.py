@@ -152,12 +152,12 @@ def reload(gateway: Gateway, running: Settings, current: Settings, reloader: Rel
         log.error("reload: configuration not reloaded, keeping the old one: %s", exc)
         return current
     pending += [key for key in ("device.name", "device.txqueuelen", "device.offload",
-                                "protect.fwmark", "protect.interface")
+                                "protect.fwmark", "protect.interface", "metrics.listen")
                 if new.values[key] != running.values[key]]  # fmt: skip
     if pending:
         log.warning("reload: these settings need a restart: %s", ", ".join(pending))
     try:
-        configure_logging(new.log_level, new.log_file)
+        configure_logging(new.log_level, new.log_file, new.log_format)
     except OSError as exc:
         log.error("reload: logging.file: cannot open %s (%s); logging unchanged",
                   new.log_file, exc.strerror)  # fmt: skip
@@ -209,7 +209,15 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
                                   iface=device.name))  # fmt: skip
             if flow_log:
                 await nursery.start(write_log, flow_log)
-        except (OSError, control.ControlError) as exc:
+            if settings.metrics_listen:
+                from . import metrics  # prometheus_client: imported only when serving it
+
+                address, port = await nursery.start(
+                    functools.partial(metrics.serve_metrics, gateway, settings.metrics_listen,
+                                      iface=device.name))  # fmt: skip
+                host = f"[{address}]" if ":" in address else address
+                log.info("metrics on http://%s:%d/metrics", host, port)
+        except (OSError, TunlwipError) as exc:
             if isinstance(exc, OSError) and exc.filename and exc.strerror:
                 log.error("cannot start: %s: %s", exc.filename, exc.strerror)
             else:
@@ -287,14 +295,15 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
 def cmd_up(args: argparse.Namespace) -> int:
     overrides = config.overrides_from_args(args)
     # Until the configuration is loaded: stderr, at the level given on the command line.
-    configure_logging(str(overrides.get("logging.level", "info")))
+    configure_logging(str(overrides.get("logging.level", "info")),
+                      fmt=str(overrides.get("logging.format", "text")))  # fmt: skip
     try:
         settings = config.load(args.config, overrides)
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return EXIT_CONFIG
     try:
-        configure_logging(settings.log_level, settings.log_file)
+        configure_logging(settings.log_level, settings.log_file, settings.log_format)
     except OSError as exc:
         log.error("bad configuration: logging.file: cannot open %s: %s", settings.log_file,
                   exc.strerror)  # fmt: skip

@@ -286,7 +286,10 @@ def add_status_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         action=_DeprecatedSocketFlag,
         help=argparse.SUPPRESS,
     )
-    parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    parser.add_argument("--format", choices=("table", "json", "prometheus"), default=None,
+                        help="table (default), the raw JSON answer, or the Prometheus text "
+                             "format (what `up --metrics-listen` serves)")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="the same as --format json")
     parser.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT, metavar="SECONDS",
                         help=f"give up after this long ({REQUEST_TIMEOUT:g})")  # fmt: skip
 
@@ -318,8 +321,13 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except _StatusError as exc:
         print(f"tunlwip status: {exc}", file=sys.stderr)
         return 1
-    if getattr(args, "json", False):
+    form = getattr(args, "format", None) or ("json" if getattr(args, "json", False) else "table")
+    if form == "json":
         out.write(raw.decode())
+    elif form == "prometheus":
+        from . import metrics  # imports this module: loaded only when asked for
+
+        out.write(metrics.render(document).decode())
     else:
         out.write(format_status(document))
     return 0

@@ -12,6 +12,8 @@ journald parses, so ``journalctl -p warning`` works.
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 import resource
@@ -24,6 +26,7 @@ from typing import NoReturn
 import trio
 
 __all__ = [
+    "LOG_FORMATS",
     "LOG_LEVELS",
     "NUMERIC_LOG_LEVELS",
     "configure_logging",
@@ -43,6 +46,7 @@ __all__ = [
 log = logging.getLogger("tunlwip.service")
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
 #: The numeric levels, 0 (silent: only critical) .. 5 (most verbose), by index.
 NUMERIC_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "debug")
 NOTIFY_TIMEOUT = 1.0  # seconds; a stuck manager must not stall the event loop for long
@@ -200,6 +204,37 @@ class _JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in super().format(record).splitlines())
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line: ``time`` (UTC, ISO 8601, milliseconds),
+    ``level``, ``logger``, ``message`` and, when there is one, ``exception`` (the traceback
+    text; its newlines are escaped, so a record never spans lines). Why: log shippers then
+    need no pattern to split records or to find a traceback's end."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        document = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            document["exception"] = record.exc_text
+        if record.stack_info:
+            document["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(document, ensure_ascii=False)
+
+
+class _JournalJsonFormatter(JsonFormatter):
+    """JSON under journald: the ``<N>`` priority prefix, which journald strips, so the
+    journal keeps the priority and the message stays one JSON object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_JournalFormatter.PRIORITY.get(record.levelname, 6)}>" + super().format(record)
+
+
 def parse_level(level: str) -> int:
     """A level name (``debug`` .. ``critical``, any case) or ``0``..``5`` as a
     :mod:`logging` level; ValueError naming the accepted values otherwise."""
@@ -213,23 +248,33 @@ def parse_level(level: str) -> int:
     return value
 
 
-def configure_logging(level: str, log_file: str | None = None) -> None:
-    """Log at ``level`` to ``log_file`` (appended, always timestamped) or else stderr.
+def configure_logging(level: str, log_file: str | None = None, fmt: str = "text") -> None:
+    """Log at ``level`` to ``log_file`` (appended, always timestamped) or else stderr, as
+    text or (``fmt="json"``) one JSON object per line.
 
     Each call replaces the handler the previous call installed, so calling it again on
     SIGHUP reopens a log file that logrotate moved away. ValueError for a bad level and
     OSError when the file cannot be opened, in both cases with the previous setup untouched.
     """
     numeric = parse_level(level)
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"bad log format {fmt!r}: use one of {', '.join(LOG_FORMATS)}")
+    json_lines = fmt == "json"
     handler: logging.Handler
+    formatter: logging.Formatter
     if log_file is not None:
         handler = logging.FileHandler(log_file, encoding="utf-8")
-        handler.setFormatter(logging.Formatter(log_format(journald=False)))
+        journald = False
     else:
         handler = logging.StreamHandler(sys.stderr)
         journald = under_journald()
-        formatter = _JournalFormatter if journald else logging.Formatter
-        handler.setFormatter(formatter(log_format(journald)))
+    if json_lines:
+        formatter = _JournalJsonFormatter() if journald else JsonFormatter()
+    elif journald:
+        formatter = _JournalFormatter(_PLAIN)
+    else:
+        formatter = logging.Formatter(_STAMPED)
+    handler.setFormatter(formatter)
     global _handler
     root = logging.getLogger()
     if _handler is not None:

@@ -105,7 +105,9 @@ class RunningGateway(LoggedProcess):
     def stop(self, timeout: float = 10.0) -> str:
         """SIGTERM; require exit status 0 within ``timeout`` s. Returns the "stopped" line."""
         self.terminate(timeout)
-        lines = [line for line in self.log().splitlines() if "tunlwip: stopped" in line]
+        json_stop = ('"logger": "tunlwip"', '"message": "stopped')  # --log-format json
+        lines = [line for line in self.log().splitlines() if "tunlwip: stopped" in line
+                 or all(part in line for part in json_stop)]  # fmt: skip
         assert lines, f"no 'stopped' line; {self.tail()}"
         return lines[-1]
 
