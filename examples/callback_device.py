@@ -10,10 +10,10 @@ tunnel. What it can hand to tunlwip is four callables: a *blocking* ``read_packe
   on it, so ``close()`` writes to the pipe and ``read_packet`` returns None (device closed).
 * ``write_packet`` is ``os.write`` (it runs on the trio thread; a TUN write does not block).
 * ``protect`` sets SO_MARK (``--fwmark``; pair it with ``ip rule add not fwmark N table T``
-  as ``scripts/setup_tun.sh`` does), or accepts every socket when the gateway's sockets cannot
+  as ``tunlwip route up`` does), or accepts every socket when the gateway's sockets cannot
   loop anyway (the TUN lives in another namespace).
 
-Run it on a TUN prepared by ``scripts/setup_tun.sh up --iface dmesh1`` (as root)::
+Run it on a TUN prepared by ``tunlwip route up --iface dmesh1`` (as root)::
 
     python examples/callback_device.py --iface dmesh1 --fwmark 0x1d
 """

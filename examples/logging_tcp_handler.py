@@ -8,7 +8,7 @@ connection: client, destination, bytes each way, duration and how it ended.
 A custom handler replaces dial-before-accept: the client's handshake completes first, and a
 failed dial resets the connection. Port 53 still goes to the built-in DNS proxy.
 
-Run it on a TUN prepared by ``scripts/setup_tun.sh up --iface dmesh1`` (as root)::
+Run it on a TUN prepared by ``tunlwip route up --iface dmesh1`` (as root)::
 
     python examples/logging_tcp_handler.py --iface dmesh1 --fwmark 0x1d
 """

@@ -8,7 +8,7 @@ go back with ``UdpSession.send`` (which also keeps the session alive), and datag
 anyone else go back with ``Gateway.send_udp``, appearing to the client to come from their real
 sender. Port 53 still goes to the built-in DNS proxy.
 
-Run it on a TUN prepared by ``scripts/setup_tun.sh up --iface dmesh1`` (as root)::
+Run it on a TUN prepared by ``tunlwip route up --iface dmesh1`` (as root)::
 
     python examples/udp_handler.py --iface dmesh1 --fwmark 0x1d
 """
@@ -97,7 +97,7 @@ async def main(args: argparse.Namespace) -> None:
                 log.info("udp %s <- %s: %d bytes from a third party", session.client, sender,
                          len(data))  # fmt: skip
                 try:
-                    gateway.send_udp(data, sender, session.client)  # from the real sender
+                    gateway.send_udp(data, src=sender, dst=session.client)  # from the real sender
                 except LwipError as exc:  # too big, no memory: dropped
                     log.debug("udp %s <- %s: dropped: %s", session.client, sender, exc)
 

@@ -519,8 +519,9 @@ def setup_client_tun(
 
 @dataclass
 class SplitTopology:
-    """DESIGN.md §5 split topology: gateway sockets in ``gw``, upstreams in ``srv``, clients in
-    ``cli`` (whose uplink is the gateway's TUN, moved there by :meth:`client_tun`)."""
+    """The split topology (docs/architecture.md#test-topology): gateway sockets in ``gw``,
+    upstreams in ``srv``, clients in ``cli`` (whose uplink is the gateway's TUN, moved there by
+    :meth:`client_tun`)."""
 
     topo: Topology
     gw: Namespace

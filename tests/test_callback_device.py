@@ -134,7 +134,7 @@ async def test_udp_datagram_reaches_the_stack_and_reply_is_written(env: Env) -> 
     client, target, data = got[0]
     assert (str(client), str(target), data) == (f"{CLIENT}:5353", "203.0.113.9:9999", b"ping")
 
-    env.stack.send_udp(b"pong", target, client)  # leaves through write_packet
+    env.stack.send_udp(b"pong", src=target, dst=client)  # leaves through write_packet
     reply = await env.wire.next_unmatched()
     assert (reply.src, reply.sport, reply.dst, reply.dport) == ("203.0.113.9", 9999, CLIENT, 5353)
     assert reply.payload == b"pong"

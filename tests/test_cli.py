@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -9,7 +10,8 @@ import sys
 
 import pytest
 
-from tunlwip.cli import EXIT_CONFIG, EXIT_NOPERM, EXIT_OK, main
+from tunlwip import config, service
+from tunlwip.cli import EXIT_CONFIG, EXIT_NOPERM, EXIT_OK, check_open_files, main
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,3 +50,19 @@ def test_no_permission_for_the_tun_is_77() -> None:
     )  # fmt: skip
     assert proc.returncode == EXIT_NOPERM, proc.stderr
     assert "tlwnoperm0" in proc.stderr
+
+
+@pytest.mark.parametrize(("soft", "warned"), [(1024, True), (69_888, False), (1 << 20, False)])
+def test_open_files_warning_at_start(
+    soft: int, warned: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The limit is logged; a warning names the shortage when the limit cannot hold a socket
+    for each of tcp.max_connections + udp.max_sessions (65536 + 4096) plus the margin (256)."""
+    monkeypatch.setattr(service, "raise_open_files_limit", lambda: (soft, 1 << 20))
+    with caplog.at_level(logging.INFO, logger="tunlwip"):
+        assert check_open_files(config.load(None, {"device.name": "tlwcli0"})) == soft
+    assert f"open files: limit {soft} (hard {1 << 20})" in caplog.text
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == warned
+    if warned:
+        assert "below the 69888 that tcp.max_connections (65536)" in warnings[0].getMessage()

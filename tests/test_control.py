@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import shutil
 import socket
 import stat
@@ -29,6 +30,7 @@ from tunlwip.control import (
     ControlError,
     add_status_parser,
     format_status,
+    process_usage,
     run_status,
     serve_control,
     status,
@@ -98,7 +100,7 @@ async def test_status_round_trip(nursery: trio.Nursery, sock_dir: Path) -> None:
     device.inject_packet(udp_packet(CLIENT, "203.0.113.53", 6000, 9999, b"hello"))
     assert (await wire.next_unmatched()).payload == b"olleh"
 
-    code, output = await run_status_in_thread("--socket", str(path), "--json")
+    code, output = await run_status_in_thread("--control-socket", str(path), "--json")
     assert code == 0 and output.endswith("\n") and output.count("\n") == 1
     doc = json.loads(output)
     assert doc["version"] and doc["pid"] == os.getpid() and doc["uptime"] >= 0
@@ -112,7 +114,7 @@ async def test_status_round_trip(nursery: trio.Nursery, sock_dir: Path) -> None:
     assert (flows["udp"]["bytes_up"], flows["udp"]["bytes_down"]) == (5, 5)
     assert doc["flows"][0]["protocol"] == "tcp"  # most bytes first
 
-    code, table = await run_status_in_thread("--socket", str(path))
+    code, table = await run_status_in_thread("--control-socket", str(path))
     assert code == 0
     assert "203.0.113.80:443" in table and "2.9 KiB" in table and "203.0.113.53:9999" in table
     assert table.index("drops:") < table.index("PROTO") < table.index("203.0.113.80:443")
@@ -134,7 +136,7 @@ async def test_socket_removed_on_exit_and_stale_file_replaced(sock_dir: Path) ->
                 await serve_control(gateway, path, task_status=task_status)
 
         await nursery.start(control)
-        code, output = await run_status_in_thread("--socket", str(path), "--json")
+        code, output = await run_status_in_thread("--control-socket", str(path), "--json")
         assert code == 0 and json.loads(output)["flows"] == []
         scope.cancel()
         await trio.testing.wait_all_tasks_blocked()
@@ -153,7 +155,7 @@ async def test_refuses_to_steal_a_live_socket(nursery: trio.Nursery, sock_dir: P
     with pytest.raises(ControlError, match="not a socket"):
         await nursery.start(serve_control, gateway, regular)
     assert regular.read_text() == "not a socket"
-    code, _ = await run_status_in_thread("--socket", str(path))
+    code, _ = await run_status_in_thread("--control-socket", str(path))
     assert code == 0  # the first server still answers
 
 
@@ -205,7 +207,7 @@ async def test_listed_flows_are_bounded(nursery: trio.Nursery) -> None:
 async def test_no_gateway_is_a_clear_error(
     sock_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, output = await run_status_in_thread("--socket", str(sock_dir / "tun7.sock"))
+    code, output = await run_status_in_thread("--control-socket", str(sock_dir / "tun7.sock"))
     assert code == 1 and output == ""
     message = capsys.readouterr().err
     assert f"no gateway on {sock_dir / 'tun7.sock'}" in message
@@ -215,6 +217,16 @@ async def test_no_gateway_is_a_clear_error(
 def test_iface_selects_the_default_path() -> None:
     args = status_args("--iface", "dmesh1", "--json")
     assert (args.iface, args.control_socket, args.json) == ("dmesh1", None, True)
+
+
+def test_socket_is_a_deprecated_alias_of_control_socket(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``status`` names the flag as ``up`` does; the old ``--socket`` still works, with a note."""
+    assert status_args("--control-socket", "/x.sock").control_socket == "/x.sock"
+    assert "deprecated" not in capsys.readouterr().err
+    assert status_args("--socket", "/y.sock").control_socket == "/y.sock"
+    assert "--socket is deprecated, use --control-socket" in capsys.readouterr().err
 
 
 def test_table_of_an_idle_gateway() -> None:
@@ -241,3 +253,10 @@ def test_table_names_the_client_shares_new_flows_met() -> None:
     assert "shares:    refused dials 7, udp sessions 3, dns 2\n" in table
     idle = format_status({"version": "1", "totals": {}, "drops": {}, "flows": []})
     assert "shares:    none refused" in idle
+
+
+def test_process_usage_reports_memory_and_file_descriptors() -> None:
+    usage = process_usage()
+    assert usage["rss_bytes"] is not None and usage["rss_bytes"] > 1 << 20
+    assert usage["open_files"] is not None and usage["open_files"] >= 3  # stdin/out/err at least
+    assert usage["open_files_limit"] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]

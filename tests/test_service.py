@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
@@ -14,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from tunlwip import service
 
@@ -125,6 +129,63 @@ def test_under_journald_follows_fd_2(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert service.under_journald() is False
 
 
+# -- the watchdog ----------------------------------------------------------------------------
+
+
+def test_watchdog_interval_is_for_this_process_only() -> None:
+    pid = str(os.getpid())
+    assert service.watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": pid}) == 30.0
+    assert service.watchdog_interval({"WATCHDOG_USEC": "500000"}) == 0.5  # no PID: ours
+    assert service.watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+    assert service.watchdog_interval({}) is None
+    assert service.watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+    assert service.watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
+
+
+async def test_watchdog_pings_at_half_the_interval(
+    notify_socket: socket.socket, autojump_clock: trio.testing.MockClock
+) -> None:
+    """WATCHDOG=1 at once and then every interval/2 of trio's clock, from a trio task."""
+    notify_socket.setblocking(False)
+    with trio.move_on_after(0.95):  # pings at 0, 0.2, 0.4, 0.6, 0.8
+        await service.watchdog(0.4)
+    pings = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            pings.append(notify_socket.recv(4096))
+    assert pings == [b"WATCHDOG=1"] * 5
+
+
+async def test_watchdog_stops_with_a_blocked_loop(notify_socket: socket.socket) -> None:
+    """A loop stuck in a blocking call sends nothing meanwhile: what lets systemd notice."""
+    notify_socket.setblocking(False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.watchdog, 0.2)
+        await trio.sleep(0.05)
+        assert notify_socket.recv(4096) == b"WATCHDOG=1"
+        time.sleep(0.5)  # noqa: ASYNC251 (wedged on purpose: no checkpoint, no ping)
+        with pytest.raises(BlockingIOError):
+            notify_socket.recv(4096)
+        await trio.sleep(0.01)  # the loop runs again: the overdue ping goes out
+        assert notify_socket.recv(4096) == b"WATCHDOG=1"
+        nursery.cancel_scope.cancel()
+
+
+# -- open files ------------------------------------------------------------------------------
+
+
+def test_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    """In a child (the limit is per process): soft 64, hard 4096 -> 4096 (prlimit's result)."""
+    code = (
+        "import resource; from tunlwip import service;"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096));"
+        "print(*service.raise_open_files_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout  # fmt: skip
+    assert out.split() == ["4096", "4096", "4096", "4096"]
+
+
 def test_log_format() -> None:
     assert "asctime" not in service.log_format(journald=True)
     assert service.log_format(journald=False) == "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -211,12 +272,13 @@ def test_unopenable_log_file_keeps_the_old_setup(
     assert good.read_text().endswith("INFO tunlwip.test: still here\n")
 
 
-def _run_logging(tmp_path: Path, journald: bool) -> list[str]:
+def _run_logging(tmp_path: Path, journald: bool, fmt: str = "text") -> list[str]:
     """stderr of a child that configures logging, with stderr a file and JOURNAL_STREAM
     naming that file (as systemd does) or not set."""
     out = tmp_path / "stderr"
     code = (
-        "import logging; from tunlwip import service; service.configure_logging('info', None);"
+        "import logging; from tunlwip import service;"
+        f"service.configure_logging('info', None, {fmt!r});"
         "log = logging.getLogger('tunlwip'); log.info('up'); log.warning('careful');"
         "log.error('two\\nlines')"
     )
@@ -236,6 +298,41 @@ def test_stderr_under_journald_has_priorities_and_no_timestamps(tmp_path: Path) 
         "<3>ERROR tunlwip: two",
         "<3>lines",
     ]
+
+
+def test_json_lines(tmp_path: Path, root_logger: logging.Logger) -> None:
+    """One JSON object per line: time, level, logger, message, and the traceback of an
+    exception as one escaped string, so a record never spans lines."""
+    path = tmp_path / "tunlwip.json"
+    service.configure_logging("info", str(path), "json")
+    log = logging.getLogger("tunlwip.test")
+    log.info("hello %s", "json")
+    log.debug("not at info")
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        log.exception("it failed: %d", 42)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert set(first) == {"time", "level", "logger", "message"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
+    assert (first["level"], first["logger"], first["message"]) == ("info", "tunlwip.test",
+                                                                    "hello json")  # fmt: skip
+    assert (second["level"], second["message"]) == ("error", "it failed: 42")
+    assert second["exception"].startswith("Traceback (most recent call last):")
+    assert second["exception"].endswith("ValueError: bad\nthing")
+
+
+def test_json_under_journald_keeps_the_priority_prefix(tmp_path: Path) -> None:
+    lines = _run_logging(tmp_path, journald=True, fmt="json")
+    assert [line[:3] for line in lines] == ["<6>", "<4>", "<3>"]  # "two\nlines": one record
+    assert [json.loads(line[3:])["message"] for line in lines] == ["up", "careful", "two\nlines"]
+
+
+def test_bad_log_format_is_a_clear_value_error(root_logger: logging.Logger) -> None:
+    with pytest.raises(ValueError, match=r"bad log format 'xml': use one of text, json"):
+        service.configure_logging("info", None, "xml")
 
 
 def test_stderr_elsewhere_has_timestamps(tmp_path: Path) -> None:
@@ -284,6 +381,8 @@ def test_unit_settings() -> None:
     assert one("ExecStart").endswith("/tunlwip up --iface %i")
     assert re.fullmatch(r"\S*kill -HUP \$MAINPID", one("ExecReload"))
     assert one("Restart") == "on-failure"
+    assert one("WatchdogSec") == "30s"
+    assert int(one("LimitNOFILE")) >= 65536 + 4096 + 256  # the defaults' flows, see cli.FD_MARGIN
     assert {"77", "78"} <= set(one("RestartPreventExitStatus").split())
     assert one("CapabilityBoundingSet").split() == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
     assert one("AmbientCapabilities").split() == ["CAP_NET_ADMIN", "CAP_NET_RAW"]

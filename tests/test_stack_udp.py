@@ -31,7 +31,7 @@ async def test_udp_to_any_address_and_reply_from_it(harness: Harness, src: str, 
         (src, 5353, dst, 53, b"query")
     ]
     client, target, _ = got[0]
-    harness.stack.send_udp(b"answer", target, client)
+    harness.stack.send_udp(b"answer", src=target, dst=client)
     reply = await harness.wire.next_unmatched()
     assert (reply.src, reply.sport, reply.dst, reply.dport) == (dst, 53, src, 5353)
     assert reply.payload == b"answer" and reply.l4_checksum_ok
@@ -50,7 +50,7 @@ async def test_fragmented_datagrams_are_reassembled_and_big_replies_fragmented(
     assert len(got) == 1 and got[0][2] == payload
     assert harness.stack.statistics().counters["datagrams_reassembled"] == 1
 
-    harness.stack.send_udp(payload[::-1], got[0][1], got[0][0])
+    harness.stack.send_udp(payload[::-1], src=got[0][1], dst=got[0][0])
     await trio.testing.wait_all_tasks_blocked()
     frags = harness.wire.unmatched_nowait()
     assert len(frags) > 1 and all(len(f.raw) <= 1500 for f in frags)

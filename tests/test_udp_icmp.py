@@ -148,7 +148,9 @@ async def test_udp_handler_replaces_forwarding(
     assert session.target == Endpoint.parse(target, 7777)
 
     # send_udp: any source address and port, no session needed
-    env.gateway.send_udp(b"unsolicited", Endpoint.parse(target, 1), Endpoint.parse(client, 4000))
+    env.gateway.send_udp(
+        b"unsolicited", src=Endpoint.parse(target, 1), dst=Endpoint.parse(client, 4000)
+    )
     with trio.fail_after(10):
         reply = await env.wire.next_unmatched()
     assert (reply.src, reply.sport, reply.payload) == (target, 1, b"unsolicited")

@@ -2,7 +2,8 @@
 
 Settings come from ``/etc/tunlwip/<iface>.toml`` (or ``--config PATH``) with the flags given on
 top; ``check-config`` validates them without touching the network. SIGHUP makes ``up`` re-read
-both and apply what can change while flows run (see ``reload``).
+both and apply what can change while flows run (see ``reload``). ``route up|down`` sets up the
+host's policy routing into the TUN (the gateway itself never touches routing).
 
 Exit codes: 0 clean stop, 1 runtime failure, 2 usage, 77 no permission to open the TUN,
 78 bad configuration.
@@ -23,7 +24,7 @@ from collections.abc import Callable, Mapping
 
 import trio
 
-from . import __version__, config, control, service
+from . import __version__, config, control, route, service
 from .config import ConfigProblems, Settings
 from .device import TunDevice
 from .errors import ConfigError, DeviceError, TunlwipError
@@ -36,6 +37,9 @@ log = logging.getLogger("tunlwip")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOPERM, EXIT_CONFIG = 0, 1, 2, 77, 78
 #: Seconds the flow log gets, after the grace period, to write the records of the flows reset.
 FLOW_LOG_FLUSH_TIMEOUT = 10.0
+#: File descriptors the gateway keeps besides one per flow: the TUN, epoll, the control socket
+#: and its clients, DNS upstream sockets, logs.
+FD_MARGIN = 256
 SIOCSIFMTU, SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFTXQLEN, IFF_UP = 0x8922, 0x8913, 0x8914, 0x8943, 0x1
 
 Command = Callable[[argparse.Namespace], int]
@@ -76,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=cmd_check_config, needs_config=True)
     control.add_status_parser(sub)
     sub.choices["status"].set_defaults(handler=control.run_status, needs_config=False)
+    route.add_route_parser(sub)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(handler=cmd_version, needs_config=False)
     return parser
@@ -96,6 +101,23 @@ def set_link_up(name: str, mtu: int, txqueuelen: int) -> None:
 
 
 # -- up --------------------------------------------------------------------------------------
+
+
+def check_open_files(settings: Settings) -> int:
+    """Raise the open-files limit to the hard limit, log it, and warn once if it cannot hold
+    a socket for every flow the limits allow (beyond it, new flows are refused: counted as
+    ``refused.file_descriptors``). Returns the soft limit now in force."""
+    soft, hard = service.raise_open_files_limit()
+    config = settings.gateway
+    needed = config.stack.max_tcp_connections + config.udp.max_sessions + FD_MARGIN
+    log.info("open files: limit %d (hard %d)", soft, hard)
+    if soft < needed:
+        log.warning("open files: the limit %d is below the %d that tcp.max_connections (%d) + "
+                    "udp.max_sessions (%d) + %d for the gateway's own need; flows beyond it "
+                    "are refused. Raise the hard limit (LimitNOFILE=, ulimit -Hn) or lower "
+                    "those settings", soft, needed, config.stack.max_tcp_connections,
+                    config.udp.max_sessions, FD_MARGIN)  # fmt: skip
+    return soft
 
 
 class Reloader:
@@ -130,12 +152,12 @@ def reload(gateway: Gateway, running: Settings, current: Settings, reloader: Rel
         log.error("reload: configuration not reloaded, keeping the old one: %s", exc)
         return current
     pending += [key for key in ("device.name", "device.txqueuelen", "device.offload",
-                                "protect.fwmark", "protect.interface")
+                                "protect.fwmark", "protect.interface", "metrics.listen")
                 if new.values[key] != running.values[key]]  # fmt: skip
     if pending:
         log.warning("reload: these settings need a restart: %s", ", ".join(pending))
     try:
-        configure_logging(new.log_level, new.log_file)
+        configure_logging(new.log_level, new.log_file, new.log_format)
     except OSError as exc:
         log.error("reload: logging.file: cannot open %s (%s); logging unchanged",
                   new.log_file, exc.strerror)  # fmt: skip
@@ -187,7 +209,15 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
                                   iface=device.name))  # fmt: skip
             if flow_log:
                 await nursery.start(write_log, flow_log)
-        except (OSError, control.ControlError) as exc:
+            if settings.metrics_listen:
+                from . import metrics  # prometheus_client: imported only when serving it
+
+                address, port = await nursery.start(
+                    functools.partial(metrics.serve_metrics, gateway, settings.metrics_listen,
+                                      iface=device.name))  # fmt: skip
+                host = f"[{address}]" if ":" in address else address
+                log.info("metrics on http://%s:%d/metrics", host, port)
+        except (OSError, TunlwipError) as exc:
             if isinstance(exc, OSError) and exc.filename and exc.strerror:
                 log.error("cannot start: %s: %s", exc.filename, exc.strerror)
             else:
@@ -213,6 +243,9 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
                      len(gateway.dns.policy), config.dns.blocked_answer,
                      "rejected" if config.dns.reject_encrypted else "forwarded")  # fmt: skip
         service.ready(f"serving {device.name}")
+        if (interval := service.watchdog_interval()) is not None:
+            log.info("systemd watchdog: pinging every %g s", interval / 2)
+            nursery.start_soon(service.watchdog, interval)
         stop = (signal.SIGINT, signal.SIGTERM)
         with trio.open_signal_receiver(*stop, signal.SIGHUP) as signals:
             async for signum in signals:
@@ -265,18 +298,20 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
 def cmd_up(args: argparse.Namespace) -> int:
     overrides = config.overrides_from_args(args)
     # Until the configuration is loaded: stderr, at the level given on the command line.
-    configure_logging(str(overrides.get("logging.level", "info")))
+    configure_logging(str(overrides.get("logging.level", "info")),
+                      fmt=str(overrides.get("logging.format", "text")))  # fmt: skip
     try:
         settings = config.load(args.config, overrides)
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return EXIT_CONFIG
     try:
-        configure_logging(settings.log_level, settings.log_file)
+        configure_logging(settings.log_level, settings.log_file, settings.log_format)
     except OSError as exc:
         log.error("bad configuration: logging.file: cannot open %s: %s", settings.log_file,
                   exc.strerror)  # fmt: skip
         return EXIT_CONFIG
+    check_open_files(settings)
     try:
         try:
             return trio.run(functools.partial(run_up, settings, Reloader(args.config, overrides),

@@ -49,6 +49,7 @@ __all__ = [
     "default_path",
     "load",
     "overrides_from_args",
+    "parse_listen",
 ]
 
 CONFIG_DIR = Path("/etc/tunlwip")
@@ -393,6 +394,40 @@ class LogLevel(Kind):
         return {"type": str.lower, "choices": [*LOG_LEVELS, *map(str, range(6))]}
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """``ADDR:PORT`` (``[V6ADDR]:PORT`` for IPv6) as (address, port); ValueError if not."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ValueError(f"expected ADDR:PORT (port 1-65535), got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ipaddress.ip_address(host).version != 6:
+            raise ValueError(f"brackets are for IPv6 addresses, got {text!r}")
+    elif ipaddress.ip_address(host).version != 4:
+        raise ValueError(f"an IPv6 address goes in brackets ([::1]:9100), got {text!r}")
+    return host, int(port_text)
+
+
+class Listen(Kind):
+    """``ADDR:PORT`` to listen on (IPv6 in brackets), checked with ``parse_listen``."""
+
+    doc, expected = '"ADDR:PORT"', 'an address and port such as "127.0.0.1:9100"'
+
+    def parse(self, value: object, where: str, base: Path | None) -> str:
+        if not isinstance(value, str):
+            raise self.wrong(where, value)
+        try:
+            _, port = parse_listen(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if port == 0:  # a port picked at random is no use to a scraper
+            raise ConfigError(f"{where}: expected ADDR:PORT (port 1-65535), got {_show(value)}")
+        return value
+
+    def argparse(self) -> dict[str, Any]:
+        return {"metavar": "ADDR:PORT"}
+
+
 class ListOf(Kind):
     """A TOML array; as a flag either repeated (``append``) or comma-separated (``comma``)."""
 
@@ -495,6 +530,7 @@ SECTIONS: dict[str, str] = {
     "quic": "UDP to the QUIC ports",
     "icmp": "ICMP echo (ping)",
     "dns": "the built-in DNS proxy",
+    "metrics": "the Prometheus endpoint",
     "logging": "log output",
     "limits": "shutdown",
 }
@@ -646,10 +682,15 @@ SCHEMA: tuple[Option, ...] = (
            "address, IPv6 /64) may have in flight; beyond it its queries are answered REFUSED "
            "(counted: client_share)", None, "dns.max_in_flight_per_client",
            unset=_AUTO_SHARE.format("dns.max_in_flight")),
-    Option("logging.level", LogLevel(), "info", "log level (the numeric levels 0-5 of the seed "
-           "too)", "--log-level"),
+    Option("metrics.listen", Listen(), None, "serve the Prometheus text format at "
+           "`http://ADDR:PORT/metrics` (IPv6: `[ADDR]:PORT`)", "--metrics-listen", unset="off"),
+    Option("logging.level", LogLevel(), "info", "log level, by name or number "
+           "(0: critical only .. 4 and 5: debug)", "--log-level"),
     Option("logging.file", FilePath(readable=False), None, "append the log to this file",
            "--log-file", unset="stderr"),
+    Option("logging.format", Choice("text", "json"), "text", "one line of text per record, "
+           "or one JSON object per line (time, level, logger, message, exception)",
+           "--log-format"),
     Option("limits.grace", Number(minimum=0), 5.0, "seconds open flows get on SIGINT/SIGTERM",
            "--grace"),
 )  # fmt: skip
@@ -703,6 +744,16 @@ class Settings:
     def log_file(self) -> str | None:
         path: str | None = self.values["logging.file"]
         return path
+
+    @property
+    def log_format(self) -> str:
+        form: str = self.values["logging.format"]
+        return form
+
+    @property
+    def metrics_listen(self) -> str | None:
+        listen: str | None = self.values["metrics.listen"]
+        return listen
 
     @property
     def grace(self) -> float:

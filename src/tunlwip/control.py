@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import socket
 import stat
 import sys
@@ -69,10 +70,27 @@ def status(gateway: Gateway, *, iface: str | None = None,
         "uptime": round(stats.uptime, 3),
         "totals": dataclasses.asdict(stats),
         "drops": stats.stack.dropped,
+        "process": process_usage(),
         "flows": [flow.to_json() for flow in flows],
         "flows_live": live,
         "flows_omitted": max(0, live - len(flows)),
     }
+
+
+def process_usage() -> dict[str, int | None]:
+    """The gateway process's resident memory, open file descriptors and their limit (None
+    where /proc cannot tell): every flow holds a socket, so fds run out before memory does."""
+    usage: dict[str, int | None] = {"rss_bytes": None, "open_files": None}
+    try:
+        with open("/proc/self/statm") as f:
+            usage["rss_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    with contextlib.suppress(OSError):
+        usage["open_files"] = len(os.listdir("/proc/self/fd"))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    usage["open_files_limit"] = None if soft == resource.RLIM_INFINITY else soft
+    return usage
 
 
 def _device_name(gateway: Gateway) -> str | None:
@@ -246,7 +264,10 @@ async def _read_line(sock: trio.socket.SocketType) -> bytes | None:
 
 
 def add_status_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``status [--iface X] [--socket PATH] [--json]`` to the ``tunlwip`` command."""
+    """Add ``status [--iface X] [--control-socket PATH] [--json]`` to the ``tunlwip`` command.
+
+    ``--control-socket`` is named as in ``up``; ``--socket``, its older name, still works but
+    warns (one flag name for one thing on both sides)."""
     parser = subparsers.add_parser(
         "status",
         help="show a running gateway's counters and live flows",
@@ -255,11 +276,31 @@ def add_status_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     )
     parser.add_argument("--iface", help="the gateway's TUN interface (default: the only one "
                         f"with a socket in {CONTROL_DIR})")  # fmt: skip
-    parser.add_argument("--socket", dest="control_socket", metavar="PATH",
-                        help="control socket path (default /run/tunlwip/<iface>.sock)")  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    parser.add_argument("--control-socket", dest="control_socket", metavar="PATH",
+                        help="control socket path, as given to `up --control-socket` (default "
+                             "/run/tunlwip/<iface>.sock)")  # fmt: skip
+    parser.add_argument(
+        "--socket",
+        dest="control_socket",
+        metavar="PATH",
+        action=_DeprecatedSocketFlag,
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument("--format", choices=("table", "json", "prometheus"), default=None,
+                        help="table (default), the raw JSON answer, or the Prometheus text "
+                             "format (what `up --metrics-listen` serves)")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="the same as --format json")
     parser.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT, metavar="SECONDS",
                         help=f"give up after this long ({REQUEST_TIMEOUT:g})")  # fmt: skip
+
+
+class _DeprecatedSocketFlag(argparse.Action):
+    """``status --socket PATH``: stores like ``--control-socket`` and says so on stderr."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:  # fmt: skip
+        print("tunlwip status: --socket is deprecated, use --control-socket", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -280,8 +321,13 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except _StatusError as exc:
         print(f"tunlwip status: {exc}", file=sys.stderr)
         return 1
-    if getattr(args, "json", False):
+    form = getattr(args, "format", None) or ("json" if getattr(args, "json", False) else "table")
+    if form == "json":
         out.write(raw.decode())
+    elif form == "prometheus":
+        from . import metrics  # imports this module: loaded only when asked for
+
+        out.write(metrics.render(document).decode())
     else:
         out.write(format_status(document))
     return 0
@@ -304,7 +350,7 @@ def _client_path(path: str | None, iface: str | None) -> Path:
         return found[0]
     if not found:
         raise _StatusError(f"no gateway found in {CONTROL_DIR}: is `tunlwip up` running? "
-                           "(or give --iface / --socket)")  # fmt: skip
+                           "(or give --iface / --control-socket)")  # fmt: skip
     names = ", ".join(p.stem for p in found)
     raise _StatusError(f"several gateways run ({names}): choose one with --iface")
 
@@ -386,6 +432,11 @@ def format_status(doc: dict[str, Any]) -> str:
     at_shares = ", ".join(f"{k[len(share_prefix):].replace('_', ' ')} {v}"
                           for k, v in all_refused if v and k.startswith(share_prefix))  # fmt: skip
     lines.append(f"shares:    {'refused ' + at_shares if at_shares else 'none refused'}")
+    process = doc.get("process") or {}
+    if process.get("rss_bytes") is not None:
+        limit = process.get("open_files_limit") or "unlimited"
+        lines.append(f"process:   rss {_bytes(process['rss_bytes'])}, open files "
+                     f"{process.get('open_files', '?')} of {limit}")  # fmt: skip
     drops = doc.get("drops") or {}
     dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(drops.items()))
     lines.append(f"drops:     {dropped or 'none'}")

@@ -344,10 +344,13 @@ class Gateway:
         """
         return self._flows.subscribe(max_buffer)
 
-    def send_udp(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
+    def send_udp(self, data: bytes, *, src: Endpoint, dst: Endpoint) -> None:
         """Send a datagram to client ``dst`` from any address and port ``src`` (no session
-        needed). Raises ``LwipError`` if lwIP cannot send it (too big, no memory)."""
-        self.stack.send_udp(data, src, dst)
+        needed). Raises ``LwipError`` if lwIP cannot send it (too big, no memory).
+
+        ``src`` and ``dst`` are keyword-only: both are Endpoints, so a swapped pair would
+        type-check and send to the wrong host without any error."""
+        self.stack.send_udp(data, src=src, dst=dst)
 
     # -- flows ----------------------------------------------------------------------------------
     def _is_dns(self, target: Endpoint) -> bool:

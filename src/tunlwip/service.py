@@ -1,37 +1,53 @@
-"""Running as a service: systemd readiness notifications and logging setup.
+"""Running as a service: systemd notifications (readiness, watchdog), the open-files limit and
+logging setup.
 
 ``notify`` speaks the sd_notify datagram protocol by hand (one ``sendto`` on an AF_UNIX socket)
-so that ``Type=notify`` needs no dependency. ``configure_logging`` writes to stderr or a file;
-under journald it leaves the timestamps out (journald stamps every line itself) and prefixes
-lines with the syslog priority ``<N>`` that journald parses, so ``journalctl -p warning`` works.
+so that ``Type=notify`` and ``WatchdogSec=`` need no dependency. The watchdog pings come from a
+trio task, so they stop when the event loop is wedged and systemd restarts the gateway.
+
+``configure_logging`` writes to stderr or a file; under journald it leaves the timestamps out
+(journald stamps every line itself) and prefixes lines with the syslog priority ``<N>`` that
+journald parses, so ``journalctl -p warning`` works.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
+import resource
 import socket
 import sys
 import time
+from collections.abc import Mapping
+from typing import NoReturn
+
+import trio
 
 __all__ = [
+    "LOG_FORMATS",
     "LOG_LEVELS",
     "NUMERIC_LOG_LEVELS",
     "configure_logging",
     "log_format",
     "notify",
     "parse_level",
+    "raise_open_files_limit",
     "ready",
     "reloading",
     "status",
     "stopping",
     "under_journald",
+    "watchdog",
+    "watchdog_interval",
 ]
 
 log = logging.getLogger("tunlwip.service")
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-#: The seed's numeric levels, 0 (silent: only critical) .. 5 (most verbose), by index.
+LOG_FORMATS = ("text", "json")
+#: The numeric levels, 0 (silent: only critical) .. 5 (most verbose), by index.
 NUMERIC_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "debug")
 NOTIFY_TIMEOUT = 1.0  # seconds; a stuck manager must not stall the event loop for long
 
@@ -96,6 +112,63 @@ def status(text: str) -> bool:
     return notify(_status_line(text))
 
 
+def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
+    """The watchdog timeout systemd expects pings within (``WatchdogSec=``), in seconds; None
+    when there is none for this process.
+
+    ``$WATCHDOG_USEC`` is the timeout; ``$WATCHDOG_PID``, when set, names the process it is
+    meant for, so a child that inherited the environment does not ping for its parent."""
+    env = os.environ if environ is None else environ
+    try:
+        usec = int(env.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    pid = env.get("WATCHDOG_PID")
+    if usec <= 0 or (pid is not None and pid.strip() != str(os.getpid())):
+        return None
+    return usec / 1e6
+
+
+async def watchdog(interval: float) -> NoReturn:
+    """Send ``WATCHDOG=1`` now and then every ``interval / 2`` seconds, until cancelled.
+
+    From the trio loop on purpose: when the loop is wedged (a blocking call, a stuck
+    callback) the pings stop and systemd restarts the gateway after ``interval``."""
+    while True:
+        notify("WATCHDOG=1")
+        await trio.sleep(interval / 2)
+
+
+# -- open files ------------------------------------------------------------------------------
+
+
+def _nr_open() -> int:
+    """The kernel's ceiling for RLIMIT_NOFILE (``fs.nr_open``)."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20  # the kernel's default
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns (soft, hard) now in force.
+
+    Why: every TCP flow and UDP session holds an upstream socket, and the usual soft limit
+    (1024) would refuse flows long before ``tcp.max_connections``; the hard limit is what the
+    administrator (or ``LimitNOFILE=``) granted. Never raises: if the kernel refuses (e.g. a
+    seccomp filter), the limit stays and the caller's warning tells."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(hard, _nr_open()) if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.debug("cannot raise RLIMIT_NOFILE to %d: %s", target, exc)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft, hard
+
+
 # -- logging ---------------------------------------------------------------------------------
 
 
@@ -131,8 +204,39 @@ class _JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in super().format(record).splitlines())
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line: ``time`` (UTC, ISO 8601, milliseconds),
+    ``level``, ``logger``, ``message`` and, when there is one, ``exception`` (the traceback
+    text; its newlines are escaped, so a record never spans lines). Why: log shippers then
+    need no pattern to split records or to find a traceback's end."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        document = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            document["exception"] = record.exc_text
+        if record.stack_info:
+            document["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(document, ensure_ascii=False)
+
+
+class _JournalJsonFormatter(JsonFormatter):
+    """JSON under journald: the ``<N>`` priority prefix, which journald strips, so the
+    journal keeps the priority and the message stays one JSON object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_JournalFormatter.PRIORITY.get(record.levelname, 6)}>" + super().format(record)
+
+
 def parse_level(level: str) -> int:
-    """A level name (``debug`` .. ``critical``, any case) or the seed's ``0``..``5`` as a
+    """A level name (``debug`` .. ``critical``, any case) or ``0``..``5`` as a
     :mod:`logging` level; ValueError naming the accepted values otherwise."""
     name = level.strip().lower()
     if name.isdigit() and int(name) < len(NUMERIC_LOG_LEVELS):
@@ -144,23 +248,33 @@ def parse_level(level: str) -> int:
     return value
 
 
-def configure_logging(level: str, log_file: str | None = None) -> None:
-    """Log at ``level`` to ``log_file`` (appended, always timestamped) or else stderr.
+def configure_logging(level: str, log_file: str | None = None, fmt: str = "text") -> None:
+    """Log at ``level`` to ``log_file`` (appended, always timestamped) or else stderr, as
+    text or (``fmt="json"``) one JSON object per line.
 
     Each call replaces the handler the previous call installed, so calling it again on
     SIGHUP reopens a log file that logrotate moved away. ValueError for a bad level and
     OSError when the file cannot be opened, in both cases with the previous setup untouched.
     """
     numeric = parse_level(level)
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"bad log format {fmt!r}: use one of {', '.join(LOG_FORMATS)}")
+    json_lines = fmt == "json"
     handler: logging.Handler
+    formatter: logging.Formatter
     if log_file is not None:
         handler = logging.FileHandler(log_file, encoding="utf-8")
-        handler.setFormatter(logging.Formatter(log_format(journald=False)))
+        journald = False
     else:
         handler = logging.StreamHandler(sys.stderr)
         journald = under_journald()
-        formatter = _JournalFormatter if journald else logging.Formatter
-        handler.setFormatter(formatter(log_format(journald)))
+    if json_lines:
+        formatter = _JournalJsonFormatter() if journald else JsonFormatter()
+    elif journald:
+        formatter = _JournalFormatter(_PLAIN)
+    else:
+        formatter = logging.Formatter(_STAMPED)
+    handler.setFormatter(formatter)
     global _handler
     root = logging.getLogger()
     if _handler is not None:

@@ -364,8 +364,9 @@ class LwipStack:
         if self._watchers.pop(token, None) is not None:
             lib.tl_watch_del(fd)
 
-    def send_udp(self, data: bytes, src: Endpoint, dst: Endpoint) -> None:
-        """Send a datagram to client ``dst`` appearing to come from ``src`` (any address)."""
+    def send_udp(self, data: bytes, *, src: Endpoint, dst: Endpoint) -> None:
+        """Send a datagram to client ``dst`` appearing to come from ``src`` (any address);
+        keyword-only, as a swapped pair of Endpoints would fail silently."""
         err = lib.tl_udp_send(
             _binding.endpoint_to_c(src), _binding.endpoint_to_c(dst), data, len(data)
         )

@@ -448,7 +448,7 @@ class UdpSessions:
 
     def _send_to_client(self, session: UdpSession, data: bytes) -> None:
         try:
-            self.stack.send_udp(data, session.target, session.client)
+            self.stack.send_udp(data, src=session.target, dst=session.client)
         except LwipError as exc:
             self.counters.dropped_to_client += 1
             log.debug("datagram %s -> %s dropped: %s", session.target, session.client, exc)

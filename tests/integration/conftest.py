@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -71,7 +71,8 @@ def topology(netns_available: None) -> Iterator[Topology]:
 
 @pytest.fixture
 def split(topology: Topology) -> SplitTopology:
-    """DESIGN.md §5 split topology: gw <-veth-> srv, plus cli for the TUN."""
+    """The split topology (docs/architecture.md#test-topology): gw <-veth-> srv, plus cli for
+    the TUN."""
     return split_topology(topology)
 
 
@@ -83,9 +84,9 @@ def start_gateway(topology: Topology, tmp_path: Path) -> Iterator[StartGateway]:
     """
     started: list[RunningGateway] = []
 
-    def start(ns: Namespace, *args: str) -> RunningGateway:
+    def start(ns: Namespace, *args: str, wrapper: Sequence[str] = ()) -> RunningGateway:
         iface = topology.ifname("t")
-        gw = launch_gateway(ns, iface, tmp_path / f"gateway-{iface}.log", *args)
+        gw = launch_gateway(ns, iface, tmp_path / f"gateway-{iface}.log", *args, wrapper=wrapper)
         started.append(gw)
         gw.wait_serving()
         return gw
@@ -104,8 +105,8 @@ def start_gateway(topology: Topology, tmp_path: Path) -> Iterator[StartGateway]:
 def split_gateway(split: SplitTopology, start_gateway: StartGateway) -> StartGateway:
     """Factory: a gateway in gw whose TUN is moved to cli and made cli's uplink."""
 
-    def start(*args: str) -> RunningGateway:
-        gw = start_gateway(split.gw, *args)
+    def start(*args: str, wrapper: Sequence[str] = ()) -> RunningGateway:
+        gw = start_gateway(split.gw, *args, wrapper=wrapper)
         move_link(gw.iface, split.gw, split.cli)
         setup_client_tun(split.cli, gw.iface)
         return gw

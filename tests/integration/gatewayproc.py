@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -105,7 +105,9 @@ class RunningGateway(LoggedProcess):
     def stop(self, timeout: float = 10.0) -> str:
         """SIGTERM; require exit status 0 within ``timeout`` s. Returns the "stopped" line."""
         self.terminate(timeout)
-        lines = [line for line in self.log().splitlines() if "tunlwip: stopped" in line]
+        json_stop = ('"logger": "tunlwip"', '"message": "stopped')  # --log-format json
+        lines = [line for line in self.log().splitlines() if "tunlwip: stopped" in line
+                 or all(part in line for part in json_stop)]  # fmt: skip
         assert lines, f"no 'stopped' line; {self.tail()}"
         return lines[-1]
 
@@ -114,11 +116,15 @@ class RunningGateway(LoggedProcess):
 StartGateway = Callable[..., RunningGateway]
 
 
-def launch_gateway(ns: Namespace, iface: str, log_path: Path, *args: str) -> RunningGateway:
-    """Start ``tunlwip up --iface iface *args`` in ``ns``; see RunningGateway.wait_serving."""
+def launch_gateway(
+    ns: Namespace, iface: str, log_path: Path, *args: str, wrapper: Sequence[str] = ()
+) -> RunningGateway:
+    """Start ``tunlwip up --iface iface *args`` in ``ns``; see RunningGateway.wait_serving.
+    ``wrapper`` goes in front of the command (``prlimit --nofile=...``: it execs it, so the
+    process is still the gateway's)."""
     with log_path.open("wb") as log:
         proc = ns.popen(
-            [*GATEWAY_CMD, "--iface", iface, "--log-level", "debug", *args],
+            [*wrapper, *GATEWAY_CMD, "--iface", iface, "--log-level", "debug", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

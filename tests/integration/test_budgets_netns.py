@@ -9,7 +9,7 @@ flow is refused at once (RST, ICMP port unreachable, DNS REFUSED), that the flow
 open still work, that ``tunlwip status --json`` counted the refusal, and runs
 ``transfers.ParallelUpload`` alongside.
 
-Split topology (DESIGN.md §5, as in test_faults_netns.py)::
+Split topology (docs/architecture.md#test-topology, as in test_faults_netns.py)::
 
     [cli]                          [gw]                                [srv]
     kernel sockets, dig            tunlwip up --iface T                echo/digest servers,

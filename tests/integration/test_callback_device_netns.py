@@ -3,7 +3,7 @@
 Why: mobile VPN code hands over a blocking read, a write, protect and close. Here the app is a
 TUN fd in blocking mode (``os.read``/``os.write``), read by the device's thread, while the
 gateway runs in-process inside namespace gw (a thread that entered it, so its sockets live
-there). Split topology (DESIGN.md §5)::
+there). Split topology (docs/architecture.md#test-topology)::
 
     [cli] curl -- T (moved here) ==== blocking fd ====> [gw] CallbackDevice + Gateway
                                                                  sockets -- veth --> [srv] http

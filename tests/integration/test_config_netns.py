@@ -6,7 +6,7 @@ the QUIC policy and the DNS answers at once, that a TCP transfer in progress doe
 that a setting needing a restart is named in the log, and that a broken file is logged and the
 old policy kept while the gateway runs on.
 
-Split topology (DESIGN.md §5, as in test_udp_icmp_netns.py)::
+Split topology (docs/architecture.md#test-topology, as in test_udp_icmp_netns.py)::
 
     [cli]                          [gw]                                [srv]
     sockets, dig                   tunlwip up --config FILE            DNS (every A: WWW4),

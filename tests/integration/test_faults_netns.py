@@ -6,7 +6,7 @@ goes silent, the client vanishes, the DNS upstream is dead, the TUN is deleted, 
 a thousand flows open), asserts the outcome a client or server really observes, and runs a
 byte-verified upload (``transfers.ParallelUpload``) alongside that must not notice.
 
-Split topology (DESIGN.md §5, as in test_gateway_netns.py)::
+Split topology (docs/architecture.md#test-topology, as in test_gateway_netns.py)::
 
     [cli]                          [gw]                                [srv]
     kernel sockets, dig            tunlwip up --iface T                digest/echo servers,

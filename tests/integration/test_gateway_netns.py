@@ -4,7 +4,8 @@ Why: unit tests drive lwIP through a memory device; only real programs (curl, th
 on both ends show that bulk data, many flows, half-closes, refusals and the client filter behave
 as a router's would, and that protect (fwmark) really keeps the gateway out of its own TUN.
 
-Split topology (DESIGN.md §5): ``tunlwip up`` creates TUN T in gw, the test moves T to cli::
+Split topology (docs/architecture.md#test-topology): ``tunlwip up`` creates TUN T in gw,
+the test moves T to cli::
 
     [cli]                          [gw]                                [srv]
     curl, kernel sockets           tunlwip up --iface T                http.server, asyncio

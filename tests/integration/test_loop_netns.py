@@ -128,8 +128,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def status(path: Path) -> dict[str, Any]:
-    result = subprocess.run([sys.executable, "-m", "tunlwip", "status", "--socket", str(path),
-                             "--json"], capture_output=True, text=True, timeout=10)  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "tunlwip", "status", "--control-socket",
+                             str(path), "--json"], capture_output=True, text=True,
+                            timeout=10)  # fmt: skip
     assert result.returncode == 0, result.stderr
     doc: dict[str, Any] = json.loads(result.stdout)
     return doc

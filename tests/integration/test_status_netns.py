@@ -115,7 +115,7 @@ def read_line(proc: subprocess.Popen[str], what: str) -> str:
 
 
 def status(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tunlwip", "status", "--socket", str(path),
+    return subprocess.run([sys.executable, "-m", "tunlwip", "status", "--control-socket", str(path),
                            *args], capture_output=True, text=True, timeout=30)  # fmt: skip
 
 

@@ -6,7 +6,7 @@ socket's replies come from the address and port it sent to, under load and fragm
 QUIC probe is refused at once (so browsers fall back to TCP without waiting), that ``ping``
 works in each ``--icmp`` mode, and that idle sessions give their sockets back.
 
-Split topology (DESIGN.md §5, as in test_gateway_netns.py)::
+Split topology (docs/architecture.md#test-topology, as in test_gateway_netns.py)::
 
     [cli]                          [gw]                                [srv]
     sockets, ping                  tunlwip up --iface T                UDP echo (one socket
