@@ -344,6 +344,12 @@ def regressions() -> dict[str, bytes]:
         out[f"packet-ip6-fragment-train-next-header-{nh}-last"] = bytes([0]) + b"".join(
             record(p) for p in [*hs6, first, last[:40] + bytes([nh]) + last[41:]]
         )
+    # A second SYN in SYN_RCVD (found in review): lwIP took its MSS option, 1, past the floor.
+    syn = pk.tcp_packet(C4, G4, 40001, 80, seq=1000, flags=pk.SYN,
+                        options=pk.tcp_options(mss=1460))  # fmt: skip
+    again = pk.tcp_packet(C4, G4, 40001, 80, seq=1000, ack=1, flags=pk.SYN | pk.ACK,
+                          options=pk.tcp_options(mss=1))  # fmt: skip
+    out["packet-tcp-second-syn-lowers-mss"] = bytes([0]) + record(syn) + record(again, WRITE_BIG)
     bad = pk.udp_packet(C6, "ff02::1", 4000, 0, b"x", checksum=0x1234)
     out["packet-ip6-destination-options-udp-ff02-1-port-0"] = bytes([CHECKSUMS]) + record(
         pk.with_ipv6_extension(bad, 60)

@@ -648,12 +648,15 @@ static void feed(const uint8_t *pkt, size_t len, uint8_t arg, int flush)
 }
 
 /* After every record: no segment reached tcp_input/udp_input except through the hooks'
- * checks (glue.c counts one that did as drop_unchecked: that is a bypass, a finding), and the
- * half-open count stays within its bound and never grows above the limit. */
+ * checks (glue.c counts one that did as drop_unchecked: that is a bypass, a finding), the
+ * half-open count stays within its bound and never grows above the limit, and no connection's
+ * MSS is below the floor glue.c sets at passive open (a later SYN must not lower it). */
 static void check_input_checked(void)
 {
     if (tl_stats.drop_unchecked != 0) abort();
     if (tl_stats.tcp_half_open > half_open_bound) abort();
+    for (struct tcp_pcb *c = tcp_active_pcbs; c; c = c->next)
+        if (c->mss < tcp_eff_send_mss(TL_MIN_MSS, &c->local_ip, &c->remote_ip)) abort();
     half_open_bound = tl_stats.tcp_half_open > tl_max_half_open ? tl_stats.tcp_half_open
                                                                 : tl_max_half_open;
 }

@@ -233,3 +233,21 @@ async def test_one_byte_segments_out_of_order_stay_bounded(harness: Harness) -> 
     while len(got) < len(data):
         got += await stream.receive_some()
     assert got == data
+
+
+async def test_a_second_syn_cannot_lower_the_mss(harness: Harness) -> None:
+    """lwIP parses every segment's options in SYN_RCVD: a SYN|ACK carrying MSS 1 after a SYN
+    with MSS 1460 used to set the connection's MSS to 1 past the floor (found in review)."""
+    syn = tcp_packet(C4, D4, 43007, 80, seq=1000, flags=SYN, options=tcp_options(mss=1460))
+    harness.device.inject_packet(syn)
+    synack = await harness.wire.next_unmatched()
+    assert synack.flags & SYN and synack.flags & ACK
+    harness.device.inject_packet(tcp_packet(C4, D4, 43007, 80, seq=1000, ack=synack.seq + 1,
+                                            flags=SYN | ACK,
+                                            options=tcp_options(mss=1)))  # fmt: skip
+    stream = await harness.next_stream()
+    with trio.fail_after(10):  # with MSS 1, lwIP's queue fills after ~2,000 bytes: stuck
+        await stream.send_all(b"q" * 3000)
+    await settle()
+    sizes = [len(p.payload) for p in harness.wire.unmatched_nowait() if p.payload]
+    assert sizes and min(sizes) > 1 and max(sizes) == 1460, sizes

@@ -989,6 +989,23 @@ static int tl_tcp_options_ok(u8_t *opt, u16_t optlen, int syn)
     return 1;
 }
 
+/* Overwrite MSS and window-scale options with NOPs (the options were checked by
+ * tl_tcp_options_ok already; lwIP does not check the checksum again). */
+static void tl_tcp_options_neutralise(u8_t *opt, u16_t optlen)
+{
+    u16_t i = 0;
+    while (i < optlen) {
+        u8_t kind = opt[i];
+        if (kind == 0) return;
+        if (kind == 1) { i++; continue; }
+        if (i + 1 >= optlen) return;
+        u8_t len = opt[i + 1];
+        if (len < 2 || i + len > optlen) return;
+        if (kind == 2 || kind == 3) memset(opt + i, 1, len);
+        i = (u16_t)(i + len);
+    }
+}
+
 /*
  * lwIP 2.1.3's tcp_receive compares sequence numbers with TCP_SEQ_BETWEEN, which is ambiguous
  * at half the sequence space: a segment of sequence length 1 (one byte, or a bare SYN or FIN)
@@ -1022,7 +1039,7 @@ static int tl_tcp_seq_far(const struct tcp_pcb *pcb, const struct tcp_hdr *th)
 s8_t tl_hook_tcp_inpacket(struct tcp_pcb *pcb, struct tcp_hdr *hdr, u16_t optlen, u16_t opt1len,
                           u8_t *opt2, struct pbuf *p)
 {
-    LWIP_UNUSED_ARG(optlen); LWIP_UNUSED_ARG(opt1len); LWIP_UNUSED_ARG(opt2); LWIP_UNUSED_ARG(p);
+    LWIP_UNUSED_ARG(p);
     if (!tl_checked_input) {
         tl_stats.drop_unchecked++;
         return ERR_VAL;
@@ -1030,6 +1047,14 @@ s8_t tl_hook_tcp_inpacket(struct tcp_pcb *pcb, struct tcp_hdr *hdr, u16_t optlen
     if (tl_tcp_seq_far(pcb, hdr)) {
         tl_stats.drop_transport_header++;
         return ERR_VAL;
+    }
+    /* lwIP parses the options of every segment to a PCB in SYN_RCVD, and takes MSS and window
+     * scale from any that carries SYN: a second SYN (or a SYN|ACK) would undo the MSS floor set
+     * at passive open (MSS 1: a segment per byte) or switch window scaling on after the SYN-ACK
+     * said otherwise. Only the first SYN, seen by the listener, negotiates them. */
+    if (pcb->state != LISTEN && (TCPH_FLAGS(hdr) & TCP_SYN)) {
+        if (opt2 != NULL || opt1len != optlen) return ERR_VAL; /* our pbufs are never split */
+        tl_tcp_options_neutralise((u8_t *)hdr + TCP_HLEN, optlen);
     }
     return ERR_OK;
 }
