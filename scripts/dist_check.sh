@@ -35,8 +35,11 @@ read -ra pythons <<<"${DIST_CHECK_PYTHONS:-$pyenv/3.11.7/bin/python3 $pyenv/3.12
 root=${DIST_CHECK_ROOT:-/var/tmp/tunlwip-dist-check/trixie}
 suite=trixie
 root_packages=(python3 python3-venv python3-dev gcc libc6-dev)
-build_reqs=("setuptools>=77" "cffi>=1.17")
-runtime_reqs=("cffi>=1.17" "trio>=0.25" "dnspython>=2.6")
+# What an offline build needs preinstalled, read from pyproject.toml so the lists cannot drift.
+read_reqs() { "${pythons[0]}" -c 'import sys, tomllib; d = tomllib.load(open("pyproject.toml", "rb"))
+print("\n".join(d["build-system"]["requires"] if sys.argv[1] == "build" else d["project"]["dependencies"]))' "$1"; }
+mapfile -t build_reqs < <(read_reqs build)
+mapfile -t runtime_reqs < <(read_reqs runtime)
 
 shopt -s nullglob
 wheels=(dist/tunlwip-*.whl) sdists=(dist/tunlwip-*.tar.gz)
