@@ -989,8 +989,11 @@ static int tl_tcp_options_ok(u8_t *opt, u16_t optlen, int syn)
     return 1;
 }
 
-/* Overwrite MSS and window-scale options with NOPs (the options were checked by
- * tl_tcp_options_ok already; lwIP does not check the checksum again). */
+/* Overwrite MSS and window-scale options with NOPs (lwIP does not check the checksum again).
+ * Walks exactly as far as lwIP's tcp_parseopt does and stops where it stops: a malformed
+ * option must stay where it is, or lwIP would read on into options tl_tcp_options_ok never
+ * looked at (found by fuzz/packet_fuzzer.c: a bad-length MSS option turned into NOPs let lwIP
+ * read the length byte of a last-byte option past the packet). */
 static void tl_tcp_options_neutralise(u8_t *opt, u16_t optlen)
 {
     u16_t i = 0;
@@ -1001,6 +1004,8 @@ static void tl_tcp_options_neutralise(u8_t *opt, u16_t optlen)
         if (i + 1 >= optlen) return;
         u8_t len = opt[i + 1];
         if (len < 2 || i + len > optlen) return;
+        if ((kind == 2 && len != 4) || (kind == 3 && len != 3) || (kind == 4 && len != 2))
+            return; /* lwIP stops here */
         if (kind == 2 || kind == 3) memset(opt + i, 1, len);
         i = (u16_t)(i + len);
     }
