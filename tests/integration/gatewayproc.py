@@ -8,6 +8,7 @@ keeps them in step. The pytest fixtures built on this live in conftest.py.
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from netns import Namespace
 
@@ -101,6 +102,16 @@ class RunningGateway(LoggedProcess):
         wait_for(serving, f"the gateway on {self.iface}")
         link = self.ns.ip("link", "show", "dev", self.iface).stdout
         assert ",UP" in link, link
+
+    def status(self) -> dict[str, Any]:
+        """``tunlwip status --iface IFACE --json`` (the control socket is a file: any
+        namespace can ask): version, totals, drops and the open flows."""
+        result = subprocess.run([sys.executable, "-m", "tunlwip", "status", "--iface",
+                                 self.iface, "--json"], capture_output=True, text=True,
+                                timeout=30)  # fmt: skip
+        assert result.returncode == 0, f"{result.stderr}\n{self.tail()}"
+        doc: dict[str, Any] = json.loads(result.stdout)
+        return doc
 
     def stop(self, timeout: float = 10.0) -> str:
         """SIGTERM; require exit status 0 within ``timeout`` s. Returns the "stopped" line."""

@@ -21,7 +21,6 @@ Split topology (docs/architecture.md#test-topology, as in test_faults_netns.py):
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
@@ -58,12 +57,9 @@ def healthy(split: SplitTopology, seconds: float = HEALTHY_SECONDS) -> ParallelU
 
 
 def totals(gw: RunningGateway) -> dict[str, Any]:
-    """The ``totals`` of ``tunlwip status --iface IFACE --json`` (via the control socket)."""
-    result = subprocess.run([sys.executable, "-m", "tunlwip", "status", "--iface", gw.iface,
-                             "--json"], capture_output=True, text=True, timeout=30)  # fmt: skip
-    assert result.returncode == 0, f"{result.stderr}\n{gw.tail()}"
-    doc: dict[str, Any] = json.loads(result.stdout)["totals"]
-    return doc
+    """The ``totals`` of ``tunlwip status --json``."""
+    totals: dict[str, Any] = gw.status()["totals"]
+    return totals
 
 
 def echo_line(sock: socket.socket, line: bytes) -> None:

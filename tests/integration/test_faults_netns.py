@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from gatewayproc import RunningGateway, StartGateway, launch_gateway, pattern, wait_for
+from gatewayproc import StartGateway, launch_gateway, pattern, wait_for
 from netns import (
     CLIENT_ADDR4,
     GATEWAY_ADDR4,
@@ -247,7 +247,7 @@ def test_vanished_client_frees_the_upstream_after_the_idle_timeout(
     upload = healthy(split, seconds=2 * IDLE_TIMEOUT + SLACK + 2)
     with connect(split.cli, socket.AF_INET, SRV_ADDR4, SOCK_PORT, bind=VANISHING4) as sock:
         client = sock_name(sock)
-        assert any(f["client"] == client for f in status_json(gw)["flows"])
+        assert any(f["client"] == client for f in gw.status()["flows"])
         until = time.monotonic() + 1.0
         while time.monotonic() < until:  # the flow is busy up to the moment the client goes
             assert sock.recv(1 << 16), "the stream ended early"
@@ -256,21 +256,12 @@ def test_vanished_client_frees_the_upstream_after_the_idle_timeout(
         assert server.result() in (b"ConnectionResetError", b"BrokenPipeError")
         elapsed = ended[0] - vanished
     assert IDLE_TIMEOUT - 0.5 <= elapsed <= IDLE_TIMEOUT + SWEEP + SLACK, f"{elapsed:.1f}s"
-    assert not any(f["client"] == client for f in status_json(gw)["flows"])
+    assert not any(f["client"] == client for f in gw.status()["flows"])
     assert wait_record(flow_log, client, "the vanished flow's record")["close_reason"] == \
         "idle timeout"  # fmt: skip
     assert upload.running(), "the fault must happen while the healthy transfer runs"
     upload.check()
     gw.stop()
-
-
-def status_json(gw: RunningGateway) -> dict[str, Any]:
-    """``tunlwip status --iface IFACE --json`` (the control socket is a file: any namespace)."""
-    result = subprocess.run([sys.executable, "-m", "tunlwip", "status", "--iface", gw.iface,
-                             "--json"], capture_output=True, text=True, timeout=30)  # fmt: skip
-    assert result.returncode == 0, f"{result.stderr}\n{gw.tail()}"
-    doc: dict[str, Any] = json.loads(result.stdout)
-    return doc
 
 
 # -- 4. DNS upstream down ----------------------------------------------------------------------
@@ -414,7 +405,7 @@ def test_sigterm_with_1000_flows_stops_within_the_grace_period(
     )  # fmt: skip
     assert holder.stdout is not None and holder.stdin is not None
     assert holder.stdout.readline().strip() == "ready", gw.tail()
-    assert status_json(gw)["flows_live"] >= flows
+    assert gw.status()["flows_live"] >= flows
     upload = healthy(split, seconds=grace / 2)
     time.sleep(0.3)
     holder.stdin.write("go\n")

@@ -17,12 +17,9 @@ Split topology (as in test_gateway_netns.py)::
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -58,12 +55,8 @@ PEER_TIMEOUT = 20.0
 
 
 def counters(gw: RunningGateway) -> dict[str, int]:
-    """The stack's counters from ``tunlwip status --json`` (via the control socket)."""
-    result = subprocess.run([sys.executable, "-m", "tunlwip", "status", "--iface", gw.iface,
-                             "--json"], capture_output=True, text=True, timeout=30)  # fmt: skip
-    assert result.returncode == 0, f"{result.stderr}\n{gw.tail()}"
-    doc: dict[str, Any] = json.loads(result.stdout)["totals"]
-    found: dict[str, int] = doc["stack"]["counters"]
+    """The stack's counters from ``tunlwip status --json``."""
+    found: dict[str, int] = gw.status()["totals"]["stack"]["counters"]
     return found
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -64,10 +62,7 @@ def sock_name(sock: socket.socket) -> str:
 
 def status_flows(gw: RunningGateway) -> list[dict[str, Any]]:
     """The open flows ``tunlwip status --json`` lists."""
-    result = subprocess.run([sys.executable, "-m", "tunlwip", "status", "--iface", gw.iface,
-                             "--json"], capture_output=True, text=True, timeout=30)  # fmt: skip
-    assert result.returncode == 0, f"{result.stderr}\n{gw.tail()}"
-    flows: list[dict[str, Any]] = json.loads(result.stdout)["flows"]
+    flows: list[dict[str, Any]] = gw.status()["flows"]
     return flows
 
 
