@@ -32,8 +32,16 @@ class BuildExt(build_ext):
 
 class Sdist(sdist):
     def make_release_tree(self, base_dir: str, files: list[str]) -> None:
-        super().make_release_tree(base_dir, files)
         tree = build_ffi.DEFAULT_TREE
+        # setuptools merges the file list of an older egg-info (an editable install writes every
+        # file of the tree into SOURCES.txt): of lwIP, only what lwip_dist_files names goes in.
+        wanted = set()
+        if build_ffi.is_verified(tree):
+            wanted = {f"vendor/lwip/upstream/{rel}" for rel in build_ffi.lwip_dist_files(tree)}
+        files = [f for f in files
+                 if not pathlib.PurePath(f).as_posix().startswith("vendor/lwip/upstream/")
+                 or pathlib.PurePath(f).as_posix() in wanted]  # fmt: skip
+        super().make_release_tree(base_dir, files)
         if not build_ffi.is_verified(tree):
             # Making an sdist is not compiling: it works, but says loudly what it lacks.
             print(
