@@ -30,6 +30,7 @@ import trio
 
 from . import __version__
 from .errors import TunlwipError
+from .local_server import serve_clients
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -134,31 +135,15 @@ async def serve_control(
         path = default_socket_path(iface)
     path = Path(path)
     listener, identity = _bind(path)
-    clients = 0
+    started_path = path
 
     async def serve_client(sock: trio.socket.SocketType) -> None:
-        nonlocal clients
-        try:
-            await _serve_client(gateway, iface, sock)
-        finally:
-            clients -= 1
+        await _serve_client(gateway, iface, sock)
 
     try:
-        async with trio.open_nursery() as nursery:
-            task_status.started(path)
-            while True:
-                try:
-                    sock, _ = await listener.accept()
-                except OSError as exc:  # EMFILE and the like: keep serving, a bit later
-                    log.debug("control socket accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    continue
-                if clients >= MAX_CONTROL_CLIENTS:
-                    log.debug("control client refused: %d already connected", clients)
-                    sock.close()
-                    continue
-                clients += 1
-                nursery.start_soon(serve_client, sock)
+        await serve_clients(listener, serve_client, max_clients=MAX_CONTROL_CLIENTS,
+                            what="control socket",
+                            started=lambda: task_status.started(started_path))  # fmt: skip
     finally:
         listener.close()
         _remove_if_ours(path, identity)

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from . import control
 from .config import parse_listen
 from .errors import TunlwipError
+from .local_server import serve_clients
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -183,14 +184,9 @@ async def serve_metrics(
     host, port = parse_listen(listen)
     family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
     listener = trio.socket.socket(family, trio.socket.SOCK_STREAM)
-    clients = 0
 
     async def serve_client(sock: trio.socket.SocketType) -> None:
-        nonlocal clients
-        try:
-            await _serve_client(gateway, iface, sock)
-        finally:
-            clients -= 1
+        await _serve_client(gateway, iface, sock)
 
     with listener:
         listener.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
@@ -201,22 +197,9 @@ async def serve_metrics(
             listener.listen(16)
         except OSError as exc:
             raise MetricsError(f"metrics.listen {listen}: {exc.strerror or exc}") from exc
-        async with trio.open_nursery() as nursery:
-            task_status.started(listener.getsockname()[:2])
-            while True:
-                try:
-                    sock, _ = await listener.accept()
-                except OSError as exc:  # EMFILE and the like: keep serving, a bit later
-                    log.debug("metrics accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    continue
-                if clients >= MAX_CLIENTS:
-                    log.debug("metrics client refused: %d already connected", clients)
-                    sock.close()
-                    continue
-                clients += 1
-                nursery.start_soon(serve_client, sock)
-    raise AssertionError("unreachable")  # pragma: no cover
+        bound = listener.getsockname()[:2]
+        await serve_clients(listener, serve_client, max_clients=MAX_CLIENTS, what="metrics",
+                            started=lambda: task_status.started(bound))  # fmt: skip
 
 
 def respond(request: bytes, body: Callable[[], bytes]) -> bytes:
