@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -42,3 +43,21 @@ async def harness(nursery: trio.Nursery) -> AsyncIterator[Harness]:
     yield h
     assert not wire.invalid, f"the stack emitted invalid packets: {wire.invalid[:3]}"
     done.set()
+
+
+@pytest.fixture
+async def echo_server() -> AsyncIterator[int]:
+    """A UDP echo server on 127.0.0.1 (loopback only); yields its port."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+
+    async def serve() -> None:
+        while True:
+            data, addr = await sock.recvfrom(65535)
+            await sock.sendto(data, addr)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        yield sock.getsockname()[1]
+        nursery.cancel_scope.cancel()
+    sock.close()

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import dns.message
@@ -157,24 +156,6 @@ async def test_a_client_at_its_connection_share_gets_rst_and_counts_return_to_ze
 
 
 # -- UDP sessions -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def echo_server() -> AsyncIterator[int]:
-    """A UDP echo server on 127.0.0.1; yields its port."""
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    await sock.bind(("127.0.0.1", 0))
-
-    async def serve() -> None:
-        while True:
-            data, addr = await sock.recvfrom(65535)
-            await sock.sendto(data, addr)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
-        yield sock.getsockname()[1]
-        nursery.cancel_scope.cancel()
-    sock.close()
 
 
 async def test_a_client_at_its_udp_share_gets_port_unreachable(

@@ -12,7 +12,6 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -51,24 +50,6 @@ async def start(nursery: trio.Nursery, config: GatewayConfig | None = None, **kw
     nursery.start_soon(wire.run)
     await nursery.start(gateway.serve)
     return Env(gateway, device, wire)
-
-
-@pytest.fixture
-async def echo_server() -> AsyncIterator[int]:
-    """A UDP echo server on 127.0.0.1 (loopback only); yields its port."""
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    await sock.bind(("127.0.0.1", 0))
-
-    async def serve() -> None:
-        while True:
-            data, addr = await sock.recvfrom(65535)
-            await sock.sendto(data, addr)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
-        yield sock.getsockname()[1]
-        nursery.cancel_scope.cancel()
-    sock.close()
 
 
 def quoted_flow(icmp_body: bytes) -> tuple[str, int, str, int]:
