@@ -48,8 +48,9 @@ def _check_vnet_header_size(fd: int, name: str) -> None:
         )
 
 
-class TunDevice:
-    """A TUN interface's packet fd."""
+class TunDevice(trio.abc.AsyncResource):
+    """A TUN interface's packet fd; ``async with TunDevice.open(name) as device`` closes it
+    on the way out."""
 
     def __init__(
         self, fd: int, name: str = "", *, owns_fd: bool = True, vnet_header: bool = False
