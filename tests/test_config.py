@@ -45,12 +45,12 @@ UPSTREAM = "udp://198.18.1.2:53"
 
 
 @pytest.fixture(autouse=True)
-def no_etc(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+def no_etc(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Default files come from an empty directory, never the machine's /etc/tunlwip."""
     etc = tmp_path / "etc"
     etc.mkdir()
     monkeypatch.setattr(cfg, "CONFIG_DIR", etc)
-    yield etc
+    return etc
 
 
 def write(path: Path, text: str) -> Path:

@@ -40,7 +40,7 @@ async def test_tun_device_from_fd_releases_its_fd_when_the_block_ends() -> None:
             theirs.send(b"\x45one")
             with trio.fail_after(5):
                 assert await device.receive_packet() == b"\x45one"
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="Bad file descriptor"):
             os.fstat(fd)
         with pytest.raises(trio.ClosedResourceError):
             await device.receive_packet()
