@@ -128,7 +128,7 @@ class Env:
         self.device.inject_packet(udp_packet(client, server, sport, 53, query.to_wire()))
 
     async def answers(self, count: int) -> list[Any]:
-        got = []
+        got: list[Any] = []
         with trio.fail_after(30):
             while len(got) < count:
                 got.append(await self.wire.next_unmatched())

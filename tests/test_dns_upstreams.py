@@ -148,9 +148,11 @@ class UdpServer:
                     data, peer = await sock.recvfrom(65535)
                     await self._answer(sock, data, peer)
 
-    async def _answer(self, sock: trio.socket.SocketType, data: bytes, peer: object) -> None:
+    async def _answer(
+        self, sock: trio.socket.SocketType, data: bytes, peer: tuple[str, int]
+    ) -> None:
         self.ids.append(message_id(data))
-        self.source_ports.append(peer[1])  # type: ignore[index]
+        self.source_ports.append(peer[1])
         if self.mode == "silent":
             return
         if self.mode == "noisy":  # what a spoofer or a confused server might send first
