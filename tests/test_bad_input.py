@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tunlwip import LwipStack, MemoryDevice, StackConfig
+from tunlwip.endpoint import IPAddress
 
 from harness import Harness
 from packets import (
@@ -166,7 +167,7 @@ async def test_the_gateway_hosts_own_addresses_are_refused(
     device = MemoryDevice()
     stack = LwipStack(device)
     seen: list[object] = []
-    stack.udp_receiver = lambda src, dst, data: seen.append(dst) or True
+    stack.udp_receiver = lambda src, dst, data: seen.append(dst)
     stack.icmp_echo_receiver = lambda src, dst, message: seen.append(dst)
 
     async def handler(stream: object, target: object) -> None:
@@ -206,14 +207,14 @@ async def test_host_addresses_leave_the_stacks_own_addresses_to_the_dns_proxy() 
     device = MemoryDevice()
     stack = LwipStack(device, StackConfig(forward_local_destinations=True))
     got: list[object] = []
-    stack.udp_receiver = lambda src, dst, data: got.append(dst) or True
+    stack.udp_receiver = lambda src, dst, data: got.append(dst)
 
     async def handler(stream: object, target: object) -> None:
         got.append(target)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(stack.run, handler)
-        own = [stack.config.ipv4_address, stack.config.ipv6_address]
+        own: list[IPAddress] = [stack.config.ipv4_address, stack.config.ipv6_address]
         try:
             assert stack.set_host_addresses([*own, ipaddress.ip_address(HOST4)]) == 1
             stack.inject_packet(udp_packet(C4, str(own[0]), 4000, 53, b"query"))

@@ -28,7 +28,6 @@ from tunlwip.cli import (
     EXIT_OK,
     Reloader,
     build_parser,
-    configure_logging,
     main,
     reload,
 )
@@ -36,6 +35,7 @@ from tunlwip.config import SCHEMA, ConfigProblems, Settings
 from tunlwip.dialer import Keepalive
 from tunlwip.errors import ConfigError
 from tunlwip.gateway import Gateway
+from tunlwip.service import configure_logging
 from tunlwip.udp import UdpConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,12 +45,12 @@ UPSTREAM = "udp://198.18.1.2:53"
 
 
 @pytest.fixture(autouse=True)
-def no_etc(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+def no_etc(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Default files come from an empty directory, never the machine's /etc/tunlwip."""
     etc = tmp_path / "etc"
     etc.mkdir()
     monkeypatch.setattr(cfg, "CONFIG_DIR", etc)
-    yield etc
+    return etc
 
 
 def write(path: Path, text: str) -> Path:
@@ -581,7 +581,7 @@ def test_docs_document_every_key_with_its_default_type_and_flag() -> None:
 
 def test_every_flag_of_up_is_in_the_schema() -> None:
     """No flag bypasses the schema (--config itself and the process's own outputs excepted)."""
-    up = build_parser()._subparsers._group_actions[0].choices["up"]  # type: ignore[union-attr]
+    up = build_parser()._subparsers._group_actions[0].choices["up"]  # type: ignore[union-attr,index]
     options = {s for a in up._actions for s in a.option_strings if s.startswith("--")}
     schema_flags = {opt.cli for opt in SCHEMA if opt.cli}
     expected = {

@@ -7,6 +7,8 @@ passed in, as the proxy passes ``trio.current_time()``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import dns.edns
 import dns.exception
 import dns.flags
@@ -14,6 +16,7 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import pytest
@@ -310,7 +313,7 @@ def test_opt_in_cached_additional_is_dropped() -> None:
     cache = DnsCache()
     q = query()
     r = a_reply(q)
-    r.additional.append(dns.rrset.from_text(".", 0, 1232, "OPT"))
+    r.additional.append(dns.rrset.from_text(".", 0, dns.rdataclass.RdataClass.make(1232), "OPT"))
     r.additional.append(dns.rrset.from_text("ns.example.", 300, "IN", "A", "192.0.2.53"))
     cache.put(q, r, now=0.0)
     hit = cache.get(q, 0.0)
@@ -351,7 +354,7 @@ def test_hits_are_copies() -> None:
     hit = cache.get(q, 0.0)
     assert hit is not None
     hit.answer[0].ttl = 7
-    hit.answer[0].clear()
+    hit.answer[0].clear()  # type: ignore[no-untyped-call]
     again = cache.get(q, 0.0)
     assert again is not None and ttls(again) == [300] and len(again.answer[0]) == 1
 
@@ -372,7 +375,7 @@ def test_authenticated_data_only_for_clients_that_ask() -> None:
     assert with_do is not None and with_do.flags & dns.flags.AD
 
 
-def cd_query(**kw: object) -> dns.message.Message:
+def cd_query(**kw: Any) -> dns.message.Message:
     q = query(**kw)
     q.flags |= dns.flags.CD
     return q

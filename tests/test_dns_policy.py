@@ -25,6 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tunlwip.dns.policy import DnsPolicy, Verdict, blocked_response, override_response
+from tunlwip.endpoint import IPAddress
 from tunlwip.errors import ConfigError
 
 
@@ -387,7 +388,7 @@ def test_blocked_response_rejects_unknown_mode() -> None:
 
 
 def test_override_response_answers_the_asked_family() -> None:
-    addresses = [
+    addresses: list[IPAddress] = [
         ipaddress.IPv4Address("192.0.2.1"),
         ipaddress.IPv4Address("192.0.2.2"),
         ipaddress.IPv6Address("2001:db8::1"),

@@ -128,7 +128,7 @@ class Env:
         self.device.inject_packet(udp_packet(client, server, sport, 53, query.to_wire()))
 
     async def answers(self, count: int) -> list[Any]:
-        got = []
+        got: list[Any] = []
         with trio.fail_after(30):
             while len(got) < count:
                 got.append(await self.wire.next_unmatched())
@@ -370,10 +370,14 @@ async def test_tcp_client_trickling_a_query_is_reset_at_the_query_deadline(
     await slow.connect()
     t0 = trio.current_time()
     wire = tcp_query("www.test", 1)
-    with pytest.raises(ConnectionResetError):
+
+    async def one_byte_every_9_s() -> None:
         for byte in wire:
             await slow.send(bytes([byte]))
             await trio.sleep(9)
+
+    with pytest.raises(ConnectionResetError):
+        await one_byte_every_9_s()
     assert slow.reset_received and 10 <= trio.current_time() - t0 < 19
     other = TcpPeer(env.wire, CLIENT4, 40054, GW4, 53)
     await other.connect()

@@ -148,9 +148,11 @@ class UdpServer:
                     data, peer = await sock.recvfrom(65535)
                     await self._answer(sock, data, peer)
 
-    async def _answer(self, sock: trio.socket.SocketType, data: bytes, peer: object) -> None:
+    async def _answer(
+        self, sock: trio.socket.SocketType, data: bytes, peer: tuple[str, int]
+    ) -> None:
         self.ids.append(message_id(data))
-        self.source_ports.append(peer[1])  # type: ignore[index]
+        self.source_ports.append(peer[1])
         if self.mode == "silent":
             return
         if self.mode == "noisy":  # what a spoofer or a confused server might send first
@@ -221,7 +223,7 @@ class StreamServer:
             self.closed.set()
 
 
-DohMode = Literal["answer", "chunked", "error", "close"]
+DohMode = Literal["answer", "chunked", "error", "close", "until_close", "too_large"]
 
 
 class DohServer:
@@ -253,7 +255,7 @@ class DohServer:
                 assert body is not None
                 self.requests.append((request_line, headers, message_id(body)))
                 await stream.send_all(self._response(answer_for(body)))
-                if self.mode == "close":
+                if self.mode in ("close", "until_close"):
                     break
         except trio.BrokenResourceError:
             pass
@@ -263,7 +265,11 @@ class DohServer:
     def _response(self, answer: bytes) -> bytes:
         if self.mode == "error":
             return b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\n\r\nbusy\n"
+        if self.mode == "until_close":  # HTTP/1.0 without a length: the body ends at EOF
+            return b"HTTP/1.0 200 OK\r\nContent-Type: application/dns-message\r\n\r\n" + answer
         head = b"HTTP/1.1 200 OK\r\nContent-Type: application/dns-message\r\n"
+        if self.mode == "too_large":
+            return head + b"Content-Length: 65536\r\n\r\n" + answer
         if self.mode == "chunked":
             interim = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
             half = len(answer) // 2
@@ -558,6 +564,30 @@ async def test_doh_honours_connection_close(
     assert upstream.idle_connections == 0
 
 
+async def test_doh_reads_a_body_that_ends_with_the_connection(
+    nursery: trio.Nursery, server_tls: ssl.SSLContext, cert: Path
+) -> None:
+    server = await start_doh(nursery, server_tls, "until_close")
+    upstream = parse_upstream(f"https://dot.test:{server.port}#{HOST}", Dialer(),
+                              ca_file=str(cert))  # fmt: skip
+    assert isinstance(upstream, HttpsUpstream)
+    for _ in range(2):
+        with trio.fail_after(5):
+            assert addresses(await upstream.query(make_query())) == ["192.0.2.1"]
+    assert server.connections == 2
+    assert upstream.idle_connections == 0
+
+
+async def test_doh_refuses_a_body_larger_than_a_dns_message(
+    nursery: trio.Nursery, server_tls: ssl.SSLContext, cert: Path
+) -> None:
+    server = await start_doh(nursery, server_tls, "too_large")
+    upstream = parse_upstream(f"https://dot.test:{server.port}#{HOST}", Dialer(),
+                              ca_file=str(cert))  # fmt: skip
+    with trio.fail_after(5), pytest.raises(UpstreamError, match=r"HTTP body too large \(65536"):
+        await upstream.query(make_query())
+
+
 async def test_doh_error_status_is_an_upstream_error(
     nursery: trio.Nursery, server_tls: ssl.SSLContext, cert: Path
 ) -> None:
@@ -695,6 +725,7 @@ def test_parse_upstream_forms(url: str, kind: type, endpoint: str, detail: objec
         "https://dns.example#not-an-ip",
         "https://1.1.1.1#8.8.8.8",
         "https://dns.google/dns-query{?dns}",
+        "https://dns.example/d\u00fcns#192.0.2.1",
     ],
 )
 def test_parse_upstream_rejects(url: str) -> None:

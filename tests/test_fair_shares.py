@@ -55,7 +55,7 @@ async def start(nursery: trio.Nursery, config: GatewayConfig) -> Env:
     nursery.start_soon(wire.run)
     scope = trio.CancelScope()
 
-    async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
         with scope:
             await gateway.serve(task_status=task_status)
 

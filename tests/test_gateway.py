@@ -346,7 +346,7 @@ def test_upstream_sockets_get_the_keepalive_settings() -> None:
             assert [sock.getsockopt(socket.IPPROTO_TCP, o) for o in options] == [7, 3, 2]
         with Dialer().start_tcp(target) as sock:  # none asked for: the kernel's default, off
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="keepalive idle"):
         Keepalive(idle=0)
 
 

@@ -68,7 +68,7 @@ def test_malformed_messages_are_skipped_and_errors_raised() -> None:
     assert [entry for _, entry in parse_messages(bad_attr + short_addr + other_family)] == [
         None, None, None]  # fmt: skip
     assert list(parse_messages(message(RTM_NEWADDR, b"\x02")[:10])) == []  # truncated header
-    with pytest.raises(OSError) as caught:
+    with pytest.raises(OSError, match="rtnetlink: EPERM") as caught:
         list(parse_messages(message(NLMSG_ERROR, struct.pack("=i", -1) + bytes(16))))
     assert caught.value.errno == 1
 

@@ -168,14 +168,14 @@ def test_any_corrupted_byte_is_invalid(src: str, dst: str) -> None:
 def test_malformed_raises() -> None:
     pkt = p.tcp_packet(*V4, 1, 2, seq=0, payload=b"abc")
     for cut in [0, 1, 19, 30]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"empty packet|too short|bad IPv4 total length"):
             p.parse(pkt[:cut])
         assert not p.is_valid(pkt[:cut])
     bad_offset = bytearray(pkt)
     bad_offset[32] = 0x40  # data offset 4 words < 5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bad TCP data offset"):
         p.parse(bytes(bad_offset))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bad IP version 5"):
         p.parse(b"\x50" + pkt[1:])  # version 5
     short_udp = bytearray(p.udp_packet(*V4, 1, 2, b"abcd"))
     struct.pack_into("!H", short_udp, 24, 9)  # UDP length below the IP payload length
@@ -189,10 +189,10 @@ def test_tcp_options_edge_cases() -> None:
     assert p.parse(
         p.tcp_packet(*V6, 1, 2, seq=0, options=p.tcp_options(wscale=14))
     ).tcp_options == {"wscale": 14}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="multiple of 4"):
         p.tcp_packet(*V4, 1, 2, seq=0, options=b"\x01")
     broken = p.tcp_packet(*V4, 1, 2, seq=0, options=bytes([2, 9, 0, 0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bad TCP option length"):
         p.parse(broken)
 
 

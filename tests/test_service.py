@@ -265,7 +265,7 @@ def test_unopenable_log_file_keeps_the_old_setup(
 ) -> None:
     good = tmp_path / "good.log"
     service.configure_logging("info", str(good))
-    with pytest.raises(OSError):
+    with pytest.raises(FileNotFoundError):
         service.configure_logging("debug", str(tmp_path / "no" / "such" / "dir.log"))
     logging.getLogger("tunlwip.test").info("still here")
     assert root_logger.level == logging.INFO

@@ -61,6 +61,7 @@ async def test_data_both_ways_with_correct_sequence_numbers(
     await stream.send_all(b"world!")
     assert await peer.recv_exactly(6) == b"world!"
     data_segments = [s for s in peer.segments if s.payload]
+    assert peer.stack_isn is not None
     assert data_segments[0].seq == (peer.stack_isn + 1) % 2**32
     assert data_segments[0].ack == 5000 + 1 + 5
     await peer.wait_acked()

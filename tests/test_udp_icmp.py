@@ -24,7 +24,7 @@ from tunlwip.gateway import Gateway, GatewayConfig
 from tunlwip.udp import UdpConfig, UdpSession
 
 from harness import on_loopback
-from packets import PROTO_ICMP, fragment, icmp_echo, ip_packet, udp_packet
+from packets import PROTO_ICMP, Parsed, fragment, icmp_echo, ip_packet, udp_packet
 from tcppeer import PacketWire
 
 CLIENT4, CLIENT6 = "198.18.0.2", "fd00:18::2"
@@ -77,7 +77,7 @@ async def test_datagrams_are_forwarded_and_answered_from_the_destination(
     env = await start(nursery)
     for seq in range(5):
         env.device.inject_packet(udp_packet(CLIENT4, "127.0.0.1", 5000, echo_server, b"%d" % seq))
-    replies = []
+    replies: list[Parsed] = []
     with trio.fail_after(10):
         while len(replies) < 5:
             replies.append(await env.wire.next_unmatched())
@@ -147,7 +147,7 @@ async def test_big_datagrams_both_ways(nursery: trio.Nursery, client: str, targe
     payload = os.urandom(16 * 1024)
     for frag in fragment(udp_packet(client, target, 4001, 9000, payload), 1500):
         env.device.inject_packet(frag)
-    frags = []
+    frags: list[Parsed] = []
     with trio.fail_after(10):
         while sum(len(f.payload) for f in frags) < len(payload) + 8:
             frags.append(await env.wire.next_unmatched())

@@ -25,4 +25,32 @@ from .tcp import LwipTcpStream as LwipTcpStream
 from .udp import UdpConfig as UdpConfig
 from .udp import UdpSession as UdpSession
 
+#: The public API (docs/embedding.md); tests/test_exports.py pins it.
+__all__ = [
+    "CallbackDevice",
+    "ConfigError",
+    "DeviceError",
+    "DnsConfig",
+    "Endpoint",
+    "FlowInfo",
+    "FlowRecord",
+    "Gateway",
+    "GatewayConfig",
+    "GatewayStatistics",
+    "HostAddressError",
+    "LwipError",
+    "LwipStack",
+    "LwipTcpStream",
+    "MemoryDevice",
+    "PacketDevice",
+    "ProtectError",
+    "RefusedCounters",
+    "StackConfig",
+    "StackStatistics",
+    "TunDevice",
+    "TunlwipError",
+    "UdpConfig",
+    "UdpSession",
+]
+
 __version__ = "0.1.0"

@@ -32,6 +32,7 @@ from .dns.proxy import DnsConfig
 from .dns.upstreams import parse_upstream
 from .errors import ConfigError
 from .gateway import GatewayConfig
+from .ifname import is_interface_name
 from .service import LOG_LEVELS, NUMERIC_LOG_LEVELS
 from .stack import StackConfig
 from .udp import UdpConfig
@@ -53,7 +54,6 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path("/etc/tunlwip")
-IFNAMSIZ = 16
 
 
 class ConfigProblems(ConfigError):
@@ -307,10 +307,7 @@ class IfName(Kind):
     doc, expected = "interface name", "an interface name (1-15 characters)"
 
     def parse(self, value: object, where: str, base: Path | None) -> str:
-        if not isinstance(value, str):
-            raise self.wrong(where, value)
-        bad = value in ("", ".", "..") or len(value.encode()) >= IFNAMSIZ
-        if bad or any(c in "/:" or c.isspace() for c in value):
+        if not isinstance(value, str) or not is_interface_name(value):
             raise self.wrong(where, value)
         return value
 

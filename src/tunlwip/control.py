@@ -318,8 +318,8 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 0
 
 
-class _StatusError(Exception):
-    pass
+class _StatusError(TunlwipError):
+    """``tunlwip status`` could not get an answer; the message says why, for the user."""
 
 
 def _client_path(path: str | None, iface: str | None) -> Path:

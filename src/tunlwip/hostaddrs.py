@@ -22,13 +22,13 @@ from collections.abc import Callable, Iterable, Iterator
 
 import trio
 
+from .endpoint import IPAddress
 from .errors import HostAddressError
 
 __all__ = ["HostAddress", "HostAddresses", "dump_addresses", "parse_messages"]
 
 log = logging.getLogger("tunlwip.hostaddrs")
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: One address on one interface: (interface index, prefix length, address). The same address
 #: may sit on several interfaces; it stays refused until the last one loses it.
 HostAddress = tuple[int, int, IPAddress]

@@ -26,13 +26,15 @@ import trio
 from .dialer import Dialer
 from .endpoint import Endpoint
 from .errors import LwipError, TunlwipError
+from .packet import ECHO_REPLY, ICMP_HEADER_LEN
 
 if TYPE_CHECKING:
     from .stack import LwipStack
 
 log = logging.getLogger("tunlwip.icmp")
 
-ECHO_REPLY = {4: 0, 6: 129}
+_ECHO_ID = struct.Struct("!H")  # an echo's identifier, at offset 4 of the ICMP header
+_ECHO_ID_OFFSET = 4
 EchoKey = tuple[Endpoint, Endpoint, int]  # (client, destination, client's identifier)
 
 
@@ -93,7 +95,7 @@ class EchoForwarder:
     def on_echo(self, client: Endpoint, target: Endpoint, message: bytes) -> None:
         """The stack's ``icmp_echo_receiver``: ``message`` is the client's echo request."""
         self.counters.requests += 1
-        ident = struct.unpack_from("!H", message, 4)[0]
+        ident = _ECHO_ID.unpack_from(message, _ECHO_ID_OFFSET)[0]
         key = (client, target, ident)
         session = self._sessions.get(key)
         if session is None:
@@ -143,9 +145,10 @@ class EchoForwarder:
                 reply = await sock.recv(65535)
             except OSError:
                 continue  # an ICMP error about one request; later requests may still succeed
-            if len(reply) < 8 or reply[0] != ECHO_REPLY[target.family]:
+            if len(reply) < ICMP_HEADER_LEN or reply[0] != ECHO_REPLY[target.family]:
                 continue
-            message = reply[:4] + struct.pack("!H", ident) + reply[6:]
+            end = _ECHO_ID_OFFSET + _ECHO_ID.size
+            message = reply[:_ECHO_ID_OFFSET] + _ECHO_ID.pack(ident) + reply[end:]
             try:
                 self.stack.send_icmp(message, Endpoint(target.address, 0), client)
             except LwipError as exc:

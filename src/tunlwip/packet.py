@@ -11,14 +11,24 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-PROTO_TCP = 6
+from .errors import TunlwipError
+
 PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
 PROTO_ICMPV6 = 58
 TCP_RST, TCP_ACK = 0x04, 0x10
+#: ICMP and ICMPv6 share a header: type, code, checksum, then 4 bytes that depend on the
+#: type (an echo's identifier and sequence number; unused by destination unreachable).
+ICMP_HEADER_LEN = 8
+ECHO_REPLY = {4: 0, 6: 129}  # the type of an echo reply, per IP version
+#: (type, code) of destination unreachable, per IP version.
+PORT_UNREACHABLE = {4: (3, 3), 6: (1, 4)}
+HOST_UNREACHABLE = {4: (3, 1), 6: (1, 3)}  # ICMPv6: address unreachable
 
 
-class PacketError(ValueError):
-    """The bytes are not a packet of the expected shape."""
+class PacketError(TunlwipError, ValueError):
+    """The bytes are not a packet of the expected shape (a ``ValueError`` too, as it was)."""
 
 
 def checksum(data: bytes) -> int:
@@ -93,20 +103,16 @@ def unreachable_for(syn: TcpSyn, gateway: ipaddress.IPv4Address | ipaddress.IPv6
     quoting the SYN as RFC 792/4443 ask; the client's connect() fails with EHOSTUNREACH."""
     if syn.version == 4:
         quoted = syn.raw[: (syn.raw[0] & 0x0F) * 4 + 8]
-        body = struct.pack("!BBHI", 3, 1, 0, 0) + quoted
+        body = _icmp_header(HOST_UNREACHABLE[4]) + quoted
         body = body[:2] + struct.pack("!H", checksum(body)) + body[4:]
         return _ip_header(4, gateway.packed, syn.src, PROTO_ICMP, len(body)) + body
     quoted = syn.raw[: 1280 - 48]
-    body = struct.pack("!BBHI", 1, 3, 0, 0) + quoted
+    body = _icmp_header(HOST_UNREACHABLE[6]) + quoted
     csum = checksum(_pseudo(6, gateway.packed, syn.src, PROTO_ICMPV6, len(body)) + body)
     body = body[:2] + struct.pack("!H", csum) + body[4:]
     return _ip_header(6, gateway.packed, syn.src, PROTO_ICMPV6, len(body)) + body
 
 
-PROTO_UDP = 17
-#: (type, code) of destination unreachable, per IP version.
-PORT_UNREACHABLE = {4: (3, 3), 6: (1, 4)}
-HOST_UNREACHABLE = {4: (3, 1), 6: (1, 3)}
 _QUOTE_LIMIT = {4: 576 - 20 - 8, 6: 1280 - 40 - 8}  # RFC 1812 4.3.2.3 / RFC 4443 2.4(c)
 
 
@@ -121,5 +127,9 @@ def udp_unreachable(src: bytes, dst: bytes, sport: int, dport: int, payload: byt
     csum = checksum(_pseudo(version, src, dst, PROTO_UDP, len(udp)) + udp) or 0xFFFF
     udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
     quoted = (_ip_header(version, src, dst, PROTO_UDP, len(udp)) + udp)[: _QUOTE_LIMIT[version]]
-    icmp_type, code = kind[version]
-    return struct.pack("!BBHI", icmp_type, code, 0, 0) + quoted
+    return _icmp_header(kind[version]) + quoted
+
+
+def _icmp_header(type_code: tuple[int, int]) -> bytes:
+    """An ICMP header of ``ICMP_HEADER_LEN`` bytes with the checksum and the rest zero."""
+    return struct.pack("!BBHI", *type_code, 0, 0)

@@ -22,8 +22,8 @@ from collections.abc import Callable
 import trio
 
 from .dialer import Dialer
-from .endpoint import Endpoint
-from .shares import ClientCounts, IPAddress
+from .endpoint import Endpoint, IPAddress
+from .shares import ClientCounts
 from .stack import LwipStack
 
 log = logging.getLogger("tunlwip.predial")

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import ipaddress
 
+from .endpoint import IPAddress
+
 __all__ = ["SHARE_FLOOR", "SHARE_FRACTION", "ClientCounts", "client_key", "describe_key",
            "share_of"]  # fmt: skip
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: A client's key: its IPv4 address as an int (< 2**32), or its IPv6 /64 prefix as an int
 #: with bit 64 set (>= 2**64), so the two families never collide.
 ClientKey = int

@@ -12,9 +12,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
-MAX_NAME = 253
-_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+from .hostname import MAX_NAME, is_hostname
+
 _HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,12} [\x21-\x7e]{1,8000} HTTP/1\.[01]")
 _TLS_HANDSHAKE, _CLIENT_HELLO, _EXT_SERVER_NAME, _HOST_NAME = 0x16, 1, 0, 0
 
@@ -122,7 +121,7 @@ def _valid_name(raw: bytes) -> str | None:
         name = raw.decode("ascii").lower().removesuffix(".")
     except UnicodeDecodeError:
         return None
-    if len(name) > MAX_NAME or not _HOSTNAME.fullmatch(name):
+    if not is_hostname(name):
         return None
     try:
         ipaddress.ip_address(name)

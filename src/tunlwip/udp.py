@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Literal
 
 import trio
 
-from .endpoint import Endpoint
+from .endpoint import Endpoint, IPAddress
 from .errors import LwipError
 from .packet import HOST_UNREACHABLE, PORT_UNREACHABLE, udp_unreachable
-from .shares import ClientKey, IPAddress, client_key, share_of
+from .shares import ClientKey, client_key, share_of
 
 if TYPE_CHECKING:
     from .stack import LwipStack

@@ -21,6 +21,7 @@ Split topology (docs/architecture.md#test-topology, as in test_faults_netns.py):
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import subprocess
@@ -292,7 +293,7 @@ def test_dns_in_flight_cap_answers_refused_at_once(
             name = f"wait{i}.budget.test"
             waiting.append(split.cli.popen(dig_args(name, slow + 5), stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True))  # fmt: skip
-            wait_for(lambda name=name: upstream.seen(name), f"{name} at the upstream", 10)
+            wait_for(functools.partial(upstream.seen, name), f"{name} at the upstream", 10)
         assert totals(gw)["dns"]["overload"] == 0
         upload = healthy(split)
         started = time.monotonic()

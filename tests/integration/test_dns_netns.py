@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -558,7 +558,7 @@ def list_args(lists: dict[str, Path]) -> list[str]:
 @pytest.fixture
 def dns_gateway(
     split: SplitTopology, split_gateway: StartGateway, start_unbound: Callable[..., Unbound]
-) -> Iterator[Callable[..., tuple[RunningGateway, Unbound]]]:
+) -> Callable[..., tuple[RunningGateway, Unbound]]:
     """Factory: unbound in srv, then ``tunlwip up --dns-upstream udp://198.18.1.2:53 *args``
     (unless args name their own upstreams)."""
 
@@ -570,7 +570,7 @@ def dns_gateway(
             assert "dns: hijack" in gw.log(), gw.tail()
         return gw, server
 
-    yield start
+    return start
 
 
 # -- 1. resolution ----------------------------------------------------------------------------

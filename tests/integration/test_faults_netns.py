@@ -93,6 +93,11 @@ def sock_name(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def read_to_eof(sock: socket.socket) -> None:
+    while sock.recv(1 << 16):
+        pass
+
+
 def reset_with_linger0(conn: socket.socket) -> None:
     """Close so that the peer sees RST (SO_LINGER 0), as a crashing server's kernel does."""
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -139,8 +144,7 @@ def test_upstream_reset_resets_the_client(
         assert got == first
         sock.sendall(b"ack")
         with pytest.raises(ConnectionResetError):
-            while sock.recv(1 << 16):
-                pass
+            read_to_eof(sock)
         client = sock_name(sock)
     assert server.result() == b"ack"
     assert upload.running(), "the fault must happen while the healthy transfer runs"
@@ -170,7 +174,7 @@ def test_blackholed_dial_fails_after_the_dial_timeout(
         sock.bind((CLIENT_ADDR4, 0))
         client = sock_name(sock)
         started = time.monotonic()
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError) as info:  # noqa: PT011 (errno checked below, with the log)
             sock.connect((BLACKHOLE4, 80))
         elapsed = time.monotonic() - started
     assert info.value.errno == errno.EHOSTUNREACH, f"{info.value!r}; {gw.tail()}"

@@ -164,7 +164,7 @@ def test_5000_flows_under_a_1024_soft_limit(
         assert report["sampled"] == FLOWS // 50 and report["echoed"] == report["sampled"], report
 
         def all_counted() -> bool:
-            return status(control)["totals"]["flows"]["live_tcp"] == FLOWS
+            return bool(status(control)["totals"]["flows"]["live_tcp"] == FLOWS)
 
         wait_for(all_counted, f"status to count {FLOWS} open TCP flows", timeout=30)
         doc = status(control)

@@ -202,7 +202,7 @@ def test_one_client_flooding_every_budget_leaves_the_other_served(
         resolver_a.settimeout(2.0)
         for qid in range(1, FLOOD_QUERIES + 1):
             resolver_a.sendto(query_wire(f"q{qid}.slow.", qid), (GATEWAY_ADDR4, 53))
-        refused_ids = set()
+        refused_ids: set[int] = set()
         try:
             while len(refused_ids) < FLOOD_QUERIES:
                 answer = dns.message.from_wire(resolver_a.recv(65535))

@@ -3,6 +3,10 @@
 A device moves whole IP packets (no link-layer header, no packet-info prefix). The stack reads
 with ``receive_packet`` and writes with ``send_packet``; it never cares whether the other side is
 a Linux TUN, a mobile VPN fd or a test harness.
+
+The devices here are also async context managers (``trio.abc.AsyncResource``): ``async with
+TunDevice.open(name) as device`` closes the device however the block ends. The protocol does
+not ask that of other devices: the stack only calls the three operations below.
 """
 
 from __future__ import annotations

@@ -42,8 +42,9 @@ from ..errors import DeviceError
 log = logging.getLogger("tunlwip.device")
 
 
-class CallbackDevice:
-    """A ``PacketDevice`` built from ``read_packet``/``write_packet``/``protect``/``close``.
+class CallbackDevice(trio.abc.AsyncResource):
+    """A ``PacketDevice`` built from ``read_packet``/``write_packet``/``protect``/``close``;
+    ``async with CallbackDevice(...) as device`` calls ``aclose`` on the way out.
 
     One task (the stack's reader) may wait in ``receive_packet`` at a time. Use a device in one
     trio run only: the reader thread starts on the first ``receive_packet`` and wakes that run.

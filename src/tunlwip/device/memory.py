@@ -13,8 +13,9 @@ import math
 import trio
 
 
-class MemoryDevice:
-    """A packet device backed by two trio memory channels."""
+class MemoryDevice(trio.abc.AsyncResource):
+    """A packet device backed by two trio memory channels (``async with MemoryDevice() as
+    device`` closes it on the way out)."""
 
     def __init__(self, mtu: int = 1500) -> None:
         self.mtu = mtu

@@ -21,6 +21,7 @@ import struct
 import trio
 
 from ..errors import DeviceError
+from ..ifname import is_interface_name
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
@@ -47,8 +48,9 @@ def _check_vnet_header_size(fd: int, name: str) -> None:
         )
 
 
-class TunDevice:
-    """A TUN interface's packet fd."""
+class TunDevice(trio.abc.AsyncResource):
+    """A TUN interface's packet fd; ``async with TunDevice.open(name) as device`` closes it
+    on the way out."""
 
     def __init__(
         self, fd: int, name: str = "", *, owns_fd: bool = True, vnet_header: bool = False
@@ -69,8 +71,9 @@ class TunDevice:
         coalesced into GSO writes. Turn it off to see exactly the packets lwIP sends (one
         write each, checksums complete), e.g. when debugging with a capture on the TUN.
         """
-        if not name or len(name.encode()) > 15:
-            raise DeviceError(f"invalid interface name {name!r} (1-15 bytes)")
+        if not is_interface_name(name):
+            raise DeviceError(f"invalid interface name {name!r} (1-15 bytes, no '/', ':' or "
+                              "whitespace)")  # fmt: skip
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:

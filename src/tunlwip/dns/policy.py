@@ -53,7 +53,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -66,16 +65,16 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from ..endpoint import IPAddress
 from ..errors import ConfigError
+from ..hostname import MAX_NAME, is_list_name
 
 log = logging.getLogger("tunlwip.dns.policy")
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 BlockedAnswer = Literal["nxdomain", "null", "refused"]
 BLOCKED_ANSWERS: tuple[BlockedAnswer, ...] = ("nxdomain", "null", "refused")
 SYNTHESIZED_TTL = 60  # seconds, for every record we make up (overrides, null answers)
 
-_NAME = re.compile(r"(?:[a-z0-9_-]{1,63}\.)*[a-z0-9_-]{1,63}")
 _HOSTS_NON_NAMES = frozenset(
     {"localhost", "localhost.localdomain", "local", "broadcasthost", "0.0.0.0"}
 )
@@ -133,7 +132,7 @@ def _normalize(text: str) -> str | None:
             text = dns.name.from_text(text).to_text(omit_final_dot=True).lower()
         except Exception:  # dnspython raises several types for bad IDNA
             return None
-    if len(text) > 253 or not _NAME.fullmatch(text) or text.rpartition(".")[2].isdigit():
+    if len(text) > MAX_NAME or not is_list_name(text) or text.rpartition(".")[2].isdigit():
         return None
     return text
 

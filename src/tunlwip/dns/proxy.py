@@ -55,6 +55,7 @@ from .policy import (
 )
 from .replay import RecentAnswers
 from .upstreams import UpstreamError, UpstreamSet, parse_upstream
+from .wire import HEADER_LEN
 
 if TYPE_CHECKING:
     from ..tcp import LwipTcpStream
@@ -63,7 +64,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunlwip.dns")
 
 Hijack = Literal["all", "gateway", "off"]
-HEADER_LEN = 12
 UDP_DEFAULT_SIZE = 512  # RFC 1035 4.2.1, for clients without EDNS
 TCP_MAX_PIPELINED = 64  # queries per connection answered concurrently before reading pauses
 RESOLV_CONF = "/etc/resolv.conf"
