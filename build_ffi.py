@@ -8,6 +8,9 @@ is), then ``vendor/lwip/upstream`` (where ``vendor/lwip/fetch.sh`` unpacks the v
 and where an sdist carries it). Importing this file never fails for want of lwIP, so reading
 the package metadata or making an sdist's file list works without it; only compiling does
 (``require_lwip``), with a message naming the three ways to provide it.
+
+Our C files are ``OUR_SOURCES`` (in ``src/tunlwip/_csrc``); the packet fuzzer's build (Makefile)
+takes the same list from here.
 """
 
 from __future__ import annotations
@@ -69,6 +72,13 @@ def is_verified(tree: pathlib.Path) -> bool:
 
 LWIP = (find_lwip() or DEFAULT_TREE) / "src"
 
+# Our C layer, one job a file (tl_internal.h lists them); the fuzz build compiles the same list.
+OUR_SOURCES = [
+    "clock.c", "counters.c", "settings.c", "netif.c", "input.c", "frag_train.c",
+    "transport_input.c", "half_open.c", "tcp_conn.c", "udp_icmp.c", "poll.c", "relay.c",
+    "vnet.c",
+]  # fmt: skip
+
 LWIP_SOURCES = [
     "core/init.c", "core/def.c", "core/inet_chksum.c", "core/ip.c", "core/mem.c",
     "core/memp.c", "core/netif.c", "core/pbuf.c", "core/tcp.c", "core/tcp_in.c",
@@ -125,7 +135,7 @@ def _write_wrappers() -> None:
 
 
 def _sources() -> list[str]:
-    ours = [CSRC / "glue.c", CSRC / "relay.c", CSRC / "vnet.c"]
+    ours = [CSRC / s for s in OUR_SOURCES]
     lwip = WRAPPERS if _outside() else LWIP
     return [_path(lwip / s) for s in LWIP_SOURCES] + [_path(p) for p in ours]
 
