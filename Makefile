@@ -13,7 +13,8 @@ FUZZ_APT_PACKAGES := clang libclang-rt-dev
 BENCH_APT_PACKAGES := slirp4netns passt dnsperf
 BENCH_ARGS ?=
 SOAK_ARGS ?=
-SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') build_ffi.py pyproject.toml setup.py \
+SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') src/tunlwip/_stamp.py build_ffi.py \
+       pyproject.toml setup.py \
        $(wildcard vendor/lwip/port/*.h vendor/lwip/port/arch/*.h)
 
 .PHONY: install test unit lint demo clean distclean sysdeps lwip bench benchdeps soak fuzz fuzz-smoke \

@@ -10,16 +10,19 @@ the package metadata or making an sdist's file list works without it; only compi
 (``require_lwip``), with a message naming the three ways to provide it.
 
 Our C files are ``OUR_SOURCES`` (in ``src/tunlwip/_csrc``); the packet fuzzer's build (Makefile)
-takes the same list from here.
+takes the same list from here. The module carries the build stamp of those sources
+(``tl_build_stamp()``, computed by ``src/tunlwip/_stamp.py``), which the package checks at import.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import shlex
 import subprocess
 import sysconfig
+import types
 
 from cffi import FFI
 
@@ -108,6 +111,29 @@ extern "Python+C" void tl_py_fd_ready(uintptr_t token);
 """
 
 
+def _load_stamp_module() -> types.ModuleType:
+    """src/tunlwip/_stamp.py, loaded by path: building must not import the package."""
+    spec = importlib.util.spec_from_file_location("_tunlwip_stamp", CSRC.parent / "_stamp.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_stamp() -> str:
+    """The stamp compiled into the module: the sha256 of src/tunlwip/_csrc's sources."""
+    stamp: str = _load_stamp_module().source_stamp(CSRC)
+    return stamp
+
+
+def _preamble() -> str:
+    """The module's own C: our API's header, and the build stamp (checked at import)."""
+    return (
+        '#include <stdint.h>\n#include <stddef.h>\n#include "tunlwip_glue.h"\n'
+        f'const char *tl_build_stamp(void) {{ return "{build_stamp()}"; }}\n'
+    )
+
+
 def _cdef() -> str:
     header = (CSRC / "tunlwip_glue.h").read_text()
     lines = [ln for ln in header.splitlines() if not ln.lstrip().startswith("#")]
@@ -172,7 +198,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
     "tunlwip._lwip",
-    '#include <stdint.h>\n#include <stddef.h>\n#include "tunlwip_glue.h"\n',
+    _preamble(),
     sources=_sources(),
     include_dirs=[_path(p) for p in _include_dirs()],
     extra_compile_args=["-O2", "-std=gnu11", "-Wno-unused-parameter", "-Wno-unused-variable",
