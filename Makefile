@@ -13,7 +13,8 @@ FUZZ_APT_PACKAGES := clang libclang-rt-dev
 BENCH_APT_PACKAGES := slirp4netns passt dnsperf
 BENCH_ARGS ?=
 SOAK_ARGS ?=
-SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') build_ffi.py pyproject.toml setup.py \
+SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') src/tunlwip/_stamp.py build_ffi.py \
+       pyproject.toml setup.py \
        $(wildcard vendor/lwip/port/*.h vendor/lwip/port/arch/*.h)
 
 .PHONY: install test unit lint demo clean distclean sysdeps lwip bench benchdeps soak fuzz fuzz-smoke \
@@ -103,28 +104,30 @@ dist-check:
 	bash scripts/dist_check.sh
 
 # ---- fuzzing (fuzz/README.md) -------------------------------------------------------------------
-# The packet harness: lwIP (the sources build_ffi.py compiles) + glue.c + relay.c under libFuzzer,
+# The packet harness: lwIP and our C layer (the sources build_ffi.py compiles) under libFuzzer,
 # ASan and UBSan. `make fuzz` runs both harnesses for FUZZ_SECONDS each (or FUZZ_RUNS packet
 # inputs); `make fuzz-smoke` is the bounded run `make test` ends with.
 FUZZ_BUILD := fuzz/build
 FUZZ_SECONDS ?= 3600
 FUZZ_RUNS ?=
 FUZZ_SMOKE_SECONDS ?= 60
+# -Dgetrandom=fuzz_getrandom: clock.c draws from the harness's zeros, so inputs replay exactly.
 FUZZ_FLAGS := -g -O1 -std=gnu11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-              -Ivendor/lwip/port -Isrc/tunlwip/_csrc \
+              -Dgetrandom=fuzz_getrandom -Ivendor/lwip/port -Isrc/tunlwip/_csrc \
               -Wno-unused-parameter -Wno-unused-variable -Wno-address \
               -Wno-tautological-constant-out-of-range-compare
 FUZZ_RUN := nice -n 10 bash fuzz/run.sh
 
-# The lwIP tree and sources build_ffi.py finds (TUNLWIP_LWIP_DIR or vendor/lwip/upstream).
+# The lwIP tree and sources build_ffi.py finds (TUNLWIP_LWIP_DIR or vendor/lwip/upstream), and
+# our C files: the same list the module is built from (build_ffi.OUR_SOURCES).
 LWIP_FUZZ_ARGS = $$($(PY) -c 'import build_ffi as b; \
   print("-I" + str(b.LWIP / "include"), *(str(b.LWIP / s) for s in b.LWIP_SOURCES))')
+OUR_FUZZ_SOURCES = $$($(PY) -c 'import build_ffi as b; print(*(b.CSRC / s for s in b.OUR_SOURCES))')
 
 $(FUZZ_BUILD)/packet_fuzzer: fuzz/packet_fuzzer.c $(SRC) | install fuzzdeps
 	@mkdir -p $(FUZZ_BUILD)
 	clang=$$(bash fuzz/find_clang.sh) && \
-	$$clang $(FUZZ_FLAGS) -o $@ fuzz/packet_fuzzer.c src/tunlwip/_csrc/relay.c src/tunlwip/_csrc/vnet.c \
-	  $(LWIP_FUZZ_ARGS)
+	$$clang $(FUZZ_FLAGS) -o $@ fuzz/packet_fuzzer.c $(OUR_FUZZ_SOURCES) $(LWIP_FUZZ_ARGS)
 
 fuzz-build: $(FUZZ_BUILD)/packet_fuzzer
 

@@ -8,15 +8,21 @@ is), then ``vendor/lwip/upstream`` (where ``vendor/lwip/fetch.sh`` unpacks the v
 and where an sdist carries it). Importing this file never fails for want of lwIP, so reading
 the package metadata or making an sdist's file list works without it; only compiling does
 (``require_lwip``), with a message naming the three ways to provide it.
+
+Our C files are ``OUR_SOURCES`` (in ``src/tunlwip/_csrc``); the packet fuzzer's build (Makefile)
+takes the same list from here. The module carries the build stamp of those sources
+(``tl_build_stamp()``, computed by ``src/tunlwip/_stamp.py``), which the package checks at import.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import shlex
 import subprocess
 import sysconfig
+import types
 
 from cffi import FFI
 
@@ -69,6 +75,13 @@ def is_verified(tree: pathlib.Path) -> bool:
 
 LWIP = (find_lwip() or DEFAULT_TREE) / "src"
 
+# Our C layer, one job a file (tl_internal.h lists them); the fuzz build compiles the same list.
+OUR_SOURCES = [
+    "clock.c", "counters.c", "settings.c", "netif.c", "input.c", "frag_train.c",
+    "transport_input.c", "half_open.c", "tcp_conn.c", "udp_icmp.c", "poll.c", "relay.c",
+    "vnet.c",
+]  # fmt: skip
+
 LWIP_SOURCES = [
     "core/init.c", "core/def.c", "core/inet_chksum.c", "core/ip.c", "core/mem.c",
     "core/memp.c", "core/netif.c", "core/pbuf.c", "core/tcp.c", "core/tcp_in.c",
@@ -98,6 +111,29 @@ extern "Python+C" void tl_py_fd_ready(uintptr_t token);
 """
 
 
+def _load_stamp_module() -> types.ModuleType:
+    """src/tunlwip/_stamp.py, loaded by path: building must not import the package."""
+    spec = importlib.util.spec_from_file_location("_tunlwip_stamp", CSRC.parent / "_stamp.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_stamp() -> str:
+    """The stamp compiled into the module: the sha256 of src/tunlwip/_csrc's sources."""
+    stamp: str = _load_stamp_module().source_stamp(CSRC)
+    return stamp
+
+
+def _preamble() -> str:
+    """The module's own C: our API's header, and the build stamp (checked at import)."""
+    return (
+        '#include <stdint.h>\n#include <stddef.h>\n#include "tunlwip_glue.h"\n'
+        f'const char *tl_build_stamp(void) {{ return "{build_stamp()}"; }}\n'
+    )
+
+
 def _cdef() -> str:
     header = (CSRC / "tunlwip_glue.h").read_text()
     lines = [ln for ln in header.splitlines() if not ln.lstrip().startswith("#")]
@@ -125,7 +161,7 @@ def _write_wrappers() -> None:
 
 
 def _sources() -> list[str]:
-    ours = [CSRC / "glue.c", CSRC / "relay.c", CSRC / "vnet.c"]
+    ours = [CSRC / s for s in OUR_SOURCES]
     lwip = WRAPPERS if _outside() else LWIP
     return [_path(lwip / s) for s in LWIP_SOURCES] + [_path(p) for p in ours]
 
@@ -162,7 +198,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
     "tunlwip._lwip",
-    '#include <stdint.h>\n#include <stddef.h>\n#include "tunlwip_glue.h"\n',
+    _preamble(),
     sources=_sources(),
     include_dirs=[_path(p) for p in _include_dirs()],
     extra_compile_args=["-O2", "-std=gnu11", "-Wno-unused-parameter", "-Wno-unused-variable",

@@ -1,9 +1,10 @@
 /*
- * libFuzzer harness for tunlwip's packet path: glue.c's input hooks, lwIP's IPv4/IPv6, TCP,
- * UDP, ICMP and reassembly, and relay.c, under AddressSanitizer and UBSan.
+ * libFuzzer harness for tunlwip's packet path: the C layer's input hooks (input.c,
+ * transport_input.c), lwIP's IPv4/IPv6, TCP, UDP, ICMP and reassembly, and relay.c, under
+ * AddressSanitizer and UBSan.
  *
  * The harness plays the embedder (what stack.py, tcp.py and relay.py do): the tl_py_*
- * callbacks only record events, as the real ones must (glue.c's invariant: no re-entry into
+ * callbacks only record events, as the real ones must (the C layer's invariant: no re-entry into
  * lwIP from a callback); between packets an "application step" chosen by the input reads,
  * writes, half-closes, closes or aborts a connection, hands it to a C relay over a socketpair,
  * releases a held SYN, answers a UDP datagram or a forwarded echo. Then time advances and the
@@ -24,11 +25,13 @@
  * opens: packets read by tl_input_fd carry one, and output goes to a socketpair through vnet.c
  * (TCP segments coalesced into GSO writes), where check_vnet_output reads and checks it.
  *
- * glue.c is included rather than linked so the harness can reach its per-port catch-all PCB
- * tables: lwIP's state must be emptied after every input (otherwise listeners for every port
- * the fuzzer ever used pile up, every later packet walks them, and a crash would depend on
- * inputs run long before it). Its randomness is made deterministic the same way: ISNs are 0,
- * so an input can acknowledge the gateway's SYN-ACK (ack = 1) and reach ESTABLISHED.
+ * The harness is linked with the same C files as the module (build_ffi.OUR_SOURCES, which the
+ * Makefile passes) and reaches the per-port catch-all PCB tables and the half-open list through
+ * tl_internal.h: lwIP's state must be emptied after every input (otherwise listeners for every
+ * port the fuzzer ever used pile up, every later packet walks them, and a crash would depend on
+ * inputs run long before it). Randomness is made deterministic: the fuzz build compiles every
+ * file with -Dgetrandom=fuzz_getrandom (Makefile), so clock.c draws from fuzz_getrandom below;
+ * ISNs are 0, so an input can acknowledge the gateway's SYN-ACK (ack = 1) and reach ESTABLISHED.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -42,18 +45,24 @@
 #include <sys/uio.h>
 #include <linux/virtio_net.h>
 
-static ssize_t fuzz_getrandom(void *buf, size_t len, unsigned int flags)
+#include "lwip/init.h"
+#include "lwip/ip4_frag.h"
+#include "lwip/ip6_frag.h"
+#include "lwip/priv/tcp_priv.h"
+#include "lwip/prot/ip4.h"
+#include "lwip/prot/ip6.h"
+#include "lwip/prot/tcp.h"
+#include "lwip/prot/udp.h"
+
+#include "tl_internal.h"
+
+/* getrandom, as clock.c calls it in the fuzz build (the Makefile's -Dgetrandom=fuzz_getrandom) */
+ssize_t fuzz_getrandom(void *buf, size_t len, unsigned int flags)
 {
     (void)flags;
     memset(buf, 0, len); /* every ISN and LWIP_RAND() is 0: inputs replay exactly */
     return (ssize_t)len;
 }
-#define getrandom fuzz_getrandom
-#include "glue.c"
-#undef getrandom
-
-#include "lwip/ip4_frag.h"
-#include "lwip/ip6_frag.h"
 
 enum {
     CFG_MTU_MAX = 0x01,       /* MTU 65520 instead of 1500 */
@@ -67,7 +76,7 @@ enum {
 
 /* record kinds (ctl >> 3) that shape the packet instead of an application step */
 enum { XT_CHAIN = 29, FRAG_TRAIN = 30, SEG = 31 };
-#define DEFAULT_HALF_OPEN 1024 /* glue.c's (tcp.max_half_open's) default */
+#define DEFAULT_HALF_OPEN 1024 /* half_open.c's (tcp.max_half_open's) default */
 #define MAX_CONNS 32
 #define MAX_HELD 8
 #define BATCH_MAX 16
@@ -148,7 +157,7 @@ uintptr_t tl_py_accept(void *pcb)
 int tl_py_recv(uintptr_t id, const uint8_t *data, size_t len, int may_defer)
 {
     struct conn *c = by_id(id);
-    if (c == NULL || c->pcb == NULL) abort(); /* glue.c must not report for a released PCB */
+    if (c == NULL || c->pcb == NULL) abort(); /* tcp_conn.c must not report for a released PCB */
     if (data == NULL) {
         c->eof_in = 1;
         return 1;
@@ -648,9 +657,10 @@ static void feed(const uint8_t *pkt, size_t len, uint8_t arg, int flush)
 }
 
 /* After every record: no segment reached tcp_input/udp_input except through the hooks'
- * checks (glue.c counts one that did as drop_unchecked: that is a bypass, a finding), the
- * half-open count stays within its bound and never grows above the limit, and no connection's
- * MSS is below the floor glue.c sets at passive open (a later SYN must not lower it). */
+ * checks (transport_input.c counts one that did as drop_unchecked: that is a bypass, a
+ * finding), the half-open count stays within its bound and never grows above the limit, and no
+ * connection's MSS is below the floor half_open.c sets at passive open (a later SYN must not
+ * lower it). */
 static void check_input_checked(void)
 {
     if (tl_stats.drop_unchecked != 0) abort();
@@ -664,7 +674,8 @@ static void check_input_checked(void)
 /* ---- shaped records (ctl >> 3 of 29 to 31) ------------------------------------------------ */
 
 static const uint32_t HALF_OPEN[8] = {0, 1, 2, 3, 4, 8, 16, 64};
-/* seq - rcv_nxt for SEG: the old abort ("insane offset!"), both sides of glue.c's 2^30 bound */
+/* seq - rcv_nxt for SEG: the old abort ("insane offset!"), both sides of transport_input.c's
+ * 2^30 bound */
 static const uint32_t SEQ_OFFSET[8] = {0x80000000u, 0x7FFFFFFFu, 0x80000001u, 0x40000000u,
                                        0x3FFFFFFFu, 0xC0000000u, 0xC0000001u, 0};
 static const uint8_t EXT_KIND[4] = {0, 43, 60, 44}; /* Hop-by-Hop, Routing, Dest. Options, Frag. */
@@ -962,7 +973,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc; (void)argv;
     verbose = getenv("FUZZ_VERBOSE") != NULL;
-    signal(SIGPIPE, SIG_IGN); /* as in the Python process that embeds glue.c */
+    signal(SIGPIPE, SIG_IGN); /* as in the Python process that embeds the C layer */
     for (int i = 0; i < MAX_CONNS; i++) conns[i].peer = -1;
     for (size_t i = 0; i < sizeof wbuf; i++) wbuf[i] = (uint8_t)(i * 7 + 1);
     /* the packet device of tl_input_fd: one datagram per packet, like a TUN fd */

@@ -89,3 +89,29 @@ def test_build_ffi_pins_the_same_tarball_as_fetch_sh() -> None:
         assert {"COPYING", "README", "CHANGELOG", "src/core/tcp.c"} <= set(files)
         assert "src/include/lwip/tcp.h" in files
         assert not any(f.startswith("src/apps/") for f in files)
+
+
+def test_our_c_layer_is_one_list_for_the_module_and_the_fuzzer() -> None:
+    """build_ffi.OUR_SOURCES names every C file of the layer, and the fuzz build takes it."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import build_ffi
+    finally:
+        sys.path.remove(str(ROOT))
+    csrc = ROOT / "src" / "tunlwip" / "_csrc"
+    assert sorted(build_ffi.OUR_SOURCES) == sorted(p.name for p in csrc.glob("*.c"))
+    makefile = (ROOT / "Makefile").read_text()
+    assert "b.OUR_SOURCES" in makefile and "$(OUR_FUZZ_SOURCES)" in makefile
+
+
+def test_c_files_share_declarations_only_through_the_internal_header() -> None:
+    """No hand-written extern in a .c file, TL_PY defined once, a comment on top of each."""
+    csrc = ROOT / "src" / "tunlwip" / "_csrc"
+    for path in sorted(csrc.glob("*.c")):
+        text = path.read_text()
+        assert text.startswith("/*"), f"{path.name}: no theory-of-operation comment on top"
+        assert '#include "tl_internal.h"' in text, path.name
+        externs = [ln for ln in text.splitlines() if ln.lstrip().startswith("extern ")]
+        assert externs == [], f"{path.name}: {externs}"
+    defined = [p.name for p in csrc.iterdir() if "#define TL_PY(" in p.read_text()]
+    assert defined == ["tl_internal.h"]

@@ -15,7 +15,11 @@ import logging
 from typing import Any, Protocol
 
 from ._lwip import ffi, lib
+from ._stamp import check_build
 from .endpoint import Endpoint
+
+# Refuse a module compiled from other C sources than these (a stale .so): rebuild: make install.
+check_build(ffi.string(lib.tl_build_stamp()).decode())
 
 __all__ = [
     "ERR_ABRT",

@@ -26,9 +26,14 @@
  * event, or with no events to hear an upstream that fails meanwhile (tl_relay_update_watch),
  * but never once a hang-up is normal (so a hung-up socket never spins the poll loop); bytes are
  * acknowledged to the client only once the upstream socket has accepted them.
+ *
+ * At about 630 lines the longest file of the layer, on purpose: one state machine (struct tl_relay
+ * and its steps), which a split would have to expose to other files.
+ *
+ * The poll set itself, and the loop that serves it, are poll.c: it hands each relay's events to
+ * tl_relay_on_ready and frees ended relays (tl_relay_bury) after every round.
  */
 #include <errno.h>
-#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -37,23 +42,10 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
-#include "lwip/pbuf.h"
 #include "lwip/sys.h"
-#include "lwip/tcp.h"
 #include "lwip/priv/tcp_priv.h" /* tcp_keepalive, tcp_ticks: probing in FIN-WAIT-2 */
 
-#include "tunlwip_glue.h"
-#include "tl_vnet.h"
-
-/* Implemented in Python (cffi extern "Python+C"). */
-void tl_py_relay_done(uintptr_t conn, int reason, uint64_t bytes_up, uint64_t bytes_down);
-void tl_py_relay_first_data(uintptr_t conn, const uint8_t *data, size_t len);
-void tl_py_fd_ready(uintptr_t token);
-
-/* From glue.c: drop every lwIP callback of a PCB before letting it go; count calls into Python. */
-void tl_tcp_forget(struct tcp_pcb *pcb);
-extern uint64_t tl_python_calls;
-#define TL_PY(call) (tl_python_calls++, (call))
+#include "tl_internal.h"
 
 #define TL_RELAY_IOV 64
 #define TL_RELAY_FIRST_DATA_MAX 4096
@@ -88,13 +80,7 @@ static struct tl_relay *tl_dirty;  /* relays with client bytes queued during an 
  * the batch epoll_wait returned (the device's packets can end relays mid-batch). */
 static struct tl_relay *tl_graveyard;
 static int tl_deferring;
-static int tl_poll_input = -1;    /* the device fd read by tl_relay_poll, or -1 */
-static int tl_poll_input_err;     /* errno that made it stop reading the device */
-
-#define TL_INPUT_TAG 1u           /* epoll data of the device fd: watcher token 0 */
-#define TL_INPUT_BATCH 64
 static u32_t tl_relay_n;
-static int tl_epoll_fd = -1;
 static uint8_t tl_relay_buf[65536];
 static tl_relay_counters tl_rstats;
 
@@ -103,15 +89,6 @@ static int tl_relay_settle(struct tl_relay *r);
 static void tl_relay_release_pcb(struct tl_relay *r);
 
 /* ---- lifecycle ---------------------------------------------------------------------------- */
-
-int tl_relay_epoll_fd(void)
-{
-    if (tl_epoll_fd < 0) {
-        tl_epoll_fd = epoll_create1(EPOLL_CLOEXEC);
-        if (tl_epoll_fd < 0) return -errno;
-    }
-    return tl_epoll_fd;
-}
 
 static void tl_relay_touch(struct tl_relay *r) { r->last_active = sys_now(); }
 
@@ -164,7 +141,7 @@ static int tl_relay_end(struct tl_relay *r, int reason)
     return aborted;
 }
 
-static void tl_relay_bury(void)
+void tl_relay_bury(void)
 {
     while (tl_graveyard != NULL) {
         struct tl_relay *r = tl_graveyard;
@@ -523,158 +500,23 @@ static int tl_relay_settle(struct tl_relay *r)
     return outcome == TL_GOES_ON ? tl_relay_maybe_finish(r) : outcome;
 }
 
-int tl_relay_poll(int max_events)
+/* The poll set reported events for a relay (poll.c's tl_relay_poll). */
+void tl_relay_on_ready(struct tl_relay *r, uint32_t ev)
 {
-    struct epoll_event events[256];
-    if (tl_epoll_fd < 0) return 0;
-    if (max_events > 256) max_events = 256;
-    int n = epoll_wait(tl_epoll_fd, events, max_events, 0);
-    if (n < 0) return errno == EINTR ? 0 : -errno;
-    tl_output_batch_begin(); /* a pass's segments of a connection leave in one write */
-    for (int i = 0; i < n; i++) {
-        if (events[i].data.u64 == TL_INPUT_TAG) { /* the device: a batch of client packets */
-            int got = tl_input_fd(tl_poll_input, TL_INPUT_BATCH);
-            if (got < 0) {
-                tl_poll_set_input(-1);
-                tl_poll_input_err = -got; /* reported once: the next set_input clears it */
-            }
-            continue;
-        }
-        if (events[i].data.u64 & 1) { /* a Python watcher (tl_watch_add), not a relay */
-            TL_PY(tl_py_fd_ready((uintptr_t)(events[i].data.u64 >> 1)));
-            continue;
-        }
-        struct tl_relay *r = (struct tl_relay *)events[i].data.ptr;
-        u32_t ev = events[i].events;
-        if (r->ended) continue;
-        if ((ev & (EPOLLERR | EPOLLHUP)) && r->watching == 0) { /* waiting for nothing else */
-            tl_relay_on_socket_error(r);
-            continue;
-        }
-        if ((ev & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && r->up_queue != NULL &&
-            tl_relay_flush_up(r) != TL_GOES_ON)
-            continue;
-        if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) {
-            r->drained = 0;
-            if (tl_relay_pump_down(r) != TL_GOES_ON) continue;
-        }
-        tl_relay_settle(r);
+    if (r->ended) return;
+    if ((ev & (EPOLLERR | EPOLLHUP)) && r->watching == 0) { /* waiting for nothing else */
+        tl_relay_on_socket_error(r);
+        return;
     }
-    tl_output_batch_end();
-    tl_relay_bury();
-    return n;
-}
-
-/* What tl_relay_run waits on: a third epoll set holding ours and the event loop's. The loop's
- * set contains ours, so ours cannot contain it back (the kernel refuses cycles), but a third
- * set may contain both; unlike poll() on the two, it is not set up anew for every wait. */
-static int tl_wait_epoll_fd = -1;
-
-int tl_relay_wait_with(int loop_fd)
-{
-    if (tl_epoll_fd < 0) return -EBADF;
-    if (tl_wait_epoll_fd >= 0) close(tl_wait_epoll_fd); /* drops a previous loop's fd too */
-    tl_wait_epoll_fd = -1;
-    if (loop_fd < 0) return 0; /* the stack stops: let go of the loop's set */
-    tl_wait_epoll_fd = epoll_create1(EPOLL_CLOEXEC);
-    if (tl_wait_epoll_fd < 0) return -errno;
-    struct epoll_event ours = {.events = EPOLLIN, .data.u32 = 1};
-    struct epoll_event loop = {.events = EPOLLIN, .data.u32 = 2};
-    if (epoll_ctl(tl_wait_epoll_fd, EPOLL_CTL_ADD, tl_epoll_fd, &ours) != 0 ||
-        epoll_ctl(tl_wait_epoll_fd, EPOLL_CTL_ADD, loop_fd, &loop) != 0) {
-        int err = errno;
-        close(tl_wait_epoll_fd);
-        tl_wait_epoll_fd = -1;
-        return -err;
+    if ((ev & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && r->up_queue != NULL &&
+        tl_relay_flush_up(r) != TL_GOES_ON)
+        return;
+    if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) {
+        r->drained = 0;
+        if (tl_relay_pump_down(r) != TL_GOES_ON) return;
     }
-    return 0;
+    tl_relay_settle(r);
 }
-
-/* Block until the poll set has events (1), the event loop's set has (2, both: 3), or
- * timeout_ms passed (0); -errno on failure (-EINTR for a signal). */
-static int tl_relay_wait(int timeout_ms)
-{
-    struct epoll_event events[2];
-    int n = epoll_wait(tl_wait_epoll_fd, events, 2, timeout_ms);
-    if (n < 0) return -errno;
-    int ready = 0;
-    for (int i = 0; i < n; i++) ready |= (int)events[i].data.u32;
-    return ready;
-}
-
-static double tl_monotonic(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-/* The poll loop, in C, for as long as the event loop has nothing else to do: wait for the
- * poll set or the event loop's epoll set (tl_relay_wait_with), serve what is ready, run
- * lwIP's due timers, and go on, so a packet costs a few syscalls and no Python. lwIP's clock follows
- * CLOCK_MONOTONIC as Python sets it: clock_base_ms at clock_origin (seconds, CLOCK_MONOTONIC).
- * Returns to Python when it is needed: a pass called into it (TL_RUN_PYTHON), the event loop
- * has I/O (TL_RUN_LOOP), timeout_ms passed (TL_RUN_TIMEOUT), a signal came (TL_RUN_SIGNAL),
- * the device failed (TL_RUN_PYTHON: tl_poll_input_error says why), or -errno. */
-int tl_relay_run(int timeout_ms, uint32_t clock_base_ms, double clock_origin)
-{
-    if (tl_wait_epoll_fd < 0) return -EBADF;
-    uint64_t calls = tl_python_calls;
-    double end = tl_monotonic() + timeout_ms / 1000.0;
-    for (int pass = 0; pass < TL_RUN_PASSES; pass++) {
-        double now = tl_monotonic();
-        tl_set_now(clock_base_ms + (uint32_t)(int64_t)((now - clock_origin) * 1000.0));
-        if (tl_sleeptime() == 0) tl_check_timeouts();
-        if (tl_python_calls != calls || tl_poll_input_err != 0) return TL_RUN_PYTHON;
-        double left_ms = (end - now) * 1000.0;
-        if (left_ms <= 0) return TL_RUN_TIMEOUT;
-        uint32_t wait = left_ms < 1.0 ? 1u : (uint32_t)left_ms;
-        uint32_t lwip_due = tl_sleeptime();
-        if (lwip_due < wait) wait = lwip_due;
-        int ready = tl_relay_wait((int)wait);
-        if (ready == -EINTR) return TL_RUN_SIGNAL;
-        if (ready < 0) return ready;
-        if (ready & 1) tl_relay_poll(256);
-        if (ready & 2) return TL_RUN_LOOP;
-    }
-    return TL_RUN_PYTHON; /* a long busy stretch: let Python look around now and then */
-}
-
-/* Python watchers share the poll set: readiness of fd (level-triggered; readable, or writable
- * as a connect() in progress finishing) is reported as tl_py_fd_ready(token), from
- * tl_relay_poll. Tokens are tagged with the low bit, which no relay pointer has. Remove a
- * watcher before closing its fd. */
-int tl_watch_add(int fd, uintptr_t token, int writable)
-{
-    if (tl_relay_epoll_fd() < 0) return -errno;
-    struct epoll_event ev = {.events = writable ? EPOLLOUT : EPOLLIN,
-                             .data.u64 = ((uint64_t)token << 1) | 1};
-    return epoll_ctl(tl_epoll_fd, EPOLL_CTL_ADD, fd, &ev) == 0 ? 0 : -errno;
-}
-
-int tl_watch_del(int fd)
-{
-    if (tl_epoll_fd < 0) return 0;
-    return epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, fd, NULL) == 0 ? 0 : -errno;
-}
-
-/* Read the packet device from the poll set too: one wakeup of the poll task then serves the
- * device and every relay (fd -1: stop). Returns 0 or -errno. */
-int tl_poll_set_input(int fd)
-{
-    if (tl_relay_epoll_fd() < 0) return -errno;
-    if (tl_poll_input >= 0) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, tl_poll_input, NULL);
-    tl_poll_input = -1;
-    tl_poll_input_err = 0;
-    if (fd < 0) return 0;
-    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TL_INPUT_TAG};
-    if (epoll_ctl(tl_epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) return -errno;
-    tl_poll_input = fd;
-    return 0;
-}
-
-/* Why the poll set stopped reading the device (an errno), or 0. */
-int tl_poll_input_error(void) { return tl_poll_input_err; }
 
 /* ---- API ---------------------------------------------------------------------------------- */
 
@@ -777,33 +619,6 @@ int tl_relay_sweep(uint32_t idle_ms)
     }
     tl_relay_bury();
     return ended;
-}
-
-/* ---- keepalive toward clients ------------------------------------------------------------ */
-
-/* lwIP's keepalive timing for connections accepted from now on (idle_ms 0: none). Why per
- * accepted PCB: a flow should end when its client is gone, not when it is quiet, and lwIP
- * only probes PCBs with SOF_KEEPALIVE set. */
-static u32_t tl_keep_idle_ms, tl_keep_intvl_ms, tl_keep_cnt;
-
-void tl_set_tcp_keepalive(uint32_t idle_ms, uint32_t interval_ms, uint32_t count)
-{
-    tl_keep_idle_ms = idle_ms;
-    tl_keep_intvl_ms = interval_ms > 0 ? interval_ms : 1000;
-    tl_keep_cnt = count > 0 ? count : 1;
-}
-
-/* Called by glue.c's accept callback for every new connection. */
-void tl_tcp_keepalive_apply(struct tcp_pcb *pcb)
-{
-    if (tl_keep_idle_ms == 0) {
-        ip_reset_option(pcb, SOF_KEEPALIVE);
-        return;
-    }
-    ip_set_option(pcb, SOF_KEEPALIVE);
-    pcb->keep_idle = tl_keep_idle_ms;
-    pcb->keep_intvl = tl_keep_intvl_ms;
-    pcb->keep_cnt = tl_keep_cnt;
 }
 
 void tl_relay_abort_all(void)

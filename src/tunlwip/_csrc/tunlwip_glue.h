@@ -45,6 +45,9 @@ void tl_check_timeouts(void);
 const tl_counters *tl_get_counters(void);
 void tl_reset_counters(void);
 uint32_t tl_tcp_pcb_count(void);
+/* the sha256 of the C sources the module was compiled from (tunlwip/_stamp.py): the package
+ * refuses to import a module built from other sources than its own (a stale build) */
+const char *tl_build_stamp(void);
 
 /* policy knobs */
 void tl_set_checksum_check(int on);

@@ -10,7 +10,7 @@
  * itself if it forwards it on. The header also marks TCP checksums partial (NEEDS_CSUM), so
  * nobody computes them for a local destination; a forwarding kernel fills them in.
  *
- * How: while a batch is open (a poll pass, tl_output_batch_begin/end in glue.c), a TCP data
+ * How: while a batch is open (a poll pass, tl_output_batch_begin/end in netif.c), a TCP data
  * segment that continues the held run is held by reference (pbuf_ref; lwIP keeps its segments
  * for retransmission anyway) instead of written. It continues the run if it has the same
  * addresses, ports, ACK, window and options, the next sequence number, no flag but ACK and PSH,
@@ -31,7 +31,7 @@
 
 #include "lwip/pbuf.h"
 
-#include "tl_vnet.h"
+#include "tl_internal.h"
 
 _Static_assert(sizeof(struct virtio_net_hdr) == TL_VNET_HDR_LEN, "virtio_net_hdr layout");
 

@@ -84,7 +84,7 @@
 #define TCP_SNDQUEUELOWAT               (TCP_SND_QUEUELEN / 2)
 #define TCP_SNDLOWAT                    (16 * 1024)   /* netconn-only; not compiled here */
 /* init.c's "TCP_SNDLOWAT 4*MSS below 65535" check cannot hold with a 64 KiB MSS, and the
- * option is unused without netconn. The checks that matter are kept in glue.c as static asserts. */
+ * option is unused without netconn. The checks that matter are kept in netif.c as static asserts. */
 #define LWIP_DISABLE_TCP_SANITY_CHECKS  1
 #define TCP_WND_UPDATE_THRESHOLD        (16 * 1024)
 #define TCP_OVERSIZE                    TCP_MSS
@@ -98,7 +98,7 @@
 #define LWIP_TCP_MAX_SACK_NUM           4
 #define LWIP_TCP_TIMESTAMPS             0
 #define TCP_LISTEN_BACKLOG              0
-/* One extension slot per PCB: glue.c tracks half-open connections (SYN_RCVD) through its
+/* One extension slot per PCB: half_open.c tracks half-open connections (SYN_RCVD) through its
  * passive-open and destroy callbacks, to bound them and evict the oldest. */
 #define LWIP_TCP_PCB_NUM_EXT_ARGS       1
 #define TCP_MSL                         5000UL  /* TIME-WAIT lasts 2*MSL = 10 s */

@@ -1,0 +1,185 @@
+/*
+ * The poll set: one epoll set holding the packet device, every relay's upstream socket and
+ * Python's watched fds, served in C (tl_relay_poll), and the loop that waits on it while the
+ * event loop is idle (tl_relay_run).
+ *
+ * Theory of operation
+ * -------------------
+ * Python's poll task waits for tl_relay_epoll_fd to be readable with trio and calls
+ * tl_relay_poll; or, while trio has nothing else to do, calls tl_relay_run, which waits on a
+ * third epoll set holding both ours and the event loop's, serves what is ready, runs lwIP's due
+ * timers, and returns only when Python is needed. One pass of tl_relay_poll reads a batch of
+ * the device's packets (tl_input_fd), reports Python watchers (tl_py_fd_ready) and hands each
+ * relay its events (relay.c), all inside one output batch, so a connection's segments of a pass
+ * leave in one write (vnet.c). The epoll data tells the three apart: TL_INPUT_TAG for the
+ * device, a token with the low bit set for a watcher, a relay pointer otherwise.
+ *
+ * Invariants: single-threaded (the trio thread); ended relays are freed only after a round
+ * (tl_relay_bury), as a later event of the same round may name them; any call into Python
+ * (tl_python_calls) makes tl_relay_run hand control back after that pass.
+ */
+#include <errno.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/epoll.h>
+
+#include "tl_internal.h"
+
+/* Calls into Python so far. Python has work queued after one (a task woken, a packet to
+ * send), so the poll loop in C (tl_relay_run) hands control back after a pass that made one. */
+uint64_t tl_python_calls;
+
+int tl_epoll_fd = -1;
+static int tl_poll_input = -1;    /* the device fd read by tl_relay_poll, or -1 */
+static int tl_poll_input_err;     /* errno that made it stop reading the device */
+
+#define TL_INPUT_TAG 1u           /* epoll data of the device fd: watcher token 0 */
+#define TL_INPUT_BATCH 64
+
+int tl_relay_epoll_fd(void)
+{
+    if (tl_epoll_fd < 0) {
+        tl_epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+        if (tl_epoll_fd < 0) return -errno;
+    }
+    return tl_epoll_fd;
+}
+
+int tl_relay_poll(int max_events)
+{
+    struct epoll_event events[256];
+    if (tl_epoll_fd < 0) return 0;
+    if (max_events > 256) max_events = 256;
+    int n = epoll_wait(tl_epoll_fd, events, max_events, 0);
+    if (n < 0) return errno == EINTR ? 0 : -errno;
+    tl_output_batch_begin(); /* a pass's segments of a connection leave in one write */
+    for (int i = 0; i < n; i++) {
+        if (events[i].data.u64 == TL_INPUT_TAG) { /* the device: a batch of client packets */
+            int got = tl_input_fd(tl_poll_input, TL_INPUT_BATCH);
+            if (got < 0) {
+                tl_poll_set_input(-1);
+                tl_poll_input_err = -got; /* reported once: the next set_input clears it */
+            }
+            continue;
+        }
+        if (events[i].data.u64 & 1) { /* a Python watcher (tl_watch_add), not a relay */
+            TL_PY(tl_py_fd_ready((uintptr_t)(events[i].data.u64 >> 1)));
+            continue;
+        }
+        tl_relay_on_ready((struct tl_relay *)events[i].data.ptr, events[i].events);
+    }
+    tl_output_batch_end();
+    tl_relay_bury();
+    return n;
+}
+
+/* What tl_relay_run waits on: a third epoll set holding ours and the event loop's. The loop's
+ * set contains ours, so ours cannot contain it back (the kernel refuses cycles), but a third
+ * set may contain both; unlike poll() on the two, it is not set up anew for every wait. */
+static int tl_wait_epoll_fd = -1;
+
+int tl_relay_wait_with(int loop_fd)
+{
+    if (tl_epoll_fd < 0) return -EBADF;
+    if (tl_wait_epoll_fd >= 0) close(tl_wait_epoll_fd); /* drops a previous loop's fd too */
+    tl_wait_epoll_fd = -1;
+    if (loop_fd < 0) return 0; /* the stack stops: let go of the loop's set */
+    tl_wait_epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    if (tl_wait_epoll_fd < 0) return -errno;
+    struct epoll_event ours = {.events = EPOLLIN, .data.u32 = 1};
+    struct epoll_event loop = {.events = EPOLLIN, .data.u32 = 2};
+    if (epoll_ctl(tl_wait_epoll_fd, EPOLL_CTL_ADD, tl_epoll_fd, &ours) != 0 ||
+        epoll_ctl(tl_wait_epoll_fd, EPOLL_CTL_ADD, loop_fd, &loop) != 0) {
+        int err = errno;
+        close(tl_wait_epoll_fd);
+        tl_wait_epoll_fd = -1;
+        return -err;
+    }
+    return 0;
+}
+
+/* Block until the poll set has events (1), the event loop's set has (2, both: 3), or
+ * timeout_ms passed (0); -errno on failure (-EINTR for a signal). */
+static int tl_relay_wait(int timeout_ms)
+{
+    struct epoll_event events[2];
+    int n = epoll_wait(tl_wait_epoll_fd, events, 2, timeout_ms);
+    if (n < 0) return -errno;
+    int ready = 0;
+    for (int i = 0; i < n; i++) ready |= (int)events[i].data.u32;
+    return ready;
+}
+
+static double tl_monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* The poll loop, in C, for as long as the event loop has nothing else to do: wait for the
+ * poll set or the event loop's epoll set (tl_relay_wait_with), serve what is ready, run
+ * lwIP's due timers, and go on, so a packet costs a few syscalls and no Python. lwIP's clock follows
+ * CLOCK_MONOTONIC as Python sets it: clock_base_ms at clock_origin (seconds, CLOCK_MONOTONIC).
+ * Returns to Python when it is needed: a pass called into it (TL_RUN_PYTHON), the event loop
+ * has I/O (TL_RUN_LOOP), timeout_ms passed (TL_RUN_TIMEOUT), a signal came (TL_RUN_SIGNAL),
+ * the device failed (TL_RUN_PYTHON: tl_poll_input_error says why), or -errno. */
+int tl_relay_run(int timeout_ms, uint32_t clock_base_ms, double clock_origin)
+{
+    if (tl_wait_epoll_fd < 0) return -EBADF;
+    uint64_t calls = tl_python_calls;
+    double end = tl_monotonic() + timeout_ms / 1000.0;
+    for (int pass = 0; pass < TL_RUN_PASSES; pass++) {
+        double now = tl_monotonic();
+        tl_set_now(clock_base_ms + (uint32_t)(int64_t)((now - clock_origin) * 1000.0));
+        if (tl_sleeptime() == 0) tl_check_timeouts();
+        if (tl_python_calls != calls || tl_poll_input_err != 0) return TL_RUN_PYTHON;
+        double left_ms = (end - now) * 1000.0;
+        if (left_ms <= 0) return TL_RUN_TIMEOUT;
+        uint32_t wait = left_ms < 1.0 ? 1u : (uint32_t)left_ms;
+        uint32_t lwip_due = tl_sleeptime();
+        if (lwip_due < wait) wait = lwip_due;
+        int ready = tl_relay_wait((int)wait);
+        if (ready == -EINTR) return TL_RUN_SIGNAL;
+        if (ready < 0) return ready;
+        if (ready & 1) tl_relay_poll(256);
+        if (ready & 2) return TL_RUN_LOOP;
+    }
+    return TL_RUN_PYTHON; /* a long busy stretch: let Python look around now and then */
+}
+
+/* Python watchers share the poll set: readiness of fd (level-triggered; readable, or writable
+ * as a connect() in progress finishing) is reported as tl_py_fd_ready(token), from
+ * tl_relay_poll. Tokens are tagged with the low bit, which no relay pointer has. Remove a
+ * watcher before closing its fd. */
+int tl_watch_add(int fd, uintptr_t token, int writable)
+{
+    if (tl_relay_epoll_fd() < 0) return -errno;
+    struct epoll_event ev = {.events = writable ? EPOLLOUT : EPOLLIN,
+                             .data.u64 = ((uint64_t)token << 1) | 1};
+    return epoll_ctl(tl_epoll_fd, EPOLL_CTL_ADD, fd, &ev) == 0 ? 0 : -errno;
+}
+
+int tl_watch_del(int fd)
+{
+    if (tl_epoll_fd < 0) return 0;
+    return epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, fd, NULL) == 0 ? 0 : -errno;
+}
+
+/* Read the packet device from the poll set too: one wakeup of the poll task then serves the
+ * device and every relay (fd -1: stop). Returns 0 or -errno. */
+int tl_poll_set_input(int fd)
+{
+    if (tl_relay_epoll_fd() < 0) return -errno;
+    if (tl_poll_input >= 0) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, tl_poll_input, NULL);
+    tl_poll_input = -1;
+    tl_poll_input_err = 0;
+    if (fd < 0) return 0;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TL_INPUT_TAG};
+    if (epoll_ctl(tl_epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) return -errno;
+    tl_poll_input = fd;
+    return 0;
+}
+
+/* Why the poll set stopped reading the device (an errno), or 0. */
+int tl_poll_input_error(void) { return tl_poll_input_err; }

@@ -1,0 +1,166 @@
+/*
+ * What crosses files inside tunlwip's C layer. Python never sees this header: its API is
+ * tunlwip_glue.h (also the cffi cdef). Every C file of the layer includes this one header and
+ * declares nothing of another file's itself.
+ *
+ * The files, by job (each starts with its own theory of operation):
+ *   clock.c            sys_now(), randomness and the TCP ISN, lwIP's timers, TIME-WAIT bound
+ *   counters.c         tl_stats and the counters Python reads
+ *   settings.c         policy set by Python (clients, host addresses, echo, UDP ports, ...)
+ *   netif.c            lwIP's start and stop, the netif and every packet lwIP outputs
+ *   input.c            packets into lwIP: the accept-any IPv4/IPv6 input hooks
+ *   frag_train.c       the protocol of each fragmented datagram's first fragment
+ *   transport_input.c  TCP/UDP/ICMP checks, then lwIP's transport input; lwIP's TCP hook
+ *   half_open.c        connections in SYN_RCVD: bounded, MSS floor
+ *   tcp_conn.c         listeners, accepted connections' callbacks, keepalive, TCP wrappers
+ *   udp_icmp.c         UDP PCBs and their callback, UDP and ICMP sent to clients
+ *   poll.c             the epoll set (device, relays, Python watchers) and the C poll loop
+ *   relay.c            the C relay between an lwIP connection and its upstream socket
+ *   vnet.c             output with a virtio-net header: TCP segments coalesced into GSO writes
+ *
+ * Invariant of the whole layer: only the trio thread calls in, and never re-entrantly; Python
+ * callbacks (tl_py_*) record events and return, they never call back into lwIP input or timers.
+ */
+#ifndef TUNLWIP_INTERNAL_H
+#define TUNLWIP_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "lwip/ip.h"
+#include "lwip/netif.h"
+#include "lwip/pbuf.h"
+#include "lwip/tcp.h"
+#include "lwip/udp.h"
+
+#include "tunlwip_glue.h"
+
+/* ---- Python (cffi extern "Python+C", declared to cffi by build_ffi.py) ------------------ */
+
+uintptr_t tl_py_accept(void *pcb);
+/* 0: the stream is full, offer the bytes again later (only asked when may_defer) */
+int tl_py_recv(uintptr_t conn, const uint8_t *data, size_t len, int may_defer);
+void tl_py_sent(uintptr_t conn, uint32_t len);
+void tl_py_error(uintptr_t conn, int err);
+void tl_py_output(const uint8_t *data, size_t len);
+int tl_py_syn(const uint8_t *packet, size_t len, const tl_endpoint *src, const tl_endpoint *dst);
+int tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *data, size_t len);
+void tl_py_icmp_echo(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *msg,
+                     size_t len);
+void tl_py_relay_done(uintptr_t conn, int reason, uint64_t bytes_up, uint64_t bytes_down);
+void tl_py_relay_first_data(uintptr_t conn, const uint8_t *data, size_t len);
+void tl_py_fd_ready(uintptr_t token);
+
+/* Every call into Python goes through TL_PY, which counts it (poll.c's tl_python_calls). */
+extern uint64_t tl_python_calls;
+#define TL_PY(call) (tl_python_calls++, (call))
+
+/* ---- clock.c ----------------------------------------------------------------------------- */
+
+uint32_t tl_random32(void);
+
+/* ---- counters.c -------------------------------------------------------------------------- */
+
+extern tl_counters tl_stats;
+
+/* ---- settings.c -------------------------------------------------------------------------- */
+
+extern int tl_checksum_check;
+extern int tl_hold_syns;
+extern int tl_forward_local;
+extern int tl_icmp_echo_mode;
+extern uint8_t tl_udp_port_actions[65536]; /* TL_UDP_* by destination port */
+void tl_settings_reset(void);
+void tl_endpoint_from(tl_endpoint *ep, const ip_addr_t *ip, u16_t port);
+int tl_endpoint_to(ip_addr_t *ip, const tl_endpoint *ep);
+int tl_is_client(int family, const uint8_t *src);
+int tl_is_host_address(int family, const void *addr);
+
+/* ---- netif.c ----------------------------------------------------------------------------- */
+
+extern struct netif tl_netif;
+extern int tl_netif_added;
+extern int tl_vnet_hdr; /* the device's packets carry a virtio-net header (vnet.c) */
+
+/* A scope around work that may send many packets (a poll pass, a write; not the timers, where
+ * a held segment would make tcp_slowtmr skip its retransmission): output to a device with the
+ * header may be held inside it and coalesced (vnet.c). */
+void tl_output_batch_begin(void);
+void tl_output_batch_end(void);
+
+/* ---- input.c ----------------------------------------------------------------------------- */
+
+/* Count the drop in *counter and free p; returns 1 (the hooks' "consumed"). */
+int tl_drop(struct pbuf *p, uint64_t *counter);
+
+/* ---- frag_train.c ------------------------------------------------------------------------ */
+
+extern u32_t tl_frag_seed;
+int tl_frag_protocol_differs(int family, const void *src, const void *dst, u32_t id, u8_t proto);
+int tl_frag_train_end(int family, const void *src, const void *dst, u32_t id);
+
+/* ---- transport_input.c ------------------------------------------------------------------- */
+
+extern int tl_releasing;      /* a held SYN comes back (tl_input_release) */
+extern int tl_checked_input;  /* a checked segment is on its way into tcp_input/udp_input */
+int tl_is_echo_request(const uint8_t *icmp, size_t len, int family);
+int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int family,
+                       const uint8_t *packet, size_t packet_len);
+
+/* ---- half_open.c ------------------------------------------------------------------------- */
+
+#define TL_MIN_MSS 536 /* RFC 9293's default MSS; a TUN's MTU (>= 576) always carries it */
+struct tl_half_open;
+extern u8_t tl_ext_id;
+extern u32_t tl_max_half_open;
+extern struct tl_half_open *tl_half_open_newest, *tl_half_open_oldest;
+extern const struct tcp_ext_arg_callbacks tl_half_open_callbacks;
+void tl_half_open_done(struct tcp_pcb *pcb);
+
+/* ---- tcp_conn.c -------------------------------------------------------------------------- */
+
+extern struct tcp_pcb *tl_listeners[65536];
+extern uint8_t tl_in_scratch[65536];
+void tl_tcp_forget(struct tcp_pcb *pcb);
+int tl_ensure_listener(u16_t port);
+
+/* ---- udp_icmp.c -------------------------------------------------------------------------- */
+
+extern struct udp_pcb *tl_udp_pcbs[65536];
+struct udp_pcb *tl_udp_for_port(u16_t port);
+
+/* ---- poll.c and relay.c ------------------------------------------------------------------ */
+
+extern int tl_epoll_fd; /* the poll set, -1 until tl_relay_epoll_fd makes it */
+struct tl_relay;
+void tl_relay_on_ready(struct tl_relay *r, uint32_t events);
+void tl_relay_bury(void);
+
+/* ---- vnet.c: output to a TUN fd with a virtio-net header --------------------------------- */
+
+#define TL_VNET_HDR_LEN 10 /* struct virtio_net_hdr, the TUN default (TUNSETVNETHDRSZ) */
+
+typedef struct {
+    uint64_t writes;              /* write calls made */
+    uint64_t gso_writes;          /* of which carried several segments */
+    uint64_t segments_coalesced;  /* segments that rode in another's write */
+    uint64_t gso_refused;         /* GSO writes the kernel refused (then: one write a packet) */
+} tl_vnet_counters;
+
+extern tl_vnet_counters tl_vnet_stats;
+
+/* Write (or, inside a batch, maybe hold) one output packet. p is the single pbuf holding data
+ * (NULL if data is a copy: never held). Returns the number of packets lost to write errors. */
+unsigned tl_vnet_output(int fd, struct pbuf *p, uint8_t *data, size_t len);
+/* Batches nest; the outermost end writes what is held. Both return packets lost. */
+void tl_vnet_batch_begin(void);
+unsigned tl_vnet_batch_end(int fd);
+/* Segments held now (0 whenever no batch is open). */
+int tl_vnet_held(void);
+/* Let go of anything held without writing it (the stack stops); GSO is tried again. */
+void tl_vnet_reset(void);
+/* A packet read from the device: 0 if its header is one we can take, -1 if it is shorter than
+ * a header, -2 if it is a GSO packet (we never offered to take those: TUNSETOFFLOAD). */
+int tl_vnet_check_input(const uint8_t *buf, size_t len);
+
+#endif
