@@ -12,6 +12,7 @@ import pytest
 
 from tunlwip import _stamp
 from tunlwip._binding import ffi, lib
+from tunlwip.errors import StaleBuildError, TunlwipError
 
 CSRC = _stamp.CSRC  # the imported package's sources (src/tunlwip/_csrc in a checkout)
 
@@ -52,9 +53,9 @@ def test_a_module_built_from_other_sources_is_refused(tmp_path: pathlib.Path) ->
     copy = _copy(tmp_path)
     relay = copy / "relay.c"
     relay.write_text(relay.read_text() + "/* edited after the build */\n")
-    with pytest.raises(ImportError, match=r"stale build.*; rebuild: make install"):
+    with pytest.raises(StaleBuildError, match=r"stale build.*; rebuild: make install"):
         _stamp.check_build(_built(), copy)
-    assert issubclass(_stamp.StaleBuildError, ImportError)
+    assert issubclass(StaleBuildError, ImportError) and issubclass(StaleBuildError, TunlwipError)
 
 
 def test_an_install_without_c_sources_is_not_checked(tmp_path: pathlib.Path) -> None:

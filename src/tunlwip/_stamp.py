@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import pathlib
 
-__all__ = ["CSRC", "STALE_BUILD", "StaleBuildError", "check_build", "source_stamp"]
+__all__ = ["CSRC", "STALE_BUILD", "check_build", "source_stamp"]
 
 CSRC = pathlib.Path(__file__).resolve().parent / "_csrc"
 
@@ -27,10 +27,6 @@ STALE_BUILD = (
     "tunlwip._lwip was compiled from other C sources than the package's own ({csrc}): a stale "
     "build (e.g. after git pull); rebuild: make install (or pip install -e . in its environment)"
 )
-
-
-class StaleBuildError(ImportError):
-    """The compiled module does not match the package's C sources."""
 
 
 def _files(csrc_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -65,5 +61,8 @@ def check_build(built_stamp: str, csrc_dir: pathlib.Path | None = None) -> None:
         return
     expected = source_stamp(csrc_dir)
     if built_stamp != expected:
+        # Imported here, not at the top: build_ffi.py loads this file outside the package.
+        from .errors import StaleBuildError
+
         message = STALE_BUILD.format(csrc=csrc_dir)
         raise StaleBuildError(f"{message} [module {built_stamp[:12]}, sources {expected[:12]}]")

@@ -19,6 +19,11 @@ class ProtectError(TunlwipError, OSError):
     """A socket could not be protected, so it was not used (the dial fails closed)."""
 
 
+class StaleBuildError(TunlwipError, ImportError):
+    """The compiled module ``tunlwip._lwip`` was built from other C sources than the package's
+    (a stale build, e.g. after ``git pull``): rebuild it (``make install``)."""
+
+
 class HostAddressError(TunlwipError):
     """The gateway host's own addresses (refused as destinations) cannot be learned."""
 
