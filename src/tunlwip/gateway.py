@@ -290,7 +290,7 @@ class Gateway:
     async def drain(self, grace: float) -> bool:
         """Stop accepting new flows and wait up to ``grace`` s for open ones; True if all ended."""
         self._accepting = False
-        self.stack.config = dataclasses.replace(self.stack.config, max_tcp_connections=0)
+        self.stack.accepting = False
         with trio.move_on_after(grace):
             await self._idle.wait()
             return True

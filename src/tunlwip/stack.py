@@ -192,6 +192,9 @@ class LwipStack:
         self.accept_taker: Callable[[LwipTcpStream], bool] | None = None
         self._accepted: list[LwipTcpStream] = []
         self._after: list[Callable[[], None]] = []
+        #: False: every new connection is refused as at ``max_tcp_connections`` (the gateway
+        #: draining before it stops).
+        self.accepting = True
         self._refused_at_limit = 0
         self._refused_buffer_full = 0
         self._refused_client_share = 0
@@ -682,7 +685,7 @@ class LwipStack:
     def on_accept(self, pcb: Any) -> int:
         if not self._running:
             return 0
-        if self.connection_count() >= self.config.max_tcp_connections:
+        if not self.accepting or self.connection_count() >= self.config.max_tcp_connections:
             self._refused_at_limit += 1
             return 0  # lwIP resets the connection
         if self._streams and self.buffered_bytes() >= self.config.max_buffered_bytes:
