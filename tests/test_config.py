@@ -29,6 +29,7 @@ from tunlwip.cli import (
     Reloader,
     build_parser,
     main,
+    overrides_from_args,
     reload,
 )
 from tunlwip.config import SCHEMA, ConfigProblems, Settings
@@ -393,7 +394,7 @@ def test_config_key_maps_fields_to_keys() -> None:
 
 
 def flags(*argv: str) -> dict[str, object]:
-    return cfg.overrides_from_args(build_parser().parse_args(["up", *argv]))
+    return overrides_from_args(build_parser().parse_args(["up", *argv]))
 
 
 def test_only_the_flags_given_override() -> None:

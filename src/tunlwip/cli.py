@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 import trio
 
 from . import __version__, config, control, route, service
-from .config import ConfigProblems, Settings
+from .config import CONFIG_DIR, ConfigProblems, Settings
 from .device import TunDevice
 from .errors import ConfigError, DeviceError, TunlwipError
 from .flows import write_flow_log
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the gateway on a TUN interface (foreground)",
         description="Run the gateway. Flags override the config file's values.",
     )
-    config.add_arguments(up)
+    add_arguments(up)
     up.add_argument(
         "--control-socket",
         metavar="PATH",
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate the configuration (exit 0 or 78)",
         description="Validate the configuration `up` would run with.",
     )
-    config.add_arguments(check)
+    add_arguments(check)
     check.add_argument(
         "--print",
         dest="print_config",
@@ -84,6 +84,37 @@ def build_parser() -> argparse.ArgumentParser:
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(handler=cmd_version, needs_config=False)
     return parser
+
+
+# -- the configuration's flags ---------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """A flag for every key that has one (``config.SCHEMA``: its help, its key path and its
+    default make the flag's help). All default to None, so ``overrides_from_args`` can tell
+    the flags given from the rest (a flag given replaces the file's value; a repeated flag
+    such as ``--dns-upstream`` replaces the whole list)."""
+    parser.add_argument(
+        "--config", metavar="PATH", help=f"config file (default {CONFIG_DIR}/IFACE.toml if present)"
+    )
+    protect = parser.add_mutually_exclusive_group()
+    for opt in config.SCHEMA:
+        if opt.cli is None:
+            continue
+        default = opt.default_text.replace("`", "") if opt.default is not None else opt.unset
+        target = protect if opt.section == "protect" else parser
+        text = f"{opt.help} [{opt.path}; {default}]".replace("%", "%%")
+        target.add_argument(opt.cli, dest=opt.dest, default=None, help=text, **opt.kind.argparse())
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """The flags given, as TOML-like values by key path (for ``config.load``)."""
+    given = {}
+    for opt in config.SCHEMA:
+        value = getattr(args, opt.dest, None) if opt.cli else None
+        if value is not None:
+            given[opt.path] = value
+    return given
 
 
 # -- the device ------------------------------------------------------------------------------
@@ -296,7 +327,7 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    overrides = config.overrides_from_args(args)
+    overrides = overrides_from_args(args)
     # Until the configuration is loaded: stderr, at the level given on the command line.
     configure_logging(str(overrides.get("logging.level", "info")),
                       fmt=str(overrides.get("logging.format", "text")))  # fmt: skip
@@ -353,7 +384,7 @@ def _own_error(group: BaseExceptionGroup[BaseException]) -> TunlwipError | None:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Exit 0 if ``up`` would accept the configuration, else 78 with one line per problem."""
     try:
-        settings = config.load(args.config, config.overrides_from_args(args))
+        settings = config.load(args.config, overrides_from_args(args))
     except ConfigError as exc:
         problems = exc.problems if isinstance(exc, ConfigProblems) else [str(exc)]
         for problem in problems:
@@ -377,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "needs_config", False) and args.config is None \
             and getattr(args, config.OPTIONS["device.name"].dest) is None:  # fmt: skip
-        parser.error(f"{args.command}: give --iface IFACE (reads {config.CONFIG_DIR}/IFACE.toml "
+        parser.error(f"{args.command}: give --iface IFACE (reads {CONFIG_DIR}/IFACE.toml "
                      "if present) or --config PATH")  # fmt: skip
     handler: Command = args.handler
     return handler(args)

@@ -45,11 +45,9 @@ __all__ = [
     "ConfigProblems",
     "Option",
     "Settings",
-    "add_arguments",
     "config_key",
     "default_path",
     "load",
-    "overrides_from_args",
     "parse_listen",
 ]
 
@@ -918,33 +916,3 @@ def config_key(field: str) -> str:
         if opt.field == name:
             return opt.path + sep + rest
     return field
-
-
-# -- the command line ------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """A flag for every option that has one. All default to None, so ``overrides_from_args``
-    can tell the flags given from the rest (a flag given replaces the file's value; a repeated
-    flag such as ``--dns-upstream`` replaces the whole list)."""
-    parser.add_argument(
-        "--config", metavar="PATH", help=f"config file (default {CONFIG_DIR}/IFACE.toml if present)"
-    )
-    protect = parser.add_mutually_exclusive_group()
-    for opt in SCHEMA:
-        if opt.cli is None:
-            continue
-        default = opt.default_text.replace("`", "") if opt.default is not None else opt.unset
-        target = protect if opt.section == "protect" else parser
-        text = f"{opt.help} [{opt.path}; {default}]".replace("%", "%%")
-        target.add_argument(opt.cli, dest=opt.dest, default=None, help=text, **opt.kind.argparse())
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
-    """The flags given, as TOML-like values by key path (for ``load``)."""
-    given = {}
-    for opt in SCHEMA:
-        value = getattr(args, opt.dest, None) if opt.cli else None
-        if value is not None:
-            given[opt.path] = value
-    return given
