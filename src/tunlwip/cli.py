@@ -121,7 +121,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 
 def set_link_up(name: str, mtu: int, txqueuelen: int) -> None:
-    """Set the TUN's MTU and queue length (see ``Settings.txqueuelen``) and bring it up
+    """Set the TUN's MTU and queue length (see ``Settings.effective_txqueuelen``) and bring it up
     (ioctls on a throwaway socket, no `ip` needed)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         fcntl.ioctl(s, SIOCSIFMTU, struct.pack("16si20x", name.encode(), mtu))
@@ -182,9 +182,7 @@ def reload(gateway: Gateway, running: Settings, current: Settings, reloader: Rel
     except ConfigError as exc:
         log.error("reload: configuration not reloaded, keeping the old one: %s", exc)
         return current
-    pending += [key for key in ("device.name", "device.txqueuelen", "device.offload",
-                                "protect.fwmark", "protect.interface", "metrics.listen")
-                if new.values[key] != running.values[key]]  # fmt: skip
+    pending += new.needs_restart(running)
     if pending:
         log.warning("reload: these settings need a restart: %s", ", ".join(pending))
     try:
@@ -208,7 +206,7 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
     config = settings.gateway
     device = TunDevice.open(settings.iface, offload=settings.offload)
     try:
-        set_link_up(device.name, config.stack.mtu, settings.txqueuelen)
+        set_link_up(device.name, config.stack.mtu, settings.effective_txqueuelen)
     except OSError as exc:
         await device.aclose()
         raise DeviceError(f"cannot configure {device.name}: {exc.strerror}") from exc
