@@ -27,8 +27,16 @@ __all__ = ["ConfigProblems", "InvalidFields", "Setting", "check_fields", "nested
 
 #: The metadata key under which a field's ``Setting`` is stored.
 SETTING = "tunlwip.setting"
-#: ``Setting.file_default`` when the file's default is the struct's.
-STRUCT_DEFAULT: Any = type("StructDefault", (), {"__repr__": lambda self: "STRUCT_DEFAULT"})()
+
+
+class _StructDefault:
+    """``Setting.file_default`` when the file's default is the struct's (None is a default)."""
+
+    def __repr__(self) -> str:
+        return "STRUCT_DEFAULT"
+
+
+STRUCT_DEFAULT: Any = _StructDefault()
 
 
 class ConfigProblems(ConfigError):
