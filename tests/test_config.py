@@ -16,7 +16,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -29,6 +28,7 @@ from tunlwip.cli import (
     Reloader,
     build_parser,
     main,
+    overrides_from_args,
     reload,
 )
 from tunlwip.config import SCHEMA, ConfigProblems, Settings
@@ -49,7 +49,7 @@ def no_etc(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Default files come from an empty directory, never the machine's /etc/tunlwip."""
     etc = tmp_path / "etc"
     etc.mkdir()
-    monkeypatch.setattr(cfg, "CONFIG_DIR", etc)
+    monkeypatch.setattr(cfg.loader, "CONFIG_DIR", etc)
     return etc
 
 
@@ -83,23 +83,11 @@ def test_defaults_are_the_command_line_defaults() -> None:
     assert settings.log_level == "info" and settings.log_file is None
 
 
-def _dataclass_default(field: str) -> Any:
-    owners = {"stack": StackConfig, "udp": UdpConfig, "dns": DnsConfig}
-    group, _, name = field.rpartition(".")
-    for f in dataclasses.fields(owners.get(group, GatewayConfig)):
-        if f.name == name:
-            return f.default_factory() if callable(f.default_factory) else f.default
-    raise AssertionError(f"no field {field}")
-
-
-def test_schema_defaults_match_the_dataclasses() -> None:
-    """The schema repeats the library's defaults (so the docs can show them); only the
-    documented exceptions differ."""
-    differ = {"device.client_networks", "udp.sweep_interval"}  # CLI: client nets; auto sweep
-    for opt in SCHEMA:
-        if opt.field is not None and opt.path not in differ:
-            assert opt.default == _dataclass_default(opt.field), opt.path
-    covered = {opt.field for opt in SCHEMA if opt.field}
+def test_every_field_of_the_structs_is_a_key() -> None:
+    """Each field of the embedders' structs is declared with its key path (or is a nested
+    struct), and the file's defaults are the structs' but for the documented exceptions."""
+    nested = {"stack", "udp", "dns"}
+    keys = {opt.field: opt for opt in SCHEMA if opt.field is not None}
     for owner, prefix in (
         (GatewayConfig, ""),
         (StackConfig, "stack."),
@@ -107,8 +95,16 @@ def test_schema_defaults_match_the_dataclasses() -> None:
         (DnsConfig, "dns."),
     ):
         for f in dataclasses.fields(owner):
-            if f.name not in ("stack", "udp", "dns"):
-                assert prefix + f.name in covered, f"{prefix}{f.name} has no config key"
+            if f.name in nested and owner is GatewayConfig:
+                continue
+            opt = keys[prefix + f.name]
+            struct_default = f.default_factory() if callable(f.default_factory) else f.default
+            if opt.path not in ("device.client_networks", "udp.sweep_interval"):
+                assert opt.default == struct_default, opt.path
+    assert cfg.OPTIONS["device.client_networks"].default == tuple(
+        map(ipaddress.ip_network, ("198.18.0.0/15", "fd00:18::/64"))
+    )
+    assert cfg.OPTIONS["udp.sweep_interval"].default is None  # min(30, idle / 2)
 
 
 NON_DEFAULT = """\
@@ -373,13 +369,25 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     ]
 
 
-def test_dataclass_errors_are_reported_with_the_key_path() -> None:
-    """A rule only the dataclasses know still names the key: the value that, put back to its
-    default, makes the error go away."""
-    values = {opt.path: opt.default for opt in SCHEMA}
-    values.update({"device.name": "tlw0", "udp.sweep_interval": 30.0, "device.mtu": 100})
-    with pytest.raises(ConfigError, match=r"^device\.mtu: mtu must be between 576 and 65520"):
-        cfg._gateway_config(values)
+def test_struct_errors_name_the_key_path_and_the_field() -> None:
+    """The structs check their fields with the file's rules: every bad field at once, each
+    with its key path (and, for embedders, the field), as a ConfigError and a ValueError."""
+    with pytest.raises(ValueError, match=r"^device\.mtu: must be between 576 and 65520"):
+        StackConfig(mtu=100)
+    bad: dict[str, object] = {"predial_claim_timeout": 0, "keepalive_count": 0}
+    with pytest.raises(ConfigError) as exc:
+        GatewayConfig(unreachable_reply="x", **bad)  # type: ignore[arg-type]
+    assert isinstance(exc.value, ConfigProblems) and exc.value.problems == [
+        "tcp.keepalive_count: must be between 1 and 127, got 0",
+        'tcp.unreachable: expected one of "icmp", "rst", got "x"',
+        "tcp.claim_timeout: must be > 0, got 0",
+    ]
+    assert str(exc.value).endswith("got 0 (GatewayConfig.predial_claim_timeout)")
+    with pytest.raises(ValueError, match=r"^dns\.min_ttl: must be <= dns\.max_ttl \(600\)"):
+        DnsConfig(min_ttl=700, max_ttl=600)
+    assert UdpConfig(max_sessions_per_client=None).session_share == 1024  # None: automatic
+    with pytest.raises(ValueError, match=r'^device\.ipv4: expected an IPv4 address, got "198'):
+        StackConfig(ipv4_address="198.18.0.1")  # type: ignore[arg-type]
 
 
 def test_config_key_maps_fields_to_keys() -> None:
@@ -393,7 +401,7 @@ def test_config_key_maps_fields_to_keys() -> None:
 
 
 def flags(*argv: str) -> dict[str, object]:
-    return cfg.overrides_from_args(build_parser().parse_args(["up", *argv]))
+    return overrides_from_args(build_parser().parse_args(["up", *argv]))
 
 
 def test_only_the_flags_given_override() -> None:
@@ -508,7 +516,10 @@ def test_print_round_trips(
     original = cfg.load(full_file, flags("--grace", "2.5", "--icmp", "forward"))
     again = cfg.load(printed)
     assert again.gateway == original.gateway
-    assert dict(again.values) == dict(original.values)
+    assert {opt.path: again.value(opt) for opt in SCHEMA} == {
+        opt.path: original.value(opt) for opt in SCHEMA
+    }
+    assert dataclasses.replace(again, source=None) == dataclasses.replace(original, source=None)
     second = _print(capsys, "--config", str(printed))
     assert first.splitlines()[1:] == second.splitlines()[1:]  # all but the "from ..." header
     keys = {f"{section}.{key}" for section, key in _printed_keys(first)}
@@ -568,7 +579,7 @@ def documented() -> dict[str, dict[str, str]]:
 
 def test_docs_document_every_key_with_its_default_type_and_flag() -> None:
     docs = documented()
-    assert set(docs) == {opt.path for opt in SCHEMA}
+    assert list(docs) == [opt.path for opt in SCHEMA], "every key, in the order of --print"
     sections = re.findall(r"^## `\[(\w+)\]`", DOCS.read_text(), re.M)
     assert sections == list(cfg.SECTIONS), "one docs section per schema section, same order"
     for opt in SCHEMA:
@@ -645,7 +656,7 @@ async def test_reload_applies_a_new_file_and_keeps_the_old_on_errors(
     current = reload(gateway, running, running, reloader)
     assert gateway.config.stack.blocked_udp_ports == (8443, 9443)
     assert gateway.stack.config.blocked_udp_ports == (8443, 9443)
-    assert len(gateway.dns.policy) == 2 and current.values["device.mtu"] == 9000
+    assert len(gateway.dns.policy) == 2 and current.gateway.stack.mtu == 9000
     assert gateway.config.stack.mtu == 1500  # needs a restart
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["reload: these settings need a restart: device.mtu"]
@@ -790,8 +801,8 @@ def test_liveness_flags() -> None:
 
 
 def test_gateway_config_checks_keepalive() -> None:
-    with pytest.raises(ValueError, match="keepalive count"):
+    with pytest.raises(ValueError, match=r"tcp\.keepalive_count: must be between 1 and 127"):
         GatewayConfig(keepalive_count=0)
-    with pytest.raises(ValueError, match="timeouts must be positive"):
+    with pytest.raises(ValueError, match=r"tcp\.idle_timeout: must be > 0, got 0"):
         GatewayConfig(idle_timeout=0)
     assert GatewayConfig(keepalive_idle=None).keepalive is None

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 import trio
 
 from . import __version__, config, control, route, service
-from .config import ConfigProblems, Settings
+from .config import CONFIG_DIR, ConfigProblems, Settings
 from .device import TunDevice
 from .errors import ConfigError, DeviceError, TunlwipError
 from .flows import write_flow_log
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the gateway on a TUN interface (foreground)",
         description="Run the gateway. Flags override the config file's values.",
     )
-    config.add_arguments(up)
+    add_arguments(up)
     up.add_argument(
         "--control-socket",
         metavar="PATH",
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate the configuration (exit 0 or 78)",
         description="Validate the configuration `up` would run with.",
     )
-    config.add_arguments(check)
+    add_arguments(check)
     check.add_argument(
         "--print",
         dest="print_config",
@@ -86,11 +86,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- the configuration's flags ---------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """A flag for every key that has one (``config.SCHEMA``: its help, its key path and its
+    default make the flag's help). All default to None, so ``overrides_from_args`` can tell
+    the flags given from the rest (a flag given replaces the file's value; a repeated flag
+    such as ``--dns-upstream`` replaces the whole list)."""
+    parser.add_argument(
+        "--config", metavar="PATH", help=f"config file (default {CONFIG_DIR}/IFACE.toml if present)"
+    )
+    protect = parser.add_mutually_exclusive_group()
+    for opt in config.SCHEMA:
+        if opt.cli is None:
+            continue
+        default = opt.default_text.replace("`", "") if opt.default is not None else opt.unset
+        target = protect if opt.section == "protect" else parser
+        text = f"{opt.help} [{opt.path}; {default}]".replace("%", "%%")
+        target.add_argument(opt.cli, dest=opt.dest, default=None, help=text, **opt.kind.argparse())
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """The flags given, as TOML-like values by key path (for ``config.load``)."""
+    given = {}
+    for opt in config.SCHEMA:
+        value = getattr(args, opt.dest, None) if opt.cli else None
+        if value is not None:
+            given[opt.path] = value
+    return given
+
+
 # -- the device ------------------------------------------------------------------------------
 
 
 def set_link_up(name: str, mtu: int, txqueuelen: int) -> None:
-    """Set the TUN's MTU and queue length (see ``Settings.txqueuelen``) and bring it up
+    """Set the TUN's MTU and queue length (see ``Settings.effective_txqueuelen``) and bring it up
     (ioctls on a throwaway socket, no `ip` needed)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         fcntl.ioctl(s, SIOCSIFMTU, struct.pack("16si20x", name.encode(), mtu))
@@ -151,9 +182,7 @@ def reload(gateway: Gateway, running: Settings, current: Settings, reloader: Rel
     except ConfigError as exc:
         log.error("reload: configuration not reloaded, keeping the old one: %s", exc)
         return current
-    pending += [key for key in ("device.name", "device.txqueuelen", "device.offload",
-                                "protect.fwmark", "protect.interface", "metrics.listen")
-                if new.values[key] != running.values[key]]  # fmt: skip
+    pending += new.needs_restart(running)
     if pending:
         log.warning("reload: these settings need a restart: %s", ", ".join(pending))
     try:
@@ -177,7 +206,7 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
     config = settings.gateway
     device = TunDevice.open(settings.iface, offload=settings.offload)
     try:
-        set_link_up(device.name, config.stack.mtu, settings.txqueuelen)
+        set_link_up(device.name, config.stack.mtu, settings.effective_txqueuelen)
     except OSError as exc:
         await device.aclose()
         raise DeviceError(f"cannot configure {device.name}: {exc.strerror}") from exc
@@ -296,7 +325,7 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    overrides = config.overrides_from_args(args)
+    overrides = overrides_from_args(args)
     # Until the configuration is loaded: stderr, at the level given on the command line.
     configure_logging(str(overrides.get("logging.level", "info")),
                       fmt=str(overrides.get("logging.format", "text")))  # fmt: skip
@@ -353,7 +382,7 @@ def _own_error(group: BaseExceptionGroup[BaseException]) -> TunlwipError | None:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Exit 0 if ``up`` would accept the configuration, else 78 with one line per problem."""
     try:
-        settings = config.load(args.config, config.overrides_from_args(args))
+        settings = config.load(args.config, overrides_from_args(args))
     except ConfigError as exc:
         problems = exc.problems if isinstance(exc, ConfigProblems) else [str(exc)]
         for problem in problems:
@@ -377,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "needs_config", False) and args.config is None \
             and getattr(args, config.OPTIONS["device.name"].dest) is None:  # fmt: skip
-        parser.error(f"{args.command}: give --iface IFACE (reads {config.CONFIG_DIR}/IFACE.toml "
+        parser.error(f"{args.command}: give --iface IFACE (reads {CONFIG_DIR}/IFACE.toml "
                      "if present) or --config PATH")  # fmt: skip
     handler: Command = args.handler
     return handler(args)

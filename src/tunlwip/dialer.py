@@ -24,6 +24,10 @@ Protector = Callable[[socket.socket], None]
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+#: Linux's ranges for TCP_KEEPIDLE and TCP_KEEPINTVL (seconds), and for TCP_KEEPCNT; the
+#: configuration's keepalive keys use them too.
+KEEPALIVE_SECONDS = (1, 32767)
+KEEPALIVE_PROBES = (1, 127)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +45,13 @@ class Keepalive:
     count: int = 4
 
     def __post_init__(self) -> None:
-        if not (1 <= self.idle <= 32767 and 1 <= self.interval <= 32767):
-            raise ValueError("keepalive idle and interval must be between 1 and 32767 seconds")
-        if not 1 <= self.count <= 127:
-            raise ValueError("keepalive count must be between 1 and 127")
+        low, high = KEEPALIVE_SECONDS
+        if not (low <= self.idle <= high and low <= self.interval <= high):
+            raise ValueError(f"keepalive idle and interval must be between {low} and {high} "
+                             "seconds")  # fmt: skip
+        if not KEEPALIVE_PROBES[0] <= self.count <= KEEPALIVE_PROBES[1]:
+            low, high = KEEPALIVE_PROBES
+            raise ValueError(f"keepalive count must be between {low} and {high}")
 
     @property
     def budget(self) -> int:

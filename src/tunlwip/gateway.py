@@ -23,9 +23,10 @@ from typing import Any, Literal, NoReturn
 
 import trio
 
+from .config.sections import GatewayConfig as GatewayConfig
 from .device import PacketDevice
-from .dialer import Dialer, Keepalive, Protector, describe, no_protection
-from .dns.proxy import DnsConfig, DnsCounters, DnsProxy
+from .dialer import Dialer, Protector, describe, no_protection
+from .dns.proxy import DnsCounters, DnsProxy
 from .endpoint import Endpoint
 from .errors import LwipError, ProtectError, TunlwipError
 from .flows import DEFAULT_BUFFER, FlowInfo, FlowSubscription, FlowTable, FlowTotals, LiveFlow
@@ -35,70 +36,16 @@ from .icmp import EchoCounters, EchoForwarder, unavailable_reason
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
 from .predial import FlowKey, HeldDial, HeldSynDials
 from .relay import RESET_SIDES, Relay
-from .shares import share_of
 from .sniff import sniff_name
-from .stack import LwipStack, StackConfig, StackStatistics
+from .stack import LwipStack, StackStatistics
 from .tcp import LwipTcpStream
-from .udp import DNS_PORT, UdpConfig, UdpCounters, UdpHandler, UdpSession, UdpSessions
+from .udp import DNS_PORT, UdpCounters, UdpHandler, UdpSession, UdpSessions
 
 log = logging.getLogger("tunlwip.gateway")
 
 TcpHandler = Callable[[LwipTcpStream, Endpoint], Awaitable[None]]
 #: DNS over TLS (RFC 7858) over TCP, DNS over QUIC (RFC 9250) and over DTLS over UDP.
 ENCRYPTED_DNS_PORT = 853
-
-
-@dataclasses.dataclass(frozen=True)
-class GatewayConfig:
-    """Settings of the TCP gateway (device-side settings live in ``stack``)."""
-
-    stack: StackConfig = dataclasses.field(default_factory=StackConfig)
-    dial_timeout: float = 30.0
-    #: Flows with no byte moved for this many seconds are reset (None: no idle limit; dead
-    #: ends are found by keepalive instead).
-    idle_timeout: float | None = None
-    #: TCP keepalive, seconds (``keepalive_idle`` None: off): on upstream sockets (the
-    #: kernel's) and toward clients (lwIP's), so a flow ends when an end is gone, not quiet.
-    keepalive_idle: int | None = 120
-    keepalive_interval: int = 15
-    keepalive_count: int = 4
-    dial_before_accept: bool = True
-    unreachable_reply: Literal["icmp", "rst"] = "icmp"
-    max_pending_dials: int = 1024
-    #: SYNs one client (IPv4 address, IPv6 /64) may have held while dialing; beyond it its
-    #: new ones are refused with RST, so one client dialing black holes cannot take every
-    #: pending dial. None: ``shares.share_of(max_pending_dials)``.
-    max_pending_dials_per_client: int | None = None
-    #: How long an upstream dialed for a held SYN waits for the client's handshake.
-    predial_claim_timeout: float = 10.0
-    udp: UdpConfig = dataclasses.field(default_factory=UdpConfig)
-    dns: DnsConfig = dataclasses.field(default_factory=DnsConfig)
-    #: Idle time after which a forwarded ping's socket is closed.
-    icmp_echo_idle_timeout: float = 30.0
-
-    @property
-    def keepalive(self) -> Keepalive | None:
-        """The keepalive settings together (None: off). Raises ValueError if out of range."""
-        if self.keepalive_idle is None:
-            return None
-        return Keepalive(self.keepalive_idle, self.keepalive_interval, self.keepalive_count)
-
-    def __post_init__(self) -> None:
-        if self.dial_timeout <= 0 or (self.idle_timeout is not None and self.idle_timeout <= 0):
-            raise ValueError("timeouts must be positive")
-        _ = self.keepalive  # raises ValueError if a keepalive setting is out of range
-        if self.unreachable_reply not in ("icmp", "rst"):
-            raise ValueError("unreachable_reply must be 'icmp' or 'rst'")
-        if self.max_pending_dials < 1:
-            raise ValueError("max_pending_dials must be >= 1")
-        share = self.max_pending_dials_per_client
-        if share is not None and share < 1:
-            raise ValueError("max_pending_dials_per_client must be >= 1")
-
-    @property
-    def pending_dial_share(self) -> int:
-        """The SYNs one client may have held while dialing."""
-        return share_of(self.max_pending_dials, self.max_pending_dials_per_client)
 
 
 @dataclasses.dataclass
@@ -290,7 +237,7 @@ class Gateway:
     async def drain(self, grace: float) -> bool:
         """Stop accepting new flows and wait up to ``grace`` s for open ones; True if all ended."""
         self._accepting = False
-        self.stack.config = dataclasses.replace(self.stack.config, max_tcp_connections=0)
+        self.stack.accepting = False
         with trio.move_on_after(grace):
             await self._idle.wait()
             return True

@@ -29,19 +29,20 @@ import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
 import trio
 
 from . import _binding
 from ._binding import ffi, lib
+from .config.sections import StackConfig as StackConfig
 from .device import PacketDevice
 from .dialer import Keepalive
 from .endpoint import Endpoint
 from .errors import DeviceError, LwipError, TunlwipError
 from .loopidle import LoopIdleProbe
 from .relay import FirstDataCallback, Relay
-from .shares import ClientCounts, share_of
+from .shares import ClientCounts
 from .tcp import LwipTcpStream
 
 log = logging.getLogger("tunlwip.stack")
@@ -50,8 +51,6 @@ TcpHandler = Callable[[LwipTcpStream, Endpoint], Awaitable[None]]
 SynInterceptor = Callable[[bytes, Endpoint, Endpoint], bool]
 UdpReceiver = Callable[[Endpoint, Endpoint, bytes], None]
 EchoReceiver = Callable[[Endpoint, Endpoint, bytes], None]
-BlockedUdpAction = Literal["reject", "drop", "off"]
-EchoMode = Literal["reply", "forward", "off"]
 _UDP_ACTIONS = {"reject": lib.TL_UDP_REJECT, "drop": lib.TL_UDP_DROP, "off": lib.TL_UDP_PASS}
 _ECHO_MODES = {"reply": lib.TL_ECHO_REPLY, "forward": lib.TL_ECHO_FORWARD, "off": lib.TL_ECHO_OFF}
 
@@ -63,77 +62,6 @@ _MAX_WAIT_IN_C = 0.1  # then the poll task goes back through trio even when all 
 _READ_BATCH = 64  # packets read before the reader lets other tasks run
 _SLEEPTIME_INFINITE = 0xFFFFFFFF
 _ERR_MEM = -1
-DEFAULT_IPV4 = ipaddress.IPv4Address("198.18.0.1")
-DEFAULT_IPV6 = ipaddress.IPv6Address("fd00:18::1")
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclasses.dataclass(frozen=True)
-class StackConfig:
-    """What lwIP needs to know about its side of the TUN."""
-
-    mtu: int = 1500
-    ipv4_address: ipaddress.IPv4Address = DEFAULT_IPV4
-    ipv6_address: ipaddress.IPv6Address = DEFAULT_IPV6
-    #: Only packets from these sources are processed (empty: any source).
-    client_networks: tuple[IPNetwork, ...] = ()
-    #: Verify IP/TCP/UDP checksums of client packets (the kernel always sets them).
-    verify_checksums: bool = True
-    #: New connections beyond this many open ones are refused with RST.
-    max_tcp_connections: int = 65536
-    #: Connections in SYN_RCVD (handshake not yet complete) at most; a new one beyond it resets
-    #: the oldest (``tcp_half_open_evicted``), as a SYN flood must not grow lwIP's PCB list.
-    max_half_open: int = 1024
-    #: Open connections one client (IPv4 address, IPv6 /64) may hold; beyond it its new
-    #: connections are refused with RST too, so one client cannot take them all. None:
-    #: ``shares.share_of(max_tcp_connections)``.
-    max_tcp_connections_per_client: int | None = None
-    #: Client bytes held in Python streams (custom handlers, DNS over TCP) over all
-    #: connections; while more are held, new connections are refused with RST.
-    max_buffered_bytes: int = 64 * 1024 * 1024
-    #: Client bytes one Python stream holds unread; beyond them lwIP keeps the data (within
-    #: its window, 256 KiB, which bounds this too: unread bytes are not acknowledged) and
-    #: offers it again when the stream is read. An empty stream always takes one delivery
-    #: (at most 64 KiB), so smaller values are approximate.
-    max_buffered_bytes_per_connection: int = 256 * 1024
-    #: UDP to these destination ports (QUIC) is answered with ICMP port unreachable
-    #: ("reject": clients fall back to TCP at once), silently dropped, or let through ("off").
-    blocked_udp_ports: tuple[int, ...] = (443, 80)
-    blocked_udp_action: BlockedUdpAction = "reject"
-    #: Echo requests to any address: answered by the stack, handed to ``icmp_echo_receiver``
-    #: ("forward"), or ignored. Echo to the stack's own addresses is always answered.
-    icmp_echo: EchoMode = "reply"
-    #: Forward packets to loopback and link-local destinations (127/8, 0/8, 169.254/16, ::1,
-    #: fe80::/10) and to ``set_host_addresses``. Off, they are refused (TCP reset, ICMP
-    #: unreachable; ``drop_local_destination``): they would reach the gateway host's own
-    #: services. Only for tests whose upstreams live on loopback.
-    forward_local_destinations: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_buffered_bytes < 1:
-            raise ValueError("max_buffered_bytes must be >= 1")
-        if not 1 <= self.max_half_open <= 0xFFFFFFFF:
-            raise ValueError("max_half_open must be >= 1")
-        share = self.max_tcp_connections_per_client
-        if share is not None and share < 1:
-            raise ValueError("max_tcp_connections_per_client must be >= 1")
-        if self.max_buffered_bytes_per_connection < 1:
-            raise ValueError("max_buffered_bytes_per_connection must be >= 1")
-        if not 576 <= self.mtu <= 65520:
-            raise ValueError(f"mtu must be between 576 and 65520, not {self.mtu}")
-        if len(self.client_networks) > 16:
-            raise ValueError("at most 16 client networks are supported")
-        if self.blocked_udp_action not in _UDP_ACTIONS:
-            raise ValueError(f"blocked_udp_action must be one of {', '.join(_UDP_ACTIONS)}")
-        if any(not 1 <= port <= 65535 for port in self.blocked_udp_ports):
-            raise ValueError("blocked UDP ports must be between 1 and 65535")
-        if self.icmp_echo not in _ECHO_MODES:
-            raise ValueError(f"icmp_echo must be one of {', '.join(_ECHO_MODES)}")
-
-    @property
-    def connection_share(self) -> int:
-        """The open connections one client may hold."""
-        return share_of(self.max_tcp_connections, self.max_tcp_connections_per_client)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +120,9 @@ class LwipStack:
         self.accept_taker: Callable[[LwipTcpStream], bool] | None = None
         self._accepted: list[LwipTcpStream] = []
         self._after: list[Callable[[], None]] = []
+        #: False: every new connection is refused as at ``max_tcp_connections`` (the gateway
+        #: draining before it stops).
+        self.accepting = True
         self._refused_at_limit = 0
         self._refused_buffer_full = 0
         self._refused_client_share = 0
@@ -682,7 +613,7 @@ class LwipStack:
     def on_accept(self, pcb: Any) -> int:
         if not self._running:
             return 0
-        if self.connection_count() >= self.config.max_tcp_connections:
+        if not self.accepting or self.connection_count() >= self.config.max_tcp_connections:
             self._refused_at_limit += 1
             return 0  # lwIP resets the connection
         if self._streams and self.buffered_bytes() >= self.config.max_buffered_bytes:

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Literal
 
 import trio
 
+from .config.sections import UdpConfig as UdpConfig
 from .endpoint import Endpoint, IPAddress
 from .errors import LwipError
 from .packet import HOST_UNREACHABLE, PORT_UNREACHABLE, udp_unreachable
-from .shares import ClientKey, client_key, share_of
+from .shares import ClientKey, client_key
 
 if TYPE_CHECKING:
     from .stack import LwipStack
@@ -37,45 +38,6 @@ log = logging.getLogger("tunlwip.udp")
 
 DNS_PORT = 53
 SessionKey = tuple[Endpoint, Endpoint]  # (client, original destination)
-
-
-@dataclasses.dataclass(frozen=True)
-class UdpConfig:
-    """Session lifecycle settings."""
-
-    #: A session with no datagram in either direction for this long is closed.
-    idle_timeout: float = 60.0
-    #: Idle timeout of port-53 sessions (DNS forwarded as plain UDP: one query, one answer).
-    dns_idle_timeout: float = 10.0
-    #: How often idle sessions are looked for (a session lives at most timeout + interval).
-    sweep_interval: float = 30.0
-    #: Sessions open at most. A new flow beyond it is refused with ICMP unreachable
-    #: (``when_full="refuse"``: existing flows keep working) or takes the place of the least
-    #: recently active session (``"evict"``).
-    max_sessions: int = 4096
-    when_full: Literal["refuse", "evict"] = "refuse"
-    #: Sessions one client (IPv4 address, IPv6 /64) may hold, so one client cannot take the
-    #: whole table; a new flow beyond it is refused with ICMP unreachable (``"refuse"``) or
-    #: replaces the client's own least recently active session (``"evict"``). None:
-    #: ``shares.share_of(max_sessions)``.
-    max_sessions_per_client: int | None = None
-    #: Client datagrams waiting for the handler, per session; beyond it they are dropped.
-    queue_datagrams: int = 512
-
-    def __post_init__(self) -> None:
-        if min(self.idle_timeout, self.dns_idle_timeout, self.sweep_interval) <= 0:
-            raise ValueError("UDP timeouts and the sweep interval must be positive")
-        if self.max_sessions < 1 or self.queue_datagrams < 1:
-            raise ValueError("max_sessions and queue_datagrams must be >= 1")
-        if self.when_full not in ("refuse", "evict"):
-            raise ValueError("when_full must be 'refuse' or 'evict'")
-        if self.max_sessions_per_client is not None and self.max_sessions_per_client < 1:
-            raise ValueError("max_sessions_per_client must be >= 1")
-
-    @property
-    def session_share(self) -> int:
-        """The sessions one client may hold."""
-        return share_of(self.max_sessions, self.max_sessions_per_client)
 
 
 @dataclasses.dataclass

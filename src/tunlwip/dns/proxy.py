@@ -28,9 +28,8 @@ import dataclasses
 import ipaddress
 import logging
 import struct
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import dns.exception
 import dns.flags
@@ -41,14 +40,14 @@ import dns.rdataclass
 import dns.rdatatype
 import trio
 
+from ..config.sections import DnsConfig as DnsConfig
 from ..dialer import Dialer
 from ..endpoint import Endpoint
-from ..shares import ClientCounts, share_of
+from ..shares import ClientCounts
 from .cache import DnsCache
 from .names import ResolvedNames, answered_addresses
 from .policy import (
     ENCRYPTED_DNS_NAMES,
-    BlockedAnswer,
     DnsPolicy,
     blocked_response,
     override_response,
@@ -63,68 +62,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunlwip.dns")
 
-Hijack = Literal["all", "gateway", "off"]
 UDP_DEFAULT_SIZE = 512  # RFC 1035 4.2.1, for clients without EDNS
 TCP_MAX_PIPELINED = 64  # queries per connection answered concurrently before reading pauses
 RESOLV_CONF = "/etc/resolv.conf"
-
-
-@dataclasses.dataclass(frozen=True)
-class DnsConfig:
-    """DNS proxy settings. No upstream given: the nameservers of ``/etc/resolv.conf``."""
-
-    upstreams: tuple[str, ...] = ()
-    block_files: tuple[str, ...] = ()
-    allow_files: tuple[str, ...] = ()
-    #: Static answers: name -> addresses (A and AAAA).
-    overrides: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
-    blocked_answer: BlockedAnswer = "nxdomain"
-    #: Which port-53 traffic the proxy answers: to any address, only to the gateway's
-    #: address, or none (then port 53 is forwarded like any other flow).
-    hijack: Hijack = "all"
-    #: A query without an answer after this long gets SERVFAIL.
-    query_timeout: float = 5.0
-    #: How long one upstream gets before the next one is tried.
-    attempt_timeout: float = 2.0
-    #: CA bundle for DoT/DoH upstreams (default: the system's).
-    ca_file: str | None = None
-    cache_size: int = 10_000
-    min_ttl: int = 0
-    max_ttl: int = 86_400
-    max_negative_ttl: int = 3_600
-    #: Queries resolved at once, over all clients; beyond it queries are dropped (counted).
-    max_in_flight: int = 1024
-    #: Queries one client (IPv4 address, IPv6 /64) may have in flight; beyond it they get
-    #: REFUSED too, so one client's slow queries cannot take every slot. None:
-    #: ``shares.share_of(max_in_flight)``.
-    max_in_flight_per_client: int | None = None
-    #: A client TCP connection with no query for this long is closed.
-    tcp_idle_timeout: float = 30.0
-    #: A query over TCP must arrive whole this long after its first byte, and its answer be
-    #: taken by the client this long after it is ready; else the connection is reset.
-    tcp_query_timeout: float = 10.0
-    #: Refuse encrypted DNS that would go around the proxy: the gateway resets TCP and
-    #: rejects UDP to port 853 (DoT, DoQ) as a closed port would, and the proxy blocks the
-    #: names of well-known DoH resolvers (``policy.ENCRYPTED_DNS_NAMES``).
-    reject_encrypted: bool = False
-
-    def __post_init__(self) -> None:
-        if self.hijack not in ("all", "gateway", "off"):
-            raise ValueError("dns hijack must be 'all', 'gateway' or 'off'")
-        if self.blocked_answer not in ("nxdomain", "null", "refused"):
-            raise ValueError("dns blocked answer must be 'nxdomain', 'null' or 'refused'")
-        if min(self.query_timeout, self.attempt_timeout, self.tcp_idle_timeout,
-               self.tcp_query_timeout) <= 0:  # fmt: skip
-            raise ValueError("DNS timeouts must be positive")
-        if self.cache_size < 0 or self.max_in_flight < 1:
-            raise ValueError("dns cache_size must be >= 0 and max_in_flight >= 1")
-        if self.max_in_flight_per_client is not None and self.max_in_flight_per_client < 1:
-            raise ValueError("dns max_in_flight_per_client must be >= 1")
-
-    @property
-    def in_flight_share(self) -> int:
-        """The queries one client may have in flight."""
-        return share_of(self.max_in_flight, self.max_in_flight_per_client)
 
 
 def _policy(config: DnsConfig) -> DnsPolicy:
