@@ -2,7 +2,7 @@
 
 Why: interception (which port-53 flows the proxy takes), matching of answers to clients,
 timeouts, truncation and TCP pipelining are packet-level behaviour that must be exact; the
-namespace tests (tests/integration/test_dns_netns.py) repeat the essentials with dig and
+namespace tests (tests/integration/test_dns*_netns.py) repeat the essentials with dig and
 unbound. The upstream here is a small dnspython server on 127.0.0.1 that counts its queries.
 """
 
