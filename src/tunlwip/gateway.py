@@ -28,15 +28,17 @@ from .admission import Admission
 from .admission import RefusedCounters as RefusedCounters  # re-exported: part of the statistics
 from .device import PacketDevice
 from .dialer import Dialer, Keepalive, Protector, describe, no_protection
-from .dns.proxy import DnsConfig, DnsCounters, DnsProxy
+from .dns.proxy import DnsConfig, DnsProxy
 from .endpoint import Endpoint
-from .flows import DEFAULT_BUFFER, FlowInfo, FlowSubscription, FlowTable, FlowTotals
+from .flows import DEFAULT_BUFFER, FlowInfo, FlowSubscription, FlowTable
 from .hostaddrs import HostAddresses
-from .icmp import EchoCounters, EchoForwarder, unavailable_reason
+from .icmp import EchoForwarder, unavailable_reason
 from .shares import share_of
-from .stack import LwipStack, StackConfig, StackStatistics
+from .stack import LwipStack, StackConfig
+from .stats import GatewayStatistics as GatewayStatistics  # re-exported: its documented home
+from .stats import frozen_copy
 from .tcp_forward import TcpForwarder, TcpHandler
-from .udp import DNS_PORT, UdpConfig, UdpCounters, UdpHandler, UdpSessions
+from .udp import DNS_PORT, UdpConfig, UdpHandler, UdpSessions
 from .udp_forward import UdpForwarder
 
 log = logging.getLogger("tunlwip.gateway")
@@ -93,25 +95,6 @@ class GatewayConfig:
     def pending_dial_share(self) -> int:
         """The SYNs one client may have held while dialing."""
         return share_of(self.max_pending_dials, self.max_pending_dials_per_client)
-
-
-@dataclasses.dataclass(frozen=True)
-class GatewayStatistics:
-    stack: StackStatistics
-    active_flows: int
-    pending_dials: int
-    dials_ok: int
-    dials_refused: int
-    dials_failed: int
-    syn_retransmits_swallowed: int
-    udp_sessions: int
-    udp: UdpCounters
-    icmp_echo: EchoCounters
-    dns: DnsCounters | None
-    #: Seconds since ``serve`` started (0 before).
-    uptime: float = 0.0
-    flows: FlowTotals = dataclasses.field(default_factory=FlowTotals)
-    refused: RefusedCounters = dataclasses.field(default_factory=RefusedCounters)
 
 
 class Gateway:
@@ -256,6 +239,7 @@ class Gateway:
         return False
 
     def statistics(self) -> GatewayStatistics:
+        """A frozen snapshot of every counter (taken now; nothing is kept per call)."""
         stack = self.stack.statistics()
         own = self.admission.refused
         refused = dataclasses.replace(
@@ -274,12 +258,12 @@ class Gateway:
             dials_failed=self.tcp.counts.failed,
             syn_retransmits_swallowed=self.tcp.counts.swallowed,
             udp_sessions=len(self.udp),
-            udp=dataclasses.replace(self.udp.counters),
-            icmp_echo=dataclasses.replace(self.echo.counters),
-            dns=dataclasses.replace(self.dns.counters) if self.dns is not None else None,
+            udp=frozen_copy(self.udp.counters),
+            icmp_echo=frozen_copy(self.echo.counters),
+            dns=frozen_copy(self.dns.counters) if self.dns is not None else None,
             uptime=self.uptime,
             flows=self._flows.totals(),
-            refused=refused,
+            refused=frozen_copy(refused),
         )
 
     @property
