@@ -85,7 +85,7 @@ async def test_a_client_at_its_dial_share_gets_rst_and_another_still_connects(
     port = await nursery.start(serve_sha256)
     config = GatewayConfig(dial_timeout=1.0, max_pending_dials=40, max_pending_dials_per_client=3)
     env = await start(nursery, config)
-    dials = env.gateway.tcp.dials
+    dials = env.gateway._tcp.dials
     assert dials is not None
     finish = dials._finished
 

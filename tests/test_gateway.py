@@ -129,7 +129,7 @@ async def test_syn_retransmits_are_swallowed_while_dialing(
     env: Env, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = await nursery.start(serve_sha256)
-    dials = env.gateway.tcp.dials
+    dials = env.gateway._tcp.dials
     assert dials is not None
     finished: list[HeldDial] = []
 

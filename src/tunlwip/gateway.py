@@ -122,16 +122,17 @@ class Gateway:
             else None  # fmt: skip
         self._dns_addresses = {stack_config.ipv4_address, stack_config.ipv6_address}
         self._flows = FlowTable(self._dns_name)
-        self.admission = Admission(
+        self._admission = Admission(
             self.dialer, reject_encrypted_dns=self.config.dns.reject_encrypted
         )
-        self.tcp = TcpForwarder(self.stack, self.dialer, self._flows, self.admission,
-                                self.config, dns=self.dns, is_dns=self._is_dns,
-                                handler=tcp_handler)  # fmt: skip
-        udp = UdpForwarder(self.stack, self.dialer, self._flows, self.admission, dns=self.dns,
-                           is_dns=self._is_dns, handler=udp_handler)  # fmt: skip
-        self.udp = UdpSessions(self.stack, udp.dispatch, self.config.udp, attach=udp.attach,
-                               admit=udp.admit)  # fmt: skip
+        self._tcp = TcpForwarder(self.stack, self.dialer, self._flows, self._admission,
+                                 self.config, dns=self.dns, is_dns=self._is_dns,
+                                 handler=tcp_handler)  # fmt: skip
+        udp_forwarder = UdpForwarder(self.stack, self.dialer, self._flows, self._admission,
+                                     dns=self.dns, is_dns=self._is_dns,
+                                     handler=udp_handler)  # fmt: skip
+        self.udp = UdpSessions(self.stack, udp_forwarder.dispatch, self.config.udp,
+                               attach=udp_forwarder.attach, admit=udp_forwarder.admit)  # fmt: skip
         self.echo = EchoForwarder(self.stack, self.dialer,
                                   idle_timeout=self.config.icmp_echo_idle_timeout)  # fmt: skip
         #: The host's own addresses, refused as destinations (none with forward_local).
@@ -143,11 +144,11 @@ class Gateway:
         self.stack.udp_receiver = self.udp.on_datagram
         if stack_config.icmp_echo == "forward":
             self.stack.icmp_echo_receiver = self.echo.on_echo
-        if self.tcp.dials is not None:  # dial before accept
-            self.stack.syn_interceptor = self.tcp.on_syn
-            self.stack.accept_taker = self.tcp.take_predialed
+        if self._tcp.dials is not None:  # dial before accept
+            self.stack.syn_interceptor = self._tcp.on_syn
+            self.stack.accept_taker = self._tcp.take_predialed
         else:  # SYNs are accepted at once; only our own (looping back) and rejected ones taken
-            self.stack.syn_interceptor = self.tcp.screen_syn
+            self.stack.syn_interceptor = self._tcp.screen_syn
         # -- end of the stack's hooks -------------------------------------------------------------
         self._started_at: float | None = None
         #: Wall-clock time ``serve`` started (``time.time()``), None before.
@@ -167,14 +168,14 @@ class Gateway:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.tcp.start_serving()
+                self._tcp.start_serving()
                 if self._host_addresses is not None:  # before the first client packet
                     await nursery.start(self._host_addresses.run)
                 await nursery.start(self.udp.run)
                 await nursery.start(self.echo.run)
-                if self.tcp.dials is not None:
-                    await nursery.start(self.tcp.dials.run)
-                await nursery.start(self.stack.run, self.tcp.handle)
+                if self._tcp.dials is not None:
+                    await nursery.start(self._tcp.dials.run)
+                await nursery.start(self.stack.run, self._tcp.handle)
                 task_status.started(self)
                 try:
                     await trio.sleep_forever()
@@ -219,31 +220,31 @@ class Gateway:
         self.stack.relay_idle_timeout = config.idle_timeout
         self.stack.tcp_keepalive = self.dialer.keepalive = config.keepalive  # new flows
         self.udp.config = config.udp
-        if self.tcp.dials is not None:
-            self.tcp.dials.claim_timeout = config.predial_claim_timeout
-        self.admission.reject_encrypted_dns = config.dns.reject_encrypted
+        if self._tcp.dials is not None:
+            self._tcp.dials.claim_timeout = config.predial_claim_timeout
+        self._admission.reject_encrypted_dns = config.dns.reject_encrypted
         self.echo.idle_timeout = config.icmp_echo_idle_timeout
         keep = {name: getattr(old, name) for name in ("dial_before_accept",)}
         keep_dns = dataclasses.replace(config.dns, hijack=old.dns.hijack)
         self.config = dataclasses.replace(config, stack=self.stack.config, dns=keep_dns, **keep)
-        self.tcp.config = self.config
+        self._tcp.config = self.config
         return needs_restart
 
     async def drain(self, grace: float) -> bool:
         """Stop accepting new flows and wait up to ``grace`` s for open ones; True if all ended."""
-        self.tcp.accepting = False
+        self._tcp.accepting = False
         self.stack.config = dataclasses.replace(self.stack.config, max_tcp_connections=0)
         with trio.move_on_after(grace):
-            await self.tcp.idle.wait()
+            await self._tcp.idle.wait()
             return True
         return False
 
     def statistics(self) -> GatewayStatistics:
         """A frozen snapshot of every counter (taken now; nothing is kept per call)."""
         stack = self.stack.statistics()
-        own = self.admission.refused
+        own = self._admission.refused
         refused = dataclasses.replace(
-            own,
+            frozen_copy(own),
             client_share_connections=own.client_share_connections
             + stack.counters["tcp_refused_client_share"],
             client_share_udp_sessions=self.udp.counters.refused_client_share,
@@ -251,19 +252,19 @@ class Gateway:
         )
         return GatewayStatistics(
             stack=stack,
-            active_flows=self.tcp.active,
-            pending_dials=len(self.tcp.dials) if self.tcp.dials is not None else 0,
-            dials_ok=self.tcp.counts.ok,
-            dials_refused=self.tcp.counts.refused,
-            dials_failed=self.tcp.counts.failed,
-            syn_retransmits_swallowed=self.tcp.counts.swallowed,
+            active_flows=self._tcp.active,
+            pending_dials=len(self._tcp.dials) if self._tcp.dials is not None else 0,
+            dials_ok=self._tcp.counts.ok,
+            dials_refused=self._tcp.counts.refused,
+            dials_failed=self._tcp.counts.failed,
+            syn_retransmits_swallowed=self._tcp.counts.swallowed,
             udp_sessions=len(self.udp),
             udp=frozen_copy(self.udp.counters),
             icmp_echo=frozen_copy(self.echo.counters),
             dns=frozen_copy(self.dns.counters) if self.dns is not None else None,
             uptime=self.uptime,
             flows=self._flows.totals(),
-            refused=frozen_copy(refused),
+            refused=refused,
         )
 
     @property

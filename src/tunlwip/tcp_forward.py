@@ -93,7 +93,7 @@ Failed = Callable[[FlowKey, bytes, OSError, float], None]
 class HeldSynDials:
     """The dials of held SYNs: connecting, then connected and waiting to be claimed.
 
-    ``on_connected(dial)`` runs when a connect succeeded (the gateway releases the SYN);
+    ``on_connected(dial)`` runs when a connect succeeded (``TcpForwarder`` releases the SYN);
     ``on_failed(key, packet, error, latency)`` when it failed or timed out (the socket is
     closed already). Both run on the trio thread, outside lwIP's callbacks.
     """
