@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 from typing import Any
 
 import pytest
@@ -18,7 +19,18 @@ from test_control import start_gateway
 from test_metrics import busy_gateway, parse
 from tunlwip import metrics
 from tunlwip.control import status
-from tunlwip.stats import METRICS, Fields, Stat, frozen_copy, stop_lines, totals_document
+from tunlwip.stats import (
+    DNS_STATUS_LINE,
+    DNS_STOP_LINE,
+    METRICS,
+    STATUS_LINES,
+    STOP_LINE,
+    Fields,
+    Stat,
+    frozen_copy,
+    stop_lines,
+    totals_document,
+)
 from tunlwip.udp import UdpCounters
 
 from packets import udp_packet
@@ -99,3 +111,25 @@ async def test_stop_lines_name_what_the_gateway_did(nursery: trio.Nursery) -> No
     dns = stop_lines(totals, drained=True)[1]
     assert dns.startswith("dns: queries 1 blocked 1 overridden 1 cached 2 (replayed 1)")
     assert "malformed 2;" in dns and dns.endswith("encrypted dns refused 0")
+
+
+async def test_every_path_the_reports_name_is_in_the_document(nursery: trio.Nursery) -> None:
+    """A misspelt path would print 0 (or NaN) forever: each one must name a number."""
+    gateway = await busy_gateway(nursery)
+    document = status(gateway, iface="tun9", max_flows=0)
+    given = {"grace", "drops", "echo_details"}
+    for template in (STOP_LINE, DNS_STOP_LINE, *STATUS_LINES, DNS_STATUS_LINE):
+        for _, field, _, _ in string.Formatter().parse(template):
+            if field is None or field in given:
+                continue
+            for path in field.split("+"):
+                value: Any = document["totals"]
+                for key in path.split("."):
+                    value = value[key]
+                assert isinstance(value, int), (template, path)
+    for entry in METRICS:
+        if isinstance(entry, Stat):
+            value = document
+            for key in entry.path.split("."):
+                value = value[key]
+            assert isinstance(value, (int, float)), entry

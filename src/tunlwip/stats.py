@@ -14,14 +14,16 @@ document it received (``tunlwip status``) is the one the gateway would render it
 - ``METRICS``: the declaration of each exported number: where it is in the document, its
   Prometheus name, kind (counter or gauge) and help. ``metric_families`` renders them;
   ``metrics.py`` only turns the families into the exposition format.
-- ``status_lines``: the counters block of ``tunlwip status``.
-- ``stop_lines``: the "stopped" (and "dns:") lines ``tunlwip up`` logs when it stops.
+- ``STATUS_LINES`` ... ``STOP_LINE``: the human reports as templates whose fields are paths
+  into the same document; ``status_lines`` (the counters block of ``tunlwip status``) and
+  ``stop_lines`` (what ``tunlwip up`` logs when it stops) fill them with one formatter.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import string
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -37,7 +39,11 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 __all__ = [
+    "DNS_STATUS_LINE",
+    "DNS_STOP_LINE",
     "METRICS",
+    "STATUS_LINES",
+    "STOP_LINE",
     "Family",
     "Fields",
     "GatewayStatistics",
@@ -285,10 +291,66 @@ def _field_families(fields: Fields, record: Mapping[str, Any] | None) -> Iterato
 
 
 # -- the human reports ------------------------------------------------------------------------
+#
+# Each line is a template whose fields are paths into the totals document, as in METRICS
+# ("{udp.opened}"; "{dns.cache_hits+dns.replayed}" is a sum), filled by ``_fill``. Only what is
+# not one number (lists of nonzero counters, the process) is built by code.
+
+#: What ``tunlwip up`` logs when it stops; ``{grace}`` and ``{drops}`` are given.
+STOP_LINE = (
+    "stopped{grace}: dials ok {dials_ok} refused {dials_refused} failed {dials_failed}; udp "
+    "sessions {udp.opened} expired {udp.expired} evicted {udp.evicted}; quic rejected "
+    "{stack.counters.udp_port_rejected}; echo replied {stack.counters.icmp_echo_replied} "
+    "forwarded {stack.counters.icmp_echo_forwarded}; packets in {stack.counters.packets_in} out "
+    "{stack.counters.packets_out} (GSO writes {stack.counters.output_gso_writes} carried "
+    "{stack.counters.output_segments_coalesced} more); drops {drops}"
+)
+#: ... and then, if the DNS proxy ran.
+DNS_STOP_LINE = (
+    "dns: queries {dns.queries} blocked {dns.blocked} overridden {dns.overridden} cached "
+    "{dns.cache_hits+dns.replayed} (replayed {dns.replayed}) forwarded {dns.forwarded} failed "
+    "{dns.upstream_failures} (timeouts {dns.timeouts}) truncated {dns.truncated} malformed "
+    "{dns.malformed+dns.formerr}; blocked by cname {dns.blocked_cname}; tcp deadline resets "
+    "{dns.tcp_timeouts}; encrypted dns refused {refused.encrypted_dns}"
+)
+#: The first lines of the counters block of ``tunlwip status``; ``{echo_details}`` is given.
+STATUS_LINES = (
+    "flows:     {flows.live_tcp} TCP and {flows.live_udp} UDP open; {flows.tcp} TCP, "
+    "{flows.udp} UDP since start",
+    "dials:     ok {dials_ok}, refused {dials_refused}, failed {dials_failed}, pending "
+    "{pending_dials}",
+    "udp:       sessions {udp.opened} opened, {udp.expired} expired, {udp.evicted} evicted; "
+    "datagrams {udp.datagrams_in} in, {udp.datagrams_out} out",
+    "icmp echo: replied {stack.counters.icmp_echo_replied}, forwarded "
+    "{stack.counters.icmp_echo_forwarded}{echo_details}",
+)
+DNS_STATUS_LINE = (
+    "dns:       queries {dns.queries}, blocked {dns.blocked}, cached "
+    "{dns.cache_hits+dns.replayed}, forwarded {dns.forwarded}, failed {dns.upstream_failures} "
+    "(timeouts {dns.timeouts})"
+)
+
+
+class _Filler(string.Formatter):
+    """Fills a template's fields from a document: a field is a dotted path, or paths joined by
+    "+" (their sum), or one of the values given by name; a number the document lacks is 0."""
+
+    def __init__(self, document: Mapping[str, Any]) -> None:
+        self.document = document
+
+    def get_field(self, field_name: str, args: Any, kwargs: Mapping[str, Any]) -> Any:
+        if field_name in kwargs:
+            return kwargs[field_name], field_name
+        values = [_find(self.document, path) for path in field_name.split("+")]
+        return sum(value or 0 for value in values), field_name
+
+
+def _fill(template: str, document: Mapping[str, Any], **given: Any) -> str:
+    return _Filler(document).vformat(template, (), given)
 
 
 def _counts(document: Mapping[str, Any], path: str) -> Mapping[str, Any]:
-    """The record at ``path``, empty where it is missing (a report then says 0)."""
+    """The record at ``path``, empty where it is missing (a report then says none)."""
     return _find(document, path) or {}
 
 
@@ -297,45 +359,28 @@ def _dropped(counters: Mapping[str, Any]) -> dict[str, int]:
     return {k[5:]: v for k, v in counters.items() if k.startswith("drop_") and v}
 
 
+def _spaced(name: str) -> str:
+    return name.replace("_", " ")
+
+
 def status_lines(document: Mapping[str, Any]) -> list[str]:
     """The counters block of ``tunlwip status``: flows, dials, UDP, echo, DNS, refusals,
     shares, the process and the drops, one line each."""
     totals = _counts(document, "totals")
-    flows = _counts(totals, "flows")
-    lines = [f"flows:     {flows.get('live_tcp', 0)} TCP and {flows.get('live_udp', 0)} "
-             f"UDP open; {flows.get('tcp', 0)} TCP, {flows.get('udp', 0)} UDP since "
-             "start"]  # fmt: skip
-    lines.append(f"dials:     ok {totals.get('dials_ok', 0)}, refused "
-                 f"{totals.get('dials_refused', 0)}, failed {totals.get('dials_failed', 0)}, "
-                 f"pending {totals.get('pending_dials', 0)}")  # fmt: skip
-    udp = _counts(totals, "udp")
-    lines.append(f"udp:       sessions {udp.get('opened', 0)} opened, {udp.get('expired', 0)} "
-                 f"expired, {udp.get('evicted', 0)} evicted; datagrams "
-                 f"{udp.get('datagrams_in', 0)} in, {udp.get('datagrams_out', 0)} out")  # fmt: skip
-    counters = _counts(totals, "stack.counters")
     echo = _counts(totals, "icmp_echo")
-    echo_details = "".join(f", {k.replace('_', ' ')} {v}" for k, v in echo.items() if v)
-    lines.append(f"icmp echo: replied {counters.get('icmp_echo_replied', 0)}, forwarded "
-                 f"{counters.get('icmp_echo_forwarded', 0)}{echo_details}")  # fmt: skip
+    echo_details = "".join(f", {_spaced(k)} {v}" for k, v in echo.items() if v)
+    lines = [_fill(line, totals, echo_details=echo_details) for line in STATUS_LINES]
     dns = totals.get("dns")
-    if dns:
-        cached = dns.get("cache_hits", 0) + dns.get("replayed", 0)
-        lines.append(f"dns:       queries {dns.get('queries', 0)}, blocked "
-                     f"{dns.get('blocked', 0)}, cached {cached}, forwarded "
-                     f"{dns.get('forwarded', 0)}, failed {dns.get('upstream_failures', 0)} "
-                     f"(timeouts {dns.get('timeouts', 0)})")  # fmt: skip
-    else:
-        lines.append("dns:       proxy off")
+    lines.append(_fill(DNS_STATUS_LINE, totals) if dns else "dns:       proxy off")
     share_prefix = "client_share_"
     all_refused = _counts(totals, "refused").items()
-    refused = {k.replace("_", " "): v for k, v in all_refused
-               if v and not k.startswith(share_prefix)}  # fmt: skip
-    refused["udp sessions"] = udp.get("refused_full", 0)
+    refused = {_spaced(k): v for k, v in all_refused if v and not k.startswith(share_prefix)}
+    refused["udp sessions"] = _counts(totals, "udp").get("refused_full", 0)
     refused["dns in flight"] = (dns or {}).get("overload", 0)
     at_limits = ", ".join(f"{k} {v}" for k, v in refused.items() if v)
     lines.append(f"refused:   {at_limits or 'none'}")
     # Refused because one client held its share of a budget that had room (``shares``).
-    at_shares = ", ".join(f"{k[len(share_prefix):].replace('_', ' ')} {v}"
+    at_shares = ", ".join(f"{_spaced(k.removeprefix(share_prefix))} {v}"
                           for k, v in all_refused if v and k.startswith(share_prefix))  # fmt: skip
     lines.append(f"shares:    {'refused ' + at_shares if at_shares else 'none refused'}")
     process = _counts(document, "process")
@@ -344,7 +389,7 @@ def status_lines(document: Mapping[str, Any]) -> list[str]:
         lines.append(f"process:   rss {human_bytes(process['rss_bytes'])}, open files "
                      f"{process.get('open_files', '?')} of {limit}")  # fmt: skip
     drops = _counts(document, "drops")
-    dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(drops.items()))
+    dropped = ", ".join(f"{_spaced(k)} {v}" for k, v in sorted(drops.items()))
     lines.append(f"drops:     {dropped or 'none'}")
     return lines
 
@@ -352,24 +397,11 @@ def status_lines(document: Mapping[str, Any]) -> list[str]:
 def stop_lines(totals: Mapping[str, Any], *, drained: bool) -> list[str]:
     """What ``tunlwip up`` logs when it stops (``totals``: ``totals_document``): dials, UDP,
     echo, packets and drops; then the DNS proxy's counters, if it ran."""
-    c, u = _counts(totals, "stack.counters"), _counts(totals, "udp")
-    lines = [f"stopped{'' if drained else ' (grace period over, flows reset)'}: dials ok "
-             f"{totals['dials_ok']} refused {totals['dials_refused']} failed "
-             f"{totals['dials_failed']}; udp sessions {u['opened']} expired {u['expired']} "
-             f"evicted {u['evicted']}; quic rejected {c['udp_port_rejected']}; echo replied "
-             f"{c['icmp_echo_replied']} forwarded {c['icmp_echo_forwarded']}; packets in "
-             f"{c['packets_in']} out {c['packets_out']} (GSO writes {c['output_gso_writes']} "
-             f"carried {c['output_segments_coalesced']} more); drops "
-             f"{_dropped(c) or 'none'}"]  # fmt: skip
-    d = totals.get("dns")
-    if d is not None:
-        lines.append(f"dns: queries {d['queries']} blocked {d['blocked']} overridden "
-                     f"{d['overridden']} cached {d['cache_hits'] + d['replayed']} (replayed "
-                     f"{d['replayed']}) forwarded {d['forwarded']} failed "
-                     f"{d['upstream_failures']} (timeouts {d['timeouts']}) truncated "
-                     f"{d['truncated']} malformed {d['malformed'] + d['formerr']}; blocked by "
-                     f"cname {d['blocked_cname']}; tcp deadline resets {d['tcp_timeouts']}; "
-                     f"encrypted dns refused {totals['refused']['encrypted_dns']}")  # fmt: skip
+    drops = _dropped(_counts(totals, "stack.counters")) or "none"
+    grace = "" if drained else " (grace period over, flows reset)"
+    lines = [_fill(STOP_LINE, totals, grace=grace, drops=drops)]
+    if totals.get("dns") is not None:
+        lines.append(_fill(DNS_STOP_LINE, totals))
     return lines
 
 
