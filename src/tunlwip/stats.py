@@ -60,6 +60,9 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class GatewayStatistics:
+    """A snapshot of every counter of the gateway (``Gateway.statistics()``), frozen all the
+    way down: the counter records are ``frozen_copy``s, ``stack.counters`` is read-only."""
+
     stack: StackStatistics
     active_flows: int
     pending_dials: int
