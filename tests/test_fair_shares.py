@@ -25,8 +25,8 @@ from test_gateway import serve_sha256, upload_and_check_digest
 from tunlwip import MemoryDevice
 from tunlwip.dns.proxy import DnsConfig
 from tunlwip.gateway import Gateway, GatewayConfig
-from tunlwip.predial import HeldDial
 from tunlwip.stack import StackConfig
+from tunlwip.tcp_forward import HeldDial
 from tunlwip.udp import UdpConfig
 
 from harness import on_loopback
@@ -85,7 +85,7 @@ async def test_a_client_at_its_dial_share_gets_rst_and_another_still_connects(
     port = await nursery.start(serve_sha256)
     config = GatewayConfig(dial_timeout=1.0, max_pending_dials=40, max_pending_dials_per_client=3)
     env = await start(nursery, config)
-    dials = env.gateway._dials
+    dials = env.gateway._tcp.dials
     assert dials is not None
     finish = dials._finished
 

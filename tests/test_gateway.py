@@ -22,8 +22,8 @@ from tunlwip.dialer import Dialer, Keepalive
 from tunlwip.endpoint import Endpoint
 from tunlwip.forward import SpliceResult, splice
 from tunlwip.gateway import Gateway, GatewayConfig
-from tunlwip.predial import HeldDial
 from tunlwip.tcp import LwipTcpStream
+from tunlwip.tcp_forward import HeldDial
 
 from harness import on_loopback
 from packets import ACK, FIN, RST, SYN, is_valid, parse, tcp_options, tcp_packet
@@ -129,7 +129,7 @@ async def test_syn_retransmits_are_swallowed_while_dialing(
     env: Env, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = await nursery.start(serve_sha256)
-    dials = env.gateway._dials
+    dials = env.gateway._tcp.dials
     assert dials is not None
     finished: list[HeldDial] = []
 

@@ -8,7 +8,7 @@ tests/integration/test_hardening_netns.py.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import pytest
 import trio
@@ -40,7 +40,7 @@ def drops(h: Harness) -> dict[str, int]:
     return h.stack.statistics().dropped
 
 
-def counters(h: Harness) -> dict[str, int]:
+def counters(h: Harness) -> Mapping[str, int]:
     return h.stack.statistics().counters
 
 

@@ -12,6 +12,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -35,7 +36,7 @@ class Env:
     def __init__(self, gateway: Gateway, device: MemoryDevice, wire: PacketWire) -> None:
         self.gateway, self.device, self.wire = gateway, device, wire
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> Mapping[str, int]:
         return self.gateway.statistics().stack.counters
 
     async def emitted(self) -> list[Any]:

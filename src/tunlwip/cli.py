@@ -31,6 +31,7 @@ from .errors import ConfigError, DeviceError, TunlwipError
 from .flows import write_flow_log
 from .gateway import Gateway
 from .service import configure_logging
+from .stats import stop_lines, totals_document
 
 log = logging.getLogger("tunlwip")
 
@@ -289,26 +290,8 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
                 service.stopping(f"stopping: {flows} flows get {current.grace:g} s")
                 break
         drained = await gateway.drain(current.grace)
-        stats = gateway.statistics()
-        c, u = stats.stack.counters, stats.udp
-        log.info("stopped%s: dials ok %d refused %d failed %d; udp sessions %d expired %d "
-                 "evicted %d; quic rejected %d; echo replied %d forwarded %d; packets in %d "
-                 "out %d (GSO writes %d carried %d more); drops %s",
-                 "" if drained else " (grace period over, flows reset)",
-                 stats.dials_ok, stats.dials_refused, stats.dials_failed, u.opened, u.expired,
-                 u.evicted, c["udp_port_rejected"], c["icmp_echo_replied"],
-                 c["icmp_echo_forwarded"], c["packets_in"], c["packets_out"],
-                 c["output_gso_writes"], c["output_segments_coalesced"],
-                 stats.stack.dropped or "none")  # fmt: skip
-        if stats.dns is not None:
-            d = stats.dns
-            log.info("dns: queries %d blocked %d overridden %d cached %d (replayed %d) "
-                     "forwarded %d failed %d (timeouts %d) truncated %d malformed %d; blocked "
-                     "by cname %d; tcp deadline resets %d; encrypted dns refused %d", d.queries,
-                     d.blocked, d.overridden, d.cache_hits + d.replayed, d.replayed, d.forwarded,
-                     d.upstream_failures, d.timeouts, d.truncated,
-                     d.malformed + d.formerr, d.blocked_cname, d.tcp_timeouts,
-                     stats.refused.encrypted_dns)  # fmt: skip
+        for line in stop_lines(totals_document(gateway.statistics()), drained=drained):
+            log.info("%s", line)
         # Stop the gateway alone first: flows still open are reset now and their records
         # (close reason "stopped") are written before the flow log closes at the end of its
         # subscription; a stuck disk gets FLOW_LOG_FLUSH_TIMEOUT, not forever.

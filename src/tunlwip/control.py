@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import json
 import logging
@@ -31,6 +30,7 @@ import trio
 from . import __version__
 from .errors import TunlwipError
 from .local_server import serve_clients
+from .stats import human_bytes, human_duration, status_lines, totals_document
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -69,7 +69,7 @@ def status(gateway: Gateway, *, iface: str | None = None,
         "pid": os.getpid(),
         "started": gateway.started,
         "uptime": round(stats.uptime, 3),
-        "totals": dataclasses.asdict(stats),
+        "totals": totals_document(stats),
         "drops": stats.stack.dropped,
         "process": process_usage(),
         "flows": [flow.to_json() for flow in flows],
@@ -376,61 +376,17 @@ def request(path: Path, message: dict[str, Any], *, timeout: float = REQUEST_TIM
 
 
 def format_status(doc: dict[str, Any]) -> str:
-    """The readable form of a status answer: totals, drops, then the flows by bytes."""
-    totals = doc.get("totals") or {}
+    """The readable form of a status answer: totals (``stats.status_lines``), drops, then the
+    flows by bytes."""
     lines = [f"tunlwip {doc.get('version', '?')} on {doc.get('iface') or '?'} "
-             f"(pid {doc.get('pid', '?')}), up {_duration(doc.get('uptime', 0))}"]  # fmt: skip
-    flows = totals.get("flows") or {}
-    lines.append(f"flows:     {flows.get('live_tcp', 0)} TCP and {flows.get('live_udp', 0)} "
-                 f"UDP open; {flows.get('tcp', 0)} TCP, {flows.get('udp', 0)} UDP since "
-                 "start")  # fmt: skip
-    lines.append(f"dials:     ok {totals.get('dials_ok', 0)}, refused "
-                 f"{totals.get('dials_refused', 0)}, failed {totals.get('dials_failed', 0)}, "
-                 f"pending {totals.get('pending_dials', 0)}")  # fmt: skip
-    udp = totals.get("udp") or {}
-    lines.append(f"udp:       sessions {udp.get('opened', 0)} opened, {udp.get('expired', 0)} "
-                 f"expired, {udp.get('evicted', 0)} evicted; datagrams "
-                 f"{udp.get('datagrams_in', 0)} in, {udp.get('datagrams_out', 0)} out")  # fmt: skip
-    counters = (totals.get("stack") or {}).get("counters") or {}
-    echo = totals.get("icmp_echo") or {}
-    echo_details = "".join(f", {k.replace('_', ' ')} {v}" for k, v in echo.items() if v)
-    lines.append(f"icmp echo: replied {counters.get('icmp_echo_replied', 0)}, forwarded "
-                 f"{counters.get('icmp_echo_forwarded', 0)}{echo_details}")  # fmt: skip
-    dns = totals.get("dns")
-    if dns:
-        cached = dns.get("cache_hits", 0) + dns.get("replayed", 0)
-        lines.append(f"dns:       queries {dns.get('queries', 0)}, blocked "
-                     f"{dns.get('blocked', 0)}, cached {cached}, forwarded "
-                     f"{dns.get('forwarded', 0)}, failed {dns.get('upstream_failures', 0)} "
-                     f"(timeouts {dns.get('timeouts', 0)})")  # fmt: skip
-    else:
-        lines.append("dns:       proxy off")
-    share_prefix = "client_share_"
-    all_refused = (totals.get("refused") or {}).items()
-    refused = {k.replace("_", " "): v for k, v in all_refused
-               if v and not k.startswith(share_prefix)}  # fmt: skip
-    refused["udp sessions"] = udp.get("refused_full", 0)
-    refused["dns in flight"] = (dns or {}).get("overload", 0)
-    at_limits = ", ".join(f"{k} {v}" for k, v in refused.items() if v)
-    lines.append(f"refused:   {at_limits or 'none'}")
-    # Refused because one client held its share of a budget that had room (``shares``).
-    at_shares = ", ".join(f"{k[len(share_prefix):].replace('_', ' ')} {v}"
-                          for k, v in all_refused if v and k.startswith(share_prefix))  # fmt: skip
-    lines.append(f"shares:    {'refused ' + at_shares if at_shares else 'none refused'}")
-    process = doc.get("process") or {}
-    if process.get("rss_bytes") is not None:
-        limit = process.get("open_files_limit") or "unlimited"
-        lines.append(f"process:   rss {_bytes(process['rss_bytes'])}, open files "
-                     f"{process.get('open_files', '?')} of {limit}")  # fmt: skip
-    drops = doc.get("drops") or {}
-    dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(drops.items()))
-    lines.append(f"drops:     {dropped or 'none'}")
+             f"(pid {doc.get('pid', '?')}), up {human_duration(doc.get('uptime', 0))}"]  # fmt: skip
+    lines += status_lines(doc)
     rows = [("PROTO", "CLIENT", "TARGET", "NAME", "UP", "DOWN", "AGE")]
     for flow in doc.get("flows") or []:
         rows.append((str(flow.get("protocol", "")), str(flow.get("client", "")),
                      str(flow.get("target", "")), str(flow.get("name") or "-"),
-                     _bytes(flow.get("bytes_up", 0)), _bytes(flow.get("bytes_down", 0)),
-                     _duration(flow.get("age", 0))))  # fmt: skip
+                     human_bytes(flow.get("bytes_up", 0)), human_bytes(flow.get("bytes_down", 0)),
+                     human_duration(flow.get("age", 0))))  # fmt: skip
     lines.append("")
     if len(rows) == 1:
         lines.append("no open flows")
@@ -445,26 +401,3 @@ def format_status(doc: dict[str, Any]) -> str:
     if omitted:
         lines.append(f"... and {omitted} more")
     return "\n".join(lines) + "\n"
-
-
-def _bytes(value: Any) -> str:
-    amount = float(value or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if amount < 1024 or unit == "TiB":
-            return f"{int(amount)} B" if unit == "B" else f"{amount:.1f} {unit}"
-        amount /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _duration(value: Any) -> str:
-    seconds = int(float(value or 0))
-    days, seconds = divmod(seconds, 86400)
-    hours, seconds = divmod(seconds, 3600)
-    minutes, seconds = divmod(seconds, 60)
-    if days:
-        return f"{days}d{hours:02d}h{minutes:02d}m"
-    if hours:
-        return f"{hours}h{minutes:02d}m{seconds:02d}s"
-    if minutes:
-        return f"{minutes}m{seconds:02d}s"
-    return f"{seconds}s"

@@ -171,7 +171,7 @@ class Dialer:
 
     def start_tcp(self, target: Endpoint) -> socket.socket:
         """A protected socket with a non-blocking connect to ``target`` under way: the caller
-        waits for it to turn writable, then reads SO_ERROR (``predial``). Raises OSError
+        waits for it to turn writable, then reads SO_ERROR (``tcp_forward``). Raises OSError
         (including ProtectError, or EMFILE when out of file descriptors) if it cannot start."""
         family = socket.AF_INET if target.family == 4 else socket.AF_INET6
         sock = self._protected_socket(family, socket.SOCK_STREAM)

@@ -2,11 +2,12 @@
 
 Theory of operation
 -------------------
-The gateway opens a ``LiveFlow`` in ``FlowTable`` when it starts handling a connection or a UDP
-session and closes it with a reason when the handler ends. A live flow does not copy byte
-counts: it reads them on demand from the stream or session that already keeps them, so the data
-path pays nothing per byte. Closing turns the flow into a frozen ``FlowRecord``, offered to
-every subscriber (``Gateway.flows()``).
+The gateway opens a ``LiveFlow`` in ``FlowTable`` (``track``) when it starts handling a
+connection or a UDP session and closes it with a reason when the handler ends. A live flow does
+not copy byte counts: it reads them on demand from the stream or session that already keeps them
+(or, once a C relay owns the flow, from the relay), so the data path pays nothing per byte.
+Closing turns the flow into a frozen ``FlowRecord``, offered to every subscriber
+(``Gateway.flows()``).
 
 Subscribers each have their own bounded buffer. A consumer that falls behind loses records (each
 one counted, on the subscription and in the totals) rather than slowing the gateway or growing
@@ -29,16 +30,22 @@ import time
 import weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import trio
 
 from .endpoint import Endpoint
+from .udp import UdpSession
+
+if TYPE_CHECKING:
+    from .tcp import LwipTcpStream
 
 log = logging.getLogger("tunlwip.flows")
 
 FlowProtocol = Literal["tcp", "udp"]
 ByteCounts = Callable[[], tuple[int, int]]  # () -> (bytes_up, bytes_down), read when needed
+#: (client, destination) -> the name the client resolved the destination by, or None.
+Namer = Callable[[Endpoint, Endpoint], "str | None"]
 DEFAULT_BUFFER = 10_000
 
 
@@ -237,10 +244,18 @@ class FlowSubscription:
         self._send.close()  # the consumer reads what is buffered, then iteration stops
 
 
-class FlowTable:
-    """The gateway's live flows and the subscribers to their records."""
+def _no_name(client: Endpoint, target: Endpoint) -> str | None:
+    return None
 
-    def __init__(self) -> None:
+
+class FlowTable:
+    """The gateway's live flows and the subscribers to their records.
+
+    ``name_for(client, target)`` names a new flow (the DNS proxy's memory of what the client
+    resolved); the gateway passes it once, so every flow is named the same way."""
+
+    def __init__(self, name_for: Namer = _no_name) -> None:
+        self._name_for = name_for
         self._live: dict[int, LiveFlow] = {}
         self._subscribers: weakref.WeakSet[FlowSubscription] = weakref.WeakSet()
         self._opened = {"tcp": 0, "udp": 0}
@@ -258,6 +273,19 @@ class FlowTable:
         self._opened[protocol] += 1
         self._open_now[protocol] += 1
         return flow
+
+    def track(self, conn: LwipTcpStream | UdpSession, target: Endpoint) -> LiveFlow:
+        """Open the record of ``conn`` (a TCP connection or a UDP session) to ``target``: named
+        by ``name_for``, its byte counts read from ``conn`` whenever they are needed."""
+        if isinstance(conn, UdpSession):
+            session = conn
+            return self.open("udp", session.client, target,
+                             lambda: (session.bytes_in, session.bytes_out),
+                             self._name_for(session.client, target))  # fmt: skip
+        stream = conn
+        return self.open("tcp", stream.remote, target,
+                         lambda: (stream.bytes_received, stream.bytes_sent),
+                         self._name_for(stream.remote, target))  # fmt: skip
 
     def close(self, flow: LiveFlow, reason: str) -> FlowRecord | None:
         """End ``flow``; returns its record (None if it was already closed)."""
@@ -278,10 +306,9 @@ class FlowTable:
         reason: str,
         *,
         connect_latency: float | None = None,
-        name: str | None = None,
     ) -> FlowRecord:
         """Record a flow that ended before it was handled (a failed dial before accept)."""
-        flow = self.open(protocol, client, target, name=name)
+        flow = self.open(protocol, client, target, name=self._name_for(client, target))
         if connect_latency is not None:
             flow.connect_latency = connect_latency
             flow.opened -= connect_latency

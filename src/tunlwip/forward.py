@@ -1,12 +1,11 @@
-"""The default forwarders: splice a TCP stream with its upstream, relay a UDP session.
+"""Splice a TCP stream with its upstream in Python: the building block of custom TCP handlers.
 
-TCP: client EOF becomes upstream ``send_eof`` (shutdown(SHUT_WR)) and vice versa, while the
-other direction keeps flowing. A broken direction (RST) ends both: the other side is reset too,
-never closed gracefully, so neither end mistakes a failure for a complete transfer.
+The gateway's default TCP forwarder hands both ends to a C relay instead (``tcp_forward``);
+``splice`` is for handlers that look at or change the stream (see examples/).
 
-UDP: datagrams are copied both ways between the session and a connected upstream socket until
-the session ends (idle sweep or eviction). A port-unreachable from upstream is mirrored to the
-client as ICMP, so the client's connected socket fails as it would on a direct path.
+Client EOF becomes upstream ``send_eof`` (shutdown(SHUT_WR)) and vice versa, while the other
+direction keeps flowing. A broken direction (RST) ends both: the other side is reset too, never
+closed gracefully, so neither end mistakes a failure for a complete transfer.
 """
 
 from __future__ import annotations
@@ -22,11 +21,8 @@ from dataclasses import dataclass
 import trio
 
 from .tcp import LwipTcpStream
-from .udp import UdpSession
 
 CHUNK = 65536
-MAX_DATAGRAM = 65535
-UDP_BURST = 64  # replies relayed before other tasks get a turn
 log = logging.getLogger("tunlwip.forward")
 
 
@@ -107,53 +103,3 @@ def _peek_safely(peek: Callable[[bytes], None], data: bytes | bytearray) -> None
         peek(bytes(data))
     except Exception:
         log.debug("first-data callback failed", exc_info=True)
-
-
-class DatagramRelay:
-    """Copies datagrams between ``session`` and a connected, non-blocking ``upstream`` socket:
-    ``to_upstream`` for each client datagram (the session's ``divert`` target: no task switch),
-    ``drain`` whenever the socket is readable (a burst of replies to the client). Errors drop
-    the datagram (UDP semantics), counted. A port-unreachable from upstream is mirrored to the
-    client as ICMP."""
-
-    __slots__ = ("_last_sent", "session", "upstream")
-
-    def __init__(self, session: UdpSession, upstream: socket.socket) -> None:
-        self.session = session
-        self.upstream = upstream
-        self._last_sent = b""
-
-    def to_upstream(self, data: bytes) -> None:
-        try:
-            self.upstream.send(data)
-            self._last_sent = data
-        except OSError as exc:  # buffer full (BlockingIOError), too big, unreachable
-            self.session.counters.dropped_to_upstream += 1
-            log.debug("UDP %s -> %s: datagram dropped: %s", self.session.client,
-                      self.session.target, exc)  # fmt: skip
-
-    def drain(self) -> None:
-        session = self.session
-        for _ in range(UDP_BURST):
-            try:
-                data = self.upstream.recv(MAX_DATAGRAM)
-            except BlockingIOError:
-                return
-            except ConnectionRefusedError:  # the destination said "port unreachable"
-                session.send_unreachable("port", self._last_sent)
-                continue
-            except OSError as exc:
-                log.debug("UDP %s <- %s: receive error: %s", session.client, session.target, exc)
-                continue
-            session.send_nowait(data)
-
-
-async def relay_datagrams(session: UdpSession, upstream: socket.socket) -> None:
-    """Relay between ``session`` and the connected, non-blocking ``upstream`` socket until the
-    session is closed (a task per session; the gateway's default path has none, see
-    ``Gateway._attach_udp``)."""
-    relay = DatagramRelay(session, upstream)
-    session.divert(relay.to_upstream)
-    while True:
-        await trio.lowlevel.wait_readable(upstream)
-        relay.drain()

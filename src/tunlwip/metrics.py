@@ -2,7 +2,8 @@
 
 Both render the same document, the control socket's ``status`` answer (``control.status``),
 so the two cannot disagree: counters (``_total``), drops and refusals by reason, DNS counters,
-and gauges (open flows, UDP sessions, pending dials, RSS, open files).
+and gauges (open flows, UDP sessions, pending dials, RSS, open files). Which numbers, under
+which names, is declared once in ``stats.METRICS``; this module only exposes them.
 
 Why ``prometheus_client``: its text exposition (escaping, number formatting, HELP/TYPE lines)
 and its parser are the format's reference. Only the pure parts are used: a collector of our
@@ -32,6 +33,7 @@ from . import control
 from .config import parse_listen
 from .errors import TunlwipError
 from .local_server import serve_clients
+from .stats import Family, metric_families
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -55,13 +57,6 @@ REQUEST_TIMEOUT = 5.0
 MAX_CLIENTS = 8
 PREFIX = "tunlwip_"
 
-#: Stack counters that are gauges (kept by the C side as current values, not totals).
-_STACK_GAUGES = {
-    "listeners": "catch-all TCP listeners lwIP holds now",
-    "udp_ports": "catch-all UDP PCBs lwIP holds now",
-    "tcp_half_open": "connections in SYN_RCVD now",
-}
-
 
 class MetricsError(TunlwipError):
     """The metrics endpoint cannot listen where ``metrics.listen`` says."""
@@ -71,95 +66,32 @@ class MetricsError(TunlwipError):
 
 
 class StatusCollector(Collector):
-    """The metric families of one status document (``control.status``'s answer)."""
+    """The metric families of one status document (``control.status``'s answer): the
+    gateway's identity, then every number ``stats.METRICS`` declares."""
 
     def __init__(self, document: Mapping[str, Any]) -> None:
         self.document = document
 
     def collect(self) -> Iterator[Metric]:
         doc = self.document
-        totals: Mapping[str, Any] = doc.get("totals") or {}
         info = GaugeMetricFamily(PREFIX + "info", "the gateway's version and interface (1)",
                                  labels=["version", "iface"])  # fmt: skip
         info.add_metric([str(doc.get("version", "")), str(doc.get("iface") or "")], 1)
         yield info
-        yield _gauge("uptime_seconds", "seconds since the gateway started", doc.get("uptime"))
-
-        flows = totals.get("flows") or {}
-        opened = CounterMetricFamily(PREFIX + "flows", "flows opened since start",
-                                     labels=["protocol"])  # fmt: skip
-        live = GaugeMetricFamily(PREFIX + "open_flows", "flows open now", labels=["protocol"])
-        for protocol in ("tcp", "udp"):
-            opened.add_metric([protocol], flows.get(protocol, 0))
-            live.add_metric([protocol], flows.get(f"live_{protocol}", 0))
-        yield opened
-        yield live
-        yield _counter("flow_records_dropped", "flow records a slow subscriber did not get",
-                       flows.get("records_dropped"))  # fmt: skip
-
-        dials = CounterMetricFamily(PREFIX + "dials", "upstream connects by result",
-                                    labels=["result"])  # fmt: skip
-        for result in ("ok", "refused", "failed"):
-            dials.add_metric([result], totals.get(f"dials_{result}", 0))
-        yield dials
-        yield _gauge("pending_dials", "SYNs held while their upstream connect runs",
-                     totals.get("pending_dials"))  # fmt: skip
-        yield _counter("syn_retransmits_swallowed",
-                       "client SYN retransmits swallowed while dialing",
-                       totals.get("syn_retransmits_swallowed"))  # fmt: skip
-        yield _gauge("udp_sessions", "UDP sessions open now", totals.get("udp_sessions"))
-        yield from _counters("udp", "UDP sessions and datagrams", totals.get("udp"))
-        yield from _counters("icmp_echo", "forwarded ICMP echo", totals.get("icmp_echo"))
-        if totals.get("dns") is not None:
-            yield from _counters("dns", "DNS proxy", totals.get("dns"))
-        yield _by_reason("refused", "new flows turned away at a limit", totals.get("refused"))
-
-        stack = totals.get("stack") or {}
-        counters: Mapping[str, int] = stack.get("counters") or {}
-        drops = {name[5:]: value for name, value in counters.items() if name.startswith("drop_")}
-        yield _by_reason("drops", "client packets dropped", drops)
-        for name, value in counters.items():
-            if name in _STACK_GAUGES:
-                yield _gauge(f"stack_{name}", _STACK_GAUGES[name], value)
-            elif not name.startswith("drop_"):
-                yield _counter(f"stack_{name}", f"stack counter {name} (docs/architecture.md)",
-                               value)  # fmt: skip
-        yield _gauge("tcp_connections", "TCP connections the stack holds now",
-                     stack.get("tcp_connections"))  # fmt: skip
-        yield _gauge("lwip_tcp_pcbs", "TCP PCBs lwIP holds now", stack.get("lwip_tcp_pcbs"))
-
-        process = doc.get("process") or {}
-        yield _gauge("resident_memory_bytes", "resident memory of the gateway process",
-                     process.get("rss_bytes"))  # fmt: skip
-        yield _gauge("open_files", "file descriptors the gateway holds", process.get("open_files"))
-        yield _gauge("open_files_limit", "its soft RLIMIT_NOFILE",
-                     process.get("open_files_limit"))  # fmt: skip
+        for family in metric_families(doc):
+            yield _exposed(family)
 
 
-def _number(value: Any) -> float:
-    """A counter's value; None (not known) exports as NaN, never as a made-up 0."""
-    return float("nan") if value is None else float(value)
-
-
-def _gauge(name: str, text: str, value: Any) -> GaugeMetricFamily:
-    return GaugeMetricFamily(PREFIX + name, text, value=_number(value))
-
-
-def _counter(name: str, text: str, value: Any) -> CounterMetricFamily:
-    return CounterMetricFamily(PREFIX + name, text, value=_number(value))
-
-
-def _counters(group: str, what: str, values: Mapping[str, Any] | None) -> Iterator[Metric]:
-    """One counter per field of a counters dataclass (``UdpCounters`` ...), by its name."""
-    for name, value in (values or {}).items():
-        yield _counter(f"{group}_{name}", f"{what}: {name.replace('_', ' ')}", value)
-
-
-def _by_reason(name: str, text: str, values: Mapping[str, Any] | None) -> CounterMetricFamily:
-    family = CounterMetricFamily(PREFIX + name, text, labels=["reason"])
-    for reason, value in sorted((values or {}).items()):
-        family.add_metric([reason], _number(value))
-    return family
+def _exposed(family: Family) -> Metric:
+    """``family`` as prometheus_client's metric family of its kind."""
+    kind = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
+    if family.label is None:
+        [(_, value)] = family.samples
+        return kind(PREFIX + family.metric, family.help, value=value)
+    exposed = kind(PREFIX + family.metric, family.help, labels=[family.label])
+    for label, value in family.samples:
+        exposed.add_metric([str(label)], value)
+    return exposed
 
 
 def render(document: Mapping[str, Any]) -> bytes:

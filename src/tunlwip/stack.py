@@ -28,7 +28,8 @@ import errno
 import ipaddress
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, NoReturn
 
 import trio
@@ -66,14 +67,19 @@ _ERR_MEM = -1
 
 @dataclasses.dataclass(frozen=True)
 class StackStatistics:
-    """A snapshot of the stack's counters (C counters plus Python-side state)."""
+    """A snapshot of the stack's counters (C counters plus Python-side state). ``counters`` is
+    read-only: a copy of the mapping given, so nothing can change the snapshot afterwards."""
 
     tcp_connections: int
     lwip_tcp_pcbs: int
-    counters: dict[str, int]
+    counters: Mapping[str, int]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "counters", MappingProxyType(dict(self.counters)))
 
     @property
     def dropped(self) -> dict[str, int]:
+        """The nonzero ``drop_*`` counters, by reason (the name without ``drop_``)."""
         return {k[5:]: v for k, v in self.counters.items() if k.startswith("drop_") and v}
 
 

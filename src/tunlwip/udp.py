@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 lwIP hands each client datagram to ``UdpSessions.on_datagram`` (via the stack's
 ``udp_receiver``). The first datagram of a flow opens a ``UdpSession`` and starts the handler
-(default: forward through a protected socket, see ``forward.relay_datagrams``) in its own task;
+(default: forward through a protected socket, see ``udp_forward``) in its own task;
 later datagrams are queued to that session. ``UdpSession.send`` answers the client from the
 original destination, whatever address that was.
 

@@ -1,0 +1,193 @@
+"""The gateway's UDP side: each session to the DNS proxy, a custom handler, or an upstream socket.
+
+Theory of operation
+-------------------
+``UdpSessions`` (``udp``) turns client datagrams into sessions and asks three things of this
+module: may a new session start (``admit``: routing loops and rejected DNS over QUIC are turned
+away), can it be forwarded without a task (``attach``), and, if not, which task handles it
+(``dispatch``).
+
+The default forwarder needs no task: ``attach`` opens a connected, protected UDP socket, the
+stack's poll set watches it, and a ``DatagramRelay`` copies datagrams both ways from callbacks
+(client datagrams are diverted to it before they are queued). DNS sessions, sessions of a custom
+``udp_handler``, and sessions whose socket could not be opened at once get a task
+(``dispatch``), which retries the socket and relays with ``relay_datagrams``, or answers ICMP
+host unreachable. A port-unreachable from upstream is mirrored to the client as ICMP, so the
+client's connected socket fails as it would on a direct path.
+
+Every session gets a flow record (``FlowTable.track``), closed with the session's end reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+import trio
+
+from .admission import FD_SHORTAGE, Admission
+from .dialer import Dialer
+from .endpoint import Endpoint
+from .errors import TunlwipError
+from .flows import FlowTable
+from .udp import UdpHandler, UdpSession
+
+if TYPE_CHECKING:
+    from .dns.proxy import DnsProxy
+    from .stack import LwipStack
+
+MAX_DATAGRAM = 65535
+UDP_BURST = 64  # replies relayed before other tasks get a turn
+# The loggers these messages had before they moved here (operators filter on them).
+log = logging.getLogger("tunlwip.gateway")
+relay_log = logging.getLogger("tunlwip.forward")
+
+
+class DatagramRelay:
+    """Copies datagrams between ``session`` and a connected, non-blocking ``upstream`` socket:
+    ``to_upstream`` for each client datagram (the session's ``divert`` target: no task switch),
+    ``drain`` whenever the socket is readable (a burst of replies to the client). Errors drop
+    the datagram (UDP semantics), counted. A port-unreachable from upstream is mirrored to the
+    client as ICMP."""
+
+    __slots__ = ("_last_sent", "session", "upstream")
+
+    def __init__(self, session: UdpSession, upstream: socket.socket) -> None:
+        self.session = session
+        self.upstream = upstream
+        self._last_sent = b""
+
+    def to_upstream(self, data: bytes) -> None:
+        try:
+            self.upstream.send(data)
+            self._last_sent = data
+        except OSError as exc:  # buffer full (BlockingIOError), too big, unreachable
+            self.session.counters.dropped_to_upstream += 1
+            relay_log.debug("UDP %s -> %s: datagram dropped: %s", self.session.client,
+                            self.session.target, exc)  # fmt: skip
+
+    def drain(self) -> None:
+        session = self.session
+        for _ in range(UDP_BURST):
+            try:
+                data = self.upstream.recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except ConnectionRefusedError:  # the destination said "port unreachable"
+                session.send_unreachable("port", self._last_sent)
+                continue
+            except OSError as exc:
+                relay_log.debug("UDP %s <- %s: receive error: %s", session.client,
+                                session.target, exc)  # fmt: skip
+                continue
+            session.send_nowait(data)
+
+
+async def relay_datagrams(session: UdpSession, upstream: socket.socket) -> None:
+    """Relay between ``session`` and the connected, non-blocking ``upstream`` socket until the
+    session is closed (a task per session; the gateway's default path has none, see
+    ``UdpForwarder.attach``)."""
+    relay = DatagramRelay(session, upstream)
+    session.divert(relay.to_upstream)
+    while True:
+        await trio.lowlevel.wait_readable(upstream)
+        relay.drain()
+
+
+#: A flow record's close reason for a session's end reason, where the two differ.
+_CLOSE_REASONS = {"idle": "idle timeout"}
+
+
+class UdpForwarder:
+    """The handlers ``UdpSessions`` calls: ``admit``, ``attach`` (None with a custom handler:
+    every session then gets a task) and ``dispatch``."""
+
+    def __init__(
+        self,
+        stack: LwipStack,
+        dialer: Dialer,
+        flows: FlowTable,
+        admission: Admission,
+        *,
+        dns: DnsProxy | None,
+        is_dns: Callable[[Endpoint], bool],
+        handler: UdpHandler | None = None,
+    ) -> None:
+        self._stack = stack
+        self._dialer = dialer
+        self._flows = flows
+        self._admission = admission
+        self._dns = dns
+        self._is_dns = is_dns
+        self._handler = handler or self.forward
+        self.attach: Callable[[UdpSession], bool] | None = None if handler else self._attach
+
+    def admit(self, client: Endpoint, target: Endpoint) -> bool | Literal["reject"]:
+        """A new UDP flow that is one of our own sockets coming back (an upstream's, the DNS
+        proxy's) is a loop; DNS over QUIC with ``dns.reject_encrypted`` is rejected."""
+        verdict = self._admission.screen("UDP", client, target)
+        if verdict == "loop":
+            return False
+        return "reject" if verdict == "encrypted_dns" else True
+
+    async def dispatch(self, session: UdpSession) -> None:
+        """A session's task: the DNS proxy's, the custom handler's, or ``forward``."""
+        flow = self._flows.track(session, session.target)
+        outcome = "closed"
+        try:
+            if self._dns is not None and self._is_dns(session.target):
+                await self._dns.serve_udp(session)
+            else:
+                await self._handler(session)
+        except trio.Cancelled:
+            outcome = "stopped"  # unless the session says why (idle, evicted) below
+            raise
+        except BaseException:
+            outcome = "error"
+            raise
+        finally:
+            reason = session.end_reason
+            self._flows.close(flow, _CLOSE_REASONS.get(reason, reason) if reason else outcome)
+
+    def _attach(self, session: UdpSession) -> bool:
+        """The default UDP forwarder without a task: a protected socket watched by the relay
+        poll task, datagrams copied by callbacks both ways (``DatagramRelay``). DNS sessions,
+        and sessions whose socket cannot be opened, go to the task path instead."""
+        if self._is_dns(session.target):
+            return False
+        try:
+            upstream = self._dialer.open_udp(session.target)
+        except (OSError, TunlwipError):
+            return False  # forward tries again and answers "unreachable"
+        relay = DatagramRelay(session, upstream)
+        try:
+            token = self._stack.watch_readable(upstream.fileno(), relay.drain)
+        except OSError:
+            upstream.close()
+            return False
+        flow = self._flows.track(session, session.target)
+
+        def end(reason: str) -> None:
+            self._stack.unwatch(upstream.fileno(), token)
+            upstream.close()
+            self._flows.close(flow, _CLOSE_REASONS.get(reason, reason))
+
+        session._on_end = end
+        session.divert(relay.to_upstream)
+        return True
+
+    async def forward(self, session: UdpSession) -> None:
+        """The default forwarder with a task (when ``attach`` could not open the socket)."""
+        try:
+            upstream = self._dialer.open_udp(session.target)
+        except (OSError, TunlwipError) as exc:
+            log.debug("UDP %s -> %s: cannot open upstream: %s", session.client, session.target,
+                      exc)  # fmt: skip
+            if isinstance(exc, OSError) and exc.errno in FD_SHORTAGE:
+                self._admission.fd_shortage(exc)
+            session.send_unreachable("host")
+            return
+        with upstream:
+            await relay_datagrams(session, upstream)
