@@ -4,17 +4,17 @@ Theory of operation
 -------------------
 lwIP (NO_SYS) is a single-threaded state machine. Everything that enters it (packets from the
 device, timers, writes and window updates from TCP streams) runs on the trio thread, one call at
-a time, and lwIP answers by invoking callbacks (see ``_binding``). Those callbacks only record
-events: they queue output packets, buffer received bytes and unpark waiting tasks. They never
-enter lwIP again.
+a time, and lwIP answers by invoking callbacks (``binding.callbacks``, whose ``Sink`` this stack
+is). Those callbacks only record events: they queue output packets, buffer received bytes and
+unpark waiting tasks. They never enter lwIP again.
 
-Four tasks drive it. The *poller* waits for one epoll set that C keeps: the device's fd (if
-the device has one: C reads batches of packets into lwIP, ``tl_input_fd``), the upstream
-sockets of C relays (``relay.py``) and watched sockets (UDP sessions); one wakeup serves them
-all. For a device without an fd the *reader* feeds packets to ``tl_input`` one by one. The
-*timer* runs ``sys_check_timeouts`` at most 250 ms apart; the *writer* delivers queued output
-to the device (unless the device let C write to its fd directly). lwIP's clock is trio's
-clock, so trio's ``autojump_clock`` makes retransmissions and TIME-WAIT instant in tests.
+Four tasks drive it. The *poller* waits for one epoll set that C keeps (``binding.relay``):
+the device's fd (if the device has one: C reads batches of packets into lwIP, ``tl_input_fd``),
+the upstream sockets of C relays (``relay.py``) and watched sockets (UDP sessions); one wakeup
+serves them all. For a device without an fd the *reader* feeds packets to lwIP one by one. The
+*timer* runs lwIP's timers at most 250 ms apart; the *writer* delivers queued output to the
+device (unless the device let C write to its fd directly). lwIP's clock is trio's clock, so
+trio's ``autojump_clock`` makes retransmissions and TIME-WAIT instant in tests.
 
 lwIP has global state and can be initialised once per process, so one stack runs at a time; a
 stack tears down by aborting its connections and removing its netif, after which another stack
@@ -29,12 +29,17 @@ import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
 import trio
 
-from . import _binding
-from ._binding import ffi, lib
+from .binding import callbacks, core
+from .binding import relay as crelay
+from .binding import tcp as ctcp
+from .binding.core import ECHO_MODES, UDP_PORT_ACTIONS
+from .binding.core import EchoMode as EchoMode
+from .binding.core import UdpPortAction as BlockedUdpAction
+from .binding.tcp import Pcb
 from .device import PacketDevice
 from .dialer import Keepalive
 from .endpoint import Endpoint
@@ -50,19 +55,15 @@ TcpHandler = Callable[[LwipTcpStream, Endpoint], Awaitable[None]]
 SynInterceptor = Callable[[bytes, Endpoint, Endpoint], bool]
 UdpReceiver = Callable[[Endpoint, Endpoint, bytes], None]
 EchoReceiver = Callable[[Endpoint, Endpoint, bytes], None]
-BlockedUdpAction = Literal["reject", "drop", "off"]
-EchoMode = Literal["reply", "forward", "off"]
-_UDP_ACTIONS = {"reject": lib.TL_UDP_REJECT, "drop": lib.TL_UDP_DROP, "off": lib.TL_UDP_PASS}
-_ECHO_MODES = {"reply": lib.TL_ECHO_REPLY, "forward": lib.TL_ECHO_FORWARD, "off": lib.TL_ECHO_OFF}
 
+_UDP_ACTIONS = UDP_PORT_ACTIONS
+_ECHO_MODES = ECHO_MODES
 _TIMER_CAP_SECONDS = 0.25
 _RELAY_POLL_BATCH = 256  # poll-set events handled per wakeup of the poll task
 _RELAY_SWEEP_SECONDS = 1.0
 _MIN_WAIT_IN_C = 0.001  # below this, trio's deadline is too close: go back to trio
 _MAX_WAIT_IN_C = 0.1  # then the poll task goes back through trio even when all is quiet
 _READ_BATCH = 64  # packets read before the reader lets other tasks run
-_SLEEPTIME_INFINITE = 0xFFFFFFFF
-_ERR_MEM = -1
 DEFAULT_IPV4 = ipaddress.IPv4Address("198.18.0.1")
 DEFAULT_IPV6 = ipaddress.IPv6Address("fd00:18::1")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -149,9 +150,6 @@ class StackStatistics:
         return {k[5:]: v for k, v in self.counters.items() if k.startswith("drop_") and v}
 
 
-_COUNTER_FIELDS = [name for name, _ in ffi.typeof("tl_counters").fields]
-
-
 def _device_failed(device: PacketDevice, err: int, operation: str = "read") -> DeviceError:
     """The error that stops the stack when ``operation`` on ``device`` failed with ``err``
     (EPIPE is how C reports end of file), naming the device and the errno; the OSError is
@@ -166,9 +164,9 @@ def _device_failed(device: PacketDevice, err: int, operation: str = "read") -> D
 
 def _apply_keepalive(keepalive: Keepalive | None) -> None:
     if keepalive is None:
-        lib.tl_set_tcp_keepalive(0, 0, 0)
+        core.set_tcp_keepalive(0, 0, 0)
     else:
-        lib.tl_set_tcp_keepalive(keepalive.idle * 1000, keepalive.interval * 1000, keepalive.count)
+        core.set_tcp_keepalive(keepalive.idle * 1000, keepalive.interval * 1000, keepalive.count)
 
 
 _active: LwipStack | None = None
@@ -199,11 +197,11 @@ class LwipStack:
         #: released when an id has left both ``_streams`` and ``_relays`` (``_conn_gone``).
         self.client_connections = ClientCounts()
         self._conn_clients: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
-        self._input_fd_identity: tuple[int, int, int] | None = None
         #: Let the poll task wait in C while trio is idle (``loopidle``); off: always via trio.
         self.wait_in_c = True
         self._streams: dict[int, LwipTcpStream] = {}
         self._relays: dict[int, Relay] = {}
+        self._input_fd_identity: tuple[int, int, int] | None = None
         self._watchers: dict[int, Callable[[], None]] = {}
         self._next_watch_token = 1
         #: Relays with no byte moved for this long are reset (None: never).
@@ -265,29 +263,23 @@ class LwipStack:
         _apply_keepalive(keepalive)
 
     def statistics(self) -> StackStatistics:
-        c = lib.tl_get_counters()
-        counters = {name: int(getattr(c, name)) for name in _COUNTER_FIELDS}
+        counters = core.counters()
         counters["packets_out"] += self._packets_sent_outside_lwip
         counters["callback_errors"] = self._callback_errors
-        relays = lib.tl_relay_get_counters()
-        counters["relays_opened"] = int(relays.opened)
-        counters["relay_spills"] = int(relays.spills)
-        counters["relay_upstream_full"] = int(relays.upstream_full)
-        counters["relay_client_full"] = int(relays.client_full)
-        counters["relay_poll_errors"] = int(relays.poll_errors)
+        counters.update(crelay.counters())
         counters["tcp_refused_at_limit"] = self._refused_at_limit
         counters["tcp_refused_buffers_full"] = self._refused_buffer_full
         counters["tcp_refused_client_share"] = self._refused_client_share
         return StackStatistics(
             tcp_connections=self.connection_count(),
-            lwip_tcp_pcbs=lib.tl_tcp_pcb_count(),
+            lwip_tcp_pcbs=core.tcp_pcb_count(),
             counters=counters,
         )
 
     def release_syn(self, packet: bytes) -> None:
         """Feed a SYN that ``syn_interceptor`` held back to lwIP, which then answers it."""
         self._tick_clock()
-        lib.tl_input_release(packet, len(packet))
+        core.input_release(packet)
         self._after_lwip()
 
     def send_to_client(self, packet: bytes) -> None:
@@ -322,20 +314,21 @@ class LwipStack:
         fd = upstream.detach()
         if pending:  # the first bytes arrived before the handover: name the flow now
             self._first_data(relay, pending)
-        out = ffi.new("void **")
         self._tick_clock()
-        rc = lib.tl_relay_open(pcb, fd, conn_id, pending, len(pending), client_eof,
-                               relay.on_first_data is not None, out)  # fmt: skip
-        self._after_lwip()
-        if rc != 0:
+        try:
+            handle = crelay.open_relay(pcb, fd, conn_id, pending, client_eof,
+                                       relay.on_first_data is not None)  # fmt: skip
+        except LwipError:
+            self._after_lwip()
             self._relays.pop(conn_id, None)
             self._conn_gone(conn_id)
             os.close(fd)
-            lib.tl_tcp_abort(pcb)
+            ctcp.abort(pcb)
             self._after_lwip()
-            raise LwipError(_ERR_MEM, "relay setup")
-        if out[0] != ffi.NULL:
-            relay._started(out[0])
+            raise
+        self._after_lwip()
+        if handle is not None:
+            relay._started(handle)
         return relay
 
     def watch_readable(self, fd: int, on_ready: Callable[[], None]) -> int:
@@ -353,43 +346,37 @@ class LwipStack:
     def _watch(self, fd: int, on_ready: Callable[[], None], *, writable: bool) -> int:
         token = self._next_watch_token
         self._next_watch_token += 1
-        rc = lib.tl_watch_add(fd, token, 1 if writable else 0)
-        if rc != 0:
-            raise OSError(-rc, f"cannot watch fd {fd}: {os.strerror(-rc)}")
+        crelay.watch_add(fd, token, writable)
         self._watchers[token] = on_ready
         return token
 
     def unwatch(self, fd: int, token: int) -> None:
         """Stop watching ``fd`` (registered as ``token``); harmless if already stopped."""
         if self._watchers.pop(token, None) is not None:
-            lib.tl_watch_del(fd)
+            crelay.watch_del(fd)
 
     def send_udp(self, data: bytes, *, src: Endpoint, dst: Endpoint) -> None:
         """Send a datagram to client ``dst`` appearing to come from ``src`` (any address);
         keyword-only, as a swapped pair of Endpoints would fail silently."""
-        err = lib.tl_udp_send(
-            _binding.endpoint_to_c(src), _binding.endpoint_to_c(dst), data, len(data)
-        )
-        self._after_lwip()
-        if err != 0:
-            raise LwipError(err, f"UDP send {src} -> {dst}")
+        try:
+            core.udp_send(data, src, dst)
+        finally:
+            self._after_lwip()
 
     def send_icmp(self, message: bytes, src: Endpoint, dst: Endpoint) -> None:
         """Send an ICMP/ICMPv6 message (checksum filled in) to client ``dst`` from ``src``;
         ports are ignored. lwIP fragments it if it exceeds the MTU."""
-        err = lib.tl_icmp_send(
-            _binding.endpoint_to_c(src), _binding.endpoint_to_c(dst), message, len(message)
-        )
-        self._after_lwip()
-        if err != 0:
-            raise LwipError(err, f"ICMP send {src.address} -> {dst.address}")
+        try:
+            core.icmp_send(message, src, dst)
+        finally:
+            self._after_lwip()
 
     def inject_packet(self, packet: bytes) -> None:
         """Process one client packet now (what the reader task does for device packets)."""
         self._tick_clock()
-        lib.tl_input(packet, len(packet))
-        if lib.tl_sleeptime() == 0:
-            lib.tl_check_timeouts()
+        core.input_packet(packet)
+        if core.sleeptime() == 0:
+            core.check_timeouts()
         self._after_lwip()
 
     def set_host_addresses(
@@ -401,49 +388,31 @@ class LwipStack:
         ``forward_local_destinations``, like loopback. Returns how many were set."""
         own = {self.config.ipv4_address, self.config.ipv6_address}
         chosen = sorted({a for a in addresses if a not in own}, key=lambda a: (a.version, a))
-        c_addrs = ffi.new("tl_endpoint[]", max(1, len(chosen)))
-        for i, address in enumerate(chosen):
-            c_addrs[i].family = address.version
-            ffi.memmove(c_addrs[i].addr, address.packed, len(address.packed))
-        err = lib.tl_set_host_addresses(c_addrs, len(chosen))
-        if err != 0:
-            why = "out of memory" if err == -2 else "too many (at most 1048576)"
-            raise TunlwipError(f"cannot refuse {len(chosen)} host addresses: {why}")
+        core.set_host_addresses(chosen)
         return len(chosen)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _start_lwip(self) -> None:
         cfg = self.config
-        self._clock_base_ms = lib.tl_now()
+        self._clock_base_ms = core.now()
         self._clock_origin = trio.current_time()
-        rc = lib.tl_init(cfg.mtu, cfg.ipv4_address.packed, cfg.ipv6_address.packed)
-        if rc != 0:
-            raise TunlwipError(f"lwIP netif setup failed ({rc})")
-        _binding.set_sink(self)
-        lib.tl_reset_counters()
-        lib.tl_relay_reset_counters()
-        lib.tl_set_checksum_check(1 if cfg.verify_checksums else 0)
+        core.init(cfg.mtu, cfg.ipv4_address, cfg.ipv6_address)
+        callbacks.set_sink(self)
+        core.reset_counters()
+        crelay.reset_counters()
+        core.set_checksum_check(cfg.verify_checksums)
         _apply_keepalive(self._tcp_keepalive)  # lwIP is global: another stack may have set it
-        nets = cfg.client_networks
-        c_nets = ffi.new("tl_endpoint[]", max(1, len(nets)))
-        prefixes = ffi.new("uint8_t[]", max(1, len(nets)))
-        for i, net in enumerate(nets):
-            packed = net.network_address.packed
-            c_nets[i].family = net.version
-            ffi.memmove(c_nets[i].addr, packed, len(packed))
-            prefixes[i] = net.prefixlen
-        if lib.tl_set_client_networks(c_nets, prefixes, len(nets)) != 0:
-            raise TunlwipError("invalid client networks")
+        core.set_client_networks(cfg.client_networks)
         # A device whose packets carry a virtio-net header (a TUN we opened) gets its output
         # coalesced into GSO writes in C; the header applies to the C reader's reads too.
-        lib.tl_set_vnet_hdr(1 if getattr(self.device, "vnet_header", False) else 0)
+        core.set_vnet_header(bool(getattr(self.device, "vnet_header", False)))
         fd = getattr(self.device, "direct_output_fd", None)
         if callable(fd):
             out_fd = fd()
             if out_fd is not None:
-                lib.tl_set_output_fd(out_fd)
-        lib.tl_set_hold_syns(1 if self.syn_interceptor is not None else 0)
-        lib.tl_set_forward_local(1 if cfg.forward_local_destinations else 0)
+                core.set_output_fd(out_fd)
+        core.set_hold_syns(self.syn_interceptor is not None)
+        core.set_forward_local(cfg.forward_local_destinations)
         self._apply_packet_policy(cfg, None)
         self._running = True
 
@@ -460,31 +429,31 @@ class LwipStack:
     def _apply_packet_policy(self, cfg: StackConfig, old: StackConfig | None) -> None:
         if old is not None:
             for port in old.blocked_udp_ports:
-                lib.tl_set_udp_port_action(port, lib.TL_UDP_PASS)
+                core.set_udp_port_action(port, "off")
         if cfg.blocked_udp_action != "off":
             for port in cfg.blocked_udp_ports:
-                lib.tl_set_udp_port_action(port, _UDP_ACTIONS[cfg.blocked_udp_action])
+                core.set_udp_port_action(port, cfg.blocked_udp_action)
         echo = cfg.icmp_echo
         if echo == "forward" and self.icmp_echo_receiver is None:
             log.warning("icmp_echo is 'forward' but nothing receives echoes; replying instead")
             echo = "reply"
-        lib.tl_set_icmp_echo_mode(_ECHO_MODES[echo])
-        lib.tl_set_max_half_open(cfg.max_half_open)
+        core.set_icmp_echo_mode(echo)
+        core.set_max_half_open(cfg.max_half_open)
 
     def _stop_lwip(self) -> None:
         self._running = False
         self._tick_clock()
-        lib.tl_poll_set_input(-1)
-        lib.tl_relay_wait_with(-1)
-        lib.tl_relay_abort_all()  # closes every upstream socket (reported as "stopped")
+        crelay.stop_input()
+        crelay.wait_with(-1)
+        crelay.abort_all()  # closes every upstream socket (reported as "stopped")
         for stream in list(self._streams.values()):
             stream._on_stack_stopped()
         self._streams.clear()
         self._conn_clients.clear()
         self.client_connections.clear()
         self._tick_clock()
-        lib.tl_deinit()
-        _binding.set_sink(None)
+        core.deinit()
+        callbacks.set_sink(None)
         self._outbox.clear()
         self._accepted.clear()
         self._after.clear()
@@ -498,9 +467,10 @@ class LwipStack:
             return
         # The fast path: the poll set reads the device in C (``_poller``), so one wakeup
         # serves client packets and upstream sockets alike.
-        rc = lib.tl_poll_set_input(fd)
-        if rc != 0:  # e.g. the fd was closed before the stack got to watch it
-            raise _device_failed(self.device, -rc, "poll")
+        try:
+            crelay.set_input(fd)
+        except OSError as exc:  # e.g. the fd was closed before the stack got to watch it
+            raise _device_failed(self.device, exc.errno or errno.EBADF, "poll") from None
         st = os.fstat(fd)
         self._input_fd_identity = (fd, st.st_dev, st.st_ino)
 
@@ -527,11 +497,13 @@ class LwipStack:
         cannot starve other tasks. A failed device read (the TUN deleted, the fd closed: EOF,
         EBADFD, EBADF, EIO) stops the stack with ``DeviceError``: no packet can arrive any
         more, and running on would hold every upstream open until its idle timeout."""
-        epoll_fd = lib.tl_relay_epoll_fd()
-        if epoll_fd < 0:
-            raise TunlwipError(f"cannot create the poll set: {os.strerror(-epoll_fd)}")
+        try:
+            epoll_fd = crelay.epoll_fd()
+        except OSError as exc:
+            reason = os.strerror(exc.errno or errno.EIO)
+            raise TunlwipError(f"cannot create the poll set: {reason}") from None
         probe = LoopIdleProbe.current() if self.wait_in_c else None
-        if probe is not None and lib.tl_relay_wait_with(probe.io_fd) != 0:
+        if probe is not None and not crelay.wait_with(probe.io_fd):
             probe = None  # cannot wait on trio's epoll set: always wait through trio
         while True:
             await trio.lowlevel.wait_readable(epoll_fd)
@@ -542,40 +514,40 @@ class LwipStack:
             while probe is not None and (idle := probe.idle_seconds()) > _MIN_WAIT_IN_C:
                 timeout_ms = int(min(idle, _MAX_WAIT_IN_C) * 1000)
                 origin = self._clock_origin - probe.monotonic_offset
-                why = lib.tl_relay_run(timeout_ms, self._clock_base_ms, origin)
+                why = crelay.run(timeout_ms, self._clock_base_ms, origin)
                 self._tick_clock()
                 self._after_serving()
-                if why != lib.TL_RUN_PYTHON:
+                if why != crelay.RUN_PYTHON:
                     break  # trio has I/O or a deadline, or a signal came: go through trio
 
     def _serve_poll_set(self) -> None:
         """Handle what the poll set has ready: device packets, relays, watchers."""
         self._tick_clock()
-        lib.tl_relay_poll(_RELAY_POLL_BATCH)
-        if lib.tl_sleeptime() == 0:
-            lib.tl_check_timeouts()
+        crelay.poll(_RELAY_POLL_BATCH)
+        if core.sleeptime() == 0:
+            core.check_timeouts()
         self._after_serving()
 
     def _after_serving(self) -> None:
         """What Python does after the poll set was served: queued work, a failed device."""
         self._after_lwip()
-        if (err := lib.tl_poll_input_error()) != 0:
-            lib.tl_poll_set_input(-1)  # clears the error: report it once
+        if (err := crelay.input_error()) != 0:
+            crelay.stop_input()  # clears the error: report it once
             raise _device_failed(self.device, err)
 
     async def _timer(self) -> None:
         next_sweep = trio.current_time()
         while True:
             self._tick_clock()
-            lib.tl_check_timeouts()
+            core.check_timeouts()
             if trio.current_time() >= next_sweep:
                 next_sweep = trio.current_time() + _RELAY_SWEEP_SECONDS
                 self._check_input_fd()
                 idle = self.relay_idle_timeout
-                lib.tl_relay_sweep(0 if idle is None else max(1, int(idle * 1000)))
+                crelay.sweep(0 if idle is None else max(1, int(idle * 1000)))
             self._after_lwip()
-            sleep_ms = lib.tl_sleeptime()
-            delay = _TIMER_CAP_SECONDS if sleep_ms == _SLEEPTIME_INFINITE else sleep_ms / 1000
+            sleep_ms = core.sleeptime()
+            delay = _TIMER_CAP_SECONDS if sleep_ms == core.SLEEPTIME_INFINITE else sleep_ms / 1000
             await trio.sleep(min(delay, _TIMER_CAP_SECONDS))
 
     def _check_input_fd(self) -> None:
@@ -607,7 +579,7 @@ class LwipStack:
     # -- helpers used by streams --------------------------------------------------------------
     def _tick_clock(self) -> None:
         elapsed_ms = int((trio.current_time() - self._clock_origin) * 1000)
-        lib.tl_set_now((self._clock_base_ms + elapsed_ms) & 0xFFFFFFFF)
+        core.set_now((self._clock_base_ms + elapsed_ms) & 0xFFFFFFFF)
 
     def call_after_lwip(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` as soon as the current lwIP call returns: how a callback (which must
@@ -678,8 +650,8 @@ class LwipStack:
         finally:
             stream._close_now()
 
-    # -- lwIP callbacks (via _binding); never re-enter lwIP here --------------------------------
-    def on_accept(self, pcb: Any) -> int:
+    # -- lwIP callbacks (binding.callbacks.Sink); never re-enter lwIP here -----------------------
+    def on_accept(self, pcb: Pcb) -> int:
         if not self._running:
             return 0
         if self.connection_count() >= self.config.max_tcp_connections:
@@ -688,16 +660,13 @@ class LwipStack:
         if self._streams and self.buffered_bytes() >= self.config.max_buffered_bytes:
             self._refused_buffer_full += 1
             return 0
-        local = ffi.new("tl_endpoint *")
-        remote = ffi.new("tl_endpoint *")
-        lib.tl_tcp_endpoints(pcb, local, remote)
-        client = _binding.endpoint_from_c(remote)
+        local, client = ctcp.endpoints(pcb)
         if self.client_connections.count(client.address) >= self.config.connection_share:
             self._refused_client_share += 1
             return 0
         conn_id = self._next_conn_id
         self._next_conn_id += 1
-        stream = LwipTcpStream(self, conn_id, pcb, _binding.endpoint_from_c(local), client)
+        stream = LwipTcpStream(self, conn_id, pcb, local, client)
         self._streams[conn_id] = stream
         self._conn_clients[conn_id] = client.address
         self.client_connections.add(client.address)

@@ -24,13 +24,15 @@ Invariants:
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
-from ._binding import ERR_ABRT, ERR_CLSD, ERR_RST, TCP_STATES, ffi, lib
+from .binding import tcp as ctcp
+from .binding.err import Err, err_name
+from .binding.tcp import Pcb
 from .endpoint import Endpoint
-from .errors import ERR_NAMES
+from .errors import LwipError
 
 if TYPE_CHECKING:
     from .stack import LwipStack
@@ -61,11 +63,11 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
     """
 
     def __init__(
-        self, stack: LwipStack, conn_id: int, pcb: Any, local: Endpoint, remote: Endpoint
+        self, stack: LwipStack, conn_id: int, pcb: Pcb, local: Endpoint, remote: Endpoint
     ) -> None:
         self._stack = stack
         self._conn_id = conn_id
-        self._pcb: Any = pcb
+        self._pcb: Pcb | None = pcb
         self.local = local
         self.remote = remote
         self._recv_buffer = bytearray()
@@ -88,7 +90,7 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
     def state(self) -> str:
         """lwIP's TCP state, or why the connection is gone."""
         if self._pcb is not None:
-            return str(TCP_STATES[lib.tl_tcp_state(self._pcb)])
+            return ctcp.state(self._pcb)
         return self._error or ("CLOSED" if self._closed else "FINISHING")
 
     # -- trio.abc.ReceiveStream -----------------------------------------------------------------
@@ -110,10 +112,10 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
                 data = bytes(view[:max_bytes])
             del self._recv_buffer[:max_bytes]
             if data and self._pcb is not None:
-                lib.tl_tcp_recved(self._pcb, len(data))
+                ctcp.recved(self._pcb, len(data))
                 if self._recv_deferred:  # room again: lwIP offers what it kept (may recurse
                     self._recv_deferred = False  # into _on_recv, which may refuse again)
-                    lib.tl_tcp_offer_deferred(self._pcb)
+                    ctcp.offer_deferred(self._pcb)
                 self._stack._after_lwip()
             if not self._recv_buffer:
                 self._maybe_finish()
@@ -127,16 +129,18 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
             total = len(data)
             if total == 0:
                 return
-            buffer = ffi.from_buffer("uint8_t[]", data)
+            buffer = ctcp.send_buffer(data)
             offset = 0
             while True:
                 self._check_can_send()
                 if self._pcb is None:
                     raise trio.BrokenResourceError(f"connection {self._error or 'gone'}")
-                queued = lib.tl_tcp_write(self._pcb, buffer + offset, total - offset)
-                self._stack._after_lwip()
-                if queued < 0:
-                    raise trio.BrokenResourceError(f"lwIP write failed: {ERR_NAMES.get(queued)}")
+                try:
+                    queued = ctcp.write(self._pcb, buffer + offset, total - offset)
+                except LwipError as exc:
+                    raise trio.BrokenResourceError(f"lwIP write failed: {exc.name}") from None
+                finally:
+                    self._stack._after_lwip()
                 offset += queued
                 self.bytes_sent += queued
                 if offset >= total:
@@ -147,7 +151,7 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
         with self._send_conflict:
             self._check_can_send()
             await trio.lowlevel.checkpoint()
-            while self._pcb is not None and not self._closed and lib.tl_tcp_sndbuf(self._pcb) == 0:
+            while self._pcb is not None and not self._closed and ctcp.sndbuf(self._pcb) == 0:
                 await self._send_lot.park()
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
@@ -164,10 +168,12 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
                 if self._error is not None:
                     raise trio.BrokenResourceError(f"connection {self._error}")
                 return
-            err = lib.tl_tcp_shutdown_tx(self._pcb)
-            self._stack._after_lwip()
-            if err != 0:
-                raise trio.BrokenResourceError(f"lwIP shutdown failed: {ERR_NAMES.get(err)}")
+            try:
+                ctcp.shutdown_tx(self._pcb)
+            except LwipError as exc:
+                raise trio.BrokenResourceError(f"lwIP shutdown failed: {exc.name}") from None
+            finally:
+                self._stack._after_lwip()
             self._maybe_finish()
 
     # -- closing ----------------------------------------------------------------------------
@@ -178,7 +184,7 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
     def abort(self) -> None:
         """Reset the connection now: the client sees RST (mirrors an upstream reset)."""
         if self._pcb is not None:
-            lib.tl_tcp_abort(self._pcb)
+            ctcp.abort(self._pcb)
             self._pcb = None
             self._stack._after_lwip()
         if self._error is None:
@@ -192,13 +198,13 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
         self._closed = True
         if self._pcb is not None:
             # Like close(2): FIN, or RST if the client's bytes were left unread.
-            lib.tl_tcp_close(self._pcb)
+            ctcp.close(self._pcb)
             self._pcb = None
             self._stack._after_lwip()
         self._stack._forget(self._conn_id)
         self._wake_all()
 
-    def _hand_over(self) -> tuple[Any, bytes, bool]:
+    def _hand_over(self) -> tuple[Pcb, bytes, bool]:
         """Give the connection to a C relay: returns (PCB, bytes received but not read, client
         EOF seen). The stream is closed afterwards; lwIP's callbacks go to the relay."""
         if self._closed:
@@ -229,7 +235,7 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
             and self._eof_received
             and not self._recv_buffer
         ):
-            lib.tl_tcp_close(self._pcb)
+            ctcp.close(self._pcb)
             self._pcb = None
             self._stack._after_lwip()
             self._stack._forget(self._conn_id)
@@ -260,16 +266,16 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
 
     def _on_error(self, err: int) -> None:
         self._pcb = None  # lwIP has freed it
-        if err == ERR_CLSD:
+        if err == Err.ERR_CLSD:
             # Both FINs exchanged and lwIP finishes on its own (LAST-ACK done, or our FIN went
             # first): a clean end, not an error. Unread bytes stay readable.
             self._eof_received = True
-        elif err == ERR_RST:
+        elif err == Err.ERR_RST:
             self._error = "reset by the client"
-        elif err == ERR_ABRT:
+        elif err == Err.ERR_ABRT:
             self._error = "aborted (timeout)"
         else:
-            self._error = f"failed ({ERR_NAMES.get(err, err)})"
+            self._error = f"failed ({err_name(err) or err})"
         self._wake_all()
 
     def _on_stack_stopped(self) -> None:
