@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from tunlwip import TunDevice
+from tunlwip import TunDevice, pollset
 from tunlwip import stack as stack_module
 from tunlwip.endpoint import Endpoint
 from tunlwip.stack import LwipStack, StackConfig
@@ -55,7 +55,7 @@ def _in_a_while(
 def stretched_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """The loop in C returns after at most the wait's cap or trio's next deadline (the timer
     task's, among others): make both long, so a late wake-up stands out from noise."""
-    monkeypatch.setattr(stack_module, "_MAX_WAIT_IN_C", FALLBACK)
+    monkeypatch.setattr(pollset, "_MAX_WAIT_IN_C", FALLBACK)
     monkeypatch.setattr(stack_module, "_TIMER_CAP_SECONDS", FALLBACK)
 
 

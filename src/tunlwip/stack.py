@@ -8,13 +8,14 @@ a time, and lwIP answers by invoking callbacks (``binding.callbacks``, whose ``S
 is). Those callbacks only record events: they queue output packets, buffer received bytes and
 unpark waiting tasks. They never enter lwIP again.
 
-Four tasks drive it. The *poller* waits for one epoll set that C keeps (``binding.relay``):
+Four tasks drive it. The *poller* (``pollset.PollSet``) waits for one epoll set that C keeps:
 the device's fd (if the device has one: C reads batches of packets into lwIP, ``tl_input_fd``),
 the upstream sockets of C relays (``relay.py``) and watched sockets (UDP sessions); one wakeup
 serves them all. For a device without an fd the *reader* feeds packets to lwIP one by one. The
 *timer* runs lwIP's timers at most 250 ms apart; the *writer* delivers queued output to the
-device (unless the device let C write to its fd directly). lwIP's clock is trio's clock, so
-trio's ``autojump_clock`` makes retransmissions and TIME-WAIT instant in tests.
+device (unless the device let C write to its fd directly). lwIP's clock is trio's clock
+(``pollset.LwipClock``), so trio's ``autojump_clock`` makes retransmissions and TIME-WAIT
+instant in tests.
 
 lwIP has global state and can be initialised once per process, so one stack runs at a time; a
 stack tears down by aborting its connections and removing its netif, after which another stack
@@ -24,7 +25,6 @@ may run (tests do this constantly).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import ipaddress
 import logging
 import os
@@ -43,8 +43,8 @@ from .binding.tcp import Pcb
 from .device import PacketDevice
 from .dialer import Keepalive
 from .endpoint import Endpoint
-from .errors import DeviceError, LwipError, TunlwipError
-from .loopidle import LoopIdleProbe
+from .errors import LwipError, TunlwipError
+from .pollset import LwipClock, PollSet
 from .relay import FirstDataCallback, Relay
 from .shares import ClientCounts, share_of
 from .tcp import LwipTcpStream
@@ -59,10 +59,7 @@ EchoReceiver = Callable[[Endpoint, Endpoint, bytes], None]
 _UDP_ACTIONS = UDP_PORT_ACTIONS
 _ECHO_MODES = ECHO_MODES
 _TIMER_CAP_SECONDS = 0.25
-_RELAY_POLL_BATCH = 256  # poll-set events handled per wakeup of the poll task
 _RELAY_SWEEP_SECONDS = 1.0
-_MIN_WAIT_IN_C = 0.001  # below this, trio's deadline is too close: go back to trio
-_MAX_WAIT_IN_C = 0.1  # then the poll task goes back through trio even when all is quiet
 _READ_BATCH = 64  # packets read before the reader lets other tasks run
 DEFAULT_IPV4 = ipaddress.IPv4Address("198.18.0.1")
 DEFAULT_IPV6 = ipaddress.IPv6Address("fd00:18::1")
@@ -150,18 +147,6 @@ class StackStatistics:
         return {k[5:]: v for k, v in self.counters.items() if k.startswith("drop_") and v}
 
 
-def _device_failed(device: PacketDevice, err: int, operation: str = "read") -> DeviceError:
-    """The error that stops the stack when ``operation`` on ``device`` failed with ``err``
-    (EPIPE is how C reports end of file), naming the device and the errno; the OSError is
-    its cause."""
-    name = getattr(device, "name", "") or type(device).__name__
-    why = "end of file" if err == errno.EPIPE else \
-        f"{os.strerror(err)} ({errno.errorcode.get(err, err)})"  # fmt: skip
-    exc = DeviceError(f"packet device {name} failed: {operation}: {why}; stopping")
-    exc.__cause__ = OSError(err, os.strerror(err))
-    return exc
-
-
 def _apply_keepalive(keepalive: Keepalive | None) -> None:
     if keepalive is None:
         core.set_tcp_keepalive(0, 0, 0)
@@ -201,9 +186,8 @@ class LwipStack:
         self.wait_in_c = True
         self._streams: dict[int, LwipTcpStream] = {}
         self._relays: dict[int, Relay] = {}
-        self._input_fd_identity: tuple[int, int, int] | None = None
-        self._watchers: dict[int, Callable[[], None]] = {}
-        self._next_watch_token = 1
+        self._clock = LwipClock()
+        self._poll_set = PollSet(device, self._clock, self._after_lwip)
         #: Relays with no byte moved for this long are reset (None: never).
         self.relay_idle_timeout: float | None = None
         self._tcp_keepalive: Keepalive | None = None
@@ -212,8 +196,6 @@ class LwipStack:
         self._output_ready = trio.Event()
         self._handler: TcpHandler | None = None
         self._handler_nursery: trio.Nursery | None = None
-        self._clock_base_ms = 0
-        self._clock_origin = 0.0
         self._running = False
         self._callback_errors = 0
         self._packets_sent_outside_lwip = 0
@@ -278,7 +260,7 @@ class LwipStack:
 
     def release_syn(self, packet: bytes) -> None:
         """Feed a SYN that ``syn_interceptor`` held back to lwIP, which then answers it."""
-        self._tick_clock()
+        self._clock.tick()
         core.input_release(packet)
         self._after_lwip()
 
@@ -314,7 +296,7 @@ class LwipStack:
         fd = upstream.detach()
         if pending:  # the first bytes arrived before the handover: name the flow now
             self._first_data(relay, pending)
-        self._tick_clock()
+        self._clock.tick()
         try:
             handle = crelay.open_relay(pcb, fd, conn_id, pending, client_eof,
                                        relay.on_first_data is not None)  # fmt: skip
@@ -336,24 +318,16 @@ class LwipStack:
         poll task, with no task of its own: how a UDP session is relayed for a few hundred
         bytes. ``on_ready`` may send to clients. Returns a token for ``unwatch``; unwatch
         before closing the fd. Raises OSError if the fd cannot be watched."""
-        return self._watch(fd, on_ready, writable=False)
+        return self._poll_set.watch(fd, on_ready, writable=False)
 
     def watch_writable(self, fd: int, on_ready: Callable[[], None]) -> int:
         """Like ``watch_readable``, for writability (or an error): how a non-blocking
         ``connect()`` is waited for without a task. Unwatch once it fired."""
-        return self._watch(fd, on_ready, writable=True)
-
-    def _watch(self, fd: int, on_ready: Callable[[], None], *, writable: bool) -> int:
-        token = self._next_watch_token
-        self._next_watch_token += 1
-        crelay.watch_add(fd, token, writable)
-        self._watchers[token] = on_ready
-        return token
+        return self._poll_set.watch(fd, on_ready, writable=True)
 
     def unwatch(self, fd: int, token: int) -> None:
         """Stop watching ``fd`` (registered as ``token``); harmless if already stopped."""
-        if self._watchers.pop(token, None) is not None:
-            crelay.watch_del(fd)
+        self._poll_set.unwatch(fd, token)
 
     def send_udp(self, data: bytes, *, src: Endpoint, dst: Endpoint) -> None:
         """Send a datagram to client ``dst`` appearing to come from ``src`` (any address);
@@ -373,7 +347,7 @@ class LwipStack:
 
     def inject_packet(self, packet: bytes) -> None:
         """Process one client packet now (what the reader task does for device packets)."""
-        self._tick_clock()
+        self._clock.tick()
         core.input_packet(packet)
         if core.sleeptime() == 0:
             core.check_timeouts()
@@ -394,8 +368,7 @@ class LwipStack:
     # -- lifecycle ----------------------------------------------------------------------------
     def _start_lwip(self) -> None:
         cfg = self.config
-        self._clock_base_ms = core.now()
-        self._clock_origin = trio.current_time()
+        self._clock.start()
         core.init(cfg.mtu, cfg.ipv4_address, cfg.ipv6_address)
         callbacks.set_sink(self)
         core.reset_counters()
@@ -442,16 +415,15 @@ class LwipStack:
 
     def _stop_lwip(self) -> None:
         self._running = False
-        self._tick_clock()
-        crelay.stop_input()
-        crelay.wait_with(-1)
+        self._clock.tick()
+        self._poll_set.stop()
         crelay.abort_all()  # closes every upstream socket (reported as "stopped")
         for stream in list(self._streams.values()):
             stream._on_stack_stopped()
         self._streams.clear()
         self._conn_clients.clear()
         self.client_connections.clear()
-        self._tick_clock()
+        self._clock.tick()
         core.deinit()
         callbacks.set_sink(None)
         self._outbox.clear()
@@ -467,12 +439,7 @@ class LwipStack:
             return
         # The fast path: the poll set reads the device in C (``_poller``), so one wakeup
         # serves client packets and upstream sockets alike.
-        try:
-            crelay.set_input(fd)
-        except OSError as exc:  # e.g. the fd was closed before the stack got to watch it
-            raise _device_failed(self.device, exc.errno or errno.EBADF, "poll") from None
-        st = os.fstat(fd)
-        self._input_fd_identity = (fd, st.st_dev, st.st_ino)
+        self._poll_set.read_device_fd(fd)
 
     async def _read_packets(self) -> None:
         device = self.device
@@ -492,76 +459,22 @@ class LwipStack:
                 await trio.lowlevel.checkpoint()
 
     async def _poller(self) -> None:
-        """Wait for the poll set (the device's fd, relayed and watched sockets); C then reads
-        packets into lwIP and moves relayed bytes. Each wait is a checkpoint, so a busy device
-        cannot starve other tasks. A failed device read (the TUN deleted, the fd closed: EOF,
-        EBADFD, EBADF, EIO) stops the stack with ``DeviceError``: no packet can arrive any
-        more, and running on would hold every upstream open until its idle timeout."""
-        try:
-            epoll_fd = crelay.epoll_fd()
-        except OSError as exc:
-            reason = os.strerror(exc.errno or errno.EIO)
-            raise TunlwipError(f"cannot create the poll set: {reason}") from None
-        probe = LoopIdleProbe.current() if self.wait_in_c else None
-        if probe is not None and not crelay.wait_with(probe.io_fd):
-            probe = None  # cannot wait on trio's epoll set: always wait through trio
-        while True:
-            await trio.lowlevel.wait_readable(epoll_fd)
-            self._serve_poll_set()
-            # While trio has nothing else to do, run the poll loop in C (wait, serve, lwIP's
-            # timers) until Python is needed: a pass through trio's scheduler, or even through
-            # this loop, per packet costs more than handling the packet.
-            while probe is not None and (idle := probe.idle_seconds()) > _MIN_WAIT_IN_C:
-                timeout_ms = int(min(idle, _MAX_WAIT_IN_C) * 1000)
-                origin = self._clock_origin - probe.monotonic_offset
-                why = crelay.run(timeout_ms, self._clock_base_ms, origin)
-                self._tick_clock()
-                self._after_serving()
-                if why != crelay.RUN_PYTHON:
-                    break  # trio has I/O or a deadline, or a signal came: go through trio
-
-    def _serve_poll_set(self) -> None:
-        """Handle what the poll set has ready: device packets, relays, watchers."""
-        self._tick_clock()
-        crelay.poll(_RELAY_POLL_BATCH)
-        if core.sleeptime() == 0:
-            core.check_timeouts()
-        self._after_serving()
-
-    def _after_serving(self) -> None:
-        """What Python does after the poll set was served: queued work, a failed device."""
-        self._after_lwip()
-        if (err := crelay.input_error()) != 0:
-            crelay.stop_input()  # clears the error: report it once
-            raise _device_failed(self.device, err)
+        await self._poll_set.run(wait_in_c=self.wait_in_c)
 
     async def _timer(self) -> None:
         next_sweep = trio.current_time()
         while True:
-            self._tick_clock()
+            self._clock.tick()
             core.check_timeouts()
             if trio.current_time() >= next_sweep:
                 next_sweep = trio.current_time() + _RELAY_SWEEP_SECONDS
-                self._check_input_fd()
+                self._poll_set.check_device_fd()
                 idle = self.relay_idle_timeout
                 crelay.sweep(0 if idle is None else max(1, int(idle * 1000)))
             self._after_lwip()
             sleep_ms = core.sleeptime()
             delay = _TIMER_CAP_SECONDS if sleep_ms == core.SLEEPTIME_INFINITE else sleep_ms / 1000
             await trio.sleep(min(delay, _TIMER_CAP_SECONDS))
-
-    def _check_input_fd(self) -> None:
-        """The device's fd closed under us (by an embedder, say) vanishes from the poll set
-        without a read error, so look: the same fd number must still be the same file."""
-        if self._input_fd_identity is None:
-            return
-        fd, dev, ino = self._input_fd_identity
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise _device_failed(self.device, exc.errno or errno.EBADF) from None
-        if (st.st_dev, st.st_ino) != (dev, ino):
-            raise _device_failed(self.device, errno.EBADF)
 
     async def _writer(self) -> None:
         while True:
@@ -577,10 +490,6 @@ class LwipStack:
                     log.warning("device write failed, packet dropped: %s", exc)
 
     # -- helpers used by streams --------------------------------------------------------------
-    def _tick_clock(self) -> None:
-        elapsed_ms = int((trio.current_time() - self._clock_origin) * 1000)
-        core.set_now((self._clock_base_ms + elapsed_ms) & 0xFFFFFFFF)
-
     def call_after_lwip(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` as soon as the current lwIP call returns: how a callback (which must
         not re-enter lwIP) gets a packet sent."""
@@ -711,9 +620,7 @@ class LwipStack:
             relay._finish(reason, bytes_up, bytes_down)
 
     def on_fd_ready(self, token: int) -> None:
-        on_ready = self._watchers.get(token)
-        if on_ready is not None:
-            on_ready()
+        self._poll_set.fd_ready(token)
 
     def on_relay_first_data(self, conn: int, data: bytes) -> None:
         relay = self._relays.get(conn)
