@@ -90,15 +90,17 @@ class Relay:
     def abort(self, reason: int = crelay.STOPPED) -> None:
         """End the relay now: RST to the client and the upstream. No-op once ended."""
         if self._ptr is not None:
-            crelay.abort(self._ptr, reason)  # reports back through _finish
+            crelay.abort(self._ptr, reason)  # reports back through finish
             self._stack_after()
 
     # -- from the stack (lwIP callbacks) ---------------------------------------------------------
-    def _started(self, handle: RelayHandle) -> None:
+    def started(self, handle: RelayHandle) -> None:
+        """C set the relay up (unless it already ended during the setup)."""
         if not self.done:
             self._ptr = handle
 
-    def _finish(self, reason: int, bytes_up: int, bytes_down: int) -> None:
+    def finish(self, reason: int, bytes_up: int, bytes_down: int) -> None:
+        """C ended the relay (``binding.relay`` reason) with these final byte counts."""
         self._ptr = None
         self._final = (bytes_up, bytes_down)
         self.reason_code = reason

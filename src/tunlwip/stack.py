@@ -187,7 +187,7 @@ class LwipStack:
         self._streams: dict[int, LwipTcpStream] = {}
         self._relays: dict[int, Relay] = {}
         self._clock = LwipClock()
-        self._poll_set = PollSet(device, self._clock, self._after_lwip)
+        self._poll_set = PollSet(device, self._clock, self.after_lwip)
         #: Relays with no byte moved for this long are reset (None: never).
         self.relay_idle_timeout: float | None = None
         self._tcp_keepalive: Keepalive | None = None
@@ -262,7 +262,7 @@ class LwipStack:
         """Feed a SYN that ``syn_interceptor`` held back to lwIP, which then answers it."""
         self._clock.tick()
         core.input_release(packet)
-        self._after_lwip()
+        self.after_lwip()
 
     def send_to_client(self, packet: bytes) -> None:
         """Queue a packet built outside lwIP (RST or ICMP answering a held SYN)."""
@@ -284,11 +284,11 @@ class LwipStack:
         Raises ``trio.BrokenResourceError`` if the connection is already gone (the socket is
         then left to the caller) and ``LwipError`` if the relay cannot be set up (both ends
         reset)."""
-        conn_id = stream._conn_id
-        relay = Relay(stream.remote, stream.local, on_first_data, self._after_lwip)
+        conn_id = stream.conn_id
+        relay = Relay(stream.remote, stream.local, on_first_data, self.after_lwip)
         self._relays[conn_id] = relay  # first, so the client's share passes to the relay
         try:
-            pcb, pending, client_eof = stream._hand_over()
+            pcb, pending, client_eof = stream.hand_over()
         except BaseException:
             self._relays.pop(conn_id, None)
             self._conn_gone(conn_id)
@@ -301,16 +301,16 @@ class LwipStack:
             handle = crelay.open_relay(pcb, fd, conn_id, pending, client_eof,
                                        relay.on_first_data is not None)  # fmt: skip
         except LwipError:
-            self._after_lwip()
+            self.after_lwip()
             self._relays.pop(conn_id, None)
             self._conn_gone(conn_id)
             os.close(fd)
             ctcp.abort(pcb)
-            self._after_lwip()
+            self.after_lwip()
             raise
-        self._after_lwip()
+        self.after_lwip()
         if handle is not None:
-            relay._started(handle)
+            relay.started(handle)
         return relay
 
     def watch_readable(self, fd: int, on_ready: Callable[[], None]) -> int:
@@ -335,7 +335,7 @@ class LwipStack:
         try:
             core.udp_send(data, src, dst)
         finally:
-            self._after_lwip()
+            self.after_lwip()
 
     def send_icmp(self, message: bytes, src: Endpoint, dst: Endpoint) -> None:
         """Send an ICMP/ICMPv6 message (checksum filled in) to client ``dst`` from ``src``;
@@ -343,7 +343,7 @@ class LwipStack:
         try:
             core.icmp_send(message, src, dst)
         finally:
-            self._after_lwip()
+            self.after_lwip()
 
     def inject_packet(self, packet: bytes) -> None:
         """Process one client packet now (what the reader task does for device packets)."""
@@ -351,7 +351,7 @@ class LwipStack:
         core.input_packet(packet)
         if core.sleeptime() == 0:
             core.check_timeouts()
-        self._after_lwip()
+        self.after_lwip()
 
     def set_host_addresses(
         self, addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]
@@ -419,7 +419,7 @@ class LwipStack:
         self._poll_set.stop()
         crelay.abort_all()  # closes every upstream socket (reported as "stopped")
         for stream in list(self._streams.values()):
-            stream._on_stack_stopped()
+            stream.on_stack_stopped()
         self._streams.clear()
         self._conn_clients.clear()
         self.client_connections.clear()
@@ -471,7 +471,7 @@ class LwipStack:
                 self._poll_set.check_device_fd()
                 idle = self.relay_idle_timeout
                 crelay.sweep(0 if idle is None else max(1, int(idle * 1000)))
-            self._after_lwip()
+            self.after_lwip()
             sleep_ms = core.sleeptime()
             delay = _TIMER_CAP_SECONDS if sleep_ms == core.SLEEPTIME_INFINITE else sleep_ms / 1000
             await trio.sleep(min(delay, _TIMER_CAP_SECONDS))
@@ -489,7 +489,11 @@ class LwipStack:
                 except OSError as exc:
                     log.warning("device write failed, packet dropped: %s", exc)
 
-    # -- helpers used by streams --------------------------------------------------------------
+    # -- the engine streams use (tcp.StreamEngine) and the work queued by callbacks -------------
+    @property
+    def max_buffered_bytes_per_connection(self) -> int:
+        return self.config.max_buffered_bytes_per_connection
+
     def call_after_lwip(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` as soon as the current lwIP call returns: how a callback (which must
         not re-enter lwIP) gets a packet sent."""
@@ -497,13 +501,15 @@ class LwipStack:
 
     def buffered_bytes(self) -> int:
         """Client bytes received and not yet read, over the Python streams."""
-        return sum(len(stream._recv_buffer) for stream in self._streams.values())
+        return sum(stream.buffered for stream in self._streams.values())
 
     def connection_count(self) -> int:
         """Open TCP connections: Python streams and C relays."""
         return len(self._streams) + len(self._relays)
 
-    def _after_lwip(self) -> None:
+    def after_lwip(self) -> None:
+        """Run what lwIP's callbacks queued during the call just made: dispatch accepted
+        connections, deferred calls, wake the writer for output."""
         if self._accepted:
             self._dispatch_accepted()
         while self._after:
@@ -530,13 +536,14 @@ class LwipStack:
                     log.exception("accept_taker failed for %s -> %s; resetting", stream.remote,
                                   stream.local)  # fmt: skip
                     stream.abort()
-                    stream._close_now()
+                    stream.close_now()
                     continue
             if not taken:
                 assert self._handler_nursery is not None
                 self._handler_nursery.start_soon(self._run_handler, stream)
 
-    def _forget(self, conn_id: int) -> None:
+    def forget(self, conn_id: int) -> None:
+        """A stream ended or was handed over: it is no stream any more."""
         self._streams.pop(conn_id, None)
         self._conn_gone(conn_id)
 
@@ -557,7 +564,7 @@ class LwipStack:
             log.exception("TCP handler failed for %s -> %s; resetting", stream.remote, stream.local)
             stream.abort()
         finally:
-            stream._close_now()
+            stream.close_now()
 
     # -- lwIP callbacks (binding.callbacks.Sink); never re-enter lwIP here -----------------------
     def on_accept(self, pcb: Pcb) -> int:
@@ -579,23 +586,23 @@ class LwipStack:
         self._streams[conn_id] = stream
         self._conn_clients[conn_id] = client.address
         self.client_connections.add(client.address)
-        self._accepted.append(stream)  # dispatched once lwIP returns (_after_lwip)
+        self._accepted.append(stream)  # dispatched once lwIP returns (after_lwip)
         return conn_id
 
     def on_recv(self, conn: int, data: bytes | None, may_defer: bool) -> bool:
         stream = self._streams.get(conn)
-        return stream._on_recv(data, may_defer) if stream is not None else True
+        return stream.on_recv(data, may_defer) if stream is not None else True
 
     def on_sent(self, conn: int, length: int) -> None:
         stream = self._streams.get(conn)
         if stream is not None:
-            stream._on_sent(length)
+            stream.on_sent(length)
 
     def on_error(self, conn: int, err: int) -> None:
         stream = self._streams.pop(conn, None)
         if stream is not None:
             self._conn_gone(conn)
-            stream._on_error(err)
+            stream.on_error(err)
 
     def on_output(self, packet: bytes) -> None:
         self._outbox.append(packet)
@@ -617,7 +624,7 @@ class LwipStack:
         relay = self._relays.pop(conn, None)
         if relay is not None:
             self._conn_gone(conn)
-            relay._finish(reason, bytes_up, bytes_down)
+            relay.finish(reason, bytes_up, bytes_down)
 
     def on_fd_ready(self, token: int) -> None:
         self._poll_set.fd_ready(token)
