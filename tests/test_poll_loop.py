@@ -18,7 +18,7 @@ import trio
 from tunlwip import TunDevice, pollset
 from tunlwip import stack as stack_module
 from tunlwip.endpoint import Endpoint
-from tunlwip.stack import LwipStack, StackConfig
+from tunlwip.stack import LwipStack, StackConfig, StackHooks
 from tunlwip.tcp import LwipTcpStream
 
 from packets import RST, tcp_packet, udp_packet
@@ -93,13 +93,12 @@ async def test_a_task_woken_by_a_callback_runs_at_once(
     device_pair: tuple[TunDevice, socket.socket],
 ) -> None:
     device, theirs = device_pair
-    stack = LwipStack(device, StackConfig())
     send, receive = trio.open_memory_channel[bytes](ROUNDS)
 
     def on_udp(src: Endpoint, dst: Endpoint, data: bytes) -> None:
         send.send_nowait(data)
 
-    stack.udp_receiver = on_udp
+    stack = LwipStack(device, StackConfig(), hooks=StackHooks(udp_receiver=on_udp))
     delays: list[float] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(stack.run, never_accept)

@@ -20,6 +20,7 @@ from .gateway import GatewayStatistics as GatewayStatistics
 from .gateway import RefusedCounters as RefusedCounters
 from .stack import LwipStack as LwipStack
 from .stack import StackConfig as StackConfig
+from .stack import StackHooks as StackHooks
 from .stack import StackStatistics as StackStatistics
 from .tcp import LwipTcpStream as LwipTcpStream
 from .udp import UdpConfig as UdpConfig

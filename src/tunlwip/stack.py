@@ -17,6 +17,10 @@ device (unless the device let C write to its fd directly). lwIP's clock is trio'
 (``pollset.LwipClock``), so trio's ``autojump_clock`` makes retransmissions and TIME-WAIT
 instant in tests.
 
+What the stack does with a packet is fixed at construction: the ``StackHooks`` (held SYNs,
+UDP datagrams, forwarded echo requests, accepted connections taken without a task) are passed
+to ``LwipStack`` and never change.
+
 lwIP has global state and can be initialised once per process, so one stack runs at a time; a
 stack tears down by aborting its connections and removing its netif, after which another stack
 may run (tests do this constantly).
@@ -44,6 +48,7 @@ from .device import PacketDevice
 from .dialer import Keepalive
 from .endpoint import Endpoint
 from .errors import LwipError, TunlwipError
+from .hooks import StackHooks as StackHooks
 from .pollset import LwipClock, PollSet
 from .relay import FirstDataCallback, Relay
 from .shares import ClientCounts, share_of
@@ -52,9 +57,6 @@ from .tcp import LwipTcpStream
 log = logging.getLogger("tunlwip.stack")
 
 TcpHandler = Callable[[LwipTcpStream, Endpoint], Awaitable[None]]
-SynInterceptor = Callable[[bytes, Endpoint, Endpoint], bool]
-UdpReceiver = Callable[[Endpoint, Endpoint, bytes], None]
-EchoReceiver = Callable[[Endpoint, Endpoint, bytes], None]
 
 _UDP_ACTIONS = UDP_PORT_ACTIONS
 _ECHO_MODES = ECHO_MODES
@@ -160,19 +162,16 @@ _active: LwipStack | None = None
 class LwipStack:
     """One lwIP instance on one packet device; ``run`` drives it until cancelled."""
 
-    def __init__(self, device: PacketDevice, config: StackConfig | None = None) -> None:
+    def __init__(
+        self,
+        device: PacketDevice,
+        config: StackConfig | None = None,
+        *,
+        hooks: StackHooks | None = None,
+    ) -> None:
         self.device = device
         self.config = config or StackConfig()
-        #: Called for each new SYN when set; returning True means "held" (dial before accept).
-        self.syn_interceptor: SynInterceptor | None = None
-        #: Called for every UDP datagram from a client; None drops (and counts) them.
-        self.udp_receiver: UdpReceiver | None = None
-        #: Called with (client, destination, ICMP message) for echo requests in "forward" mode.
-        self.icmp_echo_receiver: EchoReceiver | None = None
-        #: Offered each new connection, outside lwIP's callbacks, before a handler task is
-        #: started; returning True means it took the stream (no task): how the gateway hands
-        #: a connection whose upstream is already connected straight to a C relay.
-        self.accept_taker: Callable[[LwipTcpStream], bool] | None = None
+        self.hooks = hooks or StackHooks()
         self._accepted: list[LwipTcpStream] = []
         self._after: list[Callable[[], None]] = []
         self._refused_at_limit = 0
@@ -384,7 +383,7 @@ class LwipStack:
             out_fd = fd()
             if out_fd is not None:
                 core.set_output_fd(out_fd)
-        core.set_hold_syns(self.syn_interceptor is not None)
+        core.set_hold_syns(self.hooks.syn_interceptor is not None)
         core.set_forward_local(cfg.forward_local_destinations)
         self._apply_packet_policy(cfg, None)
         self._running = True
@@ -407,7 +406,7 @@ class LwipStack:
             for port in cfg.blocked_udp_ports:
                 core.set_udp_port_action(port, cfg.blocked_udp_action)
         echo = cfg.icmp_echo
-        if echo == "forward" and self.icmp_echo_receiver is None:
+        if echo == "forward" and self.hooks.icmp_echo_receiver is None:
             log.warning("icmp_echo is 'forward' but nothing receives echoes; replying instead")
             echo = "reply"
         core.set_icmp_echo_mode(echo)
@@ -526,7 +525,7 @@ class LwipStack:
         """Give connections accepted during the last lwIP call to ``accept_taker``, else to a
         handler task (lwIP must not be re-entered from its accept callback, hence the list)."""
         accepted, self._accepted = self._accepted, []
-        taker = self.accept_taker
+        taker = self.hooks.accept_taker
         for stream in accepted:
             taken = False
             if taker is not None:
@@ -608,17 +607,20 @@ class LwipStack:
         self._outbox.append(packet)
 
     def on_syn(self, packet: bytes, src: Endpoint, dst: Endpoint) -> bool:
-        return self.syn_interceptor is not None and self.syn_interceptor(packet, src, dst)
+        interceptor = self.hooks.syn_interceptor
+        return interceptor is not None and interceptor(packet, src, dst)
 
     def on_udp(self, src: Endpoint, dst: Endpoint, data: bytes) -> bool:
-        if self.udp_receiver is None:
+        receiver = self.hooks.udp_receiver
+        if receiver is None:
             return False
-        self.udp_receiver(src, dst, data)
+        receiver(src, dst, data)
         return True
 
     def on_icmp_echo(self, src: Endpoint, dst: Endpoint, message: bytes) -> None:
-        if self.icmp_echo_receiver is not None:
-            self.icmp_echo_receiver(src, dst, message)
+        receiver = self.hooks.icmp_echo_receiver
+        if receiver is not None:
+            receiver(src, dst, message)
 
     def on_relay_done(self, conn: int, reason: int, bytes_up: int, bytes_down: int) -> None:
         relay = self._relays.pop(conn, None)
