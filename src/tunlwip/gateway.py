@@ -501,22 +501,23 @@ class Gateway:
                   reason, f" by the {side}" if side else "", up, down)  # fmt: skip
         self._end_flow(flow, reason)
 
-    def _attach_udp(self, session: UdpSession) -> bool:
+    def _attach_udp(self, session: UdpSession) -> Callable[[str], None] | None:
         """The default UDP forwarder without a task: a protected socket watched by the relay
-        poll task, datagrams copied by callbacks both ways (``DatagramRelay``). DNS sessions,
-        and sessions whose socket cannot be opened, go to the task path instead."""
+        poll task, datagrams copied by callbacks both ways (``DatagramRelay``); returns what
+        ends it. DNS sessions, and sessions whose socket cannot be opened, go to the task
+        path instead (None)."""
         if self._is_dns(session.target):
-            return False
+            return None
         try:
             upstream = self.dialer.open_udp(session.target)
         except (OSError, TunlwipError):
-            return False  # _forward_udp tries again and answers "unreachable"
+            return None  # _forward_udp tries again and answers "unreachable"
         relay = DatagramRelay(session, upstream)
         try:
             token = self.stack.watch_readable(upstream.fileno(), relay.drain)
         except OSError:
             upstream.close()
-            return False
+            return None
         flow = self._flows.open("udp", session.client, session.target,
                                 lambda: (session.bytes_in, session.bytes_out),
                                 self._dns_name(session.client, session.target))  # fmt: skip
@@ -526,9 +527,8 @@ class Gateway:
             upstream.close()
             self._flows.close(flow, {"idle": "idle timeout"}.get(reason, reason))
 
-        session._on_end = end
         session.divert(relay.to_upstream)
-        return True
+        return end
 
     async def _forward_udp(self, session: UdpSession) -> None:
         try:
