@@ -9,7 +9,7 @@ is). Those callbacks only record events: they queue output packets, buffer recei
 unpark waiting tasks. They never enter lwIP again.
 
 Four tasks drive it. The *poller* (``pollset.PollSet``) waits for one epoll set that C keeps:
-the device's fd (if the device has one: C reads batches of packets into lwIP, ``tl_input_fd``),
+the device's fd (if the device is an ``FdPacketDevice``: C reads batches of packets into lwIP),
 the upstream sockets of C relays (``relay.py``) and watched sockets (UDP sessions); one wakeup
 serves them all. For a device without an fd the *reader* feeds packets to lwIP one by one. The
 *timer* runs lwIP's timers at most 250 ms apart; the *writer* delivers queued output to the
@@ -44,7 +44,7 @@ from .binding.core import ECHO_MODES, UDP_PORT_ACTIONS
 from .binding.core import EchoMode as EchoMode
 from .binding.core import UdpPortAction as BlockedUdpAction
 from .binding.tcp import Pcb
-from .device import PacketDevice
+from .device import FdPacketDevice, PacketDevice
 from .dialer import Keepalive
 from .endpoint import Endpoint
 from .errors import LwipError, TunlwipError
@@ -375,14 +375,15 @@ class LwipStack:
         core.set_checksum_check(cfg.verify_checksums)
         _apply_keepalive(self._tcp_keepalive)  # lwIP is global: another stack may have set it
         core.set_client_networks(cfg.client_networks)
-        # A device whose packets carry a virtio-net header (a TUN we opened) gets its output
-        # coalesced into GSO writes in C; the header applies to the C reader's reads too.
-        core.set_vnet_header(bool(getattr(self.device, "vnet_header", False)))
-        fd = getattr(self.device, "direct_output_fd", None)
-        if callable(fd):
-            out_fd = fd()
-            if out_fd is not None:
+        device = self.device
+        if isinstance(device, FdPacketDevice):
+            # A device whose packets carry a virtio-net header (a TUN we opened) gets its output
+            # coalesced into GSO writes in C; the header applies to the C reader's reads too.
+            core.set_vnet_header(device.vnet_header)
+            if (out_fd := device.direct_output_fd()) is not None:
                 core.set_output_fd(out_fd)
+        else:
+            core.set_vnet_header(False)
         core.set_hold_syns(self.hooks.syn_interceptor is not None)
         core.set_forward_local(cfg.forward_local_destinations)
         self._apply_packet_policy(cfg, None)
@@ -431,8 +432,8 @@ class LwipStack:
 
     # -- tasks --------------------------------------------------------------------------------
     async def _reader(self) -> None:
-        direct_fd = getattr(self.device, "direct_input_fd", None)
-        fd = direct_fd() if callable(direct_fd) else None
+        device = self.device
+        fd = device.direct_input_fd() if isinstance(device, FdPacketDevice) else None
         if fd is None:
             await self._read_packets()
             return
