@@ -44,6 +44,7 @@ from .binding.core import ECHO_MODES, UDP_PORT_ACTIONS
 from .binding.core import EchoMode as EchoMode
 from .binding.core import UdpPortAction as BlockedUdpAction
 from .binding.tcp import Pcb
+from .connections import ConnectionTable
 from .device import FdPacketDevice, PacketDevice
 from .dialer import Keepalive
 from .endpoint import Endpoint
@@ -51,7 +52,7 @@ from .errors import LwipError, TunlwipError
 from .hooks import StackHooks as StackHooks
 from .pollset import LwipClock, PollSet
 from .relay import FirstDataCallback, Relay
-from .shares import ClientCounts, share_of
+from .shares import share_of
 from .tcp import LwipTcpStream
 
 log = logging.getLogger("tunlwip.stack")
@@ -174,23 +175,19 @@ class LwipStack:
         self.hooks = hooks or StackHooks()
         self._accepted: list[LwipTcpStream] = []
         self._after: list[Callable[[], None]] = []
-        self._refused_at_limit = 0
-        self._refused_buffer_full = 0
-        self._refused_client_share = 0
-        #: Open connections (streams and relays) by client, and each one's client by id:
-        #: released when an id has left both ``_streams`` and ``_relays`` (``_conn_gone``).
-        self.client_connections = ClientCounts()
-        self._conn_clients: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+        self._connections = ConnectionTable()
+        #: Open connections (streams and relays) by client.
+        self.client_connections = self._connections.client_connections
+        # The table's own dicts (never replaced), looked up by every lwIP callback.
+        self._streams = self._connections.streams
+        self._relays = self._connections.relays
         #: Let the poll task wait in C while trio is idle (``loopidle``); off: always via trio.
         self.wait_in_c = True
-        self._streams: dict[int, LwipTcpStream] = {}
-        self._relays: dict[int, Relay] = {}
         self._clock = LwipClock()
         self._poll_set = PollSet(device, self._clock, self.after_lwip)
         #: Relays with no byte moved for this long are reset (None: never).
         self.relay_idle_timeout: float | None = None
         self._tcp_keepalive: Keepalive | None = None
-        self._next_conn_id = 1
         self._outbox: list[bytes] = []
         self._output_ready = trio.Event()
         self._handler: TcpHandler | None = None
@@ -248,9 +245,9 @@ class LwipStack:
         counters["packets_out"] += self._packets_sent_outside_lwip
         counters["callback_errors"] = self._callback_errors
         counters.update(crelay.counters())
-        counters["tcp_refused_at_limit"] = self._refused_at_limit
-        counters["tcp_refused_buffers_full"] = self._refused_buffer_full
-        counters["tcp_refused_client_share"] = self._refused_client_share
+        counters["tcp_refused_at_limit"] = self._connections.refused_at_limit
+        counters["tcp_refused_buffers_full"] = self._connections.refused_buffer_full
+        counters["tcp_refused_client_share"] = self._connections.refused_client_share
         return StackStatistics(
             tcp_connections=self.connection_count(),
             lwip_tcp_pcbs=core.tcp_pcb_count(),
@@ -290,7 +287,7 @@ class LwipStack:
             pcb, pending, client_eof = stream.hand_over()
         except BaseException:
             self._relays.pop(conn_id, None)
-            self._conn_gone(conn_id)
+            self._connections.gone(conn_id)
             raise
         fd = upstream.detach()
         if pending:  # the first bytes arrived before the handover: name the flow now
@@ -302,7 +299,7 @@ class LwipStack:
         except LwipError:
             self.after_lwip()
             self._relays.pop(conn_id, None)
-            self._conn_gone(conn_id)
+            self._connections.gone(conn_id)
             os.close(fd)
             ctcp.abort(pcb)
             self.after_lwip()
@@ -420,9 +417,7 @@ class LwipStack:
         crelay.abort_all()  # closes every upstream socket (reported as "stopped")
         for stream in list(self._streams.values()):
             stream.on_stack_stopped()
-        self._streams.clear()
-        self._conn_clients.clear()
-        self.client_connections.clear()
+        self._connections.clear()
         self._clock.tick()
         core.deinit()
         callbacks.set_sink(None)
@@ -501,11 +496,11 @@ class LwipStack:
 
     def buffered_bytes(self) -> int:
         """Client bytes received and not yet read, over the Python streams."""
-        return sum(stream.buffered for stream in self._streams.values())
+        return self._connections.buffered_bytes()
 
     def connection_count(self) -> int:
         """Open TCP connections: Python streams and C relays."""
-        return len(self._streams) + len(self._relays)
+        return len(self._connections)
 
     def after_lwip(self) -> None:
         """Run what lwIP's callbacks queued during the call just made: dispatch accepted
@@ -544,17 +539,7 @@ class LwipStack:
 
     def forget(self, conn_id: int) -> None:
         """A stream ended or was handed over: it is no stream any more."""
-        self._streams.pop(conn_id, None)
-        self._conn_gone(conn_id)
-
-    def _conn_gone(self, conn_id: int) -> None:
-        """Give the client's share back once the connection is neither a stream nor a
-        relay (idempotent: every path that ends a connection may call it)."""
-        if conn_id in self._streams or conn_id in self._relays:
-            return
-        address = self._conn_clients.pop(conn_id, None)
-        if address is not None:
-            self.client_connections.release(address)
+        self._connections.forget_stream(conn_id)
 
     async def _run_handler(self, stream: LwipTcpStream) -> None:
         assert self._handler is not None
@@ -568,24 +553,15 @@ class LwipStack:
 
     # -- lwIP callbacks (binding.callbacks.Sink); never re-enter lwIP here -----------------------
     def on_accept(self, pcb: Pcb) -> int:
-        if not self._running:
-            return 0
-        if self.connection_count() >= self.config.max_tcp_connections:
-            self._refused_at_limit += 1
-            return 0  # lwIP resets the connection
-        if self._streams and self.buffered_bytes() >= self.config.max_buffered_bytes:
-            self._refused_buffer_full += 1
+        # 0 refuses: lwIP resets the connection.
+        if not self._running or not self._connections.has_room(self.config):
             return 0
         local, client = ctcp.endpoints(pcb)
-        if self.client_connections.count(client.address) >= self.config.connection_share:
-            self._refused_client_share += 1
+        conn_id = self._connections.admit(client.address, self.config.connection_share)
+        if conn_id == 0:
             return 0
-        conn_id = self._next_conn_id
-        self._next_conn_id += 1
         stream = LwipTcpStream(self, conn_id, pcb, local, client)
         self._streams[conn_id] = stream
-        self._conn_clients[conn_id] = client.address
-        self.client_connections.add(client.address)
         self._accepted.append(stream)  # dispatched once lwIP returns (after_lwip)
         return conn_id
 
@@ -601,7 +577,7 @@ class LwipStack:
     def on_error(self, conn: int, err: int) -> None:
         stream = self._streams.pop(conn, None)
         if stream is not None:
-            self._conn_gone(conn)
+            self._connections.gone(conn)
             stream.on_error(err)
 
     def on_output(self, packet: bytes) -> None:
@@ -626,7 +602,7 @@ class LwipStack:
     def on_relay_done(self, conn: int, reason: int, bytes_up: int, bytes_down: int) -> None:
         relay = self._relays.pop(conn, None)
         if relay is not None:
-            self._conn_gone(conn)
+            self._connections.gone(conn)
             relay.finish(reason, bytes_up, bytes_down)
 
     def on_fd_ready(self, token: int) -> None:
