@@ -83,11 +83,18 @@ class FakeApp:
 
 
 class Env:
-    def __init__(self, app: FakeApp, device: CallbackDevice, stack: LwipStack) -> None:
+    def __init__(
+        self,
+        app: FakeApp,
+        device: CallbackDevice,
+        stack: LwipStack,
+        udp_receivers: list[UdpReceiver],
+    ) -> None:
         self.app, self.device, self.stack = app, device, stack
+        #: Called with every UDP datagram the stack receives (tests append theirs).
+        self.udp_receivers = udp_receivers
         self.wire = PacketWire(app, timeout=WAIT)
         self.accepted_send, self.accepted = trio.open_memory_channel[LwipTcpStream](100)
-        self.udp_receivers: list[UdpReceiver] = []
 
     async def next_stream(self) -> LwipTcpStream:
         with trio.fail_after(WAIT):
@@ -108,11 +115,14 @@ async def env(nursery: trio.Nursery) -> AsyncIterator[Env]:
     app = FakeApp()
     device = app.device()
 
+    receivers: list[UdpReceiver] = []  # a test's own; the stack's hooks are fixed when created
+
     def on_udp(src: Endpoint, dst: Endpoint, data: bytes) -> None:
-        for receive in env.udp_receivers:  # hooks are fixed when the stack is created
+        for receive in receivers:
             receive(src, dst, data)
 
-    env = Env(app, device, LwipStack(device, LOOPBACK_STACK, hooks=StackHooks(udp_receiver=on_udp)))
+    stack = LwipStack(device, LOOPBACK_STACK, hooks=StackHooks(udp_receiver=on_udp))
+    env = Env(app, device, stack, receivers)
     done = trio.Event()
 
     async def handler(stream: LwipTcpStream, target: Endpoint) -> None:
