@@ -1,6 +1,7 @@
 """tunlwip: a userspace TUN gateway; lwIP terminates every flow, trio re-creates it."""
 
 from .device import CallbackDevice as CallbackDevice
+from .device import FdPacketDevice as FdPacketDevice
 from .device import MemoryDevice as MemoryDevice
 from .device import PacketDevice as PacketDevice
 from .device import TunDevice as TunDevice
