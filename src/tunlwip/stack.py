@@ -59,7 +59,7 @@ log = logging.getLogger("tunlwip.stack")
 
 TcpHandler = Callable[[LwipTcpStream, Endpoint], Awaitable[None]]
 
-_UDP_ACTIONS = UDP_PORT_ACTIONS
+_UDP_ACTIONS = UDP_PORT_ACTIONS  # the names StackConfig's validation checks against
 _ECHO_MODES = ECHO_MODES
 _TIMER_CAP_SECONDS = 0.25
 _RELAY_SWEEP_SECONDS = 1.0
@@ -172,7 +172,7 @@ class LwipStack:
     ) -> None:
         self.device = device
         self.config = config or StackConfig()
-        self.hooks = hooks or StackHooks()
+        self._hooks = hooks or StackHooks()
         self._accepted: list[LwipTcpStream] = []
         self._after: list[Callable[[], None]] = []
         self._connections = ConnectionTable()
@@ -226,6 +226,11 @@ class LwipStack:
             self._stop_lwip()
             _active = None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @property
+    def hooks(self) -> StackHooks:
+        """Where the stack hands what it does not handle itself, as given at construction."""
+        return self._hooks
 
     @property
     def tcp_keepalive(self) -> Keepalive | None:
@@ -381,7 +386,7 @@ class LwipStack:
                 core.set_output_fd(out_fd)
         else:
             core.set_vnet_header(False)
-        core.set_hold_syns(self.hooks.syn_interceptor is not None)
+        core.set_hold_syns(self._hooks.syn_interceptor is not None)
         core.set_forward_local(cfg.forward_local_destinations)
         self._apply_packet_policy(cfg, None)
         self._running = True
@@ -404,7 +409,7 @@ class LwipStack:
             for port in cfg.blocked_udp_ports:
                 core.set_udp_port_action(port, cfg.blocked_udp_action)
         echo = cfg.icmp_echo
-        if echo == "forward" and self.hooks.icmp_echo_receiver is None:
+        if echo == "forward" and self._hooks.icmp_echo_receiver is None:
             log.warning("icmp_echo is 'forward' but nothing receives echoes; replying instead")
             echo = "reply"
         core.set_icmp_echo_mode(echo)
@@ -521,7 +526,7 @@ class LwipStack:
         """Give connections accepted during the last lwIP call to ``accept_taker``, else to a
         handler task (lwIP must not be re-entered from its accept callback, hence the list)."""
         accepted, self._accepted = self._accepted, []
-        taker = self.hooks.accept_taker
+        taker = self._hooks.accept_taker
         for stream in accepted:
             taken = False
             if taker is not None:
@@ -584,18 +589,18 @@ class LwipStack:
         self._outbox.append(packet)
 
     def on_syn(self, packet: bytes, src: Endpoint, dst: Endpoint) -> bool:
-        interceptor = self.hooks.syn_interceptor
+        interceptor = self._hooks.syn_interceptor
         return interceptor is not None and interceptor(packet, src, dst)
 
     def on_udp(self, src: Endpoint, dst: Endpoint, data: bytes) -> bool:
-        receiver = self.hooks.udp_receiver
+        receiver = self._hooks.udp_receiver
         if receiver is None:
             return False
         receiver(src, dst, data)
         return True
 
     def on_icmp_echo(self, src: Endpoint, dst: Endpoint, message: bytes) -> None:
-        receiver = self.hooks.icmp_echo_receiver
+        receiver = self._hooks.icmp_echo_receiver
         if receiver is not None:
             receiver(src, dst, message)
 

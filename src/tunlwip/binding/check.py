@@ -5,6 +5,10 @@ The conventions, and the one function for each:
 * lwIP ``err_t`` (0 ok, a negative ``ERR_*``): ``check_err`` raises ``LwipError`` naming it;
 * ``-errno`` (0 or a count ok, negative an errno): ``check_errno`` raises ``OSError``;
 * 0/1 answers and counts: returned as they are (no check needed).
+
+Three setup calls have small status codes of their own (``tl_init``,
+``tl_set_client_networks``, ``tl_set_host_addresses``); their wrappers in ``core`` turn them
+into ``TunlwipError`` messages naming the case.
 """
 
 from __future__ import annotations
