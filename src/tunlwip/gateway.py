@@ -37,7 +37,7 @@ from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
 from .predial import FlowKey, HeldDial, HeldSynDials
 from .relay import RESET_SIDES, Relay
 from .sniff import sniff_name
-from .stack import LwipStack, StackStatistics
+from .stack import LwipStack, StackHooks, StackStatistics
 from .tcp import LwipTcpStream
 from .udp import DNS_PORT, UdpCounters, UdpHandler, UdpSession, UdpSessions
 
@@ -117,7 +117,16 @@ class Gateway:
             log.warning("ICMP echo forwarding unavailable: %s; falling back to reply", reason)
             stack_config = dataclasses.replace(stack_config, icmp_echo="reply")
             self.config = dataclasses.replace(self.config, stack=stack_config)
-        self.stack = LwipStack(device, stack_config)
+        # Dial before accept: SYNs are held while the upstream connect runs. Otherwise SYNs
+        # are accepted at once; only our own (looping back) and rejected ones are held.
+        predial = tcp_handler is None and self.config.dial_before_accept
+        hooks = StackHooks(
+            syn_interceptor=self._on_syn if predial else self._screen_syn,
+            udp_receiver=self._on_udp_datagram,
+            icmp_echo_receiver=self._on_echo if stack_config.icmp_echo == "forward" else None,
+            accept_taker=self._take_predialed if predial else None,
+        )
+        self.stack = LwipStack(device, stack_config, hooks=hooks)
         self.stack.relay_idle_timeout = self.config.idle_timeout
         self.stack.tcp_keepalive = self.config.keepalive
         self._udp_handler = udp_handler or self._forward_udp
@@ -128,11 +137,8 @@ class Gateway:
         self.dns = DnsProxy(self.config.dns, self.dialer) if self.config.dns.hijack != "off" \
             else None  # fmt: skip
         self._dns_addresses = {stack_config.ipv4_address, stack_config.ipv6_address}
-        self.stack.udp_receiver = self.udp.on_datagram
         self.echo = EchoForwarder(self.stack, self.dialer,
                                   idle_timeout=self.config.icmp_echo_idle_timeout)  # fmt: skip
-        if stack_config.icmp_echo == "forward":
-            self.stack.icmp_echo_receiver = self.echo.on_echo
         self._custom_handler = tcp_handler
         #: The host's own addresses, refused as destinations (none with forward_local).
         self._host_addresses = None if stack_config.forward_local_destinations else \
@@ -152,15 +158,19 @@ class Gateway:
         self._refused = RefusedCounters()
         self._loop_reported = False
         self._fd_shortage_reported_at = -math.inf
-        if tcp_handler is None and self.config.dial_before_accept:
+        if predial:
             self._dials = HeldSynDials(self.stack, self.dialer,
                                        claim_timeout=self.config.predial_claim_timeout,
                                        on_connected=self._dial_connected,
                                        on_failed=self._dial_failed)  # fmt: skip
-            self.stack.syn_interceptor = self._on_syn
-            self.stack.accept_taker = self._take_predialed
-        else:  # SYNs are accepted at once; only our own (looping back) and rejected ones are held
-            self.stack.syn_interceptor = self._screen_syn
+
+    def _on_udp_datagram(self, client: Endpoint, target: Endpoint, data: bytes) -> None:
+        """The stack's ``udp_receiver`` (the session table is created after the stack)."""
+        self.udp.on_datagram(client, target, data)
+
+    def _on_echo(self, client: Endpoint, target: Endpoint, message: bytes) -> None:
+        """The stack's ``icmp_echo_receiver`` in "forward" mode (the forwarder needs the stack)."""
+        self.echo.on_echo(client, target, message)
 
     @property
     def protect_mode(self) -> str:
@@ -438,22 +448,23 @@ class Gateway:
                   reason, f" by the {side}" if side else "", up, down)  # fmt: skip
         self._end_flow(flow, reason)
 
-    def _attach_udp(self, session: UdpSession) -> bool:
+    def _attach_udp(self, session: UdpSession) -> Callable[[str], None] | None:
         """The default UDP forwarder without a task: a protected socket watched by the relay
-        poll task, datagrams copied by callbacks both ways (``DatagramRelay``). DNS sessions,
-        and sessions whose socket cannot be opened, go to the task path instead."""
+        poll task, datagrams copied by callbacks both ways (``DatagramRelay``); returns what
+        ends it. DNS sessions, and sessions whose socket cannot be opened, go to the task
+        path instead (None)."""
         if self._is_dns(session.target):
-            return False
+            return None
         try:
             upstream = self.dialer.open_udp(session.target)
         except (OSError, TunlwipError):
-            return False  # _forward_udp tries again and answers "unreachable"
+            return None  # _forward_udp tries again and answers "unreachable"
         relay = DatagramRelay(session, upstream)
         try:
             token = self.stack.watch_readable(upstream.fileno(), relay.drain)
         except OSError:
             upstream.close()
-            return False
+            return None
         flow = self._flows.open("udp", session.client, session.target,
                                 lambda: (session.bytes_in, session.bytes_out),
                                 self._dns_name(session.client, session.target))  # fmt: skip
@@ -463,9 +474,8 @@ class Gateway:
             upstream.close()
             self._flows.close(flow, {"idle": "idle timeout"}.get(reason, reason))
 
-        session._on_end = end
         session.divert(relay.to_upstream)
-        return True
+        return end
 
     async def _forward_udp(self, session: UdpSession) -> None:
         try:
