@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tunlwip import LwipStack, LwipTcpStream, MemoryDevice
 from tunlwip.endpoint import Endpoint
+from tunlwip.stack import StackHooks
 
 from harness import LOOPBACK_STACK, Harness
 from tcppeer import PacketWire
@@ -28,10 +29,29 @@ from tcppeer import PacketWire
 
 @pytest.fixture
 async def harness(nursery: trio.Nursery) -> AsyncIterator[Harness]:
+    """A running stack with no UDP receiver (datagrams are counted as ``udp_unhandled``)."""
+    async for h in _running_harness(nursery, receive_udp=False):
+        yield h
+
+
+@pytest.fixture
+async def udp_harness(nursery: trio.Nursery) -> AsyncIterator[Harness]:
+    """A running stack whose UDP datagrams are recorded in ``udp_received``."""
+    async for h in _running_harness(nursery, receive_udp=True):
+        yield h
+
+
+async def _running_harness(nursery: trio.Nursery, *, receive_udp: bool) -> AsyncIterator[Harness]:
     device = MemoryDevice()
-    stack = LwipStack(device, LOOPBACK_STACK)
+    received: list[tuple[Endpoint, Endpoint, bytes]] = []
+
+    def on_udp(src: Endpoint, dst: Endpoint, data: bytes) -> None:
+        received.append((src, dst, data))
+
+    hooks = StackHooks(udp_receiver=on_udp if receive_udp else None)
+    stack = LwipStack(device, LOOPBACK_STACK, hooks=hooks)
     wire = PacketWire(device)
-    h = Harness(stack, device, wire)
+    h = Harness(stack, device, wire, received)
     done = trio.Event()
 
     async def handler(stream: LwipTcpStream, target: Endpoint) -> None:

@@ -17,8 +17,17 @@ from tcppeer import PacketWire
 class Harness:
     """A running stack on a memory device, with the accepted streams queued for the test."""
 
-    def __init__(self, stack: LwipStack, device: MemoryDevice, wire: PacketWire) -> None:
+    def __init__(
+        self,
+        stack: LwipStack,
+        device: MemoryDevice,
+        wire: PacketWire,
+        udp_received: list[tuple[Endpoint, Endpoint, bytes]] | None = None,
+    ) -> None:
         self.stack = stack
+        #: (client, destination, payload) of every UDP datagram, when the stack was built with
+        #: a UDP receiver (the ``udp_harness`` fixture); ``harness`` has none.
+        self.udp_received = udp_received if udp_received is not None else []
         self.device = device
         self.wire = wire
         self.accepted_send, self.accepted = trio.open_memory_channel[

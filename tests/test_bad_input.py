@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from tunlwip import LwipStack, MemoryDevice, StackConfig
 from tunlwip.endpoint import IPAddress
+from tunlwip.stack import StackHooks
 
 from harness import Harness
 from packets import (
@@ -128,9 +129,10 @@ async def test_the_gateway_hosts_local_networks_are_never_forwarded(
     address) through the gateway: refused and counted before any handler sees it, with the
     answer of a closed or unreachable destination so the client fails at once."""
     device = MemoryDevice()
-    stack = LwipStack(device)
     seen: list[object] = []
-    stack.udp_receiver = lambda src, dst, data: seen.append(dst)
+    stack = LwipStack(
+        device, hooks=StackHooks(udp_receiver=lambda src, dst, data: seen.append(dst))
+    )
 
     async def handler(stream: object, target: object) -> None:
         seen.append(target)
@@ -165,10 +167,10 @@ async def test_the_gateway_hosts_own_addresses_are_refused(
     answers); a bad checksum or a fragment is only dropped; an address taken off is forwarded
     again, and forward_local_destinations forwards them all."""
     device = MemoryDevice()
-    stack = LwipStack(device)
     seen: list[object] = []
-    stack.udp_receiver = lambda src, dst, data: seen.append(dst)
-    stack.icmp_echo_receiver = lambda src, dst, message: seen.append(dst)
+    hooks = StackHooks(udp_receiver=lambda src, dst, data: seen.append(dst),
+                       icmp_echo_receiver=lambda src, dst, message: seen.append(dst))  # fmt: skip
+    stack = LwipStack(device, hooks=hooks)
 
     async def handler(stream: object, target: object) -> None:
         seen.append(target)
@@ -205,9 +207,9 @@ async def test_host_addresses_leave_the_stacks_own_addresses_to_the_dns_proxy() 
     """The stack's own addresses (the DNS proxy's) are never refused, even if the host reports
     them too; forward_local_destinations lifts the refusal entirely."""
     device = MemoryDevice()
-    stack = LwipStack(device, StackConfig(forward_local_destinations=True))
     got: list[object] = []
-    stack.udp_receiver = lambda src, dst, data: got.append(dst)
+    hooks = StackHooks(udp_receiver=lambda src, dst, data: got.append(dst))
+    stack = LwipStack(device, StackConfig(forward_local_destinations=True), hooks=hooks)
 
     async def handler(stream: object, target: object) -> None:
         got.append(target)
@@ -282,10 +284,9 @@ def only_reassembly_timeouts(h: Harness) -> bool:
 
 @pytest.mark.parametrize(("src", "dst"), [(C4, D4), (C6, D6)])
 async def test_overlapping_fragments_are_dropped_and_counted(
-    harness: Harness, autojump_clock: trio.abc.Clock, src: str, dst: str
+    udp_harness: Harness, autojump_clock: trio.abc.Clock, src: str, dst: str
 ) -> None:
-    got: list[bytes] = []
-    harness.stack.udp_receiver = lambda s, d, data: got.append(data)
+    harness = udp_harness
     datagram = udp_packet(src, dst, 4000, 9000, bytes(range(256)) * 12)
     coarse, fine = fragment(datagram, 1500), fragment(datagram, 1000)
     harness.device.inject_packet(coarse[0])  # bytes 0..1480 (IPv6: 0..1448)
@@ -296,16 +297,15 @@ async def test_overlapping_fragments_are_dropped_and_counted(
     for frag in coarse:  # the whole datagram, sent cleanly, still gets through
         harness.device.inject_packet(frag)
     await settle(harness)
-    assert got == [datagram[28 if src == C4 else 48 :]]
+    assert [data for _, _, data in harness.udp_received] == [datagram[28 if src == C4 else 48 :]]
     assert only_reassembly_timeouts(harness)
 
 
 @pytest.mark.parametrize(("src", "dst_prefix"), [(C4, "198.19.{}.{}"), (C6, "fd00:99::{}:{}")])
 async def test_a_flood_of_incomplete_datagrams_keeps_reassembly_bounded(
-    harness: Harness, autojump_clock: trio.abc.Clock, src: str, dst_prefix: str
+    udp_harness: Harness, autojump_clock: trio.abc.Clock, src: str, dst_prefix: str
 ) -> None:
-    got: list[bytes] = []
-    harness.stack.udp_receiver = lambda s, d, data: got.append(data)
+    harness = udp_harness
     for i in range(3000):  # first fragments only: each opens a reassembly that never completes
         dst = dst_prefix.format(i // 256, i % 256)
         harness.stack.inject_packet(
@@ -318,7 +318,9 @@ async def test_a_flood_of_incomplete_datagrams_keeps_reassembly_bounded(
     for frag in fragment(udp_packet(src, dst_prefix.format(99, 99), 4000, 9000, payload), 1500):
         harness.device.inject_packet(frag)
     await settle(harness)
-    assert got == [payload]  # the queue evicted old partial datagrams instead of refusing
+    assert [d for _, _, d in harness.udp_received] == [
+        payload
+    ]  # the queue evicted old partial datagrams instead of refusing
     assert only_reassembly_timeouts(harness)
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tunlwip import _stamp
-from tunlwip._binding import ffi, lib
+from tunlwip.binding.ffi import ffi, lib
 from tunlwip.errors import StaleBuildError, TunlwipError
 
 CSRC = _stamp.CSRC  # the imported package's sources (src/tunlwip/_csrc in a checkout)
@@ -76,7 +76,7 @@ spec.loader.exec_module(stamp)
 stamp.CSRC = pathlib.Path(sys.argv[1])
 sys.modules["tunlwip._stamp"] = stamp
 try:
-    import tunlwip._binding
+    import tunlwip.binding.ffi
 except ImportError as e:
     print("refused:", e)
 else:

@@ -29,6 +29,8 @@ from tunlwip import (
 from tunlwip.endpoint import Endpoint
 from tunlwip.errors import ProtectError
 from tunlwip.gateway import Gateway, GatewayConfig
+from tunlwip.hooks import UdpReceiver
+from tunlwip.stack import StackHooks
 
 from harness import LOOPBACK_STACK, on_loopback
 from packets import udp_packet
@@ -81,8 +83,16 @@ class FakeApp:
 
 
 class Env:
-    def __init__(self, app: FakeApp, device: CallbackDevice, stack: LwipStack) -> None:
+    def __init__(
+        self,
+        app: FakeApp,
+        device: CallbackDevice,
+        stack: LwipStack,
+        udp_receivers: list[UdpReceiver],
+    ) -> None:
         self.app, self.device, self.stack = app, device, stack
+        #: Called with every UDP datagram the stack receives (tests append theirs).
+        self.udp_receivers = udp_receivers
         self.wire = PacketWire(app, timeout=WAIT)
         self.accepted_send, self.accepted = trio.open_memory_channel[LwipTcpStream](100)
 
@@ -104,7 +114,15 @@ async def wait_until(predicate: Callable[[], bool], what: str) -> None:
 async def env(nursery: trio.Nursery) -> AsyncIterator[Env]:
     app = FakeApp()
     device = app.device()
-    env = Env(app, device, LwipStack(device, LOOPBACK_STACK))
+
+    receivers: list[UdpReceiver] = []  # a test's own; the stack's hooks are fixed when created
+
+    def on_udp(src: Endpoint, dst: Endpoint, data: bytes) -> None:
+        for receive in receivers:
+            receive(src, dst, data)
+
+    stack = LwipStack(device, LOOPBACK_STACK, hooks=StackHooks(udp_receiver=on_udp))
+    env = Env(app, device, stack, receivers)
     done = trio.Event()
 
     async def handler(stream: LwipTcpStream, target: Endpoint) -> None:
@@ -127,7 +145,7 @@ async def test_udp_datagram_reaches_the_stack_and_reply_is_written(env: Env) -> 
         got.append((src, dst, data))
         arrived.set()
 
-    env.stack.udp_receiver = receiver
+    env.udp_receivers.append(receiver)
     env.app.inject_packet(udp_packet(CLIENT, "203.0.113.9", 5353, 9999, b"ping"))
     with trio.fail_after(WAIT):
         await arrived.wait()

@@ -23,6 +23,7 @@ PACKAGE_EXPORTS = {
     "DeviceError",
     "DnsConfig",
     "Endpoint",
+    "FdPacketDevice",
     "FlowInfo",
     "FlowRecord",
     "Gateway",
@@ -37,6 +38,7 @@ PACKAGE_EXPORTS = {
     "ProtectError",
     "RefusedCounters",
     "StackConfig",
+    "StackHooks",
     "StackStatistics",
     "TunDevice",
     "TunlwipError",
@@ -46,7 +48,13 @@ PACKAGE_EXPORTS = {
 
 #: Modules whose ``__all__`` is their public face.
 MODULE_ALL = {
-    "tunlwip.device": {"CallbackDevice", "MemoryDevice", "PacketDevice", "TunDevice"},
+    "tunlwip.device": {
+        "CallbackDevice",
+        "FdPacketDevice",
+        "MemoryDevice",
+        "PacketDevice",
+        "TunDevice",
+    },
     "tunlwip.dns.upstreams": {
         "HttpsUpstream",
         "TcpUpstream",

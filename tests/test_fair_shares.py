@@ -113,7 +113,7 @@ async def test_a_client_at_its_dial_share_gets_rst_and_another_still_connects(
     assert len(dials) == 0 and dials.per_client_total() == 0
     stack = env.gateway.stack
     await until(lambda: stack.client_connections.total() == 0, "B's connection released")
-    assert not stack._conn_clients
+    assert not stack._connections.clients
 
 
 # -- connections --------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import struct
 import pytest
 import trio
 
-from tunlwip import DeviceError, TunDevice
+from tunlwip import DeviceError, MemoryDevice, TunDevice
+from tunlwip.device import CallbackDevice, FdPacketDevice
 from tunlwip.stack import LwipStack, StackConfig
 from tunlwip.tcp import LwipTcpStream
 
@@ -20,6 +21,20 @@ from packets import ACK, SYN, internet_checksum, is_valid, parse, problems, tcp_
 
 async def never_accept(stream: LwipTcpStream, target: object) -> None:
     await stream.aclose()
+
+
+async def test_a_tun_fd_is_an_fd_device_and_the_others_are_not() -> None:
+    """The stack takes the fd fast path exactly for an ``FdPacketDevice`` (a TUN fd)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = TunDevice.from_fd(ours.detach(), name="pair", vnet_header=True)
+    with theirs:
+        assert isinstance(device, FdPacketDevice) and device.vnet_header
+        assert device.direct_input_fd() == device.direct_output_fd() == device.fileno()
+        await device.aclose()
+        assert device.direct_input_fd() is None and device.direct_output_fd() is None
+    assert not isinstance(MemoryDevice(), FdPacketDevice)
+    callback = CallbackDevice(lambda: None, lambda packet: None)
+    assert not isinstance(callback, FdPacketDevice)
 
 
 async def test_packets_are_read_in_c_and_a_closed_device_stops_the_stack() -> None:

@@ -76,12 +76,12 @@ async def test_a_segment_behind_an_extension_header_never_reaches_tcp(
 
 @pytest.mark.parametrize("checksum", [None, 0x1234])
 async def test_udp_to_multicast_behind_an_extension_header_is_dropped(
-    harness: Harness, checksum: int | None
+    udp_harness: Harness, checksum: int | None
 ) -> None:
     """Port 0, a bad checksum and a multicast destination: behind an extension header all of
     it used to reach the UDP handler."""
-    seen: list[object] = []
-    harness.stack.udp_receiver = lambda src, dst, data: seen.append(data)
+    harness = udp_harness
+    seen = harness.udp_received
     for dst in ("ff02::1", "ff01::1"):
         datagram = udp_packet(C6, dst, 4000, 0, b"x", checksum=checksum)
         harness.device.inject_packet(with_ipv6_extension(datagram, DESTINATION_OPTIONS))

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from tunlwip import TunDevice
+from tunlwip import TunDevice, pollset
 from tunlwip import stack as stack_module
 from tunlwip.endpoint import Endpoint
-from tunlwip.stack import LwipStack, StackConfig
+from tunlwip.stack import LwipStack, StackConfig, StackHooks
 from tunlwip.tcp import LwipTcpStream
 
 from packets import RST, tcp_packet, udp_packet
@@ -55,7 +55,7 @@ def _in_a_while(
 def stretched_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """The loop in C returns after at most the wait's cap or trio's next deadline (the timer
     task's, among others): make both long, so a late wake-up stands out from noise."""
-    monkeypatch.setattr(stack_module, "_MAX_WAIT_IN_C", FALLBACK)
+    monkeypatch.setattr(pollset, "_MAX_WAIT_IN_C", FALLBACK)
     monkeypatch.setattr(stack_module, "_TIMER_CAP_SECONDS", FALLBACK)
 
 
@@ -93,13 +93,12 @@ async def test_a_task_woken_by_a_callback_runs_at_once(
     device_pair: tuple[TunDevice, socket.socket],
 ) -> None:
     device, theirs = device_pair
-    stack = LwipStack(device, StackConfig())
     send, receive = trio.open_memory_channel[bytes](ROUNDS)
 
     def on_udp(src: Endpoint, dst: Endpoint, data: bytes) -> None:
         send.send_nowait(data)
 
-    stack.udp_receiver = on_udp
+    stack = LwipStack(device, StackConfig(), hooks=StackHooks(udp_receiver=on_udp))
     delays: list[float] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(stack.run, never_accept)

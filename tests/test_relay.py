@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from test_gateway import CLIENT, serve_sha256, start_env, upload_and_check_digest
-from tunlwip._binding import lib
+from tunlwip.binding import relay as crelay
 from tunlwip.endpoint import Endpoint
 from tunlwip.gateway import GatewayConfig
 from tunlwip.tcp import LwipTcpStream
@@ -110,7 +110,7 @@ async def test_nothing_left_behind_after_many_connections(nursery: trio.Nursery)
         assert await peer.recv_until_eof() == b"ping %d" % i
         await peer.shutdown()
     assert await env.gateway.drain(10)  # every flow ended
-    assert lib.tl_relay_count() == 0
+    assert crelay.count() == 0
     stats = env.gateway.statistics()
     assert stats.stack.tcp_connections == 0
     assert stats.flows.live_tcp == 0 and stats.flows.tcp == 20
@@ -139,9 +139,9 @@ async def test_stopping_the_gateway_closes_upstream_sockets() -> None:
             await peer.connect()
             await peer.send(b"held open")
             await peer.wait_acked()
-            assert lib.tl_relay_count() == 1
+            assert crelay.count() == 1
             nursery.cancel_scope.cancel()
-        assert lib.tl_relay_count() == 0
+        assert crelay.count() == 0
         with trio.fail_after(10):
             await ended.wait()
         assert outcome == ["reset"]
@@ -206,4 +206,4 @@ async def test_client_bytes_outlive_the_finished_lwip_connection(
             await trio.sleep(1)
     assert digests == [hashlib.sha256(payload).hexdigest()]
     assert await env.gateway.drain(10)
-    assert lib.tl_relay_count() == 0
+    assert crelay.count() == 0

@@ -7,8 +7,6 @@ import os
 import pytest
 import trio
 
-from tunlwip.endpoint import Endpoint
-
 from harness import Harness
 from packets import fragment, parse, tcp_options, tcp_packet, udp_packet
 from tcppeer import TcpPeer
@@ -16,15 +14,12 @@ from tcppeer import TcpPeer
 CASES = [("198.18.0.2", "203.0.113.9"), ("fd00:18::2", "2001:db8::9")]
 
 
-def collect(harness: Harness) -> list[tuple[Endpoint, Endpoint, bytes]]:
-    got: list[tuple[Endpoint, Endpoint, bytes]] = []
-    harness.stack.udp_receiver = lambda src, dst, data: got.append((src, dst, data))
-    return got
-
-
 @pytest.mark.parametrize(("src", "dst"), CASES)
-async def test_udp_to_any_address_and_reply_from_it(harness: Harness, src: str, dst: str) -> None:
-    got = collect(harness)
+async def test_udp_to_any_address_and_reply_from_it(
+    udp_harness: Harness, src: str, dst: str
+) -> None:
+    harness = udp_harness
+    got = harness.udp_received
     harness.device.inject_packet(udp_packet(src, dst, 5353, 53, b"query"))
     await trio.testing.wait_all_tasks_blocked()
     assert [(str(s.address), s.port, str(d.address), d.port, p) for s, d, p in got] == [
@@ -40,9 +35,10 @@ async def test_udp_to_any_address_and_reply_from_it(harness: Harness, src: str, 
 @pytest.mark.parametrize(("src", "dst"), CASES)
 @pytest.mark.parametrize("size", [3000, 16 * 1024])
 async def test_fragmented_datagrams_are_reassembled_and_big_replies_fragmented(
-    harness: Harness, src: str, dst: str, size: int
+    udp_harness: Harness, src: str, dst: str, size: int
 ) -> None:
-    got = collect(harness)
+    harness = udp_harness
+    got = harness.udp_received
     payload = os.urandom(size)
     for frag in reversed(fragment(udp_packet(src, dst, 7000, 9999, payload), 1500)):
         harness.device.inject_packet(frag)  # out of order on purpose

@@ -1,6 +1,7 @@
 """tunlwip: a userspace TUN gateway; lwIP terminates every flow, trio re-creates it."""
 
 from .device import CallbackDevice as CallbackDevice
+from .device import FdPacketDevice as FdPacketDevice
 from .device import MemoryDevice as MemoryDevice
 from .device import PacketDevice as PacketDevice
 from .device import TunDevice as TunDevice
@@ -20,6 +21,7 @@ from .gateway import GatewayStatistics as GatewayStatistics
 from .gateway import RefusedCounters as RefusedCounters
 from .stack import LwipStack as LwipStack
 from .stack import StackConfig as StackConfig
+from .stack import StackHooks as StackHooks
 from .stack import StackStatistics as StackStatistics
 from .tcp import LwipTcpStream as LwipTcpStream
 from .udp import UdpConfig as UdpConfig
@@ -32,6 +34,7 @@ __all__ = [
     "DeviceError",
     "DnsConfig",
     "Endpoint",
+    "FdPacketDevice",
     "FlowInfo",
     "FlowRecord",
     "Gateway",
@@ -46,6 +49,7 @@ __all__ = [
     "ProtectError",
     "RefusedCounters",
     "StackConfig",
+    "StackHooks",
     "StackStatistics",
     "TunDevice",
     "TunlwipError",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .binding.err import err_name
+
 
 class TunlwipError(Exception):
     """Base class of tunlwip's own errors."""
@@ -29,30 +31,12 @@ class HostAddressError(TunlwipError):
 
 
 class LwipError(TunlwipError):
-    """lwIP returned an error code."""
+    """lwIP returned an error code (an ``err_t``: ``binding.err.Err``)."""
 
     def __init__(self, err: int, what: str = "") -> None:
-        self.err = err
-        name = ERR_NAMES.get(err, "unknown error")
-        super().__init__(f"{what + ': ' if what else ''}lwIP {name} ({err})")
-
-
-ERR_NAMES = {
-    0: "ERR_OK",
-    -1: "ERR_MEM",
-    -2: "ERR_BUF",
-    -3: "ERR_TIMEOUT",
-    -4: "ERR_RTE",
-    -5: "ERR_INPROGRESS",
-    -6: "ERR_VAL",
-    -7: "ERR_WOULDBLOCK",
-    -8: "ERR_USE",
-    -9: "ERR_ALREADY",
-    -10: "ERR_ISCONN",
-    -11: "ERR_CONN",
-    -12: "ERR_IF",
-    -13: "ERR_ABRT",
-    -14: "ERR_RST",
-    -15: "ERR_CLSD",
-    -16: "ERR_ARG",
-}
+        self.err = int(err)
+        #: lwIP's name of the code ("ERR_MEM"), None for a value lwIP does not define.
+        self.name = err_name(self.err)
+        super().__init__(
+            f"{what + ': ' if what else ''}lwIP {self.name or 'unknown error'} ({self.err})"
+        )

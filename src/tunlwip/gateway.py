@@ -34,9 +34,10 @@ from .endpoint import Endpoint
 from .flows import DEFAULT_BUFFER, FlowInfo, FlowSubscription, FlowTable
 from .hostaddrs import HostAddresses
 from .icmp import EchoForwarder, unavailable_reason
-from .stack import LwipStack
+from .stack import LwipStack, StackHooks
 from .stats import GatewayStatistics as GatewayStatistics  # re-exported: its documented home
 from .stats import frozen_copy
+from .tcp import LwipTcpStream
 from .tcp_forward import TcpForwarder, TcpHandler
 from .udp import DNS_PORT, UdpHandler, UdpSessions
 from .udp_forward import UdpForwarder
@@ -63,7 +64,20 @@ class Gateway:
             log.warning("ICMP echo forwarding unavailable: %s; falling back to reply", reason)
             stack_config = dataclasses.replace(stack_config, icmp_echo="reply")
             self.config = dataclasses.replace(self.config, stack=stack_config)
-        self.stack = LwipStack(device, stack_config)
+        # The stack's hooks, decided here once: dial before accept holds SYNs while the
+        # upstream connect runs; otherwise SYNs are accepted at once and only our own (looping
+        # back) and rejected ones are taken. The forwarders need the stack, so the hooks are
+        # the gateway's methods that hand on to them.
+        predial = tcp_handler is None and self.config.dial_before_accept
+        hooks = StackHooks(
+            syn_interceptor=self._on_syn if predial else self._screen_syn,
+            udp_receiver=self._on_udp_datagram,
+            icmp_echo_receiver=self._on_echo if stack_config.icmp_echo == "forward" else None,
+            accept_taker=self._take_predialed if predial else None,
+        )
+        self.stack = LwipStack(device, stack_config, hooks=hooks)
+        self.stack.relay_idle_timeout = self.config.idle_timeout
+        self.stack.tcp_keepalive = self.config.keepalive
         #: The DNS proxy (None when ``dns.hijack`` is "off": port 53 is then forwarded).
         self.dns = DnsProxy(self.config.dns, self.dialer) if self.config.dns.hijack != "off" \
             else None  # fmt: skip
@@ -85,22 +99,26 @@ class Gateway:
         #: The host's own addresses, refused as destinations (none with forward_local).
         self._host_addresses = None if stack_config.forward_local_destinations else \
             HostAddresses(self.stack.set_host_addresses)  # fmt: skip
-        # -- the stack's hooks and per-flow settings: every one the gateway sets, here ----------
-        self.stack.relay_idle_timeout = self.config.idle_timeout
-        self.stack.tcp_keepalive = self.config.keepalive
-        self.stack.udp_receiver = self.udp.on_datagram
-        if stack_config.icmp_echo == "forward":
-            self.stack.icmp_echo_receiver = self.echo.on_echo
-        if self._tcp.dials is not None:  # dial before accept
-            self.stack.syn_interceptor = self._tcp.on_syn
-            self.stack.accept_taker = self._tcp.take_predialed
-        else:  # SYNs are accepted at once; only our own (looping back) and rejected ones taken
-            self.stack.syn_interceptor = self._tcp.screen_syn
-        # -- end of the stack's hooks -------------------------------------------------------------
         self._started_at: float | None = None
         #: Wall-clock time ``serve`` started (``time.time()``), None before.
         self.started: float | None = None
         self._nursery: trio.Nursery | None = None
+
+    # -- the stack's hooks (StackHooks), handed on to the forwarders created after the stack --
+    def _on_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:
+        return self._tcp.on_syn(packet, client, target)
+
+    def _screen_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:
+        return self._tcp.screen_syn(packet, client, target)
+
+    def _take_predialed(self, stream: LwipTcpStream) -> bool:
+        return self._tcp.take_predialed(stream)
+
+    def _on_udp_datagram(self, client: Endpoint, target: Endpoint, data: bytes) -> None:
+        self.udp.on_datagram(client, target, data)
+
+    def _on_echo(self, client: Endpoint, target: Endpoint, message: bytes) -> None:
+        self.echo.on_echo(client, target, message)
 
     @property
     def protect_mode(self) -> str:

@@ -10,27 +10,27 @@ to end it early. ``LwipStack.relay`` creates one; the stack's poll task drives t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import trio
 
-from ._binding import ffi, lib
+from .binding import relay as crelay
+from .binding.relay import RelayHandle
 from .endpoint import Endpoint
 
 #: Why a relay ended, as flow records name it.
 REASONS = {
-    lib.TL_RELAY_CLOSED: "closed",
-    lib.TL_RELAY_CLIENT_RESET: "reset",
-    lib.TL_RELAY_UPSTREAM_RESET: "reset",
-    lib.TL_RELAY_ERROR: "error",
-    lib.TL_RELAY_IDLE: "idle timeout",
-    lib.TL_RELAY_STOPPED: "stopped",
+    crelay.CLOSED: "closed",
+    crelay.CLIENT_RESET: "reset",
+    crelay.UPSTREAM_RESET: "reset",
+    crelay.ERROR: "error",
+    crelay.IDLE: "idle timeout",
+    crelay.STOPPED: "stopped",
     # An end stopped answering (keepalive probes or retransmissions): the other one is reset.
-    lib.TL_RELAY_CLIENT_TIMEOUT: "client timeout",
-    lib.TL_RELAY_UPSTREAM_TIMEOUT: "upstream timeout",
+    crelay.CLIENT_TIMEOUT: "client timeout",
+    crelay.UPSTREAM_TIMEOUT: "upstream timeout",
 }
 #: Which side a reset came from, for debug logs.
-RESET_SIDES = {lib.TL_RELAY_CLIENT_RESET: "client", lib.TL_RELAY_UPSTREAM_RESET: "upstream"}
+RESET_SIDES = {crelay.CLIENT_RESET: "client", crelay.UPSTREAM_RESET: "upstream"}
 
 FirstDataCallback = Callable[[bytes], None]
 
@@ -50,7 +50,7 @@ class Relay:
         self.on_first_data = on_first_data
         self.reason: str | None = None
         self.reason_code: int | None = None
-        self._ptr: Any = None
+        self._ptr: RelayHandle | None = None
         self._final = (0, 0)
         self._done: trio.Event | None = None  # created by the first ``wait``
         self._on_done: Callable[[Relay], None] | None = None
@@ -68,9 +68,7 @@ class Relay:
         """(client -> upstream, upstream -> client) bytes so far."""
         if self._ptr is None:
             return self._final
-        stats = ffi.new("tl_relay_stats *")
-        lib.tl_relay_info(self._ptr, stats)
-        return int(stats.bytes_up), int(stats.bytes_down)
+        return crelay.byte_counts(self._ptr)
 
     async def wait(self) -> str:
         """Wait until the relay ended; returns the reason ("closed", "reset", ...)."""
@@ -89,18 +87,20 @@ class Relay:
         else:
             self._on_done = callback
 
-    def abort(self, reason: int = lib.TL_RELAY_STOPPED) -> None:
+    def abort(self, reason: int = crelay.STOPPED) -> None:
         """End the relay now: RST to the client and the upstream. No-op once ended."""
         if self._ptr is not None:
-            lib.tl_relay_abort(self._ptr, reason)  # reports back through _finish
+            crelay.abort(self._ptr, reason)  # reports back through finish
             self._stack_after()
 
     # -- from the stack (lwIP callbacks) ---------------------------------------------------------
-    def _started(self, ptr: Any) -> None:
+    def started(self, handle: RelayHandle) -> None:
+        """C set the relay up (unless it already ended during the setup)."""
         if not self.done:
-            self._ptr = ptr
+            self._ptr = handle
 
-    def _finish(self, reason: int, bytes_up: int, bytes_down: int) -> None:
+    def finish(self, reason: int, bytes_up: int, bytes_down: int) -> None:
+        """C ended the relay (``binding.relay`` reason) with these final byte counts."""
         self._ptr = None
         self._final = (bytes_up, bytes_down)
         self.reason_code = reason

@@ -4,17 +4,22 @@ Theory of operation
 -------------------
 lwIP (NO_SYS) is a single-threaded state machine. Everything that enters it (packets from the
 device, timers, writes and window updates from TCP streams) runs on the trio thread, one call at
-a time, and lwIP answers by invoking callbacks (see ``_binding``). Those callbacks only record
-events: they queue output packets, buffer received bytes and unpark waiting tasks. They never
-enter lwIP again.
+a time, and lwIP answers by invoking callbacks (``binding.callbacks``, whose ``Sink`` this stack
+is). Those callbacks only record events: they queue output packets, buffer received bytes and
+unpark waiting tasks. They never enter lwIP again.
 
-Four tasks drive it. The *poller* waits for one epoll set that C keeps: the device's fd (if
-the device has one: C reads batches of packets into lwIP, ``tl_input_fd``), the upstream
-sockets of C relays (``relay.py``) and watched sockets (UDP sessions); one wakeup serves them
-all. For a device without an fd the *reader* feeds packets to ``tl_input`` one by one. The
-*timer* runs ``sys_check_timeouts`` at most 250 ms apart; the *writer* delivers queued output
-to the device (unless the device let C write to its fd directly). lwIP's clock is trio's
-clock, so trio's ``autojump_clock`` makes retransmissions and TIME-WAIT instant in tests.
+Four tasks drive it. The *poller* (``pollset.PollSet``) waits for one epoll set that C keeps:
+the device's fd (if the device is an ``FdPacketDevice``: C reads batches of packets into lwIP),
+the upstream sockets of C relays (``relay.py``) and watched sockets (UDP sessions); one wakeup
+serves them all. For a device without an fd the *reader* feeds packets to lwIP one by one. The
+*timer* runs lwIP's timers at most 250 ms apart; the *writer* delivers queued output to the
+device (unless the device let C write to its fd directly). lwIP's clock is trio's clock
+(``pollset.LwipClock``), so trio's ``autojump_clock`` makes retransmissions and TIME-WAIT
+instant in tests.
+
+What the stack does with a packet is fixed at construction: the ``StackHooks`` (held SYNs,
+UDP datagrams, forwarded echo requests, accepted connections taken without a task) are passed
+to ``LwipStack`` and never change.
 
 lwIP has global state and can be initialised once per process, so one stack runs at a time; a
 stack tears down by aborting its connections and removing its netif, after which another stack
@@ -24,7 +29,6 @@ may run (tests do this constantly).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import ipaddress
 import logging
 import os
@@ -34,35 +38,28 @@ from typing import Any, NoReturn
 
 import trio
 
-from . import _binding
-from ._binding import ffi, lib
+from .binding import callbacks, core
+from .binding import relay as crelay
+from .binding import tcp as ctcp
+from .binding.tcp import Pcb
 from .config.sections import StackConfig as StackConfig
-from .device import PacketDevice
+from .connections import ConnectionTable
+from .device import FdPacketDevice, PacketDevice
 from .dialer import Keepalive
 from .endpoint import Endpoint
-from .errors import DeviceError, LwipError, TunlwipError
-from .loopidle import LoopIdleProbe
+from .errors import LwipError, TunlwipError
+from .hooks import StackHooks as StackHooks
+from .pollset import LwipClock, PollSet
 from .relay import FirstDataCallback, Relay
-from .shares import ClientCounts
 from .tcp import LwipTcpStream
 
 log = logging.getLogger("tunlwip.stack")
 
 TcpHandler = Callable[[LwipTcpStream, Endpoint], Awaitable[None]]
-SynInterceptor = Callable[[bytes, Endpoint, Endpoint], bool]
-UdpReceiver = Callable[[Endpoint, Endpoint, bytes], None]
-EchoReceiver = Callable[[Endpoint, Endpoint, bytes], None]
-_UDP_ACTIONS = {"reject": lib.TL_UDP_REJECT, "drop": lib.TL_UDP_DROP, "off": lib.TL_UDP_PASS}
-_ECHO_MODES = {"reply": lib.TL_ECHO_REPLY, "forward": lib.TL_ECHO_FORWARD, "off": lib.TL_ECHO_OFF}
 
 _TIMER_CAP_SECONDS = 0.25
-_RELAY_POLL_BATCH = 256  # poll-set events handled per wakeup of the poll task
 _RELAY_SWEEP_SECONDS = 1.0
-_MIN_WAIT_IN_C = 0.001  # below this, trio's deadline is too close: go back to trio
-_MAX_WAIT_IN_C = 0.1  # then the poll task goes back through trio even when all is quiet
 _READ_BATCH = 64  # packets read before the reader lets other tasks run
-_SLEEPTIME_INFINITE = 0xFFFFFFFF
-_ERR_MEM = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,26 +80,11 @@ class StackStatistics:
         return {k[5:]: v for k, v in self.counters.items() if k.startswith("drop_") and v}
 
 
-_COUNTER_FIELDS = [name for name, _ in ffi.typeof("tl_counters").fields]
-
-
-def _device_failed(device: PacketDevice, err: int, operation: str = "read") -> DeviceError:
-    """The error that stops the stack when ``operation`` on ``device`` failed with ``err``
-    (EPIPE is how C reports end of file), naming the device and the errno; the OSError is
-    its cause."""
-    name = getattr(device, "name", "") or type(device).__name__
-    why = "end of file" if err == errno.EPIPE else \
-        f"{os.strerror(err)} ({errno.errorcode.get(err, err)})"  # fmt: skip
-    exc = DeviceError(f"packet device {name} failed: {operation}: {why}; stopping")
-    exc.__cause__ = OSError(err, os.strerror(err))
-    return exc
-
-
 def _apply_keepalive(keepalive: Keepalive | None) -> None:
     if keepalive is None:
-        lib.tl_set_tcp_keepalive(0, 0, 0)
+        core.set_tcp_keepalive(0, 0, 0)
     else:
-        lib.tl_set_tcp_keepalive(keepalive.idle * 1000, keepalive.interval * 1000, keepalive.count)
+        core.set_tcp_keepalive(keepalive.idle * 1000, keepalive.interval * 1000, keepalive.count)
 
 
 _active: LwipStack | None = None
@@ -111,48 +93,38 @@ _active: LwipStack | None = None
 class LwipStack:
     """One lwIP instance on one packet device; ``run`` drives it until cancelled."""
 
-    def __init__(self, device: PacketDevice, config: StackConfig | None = None) -> None:
+    def __init__(
+        self,
+        device: PacketDevice,
+        config: StackConfig | None = None,
+        *,
+        hooks: StackHooks | None = None,
+    ) -> None:
         self.device = device
         self.config = config or StackConfig()
-        #: Called for each new SYN when set; returning True means "held" (dial before accept).
-        self.syn_interceptor: SynInterceptor | None = None
-        #: Called for every UDP datagram from a client; None drops (and counts) them.
-        self.udp_receiver: UdpReceiver | None = None
-        #: Called with (client, destination, ICMP message) for echo requests in "forward" mode.
-        self.icmp_echo_receiver: EchoReceiver | None = None
-        #: Offered each new connection, outside lwIP's callbacks, before a handler task is
-        #: started; returning True means it took the stream (no task): how the gateway hands
-        #: a connection whose upstream is already connected straight to a C relay.
-        self.accept_taker: Callable[[LwipTcpStream], bool] | None = None
+        self._hooks = hooks or StackHooks()
         self._accepted: list[LwipTcpStream] = []
         self._after: list[Callable[[], None]] = []
         #: False: every new connection is refused as at ``max_tcp_connections`` (the gateway
         #: draining before it stops).
         self.accepting = True
-        self._refused_at_limit = 0
-        self._refused_buffer_full = 0
-        self._refused_client_share = 0
-        #: Open connections (streams and relays) by client, and each one's client by id:
-        #: released when an id has left both ``_streams`` and ``_relays`` (``_conn_gone``).
-        self.client_connections = ClientCounts()
-        self._conn_clients: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
-        self._input_fd_identity: tuple[int, int, int] | None = None
+        self._connections = ConnectionTable()
+        #: Open connections (streams and relays) by client.
+        self.client_connections = self._connections.client_connections
+        # The table's own dicts (never replaced), looked up by every lwIP callback.
+        self._streams = self._connections.streams
+        self._relays = self._connections.relays
         #: Let the poll task wait in C while trio is idle (``loopidle``); off: always via trio.
         self.wait_in_c = True
-        self._streams: dict[int, LwipTcpStream] = {}
-        self._relays: dict[int, Relay] = {}
-        self._watchers: dict[int, Callable[[], None]] = {}
-        self._next_watch_token = 1
+        self._clock = LwipClock()
+        self._poll_set = PollSet(device, self._clock, self.after_lwip)
         #: Relays with no byte moved for this long are reset (None: never).
         self.relay_idle_timeout: float | None = None
         self._tcp_keepalive: Keepalive | None = None
-        self._next_conn_id = 1
         self._outbox: list[bytes] = []
         self._output_ready = trio.Event()
         self._handler: TcpHandler | None = None
         self._handler_nursery: trio.Nursery | None = None
-        self._clock_base_ms = 0
-        self._clock_origin = 0.0
         self._running = False
         self._callback_errors = 0
         self._packets_sent_outside_lwip = 0
@@ -189,6 +161,11 @@ class LwipStack:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @property
+    def hooks(self) -> StackHooks:
+        """Where the stack hands what it does not handle itself, as given at construction."""
+        return self._hooks
+
+    @property
     def tcp_keepalive(self) -> Keepalive | None:
         """lwIP's keepalive toward clients, for connections accepted from now on (None: off).
         A client that stops answering for ``budget`` seconds gets a RST and its flow ends
@@ -202,30 +179,24 @@ class LwipStack:
         _apply_keepalive(keepalive)
 
     def statistics(self) -> StackStatistics:
-        c = lib.tl_get_counters()
-        counters = {name: int(getattr(c, name)) for name in _COUNTER_FIELDS}
+        counters = core.counters()
         counters["packets_out"] += self._packets_sent_outside_lwip
         counters["callback_errors"] = self._callback_errors
-        relays = lib.tl_relay_get_counters()
-        counters["relays_opened"] = int(relays.opened)
-        counters["relay_spills"] = int(relays.spills)
-        counters["relay_upstream_full"] = int(relays.upstream_full)
-        counters["relay_client_full"] = int(relays.client_full)
-        counters["relay_poll_errors"] = int(relays.poll_errors)
-        counters["tcp_refused_at_limit"] = self._refused_at_limit
-        counters["tcp_refused_buffers_full"] = self._refused_buffer_full
-        counters["tcp_refused_client_share"] = self._refused_client_share
+        counters.update(crelay.counters())
+        counters["tcp_refused_at_limit"] = self._connections.refused_at_limit
+        counters["tcp_refused_buffers_full"] = self._connections.refused_buffer_full
+        counters["tcp_refused_client_share"] = self._connections.refused_client_share
         return StackStatistics(
             tcp_connections=self.connection_count(),
-            lwip_tcp_pcbs=lib.tl_tcp_pcb_count(),
+            lwip_tcp_pcbs=core.tcp_pcb_count(),
             counters=counters,
         )
 
     def release_syn(self, packet: bytes) -> None:
         """Feed a SYN that ``syn_interceptor`` held back to lwIP, which then answers it."""
-        self._tick_clock()
-        lib.tl_input_release(packet, len(packet))
-        self._after_lwip()
+        self._clock.tick()
+        core.input_release(packet)
+        self.after_lwip()
 
     def send_to_client(self, packet: bytes) -> None:
         """Queue a packet built outside lwIP (RST or ICMP answering a held SYN)."""
@@ -247,32 +218,33 @@ class LwipStack:
         Raises ``trio.BrokenResourceError`` if the connection is already gone (the socket is
         then left to the caller) and ``LwipError`` if the relay cannot be set up (both ends
         reset)."""
-        conn_id = stream._conn_id
-        relay = Relay(stream.remote, stream.local, on_first_data, self._after_lwip)
+        conn_id = stream.conn_id
+        relay = Relay(stream.remote, stream.local, on_first_data, self.after_lwip)
         self._relays[conn_id] = relay  # first, so the client's share passes to the relay
         try:
-            pcb, pending, client_eof = stream._hand_over()
+            pcb, pending, client_eof = stream.hand_over()
         except BaseException:
             self._relays.pop(conn_id, None)
-            self._conn_gone(conn_id)
+            self._connections.gone(conn_id)
             raise
         fd = upstream.detach()
         if pending:  # the first bytes arrived before the handover: name the flow now
             self._first_data(relay, pending)
-        out = ffi.new("void **")
-        self._tick_clock()
-        rc = lib.tl_relay_open(pcb, fd, conn_id, pending, len(pending), client_eof,
-                               relay.on_first_data is not None, out)  # fmt: skip
-        self._after_lwip()
-        if rc != 0:
+        self._clock.tick()
+        try:
+            handle = crelay.open_relay(pcb, fd, conn_id, pending, client_eof,
+                                       relay.on_first_data is not None)  # fmt: skip
+        except LwipError:
+            self.after_lwip()
             self._relays.pop(conn_id, None)
-            self._conn_gone(conn_id)
+            self._connections.gone(conn_id)
             os.close(fd)
-            lib.tl_tcp_abort(pcb)
-            self._after_lwip()
-            raise LwipError(_ERR_MEM, "relay setup")
-        if out[0] != ffi.NULL:
-            relay._started(out[0])
+            ctcp.abort(pcb)
+            self.after_lwip()
+            raise
+        self.after_lwip()
+        if handle is not None:
+            relay.started(handle)
         return relay
 
     def watch_readable(self, fd: int, on_ready: Callable[[], None]) -> int:
@@ -280,54 +252,40 @@ class LwipStack:
         poll task, with no task of its own: how a UDP session is relayed for a few hundred
         bytes. ``on_ready`` may send to clients. Returns a token for ``unwatch``; unwatch
         before closing the fd. Raises OSError if the fd cannot be watched."""
-        return self._watch(fd, on_ready, writable=False)
+        return self._poll_set.watch(fd, on_ready, writable=False)
 
     def watch_writable(self, fd: int, on_ready: Callable[[], None]) -> int:
         """Like ``watch_readable``, for writability (or an error): how a non-blocking
         ``connect()`` is waited for without a task. Unwatch once it fired."""
-        return self._watch(fd, on_ready, writable=True)
-
-    def _watch(self, fd: int, on_ready: Callable[[], None], *, writable: bool) -> int:
-        token = self._next_watch_token
-        self._next_watch_token += 1
-        rc = lib.tl_watch_add(fd, token, 1 if writable else 0)
-        if rc != 0:
-            raise OSError(-rc, f"cannot watch fd {fd}: {os.strerror(-rc)}")
-        self._watchers[token] = on_ready
-        return token
+        return self._poll_set.watch(fd, on_ready, writable=True)
 
     def unwatch(self, fd: int, token: int) -> None:
         """Stop watching ``fd`` (registered as ``token``); harmless if already stopped."""
-        if self._watchers.pop(token, None) is not None:
-            lib.tl_watch_del(fd)
+        self._poll_set.unwatch(fd, token)
 
     def send_udp(self, data: bytes, *, src: Endpoint, dst: Endpoint) -> None:
         """Send a datagram to client ``dst`` appearing to come from ``src`` (any address);
         keyword-only, as a swapped pair of Endpoints would fail silently."""
-        err = lib.tl_udp_send(
-            _binding.endpoint_to_c(src), _binding.endpoint_to_c(dst), data, len(data)
-        )
-        self._after_lwip()
-        if err != 0:
-            raise LwipError(err, f"UDP send {src} -> {dst}")
+        try:
+            core.udp_send(data, src, dst)
+        finally:
+            self.after_lwip()
 
     def send_icmp(self, message: bytes, src: Endpoint, dst: Endpoint) -> None:
         """Send an ICMP/ICMPv6 message (checksum filled in) to client ``dst`` from ``src``;
         ports are ignored. lwIP fragments it if it exceeds the MTU."""
-        err = lib.tl_icmp_send(
-            _binding.endpoint_to_c(src), _binding.endpoint_to_c(dst), message, len(message)
-        )
-        self._after_lwip()
-        if err != 0:
-            raise LwipError(err, f"ICMP send {src.address} -> {dst.address}")
+        try:
+            core.icmp_send(message, src, dst)
+        finally:
+            self.after_lwip()
 
     def inject_packet(self, packet: bytes) -> None:
         """Process one client packet now (what the reader task does for device packets)."""
-        self._tick_clock()
-        lib.tl_input(packet, len(packet))
-        if lib.tl_sleeptime() == 0:
-            lib.tl_check_timeouts()
-        self._after_lwip()
+        self._clock.tick()
+        core.input_packet(packet)
+        if core.sleeptime() == 0:
+            core.check_timeouts()
+        self.after_lwip()
 
     def set_host_addresses(
         self, addresses: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]
@@ -338,49 +296,31 @@ class LwipStack:
         ``forward_local_destinations``, like loopback. Returns how many were set."""
         own = {self.config.ipv4_address, self.config.ipv6_address}
         chosen = sorted({a for a in addresses if a not in own}, key=lambda a: (a.version, a))
-        c_addrs = ffi.new("tl_endpoint[]", max(1, len(chosen)))
-        for i, address in enumerate(chosen):
-            c_addrs[i].family = address.version
-            ffi.memmove(c_addrs[i].addr, address.packed, len(address.packed))
-        err = lib.tl_set_host_addresses(c_addrs, len(chosen))
-        if err != 0:
-            why = "out of memory" if err == -2 else "too many (at most 1048576)"
-            raise TunlwipError(f"cannot refuse {len(chosen)} host addresses: {why}")
+        core.set_host_addresses(chosen)
         return len(chosen)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _start_lwip(self) -> None:
         cfg = self.config
-        self._clock_base_ms = lib.tl_now()
-        self._clock_origin = trio.current_time()
-        rc = lib.tl_init(cfg.mtu, cfg.ipv4_address.packed, cfg.ipv6_address.packed)
-        if rc != 0:
-            raise TunlwipError(f"lwIP netif setup failed ({rc})")
-        _binding.set_sink(self)
-        lib.tl_reset_counters()
-        lib.tl_relay_reset_counters()
-        lib.tl_set_checksum_check(1 if cfg.verify_checksums else 0)
+        self._clock.start()
+        core.init(cfg.mtu, cfg.ipv4_address, cfg.ipv6_address)
+        callbacks.set_sink(self)
+        core.reset_counters()
+        crelay.reset_counters()
+        core.set_checksum_check(cfg.verify_checksums)
         _apply_keepalive(self._tcp_keepalive)  # lwIP is global: another stack may have set it
-        nets = cfg.client_networks
-        c_nets = ffi.new("tl_endpoint[]", max(1, len(nets)))
-        prefixes = ffi.new("uint8_t[]", max(1, len(nets)))
-        for i, net in enumerate(nets):
-            packed = net.network_address.packed
-            c_nets[i].family = net.version
-            ffi.memmove(c_nets[i].addr, packed, len(packed))
-            prefixes[i] = net.prefixlen
-        if lib.tl_set_client_networks(c_nets, prefixes, len(nets)) != 0:
-            raise TunlwipError("invalid client networks")
-        # A device whose packets carry a virtio-net header (a TUN we opened) gets its output
-        # coalesced into GSO writes in C; the header applies to the C reader's reads too.
-        lib.tl_set_vnet_hdr(1 if getattr(self.device, "vnet_header", False) else 0)
-        fd = getattr(self.device, "direct_output_fd", None)
-        if callable(fd):
-            out_fd = fd()
-            if out_fd is not None:
-                lib.tl_set_output_fd(out_fd)
-        lib.tl_set_hold_syns(1 if self.syn_interceptor is not None else 0)
-        lib.tl_set_forward_local(1 if cfg.forward_local_destinations else 0)
+        core.set_client_networks(cfg.client_networks)
+        device = self.device
+        if isinstance(device, FdPacketDevice):
+            # A device whose packets carry a virtio-net header (a TUN we opened) gets its output
+            # coalesced into GSO writes in C; the header applies to the C reader's reads too.
+            core.set_vnet_header(device.vnet_header)
+            if (out_fd := device.direct_output_fd()) is not None:
+                core.set_output_fd(out_fd)
+        else:
+            core.set_vnet_header(False)
+        core.set_hold_syns(self._hooks.syn_interceptor is not None)
+        core.set_forward_local(cfg.forward_local_destinations)
         self._apply_packet_policy(cfg, None)
         self._running = True
 
@@ -397,49 +337,42 @@ class LwipStack:
     def _apply_packet_policy(self, cfg: StackConfig, old: StackConfig | None) -> None:
         if old is not None:
             for port in old.blocked_udp_ports:
-                lib.tl_set_udp_port_action(port, lib.TL_UDP_PASS)
+                core.set_udp_port_action(port, "off")
         if cfg.blocked_udp_action != "off":
             for port in cfg.blocked_udp_ports:
-                lib.tl_set_udp_port_action(port, _UDP_ACTIONS[cfg.blocked_udp_action])
+                core.set_udp_port_action(port, cfg.blocked_udp_action)
         echo = cfg.icmp_echo
-        if echo == "forward" and self.icmp_echo_receiver is None:
+        if echo == "forward" and self._hooks.icmp_echo_receiver is None:
             log.warning("icmp_echo is 'forward' but nothing receives echoes; replying instead")
             echo = "reply"
-        lib.tl_set_icmp_echo_mode(_ECHO_MODES[echo])
-        lib.tl_set_max_half_open(cfg.max_half_open)
+        core.set_icmp_echo_mode(echo)
+        core.set_max_half_open(cfg.max_half_open)
 
     def _stop_lwip(self) -> None:
         self._running = False
-        self._tick_clock()
-        lib.tl_poll_set_input(-1)
-        lib.tl_relay_wait_with(-1)
-        lib.tl_relay_abort_all()  # closes every upstream socket (reported as "stopped")
+        self._clock.tick()
+        self._poll_set.stop()
+        crelay.abort_all()  # closes every upstream socket (reported as "stopped")
         for stream in list(self._streams.values()):
-            stream._on_stack_stopped()
-        self._streams.clear()
-        self._conn_clients.clear()
-        self.client_connections.clear()
-        self._tick_clock()
-        lib.tl_deinit()
-        _binding.set_sink(None)
+            stream.on_stack_stopped()
+        self._connections.clear()
+        self._clock.tick()
+        core.deinit()
+        callbacks.set_sink(None)
         self._outbox.clear()
         self._accepted.clear()
         self._after.clear()
 
     # -- tasks --------------------------------------------------------------------------------
     async def _reader(self) -> None:
-        direct_fd = getattr(self.device, "direct_input_fd", None)
-        fd = direct_fd() if callable(direct_fd) else None
+        device = self.device
+        fd = device.direct_input_fd() if isinstance(device, FdPacketDevice) else None
         if fd is None:
             await self._read_packets()
             return
         # The fast path: the poll set reads the device in C (``_poller``), so one wakeup
         # serves client packets and upstream sockets alike.
-        rc = lib.tl_poll_set_input(fd)
-        if rc != 0:  # e.g. the fd was closed before the stack got to watch it
-            raise _device_failed(self.device, -rc, "poll")
-        st = os.fstat(fd)
-        self._input_fd_identity = (fd, st.st_dev, st.st_ino)
+        self._poll_set.read_device_fd(fd)
 
     async def _read_packets(self) -> None:
         device = self.device
@@ -459,74 +392,22 @@ class LwipStack:
                 await trio.lowlevel.checkpoint()
 
     async def _poller(self) -> None:
-        """Wait for the poll set (the device's fd, relayed and watched sockets); C then reads
-        packets into lwIP and moves relayed bytes. Each wait is a checkpoint, so a busy device
-        cannot starve other tasks. A failed device read (the TUN deleted, the fd closed: EOF,
-        EBADFD, EBADF, EIO) stops the stack with ``DeviceError``: no packet can arrive any
-        more, and running on would hold every upstream open until its idle timeout."""
-        epoll_fd = lib.tl_relay_epoll_fd()
-        if epoll_fd < 0:
-            raise TunlwipError(f"cannot create the poll set: {os.strerror(-epoll_fd)}")
-        probe = LoopIdleProbe.current() if self.wait_in_c else None
-        if probe is not None and lib.tl_relay_wait_with(probe.io_fd) != 0:
-            probe = None  # cannot wait on trio's epoll set: always wait through trio
-        while True:
-            await trio.lowlevel.wait_readable(epoll_fd)
-            self._serve_poll_set()
-            # While trio has nothing else to do, run the poll loop in C (wait, serve, lwIP's
-            # timers) until Python is needed: a pass through trio's scheduler, or even through
-            # this loop, per packet costs more than handling the packet.
-            while probe is not None and (idle := probe.idle_seconds()) > _MIN_WAIT_IN_C:
-                timeout_ms = int(min(idle, _MAX_WAIT_IN_C) * 1000)
-                origin = self._clock_origin - probe.monotonic_offset
-                why = lib.tl_relay_run(timeout_ms, self._clock_base_ms, origin)
-                self._tick_clock()
-                self._after_serving()
-                if why != lib.TL_RUN_PYTHON:
-                    break  # trio has I/O or a deadline, or a signal came: go through trio
-
-    def _serve_poll_set(self) -> None:
-        """Handle what the poll set has ready: device packets, relays, watchers."""
-        self._tick_clock()
-        lib.tl_relay_poll(_RELAY_POLL_BATCH)
-        if lib.tl_sleeptime() == 0:
-            lib.tl_check_timeouts()
-        self._after_serving()
-
-    def _after_serving(self) -> None:
-        """What Python does after the poll set was served: queued work, a failed device."""
-        self._after_lwip()
-        if (err := lib.tl_poll_input_error()) != 0:
-            lib.tl_poll_set_input(-1)  # clears the error: report it once
-            raise _device_failed(self.device, err)
+        await self._poll_set.run(wait_in_c=self.wait_in_c)
 
     async def _timer(self) -> None:
         next_sweep = trio.current_time()
         while True:
-            self._tick_clock()
-            lib.tl_check_timeouts()
+            self._clock.tick()
+            core.check_timeouts()
             if trio.current_time() >= next_sweep:
                 next_sweep = trio.current_time() + _RELAY_SWEEP_SECONDS
-                self._check_input_fd()
+                self._poll_set.check_device_fd()
                 idle = self.relay_idle_timeout
-                lib.tl_relay_sweep(0 if idle is None else max(1, int(idle * 1000)))
-            self._after_lwip()
-            sleep_ms = lib.tl_sleeptime()
-            delay = _TIMER_CAP_SECONDS if sleep_ms == _SLEEPTIME_INFINITE else sleep_ms / 1000
+                crelay.sweep(0 if idle is None else max(1, int(idle * 1000)))
+            self.after_lwip()
+            sleep_ms = core.sleeptime()
+            delay = _TIMER_CAP_SECONDS if sleep_ms == core.SLEEPTIME_INFINITE else sleep_ms / 1000
             await trio.sleep(min(delay, _TIMER_CAP_SECONDS))
-
-    def _check_input_fd(self) -> None:
-        """The device's fd closed under us (by an embedder, say) vanishes from the poll set
-        without a read error, so look: the same fd number must still be the same file."""
-        if self._input_fd_identity is None:
-            return
-        fd, dev, ino = self._input_fd_identity
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise _device_failed(self.device, exc.errno or errno.EBADF) from None
-        if (st.st_dev, st.st_ino) != (dev, ino):
-            raise _device_failed(self.device, errno.EBADF)
 
     async def _writer(self) -> None:
         while True:
@@ -541,10 +422,10 @@ class LwipStack:
                 except OSError as exc:
                     log.warning("device write failed, packet dropped: %s", exc)
 
-    # -- helpers used by streams --------------------------------------------------------------
-    def _tick_clock(self) -> None:
-        elapsed_ms = int((trio.current_time() - self._clock_origin) * 1000)
-        lib.tl_set_now((self._clock_base_ms + elapsed_ms) & 0xFFFFFFFF)
+    # -- the engine streams use (tcp.StreamEngine) and the work queued by callbacks -------------
+    @property
+    def max_buffered_bytes_per_connection(self) -> int:
+        return self.config.max_buffered_bytes_per_connection
 
     def call_after_lwip(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` as soon as the current lwIP call returns: how a callback (which must
@@ -553,13 +434,15 @@ class LwipStack:
 
     def buffered_bytes(self) -> int:
         """Client bytes received and not yet read, over the Python streams."""
-        return sum(len(stream._recv_buffer) for stream in self._streams.values())
+        return self._connections.buffered_bytes()
 
     def connection_count(self) -> int:
         """Open TCP connections: Python streams and C relays."""
-        return len(self._streams) + len(self._relays)
+        return len(self._connections)
 
-    def _after_lwip(self) -> None:
+    def after_lwip(self) -> None:
+        """Run what lwIP's callbacks queued during the call just made: dispatch accepted
+        connections, deferred calls, wake the writer for output."""
         if self._accepted:
             self._dispatch_accepted()
         while self._after:
@@ -576,7 +459,7 @@ class LwipStack:
         """Give connections accepted during the last lwIP call to ``accept_taker``, else to a
         handler task (lwIP must not be re-entered from its accept callback, hence the list)."""
         accepted, self._accepted = self._accepted, []
-        taker = self.accept_taker
+        taker = self._hooks.accept_taker
         for stream in accepted:
             taken = False
             if taker is not None:
@@ -586,24 +469,15 @@ class LwipStack:
                     log.exception("accept_taker failed for %s -> %s; resetting", stream.remote,
                                   stream.local)  # fmt: skip
                     stream.abort()
-                    stream._close_now()
+                    stream.close_now()
                     continue
             if not taken:
                 assert self._handler_nursery is not None
                 self._handler_nursery.start_soon(self._run_handler, stream)
 
-    def _forget(self, conn_id: int) -> None:
-        self._streams.pop(conn_id, None)
-        self._conn_gone(conn_id)
-
-    def _conn_gone(self, conn_id: int) -> None:
-        """Give the client's share back once the connection is neither a stream nor a
-        relay (idempotent: every path that ends a connection may call it)."""
-        if conn_id in self._streams or conn_id in self._relays:
-            return
-        address = self._conn_clients.pop(conn_id, None)
-        if address is not None:
-            self.client_connections.release(address)
+    def forget(self, conn_id: int) -> None:
+        """A stream ended or was handed over: it is no stream any more."""
+        self._connections.forget_stream(conn_id)
 
     async def _run_handler(self, stream: LwipTcpStream) -> None:
         assert self._handler is not None
@@ -613,75 +487,64 @@ class LwipStack:
             log.exception("TCP handler failed for %s -> %s; resetting", stream.remote, stream.local)
             stream.abort()
         finally:
-            stream._close_now()
+            stream.close_now()
 
-    # -- lwIP callbacks (via _binding); never re-enter lwIP here --------------------------------
-    def on_accept(self, pcb: Any) -> int:
-        if not self._running:
+    # -- lwIP callbacks (binding.callbacks.Sink); never re-enter lwIP here -----------------------
+    def on_accept(self, pcb: Pcb) -> int:
+        # 0 refuses: lwIP resets the connection.
+        if not self._running or not self._connections.has_room(self.config, self.accepting):
             return 0
-        if not self.accepting or self.connection_count() >= self.config.max_tcp_connections:
-            self._refused_at_limit += 1
-            return 0  # lwIP resets the connection
-        if self._streams and self.buffered_bytes() >= self.config.max_buffered_bytes:
-            self._refused_buffer_full += 1
+        local, client = ctcp.endpoints(pcb)
+        conn_id = self._connections.admit(client.address, self.config.connection_share)
+        if conn_id == 0:
             return 0
-        local = ffi.new("tl_endpoint *")
-        remote = ffi.new("tl_endpoint *")
-        lib.tl_tcp_endpoints(pcb, local, remote)
-        client = _binding.endpoint_from_c(remote)
-        if self.client_connections.count(client.address) >= self.config.connection_share:
-            self._refused_client_share += 1
-            return 0
-        conn_id = self._next_conn_id
-        self._next_conn_id += 1
-        stream = LwipTcpStream(self, conn_id, pcb, _binding.endpoint_from_c(local), client)
+        stream = LwipTcpStream(self, conn_id, pcb, local, client)
         self._streams[conn_id] = stream
-        self._conn_clients[conn_id] = client.address
-        self.client_connections.add(client.address)
-        self._accepted.append(stream)  # dispatched once lwIP returns (_after_lwip)
+        self._accepted.append(stream)  # dispatched once lwIP returns (after_lwip)
         return conn_id
 
     def on_recv(self, conn: int, data: bytes | None, may_defer: bool) -> bool:
         stream = self._streams.get(conn)
-        return stream._on_recv(data, may_defer) if stream is not None else True
+        return stream.on_recv(data, may_defer) if stream is not None else True
 
     def on_sent(self, conn: int, length: int) -> None:
         stream = self._streams.get(conn)
         if stream is not None:
-            stream._on_sent(length)
+            stream.on_sent(length)
 
     def on_error(self, conn: int, err: int) -> None:
         stream = self._streams.pop(conn, None)
         if stream is not None:
-            self._conn_gone(conn)
-            stream._on_error(err)
+            self._connections.gone(conn)
+            stream.on_error(err)
 
     def on_output(self, packet: bytes) -> None:
         self._outbox.append(packet)
 
     def on_syn(self, packet: bytes, src: Endpoint, dst: Endpoint) -> bool:
-        return self.syn_interceptor is not None and self.syn_interceptor(packet, src, dst)
+        interceptor = self._hooks.syn_interceptor
+        return interceptor is not None and interceptor(packet, src, dst)
 
     def on_udp(self, src: Endpoint, dst: Endpoint, data: bytes) -> bool:
-        if self.udp_receiver is None:
+        receiver = self._hooks.udp_receiver
+        if receiver is None:
             return False
-        self.udp_receiver(src, dst, data)
+        receiver(src, dst, data)
         return True
 
     def on_icmp_echo(self, src: Endpoint, dst: Endpoint, message: bytes) -> None:
-        if self.icmp_echo_receiver is not None:
-            self.icmp_echo_receiver(src, dst, message)
+        receiver = self._hooks.icmp_echo_receiver
+        if receiver is not None:
+            receiver(src, dst, message)
 
     def on_relay_done(self, conn: int, reason: int, bytes_up: int, bytes_down: int) -> None:
         relay = self._relays.pop(conn, None)
         if relay is not None:
-            self._conn_gone(conn)
-            relay._finish(reason, bytes_up, bytes_down)
+            self._connections.gone(conn)
+            relay.finish(reason, bytes_up, bytes_down)
 
     def on_fd_ready(self, token: int) -> None:
-        on_ready = self._watchers.get(token)
-        if on_ready is not None:
-            on_ready()
+        self._poll_set.fd_ready(token)
 
     def on_relay_first_data(self, conn: int, data: bytes) -> None:
         relay = self._relays.get(conn)

@@ -10,9 +10,12 @@ Invariants:
   * Backpressure both ways. Received bytes are acknowledged to lwIP (``tcp_recved``) only when
     ``receive_some`` hands them out, so the client's window closes while nobody reads and this
     object buffers at most TCP_WND, or ``max_buffered_bytes_per_connection``: beyond it
-    ``_on_recv`` refuses deliveries, which lwIP keeps and offers again after a read.
+    ``on_recv`` refuses deliveries, which lwIP keeps and offers again after a read.
     ``send_all`` queues only what ``tcp_sndbuf`` admits and parks until the sent callback
     frees room.
+  * The stream talks to its stack only through ``StreamEngine`` (flush work queued by
+    lwIP's callbacks, forget a finished connection, the buffer budget); the stack calls the
+    stream's ``on_*`` event methods, ``hand_over`` and ``close_now``.
   * ``_pcb`` is None once lwIP no longer owns a connection for us (reset, aborted, or handed
     back to lwIP to finish closing). Before handing it back, every callback is cleared in C.
   * Graceful close: ``send_eof`` shuts down our direction (FIN after queued data); when both
@@ -24,18 +27,34 @@ Invariants:
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 import trio
 
-from ._binding import ERR_ABRT, ERR_CLSD, ERR_RST, TCP_STATES, ffi, lib
+from .binding import tcp as ctcp
+from .binding.err import Err, err_name
+from .binding.tcp import Pcb
 from .endpoint import Endpoint
-from .errors import ERR_NAMES
-
-if TYPE_CHECKING:
-    from .stack import LwipStack
+from .errors import LwipError
 
 DEFAULT_RECEIVE_SIZE = 65536
+
+
+class StreamEngine(Protocol):
+    """What a stream needs from the stack that owns it (``LwipStack`` implements it)."""
+
+    @property
+    def max_buffered_bytes_per_connection(self) -> int:
+        """Client bytes one stream holds unread before it refuses deliveries."""
+        ...
+
+    def after_lwip(self) -> None:
+        """Run what lwIP's callbacks queued during the call just made (output, accepts)."""
+        ...
+
+    def forget(self, conn_id: int) -> None:
+        """The connection is no stream any more (closed, reset or handed over)."""
+        ...
 
 
 class _ConflictDetector:
@@ -61,11 +80,12 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
     """
 
     def __init__(
-        self, stack: LwipStack, conn_id: int, pcb: Any, local: Endpoint, remote: Endpoint
+        self, engine: StreamEngine, conn_id: int, pcb: Pcb, local: Endpoint, remote: Endpoint
     ) -> None:
-        self._stack = stack
-        self._conn_id = conn_id
-        self._pcb: Any = pcb
+        self._engine = engine
+        #: The stack's id of this connection (lwIP's callbacks name it).
+        self.conn_id = conn_id
+        self._pcb: Pcb | None = pcb
         self.local = local
         self.remote = remote
         self._recv_buffer = bytearray()
@@ -88,8 +108,13 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
     def state(self) -> str:
         """lwIP's TCP state, or why the connection is gone."""
         if self._pcb is not None:
-            return str(TCP_STATES[lib.tl_tcp_state(self._pcb)])
+            return ctcp.state(self._pcb)
         return self._error or ("CLOSED" if self._closed else "FINISHING")
+
+    @property
+    def buffered(self) -> int:
+        """Client bytes received and not yet read."""
+        return len(self._recv_buffer)
 
     # -- trio.abc.ReceiveStream -----------------------------------------------------------------
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -110,11 +135,11 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
                 data = bytes(view[:max_bytes])
             del self._recv_buffer[:max_bytes]
             if data and self._pcb is not None:
-                lib.tl_tcp_recved(self._pcb, len(data))
+                ctcp.recved(self._pcb, len(data))
                 if self._recv_deferred:  # room again: lwIP offers what it kept (may recurse
-                    self._recv_deferred = False  # into _on_recv, which may refuse again)
-                    lib.tl_tcp_offer_deferred(self._pcb)
-                self._stack._after_lwip()
+                    self._recv_deferred = False  # into on_recv, which may refuse again)
+                    ctcp.offer_deferred(self._pcb)
+                self._engine.after_lwip()
             if not self._recv_buffer:
                 self._maybe_finish()
             return data
@@ -127,16 +152,18 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
             total = len(data)
             if total == 0:
                 return
-            buffer = ffi.from_buffer("uint8_t[]", data)
+            buffer = ctcp.send_buffer(data)
             offset = 0
             while True:
                 self._check_can_send()
                 if self._pcb is None:
                     raise trio.BrokenResourceError(f"connection {self._error or 'gone'}")
-                queued = lib.tl_tcp_write(self._pcb, buffer + offset, total - offset)
-                self._stack._after_lwip()
-                if queued < 0:
-                    raise trio.BrokenResourceError(f"lwIP write failed: {ERR_NAMES.get(queued)}")
+                try:
+                    queued = ctcp.write(self._pcb, buffer + offset, total - offset)
+                except LwipError as exc:
+                    raise trio.BrokenResourceError(f"lwIP write failed: {exc.name}") from None
+                finally:
+                    self._engine.after_lwip()
                 offset += queued
                 self.bytes_sent += queued
                 if offset >= total:
@@ -147,7 +174,7 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
         with self._send_conflict:
             self._check_can_send()
             await trio.lowlevel.checkpoint()
-            while self._pcb is not None and not self._closed and lib.tl_tcp_sndbuf(self._pcb) == 0:
+            while self._pcb is not None and not self._closed and ctcp.sndbuf(self._pcb) == 0:
                 await self._send_lot.park()
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
@@ -164,41 +191,44 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
                 if self._error is not None:
                     raise trio.BrokenResourceError(f"connection {self._error}")
                 return
-            err = lib.tl_tcp_shutdown_tx(self._pcb)
-            self._stack._after_lwip()
-            if err != 0:
-                raise trio.BrokenResourceError(f"lwIP shutdown failed: {ERR_NAMES.get(err)}")
+            try:
+                ctcp.shutdown_tx(self._pcb)
+            except LwipError as exc:
+                raise trio.BrokenResourceError(f"lwIP shutdown failed: {exc.name}") from None
+            finally:
+                self._engine.after_lwip()
             self._maybe_finish()
 
     # -- closing ----------------------------------------------------------------------------
     async def aclose(self) -> None:
-        self._close_now()
+        self.close_now()
         await trio.lowlevel.checkpoint()
 
     def abort(self) -> None:
         """Reset the connection now: the client sees RST (mirrors an upstream reset)."""
         if self._pcb is not None:
-            lib.tl_tcp_abort(self._pcb)
+            ctcp.abort(self._pcb)
             self._pcb = None
-            self._stack._after_lwip()
+            self._engine.after_lwip()
         if self._error is None:
             self._error = "aborted locally"
-        self._stack._forget(self._conn_id)
+        self._engine.forget(self.conn_id)
         self._wake_all()
 
-    def _close_now(self) -> None:
+    def close_now(self) -> None:
+        """``aclose`` without the checkpoint (the stack closes streams from plain code)."""
         if self._closed:
             return
         self._closed = True
         if self._pcb is not None:
             # Like close(2): FIN, or RST if the client's bytes were left unread.
-            lib.tl_tcp_close(self._pcb)
+            ctcp.close(self._pcb)
             self._pcb = None
-            self._stack._after_lwip()
-        self._stack._forget(self._conn_id)
+            self._engine.after_lwip()
+        self._engine.forget(self.conn_id)
         self._wake_all()
 
-    def _hand_over(self) -> tuple[Any, bytes, bool]:
+    def hand_over(self) -> tuple[Pcb, bytes, bool]:
         """Give the connection to a C relay: returns (PCB, bytes received but not read, client
         EOF seen). The stream is closed afterwards; lwIP's callbacks go to the relay."""
         if self._closed:
@@ -211,7 +241,7 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
         self._pcb = None
         self._closed = True
         self._recv_buffer.clear()
-        self._stack._forget(self._conn_id)
+        self._engine.forget(self.conn_id)
         self._wake_all()
         return pcb, pending, eof
 
@@ -229,24 +259,24 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
             and self._eof_received
             and not self._recv_buffer
         ):
-            lib.tl_tcp_close(self._pcb)
+            ctcp.close(self._pcb)
             self._pcb = None
-            self._stack._after_lwip()
-            self._stack._forget(self._conn_id)
+            self._engine.after_lwip()
+            self._engine.forget(self.conn_id)
 
     def _wake_all(self) -> None:
         self._recv_lot.unpark_all()
         self._send_lot.unpark_all()
 
-    # -- events from lwIP (no lwIP calls here) ------------------------------------------------
-    def _on_recv(self, data: bytes | None, may_defer: bool) -> bool:
+    # -- events from lwIP, delivered by the stack (no lwIP calls here) ---------------------------
+    def on_recv(self, data: bytes | None, may_defer: bool) -> bool:
         """Take received bytes, or refuse them (False) while the stream holds its budget and
         lwIP can keep them (``may_defer``): it then offers them again on ``receive_some``."""
         if data is None:
             self._eof_received = True
         else:
             held = len(self._recv_buffer)
-            budget = self._stack.config.max_buffered_bytes_per_connection
+            budget = self._engine.max_buffered_bytes_per_connection
             if may_defer and held and held + len(data) > budget:
                 self._recv_deferred = True
                 return False
@@ -255,24 +285,24 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
         self._recv_lot.unpark_all()
         return True
 
-    def _on_sent(self, length: int) -> None:
+    def on_sent(self, length: int) -> None:
         self._send_lot.unpark_all()
 
-    def _on_error(self, err: int) -> None:
+    def on_error(self, err: int) -> None:
         self._pcb = None  # lwIP has freed it
-        if err == ERR_CLSD:
+        if err == Err.ERR_CLSD:
             # Both FINs exchanged and lwIP finishes on its own (LAST-ACK done, or our FIN went
             # first): a clean end, not an error. Unread bytes stay readable.
             self._eof_received = True
-        elif err == ERR_RST:
+        elif err == Err.ERR_RST:
             self._error = "reset by the client"
-        elif err == ERR_ABRT:
+        elif err == Err.ERR_ABRT:
             self._error = "aborted (timeout)"
         else:
-            self._error = f"failed ({ERR_NAMES.get(err, err)})"
+            self._error = f"failed ({err_name(err) or err})"
         self._wake_all()
 
-    def _on_stack_stopped(self) -> None:
+    def on_stack_stopped(self) -> None:
         self._pcb = None  # tl_deinit aborts every connection
         if self._error is None:
             self._error = "closed: the stack stopped"

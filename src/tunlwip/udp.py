@@ -257,9 +257,10 @@ class SessionTable:
 
 
 UdpHandler = Callable[[UdpSession], Awaitable[None]]
-#: Takes a new session over without a task (True), or leaves it to the handler (False). An
-#: attacher diverts the session's datagrams and sets ``_on_end`` (see ``UdpSessions``).
-UdpAttacher = Callable[[UdpSession], bool]
+#: Takes a new session over without a task, or leaves it to the handler (None). An attacher
+#: that takes it diverts the session's datagrams and returns what to call with the reason
+#: when the session ends (see ``UdpSessions``).
+UdpAttacher = Callable[[UdpSession], Callable[[str], None] | None]
 #: Whether a new flow (client, destination) may open a session at all (False: dropped).
 #: Decides on a new flow (client, target): True opens a session, False drops the datagram,
 #: "reject" answers it with ICMP port unreachable, as a closed port would.
@@ -373,9 +374,8 @@ class UdpSessions:
         session = UdpSession(self, client, target, timeout)
         self._table.add(session)
         self.counters.opened += 1
-        if self.attach is not None and self.attach(session):
-            if session._on_end is None:
-                raise TypeError("a UDP attacher must set the session's _on_end")
+        if self.attach is not None and (on_end := self.attach(session)) is not None:
+            session._on_end = on_end
             return session
         session._cancel_scope = trio.CancelScope()
         self._nursery.start_soon(self._run_session, session)

@@ -32,7 +32,7 @@ from .dialer import Dialer
 from .endpoint import Endpoint
 from .errors import TunlwipError
 from .flows import FlowTable
-from .udp import UdpHandler, UdpSession
+from .udp import UdpAttacher, UdpHandler, UdpSession
 
 if TYPE_CHECKING:
     from .dns.proxy import DnsProxy
@@ -122,7 +122,7 @@ class UdpForwarder:
         self._dns = dns
         self._is_dns = is_dns
         self._handler = handler or self.forward
-        self.attach: Callable[[UdpSession], bool] | None = None if handler else self._attach
+        self.attach: UdpAttacher | None = None if handler else self._attach
 
     def admit(self, client: Endpoint, target: Endpoint) -> bool | Literal["reject"]:
         """A new UDP flow that is one of our own sockets coming back (an upstream's, the DNS
@@ -151,22 +151,23 @@ class UdpForwarder:
             reason = session.end_reason
             self._flows.close(flow, _CLOSE_REASONS.get(reason, reason) if reason else outcome)
 
-    def _attach(self, session: UdpSession) -> bool:
+    def _attach(self, session: UdpSession) -> Callable[[str], None] | None:
         """The default UDP forwarder without a task: a protected socket watched by the relay
-        poll task, datagrams copied by callbacks both ways (``DatagramRelay``). DNS sessions,
-        and sessions whose socket cannot be opened, go to the task path instead."""
+        poll task, datagrams copied by callbacks both ways (``DatagramRelay``); returns what
+        ends it. DNS sessions, and sessions whose socket cannot be opened, go to the task path
+        instead (None)."""
         if self._is_dns(session.target):
-            return False
+            return None
         try:
             upstream = self._dialer.open_udp(session.target)
         except (OSError, TunlwipError):
-            return False  # forward tries again and answers "unreachable"
+            return None  # forward tries again and answers "unreachable"
         relay = DatagramRelay(session, upstream)
         try:
             token = self._stack.watch_readable(upstream.fileno(), relay.drain)
         except OSError:
             upstream.close()
-            return False
+            return None
         flow = self._flows.track(session, session.target)
 
         def end(reason: str) -> None:
@@ -174,9 +175,8 @@ class UdpForwarder:
             upstream.close()
             self._flows.close(flow, _CLOSE_REASONS.get(reason, reason))
 
-        session._on_end = end
         session.divert(relay.to_upstream)
-        return True
+        return end
 
     async def forward(self, session: UdpSession) -> None:
         """The default forwarder with a task (when ``attach`` could not open the socket)."""

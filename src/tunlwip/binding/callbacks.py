@@ -1,4 +1,4 @@
-"""The only importer of the compiled lwIP module: callbacks, conversions, error codes.
+"""lwIP's calls into Python: the ``extern "Python"`` callbacks and the ``Sink`` they feed.
 
 Theory of operation: lwIP calls back into Python (accept, recv, sent, err, output, held SYN,
 UDP datagram, relay events) from inside an lwIP call that the stack made on the trio thread. Each
@@ -10,53 +10,25 @@ call back into lwIP input or timers from these methods; they record events and w
 
 from __future__ import annotations
 
-import ipaddress
 import logging
+from types import TracebackType
 from typing import Any, Protocol
 
-from ._lwip import ffi, lib
-from ._stamp import check_build
-from .endpoint import Endpoint
+from ..endpoint import Endpoint
+from .endpoints import endpoint_from_c
+from .ffi import ffi
+from .tcp import Pcb
 
-# Refuse a module compiled from other C sources than these (a stale .so): rebuild: make install.
-check_build(ffi.string(lib.tl_build_stamp()).decode())
-
-__all__ = [
-    "ERR_ABRT",
-    "ERR_CLSD",
-    "ERR_RST",
-    "Sink",
-    "endpoint_from_c",
-    "endpoint_to_c",
-    "ffi",
-    "lib",
-    "set_sink",
-]
+__all__ = ["Sink", "set_sink"]
 
 log = logging.getLogger("tunlwip.lwip")
 
-ERR_ABRT = -13
-ERR_RST = -14
-ERR_CLSD = -15
-
-# lwIP TCP states (tcpbase.h), for diagnostics.
-TCP_STATES = [
-    "CLOSED",
-    "LISTEN",
-    "SYN_SENT",
-    "SYN_RCVD",
-    "ESTABLISHED",
-    "FIN_WAIT_1",
-    "FIN_WAIT_2",
-    "CLOSE_WAIT",
-    "CLOSING",
-    "LAST_ACK",
-    "TIME_WAIT",
-]
-
 
 class Sink(Protocol):
-    def on_accept(self, pcb: Any) -> int: ...
+    """Where lwIP's events go (the running ``LwipStack``); ``conn`` is the id the sink gave
+    the connection in ``on_accept`` (0 refuses it)."""
+
+    def on_accept(self, pcb: Pcb) -> int: ...
     def on_recv(self, conn: int, data: bytes | None, may_defer: bool) -> bool: ...
     def on_sent(self, conn: int, length: int) -> None: ...
     def on_error(self, conn: int, err: int) -> None: ...
@@ -79,23 +51,7 @@ def set_sink(sink: Sink | None) -> None:
     _sink = sink
 
 
-def endpoint_from_c(ep: Any) -> Endpoint:
-    raw = bytes(ffi.buffer(ep.addr, 16))
-    if ep.family == 4:
-        return Endpoint(ipaddress.IPv4Address(raw[:4]), ep.port)
-    return Endpoint(ipaddress.IPv6Address(raw), ep.port)
-
-
-def endpoint_to_c(endpoint: Endpoint) -> Any:
-    ep = ffi.new("tl_endpoint *")
-    ep.family = endpoint.address.version
-    packed = endpoint.address.packed
-    ffi.memmove(ep.addr, packed, len(packed))
-    ep.port = endpoint.port
-    return ep
-
-
-def _onerror(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+def _onerror(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
     log.error("exception in an lwIP callback", exc_info=(exc_type, exc, tb))
     if _sink is not None:
         try:
@@ -104,12 +60,12 @@ def _onerror(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None
             log.exception("sink failed to record a callback error")
 
 
-@ffi.def_extern(onerror=_onerror)
+@ffi.def_extern(onerror=_onerror)  # type: ignore[untyped-decorator]
 def tl_py_accept(pcb: Any) -> int:
     return _sink.on_accept(pcb) if _sink is not None else 0
 
 
-@ffi.def_extern(onerror=_onerror, error=1)
+@ffi.def_extern(onerror=_onerror, error=1)  # type: ignore[untyped-decorator]
 def tl_py_recv(conn: int, data: Any, length: int, may_defer: int) -> int:
     """1: the bytes were taken; 0 (only if ``may_defer``): the stream is full, lwIP keeps
     them and offers them again."""
@@ -119,25 +75,25 @@ def tl_py_recv(conn: int, data: Any, length: int, may_defer: int) -> int:
     return _sink.on_recv(conn, payload, bool(may_defer))
 
 
-@ffi.def_extern(onerror=_onerror)
+@ffi.def_extern(onerror=_onerror)  # type: ignore[untyped-decorator]
 def tl_py_sent(conn: int, length: int) -> None:
     if _sink is not None:
         _sink.on_sent(conn, length)
 
 
-@ffi.def_extern(onerror=_onerror)
+@ffi.def_extern(onerror=_onerror)  # type: ignore[untyped-decorator]
 def tl_py_error(conn: int, err: int) -> None:
     if _sink is not None:
         _sink.on_error(conn, err)
 
 
-@ffi.def_extern(onerror=_onerror)
+@ffi.def_extern(onerror=_onerror)  # type: ignore[untyped-decorator]
 def tl_py_output(data: Any, length: int) -> None:
     if _sink is not None:
         _sink.on_output(bytes(ffi.buffer(data, length)))
 
 
-@ffi.def_extern(onerror=_onerror)
+@ffi.def_extern(onerror=_onerror)  # type: ignore[untyped-decorator]
 def tl_py_syn(packet: Any, length: int, src: Any, dst: Any) -> int:
     if _sink is None:
         return 0
@@ -147,7 +103,7 @@ def tl_py_syn(packet: Any, length: int, src: Any, dst: Any) -> int:
     return 1 if held else 0
 
 
-@ffi.def_extern(onerror=_onerror)
+@ffi.def_extern(onerror=_onerror)  # type: ignore[untyped-decorator]
 def tl_py_udp(src: Any, dst: Any, data: Any, length: int) -> int:
     if _sink is None:
         return 0
@@ -157,7 +113,7 @@ def tl_py_udp(src: Any, dst: Any, data: Any, length: int) -> int:
     return 1 if handled else 0
 
 
-@ffi.def_extern(onerror=_onerror)
+@ffi.def_extern(onerror=_onerror)  # type: ignore[untyped-decorator]
 def tl_py_icmp_echo(src: Any, dst: Any, message: Any, length: int) -> None:
     if _sink is not None:
         _sink.on_icmp_echo(
@@ -165,19 +121,19 @@ def tl_py_icmp_echo(src: Any, dst: Any, message: Any, length: int) -> None:
         )
 
 
-@ffi.def_extern(onerror=_onerror)
+@ffi.def_extern(onerror=_onerror)  # type: ignore[untyped-decorator]
 def tl_py_relay_done(conn: int, reason: int, bytes_up: int, bytes_down: int) -> None:
     if _sink is not None:
         _sink.on_relay_done(conn, reason, bytes_up, bytes_down)
 
 
-@ffi.def_extern(onerror=_onerror)
+@ffi.def_extern(onerror=_onerror)  # type: ignore[untyped-decorator]
 def tl_py_relay_first_data(conn: int, data: Any, length: int) -> None:
     if _sink is not None:
         _sink.on_relay_first_data(conn, bytes(ffi.buffer(data, length)))
 
 
-@ffi.def_extern(onerror=_onerror)
+@ffi.def_extern(onerror=_onerror)  # type: ignore[untyped-decorator]
 def tl_py_fd_ready(token: int) -> None:
     if _sink is not None:
         _sink.on_fd_ready(token)

@@ -1,0 +1,39 @@
+"""Conversions between ``Endpoint`` and C's ``tl_endpoint`` (family, 16 address bytes, port)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Any
+
+from ..endpoint import Endpoint
+from .ffi import ffi
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def endpoint_from_c(ep: Any) -> Endpoint:
+    """The ``Endpoint`` a ``tl_endpoint *`` holds."""
+    raw = bytes(ffi.buffer(ep.addr, 16))
+    if ep.family == 4:
+        return Endpoint(ipaddress.IPv4Address(raw[:4]), ep.port)
+    return Endpoint(ipaddress.IPv6Address(raw), ep.port)
+
+
+def endpoint_to_c(endpoint: Endpoint) -> Any:
+    """A new ``tl_endpoint *`` holding ``endpoint`` (freed with the returned object)."""
+    ep = ffi.new("tl_endpoint *")
+    ep.family = endpoint.address.version
+    packed = endpoint.address.packed
+    ffi.memmove(ep.addr, packed, len(packed))
+    ep.port = endpoint.port
+    return ep
+
+
+def addresses_to_c(addresses: Sequence[IPAddress]) -> Any:
+    """A new ``tl_endpoint[]`` of ``addresses`` (port 0; at least one element, as C wants)."""
+    c_addrs = ffi.new("tl_endpoint[]", max(1, len(addresses)))
+    for i, address in enumerate(addresses):
+        c_addrs[i].family = address.version
+        ffi.memmove(c_addrs[i].addr, address.packed, len(address.packed))
+    return c_addrs

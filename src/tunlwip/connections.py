@@ -1,0 +1,89 @@
+"""The stack's open TCP connections, and whether a new one may open.
+
+Why: a connection is first a Python stream (``LwipTcpStream``) and may become a C relay
+(``Relay``) when the gateway hands it over; either way it holds one place in the stack's
+limits: the global connection limit, the client's share (``shares``), and, while a stream, its
+unread bytes in the buffer budget. This table keeps both kinds by the connection id that lwIP's
+callbacks name, and gives the client's share back exactly once, when an id has left both.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING
+
+from .shares import ClientCounts
+
+if TYPE_CHECKING:
+    from .config.sections import StackConfig
+    from .relay import Relay
+    from .tcp import LwipTcpStream
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class ConnectionTable:
+    """Streams and relays by connection id, with their clients and the admission counters."""
+
+    def __init__(self) -> None:
+        self.streams: dict[int, LwipTcpStream] = {}
+        self.relays: dict[int, Relay] = {}
+        #: Open connections (streams and relays) by client.
+        self.client_connections = ClientCounts()
+        #: Each open connection's client, by id (released in ``gone``).
+        self.clients: dict[int, IPAddress] = {}
+        self.refused_at_limit = 0
+        self.refused_buffer_full = 0
+        self.refused_client_share = 0
+        self._next_id = 1
+
+    def __len__(self) -> int:
+        """Open TCP connections: Python streams and C relays."""
+        return len(self.streams) + len(self.relays)
+
+    def buffered_bytes(self) -> int:
+        """Client bytes received and not yet read, over the Python streams."""
+        return sum(stream.buffered for stream in self.streams.values())
+
+    def has_room(self, config: StackConfig, accepting: bool = True) -> bool:
+        """Whether the global limits admit one more connection (a refusal is counted; not
+        ``accepting`` is refused as at the connection limit)."""
+        if not accepting or len(self) >= config.max_tcp_connections:
+            self.refused_at_limit += 1
+            return False
+        if self.streams and self.buffered_bytes() >= config.max_buffered_bytes:
+            self.refused_buffer_full += 1
+            return False
+        return True
+
+    def admit(self, client: IPAddress, share: int) -> int:
+        """A new connection's id, counted against ``client``'s share; 0 if the client holds
+        its ``share`` already (counted). The caller files the stream under the id."""
+        if self.client_connections.count(client) >= share:
+            self.refused_client_share += 1
+            return 0
+        conn_id = self._next_id
+        self._next_id += 1
+        self.clients[conn_id] = client
+        self.client_connections.add(client)
+        return conn_id
+
+    def forget_stream(self, conn_id: int) -> None:
+        """The connection is no stream any more (closed, reset, or handed to a relay)."""
+        self.streams.pop(conn_id, None)
+        self.gone(conn_id)
+
+    def gone(self, conn_id: int) -> None:
+        """Give the client's share back once the connection is neither a stream nor a
+        relay (idempotent: every path that ends a connection may call it)."""
+        if conn_id in self.streams or conn_id in self.relays:
+            return
+        address = self.clients.pop(conn_id, None)
+        if address is not None:
+            self.client_connections.release(address)
+
+    def clear(self) -> None:
+        """The stack stopped: lwIP aborted every stream (relays end through their callback)."""
+        self.streams.clear()
+        self.clients.clear()
+        self.client_connections.clear()
