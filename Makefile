@@ -124,10 +124,13 @@ LWIP_FUZZ_ARGS = $$($(PY) -c 'import build_ffi as b; \
   print("-I" + str(b.LWIP / "include"), *(str(b.LWIP / s) for s in b.LWIP_SOURCES))')
 OUR_FUZZ_SOURCES = $$($(PY) -c 'import build_ffi as b; print(*(b.CSRC / s for s in b.OUR_SOURCES))')
 
-$(FUZZ_BUILD)/packet_fuzzer: fuzz/packet_fuzzer.c $(SRC) | install fuzzdeps
+# The harness: the driver, the callbacks and checks, the shaped records (fuzz/harness.h).
+FUZZ_HARNESS := fuzz/packet_fuzzer.c fuzz/packet_checks.c fuzz/packet_shapes.c
+
+$(FUZZ_BUILD)/packet_fuzzer: $(FUZZ_HARNESS) fuzz/harness.h $(SRC) | install fuzzdeps
 	@mkdir -p $(FUZZ_BUILD)
 	clang=$$(bash fuzz/find_clang.sh) && \
-	$$clang $(FUZZ_FLAGS) -o $@ fuzz/packet_fuzzer.c $(OUR_FUZZ_SOURCES) $(LWIP_FUZZ_ARGS)
+	$$clang $(FUZZ_FLAGS) -o $@ $(FUZZ_HARNESS) $(OUR_FUZZ_SOURCES) $(LWIP_FUZZ_ARGS)
 
 fuzz-build: $(FUZZ_BUILD)/packet_fuzzer
 

@@ -9,7 +9,7 @@ test suite's independent builders (tests/packets.py). DNS seeds: see dns_fuzzer.
 
 Records of kinds XT_CHAIN, FRAG_TRAIN and SEG (ctl >> 3 of 29-31) shape their packet in the
 harness (extension-header chains, fragment trains, segments aimed at a connection); their
-packet starts with the shape's description (packet_fuzzer.c, build_chain, frag_train,
+packet starts with the shape's description (packet_shapes.c: build_chain, frag_train,
 shape_record). The regression inputs use plain records only, so that the harness of any
 version (before those kinds existed) replays them.
 """
@@ -42,7 +42,7 @@ NOP, READ, READ_SOME, WRITE_SMALL, WRITE_BIG, EOF, CLOSE, ABORT = 0, 8, 9, 10, 1
 RELAY = 15
 UP_SEND, UP_EOF, UP_CLOSE, UP_READ, RELAY_ABORT, SWEEP = 16, 17, 18, 19, 20, 21
 RELEASE, DROP_SYN, UDP_REPLY, ECHO_SEND, POLL, WATCH = 22, 23, 24, 25, 26, 28
-# record kinds that shape their packet (packet_fuzzer.c shape_record)
+# record kinds that shape their packet (packet_shapes.c shape_record)
 XT_CHAIN, FRAG_TRAIN, SEG = 29, 30, 31
 # XT_CHAIN spec bits, header kinds (sel & 3) and sel bits
 XT_TO_GATEWAY, XT_AIM, XT_FIX_CHECKSUM, XT_TO_FF02_1 = 0x04, 0x08, 0x10, 0x20

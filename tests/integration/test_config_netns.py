@@ -1,6 +1,6 @@
 """``tunlwip up --config FILE`` and SIGHUP reload, with real clients and servers.
 
-Why: the unit tests (tests/test_config.py) check loading and ``reload`` on a memory device; only
+Why: the unit tests (tests/test_config_*.py) check loading and ``reload`` on a memory device; only
 a running process shows what an operator gets: that editing the file and sending SIGHUP changes
 the QUIC policy and the DNS answers at once, that a TCP transfer in progress does not notice,
 that a setting needing a restart is named in the log, and that a broken file is logged and the

@@ -14,7 +14,7 @@ rule (a ``Kind``), the help and the flag. From those declarations come:
 * ``loader.load``: file and flags, every problem at once (``ConfigProblems``), each with its
   key path, unknown keys with a "did you mean";
 * the flags of ``tunlwip up`` (``cli.add_arguments``) and the check that
-  docs/configuration.md documents every key with its type and default (tests/test_config.py).
+  docs/configuration.md documents every key with its type and default (tests/test_config_cli.py).
 
 Why no library: pydantic, msgspec and attrs+cattrs were weighed. msgspec stops at the first
 error and does not validate on construction (embedders would lose their checks); pydantic

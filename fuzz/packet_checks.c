@@ -1,0 +1,234 @@
+/*
+ * The packet fuzzer's checks (harness.h has the layout): the embedder's callbacks and what the
+ * harness asserts about everything the stack hands out.
+ *
+ * The tl_py_* callbacks are what stack.py, tcp.py and relay.py provide. Like the real ones they
+ * only record events (the C layer's invariant: no re-entry into lwIP from a callback; the one
+ * exception relay.c supports, aborting a relay from its first-data callback, is exercised) and
+ * decide from the current record's arg: accept or refuse a connection, hold a SYN, take a
+ * datagram. They abort on anything the C layer must never hand the embedder: a released
+ * connection, a packet longer than the MTU or with an inconsistent IP length, a datagram from or
+ * to port 0 or to a multicast address.
+ *
+ * After every record, packet_fuzzer.c calls check_vnet_output (what vnet.c wrote to the device
+ * in virtio-net mode) and check_input_checked (no hook bypass, the half-open bound, the MSS
+ * floor).
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <linux/virtio_net.h>
+
+#include "lwip/priv/tcp_priv.h"
+
+#include "tl_internal.h"
+
+#include "harness.h"
+
+/* ---- the embedder's callbacks (record only, never re-enter lwIP) ---------------------------- */
+
+uintptr_t tl_py_accept(void *pcb)
+{
+    if ((decide & 0xE0) == 0xE0) return 0; /* connection limit reached: lwIP sends RST */
+    for (int i = 0; i < MAX_CONNS; i++) {
+        if (conns[i].id != 0) continue;
+        tl_endpoint local, remote;
+        tl_tcp_endpoints(pcb, &local, &remote);
+        if (local.family != remote.family || local.port == 0 || remote.port == 0) abort();
+        conns[i].id = ++next_id;
+        conns[i].pcb = pcb;
+        return conns[i].id;
+    }
+    return 0;
+}
+
+int tl_py_recv(uintptr_t id, const uint8_t *data, size_t len, int may_defer)
+{
+    struct conn *c = by_id(id);
+    if (c == NULL || c->pcb == NULL) abort(); /* tcp_conn.c must not report for a released PCB */
+    if (data == NULL) {
+        c->eof_in = 1;
+        return 1;
+    }
+    touch(data, len);
+    /* tcp.py refuses while the stream holds its per-connection budget: lwIP keeps the data */
+    if (may_defer && c->unread > 0 && (decide & 0x18) == 0x18) return 0;
+    c->unread += len;
+    return 1;
+}
+
+void tl_py_sent(uintptr_t id, uint32_t len)
+{
+    (void)len;
+    if (by_id(id) == NULL) abort();
+}
+
+void tl_py_error(uintptr_t id, int err)
+{
+    (void)err;
+    struct conn *c = by_id(id);
+    if (c == NULL) abort();
+    c->pcb = NULL; /* lwIP freed it */
+    if (c->relay == NULL) free_conn(c);
+}
+
+void tl_py_output(const uint8_t *data, size_t len)
+{
+    touch(data, len);
+    if (len < 20 || len > cur_mtu) abort(); /* lwIP fragments to the MTU */
+    if (data[0] >> 4 == 4) {
+        if (((size_t)data[2] << 8 | data[3]) != len) abort();
+    } else if (data[0] >> 4 == 6) {
+        if (len < 40 || ((size_t)data[4] << 8 | data[5]) + 40 != len) abort();
+    } else {
+        abort();
+    }
+}
+
+int tl_py_syn(const uint8_t *packet, size_t len, const tl_endpoint *src, const tl_endpoint *dst)
+{
+    (void)src; (void)dst;
+    touch(packet, len);
+    if ((decide & 1) || held_n == MAX_HELD) return 0; /* not intercepted: lwIP answers at once */
+    held[held_n].pkt = malloc(len);
+    if (held[held_n].pkt == NULL) abort();
+    memcpy(held[held_n].pkt, packet, len);
+    held[held_n].len = len;
+    held_n++;
+    return 1;
+}
+
+int tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *data, size_t len)
+{
+    touch(data, len);
+    /* the hooks drop datagrams from or to port 0 and to multicast, broadcast or unspecified
+     * addresses (behind an extension header they once reached this callback) */
+    if (src->port == 0 || dst->port == 0 || src->family != dst->family) abort();
+    if (dst->family == 4 ? (dst->addr[0] & 0xF0) == 0xE0 || memcmp(dst->addr, "\0\0\0\0", 4) == 0 ||
+                               memcmp(dst->addr, "\xff\xff\xff\xff", 4) == 0
+                         : dst->addr[0] == 0xff) abort();
+    udp_src = *src;
+    udp_dst = *dst;
+    udp_seen = 1;
+    return (decide & 2) == 0; /* sometimes nobody takes it (counted as unhandled) */
+}
+
+void tl_py_icmp_echo(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *msg,
+                     size_t len)
+{
+    touch(msg, len);
+    echo_src = *src;
+    echo_dst = *dst;
+    memcpy(echo_msg, msg, len);
+    echo_len = len;
+}
+
+void tl_py_relay_done(uintptr_t id, int reason, uint64_t up, uint64_t down)
+{
+    (void)up; (void)down;
+    struct conn *c = by_id(id);
+    if (c == NULL || reason < 0 || reason > TL_RELAY_UPSTREAM_TIMEOUT) abort();
+    free_conn(c);
+}
+
+void tl_py_relay_first_data(uintptr_t id, const uint8_t *data, size_t len)
+{
+    touch(data, len);
+    struct conn *c = by_id(id);
+    if (c == NULL) abort();
+    /* relay.c supports a first-data callback that aborts the relay (Relay.abort from it). */
+    if (c->abort_in_first_data && c->relay) tl_relay_abort(c->relay, TL_RELAY_STOPPED);
+}
+
+void tl_py_fd_ready(uintptr_t token)
+{
+    struct conn *c = by_id(token);
+    if (c == NULL || c->peer < 0) return; /* gone earlier in the same poll round */
+    uint8_t buf[4096];
+    if (recv(c->peer, buf, sizeof buf, MSG_DONTWAIT) == 0) tl_watch_del(c->peer); /* EOF */
+}
+
+/* ---- checks after every record ------------------------------------------------------------ */
+
+/* The Internet checksum's ones' complement sum of `p`, added to `sum`, folded to 16 bits. */
+uint32_t ones_sum(const uint8_t *p, size_t len, uint32_t sum)
+{
+    for (size_t i = 0; i + 1 < len; i += 2) sum += (uint32_t)p[i] << 8 | p[i + 1];
+    if (len & 1) sum += (uint32_t)p[len - 1] << 8;
+    while (sum >> 16) sum = (sum & 0xFFFF) + (sum >> 16);
+    return sum;
+}
+
+/* Complete a partial TCP checksum as the kernel does (the field holds the pseudo-header's
+ * sum; store the complement of the sum from csum_start on), then verify the segment the way a
+ * receiver would: pseudo header and segment must sum to 0xFFFF. */
+static int partial_checksum_completes(uint8_t *pkt, size_t len, unsigned ip_hlen, int v6)
+{
+    uint8_t *tcp = pkt + ip_hlen;
+    size_t tcp_len = len - ip_hlen;
+    uint16_t check = (uint16_t)~ones_sum(tcp, tcp_len, 0);
+    tcp[16] = (uint8_t)(check >> 8);
+    tcp[17] = (uint8_t)check;
+    uint32_t pseudo = v6 ? ones_sum(pkt + 8, 32, 6 + (uint32_t)tcp_len)
+                         : ones_sum(pkt + 12, 8, 6 + (uint32_t)tcp_len);
+    return ones_sum(tcp, tcp_len, pseudo) == 0xFFFF;
+}
+
+/* What vnet.c wrote: a header the kernel would take, then one packet as lwIP sends them (no
+ * GSO) or a TCP packet of several whole segments (GSO); every TCP packet's checksum is left
+ * partial and completes to a valid one; IPv4 header checksums hold. Nothing may be held
+ * between steps, and a socket pair never refuses GSO. */
+void check_vnet_output(void)
+{
+    static uint8_t buf[TL_VNET_HDR_LEN + 65536];
+    if (tl_vnet_held() != 0 || tl_vnet_stats.gso_refused != 0) abort();
+    if (!vnet_mode) return;
+    for (;;) {
+        ssize_t n = recv(vnet_out[1], buf, sizeof buf, MSG_DONTWAIT);
+        if (n < 0) return;
+        struct virtio_net_hdr h;
+        if (n < TL_VNET_HDR_LEN + 20) abort();
+        memcpy(&h, buf, sizeof h);
+        uint8_t *pkt = buf + TL_VNET_HDR_LEN;
+        size_t len = (size_t)n - TL_VNET_HDR_LEN;
+        touch(pkt, len);
+        int v6 = pkt[0] >> 4 == 6;
+        size_t ip_len = v6 ? ((size_t)pkt[4] << 8 | pkt[5]) + 40 : (size_t)pkt[2] << 8 | pkt[3];
+        if (ip_len != len || (!v6 && pkt[0] >> 4 != 4)) abort();
+        unsigned ip_hlen = v6 ? 40 : (pkt[0] & 15u) * 4;
+        if (!v6 && ones_sum(pkt, ip_hlen, 0) != 0xFFFF) abort();
+        int tcp = (v6 ? pkt[6] : pkt[9]) == 6;
+        if (h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+            if (h.csum_start != ip_hlen || h.csum_offset != 16 || len < ip_hlen + 20) abort();
+            if (!tcp) abort(); /* only TCP's checksum is left partial */
+            if (h.hdr_len != ip_hlen + (pkt[ip_hlen + 12] >> 4) * 4u || h.hdr_len > len) abort();
+            if (!partial_checksum_completes(pkt, len, ip_hlen, v6)) abort();
+        } else if (h.flags != 0 || tcp) {
+            abort(); /* lwIP computed no TCP checksum: vnet.c must have marked it partial */
+        }
+        if (h.gso_type == VIRTIO_NET_HDR_GSO_NONE) {
+            if (h.gso_size != 0 || len > cur_mtu) abort(); /* lwIP fragments to the MTU */
+            continue;
+        }
+        if (h.gso_type != (v6 ? VIRTIO_NET_HDR_GSO_TCPV6 : VIRTIO_NET_HDR_GSO_TCPV4)) abort();
+        if (!(h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || h.gso_size == 0) abort();
+        if (h.hdr_len + h.gso_size > cur_mtu || len - h.hdr_len <= h.gso_size) abort();
+        if ((pkt[ip_hlen + 13] & ~0x08) != 0x10) abort(); /* data: ACK, maybe PSH, no more */
+    }
+}
+
+/* After every record: no segment reached tcp_input/udp_input except through the hooks'
+ * checks (transport_input.c counts one that did as drop_unchecked: that is a bypass, a
+ * finding), the half-open count stays within its bound and never grows above the limit, and no
+ * connection's MSS is below the floor half_open.c sets at passive open (a later SYN must not
+ * lower it). */
+void check_input_checked(void)
+{
+    if (tl_stats.drop_unchecked != 0) abort();
+    if (tl_stats.tcp_half_open > half_open_bound) abort();
+    for (struct tcp_pcb *c = tcp_active_pcbs; c; c = c->next)
+        if (c->mss < tcp_eff_send_mss(TL_MIN_MSS, &c->local_ip, &c->remote_ip)) abort();
+    half_open_bound = tl_stats.tcp_half_open > tl_max_half_open ? tl_stats.tcp_half_open
+                                                                : tl_max_half_open;
+}
+
