@@ -37,6 +37,33 @@ async def test_a_tun_fd_is_an_fd_device_and_the_others_are_not() -> None:
     assert not isinstance(callback, FdPacketDevice)
 
 
+class HalfFdDevice(MemoryDevice):
+    """A device offering only one of the fd methods: not an ``FdPacketDevice``."""
+
+    def direct_output_fd(self) -> int | None:
+        return None
+
+
+async def test_a_device_with_only_part_of_the_fd_protocol_is_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Such a device works, through Python; the warning says why it is not the fast path."""
+    device = HalfFdDevice()
+    assert not isinstance(device, FdPacketDevice)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(LwipStack(device, StackConfig()).run, never_accept)
+        nursery.cancel_scope.cancel()
+    assert "HalfFdDevice offers a direct fd but is not an FdPacketDevice" in caplog.text
+
+
+def test_hooks_cannot_be_set_after_construction() -> None:
+    """Assigning one of the old hook attributes would be ignored; it raises instead."""
+    stack = LwipStack(MemoryDevice(), StackConfig())
+    assert stack.udp_receiver is None
+    with pytest.raises(AttributeError, match="fixed at construction"):
+        stack.udp_receiver = lambda client, target, data: None
+
+
 async def test_packets_are_read_in_c_and_a_closed_device_stops_the_stack() -> None:
     """A device whose reads fail for good (here: end of file; a deleted TUN gives EBADFD)
     stops the stack with one DeviceError naming the device, instead of running on deaf."""

@@ -7,8 +7,10 @@ numbers; here a real gateway's snapshot is checked for both.
 
 from __future__ import annotations
 
+import copy as copy_module
 import dataclasses
 import json
+import pickle
 import string
 from typing import Any
 
@@ -70,6 +72,30 @@ def test_a_frozen_copy_is_equal_to_itself_and_replace_makes_another() -> None:
         changed.expired = 4
     live.opened += 1  # the copy is detached from the live counters
     assert copy.opened == 3
+
+
+def test_a_frozen_copy_compares_and_pickles_like_the_live_record() -> None:
+    live = UdpCounters(opened=3)
+    copy = frozen_copy(live)
+    assert copy == live and live == copy and copy != UdpCounters(opened=4)
+    for clone in (pickle.loads(pickle.dumps(copy)), copy_module.deepcopy(copy)):
+        assert clone == live
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            clone.opened = 5
+
+
+async def test_a_snapshot_survives_asdict_deepcopy_and_pickle(nursery: trio.Nursery) -> None:
+    """What embedders did with a snapshot before it was frozen still works."""
+    gateway, _, _ = await start_gateway(nursery)
+    stats = gateway.statistics()
+    document = dataclasses.asdict(stats)
+    assert document["udp"]["opened"] == 0
+    assert document["stack"]["counters"]["packets_in"] == stats.stack.counters["packets_in"]
+    assert copy_module.deepcopy(stats) == stats
+    restored = pickle.loads(pickle.dumps(stats))
+    assert restored == stats
+    with pytest.raises(TypeError):
+        restored.stack.counters.clear()
 
 
 async def test_totals_are_the_record_field_by_field(nursery: trio.Nursery) -> None:

@@ -85,7 +85,11 @@ class PollSet:
         try:
             crelay.set_input(fd)
         except OSError as exc:
-            raise device_failed(self._device, exc.errno or errno.EBADF, "poll") from None
+            err = exc.errno or errno.EBADF
+        else:
+            err = 0
+        if err:  # raised outside the except, so the error keeps device_failed's OSError cause
+            raise device_failed(self._device, err, "poll")
         st = os.fstat(fd)
         self._input_fd_identity = (fd, st.st_dev, st.st_ino)
 

@@ -33,7 +33,6 @@ import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from types import MappingProxyType
 from typing import Any, NoReturn
 
 import trio
@@ -62,6 +61,22 @@ _RELAY_SWEEP_SECONDS = 1.0
 _READ_BATCH = 64  # packets read before the reader lets other tasks run
 
 
+class FrozenCounters(dict[str, int]):
+    """A counters mapping that refuses every change: a snapshot's ``counters``. A dict (not a
+    ``MappingProxyType``), so ``dataclasses.asdict``, ``copy.deepcopy`` and ``pickle`` of a
+    statistics snapshot work as they did with the plain dict."""
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("a statistics snapshot's counters cannot be changed")
+
+    __setitem__ = __delitem__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+    __ior__ = _refuse
+
+    def __reduce__(self) -> tuple[type[FrozenCounters], tuple[dict[str, int]]]:
+        return FrozenCounters, (dict(self),)
+
+
 @dataclasses.dataclass(frozen=True)
 class StackStatistics:
     """A snapshot of the stack's counters (C counters plus Python-side state). ``counters`` is
@@ -72,7 +87,7 @@ class StackStatistics:
     counters: Mapping[str, int]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "counters", MappingProxyType(dict(self.counters)))
+        object.__setattr__(self, "counters", FrozenCounters(self.counters))
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -85,6 +100,11 @@ def _apply_keepalive(keepalive: Keepalive | None) -> None:
         core.set_tcp_keepalive(0, 0, 0)
     else:
         core.set_tcp_keepalive(keepalive.idle * 1000, keepalive.interval * 1000, keepalive.count)
+
+
+def _hook_set_afterwards(stack: LwipStack, value: object) -> NoReturn:
+    raise AttributeError("a stack's hooks are fixed at construction: pass "
+                         "LwipStack(device, config, hooks=StackHooks(...))")  # fmt: skip
 
 
 _active: LwipStack | None = None
@@ -164,6 +184,14 @@ class LwipStack:
     def hooks(self) -> StackHooks:
         """Where the stack hands what it does not handle itself, as given at construction."""
         return self._hooks
+
+    # The hooks were once attributes set after construction; setting one now would be ignored
+    # silently, so these names refuse it and say what to do instead.
+    syn_interceptor = property(lambda self: self._hooks.syn_interceptor, _hook_set_afterwards)
+    udp_receiver = property(lambda self: self._hooks.udp_receiver, _hook_set_afterwards)
+    icmp_echo_receiver = property(lambda self: self._hooks.icmp_echo_receiver,
+                                  _hook_set_afterwards)  # fmt: skip
+    accept_taker = property(lambda self: self._hooks.accept_taker, _hook_set_afterwards)
 
     @property
     def tcp_keepalive(self) -> Keepalive | None:
@@ -319,6 +347,10 @@ class LwipStack:
                 core.set_output_fd(out_fd)
         else:
             core.set_vnet_header(False)
+            if hasattr(device, "direct_input_fd") or hasattr(device, "direct_output_fd"):
+                log.warning("%s offers a direct fd but is not an FdPacketDevice (it needs "
+                            "vnet_header, direct_input_fd and direct_output_fd): its packets "
+                            "go through Python, one at a time", type(device).__name__)  # fmt: skip
         core.set_hold_syns(self._hooks.syn_interceptor is not None)
         core.set_forward_local(cfg.forward_local_destinations)
         self._apply_packet_policy(cfg, None)
@@ -498,7 +530,11 @@ class LwipStack:
         conn_id = self._connections.admit(client.address, self.config.connection_share)
         if conn_id == 0:
             return 0
-        stream = LwipTcpStream(self, conn_id, pcb, local, client)
+        try:
+            stream = LwipTcpStream(self, conn_id, pcb, local, client)
+        except BaseException:
+            self._connections.gone(conn_id)  # the client's share back
+            raise
         self._streams[conn_id] = stream
         self._accepted.append(stream)  # dispatched once lwIP returns (after_lwip)
         return conn_id

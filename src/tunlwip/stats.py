@@ -106,14 +106,29 @@ def frozen_copy(counters: C) -> C:
             for name, value in values.items():
                 object.__setattr__(self, name, value)
 
+        def eq(self: object, other: object) -> Any:
+            # Equal to a live record (or another snapshot) of the same class with the same
+            # values, as the dataclass's own __eq__ would be between two live records.
+            if not isinstance(other, base):
+                return NotImplemented
+            return _values(self) == _values(other)
+
+        def reduce(self: object) -> tuple[object, tuple[object]]:
+            # Pickled and deep-copied as a snapshot of a live record (the class is made here).
+            return frozen_copy, (base(**_values(self)),)
+
         frozen = type(base.__name__, (base,), {"__init__": init, "__setattr__": _refuse,
-                                               "__delattr__": _refuse,
+                                               "__delattr__": _refuse, "__eq__": eq,
+                                               "__hash__": None, "__reduce__": reduce,
                                                "__qualname__": base.__qualname__,
                                                "__module__": base.__module__})  # fmt: skip
         _frozen_classes[base] = frozen
-    values = {field.name: getattr(counters, field.name) for field in dataclasses.fields(counters)}
-    copy: C = frozen(**values)
+    copy: C = frozen(**_values(counters))
     return copy
+
+
+def _values(record: Any) -> dict[str, Any]:
+    return {field.name: getattr(record, field.name) for field in dataclasses.fields(record)}
 
 
 # -- the status document ----------------------------------------------------------------------

@@ -83,6 +83,8 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
         self, engine: StreamEngine, conn_id: int, pcb: Pcb, local: Endpoint, remote: Endpoint
     ) -> None:
         self._engine = engine
+        # Read once: the budget is fixed for a stack's life, and on_recv runs per segment.
+        self._budget = engine.max_buffered_bytes_per_connection
         #: The stack's id of this connection (lwIP's callbacks name it).
         self.conn_id = conn_id
         self._pcb: Pcb | None = pcb
@@ -276,8 +278,7 @@ class LwipTcpStream(trio.abc.HalfCloseableStream):
             self._eof_received = True
         else:
             held = len(self._recv_buffer)
-            budget = self._engine.max_buffered_bytes_per_connection
-            if may_defer and held and held + len(data) > budget:
+            if may_defer and held and held + len(data) > self._budget:
                 self._recv_deferred = True
                 return False
             self._recv_buffer += data

@@ -411,7 +411,7 @@ class TcpForwarder:
     # -- dial before accept ---------------------------------------------------------------------
     def take_predialed(self, stream: LwipTcpStream) -> bool:
         """A new connection whose upstream was dialed before accept goes straight to a relay,
-        with no task (``LwipStack.accept_taker``). Others get the handler task."""
+        with no task (the stack's ``StackHooks.accept_taker``). Others get the handler task."""
         assert self.dials is not None
         dial = self.dials.claim((stream.remote, stream.local))
         if dial is None:

@@ -374,7 +374,7 @@ class UdpSessions:
         session = UdpSession(self, client, target, timeout)
         self._table.add(session)
         self.counters.opened += 1
-        if self.attach is not None and (on_end := self.attach(session)) is not None:
+        if self.attach is not None and callable(on_end := self.attach(session)):
             session._on_end = on_end
             return session
         session._cancel_scope = trio.CancelScope()

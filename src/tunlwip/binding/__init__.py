@@ -13,7 +13,9 @@ Theory of operation: everything else in tunlwip calls typed functions here and n
 
 Every wrapper says which return-code convention it uses; callers never decode codes. Calls
 whose result needs no decoding are plain aliases of the C function (no Python frame of their
-own), so the hot paths cost what a direct ``lib`` call costs.
+own), so the per-byte and per-wakeup paths (the poll loop, ``tcp_recved``, ``tcp_sndbuf``)
+cost what a direct ``lib`` call costs; a wrapper that converts arguments or checks a result
+(``input_packet``, ``udp_send``, ``tcp.write``) adds one frame.
 
 This ``__init__`` imports nothing, so ``tunlwip.errors`` can use ``err`` without a cycle.
 """
