@@ -9,17 +9,15 @@ callbacks name, and gives the client's share back exactly once, when an id has l
 
 from __future__ import annotations
 
-import ipaddress
 from typing import TYPE_CHECKING
 
+from .endpoint import IPAddress
 from .shares import ClientCounts
 
 if TYPE_CHECKING:
     from .config.sections import StackConfig
     from .relay import Relay
     from .tcp import LwipTcpStream
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class ConnectionTable:

@@ -11,10 +11,10 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from ..endpoint import Endpoint
+from ..endpoint import Endpoint, IPAddress
 from ..errors import TunlwipError
 from .check import check_err
-from .endpoints import IPAddress, addresses_to_c, endpoint_to_c
+from .endpoints import addresses_to_c, endpoint_to_c
 from .ffi import ffi, lib
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

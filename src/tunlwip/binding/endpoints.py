@@ -6,10 +6,8 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
-from ..endpoint import Endpoint
+from ..endpoint import Endpoint, IPAddress
 from .ffi import ffi
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def endpoint_from_c(ep: Any) -> Endpoint:
