@@ -184,6 +184,15 @@ async def start_doh(nursery: trio.Nursery, tls: ssl.SSLContext, mode: DohMode) -
     return server
 
 
+def doh_upstream(server: DohServer, cert: Path) -> HttpsUpstream:
+    """The DoH upstream of ``server``, reached by a name its certificate holds (``dot.test``)
+    at ``HOST``."""
+    upstream = parse_upstream(f"https://dot.test:{server.port}#{HOST}", Dialer(),
+                              ca_file=str(cert))  # fmt: skip
+    assert isinstance(upstream, HttpsUpstream)
+    return upstream
+
+
 async def test_doh_posts_with_id_zero_and_keeps_the_connection(
     nursery: trio.Nursery, server_tls: ssl.SSLContext, cert: Path
 ) -> None:
@@ -223,8 +232,7 @@ async def test_doh_reads_chunked_answers_after_interim_responses(
     nursery: trio.Nursery, server_tls: ssl.SSLContext, cert: Path
 ) -> None:
     server = await start_doh(nursery, server_tls, "chunked")
-    upstream = parse_upstream(f"https://dot.test:{server.port}#{HOST}", Dialer(),
-                              ca_file=str(cert))  # fmt: skip
+    upstream = doh_upstream(server, cert)
     for _ in range(2):
         with trio.fail_after(5):
             assert addresses(await upstream.query(make_query())) == ["192.0.2.1"]
@@ -232,27 +240,19 @@ async def test_doh_reads_chunked_answers_after_interim_responses(
     await upstream.aclose()
 
 
-async def test_doh_honours_connection_close(
-    nursery: trio.Nursery, server_tls: ssl.SSLContext, cert: Path
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("close", id="connection-close"),
+        pytest.param("until_close", id="body-ends-with-the-connection"),
+    ],
+)
+async def test_doh_takes_a_new_connection_after_the_server_closed_one(
+    nursery: trio.Nursery, server_tls: ssl.SSLContext, cert: Path, mode: DohMode
 ) -> None:
-    server = await start_doh(nursery, server_tls, "close")
-    upstream = parse_upstream(f"https://dot.test:{server.port}#{HOST}", Dialer(),
-                              ca_file=str(cert))  # fmt: skip
-    assert isinstance(upstream, HttpsUpstream)
-    for _ in range(2):
-        with trio.fail_after(5):
-            assert addresses(await upstream.query(make_query())) == ["192.0.2.1"]
-    assert server.connections == 2
-    assert upstream.idle_connections == 0
-
-
-async def test_doh_reads_a_body_that_ends_with_the_connection(
-    nursery: trio.Nursery, server_tls: ssl.SSLContext, cert: Path
-) -> None:
-    server = await start_doh(nursery, server_tls, "until_close")
-    upstream = parse_upstream(f"https://dot.test:{server.port}#{HOST}", Dialer(),
-                              ca_file=str(cert))  # fmt: skip
-    assert isinstance(upstream, HttpsUpstream)
+    """``Connection: close``, and a body without a length that ends with the connection."""
+    server = await start_doh(nursery, server_tls, mode)
+    upstream = doh_upstream(server, cert)
     for _ in range(2):
         with trio.fail_after(5):
             assert addresses(await upstream.query(make_query())) == ["192.0.2.1"]
@@ -264,8 +264,7 @@ async def test_doh_refuses_a_body_larger_than_a_dns_message(
     nursery: trio.Nursery, server_tls: ssl.SSLContext, cert: Path
 ) -> None:
     server = await start_doh(nursery, server_tls, "too_large")
-    upstream = parse_upstream(f"https://dot.test:{server.port}#{HOST}", Dialer(),
-                              ca_file=str(cert))  # fmt: skip
+    upstream = doh_upstream(server, cert)
     with trio.fail_after(5), pytest.raises(UpstreamError, match=r"HTTP body too large \(65536"):
         await upstream.query(make_query())
 
@@ -274,8 +273,7 @@ async def test_doh_error_status_is_an_upstream_error(
     nursery: trio.Nursery, server_tls: ssl.SSLContext, cert: Path
 ) -> None:
     server = await start_doh(nursery, server_tls, "error")
-    upstream = parse_upstream(f"https://dot.test:{server.port}#{HOST}", Dialer(),
-                              ca_file=str(cert))  # fmt: skip
+    upstream = doh_upstream(server, cert)
     with trio.fail_after(5), pytest.raises(UpstreamError, match="HTTP status 503"):
         await upstream.query(make_query())
 
