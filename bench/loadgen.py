@@ -5,6 +5,10 @@ service or client is a separate process whose result comes back as one JSON line
 Stdlib only, and every loop is bounded by a count and a deadline, so a broken path ends a
 measurement with partial numbers instead of hanging the run.
 
+Over 600 lines on purpose: every server and client is a subcommand of this one stdlib script,
+so the harness and the soak start each by a single path, with nothing to import inside the
+namespaces.
+
 Servers (in ``srv``, dual-stack on ``::``)::
 
     serve connect PORT   read 1 byte, answer 1 byte, close     (connection rate)
