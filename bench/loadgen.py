@@ -5,10 +5,14 @@ service or client is a separate process whose result comes back as one JSON line
 Stdlib only, and every loop is bounded by a count and a deadline, so a broken path ends a
 measurement with partial numbers instead of hanging the run.
 
+Over 600 lines on purpose: every server and client is a subcommand of this one stdlib script,
+so the harness and the soak start each by a single path, with nothing to import inside the
+namespaces.
+
 Servers (in ``srv``, dual-stack on ``::``)::
 
     serve connect PORT   read 1 byte, answer 1 byte, close     (connection rate)
-    serve echo PORT      echo everything, TCP_NODELAY          (request/response)
+    serve echo PORT      echo until EOF, TCP_NODELAY           (request/response)
     serve udp-echo PORT  echo every datagram                   (UDP sessions)
     serve hold PORT      send 1 byte on accept, then hold      (idle TCP connections)
 
@@ -17,6 +21,8 @@ Clients (in ``cli``)::
     probe HOST PORT            wait until a TCP connect succeeds
     connrate HOST PORT         N connect / 1 byte / close, serial or P threads; p50/p99
     rr HOST PORT               1-byte ping-pong on one connection for S seconds
+    rr-plain HOST PORT         N 1-byte rounds from a plain blocking socket
+    connrate-plain HOST PORT   N x (connect, 1 byte each way, close), blocking, timed whole
     hold-tcp HOST PORT         open N connections, report, hold until stdin closes
     hold-udp HOST PORT         N sockets each with one answered datagram, then hold
     dns SERVER                 DNS queries at a fixed concurrency (when dnsperf is missing)
@@ -265,6 +271,95 @@ def rr(host: str, port: int, seconds: float) -> int:
     return 0 if samples else 1
 
 
+def plain_socket(host: str, port: int, nodelay: bool, timeout: float | None) -> socket.socket:
+    """A connected socket as a plain client makes one: ``create_connection`` and nothing else.
+    ``timeout`` None keeps it blocking (recv sleeps in the kernel); a number makes Python
+    wait in poll() before each recv, as ``rr`` does."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    if nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def rr_plain(host: str, port: int, count: int, nodelay: bool, timeout: float | None) -> int:
+    """``count`` rounds of 1 byte each way on one blocking connection, each round timed: what
+    a single-threaded blocking client sees (no deadline check or clock read beyond the
+    round's own two)."""
+    sock = plain_socket(host, port, nodelay, timeout)
+    samples: list[float] = []
+    error = ""
+    clock = time.perf_counter
+    start = clock()
+    try:
+        for _ in range(count):
+            t0 = clock()
+            sock.sendall(b"p")
+            if not sock.recv(1):
+                error = "connection closed"
+                break
+            samples.append(clock() - t0)
+    except OSError as exc:
+        error = str(exc)
+    elapsed = clock() - start
+    sock.close()
+    us = [x * 1e6 for x in samples]
+    emit(
+        {
+            "transactions": len(samples),
+            "elapsed": elapsed,
+            "rate": len(samples) / elapsed if elapsed > 0 else 0.0,
+            "p50_us": percentile(us, 50),
+            "p99_us": percentile(us, 99),
+            "error": error,
+        }
+    )
+    return 0 if samples else 1
+
+
+def connrate_plain(
+    host: str, port: int, count: int, nodelay: bool, timeout: float | None, max_time: float
+) -> int:
+    """``count`` serial connections from one thread: create_connection, send 1 byte, read the
+    echo, close (the client closes first). Each is timed whole, connect to close."""
+    deadline = time.monotonic() + max_time
+    samples: list[float] = []
+    errors: list[str] = []
+    clock = time.perf_counter
+    start = clock()
+    for _ in range(count):
+        if time.monotonic() >= deadline:
+            break
+        t0 = clock()
+        try:
+            sock = plain_socket(host, port, nodelay, timeout)
+        except OSError as exc:
+            errors.append(type(exc).__name__ + ": " + str(exc))
+            continue
+        try:
+            sock.sendall(b"x")
+            if sock.recv(1) != b"x":
+                raise OSError("no echo byte")
+            sock.close()
+            samples.append(clock() - t0)
+        except OSError as exc:
+            errors.append(type(exc).__name__ + ": " + str(exc))
+            sock.close()
+    elapsed = clock() - start
+    us = [x * 1e6 for x in samples]
+    emit(
+        {
+            "ok": len(samples),
+            "errors": len(errors),
+            "first_errors": sorted(set(errors))[:3],
+            "elapsed": elapsed,
+            "rate": len(samples) / elapsed if elapsed > 0 else 0.0,
+            "p50_us": percentile(us, 50),
+            "p99_us": percentile(us, 99),
+        }
+    )
+    return 0 if samples else 1
+
+
 def wait_release(max_hold: float) -> None:
     """Hold until the harness writes a line (or closes stdin), at most ``max_hold`` s."""
     sel = selectors.DefaultSelector()
@@ -474,6 +569,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("serve")
     s.add_argument("kind", choices=["connect", "echo", "udp-echo", "hold"])
     s.add_argument("port", type=int)
+    for name in ("rr-plain", "connrate-plain"):
+        c = sub.add_parser(name)
+        c.add_argument("host")
+        c.add_argument("port", type=int)
+        c.add_argument("--count", type=int, default=5000 if name == "rr-plain" else 2000)
+        c.add_argument("--nodelay", action="store_true", help="set TCP_NODELAY (off: plain)")
+        c.add_argument(
+            "--timeout", type=float, default=None, help="socket timeout (none: blocking)"
+        )
+        c.add_argument("--max-time", type=float, default=60.0)
     for name in ("probe", "connrate", "rr", "hold-tcp", "hold-udp"):
         c = sub.add_parser(name)
         c.add_argument("host")
@@ -504,6 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return connrate(a.host, a.port, a.count, a.parallel, a.timeout, a.max_time)
     if a.cmd == "rr":
         return rr(a.host, a.port, a.seconds)
+    if a.cmd == "rr-plain":
+        return rr_plain(a.host, a.port, a.count, a.nodelay, a.timeout)
+    if a.cmd == "connrate-plain":
+        return connrate_plain(a.host, a.port, a.count, a.nodelay, a.timeout, a.max_time)
     if a.cmd == "hold-tcp":
         return hold_tcp(a.host, a.port, a.count, a.inflight, a.max_time, a.max_hold)
     if a.cmd == "hold-udp":

@@ -157,6 +157,10 @@ def label(workload: str) -> str:
         return f"connect / 1 B / close, {workload[8:]} parallel"
     if workload == "rr-1byte":
         return "1-byte request/response, one connection"
+    if workload == "rr-plain":
+        return "1-byte request/response, plain blocking client"
+    if workload == "conn-plain":
+        return "connect / 1 B / close, plain blocking client, timed whole"
     if workload == "dns-cached":
         return "DNS, one name repeated (cached)"
     if workload == "dns-uncached":
@@ -360,7 +364,7 @@ def host_meta(opts: Options, mtus: list[int]) -> dict[str, Any]:
             f"MTUs {','.join(map(str, mtus))}; iperf3 {opts.duration} s per run, streams "
             f"{','.join(map(str, opts.streams))}, IPv6 {'on' if opts.ipv6 else 'off'}; "
             f"{opts.conns} connections (serial, {opts.parallel} parallel); "
-            f"rr {opts.rr_seconds:g} s; "
+            f"rr {opts.rr_seconds:g} s, rr-plain {opts.rr_rounds} rounds; "
             f"UDP {opts.udp_rate}; DNS concurrency {opts.dns_concurrency}; "
             f"held {opts.tcp_hold} TCP / {opts.udp_hold} UDP"
         ),
@@ -418,7 +422,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--workloads",
         default="all",
-        help="comma list of phases: " + ", ".join(PHASES) + " (aliases: iperf3, memory, all)",
+        help="comma list of phases: "
+        + ", ".join(PHASES)
+        + " (aliases: iperf3, memory, plain, all)",
     )
     p.add_argument("--mtus", default=None, help="comma list (default 1500,65520; --quick 1500)")
     p.add_argument(
@@ -458,6 +464,7 @@ def options(a: argparse.Namespace) -> tuple[Options, list[int]]:
         ipv6=not (a.no_ipv6 or q),
         conns=a.conns or (200 if q else 2000),
         rr_seconds=float(a.duration or (1 if q else 5)),
+        rr_rounds=500 if q else 5000,
         dns_concurrency=a.dns_concurrency,
         dns_names=20_000 if q else 300_000,
         tcp_hold=a.tcp_hold or (500 if q else 10_000),

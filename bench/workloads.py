@@ -4,6 +4,10 @@ Why fresh per phase: a gateway's state after one workload (TIME-WAIT PCBs, a gro
 cached DNS answers) must not colour the next, and a method that breaks in one phase still gets
 measured in the others. Clients run in ``cli``, servers in ``srv``; every subprocess has a
 timeout and every client loop a count and a deadline.
+
+Over 600 lines on purpose: one short phase function per workload next to the table that
+names them (PHASES, PHASE_FUNCS) and the helpers they share; they have no other dependency on
+each other.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ PHASES = {
     "udp": False,
     "connrate": False,
     "rr": False,
+    "rr-plain": False,
+    "connrate-plain": False,
     "dns": False,
     "memory-tcp": False,
     "memory-udp": False,
@@ -43,6 +49,7 @@ PHASES = {
 ALIASES = {
     "iperf3": ["iperf3-download", "iperf3-upload"],
     "memory": ["memory-tcp", "memory-udp"],
+    "plain": ["rr-plain", "connrate-plain"],
     "all": list(PHASES),
 }
 
@@ -55,6 +62,7 @@ class Options:
     conns: int = 2000
     parallel: int = 8
     rr_seconds: float = 5.0
+    rr_rounds: int = 5000
     udp_rate: str = "200M"
     dns_concurrency: int = 32
     dns_names: int = 300_000
@@ -163,7 +171,7 @@ def start_servers(split: SplitTopology, work: Path, *phases: str) -> None:
     if any(p.startswith("iperf3") or p == "udp" for p in phases):
         start_server(srv, work, "iperf3", "-s", "-p", str(IPERF_PORT))
         waits.append((IPERF_PORT, "tcp"))
-    if "connrate" in phases:
+    if "connrate" in phases:  # the plain phases use the echo server above
         start_server(srv, work, sys.executable, LOADGEN, "serve", "connect", str(CONNECT_PORT))
         waits.append((CONNECT_PORT, "tcp"))
     if "memory-tcp" in phases:
@@ -364,6 +372,81 @@ def phase_rr(ctx: Ctx) -> None:
     ctx.add(workload, "p99", res["p99_us"], "µs", "lower")
 
 
+def add_cpu_per(ctx: Ctx, workload: str, unit: str, count: int) -> None:
+    """Gateway CPU per operation from the cpu figure cpu_meter just recorded: comparable
+    across methods and runs when the rates are not (the rate of a ping-pong on two shared
+    CPUs depends on where the scheduler puts its three processes)."""
+    cpu = next((m.value for m in reversed(ctx.out) if m.metric == "cpu"), None)
+    if cpu is not None and count:
+        ctx.add(workload, f"CPU per {unit}", cpu / count * 1e6, "µs", "lower")
+
+
+def phase_rr_plain(ctx: Ctx) -> None:
+    """Request/response as a plain blocking client sees it: one process, one thread,
+    ``create_connection`` with no socket options and no timeout, N rounds of 1 byte each way
+    (the harness of issue 17). ``rr`` measures the same path with TCP_NODELAY, a socket
+    timeout (poll before each recv) and a deadline instead of a count."""
+    workload = "rr-plain"
+    with cpu_meter(ctx, workload):
+        try:
+            res = loadgen(
+                ctx.split.cli,
+                "rr-plain",
+                SRV_ADDR4,
+                str(ECHO_PORT),
+                "--count",
+                str(ctx.opts.rr_rounds),
+                timeout=ctx.opts.step_timeout,
+            )
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            ctx.add(workload, "rate", None, "trans/s", error=str(exc))
+            return
+    ctx.add(workload, "rate", res["rate"], "trans/s", error=res["error"])
+    ctx.add(workload, "p50", res["p50_us"], "µs", "lower")
+    ctx.add(workload, "p99", res["p99_us"], "µs", "lower")
+    add_cpu_per(ctx, workload, "round", res["transactions"])
+
+
+def phase_connrate_plain(ctx: Ctx) -> None:
+    """Short connections as a plain blocking client makes them: N serial times
+    ``create_connection``, 1 byte each way with the echo server, close (the client closes
+    first), each timed whole. ``connrate`` times the connect() alone, against a server that
+    closes first."""
+    o = ctx.opts
+    workload = "conn-plain"
+    with cpu_meter(ctx, workload):
+        try:
+            res = loadgen(
+                ctx.split.cli,
+                "connrate-plain",
+                SRV_ADDR4,
+                str(ECHO_PORT),
+                "--count",
+                str(o.conns),
+                "--max-time",
+                str(o.step_timeout),
+                timeout=o.step_timeout + 30,
+            )
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            ctx.add(workload, "rate", None, "conn/s", error=str(exc))
+            return
+    err = "; ".join(res["first_errors"]) if res["errors"] else ""
+    ctx.add(
+        workload,
+        "rate",
+        res["rate"],
+        "conn/s",
+        error="" if res["ok"] else err,
+        ok=res["ok"],
+        errors=res["errors"],
+        first_errors=res["first_errors"],
+    )
+    ctx.add(workload, "p50", res["p50_us"], "µs", "lower")
+    ctx.add(workload, "p99", res["p99_us"], "µs", "lower")
+    ctx.add(workload, "failed", res["errors"], "conns", "lower")
+    add_cpu_per(ctx, workload, "conn", res["ok"])
+
+
 def dns_files(work: Path, count: int) -> dict[str, Path]:
     """dnsperf input: one name repeated (cached) and ``count`` distinct names (uncached)."""
     cached = work / "dns-cached.txt"
@@ -552,6 +635,8 @@ PHASE_FUNCS: dict[str, Callable[[Ctx], None]] = {
     "udp": phase_udp,
     "connrate": phase_connrate,
     "rr": phase_rr,
+    "rr-plain": phase_rr_plain,
+    "connrate-plain": phase_connrate_plain,
     "dns": phase_dns,
     "memory-tcp": lambda c: phase_memory(c, "tcp"),
     "memory-udp": lambda c: phase_memory(c, "udp"),

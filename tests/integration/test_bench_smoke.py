@@ -60,3 +60,38 @@ def test_bench_quick_tunlwip_download(
     assert isinstance(value, (int, float)) and value > 0, figures[0]
     assert figures[0]["unit"] == "Mbit/s" and figures[0]["mtu"] == 1500
     assert "TCP download, 1 stream, IPv4" in md.read_text(), md.read_text()
+
+
+def test_bench_quick_tunlwip_plain(
+    netns_available: None, require_tool: Callable[[str], str], tmp_path: Path
+) -> None:
+    """`--workloads plain` (the plain blocking client of issue 17) runs end to end through
+    tunlwip: a positive request/response rate and connection rate, every connection
+    answered. No timing assertion."""
+    out = tmp_path / "results"
+    cmd = [
+        sys.executable,
+        str(RUN),
+        "--quick",
+        "--methods",
+        "tunlwip",
+        "--workloads",
+        "plain",
+        "--results-dir",
+        str(out),
+        "--max-time",
+        "60",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    log = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, log
+    [jsonl] = out.glob("*.jsonl")
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rates = {
+        r["workload"]: r for r in records if r["method"] == "tunlwip" and r.get("metric") == "rate"
+    }
+    assert set(rates) == {"rr-plain", "conn-plain"}, log + f"\nrecords: {records}"
+    for r in rates.values():
+        assert isinstance(r["value"], (int, float)) and r["value"] > 0, r
+        assert not r["error"], r
+    assert rates["conn-plain"]["extra"]["ok"] == 200, rates["conn-plain"]
