@@ -253,15 +253,21 @@ def _pasta(split: SplitTopology, mtu: int, work: Path) -> Middle:
 
 def _tunlwip(split: SplitTopology, mtu: int, work: Path, extra: Sequence[str] = ()) -> Middle:
     """``tunlwip up`` in gw; its TUN then moves to cli (as conftest's split_gateway does).
-    --max-udp-sessions is raised above the default 4096 so the 5,000-session test is not
-    measuring eviction; everything else is the default configuration."""
+    --max-udp-sessions is raised above the default 4096, and with it the one client's share
+    of them (``udp.max_sessions_per_client``, a file-only key; by default a quarter), so the
+    5,000-session test is not measuring eviction or refusal; everything else is the default
+    configuration."""
     iface = unique_ifname("t")
     log_path = work / "tunlwip.log"
+    config = work / "tunlwip.toml"
+    config.write_text("[udp]\nmax_sessions_per_client = 16384\n")
     args = [
         sys.executable,
         "-m",
         "tunlwip",
         "up",
+        "--config",
+        str(config),
         "--iface",
         iface,
         "--mtu",
