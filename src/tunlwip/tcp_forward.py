@@ -386,12 +386,8 @@ class TcpForwarder:
         """Hand ``stream`` and its connected ``upstream`` socket to a C relay, which owns the
         flow from then on. Raises ``trio.BrokenResourceError`` if the client is gone already
         (the socket is closed)."""
-
-        def name_from_first_bytes(data: bytes) -> None:
-            name = sniff_name(data)
-            if name is not None:
-                flow.name = name  # what the client asked the server for beats the DNS guess
-
+        # A partial, not a closure: it stays with each idle relay until the client speaks.
+        name_from_first_bytes = functools.partial(_name_flow_from_first_bytes, flow)
         try:
             relay = self._stack.relay(stream, upstream, on_first_data=name_from_first_bytes)
         except BaseException:
@@ -523,3 +519,11 @@ def _dial_failure(exc: OSError) -> str:
     if isinstance(exc, ProtectError):
         return "protect failed"
     return "unreachable"
+
+
+def _name_flow_from_first_bytes(flow: LiveFlow, data: bytes) -> None:
+    """Name ``flow`` by the server name in the client's first bytes (TLS SNI, HTTP Host):
+    what the client asked the server for beats the DNS guess."""
+    name = sniff_name(data)
+    if name is not None:
+        flow.name = name

@@ -20,6 +20,7 @@ Every session gets a flow record (``FlowTable.track``), closed with the session'
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from .admission import FD_SHORTAGE, Admission
 from .dialer import Dialer
 from .endpoint import Endpoint
 from .errors import TunlwipError
-from .flows import FlowTable
+from .flows import FlowTable, LiveFlow
 from .udp import UdpAttacher, UdpHandler, UdpSession
 
 if TYPE_CHECKING:
@@ -169,14 +170,17 @@ class UdpForwarder:
             upstream.close()
             return None
         flow = self._flows.track(session, session.target)
-
-        def end(reason: str) -> None:
-            self._stack.unwatch(upstream.fileno(), token)
-            upstream.close()
-            self._flows.close(flow, _CLOSE_REASONS.get(reason, reason))
-
         session.divert(relay.to_upstream)
-        return end
+        # A partial, not a closure: one small object per idle session rather than a function
+        # and four cells (thousands of sessions stay open for their idle timeout).
+        return functools.partial(self._end_attached, upstream, token, flow)
+
+    def _end_attached(self, upstream: socket.socket, token: int, flow: LiveFlow,
+                      reason: str) -> None:  # fmt: skip
+        """A task-less session ended: stop watching and close its socket, close its record."""
+        self._stack.unwatch(upstream.fileno(), token)
+        upstream.close()
+        self._flows.close(flow, _CLOSE_REASONS.get(reason, reason))
 
     async def forward(self, session: UdpSession) -> None:
         """The default forwarder with a task (when ``attach`` could not open the socket)."""
