@@ -257,6 +257,12 @@ def rr(host: str, port: int, seconds: float) -> int:
         error = str(exc)
     elapsed = time.perf_counter() - start
     sock.close()
+    return emit_rounds(samples, elapsed, error)
+
+
+def emit_rounds(samples: list[float], elapsed: float, error: str) -> int:
+    """Print the request/response figures of timed rounds (seconds each); 0 if any round
+    completed."""
     us = [x * 1e6 for x in samples]
     emit(
         {
@@ -302,18 +308,7 @@ def rr_plain(host: str, port: int, count: int, nodelay: bool, timeout: float | N
         error = str(exc)
     elapsed = clock() - start
     sock.close()
-    us = [x * 1e6 for x in samples]
-    emit(
-        {
-            "transactions": len(samples),
-            "elapsed": elapsed,
-            "rate": len(samples) / elapsed if elapsed > 0 else 0.0,
-            "p50_us": percentile(us, 50),
-            "p99_us": percentile(us, 99),
-            "error": error,
-        }
-    )
-    return 0 if samples else 1
+    return emit_rounds(samples, elapsed, error)
 
 
 def connrate_plain(

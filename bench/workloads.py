@@ -334,17 +334,7 @@ def phase_connrate(ctx: Ctx) -> None:
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 ctx.add(workload, "rate", None, "conn/s", error=str(exc))
                 continue
-        err = "; ".join(res["first_errors"]) if res["errors"] else ""
-        ctx.add(
-            workload,
-            "rate",
-            res["rate"],
-            "conn/s",
-            error="" if res["ok"] else err,
-            ok=res["ok"],
-            errors=res["errors"],
-            first_errors=res["first_errors"],
-        )
+        add_rate(ctx, workload, res)
         ctx.add(workload, "connect p50", res["p50_ms"], "ms", "lower")
         ctx.add(workload, "connect p99", res["p99_ms"], "ms", "lower")
         ctx.add(workload, "failed", res["errors"], "conns", "lower")
@@ -370,6 +360,13 @@ def phase_rr(ctx: Ctx) -> None:
     ctx.add(workload, "rate", res["rate"], "trans/s", error=res["error"])
     ctx.add(workload, "p50", res["p50_us"], "µs", "lower")
     ctx.add(workload, "p99", res["p99_us"], "µs", "lower")
+
+
+def add_rate(ctx: Ctx, workload: str, res: dict[str, Any]) -> None:
+    """Record a connection-rate result of loadgen (rate, with its failures as the error)."""
+    err = "; ".join(res["first_errors"]) if res["errors"] else ""
+    ctx.add(workload, "rate", res["rate"], "conn/s", error="" if res["ok"] else err,
+            ok=res["ok"], errors=res["errors"], first_errors=res["first_errors"])  # fmt: skip
 
 
 def add_cpu_per(ctx: Ctx, workload: str, unit: str, count: int) -> None:
@@ -430,17 +427,7 @@ def phase_connrate_plain(ctx: Ctx) -> None:
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             ctx.add(workload, "rate", None, "conn/s", error=str(exc))
             return
-    err = "; ".join(res["first_errors"]) if res["errors"] else ""
-    ctx.add(
-        workload,
-        "rate",
-        res["rate"],
-        "conn/s",
-        error="" if res["ok"] else err,
-        ok=res["ok"],
-        errors=res["errors"],
-        first_errors=res["first_errors"],
-    )
+    add_rate(ctx, workload, res)
     ctx.add(workload, "p50", res["p50_us"], "µs", "lower")
     ctx.add(workload, "p99", res["p99_us"], "µs", "lower")
     ctx.add(workload, "failed", res["errors"], "conns", "lower")
