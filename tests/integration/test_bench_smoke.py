@@ -22,6 +22,17 @@ ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "bench" / "run.py"
 
 
+def run_quick(workloads: str, out: Path) -> str:
+    """``bench/run.py --quick`` of ``workloads`` through tunlwip, results in ``out``; returns
+    the tail of its output for assertion messages (it must have exited 0)."""
+    cmd = [sys.executable, str(RUN), "--quick", "--methods", "tunlwip", "--workloads",
+           workloads, "--results-dir", str(out), "--max-time", "60"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    log = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, log
+    return log
+
+
 def test_bench_quick_tunlwip_download(
     netns_available: None, require_tool: Callable[[str], str], tmp_path: Path
 ) -> None:
@@ -29,22 +40,7 @@ def test_bench_quick_tunlwip_download(
     records a positive TCP download throughput for tunlwip, in JSON lines and markdown."""
     require_tool("iperf3")
     out = tmp_path / "results"
-    cmd = [
-        sys.executable,
-        str(RUN),
-        "--quick",
-        "--methods",
-        "tunlwip",
-        "--workloads",
-        "iperf3-download",
-        "--results-dir",
-        str(out),
-        "--max-time",
-        "60",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
-    log = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    assert proc.returncode == 0, log
+    log = run_quick("iperf3-download", out)
     [jsonl] = out.glob("*.jsonl")
     [md] = out.glob("*.md")
     records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
@@ -69,22 +65,7 @@ def test_bench_quick_tunlwip_plain(
     tunlwip: a positive request/response rate and connection rate, every connection
     answered. No timing assertion."""
     out = tmp_path / "results"
-    cmd = [
-        sys.executable,
-        str(RUN),
-        "--quick",
-        "--methods",
-        "tunlwip",
-        "--workloads",
-        "plain",
-        "--results-dir",
-        str(out),
-        "--max-time",
-        "60",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
-    log = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    assert proc.returncode == 0, log
+    log = run_quick("plain", out)
     [jsonl] = out.glob("*.jsonl")
     records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     rates = {
