@@ -11,14 +11,16 @@
  * timers, and returns only when Python is needed. One pass of tl_relay_poll reads a batch of
  * the device's packets (tl_input_fd), reports Python watchers (tl_py_fd_ready) and hands each
  * relay its events (relay.c), all inside one output batch, so a connection's segments of a pass
- * leave in one write (vnet.c). The epoll data tells the three apart: TL_INPUT_TAG for the
- * device, a token with the low bit set for a watcher, a relay pointer otherwise.
+ * leave in one write (vnet.c). The epoll data tells them apart: TL_INPUT_TAG for the
+ * device, a token with the low bit set for a watcher, otherwise a pointer to a struct that
+ * begins with a struct tl_poll_entry naming its kind (a relay, ...).
  *
  * Invariants: single-threaded (the trio thread); ended relays are freed only after a round
  * (tl_relay_bury), as a later event of the same round may name them; any call into Python
  * (tl_python_calls) makes tl_relay_run hand control back after that pass.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
 #include <sys/epoll.h>
@@ -66,7 +68,14 @@ int tl_relay_poll(int max_events)
             TL_PY(tl_py_fd_ready((uintptr_t)(events[i].data.u64 >> 1)));
             continue;
         }
-        tl_relay_on_ready((struct tl_relay *)events[i].data.ptr, events[i].events);
+        struct tl_poll_entry *entry = events[i].data.ptr;
+        switch (entry->kind) {
+        case TL_POLL_RELAY:
+            tl_relay_on_ready((struct tl_relay *)entry, events[i].events);
+            break;
+        default:
+            abort(); /* a pointer we never put in the set */
+        }
     }
     tl_output_batch_end();
     tl_relay_bury();

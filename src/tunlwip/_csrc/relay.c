@@ -54,6 +54,7 @@ struct tl_relay;
 static void tl_relay_drop_up_queue(struct tl_relay *r);
 
 struct tl_relay {
+    struct tl_poll_entry entry; /* first: the poll set's pointer (kind TL_POLL_RELAY) */
     struct tcp_pcb *pcb;      /* NULL once lwIP let go of it */
     int fd;                   /* -1 once closed */
     uintptr_t conn;
@@ -530,6 +531,7 @@ int tl_relay_open(void *pcb_, int fd, uintptr_t conn, const uint8_t *pending, si
     if (tl_relay_epoll_fd() < 0) return -1;
     struct tl_relay *r = calloc(1, sizeof *r);
     if (r == NULL) return -1;
+    r->entry.kind = TL_POLL_RELAY;
     if (len > 0) {
         /* Bytes the Python stream buffered before the handover (not yet acknowledged). */
         while (len > 0) {

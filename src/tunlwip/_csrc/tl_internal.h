@@ -132,6 +132,15 @@ struct udp_pcb *tl_udp_for_port(u16_t port);
 /* ---- poll.c and relay.c ------------------------------------------------------------------ */
 
 extern int tl_epoll_fd; /* the poll set, -1 until tl_relay_epoll_fd makes it */
+
+/* What a poll-set entry's epoll data points at, when it is a pointer: every struct C puts in
+ * the poll set begins with one of these, so tl_relay_poll can tell them apart. (The device and
+ * Python's watchers are tagged integers with the low bit set; pointers never have it.) */
+enum tl_poll_kind { TL_POLL_RELAY = 2 };
+struct tl_poll_entry {
+    uint32_t kind; /* enum tl_poll_kind */
+};
+
 struct tl_relay;
 void tl_relay_on_ready(struct tl_relay *r, uint32_t events);
 void tl_relay_bury(void);
