@@ -107,3 +107,14 @@ def tree_pss_kib(roots: Iterable[int]) -> int | None:
         except OSError:
             continue
     return total
+
+
+def pss_by_root(roots: Iterable[int]) -> dict[str, int | None]:
+    """Each root's tree's PSS (KiB) under the root's command name: which part of a
+    multi-process gateway (hev-socks5-tunnel or danted, say) the memory is in."""
+    out: dict[str, int | None] = {}
+    for pid in roots:
+        with contextlib.suppress(OSError):
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            out[f"{name}[{pid}]"] = tree_pss_kib([pid])
+    return out

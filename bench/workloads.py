@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from methods import SRV_ADDR4, SRV_ADDR6, Middle, Namespace, SplitTopology
-from procstat import tree_cpu_seconds, tree_pss_kib, tree_rss_kib
+from procstat import pss_by_root, tree_cpu_seconds, tree_pss_kib, tree_rss_kib
 
 LOADGEN = str(Path(__file__).resolve().with_name("loadgen.py"))
 IPERF_PORT = 5201
@@ -593,9 +593,12 @@ def phase_memory(ctx: Ctx, kind: str) -> None:
     if not roots:
         return  # the kernel has no process to measure
     idle = settle_rss(roots, 1.0)
+    idle_pss = tree_pss_kib(roots)
     count = ctx.opts.tcp_hold if kind == "tcp" else ctx.opts.udp_hold
     if kind == "tcp":
-        ctx.add("rss-idle", "rss", idle / 1024, "MiB", "lower", pss_kib=tree_pss_kib(roots))
+        ctx.add("rss-idle", "rss", idle / 1024, "MiB", "lower")
+        if idle_pss is not None:
+            ctx.add("rss-idle", "pss", idle_pss / 1024, "MiB", "lower")
         args = ["hold-tcp", SRV_ADDR4, str(HOLD_PORT), "--count", str(count)]
         workload = f"rss-{count}-tcp"
     else:
@@ -610,6 +613,7 @@ def phase_memory(ctx: Ctx, kind: str) -> None:
             held = int(res["held"])
             rss = settle_rss(roots, 1.0)
             pss = tree_pss_kib(roots)
+            split_pss = pss_by_root(roots) if len(roots) > 1 else None
     except (RuntimeError, TimeoutError) as exc:
         ctx.add(workload, "rss", None, "MiB", "lower", error=str(exc))
         return
@@ -626,11 +630,15 @@ def phase_memory(ctx: Ctx, kind: str) -> None:
         failed=res.get("failed"),
         unfinished=res.get("unfinished"),
         errors=res.get("errors"),
-        pss_kib=pss,
+        pss_kib_by_process=split_pss,
     )
     ctx.add(workload, f"held ({kind})", held, f"{unit}s")
     per = (rss - idle) / held if held else None
     ctx.add(workload, f"KiB per {unit}", per, "KiB", "lower")
+    # A gateway of several processes (danted's children, tunlwip's workers) counts shared
+    # pages once per process in RSS; PSS shares them out, so the two agree for one process.
+    if pss is not None and idle_pss is not None and held:
+        ctx.add(workload, f"KiB per {unit} (PSS)", (pss - idle_pss) / held, "KiB", "lower")
 
 
 PHASE_FUNCS: dict[str, Callable[[Ctx], None]] = {
