@@ -11,7 +11,7 @@ Each (MTU, phase, method) gets fresh namespaces ``cli``, ``gw``, ``srv`` (tests/
 process names, 198.18.0.0/15 and fd00::/8 only) that are deleted afterwards, whatever happened
 (Ctrl-C and SIGTERM included). Needs root. See bench/README.md.
 
-    make bench                                   # everything (about 15-25 minutes)
+    make bench                                   # everything (about 30-40 minutes)
     .venv/bin/python bench/run.py --quick --methods tunlwip --workloads iperf3-download
 """
 
