@@ -10,7 +10,7 @@ APT_PACKAGES := iproute2 iputils-ping curl iperf3 nginx-light dnsutils unbound o
 # default clang and its libFuzzer runtime, installed by `fuzzdeps` when no clang can link one.
 FUZZ_APT_PACKAGES := clang libclang-rt-dev
 # Only `make bench` needs these (the peers it measures and the DNS load generator).
-BENCH_APT_PACKAGES := slirp4netns passt dnsperf
+BENCH_APT_PACKAGES := slirp4netns passt dnsperf dante-server
 BENCH_ARGS ?=
 SOAK_ARGS ?=
 SRC := $(shell find src/tunlwip -name '*.c' -o -name '*.h') src/tunlwip/_stamp.py build_ffi.py \

@@ -1,4 +1,4 @@
-"""The four ways a client namespace reaches the server namespace, built on tests/netns.py.
+"""The ways a client namespace reaches the server namespace, built on tests/netns.py.
 
 Why one module: each method must put the same client programs (in ``cli``) and the same
 servers (in ``srv``, 198.18.1.2 / fd00:1::2 behind gw's veth) on either side of a different
@@ -7,7 +7,10 @@ middle, so that the figures differ only by the middle::
     kernel       cli --veth--> gw (ip_forward=1) --veth--> srv
     slirp4netns  cli --tap--> slirp4netns in gw (libslirp, sockets) --veth--> srv
     pasta        cli --tap--> pasta in gw (passt, sockets) --veth--> srv
+    hev          cli --TUN==fd==> hev-socks5-tunnel in gw (lwIP) --SOCKS5, lo--> danted in gw
+                 (sockets) --veth--> srv
     tunlwip      cli --TUN==fd==> tunlwip up in gw (lwIP, sockets) --veth--> srv
+    tunlwip-w2   the same with ``--workers 2``
 
 Every address is in 198.18.0.0/15 or fd00::/8; every namespace and interface comes from the
 netns helpers (per-process prefix) and is removed with its Topology.
@@ -15,7 +18,9 @@ netns helpers (per-process prefix) and is removed with its Topology.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -62,7 +67,16 @@ SLIRP_CIDR = "198.18.2.0/24"
 PASTA_ADDR4, PASTA_GW4 = "198.18.3.2", "198.18.3.1"
 PASTA_ADDR6, PASTA_GW6 = "fd00:3::2", "fd00:3::1"
 
-METHODS = ("kernel", "slirp4netns", "pasta", "tunlwip")
+#: In run order: a method's baselines (the kernel for every row, slirp4netns, pasta and hev
+#: for tunlwip, tunlwip for tunlwip-w2) are measured before it, so its ratios exist when its
+#: figure is recorded.
+METHODS = ("kernel", "slirp4netns", "pasta", "hev", "tunlwip", "tunlwip-w2")
+#: Where the hev method looks for hev-socks5-tunnel (not packaged by Debian; bench/README.md
+#: says how to build it): ``--hev-bin`` (which sets this variable), then the variable, then PATH.
+HEV_ENV = "HEV_SOCKS5_TUNNEL"
+HEV_NAME = "hev-socks5-tunnel"
+#: danted's SOCKS5 port on gw's loopback, where hev-socks5-tunnel sends every flow.
+SOCKS_PORT = 1080
 
 
 class MethodUnavailable(Exception):
@@ -78,9 +92,17 @@ class Middle:
     dns_server: str  # where cli sends DNS queries
     log_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    #: Every process the gateway is made of besides ``pid`` (hev's danted); CPU and memory
+    #: are summed over these and all their descendants (tunlwip's workers, danted's children).
+    helpers: list[int] = field(default_factory=list)
+
+    @property
+    def roots(self) -> list[int]:
+        """The processes whose trees are the gateway (empty for the kernel)."""
+        return ([self.pid] if self.pid is not None else []) + self.helpers
 
     def alive(self) -> bool:
-        return self.pid is None or Path(f"/proc/{self.pid}").exists()
+        return all(Path(f"/proc/{pid}").exists() for pid in self.roots)
 
     def log_tail(self, size: int = 1500) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -107,18 +129,54 @@ def set_mtu(ns: Namespace, dev: str, mtu: int) -> None:
     ns.ip("link", "set", "dev", dev, "mtu", str(mtu))
 
 
+def hev_binary() -> tuple[str | None, str]:
+    """hev-socks5-tunnel's path, or None and why it was not found."""
+    given = os.environ.get(HEV_ENV)
+    if given:
+        if os.path.isfile(given) and os.access(given, os.X_OK):
+            return given, ""
+        return None, f"{HEV_ENV}={given} (or --hev-bin) is not an executable file"
+    found = shutil.which(HEV_NAME)
+    if found:
+        return found, ""
+    return None, (
+        f"{HEV_NAME} not found (--hev-bin PATH, {HEV_ENV}, or PATH; not packaged by Debian: "
+        "bench/README.md says how to build it)"
+    )
+
+
+@functools.cache
+def tunlwip_has_workers() -> bool:
+    """Whether this tunlwip's ``up`` takes ``--workers`` (asked once, from its --help)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "tunlwip", "up", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return "--workers" in r.stdout
+
+
 def available(method: str, mtu: int) -> str | None:
     """Why ``method`` cannot run at ``mtu`` here, or None."""
-    tool = {"slirp4netns": "slirp4netns", "pasta": "pasta"}.get(method)
+    tool = {"slirp4netns": "slirp4netns", "pasta": "pasta", "hev": "danted"}.get(method)
     if tool and shutil.which(tool) is None:
-        return f"{tool} not installed (Debian package {'passt' if tool == 'pasta' else tool})"
+        package = {"pasta": "passt", "danted": "dante-server"}.get(tool, tool)
+        return f"{tool} not installed (Debian package {package})"
     if method == "slirp4netns" and mtu > 65521:
         return "slirp4netns supports MTU <= 65521"
-    if method == "tunlwip":
+    if method == "hev":
+        path, why = hev_binary()
+        if path is None:
+            return why
+    if method.startswith("tunlwip"):
         try:
             import tunlwip  # noqa: F401
         except ImportError as exc:
             return f"tunlwip not importable by {sys.executable}: {exc}"
+    if method == "tunlwip-w2" and not tunlwip_has_workers():
+        return "this tunlwip has no `up --workers` (not in `tunlwip up --help`)"
     return None
 
 
@@ -135,8 +193,14 @@ def start(
         return _slirp(split, mtu, work)
     if method == "pasta":
         return _pasta(split, mtu, work)
+    if method == "hev":
+        return _hev(split, mtu, work)
     if method == "tunlwip":
         return _tunlwip(split, mtu, work, tunlwip_args)
+    if method == "tunlwip-w2":
+        middle = _tunlwip(split, mtu, work, [*tunlwip_args, "--workers", "2"])
+        middle.method = method
+        return middle
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -292,3 +356,67 @@ def _tunlwip(split: SplitTopology, mtu: int, work: Path, extra: Sequence[str] = 
     move_link(iface, split.gw, split.cli)
     setup_client_tun(split.cli, iface, mtu=mtu)
     return Middle("tunlwip", proc.pid, GATEWAY_ADDR4, log_path)
+
+
+def danted_conf(work: Path, external_iface: str) -> str:
+    """danted as an open SOCKS5 proxy for gw's loopback only: no authentication, TCP connect
+    and UDP associate to anywhere, leaving through gw's veth (both families)."""
+    return "\n".join(
+        [
+            f"logoutput: {work / 'danted.log'}",
+            f"internal: 127.0.0.1 port = {SOCKS_PORT}",
+            f"external: {external_iface}",
+            "socksmethod: none",
+            "clientmethod: none",
+            "user.privileged: root",
+            "user.unprivileged: root",
+            "client pass { from: 127.0.0.0/8 to: 0/0 }",
+            "socks pass { from: 0/0 to: 0/0 command: connect udpassociate udpreply }",
+            "",
+        ]
+    )
+
+
+def hev_conf(iface: str, mtu: int) -> str:
+    """hev-socks5-tunnel: its TUN (no addresses: they would be lost when the TUN moves to
+    cli) and danted on loopback, UDP by SOCKS5 UDP ASSOCIATE (danted has no UDP-in-TCP)."""
+    return (
+        f"tunnel:\n  name: {iface}\n  mtu: {mtu}\n  multi-queue: false\n"
+        f"socks5:\n  port: {SOCKS_PORT}\n  address: 127.0.0.1\n  udp: 'udp'\n"
+        "misc:\n  log-file: stderr\n  log-level: warn\n  limit-nofile: 65535\n"
+    )
+
+
+def _hev(split: SplitTopology, mtu: int, work: Path) -> Middle:
+    """danted in gw (loopback in, gw's veth out), then hev-socks5-tunnel in gw pointing at it;
+    hev's TUN then moves to cli as tunlwip's does. Both are started by PID through gw.popen
+    and stopped by PID with the topology; their configuration lives in ``work``."""
+    hev_bin, why = hev_binary()
+    if hev_bin is None:
+        raise MethodUnavailable(why)
+    danted_path = work / "danted.conf"
+    danted_path.write_text(danted_conf(work, split.gw_veth))
+    danted_log = work / "danted.out"
+    danted = _spawn(split.gw, ["danted", "-f", str(danted_path)], danted_log)
+
+    def listening() -> bool:
+        _check_running(danted, danted_log, "danted")
+        return any(p == SOCKS_PORT for _, p in split.gw.listeners("tcp"))
+
+    wait_until(listening, f"danted to listen on 127.0.0.1:{SOCKS_PORT}", 15)
+    iface = unique_ifname("h")
+    conf = work / "hev.yml"
+    conf.write_text(hev_conf(iface, mtu))
+    log_path = work / "hev.log"
+    proc = _spawn(split.gw, [hev_bin, str(conf)], log_path)
+
+    def tun_up() -> bool:
+        # hev sets the link up last, after its MTU: then the TUN may move.
+        _check_running(proc, log_path, HEV_NAME)
+        shown = split.gw.ip("link", "show", "dev", iface, check=False)
+        return shown.returncode == 0 and ",UP" in shown.stdout.split(">")[0]
+
+    wait_until(tun_up, f"{HEV_NAME} to bring {iface} up", 15)
+    move_link(iface, split.gw, split.cli)
+    setup_client_tun(split.cli, iface, mtu=mtu)
+    return Middle("hev", proc.pid, SRV_ADDR4, log_path, helpers=[danted.pid])

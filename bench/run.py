@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
-"""tunlwip benchmark: the kernel, slirp4netns, pasta and tunlwip, measured in one run.
+"""tunlwip benchmark: the kernel, slirp4netns, pasta, hev-socks5-tunnel + danted and tunlwip
+(one worker and two), measured in one run.
 
-Why: a gateway is judged by throughput, connection rate, latency and memory against what a user
-would pick instead, and absolute figures from a shared machine mean little: every figure is
-therefore also given as a ratio to the kernel's own forwarding measured minutes earlier in the
-same run, and tunlwip's as a ratio to slirp4netns.
+Why: a gateway is judged by throughput, connection rate, latency, CPU and memory against what
+a user would pick instead, and absolute figures from a shared machine mean little: every
+figure is therefore also given as a ratio to the kernel's own forwarding measured minutes
+earlier in the same run, and tunlwip's as ratios to its peers (report.COMPARISONS).
 
 Each (MTU, phase, method) gets fresh namespaces ``cli``, ``gw``, ``srv`` (tests/netns.py, per-
 process names, 198.18.0.0/15 and fd00::/8 only) that are deleted afterwards, whatever happened
 (Ctrl-C and SIGTERM included). Needs root. See bench/README.md.
 
-    make bench                                   # everything (about 15-25 minutes)
+    make bench                                   # everything (about 30-40 minutes)
     .venv/bin/python bench/run.py --quick --methods tunlwip --workloads iperf3-download
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import resource
@@ -28,300 +28,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import methods
-from methods import METHODS, ROOT, available, netns
+from methods import HEV_ENV, METHODS, ROOT, available, netns
+from report import Run, fmt, fmt_ratio, render
 from workloads import (
     ALIASES,
     NOT_APPLICABLE,
     PHASE_FUNCS,
     PHASES,
     Ctx,
-    Measurement,
     Options,
     probe,
     start_servers,
 )
 
 RESULTS = ROOT / "bench" / "results"
-BASELINE, PEER = "kernel", "slirp4netns"
-#: Counts near zero (loss %, failed connections): a ratio of them is noise, not information.
-NO_RATIO = {"loss", "failed"}
-X = "\N{MULTIPLICATION SIGN}"  # escaped: ruff flags the literal as ambiguous
-
-
-@dataclass
-class Skip:
-    method: str
-    phase: str
-    mtu: int
-    reason: str
-
-
-@dataclass
-class Run:
-    """Everything measured so far; written as JSON lines as it comes, as markdown at the end."""
-
-    stamp: str
-    jsonl: Path
-    md: Path
-    meta: dict[str, Any]
-    records: list[dict[str, Any]] = field(default_factory=list)
-    skips: list[Skip] = field(default_factory=list)
-
-    def _value(self, method: str, m: Measurement) -> float | None:
-        for r in self.records:
-            key = (r["method"], r["workload"], r["metric"], r["mtu"])
-            if key == (method, m.workload, m.metric, m.mtu):
-                v = r["value"]
-                return float(v) if v is not None else None
-        return None
-
-    def add(self, m: Measurement) -> dict[str, Any]:
-        rec = asdict(m)
-        ratios = m.metric not in NO_RATIO
-        rec["ratio"] = (
-            _ratio(m.value, self._value(BASELINE, m)) if ratios and m.method != BASELINE else None
-        )
-        rec["ratio_slirp4netns"] = (
-            _ratio(m.value, self._value(PEER, m)) if ratios and m.method == "tunlwip" else None
-        )
-        rec["run"] = self.stamp
-        self.records.append(rec)
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        return rec
-
-    def skip(self, method: str, phase: str, mtu: int, reason: str) -> None:
-        self.skips.append(Skip(method, phase, mtu, reason))
-        rec = {
-            "run": self.stamp,
-            "method": method,
-            "workload": phase,
-            "mtu": mtu,
-            "value": None,
-            "skipped": reason,
-        }
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(f"  SKIP {method:<12} {phase} @ MTU {mtu}: {reason}", flush=True)
-
-
-def _ratio(value: float | None, base: float | None) -> float | None:
-    if value is None or base is None or base == 0:
-        return None
-    return value / base
-
-
-# -- formatting -------------------------------------------------------------------------------
-
-
-def fmt(v: float | None) -> str:
-    if v is None:
-        return "—"
-    a = abs(v)
-    if float(v).is_integer() and a < 1e15:
-        return f"{int(v):,}"
-    if a >= 100:
-        return f"{v:,.0f}"
-    if a >= 10:
-        return f"{v:.1f}"
-    if a >= 0.01 or a == 0:
-        return f"{v:.2f}".rstrip("0").rstrip(".") if a < 1 else f"{v:.2f}"
-    return f"{v:.2g}"
-
-
-def fmt_ratio(r: float | None) -> str:
-    if r is None:
-        return ""
-    return f"{r:.3f}{X}" if r < 0.1 else f"{r:.2f}{X}"
-
-
-def label(workload: str) -> str:
-    """Human-readable row names for the machine-friendly workload ids."""
-    parts = workload.split("-")
-    if parts[0] == "tcp":
-        d = "download" if parts[1] == "down" else "upload"
-        n = parts[2]
-        return f"TCP {d}, {n} stream{'s' if n != '1' else ''}, IP{parts[3]}"
-    if parts[0] == "udp":
-        d = "download" if parts[1] == "down" else "upload"
-        return f"UDP {d}, {parts[2]}bit/s offered, 1400 B, IP{parts[3]}"
-    if workload == "conn-serial":
-        return "connect / 1 B / close, serial"
-    if workload.startswith("conn-par"):
-        return f"connect / 1 B / close, {workload[8:]} parallel"
-    if workload == "rr-1byte":
-        return "1-byte request/response, one connection"
-    if workload == "rr-plain":
-        return "1-byte request/response, plain blocking client"
-    if workload == "conn-plain":
-        return "connect / 1 B / close, plain blocking client, timed whole"
-    if workload == "dns-cached":
-        return "DNS, one name repeated (cached)"
-    if workload == "dns-uncached":
-        return "DNS, distinct names (uncached)"
-    if workload == "rss-idle":
-        return "gateway RSS, idle"
-    if workload.startswith("rss-"):
-        _, n, kind = parts
-        what = "idle TCP connections" if kind == "tcp" else "UDP sessions"
-        return f"gateway, {int(n):,} {what}"
-    return workload
-
-
-def render(run: Run, methods_run: list[str], interrupted: bool) -> str:
-    cols = [m for m in METHODS if m in methods_run]
-    out = [f"# tunlwip benchmark {run.stamp}", ""]
-    if interrupted:
-        out += ["**Interrupted: partial results.**", ""]
-    out += [f"- {k}: {v}" for k, v in run.meta.items()]
-    out += [
-        "",
-        f"Cells: the figure, then ({X}) its ratio to the kernel's figure in the same run. "
-        "↑ higher is better, ↓ lower is better. Compare ratios, not absolute numbers, "
-        "across runs.",
-        "",
-    ]
-    mtus = sorted({r["mtu"] for r in run.records})
-    for cpu in (False, True):
-        for mtu in mtus:
-            rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-            for r in run.records:
-                if r["mtu"] != mtu or (r["metric"] == "cpu") != cpu:
-                    continue
-                rows.setdefault((r["workload"], r["metric"]), {})[r["method"]] = r
-            if not rows:
-                continue
-            title = "Gateway CPU seconds per workload" if cpu else "Results"
-            out += [f"## {title}, MTU {mtu}", ""]
-            peer_col = "tunlwip" in cols and PEER in cols
-            head = ["workload", "metric", *cols] + (["tunlwip ÷ slirp4netns"] if peer_col else [])
-            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            for (workload, metric), by in rows.items():
-                any_r = next(iter(by.values()))
-                arrow = "↑" if any_r["better"] == "higher" else "↓"
-                cells = [label(workload), f"{metric} ({any_r['unit']}) {arrow}"]
-                for m in cols:
-                    r = by.get(m)
-                    if r is None:
-                        cells.append("")
-                    elif r["value"] is None:
-                        cells.append("error")
-                    else:
-                        ratio = fmt_ratio(r["ratio"]) if not cpu else ""
-                        cells.append(fmt(r["value"]) + (f" ({ratio})" if ratio else ""))
-                if peer_col:
-                    t = by.get("tunlwip")
-                    peer = fmt_ratio(t["ratio_slirp4netns"]) if t else ""
-                    cells.append(f"**{peer}**" if peer else "")
-                out.append("| " + " | ".join(cells) + " |")
-            out.append("")
-    errors = [r for r in run.records if r.get("error")]
-    if errors:
-        out += ["## Errors", ""]
-        out += [
-            f"- {r['method']} {r['workload']} {r['metric']} @ MTU {r['mtu']}: {r['error']}"
-            for r in errors
-        ]
-        out.append("")
-    if run.skips:
-        out += ["## Not measured", ""]
-        out += [f"- {s.method} {s.phase} @ MTU {s.mtu}: {s.reason}" for s in run.skips]
-        out.append("")
-    out += render_targets(run)
-    return "\n".join(out)
-
-
-def render_targets(run: Run) -> list[str]:
-    """Issue #7's targets, checked against this run's figures."""
-
-    def get(method: str, workload: str, metric: str, mtu: int) -> dict[str, Any] | None:
-        for r in run.records:
-            if (r["method"], r["workload"], r["metric"], r["mtu"]) == (
-                method,
-                workload,
-                metric,
-                mtu,
-            ):
-                return r
-        return None
-
-    rows: list[tuple[str, str, bool | None]] = []
-    mtus = sorted({r["mtu"] for r in run.records})
-    for mtu in mtus:
-        for d in ("down", "up"):
-            r = get("tunlwip", f"tcp-{d}-1-v4", "throughput", mtu)
-            x = r["ratio_slirp4netns"] if r else None
-            rows.append(
-                (
-                    f"TCP 1 stream {d}load IPv4, MTU {mtu}: ≥ 1.0{X} slirp4netns",
-                    fmt_ratio(x) or "—",
-                    None if x is None else x >= 1.0,
-                )
-            )
-    for workload, metric, what in (
-        ("conn-serial", "rate", "serial connection rate"),
-        ("rr-1byte", "rate", "request/response rate"),
-    ):
-        r = next(
-            (
-                get("tunlwip", workload, metric, m)
-                for m in mtus
-                if get("tunlwip", workload, metric, m)
-            ),
-            None,
-        )
-        x = r["ratio_slirp4netns"] if r else None
-        rows.append(
-            (f"{what}: ≥ 0.8{X} slirp4netns", fmt_ratio(x) or "—", None if x is None else x >= 0.8)
-        )
-
-    def first(workload_prefix: str, metric: str) -> float | None:
-        for r in run.records:
-            if (
-                r["method"] == "tunlwip"
-                and r["workload"].startswith(workload_prefix)
-                and r["metric"] == metric
-                and r["value"] is not None
-            ):
-                return float(r["value"])
-        return None
-
-    idle = first("rss-idle", "rss")
-    rows.append(("idle RSS ≤ 40 MiB", f"{fmt(idle)} MiB", None if idle is None else idle <= 40))
-    per_tcp = first("rss-", "KiB per conn")
-    rows.append(
-        (
-            "≤ 4 KiB RSS per idle TCP connection",
-            f"{fmt(per_tcp)} KiB",
-            None if per_tcp is None else per_tcp <= 4,
-        )
-    )
-    per_udp = first("rss-", "KiB per session")
-    rows.append(
-        (
-            "≤ 2 KiB RSS per UDP session",
-            f"{fmt(per_udp)} KiB",
-            None if per_udp is None else per_udp <= 2,
-        )
-    )
-    qps, p99 = first("dns-cached", "qps"), first("dns-cached", "p99")
-    ok = None if qps is None or p99 is None else qps >= 10_000 and p99 < 5
-    rows.append(
-        ("DNS cached ≥ 10,000 q/s with p99 < 5 ms", f"{fmt(qps)} q/s, p99 {fmt(p99)} ms", ok)
-    )
-    if all(r[2] is None for r in rows):
-        return []
-    out = ["## Issue #7 targets (tunlwip)", "", "| target | this run | met |", "|---|---|---|"]
-    for name, got, met in rows:
-        out.append(f"| {name} | {got} | {'—' if met is None else ('yes' if met else 'no')} |")
-    out.append("")
-    return out
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -356,6 +81,8 @@ def host_meta(opts: Options, mtus: list[int]) -> dict[str, Any]:
                 tool_version("iperf3", "--version"),
                 tool_version("slirp4netns", "--version"),
                 "pasta (passt) " + _dpkg_version("passt"),
+                "danted " + _dpkg_version("dante-server"),
+                "hev-socks5-tunnel " + (methods.hev_binary()[0] or "not found"),
                 "dnsperf " + _dpkg_version("dnsperf"),
                 "unbound " + _dpkg_version("unbound"),
             ]
@@ -365,7 +92,8 @@ def host_meta(opts: Options, mtus: list[int]) -> dict[str, Any]:
             f"{','.join(map(str, opts.streams))}, IPv6 {'on' if opts.ipv6 else 'off'}; "
             f"{opts.conns} connections (serial, {opts.parallel} parallel); "
             f"rr {opts.rr_seconds:g} s, rr-plain {opts.rr_rounds} rounds; "
-            f"UDP {opts.udp_rate}; DNS concurrency {opts.dns_concurrency}; "
+            f"UDP {opts.udp_rate} and {opts.udp_bulk_rate}; "
+            f"DNS concurrency {opts.dns_concurrency}; "
             f"held {opts.tcp_hold} TCP / {opts.udp_hold} UDP"
         ),
     }
@@ -398,8 +126,11 @@ def run_one(run: Run, method: str, phase: str, mtu: int, opts: Options, work: Pa
             for m in ctx.out:
                 rec = run.add(m)
                 notes = [f"{fmt_ratio(rec['ratio'])} of kernel"] if rec["ratio"] else []
-                if rec["ratio_slirp4netns"]:
-                    notes.append(f"{fmt_ratio(rec['ratio_slirp4netns'])} of slirp4netns")
+                notes += [
+                    f"{fmt_ratio(v)} of {k[6:]}"
+                    for k, v in rec.items()
+                    if k.startswith("ratio_") and v
+                ]
                 if m.error:
                     notes.append(f"ERROR {m.error}")
                 print(
@@ -448,6 +179,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=None,
         help="stop starting new phases after this many seconds (3600; --quick 180)",
+    )
+    p.add_argument(
+        "--hev-bin",
+        type=Path,
+        default=None,
+        help=f"hev-socks5-tunnel binary for the hev method (default: ${HEV_ENV}, then PATH; "
+        "the method is skipped with a note when there is none)",
     )
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument(
@@ -524,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if (refused := preflight("bench")) != 0:
         return refused
+    if a.hev_bin is not None:
+        os.environ[HEV_ENV] = str(a.hev_bin.resolve())  # methods.hev_binary() reads it
     chosen = [m.strip() for m in a.methods.split(",") if m.strip()]
     for m in chosen:
         if m not in METHODS:
@@ -531,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     chosen = [m for m in METHODS if m in chosen]  # kernel first: ratios need the baseline
     phases = selected_phases(a.workloads)
-    needs = {"iperf3"} if any(p.startswith("iperf3") or p == "udp" for p in phases) else set()
+    needs = {"iperf3"} if any(p.startswith(("iperf3", "udp")) for p in phases) else set()
     needs |= {"unbound"} if "dns" in phases else set()
     for tool in sorted(needs):
         if shutil.which(tool) is None:

@@ -42,7 +42,8 @@ from typing import Any
 
 import methods
 from methods import SRV_ADDR4, netns
-from run import RESULTS, fmt, host_meta, preflight
+from report import fmt
+from run import RESULTS, host_meta, preflight
 from workloads import (
     CONNECT_PORT,
     HOLD_PORT,

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from methods import SRV_ADDR4, SRV_ADDR6, Middle, Namespace, SplitTopology
+from procstat import pss_by_root, tree_cpu_seconds, tree_pss_kib, tree_rss_kib
 
 LOADGEN = str(Path(__file__).resolve().with_name("loadgen.py"))
 IPERF_PORT = 5201
 CONNECT_PORT, ECHO_PORT, UDP_ECHO_PORT, HOLD_PORT = 7001, 7002, 7003, 7004
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 #: Phases in run order; "mtu" ones run at every MTU, the rest at the first one only (their
 #: payloads are a byte or a DNS message: the MTU does not enter into them).
@@ -38,6 +38,7 @@ PHASES = {
     "iperf3-download": True,
     "iperf3-upload": True,
     "udp": False,
+    "udp-bulk": False,
     "connrate": False,
     "rr": False,
     "rr-plain": False,
@@ -64,6 +65,7 @@ class Options:
     rr_seconds: float = 5.0
     rr_rounds: int = 5000
     udp_rate: str = "200M"
+    udp_bulk_rate: str = "3G"
     dns_concurrency: int = 32
     dns_names: int = 300_000
     tcp_hold: int = 10_000
@@ -115,31 +117,17 @@ class Ctx:
 # -- process accounting -----------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (all threads), from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14, 15 of stat(5)
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
 @contextmanager
 def cpu_meter(ctx: Ctx, workload: str) -> Iterator[None]:
-    """Record the gateway's CPU seconds spent during the block (no record for the kernel)."""
-    pid = ctx.middle.pid
-    before = cpu_seconds(pid) if pid else 0.0
+    """Record the gateway's CPU seconds spent during the block: every process of it and their
+    children (procstat.tree_cpu_seconds); no record for the kernel."""
+    roots = ctx.middle.roots
+    before = tree_cpu_seconds(roots) if roots else 0.0
     try:
         yield
     finally:
-        if pid and ctx.middle.alive():
-            ctx.add(workload, "cpu", cpu_seconds(pid) - before, "s", "lower")
+        if roots and ctx.middle.alive():
+            ctx.add(workload, "cpu", tree_cpu_seconds(roots) - before, "s", "lower")
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -168,7 +156,7 @@ def start_servers(split: SplitTopology, work: Path, *phases: str) -> None:
     srv = split.srv
     start_server(srv, work, sys.executable, LOADGEN, "serve", "echo", str(ECHO_PORT))
     waits: list[tuple[int, str]] = [(ECHO_PORT, "tcp")]
-    if any(p.startswith("iperf3") or p == "udp" for p in phases):
+    if any(p.startswith(("iperf3", "udp")) for p in phases):
         start_server(srv, work, "iperf3", "-s", "-p", str(IPERF_PORT))
         waits.append((IPERF_PORT, "tcp"))
     if "connrate" in phases:  # the plain phases use the echo server above
@@ -292,21 +280,25 @@ def phase_iperf3(ctx: Ctx, direction: str) -> None:
                 "Mbit/s",
                 retransmits=end.get("sum_sent", {}).get("retransmits"),
             )
+            add_cpu_per_gb(ctx, workload, end["sum_received"]["bytes"])
 
 
-def phase_udp(ctx: Ctx) -> None:
-    """UDP at a fixed offered rate (iperf3 -u -b RATE -l 1400), both directions: what arrives
-    and how much is lost."""
+def phase_udp(ctx: Ctx, rate: str) -> None:
+    """UDP at a fixed offered rate (iperf3 -u -b RATE -l 1400), both directions: what arrives,
+    how much is lost, and the gateway CPU per GB that arrived. ``udp`` offers 200 Mbit/s
+    (below every method's limit: loss and CPU are the figures), ``udp-bulk`` 3 Gbit/s (above
+    every userspace method's limit: what arrives is the figure)."""
     for direction, extra in (("up", []), ("down", ["-R"])):
-        workload = f"udp-{direction}-{ctx.opts.udp_rate}-v4"
+        workload = f"udp-{direction}-{rate}-v4"
         with cpu_meter(ctx, workload):
-            data = iperf3(ctx, SRV_ADDR4, "-u", "-b", ctx.opts.udp_rate, "-l", "1400", *extra)
+            data = iperf3(ctx, SRV_ADDR4, "-u", "-b", rate, "-l", "1400", *extra)
         if "error" in data:
             ctx.add(workload, "received", None, "Mbit/s", error=str(data["error"]))
             continue
         recv = data["end"]["sum_received"]
         ctx.add(workload, "received", recv["bits_per_second"] / 1e6, "Mbit/s")
         ctx.add(workload, "loss", recv["lost_percent"], "%", "lower")
+        add_cpu_per_gb(ctx, workload, recv["bytes"])
 
 
 def phase_connrate(ctx: Ctx) -> None:
@@ -338,6 +330,7 @@ def phase_connrate(ctx: Ctx) -> None:
         ctx.add(workload, "connect p50", res["p50_ms"], "ms", "lower")
         ctx.add(workload, "connect p99", res["p99_ms"], "ms", "lower")
         ctx.add(workload, "failed", res["errors"], "conns", "lower")
+        add_cpu_per(ctx, workload, "conn", res["ok"])
 
 
 def phase_rr(ctx: Ctx) -> None:
@@ -360,6 +353,7 @@ def phase_rr(ctx: Ctx) -> None:
     ctx.add(workload, "rate", res["rate"], "trans/s", error=res["error"])
     ctx.add(workload, "p50", res["p50_us"], "µs", "lower")
     ctx.add(workload, "p99", res["p99_us"], "µs", "lower")
+    add_cpu_per(ctx, workload, "round", res["transactions"])
 
 
 def add_rate(ctx: Ctx, workload: str, res: dict[str, Any]) -> None:
@@ -369,13 +363,29 @@ def add_rate(ctx: Ctx, workload: str, res: dict[str, Any]) -> None:
             ok=res["ok"], errors=res["errors"], first_errors=res["first_errors"])  # fmt: skip
 
 
+def _last_cpu(ctx: Ctx, workload: str) -> float | None:
+    """The cpu figure cpu_meter just recorded for ``workload`` (None for the kernel)."""
+    return next(
+        (m.value for m in reversed(ctx.out) if m.metric == "cpu" and m.workload == workload),
+        None,
+    )
+
+
 def add_cpu_per(ctx: Ctx, workload: str, unit: str, count: int) -> None:
     """Gateway CPU per operation from the cpu figure cpu_meter just recorded: comparable
     across methods and runs when the rates are not (the rate of a ping-pong on two shared
-    CPUs depends on where the scheduler puts its three processes)."""
-    cpu = next((m.value for m in reversed(ctx.out) if m.metric == "cpu"), None)
+    CPUs depends on where the scheduler puts its three processes). Counted in clock ticks
+    (10 ms): read a figure from a 200-operation --quick run as an order of magnitude."""
+    cpu = _last_cpu(ctx, workload)
     if cpu is not None and count:
-        ctx.add(workload, f"CPU per {unit}", cpu / count * 1e6, "µs", "lower")
+        ctx.add(workload, f"CPU per {unit}", cpu / count * 1e6, "µs", "lower", ticks_s=cpu)
+
+
+def add_cpu_per_gb(ctx: Ctx, workload: str, nbytes: int) -> None:
+    """Gateway CPU seconds per GB (10^9 bytes) that reached the receiver, for bulk phases."""
+    cpu = _last_cpu(ctx, workload)
+    if cpu is not None and nbytes:
+        ctx.add(workload, "CPU per GB", cpu / (nbytes / 1e9), "s", "lower", ticks_s=cpu)
 
 
 def phase_rr_plain(ctx: Ctx) -> None:
@@ -464,7 +474,7 @@ def dnsperf(ctx: Ctx, server: str, names: Path, once: bool) -> dict[str, Any]:
     r = ctx.split.cli.run(*args, check=False, timeout=o.duration + 30)
     lat: list[float] = []
     qps = None
-    lost = 0
+    lost = completed = 0
     for line in r.stdout.splitlines():
         if line.startswith("> "):
             parts = line.split()
@@ -478,9 +488,12 @@ def dnsperf(ctx: Ctx, server: str, names: Path, once: bool) -> dict[str, Any]:
             qps = float(line.split(":")[1])
         elif "Queries lost:" in line:
             lost = int(line.split(":")[1].split()[0])
+        elif "Queries completed:" in line:
+            completed = int(line.split(":")[1].split()[0])
     if qps is None:
         raise RuntimeError(f"dnsperf failed (exit {r.returncode}): {(r.stderr or r.stdout)[-300:]}")
-    return {"qps": qps, "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "lost": lost}
+    p50, p99 = _pct(lat, 50), _pct(lat, 99)
+    return {"qps": qps, "p50_ms": p50, "p99_ms": p99, "lost": lost, "completed": completed}
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -521,6 +534,7 @@ def phase_dns(ctx: Ctx) -> None:
         ctx.add(workload, "qps", res["qps"], "q/s", tool=tool, lost=res["lost"])
         ctx.add(workload, "p50", res["p50_ms"], "ms", "lower")
         ctx.add(workload, "p99", res["p99_ms"], "ms", "lower")
+        add_cpu_per(ctx, workload, "query", int(res.get("completed") or res.get("answered") or 0))
 
 
 def read_json_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
@@ -542,10 +556,11 @@ def read_json_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, A
     return result
 
 
-def settle_rss(pid: int, seconds: float = 1.0) -> int:
-    """RSS once the gateway had a moment to finish allocating for what was just opened."""
+def settle_rss(roots: list[int], seconds: float = 1.0) -> int:
+    """RSS (KiB, summed over the gateway's processes) once it had a moment to finish
+    allocating for what was just opened."""
     time.sleep(seconds)
-    return rss_kib(pid)
+    return tree_rss_kib(roots)
 
 
 @contextmanager
@@ -574,13 +589,16 @@ def holding(ns: Namespace, args: list[str], timeout: float) -> Iterator[dict[str
 def phase_memory(ctx: Ctx, kind: str) -> None:
     """Idle RSS of a fresh gateway, then RSS with ``tcp_hold`` idle TCP connections (or
     ``udp_hold`` UDP sessions) held open; the per-connection cost is the growth / count."""
-    pid = ctx.middle.pid
-    if pid is None:
+    roots = ctx.middle.roots
+    if not roots:
         return  # the kernel has no process to measure
-    idle = settle_rss(pid, 1.0)
+    idle = settle_rss(roots, 1.0)
+    idle_pss = tree_pss_kib(roots)
     count = ctx.opts.tcp_hold if kind == "tcp" else ctx.opts.udp_hold
     if kind == "tcp":
         ctx.add("rss-idle", "rss", idle / 1024, "MiB", "lower")
+        if idle_pss is not None:
+            ctx.add("rss-idle", "pss", idle_pss / 1024, "MiB", "lower")
         args = ["hold-tcp", SRV_ADDR4, str(HOLD_PORT), "--count", str(count)]
         workload = f"rss-{count}-tcp"
     else:
@@ -593,7 +611,9 @@ def phase_memory(ctx: Ctx, kind: str) -> None:
             with cpu_meter(ctx, workload):  # opening them, not closing them
                 res = hold.enter_context(holding(ctx.split.cli, args, limit + 30))
             held = int(res["held"])
-            rss = settle_rss(pid, 1.0)
+            rss = settle_rss(roots, 1.0)
+            pss = tree_pss_kib(roots)
+            split_pss = pss_by_root(roots) if len(roots) > 1 else None
     except (RuntimeError, TimeoutError) as exc:
         ctx.add(workload, "rss", None, "MiB", "lower", error=str(exc))
         return
@@ -610,16 +630,22 @@ def phase_memory(ctx: Ctx, kind: str) -> None:
         failed=res.get("failed"),
         unfinished=res.get("unfinished"),
         errors=res.get("errors"),
+        pss_kib_by_process=split_pss,
     )
     ctx.add(workload, f"held ({kind})", held, f"{unit}s")
     per = (rss - idle) / held if held else None
     ctx.add(workload, f"KiB per {unit}", per, "KiB", "lower")
+    # A gateway of several processes (danted's children, tunlwip's workers) counts shared
+    # pages once per process in RSS; PSS shares them out, so the two agree for one process.
+    if pss is not None and idle_pss is not None and held:
+        ctx.add(workload, f"KiB per {unit} (PSS)", (pss - idle_pss) / held, "KiB", "lower")
 
 
 PHASE_FUNCS: dict[str, Callable[[Ctx], None]] = {
     "iperf3-download": lambda c: phase_iperf3(c, "down"),
     "iperf3-upload": lambda c: phase_iperf3(c, "up"),
-    "udp": phase_udp,
+    "udp": lambda c: phase_udp(c, c.opts.udp_rate),
+    "udp-bulk": lambda c: phase_udp(c, c.opts.udp_bulk_rate),
     "connrate": phase_connrate,
     "rr": phase_rr,
     "rr-plain": phase_rr_plain,
@@ -633,6 +659,7 @@ PHASE_FUNCS: dict[str, Callable[[Ctx], None]] = {
 NOT_APPLICABLE = {
     ("dns", "slirp4netns"): "no DNS proxy to measure (DNS is measured for tunlwip and kernel)",
     ("dns", "pasta"): "no DNS proxy to measure (DNS is measured for tunlwip and kernel)",
+    ("dns", "hev"): "no DNS proxy to measure (DNS is measured for tunlwip and kernel)",
     ("memory-tcp", "kernel"): "no gateway process (memory is in the kernel's socket buffers)",
     ("memory-udp", "kernel"): "no gateway process (memory is in the kernel's socket buffers)",
 }
