@@ -73,12 +73,16 @@ int tl_relay_poll(int max_events)
         case TL_POLL_RELAY:
             tl_relay_on_ready((struct tl_relay *)entry, events[i].events);
             break;
+        case TL_POLL_UDP_RELAY:
+            tl_udp_relay_on_ready((struct tl_udp_relay *)entry, events[i].events);
+            break;
         default:
             abort(); /* a pointer we never put in the set */
         }
     }
     tl_output_batch_end();
     tl_relay_bury();
+    tl_udp_relay_bury();
     return n;
 }
 
