@@ -196,3 +196,6 @@ int tl_poll_set_input(int fd)
 
 /* Why the poll set stopped reading the device (an errno), or 0. */
 int tl_poll_input_error(void) { return tl_poll_input_err; }
+
+/* Calls from C into Python so far (what proves a path runs without Python). */
+uint64_t tl_python_call_count(void) { return tl_python_calls; }

@@ -165,5 +165,7 @@ int tl_udp_relay_touched(tl_udp_relay_stats *out, int max);
 uint32_t tl_udp_relay_count(void);
 const tl_udp_relay_counters *tl_udp_relay_get_counters(void);
 void tl_udp_relay_reset_counters(void);
+/* calls from C into Python so far (poll.c) */
+uint64_t tl_python_call_count(void);
 
 #endif
