@@ -92,6 +92,11 @@ void feed(const uint8_t *pkt, size_t len, uint8_t arg, int flush);
 void check_vnet_output(void);
 void check_input_checked(void);
 uint32_t ones_sum(const uint8_t *p, size_t len, uint32_t sum);
+/* packet_checks.c: UDP sessions relayed in C (opened from tl_py_udp when the record's arg
+ * says so), an application step on one, and their end at teardown */
+void udp_session_open(const tl_endpoint *src, const tl_endpoint *dst);
+void udp_session_step(uint8_t arg);
+void udp_sessions_teardown(void);
 
 /* packet_shapes.c: build and feed the packet(s) of a record of kind XT_CHAIN to SEG */
 void shape_record(unsigned kind, const uint8_t *in, size_t len, uint8_t arg);

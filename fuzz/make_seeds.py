@@ -121,6 +121,21 @@ def packet_seeds() -> dict[str, bytes]:
             record(pk.udp_packet(c, t, 5353, 80, bytes(10))),
         ]
         seeds[f"udp_{fam}"] = bytes([UDP_BLOCK]) + b"".join(udp)
+        # a flow relayed in C (udp_relay.c; arg bit 2 opens it): datagrams batched or not, the
+        # upstream answers small and 64 KiB, is read, goes away (ECONNREFUSED: port unreachable
+        # to the client), the session's counts are read, it is closed
+        flow = [pk.udp_packet(c, t, 6000, 7000, bytes(range(i, i + 100))) for i in range(4)]
+        relayed = [
+            record(flow[0], NOP, 4),
+            record(flow[1], POLL, 0x00),
+            record(flow[2], POLL, 0x08),
+            record(b"", POLL, 0x01),
+            record(b"", POLL, 0x09),
+            record(flow[3], POLL, 0x02),
+            record(flow[1], POLL, 0x03),
+        ]
+        seeds[f"udp_relay_{fam}"] = bytes([0]) + b"".join(relayed)
+        seeds[f"udp_relay_{fam}_batch"] = bytes([FD_BATCH | ECHO_REPLY_VNET]) + b"".join(relayed)
         # echo to any address, to the gateway, forwarded
         echo = [
             record(pk.icmp_echo(c, t, 7, 1, b"ping" * 10)),

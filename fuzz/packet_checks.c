@@ -110,7 +110,87 @@ int tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *dat
     udp_src = *src;
     udp_dst = *dst;
     udp_seen = 1;
+    if (decide & 4) udp_session_open(src, dst); /* udp_forward.py: the flow is relayed in C */
     return (decide & 2) == 0; /* sometimes nobody takes it (counted as unhandled) */
+}
+
+/* ---- UDP sessions relayed in C (udp_forward.py's default path) ---------------------------- */
+
+#define MAX_UDP_SESSIONS 8
+static struct { void *relay; int fd, peer; } udp_sessions[MAX_UDP_SESSIONS];
+static int udp_sessions_n;
+
+/* A session for the flow, its "upstream" a datagram socketpair whose other end we play. */
+void udp_session_open(const tl_endpoint *src, const tl_endpoint *dst)
+{
+    if (udp_sessions_n == MAX_UDP_SESSIONS) return;
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) != 0) return;
+    void *relay = NULL;
+    int rc = tl_udp_relay_open(src, dst, sv[0], (uintptr_t)udp_sessions_n + 1, &relay);
+    if (rc != 0) { /* the flow has a session (-EEXIST) or the poll set refused it */
+        close(sv[0]);
+        close(sv[1]);
+        return;
+    }
+    udp_sessions[udp_sessions_n].relay = relay;
+    udp_sessions[udp_sessions_n].fd = sv[0];
+    udp_sessions[udp_sessions_n].peer = sv[1];
+    udp_sessions_n++;
+}
+
+static void udp_session_close(int i)
+{
+    tl_udp_relay_stats st;
+    tl_udp_relay_close(udp_sessions[i].relay, &st); /* then its owner closes the socket */
+    close(udp_sessions[i].fd);
+    if (udp_sessions[i].peer >= 0) close(udp_sessions[i].peer);
+    udp_sessions[i] = udp_sessions[--udp_sessions_n];
+}
+
+/* An application step on a session: the upstream answers (a datagram of a size from arg, up to
+ * more than a client can take), reads what the relay sent it or goes away, the session's
+ * counts are read, or the session is closed (idle, evicted). */
+void udp_session_step(uint8_t arg)
+{
+    if (udp_sessions_n == 0) return;
+    int i = (arg >> 4) % udp_sessions_n;
+    static uint8_t buf[65536];
+    switch (arg & 3) {
+    case 0: {
+        size_t len = (arg & 8) ? 65536 - (size_t)(arg & 4) * 2 : (size_t)(arg & 0xF4) * 11;
+        for (int k = 0; k < 1 + (arg & 4); k++)
+            (void)send(udp_sessions[i].peer, buf, len, MSG_DONTWAIT);
+        tl_relay_poll(64);
+        tl_udp_relay_bury();
+        break;
+    }
+    case 1:
+        if (arg & 8) { /* the upstream goes away: sends fail, ECONNREFUSED as a closed port */
+            if (udp_sessions[i].peer >= 0) close(udp_sessions[i].peer);
+            udp_sessions[i].peer = -1;
+            break;
+        }
+        while (recv(udp_sessions[i].peer, buf, sizeof buf, MSG_DONTWAIT) > 0) {}
+        break;
+    case 2: {
+        tl_udp_relay_stats st[4];
+        tl_udp_relay_info(udp_sessions[i].relay, &st[0]);
+        while (tl_udp_relay_touched(st, 4) == 4) {}
+        break;
+    }
+    default:
+        udp_session_close(i);
+        break;
+    }
+}
+
+void udp_sessions_teardown(void)
+{
+    while (udp_sessions_n > 0) udp_session_close(udp_sessions_n - 1);
+    tl_udp_relay_close_all();
+    if (tl_udp_relay_count() != 0) abort(); /* a session left here would be a leak */
+    tl_udp_relay_reset_counters();
 }
 
 void tl_py_icmp_echo(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *msg,

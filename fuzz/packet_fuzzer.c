@@ -1,6 +1,7 @@
 /*
  * libFuzzer harness for tunlwip's packet path: the C layer's input hooks (input.c,
- * transport_input.c), lwIP's IPv4/IPv6, TCP, UDP, ICMP and reassembly, and relay.c, under
+ * transport_input.c), lwIP's IPv4/IPv6, TCP, UDP, ICMP and reassembly, relay.c and udp_relay.c
+ * (a UDP flow's session relayed in C, opened from tl_py_udp when the record's arg says so), under
  * AddressSanitizer and UBSan.
  *
  * The harness plays the embedder (what stack.py, tcp.py and relay.py do): the tl_py_*
@@ -276,6 +277,7 @@ static void app_step(unsigned step, uint8_t arg)
             tl_relay_info(c->relay, &st);
         }
         tl_relay_poll(64);
+        udp_session_step(arg); /* a UDP session relayed in C, if any */
         break;
     case 27: /* UDP with mismatched or odd endpoints */
         if (udp_seen) {
@@ -368,6 +370,7 @@ static void teardown(void)
 {
     if (verbose) report();
     tl_relay_abort_all(); /* reports every relay done: their slots are freed */
+    udp_sessions_teardown(); /* before tl_deinit: sessions send through lwIP */
     for (int i = 0; i < MAX_CONNS; i++) {
         if (conns[i].id == 0) continue;
         if (conns[i].pcb) tl_tcp_abort(conns[i].pcb);

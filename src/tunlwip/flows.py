@@ -280,7 +280,7 @@ class FlowTable:
         if isinstance(conn, UdpSession):
             session = conn
             return self.open("udp", session.client, target,
-                             lambda: (session.bytes_in, session.bytes_out),
+                             session.byte_counts,
                              self._name_for(session.client, target))  # fmt: skip
         stream = conn
         return self.open("tcp", stream.remote, target,

@@ -93,7 +93,8 @@ class Gateway:
                                      dns=self.dns, is_dns=self._is_dns,
                                      handler=udp_handler)  # fmt: skip
         self.udp = UdpSessions(self.stack, udp_forwarder.dispatch, self.config.udp,
-                               attach=udp_forwarder.attach, admit=udp_forwarder.admit)  # fmt: skip
+                               attach=udp_forwarder.attach, admit=udp_forwarder.admit,
+                               sync_activity=udp_forwarder.sync)  # fmt: skip
         self.echo = EchoForwarder(self.stack, self.dialer,
                                   idle_timeout=self.config.icmp_echo_idle_timeout)  # fmt: skip
         #: The host's own addresses, refused as destinations (none with forward_local).
@@ -207,6 +208,7 @@ class Gateway:
     def statistics(self) -> GatewayStatistics:
         """A frozen snapshot of every counter (taken now; nothing is kept per call)."""
         stack = self.stack.statistics()
+        self.udp.sync()  # what UDP sessions relayed in C did
         own = self._admission.refused
         refused = dataclasses.replace(
             frozen_copy(own),

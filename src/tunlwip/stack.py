@@ -40,6 +40,7 @@ import trio
 from .binding import callbacks, core
 from .binding import relay as crelay
 from .binding import tcp as ctcp
+from .binding import udp_relay as cudp
 from .binding.tcp import Pcb
 from .config.sections import StackConfig as StackConfig
 from .connections import ConnectionTable
@@ -211,6 +212,7 @@ class LwipStack:
         counters["packets_out"] += self._packets_sent_outside_lwip
         counters["callback_errors"] = self._callback_errors
         counters.update(crelay.counters())
+        counters.update(cudp.counters())
         counters["tcp_refused_at_limit"] = self._connections.refused_at_limit
         counters["tcp_refused_buffers_full"] = self._connections.refused_buffer_full
         counters["tcp_refused_client_share"] = self._connections.refused_client_share
@@ -335,6 +337,7 @@ class LwipStack:
         callbacks.set_sink(self)
         core.reset_counters()
         crelay.reset_counters()
+        cudp.reset_counters()
         core.set_checksum_check(cfg.verify_checksums)
         _apply_keepalive(self._tcp_keepalive)  # lwIP is global: another stack may have set it
         core.set_client_networks(cfg.client_networks)
@@ -385,6 +388,7 @@ class LwipStack:
         self._clock.tick()
         self._poll_set.stop()
         crelay.abort_all()  # closes every upstream socket (reported as "stopped")
+        cudp.close_all()  # C UDP sessions; their owners close their sockets
         for stream in list(self._streams.values()):
             stream.on_stack_stopped()
         self._connections.clear()

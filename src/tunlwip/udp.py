@@ -13,6 +13,11 @@ and a sweep every ``sweep_interval`` seconds cancels the ones idle for ``idle_ti
 table is ordered by last activity, so both the sweep and eviction (at ``max_sessions``, the
 least recently active session goes) only look at its front. A session whose handler returns or
 is cancelled is removed, and its handler's ``with`` blocks return its socket.
+
+A session relayed in C (``udp_forward``, ``_csrc/udp_relay.c``) is not seen per datagram: its
+activity and counts are pulled in batches (``sync``, given as ``sync_activity``) before each
+sweep, before choosing a session to evict, and when statistics are read, so the table's order
+and the idle timeouts hold for it too, to within the time since the last sync.
 """
 
 from __future__ import annotations
@@ -71,8 +76,9 @@ class UdpSession:
     appearing to come from ``target`` (the address and port the client sent to)."""
 
     __slots__ = ("_cancel_scope", "_channel", "_client_key", "_diverted", "_on_end", "_owner",
-                 "bytes_in", "bytes_out", "client", "datagrams_in", "datagrams_out",
-                 "end_reason", "idle_timeout", "last_activity", "target")  # fmt: skip
+                 "_refresh", "bytes_in", "bytes_out", "client", "datagrams_in",
+                 "datagrams_out", "end_reason", "idle_timeout", "last_activity",
+                 "target")  # fmt: skip
 
     def __init__(self, owner: UdpSessions, client: Endpoint, target: Endpoint,
                  idle_timeout: float) -> None:  # fmt: skip
@@ -92,6 +98,8 @@ class UdpSession:
         self._diverted: Callable[[bytes], None] | None = None
         #: Called with the reason when a task-less (attached) session ends.
         self._on_end: Callable[[str], None] | None = None
+        #: Brings the counts up to date, for a session whose datagrams Python does not see.
+        self._refresh: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<UdpSession {self.client} -> {self.target}>"
@@ -100,6 +108,12 @@ class UdpSession:
     def counters(self) -> UdpCounters:
         """The gateway-wide UDP counters (for handlers that drop datagrams themselves)."""
         return self._owner.counters
+
+    def byte_counts(self) -> tuple[int, int]:
+        """(bytes from the client, bytes to the client) now (a flow record's counts)."""
+        if self._refresh is not None:
+            self._refresh()
+        return self.bytes_in, self.bytes_out
 
     @property
     def key(self) -> SessionKey:
@@ -169,6 +183,11 @@ class UdpSession:
     # -- used by UdpSessions ---------------------------------------------------------------------
     def _touch(self) -> None:
         self.last_activity = trio.current_time()
+        self._owner._table.touch(self)
+
+    def _active_at(self, when: float) -> None:
+        """Activity seen elsewhere (a C relay) at ``when``: most recent in the table."""
+        self.last_activity = max(self.last_activity, when)
         self._owner._table.touch(self)
 
     def _deliver(self, data: bytes) -> bool:
@@ -261,7 +280,6 @@ UdpHandler = Callable[[UdpSession], Awaitable[None]]
 #: that takes it diverts the session's datagrams and returns what to call with the reason
 #: when the session ends (see ``UdpSessions``).
 UdpAttacher = Callable[[UdpSession], Callable[[str], None] | None]
-#: Whether a new flow (client, destination) may open a session at all (False: dropped).
 #: Decides on a new flow (client, target): True opens a session, False drops the datagram,
 #: "reject" answers it with ICMP port unreachable, as a closed port would.
 UdpAdmission = Callable[[Endpoint, Endpoint], bool | Literal["reject"]]
@@ -272,11 +290,14 @@ class UdpSessions:
 
     def __init__(self, stack: LwipStack, handler: UdpHandler, config: UdpConfig | None = None,
                  *, attach: UdpAttacher | None = None,
-                 admit: UdpAdmission | None = None) -> None:  # fmt: skip
+                 admit: UdpAdmission | None = None,
+                 sync_activity: Callable[[UdpCounters], None] | None = None,
+                 ) -> None:  # fmt: skip
         self.stack = stack
         self.handler = handler
         self.attach = attach
         self.admit = admit
+        self._sync_activity = sync_activity
         self.config = config or UdpConfig()
         self.counters = UdpCounters()
         self._table = SessionTable()
@@ -300,8 +321,14 @@ class UdpSessions:
                     if session._on_end is not None:
                         session.close("stopped")
 
+    def sync(self) -> None:
+        """Bring in what happened in sessions relayed in C (activity, counts)."""
+        if self._sync_activity is not None:
+            self._sync_activity(self.counters)
+
     def sweep(self) -> int:
         """Close every session idle past its timeout; returns how many."""
+        self.sync()
         shortest = min(self.config.idle_timeout, self.config.dns_idle_timeout)
         idle = self._table.idle(trio.current_time(), shortest)
         for session in idle:
@@ -357,6 +384,8 @@ class UdpSessions:
         # A client at its share is refused, or with "evict" replaces its own least recently
         # active session: never another client's.
         victim = None
+        if full or self._table.client_count(client.address) >= self.config.session_share:
+            self.sync()  # the least recently active, counting activity seen in C
         if self._table.client_count(client.address) >= self.config.session_share:
             if not evict:
                 self.counters.refused_client_share += 1

@@ -7,9 +7,15 @@ module: may a new session start (``admit``: routing loops and rejected DNS over 
 away), can it be forwarded without a task (``attach``), and, if not, which task handles it
 (``dispatch``).
 
-The default forwarder needs no task: ``attach`` opens a connected, protected UDP socket, the
-stack's poll set watches it, and a ``DatagramRelay`` copies datagrams both ways from callbacks
-(client datagrams are diverted to it before they are queued). DNS sessions, sessions of a custom
+The default forwarder needs no task: ``attach`` opens a connected, protected UDP socket and
+hands it with the session's endpoints to a C relay (``binding.udp_relay``, ``_csrc/udp_relay.c``),
+which from then on moves the session's datagrams both ways without Python, batched (sendmmsg,
+recvmmsg), mirrors a port unreachable from upstream as ICMP, and counts; ``sync`` brings its
+activity and counts into the session table in batches (idle timeouts, eviction, statistics).
+Only the session's first datagram, which opened it, goes upstream from Python. Should the C
+relay refuse the socket, the stack's poll set watches it instead and a ``DatagramRelay`` copies
+datagrams both ways from callbacks (client datagrams are diverted to it before they are
+queued). DNS sessions, sessions of a custom
 ``udp_handler``, and sessions whose socket could not be opened at once get a task
 (``dispatch``), which retries the socket and relays with ``relay_datagrams``, or answers ICMP
 host unreachable. A port-unreachable from upstream is mirrored to the client as ICMP, so the
@@ -29,11 +35,12 @@ from typing import TYPE_CHECKING, Literal
 import trio
 
 from .admission import FD_SHORTAGE, Admission
+from .binding import udp_relay as cudp
 from .dialer import Dialer
 from .endpoint import Endpoint
 from .errors import TunlwipError
 from .flows import FlowTable, LiveFlow
-from .udp import UdpAttacher, UdpHandler, UdpSession
+from .udp import UdpAttacher, UdpCounters, UdpHandler, UdpSession
 
 if TYPE_CHECKING:
     from .dns.proxy import DnsProxy
@@ -101,6 +108,40 @@ async def relay_datagrams(session: UdpSession, upstream: socket.socket) -> None:
 _CLOSE_REASONS = {"idle": "idle timeout"}
 
 
+class CRelayedSession:
+    """A session relayed in C: its handle, socket and flow record, and the C counts already
+    added to the session's (so each sync adds only what is new)."""
+
+    __slots__ = ("flow", "handle", "seen", "session", "upstream")
+
+    def __init__(self, session: UdpSession, upstream: socket.socket, handle: cudp.UdpRelayHandle,
+                 flow: LiveFlow) -> None:  # fmt: skip
+        self.session = session
+        self.upstream = upstream
+        self.handle = handle
+        self.flow = flow
+        self.seen = cudp.UdpRelayCounts(0, 0, 0, 0, 0, 0)
+
+    def absorb(self, now: cudp.UdpRelayCounts) -> tuple[int, int]:
+        """Add C's counts since the last call to the session's; returns the new datagrams
+        (from the client, to the client)."""
+        session, seen = self.session, self.seen
+        new_in = now.datagrams_up - seen.datagrams_up
+        new_out = now.datagrams_down - seen.datagrams_down
+        session.datagrams_in += new_in
+        session.datagrams_out += new_out
+        session.bytes_in += now.bytes_up - seen.bytes_up
+        session.bytes_out += now.bytes_down - seen.bytes_down
+        self.seen = now
+        return new_in, new_out
+
+    def refresh(self) -> None:
+        """The session's counts, now (a flow record asks)."""
+        now = cudp.info(self.handle)
+        if now is not None:
+            self.absorb(now)
+
+
 class UdpForwarder:
     """The handlers ``UdpSessions`` calls: ``admit``, ``attach`` (None with a custom handler:
     every session then gets a task) and ``dispatch``."""
@@ -124,6 +165,9 @@ class UdpForwarder:
         self._is_dns = is_dns
         self._handler = handler or self.forward
         self.attach: UdpAttacher | None = None if handler else self._attach
+        self._in_c: dict[int, CRelayedSession] = {}
+        self._next_token = 1
+        self._c_drops = (0, 0)  # C's drop counters already added (upstream, to client)
 
     def admit(self, client: Endpoint, target: Endpoint) -> bool | Literal["reject"]:
         """A new UDP flow that is one of our own sockets coming back (an upstream's, the DNS
@@ -164,6 +208,10 @@ class UdpForwarder:
         except (OSError, TunlwipError):
             return None  # forward tries again and answers "unreachable"
         relay = DatagramRelay(session, upstream)
+        in_c = self._relay_in_c(session, upstream)
+        if in_c is not None:
+            session.divert(relay.to_upstream)  # the first datagram (later ones: C)
+            return in_c
         try:
             token = self._stack.watch_readable(upstream.fileno(), relay.drain)
         except OSError:
@@ -174,6 +222,54 @@ class UdpForwarder:
         # A partial, not a closure: one small object per idle session rather than a function
         # and four cells (thousands of sessions stay open for their idle timeout).
         return functools.partial(self._end_attached, upstream, token, flow)
+
+    def _relay_in_c(self, session: UdpSession,
+                    upstream: socket.socket) -> Callable[[str], None] | None:  # fmt: skip
+        """Hand the session to a C relay; returns what ends it, or None if C refused it."""
+        token = self._next_token
+        try:
+            handle = cudp.open_relay(session.client, session.target, upstream.fileno(), token)
+        except OSError as exc:
+            relay_log.debug("UDP %s -> %s: relayed from Python: %s", session.client,
+                            session.target, exc)  # fmt: skip
+            return None
+        self._next_token += 1
+        flow = self._flows.track(session, session.target)
+        record = CRelayedSession(session, upstream, handle, flow)
+        self._in_c[token] = record
+        session._refresh = record.refresh
+        return functools.partial(self._end_in_c, token)
+
+    def _end_in_c(self, token: int, reason: str) -> None:
+        """A session relayed in C ended: close it in C (final counts), its socket, its record."""
+        record = self._in_c.pop(token)
+        record.session._refresh = None
+        final = cudp.close(record.handle)  # its queued datagrams leave first
+        if final is not None:
+            _add(record.session.counters, record.absorb(final))
+        self._stack.after_lwip()
+        record.upstream.close()
+        self._flows.close(record.flow, _CLOSE_REASONS.get(reason, reason))
+
+    def sync(self, counters: UdpCounters) -> None:
+        """Bring in what the C relays did since the last call: each active session's counts
+        (and the gateway's, ``counters``), and its last activity into the session table (in
+        order of activity)."""
+        now = trio.current_time()
+        for counts in reversed(cudp.touched()):  # least recently active first
+            record = self._in_c.get(counts.token)
+            if record is not None:
+                _add(counters, record.absorb(counts))
+                record.session._active_at(now - counts.idle_ms / 1000)
+        c = cudp.counters()
+        upstream = c["udp_relay_upstream_full"] + c["udp_relay_upstream_errors"]
+        to_client = c["udp_relay_to_client_dropped"]
+        seen_up, seen_client = self._c_drops
+        if upstream < seen_up or to_client < seen_client:  # the stack restarted
+            seen_up = seen_client = 0
+        counters.dropped_to_upstream += upstream - seen_up
+        counters.dropped_to_client += to_client - seen_client
+        self._c_drops = (upstream, to_client)
 
     def _end_attached(self, upstream: socket.socket, token: int, flow: LiveFlow,
                       reason: str) -> None:  # fmt: skip
@@ -195,3 +291,9 @@ class UdpForwarder:
             return
         with upstream:
             await relay_datagrams(session, upstream)
+
+
+def _add(counters: UdpCounters, new: tuple[int, int]) -> None:
+    """Datagrams a C relay moved (from the client, to the client) into the gateway's counts."""
+    counters.datagrams_in += new[0]
+    counters.datagrams_out += new[1]

@@ -356,6 +356,7 @@ int tl_input_fd(int fd, int max_packets)
     int count = 0, err = 0;
     tl_output_batch_begin(); /* what the batch makes lwIP send may leave in fewer writes */
     tl_relay_defer_begin(); /* relays write what the batch brought once, at its end */
+    tl_udp_relay_defer_begin(); /* UDP sessions too: one sendmmsg per session */
     while (count < max_packets) {
         ssize_t n = read(fd, tl_read_buf, sizeof tl_read_buf);
         if (n < 0) {
@@ -379,6 +380,7 @@ int tl_input_fd(int fd, int max_packets)
         }
     }
     tl_relay_defer_end();
+    tl_udp_relay_defer_end();
     tl_output_batch_end();
     return count > 0 || err == 0 ? count : -err;
 }

@@ -73,12 +73,16 @@ int tl_relay_poll(int max_events)
         case TL_POLL_RELAY:
             tl_relay_on_ready((struct tl_relay *)entry, events[i].events);
             break;
+        case TL_POLL_UDP_RELAY:
+            tl_udp_relay_on_ready((struct tl_udp_relay *)entry, events[i].events);
+            break;
         default:
             abort(); /* a pointer we never put in the set */
         }
     }
     tl_output_batch_end();
     tl_relay_bury();
+    tl_udp_relay_bury();
     return n;
 }
 
@@ -192,3 +196,6 @@ int tl_poll_set_input(int fd)
 
 /* Why the poll set stopped reading the device (an errno), or 0. */
 int tl_poll_input_error(void) { return tl_poll_input_err; }
+
+/* Calls from C into Python so far (what proves a path runs without Python). */
+uint64_t tl_python_call_count(void) { return tl_python_calls; }

@@ -17,6 +17,7 @@
  *   poll.c             the epoll set (device, relays, Python watchers) and the C poll loop
  *   relay.c            the C relay between an lwIP connection and its upstream socket
  *   vnet.c             output with a virtio-net header: TCP segments coalesced into GSO writes
+ *   udp_relay.c        UDP sessions relayed in C: hash lookup, sendmmsg/recvmmsg batches
  *
  * Invariant of the whole layer: only the trio thread calls in, and never re-entrantly; Python
  * callbacks (tl_py_*) record events and return, they never call back into lwIP input or timers.
@@ -136,7 +137,7 @@ extern int tl_epoll_fd; /* the poll set, -1 until tl_relay_epoll_fd makes it */
 /* What a poll-set entry's epoll data points at, when it is a pointer: every struct C puts in
  * the poll set begins with one of these, so tl_relay_poll can tell them apart. (The device and
  * Python's watchers are tagged integers with the low bit set; pointers never have it.) */
-enum tl_poll_kind { TL_POLL_RELAY = 2 };
+enum tl_poll_kind { TL_POLL_RELAY = 2, TL_POLL_UDP_RELAY = 4 };
 struct tl_poll_entry {
     uint32_t kind; /* enum tl_poll_kind */
 };
@@ -171,5 +172,16 @@ void tl_vnet_reset(void);
 /* A packet read from the device: 0 if its header is one we can take, -1 if it is shorter than
  * a header, -2 if it is a GSO packet (we never offered to take those: TUNSETOFFLOAD). */
 int tl_vnet_check_input(const uint8_t *buf, size_t len);
+
+/* ---- udp_relay.c: UDP sessions relayed in C ---------------------------------------------- */
+
+struct tl_udp_relay;
+/* A client datagram of a relayed session: 1 if taken (p is then the relay's), else 0. */
+int tl_udp_relay_take(const tl_endpoint *src, const tl_endpoint *dst, struct pbuf *p);
+/* Around an input batch: client datagrams are queued, then sent with sendmmsg at the end. */
+void tl_udp_relay_defer_begin(void);
+void tl_udp_relay_defer_end(void);
+void tl_udp_relay_on_ready(struct tl_udp_relay *r, uint32_t events);
+void tl_udp_relay_bury(void); /* free closed sessions: after every poll round */
 
 #endif

@@ -138,4 +138,34 @@ int tl_watch_del(int fd);
 int tl_poll_set_input(int fd);
 int tl_poll_input_error(void);
 
+/* UDP session relays (udp_relay.c): the default UDP forwarder's datagrams moved in C. Python
+ * opens one per session with its connected upstream fd (kept and closed by Python), collects
+ * the sessions active since the last call (tl_udp_relay_touched: counts, idle time) and closes
+ * them (idle, evicted, stopped). */
+typedef struct {
+    uintptr_t token;
+    uint64_t datagrams_up, bytes_up, datagrams_down, bytes_down;
+    uint32_t idle_ms;
+} tl_udp_relay_stats;
+typedef struct {
+    uint64_t opened, closed, datagrams_up, datagrams_down;
+    uint64_t send_calls, recv_calls;  /* sendmmsg / recvmmsg calls that moved datagrams */
+    uint64_t drop_upstream_full;      /* client datagrams dropped: the socket's buffer was full */
+    uint64_t drop_upstream_error;     /* client datagrams the socket refused (too big, ...) */
+    uint64_t drop_to_client;          /* upstream datagrams lwIP could not send to the client */
+    uint64_t recv_errors, port_unreachable; /* ICMP errors read; port unreachable mirrored */
+} tl_udp_relay_counters;
+/* 0 with *out set, or -errno (-EEXIST: the flow has a session already) */
+int tl_udp_relay_open(const tl_endpoint *client, const tl_endpoint *target, int fd,
+                      uintptr_t token, void **out);
+void tl_udp_relay_close(void *relay, tl_udp_relay_stats *out);
+void tl_udp_relay_close_all(void);
+void tl_udp_relay_info(void *relay, tl_udp_relay_stats *out);
+int tl_udp_relay_touched(tl_udp_relay_stats *out, int max);
+uint32_t tl_udp_relay_count(void);
+const tl_udp_relay_counters *tl_udp_relay_get_counters(void);
+void tl_udp_relay_reset_counters(void);
+/* calls from C into Python so far (poll.c) */
+uint64_t tl_python_call_count(void);
+
 #endif

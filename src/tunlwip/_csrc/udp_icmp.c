@@ -6,7 +6,8 @@
  * -------------------
  * A UDP PCB bound to any address exists for every port a client sent to (tl_udp_for_port, made
  * by the input path) or that Python sends from; lwIP's udp_input hands it every datagram to
- * that port, whatever the address, and the callback passes it to Python with both endpoints.
+ * that port, whatever the address, and the callback hands it to its session's C relay
+ * (udp_relay.c) or, for a flow without one, to Python with both endpoints.
  * Sending builds the datagram (or ICMP message) with lwIP's output functions and an explicit
  * source address, so replies leave from the address the client spoke to.
  *
@@ -37,6 +38,7 @@ static void tl_on_udp(void *arg, struct udp_pcb *pcb, struct pbuf *p, const ip_a
     tl_endpoint src, dst;
     tl_endpoint_from(&src, addr, port);
     tl_endpoint_from(&dst, ip_current_dest_addr(), pcb->local_port);
+    if (tl_udp_relay_take(&src, &dst, p)) return; /* a session relayed in C */
     const uint8_t *data;
     if (p->next == NULL) {
         data = (const uint8_t *)p->payload;

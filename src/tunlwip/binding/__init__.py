@@ -10,6 +10,7 @@ Theory of operation: everything else in tunlwip calls typed functions here and n
 * ``core``: lifecycle, clock, counters, policy knobs, packet input, UDP/ICMP output;
 * ``tcp``: one lwIP TCP connection (an opaque PCB);
 * ``relay``: the C relays and the poll set they share with the device and watchers.
+* ``udp_relay``: UDP sessions relayed in C (open, close, their activity in batches).
 
 Every wrapper says which return-code convention it uses; callers never decode codes. Calls
 whose result needs no decoding are plain aliases of the C function (no Python frame of their
