@@ -31,7 +31,9 @@ from transfers import ParallelUpload, connect, recv_all, start_script_server
 
 pytestmark = pytest.mark.netns
 
-ECHO_PORT, DIGEST_PORT = 7400, 7401
+ECHO_PORT, DIGEST_PORT, METRICS_PORT = 7400, 7401, 9477
+SCRAPE = "import sys, urllib.request; print(urllib.request.urlopen(" \
+    "f'http://127.0.0.1:{sys.argv[1]}/metrics', timeout=10).read().decode())"  # fmt: skip
 CONNECTIONS = 32
 
 
@@ -175,10 +177,14 @@ def test_workers_on_a_persistent_multi_queue_tun(split: SplitTopology, tmp_path:
     and stays when the gateway stops."""
     iface = split.topo.ifname("t")
     split.gw.ip("tuntap", "add", "dev", iface, "mode", "tun", "multi_queue")
-    gw = launch_gateway(split.gw, iface, tmp_path / "gw.log", "--workers", "2")
+    gw = launch_gateway(split.gw, iface, tmp_path / "gw.log", "--workers", "2",
+                        "--metrics-listen", f"127.0.0.1:{METRICS_PORT}")  # fmt: skip
     gw.wait_serving()
     doc = gw.status()
     assert doc["supervisor"]["workers_running"] == 2
+    scraped = split.gw.run(sys.executable, "-c", SCRAPE, str(METRICS_PORT)).stdout
+    assert "tunlwip_workers 2.0" in scraped
+    assert 'tunlwip_worker_open_flows{worker="1"}' in scraped
     gw.stop()
     assert split.gw.ip("link", "show", "dev", iface).returncode == 0
 
@@ -204,3 +210,16 @@ def test_workers_1_runs_no_supervisor(split_gateway: StartGateway) -> None:
     assert doc["pid"] == gw.proc.pid
     children = Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read_text().split()
     assert children == []
+
+
+def test_a_worker_that_cannot_start_stops_the_start(split: SplitTopology, tmp_path: Path) -> None:
+    """A worker failing before the gateway served (here: its flow log cannot be opened) ends
+    the start with one line and exit status 1, leaving no worker behind."""
+    iface = split.topo.ifname("t")
+    bad = tmp_path / "missing-dir" / "flows.jsonl"
+    gw = launch_gateway(split.gw, iface, tmp_path / "gw.log", "--workers", "2",
+                        "--flow-log", str(bad))  # fmt: skip
+    assert gw.proc.wait(timeout=60) == 1, gw.tail()
+    assert "cannot start: worker " in gw.log() and "before serving" in gw.log(), gw.tail()
+    wait_for(lambda: split.gw.ip("link", "show", "dev", iface, check=False).returncode != 0,
+             "the TUN to go")  # fmt: skip
