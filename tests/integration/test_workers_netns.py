@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,14 +178,23 @@ def test_workers_on_a_persistent_multi_queue_tun(split: SplitTopology, tmp_path:
     and stays when the gateway stops."""
     iface = split.topo.ifname("t")
     split.gw.ip("tuntap", "add", "dev", iface, "mode", "tun", "multi_queue")
-    gw = launch_gateway(split.gw, iface, tmp_path / "gw.log", "--workers", "2",
-                        "--metrics-listen", f"127.0.0.1:{METRICS_PORT}")  # fmt: skip
+    config = tmp_path / "gw.toml"
+    config.write_text("[udp]\nidle_timeout = 30\n")
+    gw = launch_gateway(split.gw, iface, tmp_path / "gw.log", "--workers", "2", "--config",
+                        str(config), "--metrics-listen", f"127.0.0.1:{METRICS_PORT}")  # fmt: skip
     gw.wait_serving()
     doc = gw.status()
     assert doc["supervisor"]["workers_running"] == 2
     scraped = split.gw.run(sys.executable, "-c", SCRAPE, str(METRICS_PORT)).stdout
     assert "tunlwip_workers 2.0" in scraped
     assert 'tunlwip_worker_open_flows{worker="1"}' in scraped
+    # A broken file on SIGHUP: the supervisor says so and no worker hears of it.
+    config.write_text('[udp]\nidle_timeout = "soon"\n')
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "workers not signalled" in gw.log(), "the refused reload")
+    assert "udp.idle_timeout" in gw.log()
+    time.sleep(0.5)
+    assert "[worker 0] reload" not in gw.log() and "[worker 1] reload" not in gw.log()
     gw.stop()
     assert split.gw.ip("link", "show", "dev", iface).returncode == 0
 
