@@ -142,8 +142,12 @@ class WorkerRole:
         """The final counters, for the supervisor's stop log (written just before exit)."""
         path = totals_path(self.runtime_dir, self.index)
         temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"totals": totals, "drops": drops, "drained": drained}))
-        temporary.replace(path)
+        try:
+            temporary.write_text(json.dumps({"totals": totals, "drops": drops,
+                                             "drained": drained}))  # fmt: skip
+            temporary.replace(path)
+        except OSError as exc:  # the supervisor then counts this worker's last report
+            log.warning("cannot leave the final counters in %s: %s", path, exc.strerror)
 
 
 def socket_path(runtime_dir: Path, index: int) -> Path:
