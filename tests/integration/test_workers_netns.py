@@ -14,6 +14,7 @@ transfer on the other worker completes byte-exact, and a stop leaves no process 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -73,6 +74,37 @@ def alive(pid: int) -> bool:
     return True
 
 
+def kill_one_worker_during_upload(
+    gw: RunningGateway, split: SplitTopology, idle: list[socket.socket]
+) -> tuple[int, int, list[int]]:
+    """SIGKILL the worker that does not carry a long upload while the upload runs; require
+    the crash logged, the worker back, and the upload complete byte-exact. Returns (the
+    victim, the busy worker, the worker of each ``idle`` connection)."""
+    by_port = {f["client"].rsplit(":", 1)[1]: f["worker"] for f in gw.status()["flows"]}
+    on_worker = [by_port[str(sock.getsockname()[1])] for sock in idle]
+    assert set(on_worker) == {0, 1}, on_worker
+    upload = ParallelUpload(split.cli, socket.AF_INET, SRV_ADDR4, DIGEST_PORT,
+                            size=8 << 20, seconds=10.0)  # fmt: skip
+
+    def upload_worker() -> int | None:
+        flows = gw.status()["flows"]
+        found = [f["worker"] for f in flows if f["target"].endswith(f":{DIGEST_PORT}")]
+        return found[0] if found else None
+
+    wait_for(lambda: upload_worker() is not None, "the upload's flow")
+    busy = upload_worker()
+    assert busy is not None
+    victim = 1 - busy
+    victim_pid = gw.status()["workers"][victim]["pid"]
+    os.kill(victim_pid, signal.SIGKILL)
+    assert upload.running(), "the upload ended before the kill: make it longer"
+    wait_for(lambda: f"worker {victim} (pid {victim_pid}) was killed by SIGKILL" in gw.log(),
+             "the crash to be logged")  # fmt: skip
+    wait_for(lambda: gw.status()["workers"][victim]["state"] == "running", "the restart", 60)
+    upload.check()
+    return victim, busy, on_worker
+
+
 def test_two_workers_share_flows_merge_reload_restart_and_stop(
     split: SplitTopology, split_gateway: StartGateway
 ) -> None:
@@ -113,31 +145,11 @@ def test_two_workers_share_flows_merge_reload_restart_and_stop(
 
     # Idle connections on both workers, a long upload on one; the other is killed and comes
     # back on its queue. Its flows are lost (a reset on the next send), the others' go on.
-    idle = [connect(split.cli, socket.AF_INET, SRV_ADDR4, ECHO_PORT) for _ in range(8)]
-    by_port = {f["client"].rsplit(":", 1)[1]: f["worker"] for f in gw.status()["flows"]}
-    on_worker = [by_port[str(sock.getsockname()[1])] for sock in idle]
-    assert set(on_worker) == {0, 1}, on_worker
-    upload = ParallelUpload(split.cli, socket.AF_INET, SRV_ADDR4, DIGEST_PORT,
-                            size=8 << 20, seconds=6.0)  # fmt: skip
-
-    def upload_worker() -> int | None:
-        flows = gw.status()["flows"]
-        found = [f["worker"] for f in flows if f["target"].endswith(f":{DIGEST_PORT}")]
-        return found[0] if found else None
-
-    wait_for(lambda: upload_worker() is not None, "the upload's flow")
-    busy = upload_worker()
-    assert busy is not None
-    victim = 1 - busy
-    victim_pid = workers[victim]["pid"]
-    os.kill(victim_pid, signal.SIGKILL)
-    wait_for(lambda: f"worker {victim} (pid {victim_pid}) was killed by SIGKILL" in gw.log(),
-             "the crash to be logged")  # fmt: skip
-    wait_for(lambda: gw.status()["workers"][victim]["state"] == "running", "the restart")
-    assert upload.running(), "the upload ended before the restart: make it longer"
-    upload.check()
-    for sock, worker in zip(idle, on_worker, strict=True):
-        with sock:
+    with contextlib.ExitStack() as held:
+        idle = [held.enter_context(connect(split.cli, socket.AF_INET, SRV_ADDR4, ECHO_PORT))
+                for _ in range(8)]  # fmt: skip
+        victim, busy, on_worker = kill_one_worker_during_upload(gw, split, idle)
+        for sock, worker in zip(idle, on_worker, strict=True):
             if worker == busy:  # idle through the restart, and still served
                 sock.sendall(b"still here")
                 assert sock.recv(100) == b"still here"
@@ -149,7 +161,7 @@ def test_two_workers_share_flows_merge_reload_restart_and_stop(
     assert after["supervisor"]["worker_restarts"] == 1
     assert after["supervisor"]["flows_lost"] >= on_worker.count(victim)
     assert after["workers"][victim]["flows_lost"] == after["supervisor"]["flows_lost"]
-    assert after["workers"][victim]["pid"] not in (None, victim_pid)
+    assert after["workers"][victim]["pid"] not in (None, workers[victim]["pid"])
     assert after["totals"]["flows"]["tcp"] >= flows_total  # the dead worker's counts kept
     for n in range(CONNECTIONS // 2):  # both workers serve again
         echo_once(split, b"y%d" % n)
