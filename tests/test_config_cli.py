@@ -165,6 +165,11 @@ def test_every_flag_of_up_is_in_the_schema() -> None:
         "--no-dns-reject-encrypted",
         "--control-socket",
         "--flow-log",
+        # hidden: how the supervisor of --workers N starts a worker (workers.py)
+        "--worker-index",
+        "--worker-fd",
+        "--worker-lifeline",
+        "--worker-dir",
     }
     assert options - schema_flags == expected
 

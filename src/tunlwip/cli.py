@@ -21,6 +21,8 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -32,6 +34,9 @@ from .flows import write_flow_log
 from .gateway import Gateway
 from .service import configure_logging
 from .stats import stop_lines, totals_document
+
+if TYPE_CHECKING:
+    from .workers import WorkerRole
 
 log = logging.getLogger("tunlwip")
 
@@ -65,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--flow-log", metavar="FILE",
                     help="append a JSON line per closed flow to FILE (created 0640; a "
                          "symbolic link is refused)")  # fmt: skip
+    add_worker_arguments(up)
     up.set_defaults(handler=cmd_up, needs_config=True)
     check = sub.add_parser(
         "check-config",
@@ -106,6 +112,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         target = protect if opt.section == "protect" else parser
         text = f"{opt.help} [{opt.path}; {default}]".replace("%", "%%")
         target.add_argument(opt.cli, dest=opt.dest, default=None, help=text, **opt.kind.argparse())
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden flags with which the supervisor of ``--workers N`` starts each worker
+    (``workers.worker_arguments``): not for people."""
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-lifeline", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dir", help=argparse.SUPPRESS)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
@@ -200,17 +215,23 @@ def reload(gateway: Gateway, running: Settings, current: Settings, reloader: Rel
 
 
 async def run_up(settings: Settings, reloader: Reloader | None = None, *,
-                 control_socket: str | None = None,
-                 flow_log: str | None = None) -> int:  # fmt: skip
-    """Open the TUN, serve until SIGINT/SIGTERM (SIGHUP reloads), drain and log counters."""
+                 control_socket: str | None = None, flow_log: str | None = None,
+                 worker: WorkerRole | None = None) -> int:  # fmt: skip
+    """Open the TUN, serve until SIGINT/SIGTERM (SIGHUP reloads), drain and log counters.
+    ``worker``: serve the queue the supervisor of ``--workers N`` passed instead, answer on
+    the worker's own control socket, serve no metrics and tell systemd nothing."""
     reloader = reloader or Reloader(str(settings.source) if settings.source else None, {})
     config = settings.gateway
-    device = TunDevice.open(settings.iface, offload=settings.offload)
-    try:
-        set_link_up(device.name, config.stack.mtu, settings.effective_txqueuelen)
-    except OSError as exc:
-        await device.aclose()
-        raise DeviceError(f"cannot configure {device.name}: {exc.strerror}") from exc
+    if worker is not None:
+        device = worker.adopt_queue()
+        control_socket = str(worker.control_socket)
+    else:
+        device = TunDevice.open(settings.iface, offload=settings.offload)
+        try:
+            set_link_up(device.name, config.stack.mtu, settings.effective_txqueuelen)
+        except OSError as exc:
+            await device.aclose()
+            raise DeviceError(f"cannot configure {device.name}: {exc.strerror}") from exc
     try:
         gateway = Gateway(device, config, protector=settings.protector())
     except BaseException:
@@ -239,7 +260,7 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
                                   iface=device.name))  # fmt: skip
             if flow_log:
                 await nursery.start(write_log, flow_log)
-            if settings.metrics_listen:
+            if settings.metrics_listen and worker is None:
                 from . import metrics  # prometheus_client: imported only when serving it
 
                 address, port = await nursery.start(
@@ -257,8 +278,9 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
             await trio.lowlevel.checkpoint()  # raises Cancelled: leaves the nursery at once
         s = gateway.config.stack  # the gateway may have fallen back (ICMP forward -> reply)
         keep = config.keepalive
-        log.info("up: iface %s mtu %d gateway %s %s clients %s protect %s dial-before-accept %s "
-                 "tcp-idle %s keepalive %s udp-idle %gs %s config %s", device.name, s.mtu,
+        log.info("%s: iface %s mtu %d gateway %s %s clients %s protect %s dial-before-accept %s "
+                 "tcp-idle %s keepalive %s udp-idle %gs %s config %s",
+                 "up" if worker is None else "serving", device.name, s.mtu,
                  s.ipv4_address, s.ipv6_address, ",".join(map(str, s.client_networks)) or "any",
                  gateway.protect_mode, "on" if config.dial_before_accept else "off",
                  "off" if config.idle_timeout is None else f"{config.idle_timeout:g}s",
@@ -272,7 +294,10 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
                      config.dns.hijack, " ".join(gateway.dns.upstream_urls) or "none",
                      len(gateway.dns.policy), config.dns.blocked_answer,
                      "rejected" if config.dns.reject_encrypted else "forwarded")  # fmt: skip
-        service.ready(f"serving {device.name}")
+        if worker is None:
+            service.ready(f"serving {device.name}")
+        else:
+            nursery.start_soon(worker.watch_supervisor)
         if (interval := service.watchdog_interval()) is not None:
             log.info("systemd watchdog: pinging every %g s", interval / 2)
             nursery.start_soon(service.watchdog, interval)
@@ -290,8 +315,11 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
                 service.stopping(f"stopping: {flows} flows get {current.grace:g} s")
                 break
         drained = await gateway.drain(current.grace)
-        for line in stop_lines(totals_document(gateway.statistics()), drained=drained):
+        final = gateway.statistics()
+        for line in stop_lines(totals_document(final), drained=drained):
             log.info("%s", line)
+        if worker is not None:
+            worker.write_totals(totals_document(final), final.stack.dropped, drained)
         # Stop the gateway alone first: flows still open are reset now and their records
         # (close reason "stopped") are written before the flow log closes at the end of its
         # subscription; a stuck disk gets FLOW_LOG_FLUSH_TIMEOUT, not forever.
@@ -308,6 +336,14 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    """``up``: one gateway, the supervisor of ``--workers N``, or one of its workers."""
+    try:
+        role = _worker_role(args)
+    except DeviceError as exc:
+        print(f"tunlwip up: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if role is not None:
+        service.set_log_tag(f"worker {role.index}")
     overrides = overrides_from_args(args)
     # Until the configuration is loaded: stderr, at the level given on the command line.
     configure_logging(str(overrides.get("logging.level", "info")),
@@ -323,12 +359,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         log.error("bad configuration: logging.file: cannot open %s: %s", settings.log_file,
                   exc.strerror)  # fmt: skip
         return EXIT_CONFIG
+    reloader = Reloader(args.config, overrides)
+    if settings.workers > 1 and role is None:
+        return _run_supervisor(args, settings, reloader)
     check_open_files(settings)
     try:
         try:
-            return trio.run(functools.partial(run_up, settings, Reloader(args.config, overrides),
+            return trio.run(functools.partial(run_up, settings, reloader,
                                               control_socket=args.control_socket,
-                                              flow_log=args.flow_log))  # fmt: skip
+                                              flow_log=args.flow_log, worker=role))  # fmt: skip
         except BaseExceptionGroup as group:
             if (own := _own_error(group)) is None:
                 raise
@@ -343,6 +382,42 @@ def cmd_up(args: argparse.Namespace) -> int:
         log.error("bad configuration: %s", exc)
         return EXIT_CONFIG
     except TunlwipError as exc:  # e.g. HostAddressError: one line, not a traceback
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _worker_role(args: argparse.Namespace) -> WorkerRole | None:
+    if getattr(args, "worker_fd", None) is None:
+        return None
+    from .workers import WorkerRole, check_worker_fd
+
+    queue = check_worker_fd(args.worker_fd, "--worker-fd")
+    lifeline = check_worker_fd(args.worker_lifeline, "--worker-lifeline")
+    return WorkerRole(args.worker_index or 0, queue, lifeline, Path(args.worker_dir or "."))
+
+
+def _run_supervisor(args: argparse.Namespace, settings: Settings, reloader: Reloader) -> int:
+    """``up --workers N`` (N > 1): the supervisor (workers.py); exit codes as ``up``'s."""
+    from .workers import Supervisor
+
+    supervisor = Supervisor(settings, reloader, getattr(args, "raw_argv", ["up"]),
+                            control_socket=args.control_socket)  # fmt: skip
+    try:
+        try:
+            return trio.run(supervisor.run)
+        except BaseExceptionGroup as group:
+            if (own := _own_error(group)) is None:
+                raise
+            raise own from own.__cause__
+    except DeviceError as exc:
+        log.error("%s", exc)
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno in (errno.EPERM, errno.EACCES):
+            return EXIT_NOPERM
+        return EXIT_FAILURE
+    except TunlwipError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
     except KeyboardInterrupt:
@@ -387,6 +462,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)  # what workers repeat
     if getattr(args, "needs_config", False) and args.config is None \
             and getattr(args, config.OPTIONS["device.name"].dest) is None:  # fmt: skip
         parser.error(f"{args.command}: give --iface IFACE (reads {CONFIG_DIR}/IFACE.toml "

@@ -1,8 +1,12 @@
 """The control socket of a running gateway, and ``tunlwip status``, its client.
 
 Protocol: a client connects to the unix stream socket (``/run/tunlwip/<iface>.sock``, mode
-0600, so only the gateway's user can ask), sends one JSON request line (``{"cmd": "status"}``),
-reads one JSON document (newline-terminated) and the gateway closes the connection.
+0600, so only the gateway's user can ask), sends one JSON request line (``{"cmd": "status"}``,
+optionally with ``"max_flows": N`` to list at most N live flows), reads one JSON document
+(newline-terminated) and the gateway closes the connection.
+
+What answers is a ``StatusSource``: one gateway (``GatewayStatus``), or the supervisor of
+``--workers N``, which asks each worker's own control socket (``request_async``) and merges.
 
 The data path comes first: answers are built synchronously from counters the gateway keeps
 anyway, at most ``MAX_CONTROL_CLIENTS`` clients are served at once, a request larger than 4 KiB
@@ -23,7 +27,7 @@ import socket
 import stat
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO, runtime_checkable
 
 import trio
 
@@ -101,21 +105,55 @@ def _device_name(gateway: Gateway) -> str | None:
 
 def answer(gateway: Gateway, request: bytes, *, iface: str | None = None) -> dict[str, Any]:
     """The response document to one raw request line."""
+    parsed = parse_request(request)
+    if isinstance(parsed, dict):
+        return parsed
+    return status(gateway, iface=iface, max_flows=parsed)
+
+
+def parse_request(request: bytes) -> int | dict[str, Any]:
+    """A status request's ``max_flows`` (MAX_LISTED_FLOWS unless it asks for fewer), or the
+    error document answering a request that is not one."""
     try:
         message = json.loads(request)
     except (ValueError, UnicodeDecodeError):
         return {"error": "the request is not JSON"}
     command = message.get("cmd") if isinstance(message, dict) else None
-    if command == "status":
-        return status(gateway, iface=iface)
-    return {"error": f"unknown command {command!r}; known: status"}
+    if command != "status":
+        return {"error": f"unknown command {command!r}; known: status"}
+    limit = message.get("max_flows", MAX_LISTED_FLOWS)
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        return {"error": "max_flows must be an integer"}
+    return max(0, min(limit, MAX_LISTED_FLOWS))
+
+
+@runtime_checkable
+class StatusSource(Protocol):
+    """What the control socket and the metrics endpoint ask: the status document."""
+
+    async def status_document(self, max_flows: int) -> dict[str, Any]: ...
+
+
+class GatewayStatus:
+    """One gateway as a ``StatusSource`` (built synchronously: no await between counters)."""
+
+    def __init__(self, gateway: Gateway, iface: str | None = None) -> None:
+        self.gateway = gateway
+        self.iface = iface
+
+    async def status_document(self, max_flows: int) -> dict[str, Any]:
+        return status(self.gateway, iface=self.iface, max_flows=max_flows)
+
+
+def status_source(gateway: Gateway | StatusSource, iface: str | None) -> StatusSource:
+    return gateway if isinstance(gateway, StatusSource) else GatewayStatus(gateway, iface)
 
 
 # -- the server ----------------------------------------------------------------------------------
 
 
 async def serve_control(
-    gateway: Gateway,
+    gateway: Gateway | StatusSource,
     path: str | os.PathLike[str] | None = None,
     *,
     iface: str | None = None,
@@ -127,8 +165,12 @@ async def serve_control(
     directory is created (0755) if missing; the socket is 0600. A stale socket file is
     replaced, but if another gateway still answers there, ControlError is raised (through
     ``nursery.start``). The socket file is removed on exit. ``started(path)`` once listening.
+    ``gateway`` may be any ``StatusSource`` (the supervisor of ``--workers N``); then ``iface``
+    or ``path`` must be given.
     """
-    iface = iface if iface is not None else _device_name(gateway)
+    if iface is None and not isinstance(gateway, StatusSource):
+        iface = _device_name(gateway)
+    source = status_source(gateway, iface)
     if path is None:
         if iface is None:
             raise ControlError("no control socket path given and the device has no name")
@@ -138,7 +180,7 @@ async def serve_control(
     started_path = path
 
     async def serve_client(sock: trio.socket.SocketType) -> None:
-        await _serve_client(gateway, iface, sock)
+        await _serve_client(source, sock)
 
     try:
         await serve_clients(listener, serve_client, max_clients=MAX_CONTROL_CLIENTS,
@@ -210,15 +252,16 @@ def _remove_if_ours(path: Path, identity: tuple[int, int]) -> None:
         pass
 
 
-async def _serve_client(gateway: Gateway, iface: str | None,
-                        sock: trio.socket.SocketType) -> None:  # fmt: skip
+async def _serve_client(source: StatusSource, sock: trio.socket.SocketType) -> None:
     """One request, one answer, all within REQUEST_TIMEOUT."""
     with sock, trio.move_on_after(REQUEST_TIMEOUT) as scope:
         try:
             request = await _read_line(sock)
             if request is None:
                 return
-            document = answer(gateway, request, iface=iface)
+            parsed = parse_request(request)
+            document = parsed if isinstance(parsed, dict) else \
+                await source.status_document(parsed)  # fmt: skip
             data = (json.dumps(document, separators=(",", ":")) + "\n").encode()
             view = memoryview(data)
             while view:
@@ -370,6 +413,25 @@ def request(path: Path, message: dict[str, Any], *, timeout: float = REQUEST_TIM
     if not raw.strip():
         raise _StatusError(f"the gateway on {path} closed without answering")
     return raw
+
+
+async def request_async(path: Path, message: dict[str, Any]) -> dict[str, Any]:
+    """``request`` from a trio task, the answer parsed: how the supervisor asks its workers
+    (the caller bounds the time). OSError or ValueError when no good answer came."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with sock:
+        await sock.connect(str(path))
+        await sock.send(json.dumps(message).encode() + b"\n")
+        chunks, size = [], 0
+        while data := await sock.recv(1 << 16):
+            chunks.append(data)
+            size += len(data)
+            if size > MAX_RESPONSE:
+                raise ValueError(f"the answer from {path} is too large")
+    document = json.loads(b"".join(chunks))
+    if not isinstance(document, dict) or "error" in document:
+        raise ValueError(f"unexpected answer from {path}: {document!r:.200}")
+    return document
 
 
 # -- the table -----------------------------------------------------------------------------------

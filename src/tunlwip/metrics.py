@@ -105,20 +105,22 @@ def render(document: Mapping[str, Any]) -> bytes:
 
 
 async def serve_metrics(
-    gateway: Gateway,
+    gateway: Gateway | control.StatusSource,
     listen: str,
     *,
     iface: str | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve ``GET /metrics`` on ``listen`` (``ADDR:PORT``) until cancelled; ``started`` with
-    the (address, port) bound (port 0 picks one). OSError if the address cannot be bound."""
+    the (address, port) bound (port 0 picks one). OSError if the address cannot be bound.
+    ``gateway`` may be any ``control.StatusSource`` (the supervisor of ``--workers N``)."""
+    source = control.status_source(gateway, iface)
     host, port = parse_listen(listen)
     family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
     listener = trio.socket.socket(family, trio.socket.SOCK_STREAM)
 
     async def serve_client(sock: trio.socket.SocketType) -> None:
-        await _serve_client(gateway, iface, sock)
+        await _serve_client(source, sock)
 
     with listener:
         listener.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
@@ -156,16 +158,17 @@ def _answer(status: str, body: bytes, extra: str = "",
     return head.encode() + body
 
 
-async def _serve_client(gateway: Gateway, iface: str | None,
-                        sock: trio.socket.SocketType) -> None:  # fmt: skip
+async def _serve_client(source: control.StatusSource, sock: trio.socket.SocketType) -> None:
     """One request, one answer, all within REQUEST_TIMEOUT; any error ends only this client."""
     with sock, trio.move_on_after(REQUEST_TIMEOUT) as scope:
         try:
             request = await _read_head(sock)
             if request is None:
                 return
-            data = respond(request, lambda: render(control.status(gateway, iface=iface,
-                                                                  max_flows=0)))  # fmt: skip
+            # Asked before the request is checked: a gateway answers at once, a supervisor
+            # asks its workers, which cannot happen inside respond's synchronous callback.
+            document = await source.status_document(0)
+            data = respond(request, lambda: render(document))
             view = memoryview(data)
             while view:
                 sent = await sock.send(view)

@@ -53,6 +53,11 @@ def add_route_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     for flag, metavar, text in _VALUED:
         parser.add_argument(flag, metavar=metavar, help=text)
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument(
+        "--multi-queue",
+        action="store_true",
+        help="create the TUN with multi_queue, for `up --workers N` (N > 1)",
+    )
     parser.set_defaults(handler=run_route, needs_config=False)
 
 
@@ -65,6 +70,8 @@ def script_arguments(args: argparse.Namespace) -> list[str]:
             argv += [flag, value]
     if args.dry_run:
         argv.append("--dry-run")
+    if getattr(args, "multi_queue", False):
+        argv.append("--multi-queue")
     return argv
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "raise_open_files_limit",
     "ready",
     "reloading",
+    "set_log_tag",
     "status",
     "stopping",
     "under_journald",
@@ -54,6 +55,7 @@ NOTIFY_TIMEOUT = 1.0  # seconds; a stuck manager must not stall the event loop f
 _PLAIN = "%(levelname)s %(name)s: %(message)s"
 _STAMPED = "%(asctime)s " + _PLAIN
 _handler: logging.Handler | None = None  # the one configure_logging installed last
+_tag: str | None = None  # set_log_tag's: "worker 1"
 
 
 # -- sd_notify -------------------------------------------------------------------------------
@@ -224,6 +226,8 @@ class JsonFormatter(logging.Formatter):
             document["exception"] = record.exc_text
         if record.stack_info:
             document["stack"] = self.formatStack(record.stack_info)
+        if (worker := getattr(record, "worker", None)) is not None:
+            document["worker"] = worker
         return json.dumps(document, ensure_ascii=False)
 
 
@@ -233,6 +237,29 @@ class _JournalJsonFormatter(JsonFormatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return f"<{_JournalFormatter.PRIORITY.get(record.levelname, 6)}>" + super().format(record)
+
+
+class _TagFilter(logging.Filter):
+    """Puts the process's tag in front of every message (``[worker 1] up: ...``) and, for
+    the JSON format, in its own field: several workers write to one stderr or file."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "tagged", False):
+            record.msg = f"[{self.tag}] {record.msg}"
+            record.tagged = True
+            record.worker = self.tag
+        return True
+
+
+def set_log_tag(tag: str | None) -> None:
+    """Tag every later log record of this process (``configure_logging`` applies it): a
+    worker of ``tunlwip up --workers N`` says which one it is."""
+    global _tag
+    _tag = tag
 
 
 def parse_level(level: str) -> int:
@@ -275,6 +302,8 @@ def configure_logging(level: str, log_file: str | None = None, fmt: str = "text"
     else:
         formatter = logging.Formatter(_STAMPED)
     handler.setFormatter(formatter)
+    if _tag is not None:
+        handler.addFilter(_TagFilter(_tag))
     global _handler
     root = logging.getLogger()
     if _handler is not None:

@@ -22,6 +22,7 @@ CLIENT4=198.18.0.2/15
 CLIENT6=fd00:18::2/64
 RULE_PREF=32000
 TUN_USER=
+MULTI_QUEUE=0
 DRY_RUN=0
 STATE_DIR=${TUNLWIP_STATE_DIR:-/run/tunlwip}
 
@@ -43,6 +44,8 @@ Options:
   --rule-pref N     priority of 'table main suppress_prefixlength 0'; the
                     'not fwmark MARK table N' rule gets N+1 (default $RULE_PREF)
   --user USER       let USER open the persistent TUN (ip tuntap ... user USER)
+  --multi-queue     create the TUN with multi_queue, as \`tunlwip up --workers N\` (N > 1)
+                    needs; a TUN that exists without it is refused
   --dry-run         print the commands without running them
   -h, --help        this help
 
@@ -87,6 +90,11 @@ while [[ $# -gt 0 ]]; do
         ;;
     --dry-run)
         DRY_RUN=1
+        shift
+        continue
+        ;;
+    --multi-queue)
+        MULTI_QUEUE=1
         shift
         continue
         ;;
@@ -166,6 +174,9 @@ link_exists() { ip link show dev "$1" >/dev/null 2>&1; }
 
 is_tun() { ip -d -o link show dev "$1" 2>/dev/null | grep -q ' tun type tun '; }
 
+# The queue mode is fixed when a TUN is created: `ip -d link` says "multi_queue" if it has it.
+is_multi_queue() { ip -d -o link show dev "$1" 2>/dev/null | grep -q ' multi_queue'; }
+
 link_mtu() { ip -o link show dev "$1" | sed -n 's/.* mtu \([0-9]*\) .*/\1/p'; }
 
 link_is_up() { ip -o link show dev "$1" 2>/dev/null | grep -q '<[^>]*\bUP\b[^>]*>'; }
@@ -215,13 +226,16 @@ do_up() {
 
     if link_exists "$IFACE"; then
         is_tun "$IFACE" || die "$IFACE exists and is not a TUN device"
+        if [[ $MULTI_QUEUE -eq 1 ]] && ! is_multi_queue "$IFACE"; then
+            die "$IFACE exists without multi_queue: delete it (ip tuntap del dev $IFACE mode tun)" \
+                "and run again, or run the gateway with one worker"
+        fi
         skip "ip tuntap add dev $IFACE mode tun"
     else
-        if [[ -n $TUN_USER ]]; then
-            cmd ip tuntap add dev "$IFACE" mode tun user "$TUN_USER"
-        else
-            cmd ip tuntap add dev "$IFACE" mode tun
-        fi
+        local -a tuntap=(ip tuntap add dev "$IFACE" mode tun)
+        [[ -z $TUN_USER ]] || tuntap+=(user "$TUN_USER")
+        [[ $MULTI_QUEUE -eq 0 ]] || tuntap+=(multi_queue)
+        cmd "${tuntap[@]}"
         record tun "$IFACE"
     fi
 
@@ -326,7 +340,13 @@ do_down() {
             if link_exists "${rec[1]}"; then cmd ip link set dev "${rec[1]}" mtu "${rec[2]}"; fi
             ;;
         tun) # tun DEV
-            if link_exists "${rec[1]}"; then cmd ip tuntap del dev "${rec[1]}" mode tun; fi
+            if ! link_exists "${rec[1]}"; then
+                :
+            elif is_multi_queue "${rec[1]}"; then # deleting needs the mode it was made with
+                cmd ip tuntap del dev "${rec[1]}" mode tun multi_queue
+            else
+                cmd ip tuntap del dev "${rec[1]}" mode tun
+            fi
             ;;
         *) die "unknown record in $STATE: ${lines[i]}" ;;
         esac

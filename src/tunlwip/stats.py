@@ -44,11 +44,13 @@ __all__ = [
     "METRICS",
     "STATUS_LINES",
     "STOP_LINE",
+    "WORKER_METRICS",
     "Family",
     "Fields",
     "GatewayStatistics",
     "Stat",
     "frozen_copy",
+    "gauge_paths",
     "human_bytes",
     "human_duration",
     "metric_families",
@@ -253,6 +255,33 @@ METRICS: tuple[Stat | Fields, ...] = (
 )  # fmt: skip
 
 
+#: The supervisor's numbers (``--workers N``): exported only when the document has a
+#: ``supervisor`` record, so one process's exposition is unchanged. Per worker, its open flows
+#: (``worker_open_flows{worker="0"}``) and restarts follow.
+WORKER_METRICS: tuple[Stat, ...] = (
+    Stat("supervisor.workers_running", "workers", "gauge", "worker processes serving now"),
+    Stat("supervisor.worker_restarts", "worker_restarts", "counter",
+         "workers started again after they ended unexpectedly"),
+    Stat("supervisor.flows_lost", "worker_flows_lost", "counter",
+         "flows open in a worker when it ended unexpectedly (its last report)"),
+)  # fmt: skip
+
+#: Numbers of the totals that are current values but not exported as gauges.
+_UNEXPORTED_GAUGES = ("totals.active_flows", "totals.flows.subscribers")
+
+
+def gauge_paths() -> frozenset[str]:
+    """The document paths of every gauge (a current value, not a total): what a merge of
+    several workers' documents must not carry over from a worker that has ended."""
+    paths = set(_UNEXPORTED_GAUGES)
+    for entry in METRICS:
+        if isinstance(entry, Stat) and entry.kind == "gauge":
+            paths.add(entry.path)
+        elif isinstance(entry, Fields):
+            paths.update(f"{entry.path}.{name}" for name in entry.gauges)
+    return frozenset(paths)
+
+
 @dataclasses.dataclass
 class Family:
     """One metric family to export: ``samples`` are (label value or None, value)."""
@@ -285,6 +314,26 @@ def metric_families(document: Mapping[str, Any]) -> Iterator[Family]:
                                 entry.missing if value is None else float(value)))  # fmt: skip
     if current is not None:
         yield current
+    if isinstance(document.get("supervisor"), Mapping):
+        yield from _worker_families(document)
+
+
+def _worker_families(document: Mapping[str, Any]) -> Iterator[Family]:
+    for stat in WORKER_METRICS:
+        value = _find(document, stat.path)
+        yield Family(stat.metric, stat.kind, stat.help, None,
+                     [(None, stat.missing if value is None else float(value))])  # fmt: skip
+    workers = [w for w in document.get("workers") or () if isinstance(w, Mapping)]
+    for metric, kind, key, text in (
+        ("worker_open_flows", "gauge", "flows_live", "flows open now, by worker"),
+        ("worker_restarts_by_worker", "counter", "restarts", "restarts, by worker"),
+    ):
+        family = Family(metric, kind, text, "worker")  # type: ignore[arg-type]
+        for worker in workers:
+            value = worker.get(key)
+            family.samples.append((str(worker.get("index")),
+                                   _MISSING if value is None else float(value)))  # fmt: skip
+        yield family
 
 
 def _field_families(fields: Fields, record: Mapping[str, Any] | None) -> Iterator[Family]:
@@ -388,6 +437,8 @@ def status_lines(document: Mapping[str, Any]) -> list[str]:
     echo = _counts(totals, "icmp_echo")
     echo_details = "".join(f", {_spaced(k)} {v}" for k, v in echo.items() if v)
     lines = [_fill(line, totals, echo_details=echo_details) for line in STATUS_LINES]
+    if isinstance(supervisor := document.get("supervisor"), Mapping):
+        lines.insert(0, _workers_line(supervisor, document.get("workers") or []))
     dns = totals.get("dns")
     lines.append(_fill(DNS_STATUS_LINE, totals) if dns else "dns:       proxy off")
     share_prefix = "client_share_"
@@ -410,6 +461,16 @@ def status_lines(document: Mapping[str, Any]) -> list[str]:
     dropped = ", ".join(f"{_spaced(k)} {v}" for k, v in sorted(drops.items()))
     lines.append(f"drops:     {dropped or 'none'}")
     return lines
+
+
+def _workers_line(supervisor: Mapping[str, Any], workers: list[Any]) -> str:
+    """``workers:   2 of 2 running (open flows 3, 4; restarts 0, 1); 5 flows lost``."""
+    each = [w for w in workers if isinstance(w, Mapping)]
+    flows = ", ".join(str(w.get("flows_live", "?")) for w in each)
+    restarts = ", ".join(str(w.get("restarts", 0)) for w in each)
+    return (f"workers:   {supervisor.get('workers_running', '?')} of "
+            f"{supervisor.get('workers', '?')} running (open flows {flows}; restarts "
+            f"{restarts}); {supervisor.get('flows_lost', 0)} flows lost")  # fmt: skip
 
 
 def stop_lines(totals: Mapping[str, Any], *, drained: bool) -> list[str]:

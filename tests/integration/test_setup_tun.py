@@ -94,3 +94,22 @@ def test_command_reports_the_scripts_errors(topology: Topology, tmp_path: Path) 
     result = ns.run(*ENTRY_POINTS["command"], "up", "--iface", "bad/name", check=False)
     assert result.returncode == 1
     assert result.stderr.startswith("tunlwip route: bad interface name: bad/name")
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_multi_queue_tun_for_workers(topology: Topology, tmp_path: Path, entry: str) -> None:
+    """``--multi-queue`` creates the TUN ``up --workers N`` needs and ``down`` deletes it; a
+    TUN that exists without it is refused with a message saying what to do."""
+    ns = topology.add("st")
+    iface = topology.ifname("s")
+    run = ["env", f"TUNLWIP_STATE_DIR={tmp_path}", *ENTRY_POINTS[entry]]
+    args = ["--iface", iface, "--client4", "198.18.0.2/32", "--client6", "", "--multi-queue"]
+    ns.run(*run, "up", *args)
+    assert " multi_queue" in ns.run("ip", "-d", "-o", "link", "show", iface).stdout
+    ns.run(*run, "down", "--iface", iface)
+    assert ns.run("ip", "link", "show", iface, check=False).returncode != 0
+
+    ns.run("ip", "tuntap", "add", "dev", iface, "mode", "tun")
+    refused = ns.run(*run, "up", *args, check=False)
+    assert refused.returncode != 0
+    assert "exists without multi_queue" in refused.stderr

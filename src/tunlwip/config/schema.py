@@ -38,7 +38,7 @@ SECTIONS: dict[str, str] = {
 #: Every key of every section, in the order the file, the flags and the docs list them.
 KEYS: dict[str, tuple[str, ...]] = {
     "device": ("name", "mtu", "txqueuelen", "ipv4", "ipv6", "client_networks", "offload",
-               "verify_checksums", "forward_local_destinations"),
+               "verify_checksums", "forward_local_destinations", "workers"),
     "protect": ("fwmark", "interface"),
     "tcp": ("dial_timeout", "idle_timeout", "keepalive_idle", "keepalive_interval",
             "keepalive_count", "dial_before_accept", "unreachable", "max_pending_dials",

@@ -56,6 +56,11 @@ class Settings:
         help="open the TUN with a virtio-net header: a connection's TCP segments reach the "
              "kernel in one write (GSO), checksums left to it; off, one write per packet as "
              "lwIP sent it (for captures on the TUN)")  # fmt: skip
+    workers: int = setting(
+        "device.workers", Integer(1, 64), 1, cli="--workers", restart=True,
+        help="worker processes, each reading one queue of the TUN (IFF_MULTI_QUEUE) with its "
+             "own lwIP, relay and DNS proxy, under one supervisor; 1: one process, no "
+             "supervisor")  # fmt: skip
     #: SO_MARK of the gateway's sockets; at most one of ``fwmark`` and ``bind_interface``.
     fwmark: int | None = setting(
         "protect.fwmark", Mark(), None, cli="--fwmark", unset="none", restart=True,

@@ -27,6 +27,7 @@ TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 TUNSETVNETHDRSZ = 0x400454D8
 TUNGETVNETHDRSZ = 0x800454D7
 VNET_HDR_LEN = 10  # struct virtio_net_hdr
@@ -48,6 +49,15 @@ def _check_vnet_header_size(fd: int, name: str) -> None:
         )
 
 
+def _queue_mode_hint(name: str, multi_queue: bool) -> str:
+    """Why TUNSETIFF said EINVAL, most likely: an existing (persistent) TUN created with the
+    other queue mode."""
+    if multi_queue:
+        return (f" (it exists without multi-queue support: recreate it with `ip tuntap add dev "
+                f"{name} mode tun multi_queue`, or run with one worker)")  # fmt: skip
+    return " (if it was created with multi_queue, run with --workers 2 or more, or recreate it)"
+
+
 class TunDevice(trio.abc.AsyncResource):
     """A TUN interface's packet fd; ``async with TunDevice.open(name) as device`` closes it
     on the way out."""
@@ -64,12 +74,17 @@ class TunDevice(trio.abc.AsyncResource):
         os.set_blocking(fd, False)
 
     @classmethod
-    def open(cls, name: str, *, offload: bool = True) -> TunDevice:
+    def open(cls, name: str, *, offload: bool = True, multi_queue: bool = False) -> TunDevice:
         """Attach to TUN interface ``name``, creating it if it does not exist.
 
         ``offload`` opens it with a virtio-net header (``vnet_header``): TCP output is
         coalesced into GSO writes. Turn it off to see exactly the packets lwIP sends (one
         write each, checksums complete), e.g. when debugging with a capture on the TUN.
+
+        ``multi_queue`` (``IFF_MULTI_QUEUE``): each call attaches one more queue of the same
+        device, and the kernel spreads flows over the queues by their hash (``--workers``). A
+        device's queue mode is fixed when it is created: attaching with the other mode fails
+        (EINVAL), reported as such.
         """
         if not is_interface_name(name):
             raise DeviceError(f"invalid interface name {name!r} (1-15 bytes, no '/', ':' or "
@@ -82,6 +97,7 @@ class TunDevice(trio.abc.AsyncResource):
             ) from exc
         try:
             flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+            flags |= IFF_MULTI_QUEUE if multi_queue else 0
             ifr = struct.pack("16sH22x", name.encode(), flags)
             result = fcntl.ioctl(fd, TUNSETIFF, ifr)
             if offload:  # the size is the device's, not the fd's: another user may have set it
@@ -89,6 +105,8 @@ class TunDevice(trio.abc.AsyncResource):
         except OSError as exc:
             os.close(fd)
             hint = " (needs CAP_NET_ADMIN)" if exc.errno == errno.EPERM else ""
+            if exc.errno == errno.EINVAL:
+                hint = _queue_mode_hint(name, multi_queue)
             raise DeviceError(f"cannot attach TUN {name!r}: {exc.strerror}{hint}") from exc
         actual = result[:16].rstrip(b"\0").decode()
         return cls(fd, actual, vnet_header=offload)
