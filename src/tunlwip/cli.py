@@ -27,6 +27,7 @@ import trio
 from . import __version__, config, control, route, service
 from .config import CONFIG_DIR, ConfigProblems, Settings
 from .device import TunDevice
+from .device.tun import offload_names
 from .errors import ConfigError, DeviceError, TunlwipError
 from .flows import write_flow_log
 from .gateway import Gateway
@@ -206,6 +207,8 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
     reloader = reloader or Reloader(str(settings.source) if settings.source else None, {})
     config = settings.gateway
     device = TunDevice.open(settings.iface, offload=settings.offload)
+    log.info("%s: offloads %s", device.name, " ".join(offload_names(device.offloads)) or
+             ("none" if device.vnet_header else "off (--no-offload)"))  # fmt: skip
     try:
         set_link_up(device.name, config.stack.mtu, settings.effective_txqueuelen)
     except OSError as exc:

@@ -343,10 +343,12 @@ class LwipStack:
             # A device whose packets carry a virtio-net header (a TUN we opened) gets its output
             # coalesced into GSO writes in C; the header applies to the C reader's reads too.
             core.set_vnet_header(device.vnet_header)
+            core.set_vnet_offloads(getattr(device, "offloads", 0) if device.vnet_header else 0)
             if (out_fd := device.direct_output_fd()) is not None:
                 core.set_output_fd(out_fd)
         else:
             core.set_vnet_header(False)
+            core.set_vnet_offloads(0)
             if hasattr(device, "direct_input_fd") or hasattr(device, "direct_output_fd"):
                 log.warning("%s offers a direct fd but is not an FdPacketDevice (it needs "
                             "vnet_header, direct_input_fd and direct_output_fd): its packets "

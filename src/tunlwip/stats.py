@@ -207,6 +207,7 @@ _STACK_GAUGES = MappingProxyType({
     "listeners": "catch-all TCP listeners lwIP holds now",
     "udp_ports": "catch-all UDP PCBs lwIP holds now",
     "tcp_half_open": "connections in SYN_RCVD now",
+    "input_offloads": "TUN_F_* offloads the device negotiated (TUNSETOFFLOAD)",
 })  # fmt: skip
 
 #: Every exported number, in the order of the exposition (after ``tunlwip_info``).

@@ -286,9 +286,3 @@ void tl_vnet_reset(void)
     tl_batch_depth = 0;
     tl_gso_refused = 0;
 }
-
-int tl_vnet_check_input(const uint8_t *buf, size_t len)
-{
-    if (len < TL_VNET_HDR_LEN) return -1;
-    return buf[1] == VIRTIO_NET_HDR_GSO_NONE ? 0 : -2; /* we never offered to take GSO */
-}

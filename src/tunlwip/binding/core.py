@@ -79,9 +79,13 @@ def set_checksum_check(on: bool) -> None:
 
 
 def set_vnet_header(on: bool) -> None:
-    """The device's packets carry a virtio-net header: reads skip it, output is coalesced
-    into GSO writes."""
+    """The device's packets carry a virtio-net header: reads check it (and take offloaded
+    super-segments), output is coalesced into GSO writes."""
     lib.tl_set_vnet_hdr(1 if on else 0)
+
+
+#: Report these ``TUN_F_*`` offloads as negotiated (the ``input_offloads`` counter).
+set_vnet_offloads: Callable[[int], None] = lib.tl_set_vnet_offloads
 
 
 #: Write output packets to this fd from C (instead of ``Sink.on_output``).
