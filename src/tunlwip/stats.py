@@ -322,7 +322,9 @@ STOP_LINE = (
     "{stack.counters.udp_port_rejected}; echo replied {stack.counters.icmp_echo_replied} "
     "forwarded {stack.counters.icmp_echo_forwarded}; packets in {stack.counters.packets_in} out "
     "{stack.counters.packets_out} (GSO writes {stack.counters.output_gso_writes} carried "
-    "{stack.counters.output_segments_coalesced} more); drops {drops}"
+    "{stack.counters.output_segments_coalesced} more); drops {drops}; offloaded in: "
+    "{stack.counters.input_gso_tcp} TCP super-segments, {stack.counters.input_gso_udp} UDP "
+    "super-datagrams"
 )
 #: ... and then, if the DNS proxy ran.
 DNS_STOP_LINE = (
