@@ -226,6 +226,8 @@ void check_input_checked(void)
 {
     if (tl_stats.drop_unchecked != 0) abort();
     if (tl_stats.tcp_half_open > half_open_bound) abort();
+    /* a UDP super-datagram never becomes more datagrams than vnet_input.c's bound (128) */
+    if (tl_stats.input_gso_udp_datagrams > 128 * tl_stats.input_gso_udp) abort();
     for (struct tcp_pcb *c = tcp_active_pcbs; c; c = c->next)
         if (c->mss < tcp_eff_send_mss(TL_MIN_MSS, &c->local_ip, &c->remote_ip)) abort();
     half_open_bound = tl_stats.tcp_half_open > tl_max_half_open ? tl_stats.tcp_half_open
