@@ -260,8 +260,10 @@ def test_upload_50mb(
         assert "offloads csum tso4 tso6" in gw.log(), gw.tail()
     else:
         assert super_segments == 0, stopped
-    print(f"upload 50 MiB: {elapsed:.2f}s, {BIG * 8 / elapsed / 1e6:.0f} Mbit/s; "
-          f"{super_segments} super-segments")
+    print(
+        f"upload 50 MiB: {elapsed:.2f}s, {BIG * 8 / elapsed / 1e6:.0f} Mbit/s; "
+        f"{super_segments} super-segments"
+    )
 
 
 # -- 2. many flows ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ lwIP takes whole, and UDP sent with ``UDP_SEGMENT`` as super-datagrams, split in
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import os
@@ -28,6 +29,7 @@ import trio
 
 from ..errors import DeviceError
 from ..ifname import is_interface_name
+from .vnet import VNET_HDR_LEN, packets_from_read
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
@@ -51,9 +53,9 @@ _TSO = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 #: the next. The last, no offload at all, always works.
 OFFLOAD_CHOICES = (_TSO | TUN_F_USO4 | TUN_F_USO6, _TSO, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
                    TUN_F_CSUM, 0)  # fmt: skip
-VNET_HDR_LEN = 10  # struct virtio_net_hdr
+
 _NO_VNET_HDR = bytes(VNET_HDR_LEN)  # no GSO, checksums complete
-_READ_SIZE = 65536
+_READ_SIZE = VNET_HDR_LEN + 65536  # a header and a super-segment
 
 
 def _check_vnet_header_size(fd: int, name: str) -> None:
@@ -110,6 +112,7 @@ class TunDevice(trio.abc.AsyncResource):
         #: The ``TUN_F_*`` offloads negotiated: packets read may be GSO super-segments with
         #: partial checksums (``offload_names`` says which).
         self.offloads = offloads
+        self._pending: collections.deque[bytes] = collections.deque()  # a split read's rest
         self._closed = False
         os.set_blocking(fd, False)
 
@@ -118,9 +121,10 @@ class TunDevice(trio.abc.AsyncResource):
         """Attach to TUN interface ``name``, creating it if it does not exist.
 
         ``offload`` opens it with a virtio-net header (``vnet_header``): TCP output is
-        coalesced into GSO writes, and input offloads are negotiated (``offloads``: TSO, partial
-        checksums, USO where the kernel has it). Turn it off to see exactly the packets lwIP sends (one
-        write each, checksums complete), e.g. when debugging with a capture on the TUN.
+        coalesced into GSO writes, and input offloads are negotiated (``offloads``: TSO,
+        partial checksums, USO where the kernel has it). Turn it off to see exactly the packets
+        lwIP sends (one write each, checksums complete), e.g. when debugging with a capture on
+        the TUN.
         """
         if not is_interface_name(name):
             raise DeviceError(f"invalid interface name {name!r} (1-15 bytes, no '/', ':' or "
@@ -177,13 +181,15 @@ class TunDevice(trio.abc.AsyncResource):
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("TUN device closed")
+            if self._pending:
+                return self._pending.popleft()
             try:
                 packet = os.read(self._fd, _READ_SIZE)
                 if not self.vnet_header:
                     return packet
-                # Without offloads negotiated (TUNSETOFFLOAD) the kernel sends no GSO packets
-                # and computes checksums itself: the header carries nothing we need.
-                return packet[VNET_HDR_LEN:]
+                # Partial checksums completed, a UDP super-datagram split (device/vnet.py).
+                self._pending.extend(packets_from_read(packet))
+                continue
             except BlockingIOError:
                 pass
             except OSError as exc:
