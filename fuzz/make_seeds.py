@@ -10,8 +10,8 @@ test suite's independent builders (tests/packets.py). DNS seeds: see dns_fuzzer.
 Records of kinds VNET, XT_CHAIN, FRAG_TRAIN and SEG (ctl >> 3 of 7 and 29-31) shape their
 packet in the harness (a virtio-net header, extension-header chains, fragment trains, segments
 aimed at a connection); their packet starts with the shape's description (packet_shapes.c:
-vnet_record, build_chain, frag_train, shape_record). The regression inputs use plain records only, so that the harness of any
-version (before those kinds existed) replays them.
+vnet_record, build_chain, frag_train, shape_record). The regression inputs use plain records
+only, so that the harness of any version (before those kinds existed) replays them.
 """
 
 from __future__ import annotations
