@@ -338,6 +338,10 @@ def vnet_seeds() -> dict[str, bytes]:
             seeds[f"vnet_udp_{fam}_{how}"] = bytes([cfg]) + shaped(VNET, vnet(udp_spec, 500, udp))
         hostile = [shaped(VNET, vnet(tcp_spec | k << 5, 1000, big, h))
                    for k in range(1, 8) for h in (1, 0xFFFF)]  # fmt: skip
+        # a UDP answer burst in one batch: same-size datagrams out in one USO write
+        seeds[f"vnet_uso_out_{fam}"] = bytes([FD_BATCH | ECHO_REPLY_VNET]) + record(
+            pk.udp_packet(c, g, 5353, 9999, b"q"), UDP_REPLY, 0x45
+        )
         seeds[f"vnet_hostile_{fam}"] = bytes([FD_BATCH | ECHO_REPLY_VNET]) + b"".join(
             [*hs, *hostile, shaped(VNET, vnet(udp_spec | 4 << 5, 500, udp, 1))]
         )

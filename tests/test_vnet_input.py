@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from tunlwip import TunDevice
+from tunlwip import Endpoint, TunDevice
 from tunlwip.hooks import StackHooks
 from tunlwip.stack import LwipStack, StackConfig
 from tunlwip.tcp import LwipTcpStream
@@ -275,3 +275,36 @@ async def test_python_reads_complete_checksums_and_split_super_datagrams(
     assert packets[0] == big  # its checksum completed: the packet as if never offloaded
     assert [len(parse(p).payload) for p in packets[1:]] == [1000, 1000, 500] * 2
     assert all(is_valid(p) for p in packets), [problems(p) for p in packets]
+
+
+async def test_a_burst_of_same_size_datagrams_leaves_in_one_uso_write(
+    pair: tuple[socket.socket, TunDevice],
+) -> None:
+    """Output the other way (vnet.c): inside a burst, a flow's same-size datagrams leave as
+    one GSO_UDP_L4 write whose checksum is left partial, ended by a shorter one; another flow
+    starts a write of its own; a lone datagram keeps lwIP's checksum."""
+    theirs, device = pair
+    stack = LwipStack(device, StackConfig())
+    client, target = Endpoint.parse("198.18.0.2", 5000), Endpoint.parse("198.18.9.9", 53)
+    other = Endpoint.parse("198.18.9.9", 54)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stack.run, None)
+        with stack.output_burst():
+            for i in range(5):
+                stack.send_udp(bytes([i]) * 1000, src=target, dst=client)
+            stack.send_udp(b"end", src=target, dst=client)
+            stack.send_udp(b"x" * 1000, src=other, dst=client)
+        stack.send_udp(b"alone", src=other, dst=client)
+        reads = [theirs.recv(70000) for _ in range(3)]
+        with pytest.raises(BlockingIOError):
+            theirs.recv(70000)
+        nursery.cancel_scope.cancel()
+    headers = [struct.unpack("=BBHHHH", r[:10]) for r in reads]
+    assert headers[0] == (NEEDS_CSUM, GSO_UDP_L4, 28, 1000, 20, 6)
+    joined = reads[0][10:]
+    assert len(joined) == 20 + 8 + 5003 and joined[24:26] == struct.pack("!H", 8 + 5003)
+    assert joined[28:] == b"".join(bytes([i]) * 1000 for i in range(5)) + b"end"
+    assert headers[1] == headers[2] == (0, 0, 0, 0, 0, 0)  # one datagram each, checksummed
+    assert is_valid(reads[1][10:]) and is_valid(reads[2][10:])
+    assert parse(reads[2][10:]).payload == b"alone"
+    assert stack.statistics().counters["output_gso_udp_writes"] == 1

@@ -322,7 +322,8 @@ STOP_LINE = (
     "{stack.counters.udp_port_rejected}; echo replied {stack.counters.icmp_echo_replied} "
     "forwarded {stack.counters.icmp_echo_forwarded}; packets in {stack.counters.packets_in} out "
     "{stack.counters.packets_out} (GSO writes {stack.counters.output_gso_writes} carried "
-    "{stack.counters.output_segments_coalesced} more); drops {drops}; offloaded in: "
+    "{stack.counters.output_segments_coalesced} more, {stack.counters.output_gso_udp_writes} of "
+    "UDP); drops {drops}; offloaded in: "
     "{stack.counters.input_gso_tcp} TCP super-segments, {stack.counters.input_gso_udp} UDP "
     "super-datagrams"
 )

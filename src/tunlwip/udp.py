@@ -17,6 +17,7 @@ is cancelled is removed, and its handler's ``with`` blocks return its socket.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections import OrderedDict
@@ -129,6 +130,11 @@ class UdpSession:
         self.datagrams_out += 1
         self.bytes_out += len(data)
         self._owner._send_to_client(self, data)
+
+    def burst(self) -> contextlib.AbstractContextManager[None]:
+        """Around several ``send_nowait`` calls: the datagrams may reach the client in one
+        write (``LwipStack.output_burst``)."""
+        return self._owner.stack.output_burst()
 
     def divert(self, deliver: Callable[[bytes], None]) -> None:
         """From now on hand each client datagram to ``deliver`` at once, from the stack's

@@ -35,6 +35,7 @@ const tl_counters *tl_get_counters(void)
     tl_stats.output_gso_writes = tl_vnet_stats.gso_writes;
     tl_stats.output_segments_coalesced = tl_vnet_stats.segments_coalesced;
     tl_stats.output_gso_refused = tl_vnet_stats.gso_refused;
+    tl_stats.output_gso_udp_writes = tl_vnet_stats.gso_udp_writes;
     return &tl_stats;
 }
 

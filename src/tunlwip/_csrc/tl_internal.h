@@ -155,6 +155,7 @@ typedef struct {
     uint64_t gso_writes;          /* of which carried several segments */
     uint64_t segments_coalesced;  /* segments that rode in another's write */
     uint64_t gso_refused;         /* GSO writes the kernel refused (then: one write a packet) */
+    uint64_t gso_udp_writes;      /* GSO writes of UDP datagrams (USO) */
 } tl_vnet_counters;
 
 extern tl_vnet_counters tl_vnet_stats;

@@ -38,6 +38,8 @@ typedef struct {
      * input_offloads: the TUN_F_* flags the device negotiated (a gauge, kept by reset) */
     uint64_t input_gso_tcp, input_gso_udp, input_gso_udp_datagrams, drop_vnet_header;
     uint64_t input_offloads;
+    /* of output_gso_writes, those of joined UDP datagrams (USO) */
+    uint64_t output_gso_udp_writes;
 } tl_counters;
 
 /* lifecycle and time */
@@ -62,6 +64,10 @@ void tl_set_output_fd(int fd);
 void tl_set_vnet_hdr(int on);
 /* the TUN_F_* offloads the device negotiated (TUNSETOFFLOAD), reported as input_offloads */
 void tl_set_vnet_offloads(uint32_t flags);
+/* a scope around a burst of output (datagrams sent one by one): with a virtio-net header, what
+ * lwIP sends inside may leave coalesced, at the outermost end (nests; keep it short) */
+void tl_output_batch_begin(void);
+void tl_output_batch_end(void);
 void tl_set_hold_syns(int on);
 void tl_set_forward_local(int on);
 /* at most this many connections in SYN_RCVD at once; the oldest is reset to admit a new one */
