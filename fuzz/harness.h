@@ -24,8 +24,9 @@
 
 #include "tl_internal.h"
 
-/* record kinds (ctl >> 3) that shape the packet instead of an application step */
-enum { XT_CHAIN = 29, FRAG_TRAIN = 30, SEG = 31 };
+/* record kinds (ctl >> 3) that shape the packet instead of an application step; VNET takes
+ * kind 7, one of the eight that had no application step (0-7) */
+enum { VNET = 7, XT_CHAIN = 29, FRAG_TRAIN = 30, SEG = 31 };
 #define MAX_CONNS 32
 #define MAX_HELD 8
 
@@ -86,6 +87,8 @@ static inline void free_conn(struct conn *c)
 
 /* packet_fuzzer.c: hand one packet to the stack, at once or batched on the packet device */
 void feed(const uint8_t *pkt, size_t len, uint8_t arg, int flush);
+/* the same for a read that starts with its own virtio-net header (a VNET record) */
+void feed_with_header(const uint8_t *buf, size_t len, uint8_t arg);
 
 /* packet_checks.c: after every record and at teardown; and the checksum sum (also for the
  * shaped records' fix_lengths) */
@@ -98,7 +101,7 @@ void udp_session_open(const tl_endpoint *src, const tl_endpoint *dst);
 void udp_session_step(uint8_t arg);
 void udp_sessions_teardown(void);
 
-/* packet_shapes.c: build and feed the packet(s) of a record of kind XT_CHAIN to SEG */
+/* packet_shapes.c: build and feed the packet(s) of a record of kind VNET or XT_CHAIN to SEG */
 void shape_record(unsigned kind, const uint8_t *in, size_t len, uint8_t arg);
 
 #endif

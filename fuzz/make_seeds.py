@@ -7,11 +7,11 @@ test suite's independent builders (tests/packets.py). DNS seeds: see dns_fuzzer.
     python fuzz/make_seeds.py OUTDIR   # writes OUTDIR/packet/* and OUTDIR/dns/*
     python fuzz/make_seeds.py --regressions   # rewrites fuzz/regressions/packet-ip6-* etc.
 
-Records of kinds XT_CHAIN, FRAG_TRAIN and SEG (ctl >> 3 of 29-31) shape their packet in the
-harness (extension-header chains, fragment trains, segments aimed at a connection); their
-packet starts with the shape's description (packet_shapes.c: build_chain, frag_train,
-shape_record). The regression inputs use plain records only, so that the harness of any
-version (before those kinds existed) replays them.
+Records of kinds VNET, XT_CHAIN, FRAG_TRAIN and SEG (ctl >> 3 of 7 and 29-31) shape their
+packet in the harness (a virtio-net header, extension-header chains, fragment trains, segments
+aimed at a connection); their packet starts with the shape's description (packet_shapes.c:
+vnet_record, build_chain, frag_train, shape_record). The regression inputs use plain records
+only, so that the harness of any version (before those kinds existed) replays them.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ RELAY = 15
 UP_SEND, UP_EOF, UP_CLOSE, UP_READ, RELAY_ABORT, SWEEP = 16, 17, 18, 19, 20, 21
 RELEASE, DROP_SYN, UDP_REPLY, ECHO_SEND, POLL, WATCH = 22, 23, 24, 25, 26, 28
 # record kinds that shape their packet (packet_shapes.c shape_record)
-XT_CHAIN, FRAG_TRAIN, SEG = 29, 30, 31
+VNET, XT_CHAIN, FRAG_TRAIN, SEG = 7, 29, 30, 31
+# VNET spec: gso_type (spec & 3), NEEDS_CSUM, DATA_VALID, fix the packet, the hostile field
+V_TCP, V_UDP, V_NEEDS_CSUM, V_DATA_VALID, V_FIX = 1, 2, 4, 8, 0x10
 # XT_CHAIN spec bits, header kinds (sel & 3) and sel bits
 XT_TO_GATEWAY, XT_AIM, XT_FIX_CHECKSUM, XT_TO_FF02_1 = 0x04, 0x08, 0x10, 0x20
 HBH, ROUTING, DEST_OPTS, FRAG_HDR = 0, 1, 2, 3
@@ -329,6 +331,38 @@ def shaped_seeds() -> dict[str, bytes]:
     return seeds
 
 
+def vnet(spec: int, gso_size: int, packet: bytes, hostile: int = 0) -> bytes:
+    """A VNET record's packet: the packet behind a header vnet_record builds from ``spec``."""
+    return struct.pack("!BHH", spec, gso_size, hostile) + packet
+
+
+def vnet_seeds() -> dict[str, bytes]:
+    """Offloaded input: a TCP super-segment into a connection, a UDP super-datagram, each
+    also with every field made hostile; read from the device (vnet mode) or handed over."""
+    seeds: dict[str, bytes] = {}
+    for fam, (c, g) in {"v4": (C4, G4), "v6": (C6, G6)}.items():
+        hs = [record(p) for p in handshake(c, g, 53)]
+        big = pk.tcp_packet(c, g, 40000, 53, seq=1001, ack=1, flags=pk.ACK | pk.PSH,
+                            payload=bytes(range(256)) * 12)  # fmt: skip
+        udp = pk.udp_packet(c, g, 5353, 53, bytes(range(200)) * 10)
+        tcp_spec, udp_spec = V_TCP | V_NEEDS_CSUM | V_FIX, V_UDP | V_NEEDS_CSUM | V_FIX
+        for cfg, how in ((FD_BATCH | ECHO_REPLY_VNET, "device"), (0, "direct")):
+            seeds[f"vnet_tcp_{fam}_{how}"] = bytes([cfg]) + b"".join(
+                [*hs, shaped(VNET, vnet(tcp_spec, 1000, big)), record(b"", READ)]
+            )
+            seeds[f"vnet_udp_{fam}_{how}"] = bytes([cfg]) + shaped(VNET, vnet(udp_spec, 500, udp))
+        hostile = [shaped(VNET, vnet(tcp_spec | k << 5, 1000, big, h))
+                   for k in range(1, 8) for h in (1, 0xFFFF)]  # fmt: skip
+        # a UDP answer burst in one batch: same-size datagrams out in one USO write
+        seeds[f"vnet_uso_out_{fam}"] = bytes([FD_BATCH | ECHO_REPLY_VNET]) + record(
+            pk.udp_packet(c, g, 5353, 9999, b"q"), UDP_REPLY, 0x45
+        )
+        seeds[f"vnet_hostile_{fam}"] = bytes([FD_BATCH | ECHO_REPLY_VNET]) + b"".join(
+            [*hs, *hostile, shaped(VNET, vnet(udp_spec | 4 << 5, 500, udp, 1))]
+        )
+    return seeds
+
+
 def shaped(kind: int, packet: bytes, arg: int = 0, time: int = 0) -> bytes:
     """A record of a shaping kind (XT_CHAIN, FRAG_TRAIN, SEG)."""
     return bytes([kind << 3 | time, arg]) + struct.pack("!H", len(packet)) + packet
@@ -419,7 +453,8 @@ def main() -> None:
             print(f"fuzz/regressions/{name}")
         return
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "fuzz" / "build" / "seeds")
-    for kind, seeds in (("packet", packet_seeds() | shaped_seeds()), ("dns", dns_seeds())):
+    packet = packet_seeds() | shaped_seeds() | vnet_seeds()
+    for kind, seeds in (("packet", packet), ("dns", dns_seeds())):
         (out / kind).mkdir(parents=True, exist_ok=True)
         for name, data in seeds.items():
             (out / kind / f"seed_{name}").write_bytes(data)

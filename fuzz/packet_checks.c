@@ -242,22 +242,25 @@ uint32_t ones_sum(const uint8_t *p, size_t len, uint32_t sum)
 /* Complete a partial TCP checksum as the kernel does (the field holds the pseudo-header's
  * sum; store the complement of the sum from csum_start on), then verify the segment the way a
  * receiver would: pseudo header and segment must sum to 0xFFFF. */
-static int partial_checksum_completes(uint8_t *pkt, size_t len, unsigned ip_hlen, int v6)
+static int partial_checksum_completes(uint8_t *pkt, size_t len, unsigned ip_hlen, int v6,
+                                      uint8_t proto)
 {
-    uint8_t *tcp = pkt + ip_hlen;
-    size_t tcp_len = len - ip_hlen;
-    uint16_t check = (uint16_t)~ones_sum(tcp, tcp_len, 0);
-    tcp[16] = (uint8_t)(check >> 8);
-    tcp[17] = (uint8_t)check;
-    uint32_t pseudo = v6 ? ones_sum(pkt + 8, 32, 6 + (uint32_t)tcp_len)
-                         : ones_sum(pkt + 12, 8, 6 + (uint32_t)tcp_len);
-    return ones_sum(tcp, tcp_len, pseudo) == 0xFFFF;
+    uint8_t *l4 = pkt + ip_hlen;
+    size_t l4_len = len - ip_hlen;
+    unsigned at = proto == 6 ? 16 : 6;
+    uint16_t check = (uint16_t)~ones_sum(l4, l4_len, 0);
+    l4[at] = (uint8_t)(check >> 8);
+    l4[at + 1] = (uint8_t)check;
+    uint32_t pseudo = v6 ? ones_sum(pkt + 8, 32, proto + (uint32_t)l4_len)
+                         : ones_sum(pkt + 12, 8, proto + (uint32_t)l4_len);
+    return ones_sum(l4, l4_len, pseudo) == 0xFFFF;
 }
 
 /* What vnet.c wrote: a header the kernel would take, then one packet as lwIP sends them (no
- * GSO) or a TCP packet of several whole segments (GSO); every TCP packet's checksum is left
- * partial and completes to a valid one; IPv4 header checksums hold. Nothing may be held
- * between steps, and a socket pair never refuses GSO. */
+ * GSO), a TCP packet of several whole segments or a UDP datagram of several same-size ones
+ * (GSO); every TCP packet's checksum and a joined datagram's is left partial and completes
+ * to a valid one; IPv4 header checksums hold. Nothing may be held between steps, and a
+ * socket pair never refuses GSO. */
 void check_vnet_output(void)
 {
     static uint8_t buf[TL_VNET_HDR_LEN + 65536];
@@ -277,17 +280,26 @@ void check_vnet_output(void)
         if (ip_len != len || (!v6 && pkt[0] >> 4 != 4)) abort();
         unsigned ip_hlen = v6 ? 40 : (pkt[0] & 15u) * 4;
         if (!v6 && ones_sum(pkt, ip_hlen, 0) != 0xFFFF) abort();
-        int tcp = (v6 ? pkt[6] : pkt[9]) == 6;
+        uint8_t proto = v6 ? pkt[6] : pkt[9];
+        int tcp = proto == 6, uso = h.gso_type == 5; /* VIRTIO_NET_HDR_GSO_UDP_L4 */
         if (h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
-            if (h.csum_start != ip_hlen || h.csum_offset != 16 || len < ip_hlen + 20) abort();
-            if (!tcp) abort(); /* only TCP's checksum is left partial */
-            if (h.hdr_len != ip_hlen + (pkt[ip_hlen + 12] >> 4) * 4u || h.hdr_len > len) abort();
-            if (!partial_checksum_completes(pkt, len, ip_hlen, v6)) abort();
+            if (h.csum_start != ip_hlen || h.csum_offset != (tcp ? 16 : 6)) abort();
+            if (!tcp && !uso) abort(); /* only TCP's and a joined datagram's are partial */
+            if (len < ip_hlen + (tcp ? 20u : 8u)) abort();
+            unsigned l4_hlen = tcp ? (pkt[ip_hlen + 12] >> 4) * 4u : 8u;
+            if (h.hdr_len != ip_hlen + l4_hlen || h.hdr_len > len) abort();
+            if (!partial_checksum_completes(pkt, len, ip_hlen, v6, proto)) abort();
         } else if (h.flags != 0 || tcp) {
             abort(); /* lwIP computed no TCP checksum: vnet.c must have marked it partial */
         }
         if (h.gso_type == VIRTIO_NET_HDR_GSO_NONE) {
             if (h.gso_size != 0 || len > cur_mtu) abort(); /* lwIP fragments to the MTU */
+            continue;
+        }
+        if (uso) { /* one flow's datagrams of gso_size bytes, the last maybe shorter */
+            if (proto != 17 || h.gso_size == 0 || h.hdr_len + h.gso_size > cur_mtu) abort();
+            if (((size_t)pkt[ip_hlen + 4] << 8 | pkt[ip_hlen + 5]) != len - ip_hlen) abort();
+            if (len - h.hdr_len <= h.gso_size) abort(); /* more than one datagram */
             continue;
         }
         if (h.gso_type != (v6 ? VIRTIO_NET_HDR_GSO_TCPV6 : VIRTIO_NET_HDR_GSO_TCPV4)) abort();
@@ -306,6 +318,8 @@ void check_input_checked(void)
 {
     if (tl_stats.drop_unchecked != 0) abort();
     if (tl_stats.tcp_half_open > half_open_bound) abort();
+    /* a UDP super-datagram never becomes more datagrams than vnet_input.c's bound (128) */
+    if (tl_stats.input_gso_udp_datagrams > 128 * tl_stats.input_gso_udp) abort();
     for (struct tcp_pcb *c = tcp_active_pcbs; c; c = c->next)
         if (c->mss < tcp_eff_send_mss(TL_MIN_MSS, &c->local_ip, &c->remote_ip)) abort();
     half_open_bound = tl_stats.tcp_half_open > tl_max_half_open ? tl_stats.tcp_half_open

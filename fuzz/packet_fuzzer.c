@@ -20,6 +20,8 @@
  *     29 XT_CHAIN    an IPv6 packet behind a chain of 1-4 extension headers (build_chain)
  *     30 FRAG_TRAIN  the packet as a train of fragments that may name different protocols
  *     31 SEG         a TCP segment aimed at a connection's sequence space; a half-open limit
+ *   and ctl >> 3 of 7 (VNET) puts the packet behind a virtio-net header (offloaded input,
+ *   vnet_input.c) that describes it, then makes one field hostile.
  *   the record's packet then starts with the shape's description (see shape_record in
  *   packet_shapes.c).
  *
@@ -260,7 +262,15 @@ static void app_step(unsigned step, uint8_t arg)
         break;
     }
     case 24: /* answer the last UDP datagram, possibly too large for one packet */
-        if (udp_seen) {
+        if (udp_seen && (arg & 0xC0) == 0x40) {
+            /* a burst in one output batch (a relay's pass): same-size datagrams, then a shorter
+             * one, may leave as one USO write (vnet.c) */
+            size_t n = (size_t)(arg & 0x3F) * 23 + 1;
+            tl_output_batch_begin();
+            for (unsigned i = 0; i < (arg & 7u) + 2; i++)
+                tl_udp_send(&udp_dst, &udp_src, wbuf + i, i == (arg & 7u) + 1 ? n / 2 : n);
+            tl_output_batch_end();
+        } else if (udp_seen) {
             size_t n = (arg & 0x80) ? 65536 - (size_t)(arg & 0x7F) * 8 : (size_t)arg * 23;
             tl_udp_send(&udp_dst, &udp_src, wbuf, n);
         }
@@ -353,7 +363,7 @@ static void report(void)
             "released=%lu accepted=%lu echo=%lu/%lu/%lu relays=%lu "
             "ended=%lu,%lu,%lu,%lu,%lu,%lu,%lu,%lu "
             "drops(hdr=%lu tr=%lu cks=%lu ext=%lu fproto=%lu unsup=%lu port0=%lu addr=%lu) "
-            "half-open evicted=%lu gso=%lu+%lu\n",
+            "half-open evicted=%lu gso=%lu+%lu offloaded=%lu,%lu/%lu vnet-drops=%lu\n",
             k->packets_in, k->packets_out, k->tcp_in, k->udp_in, k->other_in, k->fragments_in,
             k->datagrams_reassembled, k->syn_held, k->syn_released, (unsigned long)next_id,
             k->icmp_echo_in, k->icmp_echo_replied, k->icmp_echo_forwarded, r->opened,
@@ -362,7 +372,8 @@ static void report(void)
             k->drop_ip_header, k->drop_transport_header, k->drop_transport_checksum,
             k->drop_ip6_extension, k->drop_fragment_protocol, k->drop_unsupported,
             k->drop_port_zero, k->drop_bad_address, k->tcp_half_open_evicted, k->output_writes,
-            k->output_gso_writes);
+            k->output_gso_writes, k->input_gso_tcp, k->input_gso_udp,
+            k->input_gso_udp_datagrams, k->drop_vnet_header);
 }
 
 /* Empty lwIP and our tables so the next input starts from the same state. */
@@ -443,6 +454,19 @@ void feed(const uint8_t *pkt, size_t len, uint8_t arg, int flush)
     }
 }
 
+/* A read with its own virtio-net header: queued on the packet device if it has the header
+ * (vnet mode, batched), else straight into vnet_input.c as tl_input_fd would hand it. */
+void feed_with_header(const uint8_t *buf, size_t len, uint8_t arg)
+{
+    if (!(batch && vnet_mode)) {
+        tl_vnet_input((uint8_t *)buf, len);
+        return;
+    }
+    if (send(batch_fd[0], buf, len, MSG_DONTWAIT) == (ssize_t)len) queued++;
+    drain_batch(arg & 0x40);
+    queued = 0;
+}
+
 /* After every record: no segment reached tcp_input/udp_input except through the hooks'
  * checks (transport_input.c counts one that did as drop_unchecked: that is a bypass, a
  * finding), the half-open count stays within its bound and never grows above the limit, and no
@@ -484,7 +508,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (len > size - off) len = size - off;
         decide = arg;
         unsigned step = ctl >> 3;
-        if (step >= XT_CHAIN) {
+        if (step >= XT_CHAIN || step == VNET) {
+            if (step == VNET && queued) drain_batch(arg & 0x40); /* aim at what came before */
+            queued = 0;
             shape_record(step, data + off, len, arg);
             if (queued) drain_batch(arg & 0x40);
             queued = 0;

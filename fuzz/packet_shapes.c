@@ -7,6 +7,8 @@
  *   29 XT_CHAIN    an IPv6 packet behind a chain of 1-4 extension headers (build_chain)
  *   30 FRAG_TRAIN  the packet as a train of fragments that may name different protocols
  *   31 SEG         a TCP segment aimed at a connection's sequence space; a half-open limit
+ *    7 VNET        the packet behind a virtio-net header (GSO, partial checksums), one field
+ *                  of it hostile (vnet_record)
  * Each built packet goes in through packet_fuzzer.c's feed, as a plain record's does.
  */
 #include <stdint.h>
@@ -291,9 +293,82 @@ static void frag_train(const uint8_t *in, size_t len, uint8_t arg)
     }
 }
 
+/*
+ * VNET: `spec gso_size(2) hostile(2) packet` (big endian), the packet behind a virtio-net
+ * header that describes it as the client's kernel would (vnet_input.c), then made hostile:
+ *   spec & 3     gso_type: none, TCPV4/TCPV6 by the packet's version, UDP_L4, hostile's low byte
+ *   spec & 4     NEEDS_CSUM at the packet's transport checksum; spec & 8 DATA_VALID
+ *   spec & 0x10  fix the packet: IP and UDP lengths, the checksum (with NEEDS_CSUM, the pseudo
+ *                header's sum only), a TCP segment aimed in order at a connection lwIP holds
+ *   spec >> 5    the field that takes `hostile` instead: none, hdr_len, csum_start,
+ *                csum_offset, gso_size, flags, gso_type (ECN bit included), or (7) hostile & 255
+ *                bytes appended after the packet
+ */
+static void vnet_record(const uint8_t *in, size_t len, uint8_t arg)
+{
+    if (len < 5) return;
+    uint8_t spec = in[0];
+    uint16_t gso_size = (uint16_t)(in[1] << 8 | in[2]), hostile = (uint16_t)(in[3] << 8 | in[4]);
+    size_t n = len - 5 > 65400 ? 65400 : len - 5;
+    uint8_t *buf = shape_buf[0], *pkt = buf + TL_VNET_HDR_LEN;
+    memcpy(pkt, in + 5, n);
+    uint8_t proto = 0;
+    size_t hl = l4_offset(pkt, n, &proto);
+    int v6 = n > 0 && pkt[0] >> 4 == 6;
+    unsigned offset = proto == 6 ? 16 : 6;
+    if ((spec & 0x10) && hl) {
+        if (proto == 6) {
+            aim_segment(pkt, n, 8);               /* rcv_nxt + 2^31, ack snd_nxt ... */
+            if (n >= hl + 8) put32(pkt + hl + 4, (uint32_t)((uint32_t)pkt[hl + 4] << 24 |
+                                                            (uint32_t)pkt[hl + 5] << 16 |
+                                                            (uint32_t)pkt[hl + 6] << 8 |
+                                                            pkt[hl + 7]) - 0x80000000u);
+        }                                         /* ... then rcv_nxt: in order */
+        if (proto == 17 && n >= hl + 8) {
+            pkt[hl + 4] = (uint8_t)((n - hl) >> 8);
+            pkt[hl + 5] = (uint8_t)(n - hl);
+        }
+        fix_lengths(pkt, n, 1);
+        if ((spec & 4) && (proto == 6 || proto == 17) && n >= hl + offset + 2) {
+            size_t tl = n - hl;
+            uint32_t sum = v6 ? ones_sum(pkt + 8, 32, proto + (uint32_t)tl)
+                              : ones_sum(pkt + 12, 8, proto + (uint32_t)tl);
+            pkt[hl + offset] = (uint8_t)(sum >> 8);
+            pkt[hl + offset + 1] = (uint8_t)sum;
+        }
+    }
+    struct virtio_net_hdr_fields { uint8_t flags, gso_type; uint16_t hdr_len, gso_size,
+                                   csum_start, csum_offset; } h = {0};
+    _Static_assert(sizeof h == TL_VNET_HDR_LEN, "struct virtio_net_hdr's layout");
+    unsigned gso = spec & 3;
+    h.gso_type = gso == 0 ? 0 : gso == 1 ? (v6 ? 4 : 1) : gso == 2 ? 5 : (uint8_t)hostile;
+    if (spec & 4) {
+        h.flags |= 1;
+        h.csum_start = (uint16_t)hl;
+        h.csum_offset = (uint16_t)offset;
+    }
+    if (spec & 8) h.flags |= 2;
+    h.gso_size = gso_size;
+    h.hdr_len = (uint16_t)(hl + (proto == 6 && n >= hl + 13 ? (pkt[hl + 12] >> 4) * 4u : 8u));
+    size_t extra = 0;
+    switch (spec >> 5) {
+    case 1: h.hdr_len = hostile; break;
+    case 2: h.csum_start = hostile; break;
+    case 3: h.csum_offset = hostile; break;
+    case 4: h.gso_size = hostile; break;
+    case 5: h.flags = (uint8_t)hostile; break;
+    case 6: h.gso_type = (uint8_t)hostile; break;
+    case 7: extra = hostile & 255u; memset(pkt + n, 0xA5, extra); break;
+    }
+    memcpy(buf, &h, TL_VNET_HDR_LEN);
+    feed_with_header(buf, TL_VNET_HDR_LEN + n + extra, arg);
+}
+
 void shape_record(unsigned kind, const uint8_t *in, size_t len, uint8_t arg)
 {
-    if (kind == XT_CHAIN) {
+    if (kind == VNET) {
+        vnet_record(in, len, arg);
+    } else if (kind == XT_CHAIN) {
         size_t n = build_chain(in, len, shape_buf[0]);
         if (n > 0) feed(shape_buf[0], n, arg, 0);
     } else if (kind == FRAG_TRAIN) {

@@ -29,6 +29,7 @@ import trio
 from . import __version__, config, control, route, service
 from .config import CONFIG_DIR, ConfigProblems, Settings
 from .device import TunDevice
+from .device.tun import offload_names
 from .errors import ConfigError, DeviceError, TunlwipError
 from .flows import write_flow_log
 from .gateway import Gateway
@@ -232,6 +233,8 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
         except OSError as exc:
             await device.aclose()
             raise DeviceError(f"cannot configure {device.name}: {exc.strerror}") from exc
+    log.info("%s: offloads %s", device.name, " ".join(offload_names(device.offloads)) or
+             ("none" if device.vnet_header else "off (--no-offload)"))  # fmt: skip
     try:
         gateway = Gateway(device, config, protector=settings.protector())
     except BaseException:

@@ -209,6 +209,7 @@ _STACK_GAUGES = MappingProxyType({
     "listeners": "catch-all TCP listeners lwIP holds now",
     "udp_ports": "catch-all UDP PCBs lwIP holds now",
     "tcp_half_open": "connections in SYN_RCVD now",
+    "input_offloads": "TUN_F_* offloads the device negotiated (TUNSETOFFLOAD)",
 })  # fmt: skip
 
 #: Every exported number, in the order of the exposition (after ``tunlwip_info``).
@@ -370,7 +371,10 @@ STOP_LINE = (
     "{stack.counters.udp_port_rejected}; echo replied {stack.counters.icmp_echo_replied} "
     "forwarded {stack.counters.icmp_echo_forwarded}; packets in {stack.counters.packets_in} out "
     "{stack.counters.packets_out} (GSO writes {stack.counters.output_gso_writes} carried "
-    "{stack.counters.output_segments_coalesced} more); drops {drops}"
+    "{stack.counters.output_segments_coalesced} more, {stack.counters.output_gso_udp_writes} of "
+    "UDP); drops {drops}; offloaded in: "
+    "{stack.counters.input_gso_tcp} TCP super-segments, {stack.counters.input_gso_udp} UDP "
+    "super-datagrams"
 )
 #: ... and then, if the DNS proxy ran.
 DNS_STOP_LINE = (

@@ -22,6 +22,7 @@ and the idle timeouts hold for it too, to within the time since the last sync.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections import OrderedDict
@@ -143,6 +144,11 @@ class UdpSession:
         self.datagrams_out += 1
         self.bytes_out += len(data)
         self._owner._send_to_client(self, data)
+
+    def burst(self) -> contextlib.AbstractContextManager[None]:
+        """Around several ``send_nowait`` calls: the datagrams may reach the client in one
+        write (``LwipStack.output_burst``)."""
+        return self._owner.stack.output_burst()
 
     def divert(self, deliver: Callable[[bytes], None]) -> None:
         """From now on hand each client datagram to ``deliver`` at once, from the stack's

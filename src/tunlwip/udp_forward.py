@@ -77,6 +77,10 @@ class DatagramRelay:
                             self.session.target, exc)  # fmt: skip
 
     def drain(self) -> None:
+        with self.session.burst():  # a burst of same-size datagrams: one write (USO)
+            self._drain()
+
+    def _drain(self) -> None:
         session = self.session
         for _ in range(UDP_BURST):
             try:

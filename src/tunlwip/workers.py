@@ -72,7 +72,7 @@ import trio
 from . import __version__, control, service
 from .config import Settings
 from .device import TunDevice
-from .device.tun import IFF_VNET_HDR
+from .device.tun import IFF_VNET_HDR, negotiate_offloads
 from .errors import ConfigError, DeviceError, TunlwipError
 from .stats import stop_lines
 from .statusmerge import RetiredTotals, add_numbers, flows_live, merge_documents
@@ -126,9 +126,17 @@ class WorkerRole:
             raise DeviceError(f"worker {self.index}: fd {self.queue_fd} is no TUN queue: "
                               f"{exc.strerror}") from exc  # fmt: skip
         name = ifr[:16].rstrip(b"\0").decode()
-        flags = struct.unpack_from("H", ifr, 16)[0]
-        return TunDevice.from_fd(self.queue_fd, name=name,
-                                 vnet_header=bool(flags & IFF_VNET_HDR))  # fmt: skip
+        vnet_header = bool(struct.unpack_from("H", ifr, 16)[0] & IFF_VNET_HDR)
+        # Offloads are the device's: asking again gets the set the supervisor negotiated (the
+        # kernel has no call that reads it back), and without knowing it this worker would drop
+        # every super-segment the kernel hands its queue.
+        try:
+            offloads = negotiate_offloads(self.queue_fd) if vnet_header else 0
+        except OSError as exc:
+            raise DeviceError(f"worker {self.index}: cannot read the offloads of {name}: "
+                              f"{exc.strerror}") from exc  # fmt: skip
+        return TunDevice.from_fd(self.queue_fd, name=name, vnet_header=vnet_header,
+                                 offloads=offloads)  # fmt: skip
 
     async def watch_supervisor(self) -> None:
         """Stop this worker (as SIGTERM does: drain) once the supervisor is gone: the

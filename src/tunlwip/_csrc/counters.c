@@ -35,19 +35,21 @@ const tl_counters *tl_get_counters(void)
     tl_stats.output_gso_writes = tl_vnet_stats.gso_writes;
     tl_stats.output_segments_coalesced = tl_vnet_stats.segments_coalesced;
     tl_stats.output_gso_refused = tl_vnet_stats.gso_refused;
+    tl_stats.output_gso_udp_writes = tl_vnet_stats.gso_udp_writes;
     return &tl_stats;
 }
 
 void tl_reset_counters(void)
 {
     uint64_t listeners = tl_stats.listeners, udp_ports = tl_stats.udp_ports;
-    uint64_t half_open = tl_stats.tcp_half_open;
+    uint64_t half_open = tl_stats.tcp_half_open, offloads = tl_stats.input_offloads;
     tl_reass_dropped_base = tl_reass_dropped();
     memset(&tl_stats, 0, sizeof tl_stats);
     memset(&tl_vnet_stats, 0, sizeof tl_vnet_stats);
     tl_stats.listeners = listeners;
     tl_stats.udp_ports = udp_ports;
     tl_stats.tcp_half_open = half_open;
+    tl_stats.input_offloads = offloads;
 }
 
 uint32_t tl_tcp_pcb_count(void)

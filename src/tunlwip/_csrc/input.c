@@ -45,7 +45,9 @@
 
 #define TL_IPPROTO_FRAGMENT 44
 
-static uint8_t tl_read_buf[65536]; /* tl_input_fd's packet; tl_input copies it out first */
+/* tl_input_fd's read: a header and an IP packet of up to 64 KiB (a GSO super-segment);
+ * tl_input copies the packet out first */
+static uint8_t tl_read_buf[TL_VNET_HDR_LEN + 65536];
 
 int tl_drop(struct pbuf *p, uint64_t *counter)
 {
@@ -117,7 +119,7 @@ static int tl_refuse_local(struct pbuf *p, struct netif *inp, int family, u8_t p
         if (ulen < len) pbuf_realloc(p, (u16_t)(hlen + ulen)); /* the checksum covers ulen */
         len = ulen;
     }
-    if (tl_checksum_check) {
+    if (tl_checksum_check && !tl_input_vouched) {
         pbuf_remove_header(p, hlen);
         int ok = proto == IP_PROTO_ICMP ? inet_chksum_pbuf(p) == 0
                  : (proto == IP_PROTO_UDP && family == 4 && (t[6] | t[7]) == 0) ||
@@ -369,15 +371,8 @@ int tl_input_fd(int fd, int max_packets)
             break;
         }
         count++;
-        int header = tl_vnet_hdr ? tl_vnet_check_input(tl_read_buf, (size_t)n) : 0;
-        if (header == 0) {
-            size_t skip = tl_vnet_hdr ? TL_VNET_HDR_LEN : 0;
-            tl_input(tl_read_buf + skip, (size_t)n - skip);
-        } else {
-            tl_stats.packets_in++;
-            if (header == -1) tl_stats.drop_too_short++;
-            else tl_stats.drop_unsupported++; /* GSO: we never offered to take it */
-        }
+        if (tl_vnet_hdr) tl_vnet_input(tl_read_buf, (size_t)n); /* offloads: vnet_input.c */
+        else tl_input(tl_read_buf, (size_t)n);
     }
     tl_relay_defer_end();
     tl_udp_relay_defer_end();

@@ -18,6 +18,7 @@
  *   relay.c            the C relay between an lwIP connection and its upstream socket
  *   vnet.c             output with a virtio-net header: TCP segments coalesced into GSO writes
  *   udp_relay.c        UDP sessions relayed in C: hash lookup, sendmmsg/recvmmsg batches
+ *   vnet_input.c       input with a virtio-net header: offloaded super-segments checked, fed
  *
  * Invariant of the whole layer: only the trio thread calls in, and never re-entrantly; Python
  * callbacks (tl_py_*) record events and return, they never call back into lwIP input or timers.
@@ -155,6 +156,7 @@ typedef struct {
     uint64_t gso_writes;          /* of which carried several segments */
     uint64_t segments_coalesced;  /* segments that rode in another's write */
     uint64_t gso_refused;         /* GSO writes the kernel refused (then: one write a packet) */
+    uint64_t gso_udp_writes;      /* GSO writes of UDP datagrams (USO) */
 } tl_vnet_counters;
 
 extern tl_vnet_counters tl_vnet_stats;
@@ -169,9 +171,15 @@ unsigned tl_vnet_batch_end(int fd);
 int tl_vnet_held(void);
 /* Let go of anything held without writing it (the stack stops); GSO is tried again. */
 void tl_vnet_reset(void);
-/* A packet read from the device: 0 if its header is one we can take, -1 if it is shorter than
- * a header, -2 if it is a GSO packet (we never offered to take those: TUNSETOFFLOAD). */
-int tl_vnet_check_input(const uint8_t *buf, size_t len);
+
+/* ---- vnet_input.c: input from a TUN fd with a virtio-net header -------------------------- */
+
+/* Set while a packet whose transport checksum a kernel vouched for (NEEDS_CSUM, DATA_VALID)
+ * is in tl_input: transport_input.c does not verify it. */
+extern int tl_input_vouched;
+/* One read of the device (header and packet, len bytes; the packet may be rewritten in place):
+ * checked and fed to lwIP, a UDP super-datagram split. 0, or -1 if it was dropped. */
+int tl_vnet_input(uint8_t *buf, size_t len);
 
 /* ---- udp_relay.c: UDP sessions relayed in C ---------------------------------------------- */
 

@@ -197,7 +197,8 @@ int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int family
         u16_t hdrlen = (u16_t)(TCPH_HDRLEN(th) * 4);
         if (hdrlen < TCP_HLEN || hdrlen > len) return tl_drop(p, &tl_stats.drop_transport_header);
         if (th->src == 0 || th->dest == 0) return tl_drop(p, &tl_stats.drop_port_zero);
-        if (tl_checksum_check && ip_chksum_pseudo(p, IP_PROTO_TCP, len, src, dst) != 0)
+        if (tl_checksum_check && !tl_input_vouched &&
+            ip_chksum_pseudo(p, IP_PROTO_TCP, len, src, dst) != 0)
             return tl_drop(p, &tl_stats.drop_transport_checksum);
         u8_t flags = TCPH_FLAGS(th);
         if (!tl_tcp_options_ok((u8_t *)p->payload + TCP_HLEN, (u16_t)(hdrlen - TCP_HLEN),
@@ -256,7 +257,7 @@ int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int family
         len = ulen;
     }
     if (uh->src == 0 || uh->dest == 0) return tl_drop(p, &tl_stats.drop_port_zero);
-    if (tl_checksum_check && (uh->chksum != 0 || family == 6) &&
+    if (tl_checksum_check && !tl_input_vouched && (uh->chksum != 0 || family == 6) &&
         ip_chksum_pseudo(p, IP_PROTO_UDP, len, src, dst) != 0)
         return tl_drop(p, &tl_stats.drop_transport_checksum);
     u16_t dport = lwip_ntohs(uh->dest);

@@ -33,6 +33,13 @@ typedef struct {
      * from its datagram's first fragment, the oldest half-open connection evicted at the limit */
     uint64_t drop_unchecked, drop_ip6_extension, drop_fragment_protocol, tcp_half_open_evicted;
     uint64_t listeners, udp_ports, tcp_half_open; /* gauges, kept by tl_reset_counters */
+    /* offloaded input (vnet_input.c): TCP super-segments taken whole, UDP super-datagrams
+     * split and the datagrams they made, packets whose virtio-net header did not describe them;
+     * input_offloads: the TUN_F_* flags the device negotiated (a gauge, kept by reset) */
+    uint64_t input_gso_tcp, input_gso_udp, input_gso_udp_datagrams, drop_vnet_header;
+    uint64_t input_offloads;
+    /* of output_gso_writes, those of joined UDP datagrams (USO) */
+    uint64_t output_gso_udp_writes;
 } tl_counters;
 
 /* lifecycle and time */
@@ -55,6 +62,12 @@ void tl_set_output_fd(int fd);
 /* the device's packets carry a virtio-net header (a TUN opened with IFF_VNET_HDR): reads skip
  * it, and output to the fd coalesces TCP segments into GSO writes */
 void tl_set_vnet_hdr(int on);
+/* the TUN_F_* offloads the device negotiated (TUNSETOFFLOAD), reported as input_offloads */
+void tl_set_vnet_offloads(uint32_t flags);
+/* a scope around a burst of output (datagrams sent one by one): with a virtio-net header, what
+ * lwIP sends inside may leave coalesced, at the outermost end (nests; keep it short) */
+void tl_output_batch_begin(void);
+void tl_output_batch_end(void);
 void tl_set_hold_syns(int on);
 void tl_set_forward_local(int on);
 /* at most this many connections in SYN_RCVD at once; the oldest is reset to admit a new one */

@@ -7,8 +7,9 @@ plain number, are the C functions themselves.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 from ..endpoint import Endpoint, IPAddress
@@ -79,9 +80,24 @@ def set_checksum_check(on: bool) -> None:
 
 
 def set_vnet_header(on: bool) -> None:
-    """The device's packets carry a virtio-net header: reads skip it, output is coalesced
-    into GSO writes."""
+    """The device's packets carry a virtio-net header: reads check it (and take offloaded
+    super-segments), output is coalesced into GSO writes."""
     lib.tl_set_vnet_hdr(1 if on else 0)
+
+
+#: Report these ``TUN_F_*`` offloads as negotiated (the ``input_offloads`` counter).
+set_vnet_offloads: Callable[[int], None] = lib.tl_set_vnet_offloads
+
+
+@contextlib.contextmanager
+def output_batch() -> Iterator[None]:
+    """Around a burst of sends: with a virtio-net header, what lwIP outputs inside may be held
+    and leave coalesced (GSO: TCP segments, same-size UDP datagrams of a flow) at the end."""
+    lib.tl_output_batch_begin()
+    try:
+        yield
+    finally:
+        lib.tl_output_batch_end()
 
 
 #: Write output packets to this fd from C (instead of ``Sink.on_output``).

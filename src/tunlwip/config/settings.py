@@ -54,8 +54,9 @@ class Settings:
     offload: bool = setting(
         "device.offload", Boolean(), True, cli="--offload", restart=True,
         help="open the TUN with a virtio-net header: a connection's TCP segments reach the "
-             "kernel in one write (GSO), checksums left to it; off, one write per packet as "
-             "lwIP sent it (for captures on the TUN)")  # fmt: skip
+             "kernel in one write (GSO), checksums left to it, and uploads arrive as offloaded "
+             "super-segments (TSO, USO); off, one packet per read and write as sent (for "
+             "captures on the TUN)")  # fmt: skip
     workers: int = setting(
         "device.workers", Integer(1, 64), 1, cli="--workers", restart=True,
         help="worker processes, each reading one queue of the TUN (IFF_MULTI_QUEUE) with its "
