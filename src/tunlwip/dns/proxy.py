@@ -7,11 +7,16 @@ the gateway's DNS address; with ``hijack = "all"`` port 53 to any address, so ap
 hard-coded resolvers cannot leak around the policy). Every query is answered in its own task,
 so a slow upstream never delays other queries or other packets:
 
-1. parse (malformed: FORMERR when the header is readable, else a counted drop);
+1. read it: a plain query (one question for an ordinary name, at most an EDNS 0 record) from
+   its bytes (``summary.summarize_query``), its dnspython message built only when a step
+   below needs one (``exchange.Query``); any other query is parsed whole (malformed: FORMERR
+   when the header is readable, else a counted drop);
 2. policy: overrides, then allow rules, then block rules (``dns.policy``);
 3. cache (``dns.cache``), honouring TTLs, negative answers included;
 4. upstreams in order with failover (``dns.upstreams``); no answer within ``query_timeout``
-   gives the client SERVFAIL;
+   gives the client SERVFAIL. A forwarded answer is walked once from its bytes
+   (``summary.summarize``) and goes to the client as the upstream sent it, with the client's
+   ID; the cache keeps it in wire form until first served;
 5. the answer's CNAME chain is checked against the policy too (cached answers included): one
    leading to a blocked name gets the blocked answer.
 
