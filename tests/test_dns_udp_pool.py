@@ -214,3 +214,16 @@ async def test_a_closed_pool_fails_waiting_and_new_queries(nursery: trio.Nursery
     assert len(errors) == 1
     with pytest.raises(OSError, match="closed"):
         await pool.exchange(request, question)
+
+
+def test_random_numbers_are_uniform_below_any_limit() -> None:
+    from collections import Counter
+
+    from tunlwip.dns.udp_pool import _RandomBytes
+
+    draws = _RandomBytes()
+    assert {draws.below(1) for _ in range(100)} == {0}
+    counts = Counter(draws.below(3) for _ in range(30_000))  # 3 does not divide 2**16
+    assert set(counts) == {0, 1, 2}
+    assert all(9_000 < n < 11_000 for n in counts.values())
+    assert len({draws.below(0x10000) for _ in range(1000)}) > 990

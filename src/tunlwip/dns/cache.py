@@ -59,6 +59,7 @@ import dns.rdtypes.ANY.SOA
 import dns.rrset
 
 from .summary import AnswerSummary, QuerySummary
+from .wire import FLAG_AD, FLAG_CD, FLAG_TC
 
 #: (qname in wire form, lowercased; rdtype, rdclass, the query's CD and DO bits)
 CacheKey = tuple[bytes, int, int, int]
@@ -98,7 +99,7 @@ def summary_cache_key(query: QuerySummary) -> CacheKey | None:
     """``cache_key`` of a query known by its summary (``summary.summarize_query``)."""
     if query.client_subnet:
         return None
-    bits = (1 if query.flags & dns.flags.CD else 0) | (2 if query.dnssec_ok else 0)
+    bits = (1 if query.flags & FLAG_CD else 0) | (2 if query.dnssec_ok else 0)
     return (*query.question, bits)
 
 
@@ -243,7 +244,7 @@ class DnsCache:
         """``put`` for an answer still in wire form (``summary`` is its ``summarize``) to a
         QUERY with cache key ``key``: the same checks and TTL, from the summary; the answer is
         parsed only when first served."""
-        if key is None or self.max_entries == 0 or summary.flags & dns.flags.TC:
+        if key is None or self.max_entries == 0 or summary.flags & FLAG_TC:
             return
         if (summary.flags >> 11) & 0xF or summary.question != (key[:3],):
             return
@@ -262,7 +263,7 @@ class DnsCache:
         if ttl <= 0:
             return
         self._store(key, _Entry(stored=now, ttl=ttl, rcode=dns.rcode.Rcode(rcode),
-                                authenticated=bool(summary.flags & dns.flags.AD),
+                                authenticated=bool(summary.flags & FLAG_AD),
                                 answer=(), authority=(), additional=(), wire=answer))  # fmt: skip
 
     def _store(self, key: CacheKey, entry: _Entry) -> None:

@@ -228,7 +228,7 @@ class DnsProxy:
         finally:
             self._release(query, session.client)
         if answer is not None:
-            await session.send(answer)
+            session.send_nowait(answer)  # (the task ends here: no need to yield first)
 
     async def serve_tcp(self, stream: LwipTcpStream) -> None:
         """RFC 7766: length-prefixed queries, several in flight per connection, each answer

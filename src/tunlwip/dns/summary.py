@@ -21,11 +21,10 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
-import dns.flags
 import dns.name
 
 from ..endpoint import IPAddress
-from .wire import Question, UpstreamError, WireError, read_question
+from .wire import FLAG_TC, Question, UpstreamError, WireError, read_question
 
 _A, _SOA, _CNAME, _AAAA, _DNAME, _OPT, _TSIG = 1, 6, 5, 28, 39, 41, 250
 _POINTER = 0xC0
@@ -215,7 +214,7 @@ def summarize_answer(wire: bytes) -> AnswerSummary | None:
     try:
         return summarize(wire)
     except WireError as exc:
-        if int.from_bytes(wire[2:4], "big") & dns.flags.TC:
+        if int.from_bytes(wire[2:4], "big") & FLAG_TC:
             return None
         raise UpstreamError(f"malformed answer: {exc}") from exc
 

@@ -22,7 +22,6 @@ import secrets
 import ssl
 import struct
 
-import dns.flags
 import h11
 import trio
 
@@ -31,6 +30,7 @@ from ..endpoint import Endpoint
 from . import doh
 from .udp_pool import UdpSocketPool
 from .wire import (
+    FLAG_TC,
     Question,
     UpstreamError,
     accept,
@@ -77,7 +77,7 @@ class UdpUpstream:
             answer = await self.pool.exchange(request, question)
         except OSError as exc:  # ECONNREFUSED: the ICMP port unreachable of a closed port
             raise UpstreamError(describe(exc)) from exc
-        if header_flags(answer) & dns.flags.TC:
+        if header_flags(answer) & FLAG_TC:
             self.tcp_retries += 1
             log.debug("%s: truncated answer, asking again over TCP", self.url)
             return await self._tcp.query(request)

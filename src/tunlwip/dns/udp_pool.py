@@ -8,8 +8,8 @@ the upstream from a source port the kernel picked at random, and rotates them: a
 at most ``max_uses`` queries and ``max_age`` seconds of new queries, then is retired (closed
 once its last query is done) and a new socket, on a new random port, takes its place. So, as
 with unbound's outgoing port range, an off-path spoofer must guess the port among the pool's
-ever-changing ones as well as the 16-bit ID (drawn with ``secrets``, unique among the queries
-in flight on that socket), and must repeat the question.
+ever-changing ones as well as the 16-bit ID (from the kernel's CSPRNG, as with ``secrets``;
+unique among the queries in flight on that socket), and must repeat the question.
 
 A query takes a random socket of the pool (a new one while the pool is not full), sends, and
 waits for its answer. One reader per socket (a trio system task, not a task per query) takes
@@ -26,7 +26,7 @@ Timeouts are the caller's: a query cancelled while waiting frees its ID.
 from __future__ import annotations
 
 import logging
-import secrets
+import os
 import socket
 from collections.abc import Callable
 
@@ -41,6 +41,32 @@ MAX_USES = 64  # queries per socket before it is replaced
 MAX_AGE = 10.0  # seconds a socket takes new queries
 RECEIVE_SIZE = 65536
 RECEIVE_BURST = 64  # datagrams read per wakeup before other tasks get a turn
+
+
+class _RandomBytes:
+    """Unpredictable numbers from the kernel's CSPRNG (what ``secrets`` uses), read 4 KiB at
+    a time: ``secrets.randbelow`` makes a getrandom() call per number, two per query here."""
+
+    __slots__ = ("_buffer", "_position")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._position = 0
+
+    def below(self, limit: int) -> int:
+        """A uniform integer in [0, limit), 1 <= limit <= 0x10000 (rejection sampling over
+        16-bit draws, so no value is likelier than another)."""
+        ceiling = 0x10000 - 0x10000 % limit
+        while True:
+            if self._position + 2 > len(self._buffer):
+                self._buffer, self._position = os.urandom(4096), 0
+            value = int.from_bytes(self._buffer[self._position : self._position + 2], "big")
+            self._position += 2
+            if value < ceiling:
+                return value % limit
+
+
+_random = _RandomBytes()
 
 
 class _Waiter:
@@ -104,9 +130,9 @@ class UdpSocketPool:
         or the upstream's port is closed."""
         slot = self._take()
         pending = slot.pending
-        message_id = secrets.randbelow(0x10000)
+        message_id = _random.below(0x10000)
         while message_id in pending:
-            message_id = secrets.randbelow(0x10000)
+            message_id = _random.below(0x10000)
         waiter = _Waiter(question)
         pending[message_id] = waiter
         try:
@@ -132,7 +158,7 @@ class UdpSocketPool:
             slot = self._open(now)
             sockets.append(slot)
         else:
-            index = secrets.randbelow(len(sockets))
+            index = _random.below(len(sockets))
             slot = sockets[index]
             if slot.uses >= self.max_uses or now - slot.opened >= self.max_age:
                 self._retire(slot)
