@@ -227,3 +227,26 @@ def test_random_numbers_are_uniform_below_any_limit() -> None:
     assert set(counts) == {0, 1, 2}
     assert all(9_000 < n < 11_000 for n in counts.values())
     assert len({draws.below(0x10000) for _ in range(1000)}) > 990
+
+
+async def test_a_socket_that_cannot_be_replaced_stays_in_use(nursery: trio.Nursery) -> None:
+    server = HostileServer()
+    await nursery.start(server.run)
+    dialer = Dialer()
+    failing = False
+
+    def open_socket():  # type: ignore[no-untyped-def]
+        if failing:
+            raise OSError(24, "Too many open files")
+        return dialer.open_udp(Endpoint.parse(HOST, server.port))
+
+    pool = UdpSocketPool(open_socket, size=1, max_uses=2)
+    request = make_query()
+    _, question = parse_request(request)
+    with trio.fail_after(5):
+        await pool.exchange(request, question)
+        failing = True
+        for _ in range(3):
+            assert addresses(await pool.exchange(request, question)) == ["192.0.2.1"]
+    assert pool.opened == 1 and pool.sockets == 1
+    pool.close()

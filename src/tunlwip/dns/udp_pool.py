@@ -161,8 +161,13 @@ class UdpSocketPool:
             index = _random.below(len(sockets))
             slot = sockets[index]
             if slot.uses >= self.max_uses or now - slot.opened >= self.max_age:
-                self._retire(slot)
-                slot = sockets[index] = self._open(now)
+                try:
+                    replacement = self._open(now)
+                except OSError as exc:  # out of fds, say: better the old port than no answer
+                    log.debug("cannot replace a DNS upstream socket: %s", exc)
+                else:
+                    self._retire(slot)
+                    slot = sockets[index] = replacement
         slot.uses += 1
         return slot
 
