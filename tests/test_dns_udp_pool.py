@@ -15,6 +15,7 @@ import struct
 
 import pytest
 import trio
+import trio.testing
 
 from tunlwip.dialer import Dialer
 from tunlwip.dns.transports import UdpUpstream
@@ -250,3 +251,17 @@ async def test_a_socket_that_cannot_be_replaced_stays_in_use(nursery: trio.Nurse
             assert addresses(await pool.exchange(request, question)) == ["192.0.2.1"]
     assert pool.opened == 1 and pool.sockets == 1
     pool.close()
+
+
+async def test_a_socket_closed_before_its_reader_ran_ends_the_reader_quietly(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = HostileServer()
+    await nursery.start(server.run)
+    pool = UdpSocketPool(lambda: Dialer().open_udp(Endpoint.parse(HOST, server.port)))
+    for _ in range(3):
+        pool._take()  # a socket and its reader task, which has not run yet
+    pool.close()
+    await trio.testing.wait_all_tasks_blocked()
+    assert "reader failed" not in caplog.text
+    assert not pool._live

@@ -188,6 +188,8 @@ class UdpSocketPool:
         The socket lives no longer than its reader: when trio ends, its cancellation closes
         the socket too."""
         sock = slot.sock
+        if sock.fileno() < 0:
+            return  # closed before this task first ran (the pool closed, say)
         try:
             while True:
                 await trio.lowlevel.wait_readable(sock)
