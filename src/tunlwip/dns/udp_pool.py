@@ -235,15 +235,14 @@ class UdpSocketPool:
         waiter.event.set()
 
     def close(self) -> None:
-        """Close every socket; queries still waiting fail."""
+        """Take no more queries and retire every socket: the queries in flight still get
+        their answers (a configuration reload replaces the pool under them), and each socket
+        is closed when its last query is done. Queries that never end are the caller's to
+        cancel; when trio ends, the readers' cancellation closes what is left."""
         self._closing = True
         self._sockets = []
         for slot in list(self._live):
-            for waiter in slot.pending.values():
-                if waiter.answer is None and waiter.error is None:
-                    waiter.error = OSError("the upstream was closed")
-                    waiter.event.set()
-            self._close(slot)
+            self._retire(slot)
 
     def _close(self, slot: _PooledSocket) -> None:
         """Close a pooled socket, waking its reader (``notify_closing``) so that it ends."""
