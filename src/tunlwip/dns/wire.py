@@ -43,7 +43,7 @@ MAX_NAME_WIRE = 255  # RFC 1035 3.1: a name's wire length, length bytes included
 _POINTER = 0xC0
 
 
-class WireError(ValueError):
+class WireError(TunlwipError, ValueError):
     """Bytes that are not a readable DNS message (where the hand-written reader looked)."""
 
 
