@@ -231,7 +231,7 @@ def test_random_numbers_are_uniform_below_any_limit() -> None:
     counts = Counter(draws.below(3) for _ in range(30_000))  # 3 does not divide 2**16
     assert set(counts) == {0, 1, 2}
     assert all(9_000 < n < 11_000 for n in counts.values())
-    assert len({draws.below(0x10000) for _ in range(1000)}) > 990
+    assert len({draws.below(0x10000) for _ in range(1000)}) > 970  # ~8 repeats expected
 
 
 async def test_a_socket_that_cannot_be_replaced_stays_in_use(nursery: trio.Nursery) -> None:
