@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunlwip.dns.cache import DnsCache
+from tunlwip.dns.cache import DnsCache, cache_key
 
 SOA = "ns.example. hostmaster.example. 1 7200 900 1209600 {minimum}"
 
@@ -526,3 +526,43 @@ def test_random_responses_never_crash_and_hits_never_overstate_ttls(
             assert max(0, after) < max_ttl
         roundtrip(hit)
     assert len(cache) <= 1
+
+
+def test_put_wire_serves_what_put_serves_and_drops_what_does_not_parse() -> None:
+    """A forwarded answer cached in wire form (parsed when first served) gives the client
+    the same answer and TTL aging as one cached as a message."""
+    from tunlwip.dns.summary import summarize
+
+    query = dns.message.make_query("www.example.", "A")
+    response = dns.message.make_response(query)
+    response.answer.append(dns.rrset.from_text("www.example.", 300, "IN", "A", "192.0.2.1"))
+    response.authority.append(dns.rrset.from_text("example.", 60, "IN", "NS", "ns.example."))
+    wire = response.to_wire()
+    as_message, as_wire = DnsCache(), DnsCache()
+    as_message.put(query, dns.message.from_wire(wire), 100.0)
+    as_wire.put_wire(cache_key(query), wire, summarize(wire), 100.0)
+    for now in (100.0, 130.5):
+        a, b = as_message.get(query, now), as_wire.get(query, now)
+        assert a is not None and b is not None
+        assert a.to_wire() == b.to_wire()
+    assert as_wire.get(query, 161.0) is None  # the NS record's 60 s ran out
+
+    nxdomain = dns.message.make_response(query)
+    nxdomain.set_rcode(dns.rcode.NXDOMAIN)
+    nxdomain.authority.append(dns.rrset.from_text("example.", 900, "IN", "SOA",
+                                                  SOA.format(minimum=30)))  # fmt: skip
+    wire = nxdomain.to_wire()
+    as_wire.put_wire(cache_key(query), wire, summarize(wire), 200.0)
+    assert as_wire.get(query, 229.0) is not None
+    assert as_wire.get(query, 230.0) is None
+
+    # Walks (the summary reads no MX data) but does not parse: dropped, a miss.
+    mx_query = dns.message.make_query("mail.example.", "MX")
+    mx = dns.message.make_response(mx_query)
+    mx.answer.append(dns.rrset.from_text("mail.example.", 300, "IN", "MX", "10 mx.example."))
+    good = mx.to_wire()
+    bad = good[:-2] + b"\x3f\x00"  # the exchange name's last label now runs past the end
+    as_wire.put_wire(cache_key(mx_query), bad, summarize(good), 300.0)
+    assert len(as_wire) == 1
+    assert as_wire.get(mx_query, 300.0) is None
+    assert len(as_wire) == 0

@@ -520,3 +520,44 @@ async def test_compression_loop_and_lying_counts_get_formerr(
     assert replies[1][:2] == b"\x12\x34" and replies[1][3] & 0x0F == dns.rcode.FORMERR
     assert replies[2][:2] == b"\x43\x21" and replies[2][3] & 0x0F == dns.rcode.FORMERR
     assert upstream.asked == []
+
+
+async def test_plain_and_unusual_queries_get_the_answers_they_always_got(
+    nursery: trio.Nursery, upstream: Upstream
+) -> None:
+    """Plain queries are read from their bytes, others parsed whole (``summary``): either way
+    the same answers, names remembered for flows, and no cached answer for an ECS query."""
+    import dns.edns
+
+    from tunlwip.endpoint import Endpoint as Ep
+
+    env = await start(nursery, upstream)
+    env.ask("www.test", qid=1, edns=0)
+    (reply,) = await env.answers(1)
+    answer = message(reply)
+    assert answer.id == 1 and answer.question[0].name.to_text() == "www.test."
+    assert [rd.to_text() for rrset in answer.answer for rd in rrset] == [ZONE["www.test."]]
+    dns_proxy = env.gateway.dns
+    assert dns_proxy is not None
+    client, address = Ep.parse(CLIENT4, 5353), Ep.parse(ZONE["www.test."], 443)
+    assert dns_proxy.name_for(client, address) == "www.test"
+
+    odd = dns.message.make_query("we\\032ird.test.", "A")  # not plain: parsed whole
+    odd.id = 2
+    junk = dns.message.make_query("other.test.", "A")  # bytes after the last record: FORMERR
+    junk.id = 3
+    for sport, wire in ((1002, odd.to_wire()), (1003, junk.to_wire() + b"\x00")):
+        env.device.inject_packet(udp_packet(CLIENT4, GW4, sport, 53, wire))
+    replies = {r.dport: message(r) for r in await env.answers(2)}
+    assert replies[1002].rcode() == dns.rcode.NXDOMAIN
+    assert replies[1003].rcode() == dns.rcode.FORMERR
+    assert upstream.asked == ["www.test.", "we\\032ird.test."]
+
+    for qid in (4, 5):  # an EDNS Client Subnet answer is never served from the cache
+        subnet = dns.edns.ECSOption(f"198.18.{qid}.0", 24)  # (not the same bytes: no replay)
+        ecs = dns.message.make_query("other.test.", "A", use_edns=0, options=[subnet])
+        ecs.id = qid
+        env.device.inject_packet(udp_packet(CLIENT4, GW4, 1000 + qid, 53, ecs.to_wire()))
+        (reply,) = await env.answers(1)
+        assert message(reply).id == qid and message(reply).answer
+    assert upstream.asked[-2:] == ["other.test.", "other.test."]

@@ -146,6 +146,42 @@ sys.exit(1)
 """
 
 
+#: An upstream on ADDR:PORT (UDP) that, before each real answer (A 198.18.8.1), sends what an
+#: off-path spoofer or a confused server might: from another port of the same address the
+#: right ID and question (198.18.8.66); from its own port a wrong ID (.67), another question
+#: (.68), and garbage. Each query is a line of LOG: "<name> <ID> <source port>".
+SPOOF_SCRIPT = r"""
+import socket, struct, sys, time
+import dns.message, dns.rrset
+
+ADDR, PORT, LOG = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((ADDR, PORT))
+other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+other.bind((ADDR, 0))
+
+def answer(q, address):
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", address))
+    return r.to_wire()
+
+while True:
+    data, peer = sock.recvfrom(65535)
+    q = dns.message.from_wire(data)
+    with open(LOG, "a") as log:
+        log.write(f"{q.question[0].name} {q.id} {peer[1]}\n")
+    other.sendto(answer(q, "198.18.8.66"), peer)
+    wrong_id = answer(q, "198.18.8.67")
+    sock.sendto(struct.pack("!H", q.id ^ 0x5555) + wrong_id[2:], peer)
+    sock.sendto(answer(dns.message.make_query("other.test.", "A", id=q.id), "198.18.8.68"), peer)
+    sock.sendto(b"\x12garbage", peer)
+    time.sleep(0.02)
+    sock.sendto(answer(q, "198.18.8.1"), peer)
+"""
+SPOOF_PORT = 5302
+SPOOFED = f"udp://{SRV_ADDR4}:{SPOOF_PORT}"
+
+
 def start_tailor(split: SplitTopology, tmp_path: Path) -> Path:
     """TAILOR_SCRIPT in srv on TAILOR_PORT; returns its query log."""
     log = tmp_path / "tailor.log"
@@ -317,3 +353,27 @@ def test_reject_encrypted_refuses_dot_and_doq_at_once(
         assert [via for _, via in proxy_log(gw, name)] == [f"block:{rule}"], gw.tail()
     dns_counters(gw)
     assert stop_line_counter(gw, "encrypted dns refused") == 2
+
+
+def test_spoofed_upstream_answers_are_not_taken_and_ports_and_ids_vary(
+    split: SplitTopology,
+    dns_gateway: Callable[..., tuple[RunningGateway, Unbound]],
+    tmp_path: Path,
+) -> None:
+    """Through the pooled upstream sockets, a forged answer with the right ID and question
+    from another port, a wrong ID, another question or garbage never reaches a client: every
+    dig gets the real answer. The queries went out from many ports with unrelated IDs."""
+    gw, _ = dns_gateway(*upstream(SPOOFED))
+    log = tmp_path / "spoof.log"
+    log.touch()
+    with (tmp_path / "spoof.stderr").open("wb") as err:
+        split.srv.popen([sys.executable, "-c", SPOOF_SCRIPT, SRV_ADDR4, str(SPOOF_PORT),
+                         str(log)], stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+    split.srv.wait_port(SPOOF_PORT, SRV_ADDR4, proto="udp")
+    for i in range(20):
+        resolves(dig(split.cli, GATEWAY_ADDR4, f"spoof{i}.test"), "A", "198.18.8.1", gw,
+                 f"query {i}")  # fmt: skip
+    lines = [line.split() for line in log.read_text().splitlines()]
+    assert [name for name, _, _ in lines] == [f"spoof{i}.test." for i in range(20)]
+    assert len({port for _, _, port in lines}) >= 10, lines
+    assert len({query_id for _, query_id, _ in lines}) == 20, lines

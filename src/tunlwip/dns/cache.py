@@ -26,6 +26,12 @@ a cached answer never claims more time than it has left. An expired entry is dro
 miss. RRsets owned by the query name carry the query's spelling of it (clients using 0x20
 case randomisation compare it).
 
+``put_wire`` takes a forwarded answer still in wire form, with its ``summary.summarize``: the
+same checks and TTL are decided from the summary, and the answer is parsed into RRsets only
+when the entry is first served (most forwarded answers never are: the client caches them too,
+and repeats within a second are replayed from ``replay``). An answer that then fails to parse
+is dropped, a miss.
+
 Size is bounded by ``max_entries``; the least recently used entry (``get`` counts as use)
 is evicted first.
 
@@ -42,6 +48,7 @@ from collections import OrderedDict
 from typing import cast
 
 import dns.edns
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -51,8 +58,11 @@ import dns.rdatatype
 import dns.rdtypes.ANY.SOA
 import dns.rrset
 
-#: (qname lowercased, rdtype, rdclass, the query's CD and DO bits)
-CacheKey = tuple[dns.name.Name, int, int, int]
+from .summary import AnswerSummary, QuerySummary
+from .wire import FLAG_AD, FLAG_CD, FLAG_TC
+
+#: (qname in wire form, lowercased; rdtype, rdclass, the query's CD and DO bits)
+CacheKey = tuple[bytes, int, int, int]
 
 _NOT_CACHED_IN_ADDITIONAL = frozenset({dns.rdatatype.OPT, dns.rdatatype.TSIG})
 
@@ -66,6 +76,8 @@ class _Entry:
     answer: tuple[dns.rrset.RRset, ...]
     authority: tuple[dns.rrset.RRset, ...]
     additional: tuple[dns.rrset.RRset, ...]
+    #: A ``put_wire`` answer not parsed yet (its sections are empty until then).
+    wire: bytes | None = None
 
 
 def has_client_subnet(message: dns.message.Message) -> bool:
@@ -80,14 +92,28 @@ def cache_key(query: dns.message.Message) -> CacheKey | None:
         return None
     question = query.question[0]
     bits = (1 if query.flags & dns.flags.CD else 0) | (2 if query.ednsflags & dns.flags.DO else 0)
-    return (question.name.canonicalize(), question.rdtype, question.rdclass, bits)
+    return (_wire_name(question.name), question.rdtype, question.rdclass, bits)
 
 
-def _question_key(message: dns.message.Message) -> tuple[dns.name.Name, int, int] | None:
+def summary_cache_key(query: QuerySummary) -> CacheKey | None:
+    """``cache_key`` of a query known by its summary (``summary.summarize_query``)."""
+    if query.client_subnet:
+        return None
+    bits = (1 if query.flags & FLAG_CD else 0) | (2 if query.dnssec_ok else 0)
+    return (*query.question, bits)
+
+
+def _wire_name(name: dns.name.Name) -> bytes:
+    wire = name.canonicalize().to_wire()
+    assert wire is not None  # (only None when writing to a file)
+    return wire
+
+
+def _question_key(message: dns.message.Message) -> tuple[bytes, int, int] | None:
     if len(message.question) != 1:
         return None
     question = message.question[0]
-    return (question.name.canonicalize(), question.rdtype, question.rdclass)
+    return (_wire_name(question.name), question.rdtype, question.rdclass)
 
 
 def _with_ttl(
@@ -158,6 +184,12 @@ class DnsCache:
             del self._entries[key]
             self.misses += 1
             return None
+        if entry.wire is not None:
+            parsed = self._parsed(key, entry)
+            if parsed is None:
+                self.misses += 1
+                return None
+            entry = parsed
         self._entries.move_to_end(key)
         self.hits += 1
 
@@ -188,10 +220,77 @@ class DnsCache:
         key = cache_key(query)
         if key is None or self.max_entries == 0 or response.flags & dns.flags.TC:
             return
-        if query.opcode() != dns.opcode.QUERY or response.opcode() != dns.opcode.QUERY:
+        if query.opcode() != dns.opcode.QUERY or _question_key(response) != key[:3]:
             return
-        if _question_key(response) != key[:3]:
+        entry = self._entry(response, now)
+        if entry is not None:
+            self._store(key, entry)
+
+    def peek(self, key: CacheKey | None, now: float) -> bool:
+        """Whether ``get`` would answer a query with this key; a miss is counted as one (a
+        hit is counted by the ``get`` that follows). Expired entries are dropped."""
+        entry = self._entries.get(key) if key is not None else None
+        if key is None or entry is None:
+            self.misses += 1
+            return False
+        if now > entry.stored and int(now - entry.stored) >= entry.ttl:
+            del self._entries[key]
+            self.misses += 1
+            return False
+        return True
+
+    def put_wire(self, key: CacheKey | None, answer: bytes, summary: AnswerSummary,
+                 now: float) -> None:  # fmt: skip
+        """``put`` for an answer still in wire form (``summary`` is its ``summarize``) to a
+        QUERY with cache key ``key``: the same checks and TTL, from the summary; the answer is
+        parsed only when first served."""
+        if key is None or self.max_entries == 0 or summary.flags & FLAG_TC:
             return
+        if (summary.flags >> 11) & 0xF or summary.question != (key[:3],):
+            return
+        rcode = summary.rcode
+        if rcode == dns.rcode.NOERROR and summary.answer_count:
+            assert summary.min_ttl is not None  # there are answer records
+            ttl = max(self.min_ttl, min(self.max_ttl, summary.min_ttl))
+        elif rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            if summary.negative_ttl is None:
+                return
+            ttl = min(summary.negative_ttl, self.max_negative_ttl, self.max_ttl)
+            if summary.min_ttl is not None:
+                ttl = min(ttl, summary.min_ttl)
+        else:
+            return
+        if ttl <= 0:
+            return
+        self._store(key, _Entry(stored=now, ttl=ttl, rcode=dns.rcode.Rcode(rcode),
+                                authenticated=bool(summary.flags & FLAG_AD),
+                                answer=(), authority=(), additional=(), wire=answer))  # fmt: skip
+
+    def _store(self, key: CacheKey, entry: _Entry) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def _parsed(self, key: CacheKey, entry: _Entry) -> _Entry | None:
+        """The entry of a ``put_wire`` answer with its records parsed (None: it does not parse
+        or is not cacheable after all: dropped)."""
+        assert entry.wire is not None
+        try:
+            response = dns.message.from_wire(entry.wire)
+        except dns.exception.DNSException:
+            response = None
+        parsed = self._entry(response, entry.stored) if response is not None else None
+        if parsed is None:
+            del self._entries[key]
+            return None
+        self._entries[key] = parsed
+        return parsed
+
+    def _entry(self, response: dns.message.Message, now: float) -> _Entry | None:
+        """What ``put`` keeps of a response to the right question (None: not cacheable)."""
+        if response.opcode() != dns.opcode.QUERY:
+            return None
         rcode = response.rcode()
         answer = response.answer
         authority = response.authority
@@ -205,7 +304,7 @@ class DnsCache:
         elif rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
             negative = _negative_ttl(response)
             if negative is None:
-                return
+                return None
             cap = min(negative, self.max_negative_ttl, self.max_ttl)
             ttl = min([cap] + [rrset.ttl for rrset in answer] + [rrset.ttl for rrset in authority])
 
@@ -213,13 +312,13 @@ class DnsCache:
                 return min(cap, rrset.ttl)
 
         else:
-            return
+            return None
         if ttl <= 0:
-            return
+            return None
         additional = [
             rrset for rrset in response.additional if rrset.rdtype not in _NOT_CACHED_IN_ADDITIONAL
         ]
-        self._entries[key] = _Entry(
+        return _Entry(
             stored=now,
             ttl=ttl,
             rcode=rcode,
@@ -230,6 +329,3 @@ class DnsCache:
                 _with_ttl(rrset, min(rrset.ttl, self.max_ttl)) for rrset in additional
             ),
         )
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)

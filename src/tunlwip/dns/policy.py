@@ -302,6 +302,11 @@ class DnsPolicy:
             return Verdict("block", rule=self._describe("block", *blocked))
         return PASS
 
+    @property
+    def screens_answers(self) -> bool:
+        """Whether ``check_answer`` can block anything (there are block rules)."""
+        return bool(self._block)
+
     def check_answer(self, response: dns.message.Message) -> Verdict:
         """The verdict for the names a response's answer leads to (its CNAME/DNAME chain from
         the question name): "block" for the first blocked one, else pass."""

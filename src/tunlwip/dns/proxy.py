@@ -7,11 +7,16 @@ the gateway's DNS address; with ``hijack = "all"`` port 53 to any address, so ap
 hard-coded resolvers cannot leak around the policy). Every query is answered in its own task,
 so a slow upstream never delays other queries or other packets:
 
-1. parse (malformed: FORMERR when the header is readable, else a counted drop);
+1. read it: a plain query (one question for an ordinary name, at most an EDNS 0 record) from
+   its bytes (``summary.summarize_query``), its dnspython message built only when a step
+   below needs one (``exchange.Query``); any other query is parsed whole (malformed: FORMERR
+   when the header is readable, else a counted drop);
 2. policy: overrides, then allow rules, then block rules (``dns.policy``);
 3. cache (``dns.cache``), honouring TTLs, negative answers included;
 4. upstreams in order with failover (``dns.upstreams``); no answer within ``query_timeout``
-   gives the client SERVFAIL;
+   gives the client SERVFAIL. A forwarded answer is walked once from its bytes
+   (``summary.summarize``) and goes to the client as the upstream sent it, with the client's
+   ID; the cache keeps it in wire form until first served;
 5. the answer's CNAME chain is checked against the policy too (cached answers included): one
    leading to a blocked name gets the blocked answer.
 
@@ -45,7 +50,8 @@ from ..dialer import Dialer
 from ..endpoint import Endpoint
 from ..shares import ClientCounts
 from .cache import DnsCache
-from .names import ResolvedNames, answered_addresses
+from .exchange import Query, Reply
+from .names import ResolvedNames
 from .policy import (
     ENCRYPTED_DNS_NAMES,
     DnsPolicy,
@@ -53,8 +59,9 @@ from .policy import (
     override_response,
 )
 from .replay import RecentAnswers
+from .summary import AnswerSummary, name_text, summarize, summarize_query
 from .upstreams import UpstreamError, UpstreamSet, parse_upstream
-from .wire import HEADER_LEN
+from .wire import HEADER_LEN, WireError, header_flags
 
 if TYPE_CHECKING:
     from ..tcp import LwipTcpStream
@@ -62,7 +69,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunlwip.dns")
 
-UDP_DEFAULT_SIZE = 512  # RFC 1035 4.2.1, for clients without EDNS
 TCP_MAX_PIPELINED = 64  # queries per connection answered concurrently before reading pauses
 RESOLV_CONF = "/etc/resolv.conf"
 
@@ -222,7 +228,7 @@ class DnsProxy:
         finally:
             self._release(query, session.client)
         if answer is not None:
-            await session.send(answer)
+            session.send_nowait(answer)  # (the task ends here: no need to yield first)
 
     async def serve_tcp(self, stream: LwipTcpStream) -> None:
         """RFC 7766: length-prefixed queries, several in flight per connection, each answer
@@ -357,100 +363,143 @@ class DnsProxy:
         """The wire answer to one query (None: drop it). ``max_udp_size``: fit the answer in
         the client's UDP buffer, truncating with TC when it does not."""
         started = trio.current_time()
+        summary = summarize_query(wire)
+        if summary is not None:
+            query = Query(wire, summary)
+        else:  # not a plain query: the full parse decides, FORMERR and NOTIMP included
+            try:
+                message = dns.message.from_wire(wire)
+            except dns.exception.DNSException:
+                return self._formerr(wire)
+            if message.flags & dns.flags.QR:
+                self.counters.malformed += 1
+                return None
+            query = Query(wire, None, message)
+            if message.opcode() != dns.opcode.QUERY or len(message.question) != 1:
+                response = dns.message.make_response(message)
+                response.set_rcode(dns.rcode.NOTIMP if message.opcode() != dns.opcode.QUERY
+                                   else dns.rcode.FORMERR)  # fmt: skip
+                reply = Reply(response, None, None, "refused")
+                return self._finish(query, reply, client, started, max_udp_size)[0]
         try:
-            query = dns.message.from_wire(wire)
-        except dns.exception.DNSException:
+            reply = await self._resolve(query)
+            answer, answer_summary = self._finish(query, reply, client, started, max_udp_size)
+        except dns.exception.DNSException:  # a plain-looking query dnspython cannot read
             return self._formerr(wire)
-        if query.flags & dns.flags.QR:
-            self.counters.malformed += 1
-            return None
-        if query.opcode() != dns.opcode.QUERY or len(query.question) != 1:
-            response = dns.message.make_response(query)
-            response.set_rcode(dns.rcode.NOTIMP if query.opcode() != dns.opcode.QUERY
-                               else dns.rcode.FORMERR)  # fmt: skip
-            return self._finish(query, response, None, client, "refused", started, max_udp_size)
-        response, raw, source = await self._resolve(query, wire)
-        answer = self._finish(query, response, raw, client, source, started, max_udp_size)
         if max_udp_size:
-            self._keep_for_replay(wire, response, answer)
+            self._keep_for_replay(wire, answer_summary, answer)
         return answer
 
-    def _keep_for_replay(self, wire: bytes, response: dns.message.Message, answer: bytes) -> None:
+    def _keep_for_replay(self, wire: bytes, summary: AnswerSummary | None, answer: bytes) -> None:
         """Remember a complete NOERROR/NXDOMAIN UDP answer for ``_replay``."""
-        if response.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or answer[2] & 0x02:
-            return  # failures are not repeated; a truncated (TC) answer is not complete
-        ttls = [rrset.ttl for section in (response.answer, response.authority,
-                                          response.additional) for rrset in section]  # fmt: skip
-        name, addresses = answered_addresses(response)
-        self.recent.put(wire, answer, min_ttl=min(ttls, default=None), name=name,
-                        addresses=addresses, now=trio.current_time())  # fmt: skip
+        if summary is None or len(summary.question) != 1 or answer[2] & 0x02:
+            return  # a truncated (TC) answer is not complete
+        if summary.rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            return  # failures are not repeated
+        self.recent.put(wire, answer, min_ttl=summary.min_ttl_all,
+                        name=name_text(summary.question[0][0]),
+                        addresses=tuple(summary.addresses), now=trio.current_time())  # fmt: skip
 
-    async def _resolve(self, query: dns.message.Message, wire: bytes
-                       ) -> tuple[dns.message.Message, bytes | None, str]:  # fmt: skip
-        verdict = self.policy.check(query.question[0].name)
+    async def _resolve(self, query: Query) -> Reply:
+        verdict = self.policy.check(query.name)
         if verdict.action == "block":
             self.counters.blocked += 1
-            return blocked_response(query, self.config.blocked_answer), None, verdict.rule
+            return Reply(blocked_response(query.message, self.config.blocked_answer), None,
+                         None, verdict.rule)  # fmt: skip
         if verdict.action == "override":
             self.counters.overridden += 1
-            return override_response(query, verdict.addresses), None, verdict.rule
-        cached = self.cache.get(query, trio.current_time())
+            return Reply(override_response(query.message, verdict.addresses), None, None,
+                         verdict.rule)  # fmt: skip
+        now = trio.current_time()
+        if query.summary is None or self.cache.peek(query.cache_key, now):
+            cached = self.cache.get(query.message, now)  # (a parse only for a likely hit)
+        else:
+            cached = None
         if cached is not None:
             self.counters.cache_hits += 1
-            return self._screen(query, cached, None, "cache")
+            return self._screen(query.message, Reply(cached, None, None, "cache"))
         with trio.move_on_after(self.config.query_timeout) as timeout:
             while True:
                 round_started = trio.current_time()
                 try:
-                    raw, upstream = await self.upstreams.resolve(wire)
-                    response = dns.message.from_wire(raw)
+                    raw, summary, upstream = await self.upstreams.resolve_summarized(query.wire)
+                    # (None: truncated, kept as it was; parsing it here may fail)
+                    response = dns.message.from_wire(raw) if summary is None else None
                     break
                 except (UpstreamError, dns.exception.DNSException) as exc:
                     # Silent upstreams: go round the list again until the query's deadline.
                     # Upstreams that failed at once (refused, bad answer) end it now.
                     if trio.current_time() - round_started < self.config.attempt_timeout:
                         self.counters.upstream_failures += 1
-                        return self._servfail(query), None, f"failed: {exc}"
+                        return Reply(self._servfail(query.message), None, None, f"failed: {exc}")
             self.counters.forwarded += 1
-            self.cache.put(query, response, trio.current_time())
-            return self._screen(query, response, raw, upstream.url)
+            if response is not None:
+                self.cache.put(query.message, response, trio.current_time())
+                return self._screen(query.message, Reply(response, raw, None, upstream.url))
+            assert summary is not None
+            self.cache.put_wire(query.cache_key, raw, summary, trio.current_time())
+            reply = Reply(None, raw, summary, upstream.url)
+            if summary.has_alias and self.policy.screens_answers:
+                try:  # the one case the policy needs the whole message: a CNAME/DNAME chain
+                    reply = reply._replace(response=dns.message.from_wire(raw))
+                except dns.exception.DNSException as exc:
+                    self.counters.upstream_failures += 1
+                    return Reply(self._servfail(query.message), None, None, f"failed: {exc}")
+                return self._screen(query.message, reply)
+            return reply
         assert timeout.cancelled_caught
         self.counters.timeouts += 1
         self.counters.upstream_failures += 1
-        return self._servfail(query), None, "timeout"
+        return Reply(self._servfail(query.message), None, None, "timeout")
 
-    def _screen(self, query: dns.message.Message, response: dns.message.Message,
-                raw: bytes | None, source: str
-                ) -> tuple[dns.message.Message, bytes | None, str]:  # fmt: skip
+    def _screen(self, query: dns.message.Message, reply: Reply) -> Reply:
         """Block an answer whose CNAME chain leads to a blocked name, with the answer the
         blocked name gets as a question. Done on every answer, cached ones too, so a reloaded
         block list applies to answers cached before it."""
-        verdict = self.policy.check_answer(response)
+        assert reply.response is not None
+        verdict = self.policy.check_answer(reply.response)
         if verdict.action != "block":
-            return response, raw, source
+            return reply
         self.counters.blocked += 1
         self.counters.blocked_cname += 1
-        return blocked_response(query, self.config.blocked_answer), None, verdict.rule
+        return Reply(blocked_response(query, self.config.blocked_answer), None, None,
+                      verdict.rule)  # fmt: skip
 
-    def _finish(self, query: dns.message.Message, response: dns.message.Message,
-                raw: bytes | None, client: Endpoint, source: str, started: float,
-                max_udp_size: bool) -> bytes:  # fmt: skip
-        limit = _client_udp_size(query) if max_udp_size else 65535
-        if response.answer:
-            self.names.remember(client.address, response, trio.current_time())
+    def _finish(self, query: Query, reply: Reply, client: Endpoint,
+                started: float, max_udp_size: bool
+                ) -> tuple[bytes, AnswerSummary | None]:  # fmt: skip
+        """The answer's bytes (rendered, or truncated, when needed) and their summary; the
+        names the client was given are noted (``names``)."""
+        limit = query.udp_size if max_udp_size else 65535
+        raw, summary = reply.raw, reply.summary
         if raw is None or len(raw) > limit:
+            summary = None
             try:
+                response = reply.response
+                if response is None:
+                    assert raw is not None  # a reply has a message, bytes or both
+                    response = dns.message.from_wire(raw)
                 raw = response.to_wire(max_size=limit)
             except dns.exception.TooBig:
-                raw = self._truncated(query, max_udp_size)
+                raw = self._truncated(query.message, max_udp_size)
+            except dns.exception.DNSException:  # an answer that walked but does not parse
+                raw = self._truncated(query.message, max_udp_size)
+        if summary is None:
+            try:
+                summary = summarize(raw)
+            except WireError:  # not expected of what we render; nothing to note then
+                summary = None
+        if summary is not None and summary.addresses and len(summary.question) == 1:
+            self.names.remember_addresses(client.address, name_text(summary.question[0][0]),
+                                          summary.addresses, trio.current_time())  # fmt: skip
         if log.isEnabledFor(logging.DEBUG):
-            q = query.question[0] if query.question else None  # (an RRset is falsy)
+            known = query.summary is not None or len(query.message.question) == 1
             log.debug("dns %s %s %s -> %s via %s in %.1f ms", client,
-                      q.name if q is not None else "-",
-                      dns.rdatatype.to_text(q.rdtype) if q is not None else "-",
-                      dns.rcode.to_text(response.rcode()), source,
-                      (trio.current_time() - started) * 1000)  # fmt: skip
-        return raw
+                      query.name if known else "-",
+                      dns.rdatatype.to_text(query.rdtype) if known else "-",
+                      dns.rcode.to_text(dns.rcode.Rcode(header_flags(raw) & 0xF)),
+                      reply.source, (trio.current_time() - started) * 1000)  # fmt: skip
+        return raw, summary
 
     def _truncated(self, query: dns.message.Message, udp: bool) -> bytes:
         """An empty answer with TC set (UDP: the client retries over TCP); over TCP, where
@@ -487,12 +536,6 @@ def _refused(query: bytes) -> bytes | None:
     if query[2] & 0x80:
         return None
     return query[:2] + bytes([0x80 | (query[2] & 0x79), dns.rcode.REFUSED]) + bytes(8)
-
-
-def _client_udp_size(query: dns.message.Message) -> int:
-    if query.edns < 0:
-        return UDP_DEFAULT_SIZE
-    return max(UDP_DEFAULT_SIZE, min(query.payload, 65535))
 
 
 async def _receive_or_eof(stream: LwipTcpStream) -> bytes | None:

@@ -1,8 +1,9 @@
 """The upstream transports: DNS over UDP, TCP, TLS (RFC 7858) and HTTPS (RFC 8484).
 
-Theory of operation. UDP gets a fresh protected socket and a fresh random ID per query, so an
-off-path spoofer must guess both; datagrams that do not answer our query are ignored, and a
-truncated answer is asked again over TCP. The three stream transports share one pool
+Theory of operation. UDP queries go out through a pool of rotating protected sockets on random
+ports, each with a fresh random ID (``udp_pool``), so an off-path spoofer must guess both;
+datagrams that do not answer a query in flight are ignored (counted), and a truncated answer
+is asked again over TCP. The three stream transports share one pool
 (``_StreamUpstream``): up to ``MAX_IDLE`` idle connections, the most recently used taken
 first, none older than ``MAX_IDLE_AGE``; one query at a time on each connection (no
 pipelining, so a pooled connection is always clean to reuse); a reused connection that fails
@@ -15,27 +16,27 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import secrets
 import ssl
 import struct
 
-import dns.flags
 import h11
 import trio
 
 from ..dialer import Dialer
 from ..endpoint import Endpoint
 from . import doh
+from .udp_pool import UdpSocketPool
 from .wire import (
+    FLAG_TC,
     Question,
     UpstreamError,
     accept,
     describe,
     header_flags,
-    mismatch,
     parse_request,
-    validate,
     with_id,
 )
 
@@ -56,13 +57,14 @@ _TRANSPORT_ERRORS = (OSError, EOFError, trio.BrokenResourceError, trio.ClosedRes
 
 
 class UdpUpstream:
-    """DNS over UDP: one fresh socket per query; truncated answers are retried over TCP."""
+    """DNS over UDP through a pool of rotating protected sockets (``udp_pool``); truncated
+    answers are asked again over TCP."""
 
     def __init__(self, url: str, dialer: Dialer, endpoint: Endpoint) -> None:
         self.url = url
         self.endpoint = endpoint
-        self._dialer = dialer
         self._tcp = TcpUpstream(url, dialer, endpoint)
+        self.pool = UdpSocketPool(functools.partial(dialer.open_udp, endpoint))
         #: Answers that came back truncated and were asked again over TCP.
         self.tcp_retries = 0
 
@@ -71,36 +73,18 @@ class UdpUpstream:
 
     async def query(self, request: bytes) -> bytes:
         original_id, question = parse_request(request)
-        message_id = secrets.randbelow(0x10000)
         try:
-            sock = trio.socket.from_stdlib_socket(self._dialer.open_udp(self.endpoint))
-        except OSError as exc:
-            raise UpstreamError(f"cannot open a socket: {describe(exc)}") from exc
-        with sock:
-            try:
-                await sock.send(with_id(request, message_id))
-                answer = await self._receive(sock, message_id, question)
-            except OSError as exc:  # ECONNREFUSED: the ICMP port unreachable of a closed port
-                raise UpstreamError(describe(exc)) from exc
-        if header_flags(answer) & dns.flags.TC:
+            answer = await self.pool.exchange(request, question)
+        except OSError as exc:  # ECONNREFUSED: the ICMP port unreachable of a closed port
+            raise UpstreamError(describe(exc)) from exc
+        if header_flags(answer) & FLAG_TC:
             self.tcp_retries += 1
             log.debug("%s: truncated answer, asking again over TCP", self.url)
             return await self._tcp.query(request)
-        validate(answer)
         return with_id(answer, original_id)
 
-    async def _receive(
-        self, sock: trio.socket.SocketType, message_id: int, question: Question
-    ) -> bytes:
-        """The first datagram that answers our query; others may be spoofs and are ignored."""
-        while True:
-            data = await sock.recv(RECEIVE_SIZE)
-            reason = mismatch(data, message_id, question)
-            if reason is None:
-                return data
-            log.debug("%s: ignoring a datagram: %s", self.url, reason)
-
     async def aclose(self) -> None:
+        self.pool.close()
         await self._tcp.aclose()
 
 

@@ -4,9 +4,10 @@ URL forms. Addresses are IP literals: an upstream is never found by name resolut
 would itself need DNS and could leak around the proxy.
 
 ``udp://IP[:port]`` (port 53)
-    Every query gets a new protected socket (a fresh source port) and a fresh random ID, so an
-    off-path spoofer must guess both; datagrams whose ID or question do not match are ignored.
-    A truncated (TC) answer is retried over TCP to the same address and port.
+    Queries go out through a pool of protected sockets on random source ports, rotated every
+    few dozen queries or seconds, each query with a fresh random ID (``udp_pool``), so an
+    off-path spoofer must guess both; datagrams whose ID or question do not match are ignored
+    and counted. A truncated (TC) answer is retried over TCP to the same address and port.
 ``tcp://IP[:port]`` (port 53)
     2-byte length-prefixed messages (RFC 1035 4.2.2).
 ``tls://IP[:port][#servername]`` (port 853)
@@ -51,6 +52,7 @@ from ..errors import ConfigError
 from ..hostname import MAX_NAME, is_hostname
 from . import doh
 from .doh import DOH_PATH
+from .summary import AnswerSummary, summarize_answer
 from .transports import HttpsUpstream, TcpUpstream, TlsUpstream, UdpUpstream
 from .wire import UpstreamError, header_flags
 
@@ -220,19 +222,33 @@ class UpstreamSet:
     def counters(self) -> dict[str, int]:
         """A snapshot: ``queries`` (resolve calls); per attempt: ``failures`` (errors),
         ``timeouts``, ``bad_rcodes`` (SERVFAIL/REFUSED, moved on); ``all_failed`` (resolve
-        calls that raised); ``tcp_retries`` (truncated UDP answers asked again over TCP)."""
-        retries = sum(u.tcp_retries for u in self.upstreams if isinstance(u, UdpUpstream))
-        return {**self._counts, "tcp_retries": retries}
+        calls that raised); ``tcp_retries`` (truncated UDP answers asked again over TCP);
+        ``udp_ignored`` (datagrams on UDP upstream sockets that answered no query in flight:
+        spoofs, strays, late answers); ``udp_sockets_opened`` (the UDP pools' rotation)."""
+        udp = [u for u in self.upstreams if isinstance(u, UdpUpstream)]
+        return {**self._counts, "tcp_retries": sum(u.tcp_retries for u in udp),
+                "udp_ignored": sum(u.pool.ignored for u in udp),
+                "udp_sockets_opened": sum(u.pool.opened for u in udp)}  # fmt: skip
 
     async def resolve(self, request: bytes) -> tuple[bytes, Upstream]:
         """(answer, the upstream that gave it); UpstreamError if none answered."""
+        answer, _, upstream = await self.resolve_summarized(request)
+        return answer, upstream
+
+    async def resolve_summarized(
+        self, request: bytes
+    ) -> tuple[bytes, AnswerSummary | None, Upstream]:
+        """(answer, its ``summary.summarize``, the upstream that gave it). The walk of the
+        answer's records also decides that a malformed one is its upstream's failure. The
+        summary is None for a truncated answer that does not walk (it may be cut anywhere)."""
         self._counts["queries"] += 1
         errors: list[str] = []
-        fallback: tuple[bytes, Upstream] | None = None
+        fallback: tuple[bytes, AnswerSummary | None, Upstream] | None = None
         for upstream in self.upstreams:
             with trio.move_on_after(self.attempt_timeout) as attempt:
                 try:
                     answer = await upstream.query(request)
+                    summary = summarize_answer(answer)
                 except UpstreamError as exc:
                     self._counts["failures"] += 1
                     errors.append(f"{upstream.url}: {exc}")
@@ -246,10 +262,10 @@ class UpstreamSet:
                 continue
             rcode = header_flags(answer) & 0xF
             if rcode not in _MOVE_ON_RCODES:
-                return answer, upstream
+                return answer, summary, upstream
             self._counts["bad_rcodes"] += 1
             errors.append(f"{upstream.url}: {dns.rcode.to_text(dns.rcode.Rcode(rcode))}")
-            fallback = answer, upstream
+            fallback = answer, summary, upstream
         if fallback is not None:
             return fallback
         self._counts["all_failed"] += 1
