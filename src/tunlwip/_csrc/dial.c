@@ -35,13 +35,15 @@
 #include <string.h>
 #include <unistd.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 
 #include "lwip/sys.h"
 
 #include "tl_internal.h"
+
+/* Linux's TCP socket options (<netinet/tcp.h> would clash with lwIP's TCP_MSS). */
+enum { TL_TCP_NODELAY = 1, TL_TCP_KEEPIDLE = 4, TL_TCP_KEEPINTVL = 5, TL_TCP_KEEPCNT = 6 };
 
 enum { TL_DIALING = 0, TL_CONNECTED = 1, TL_RELAYED = 2, TL_FINISHED = 3 };
 
@@ -351,12 +353,12 @@ static int tl_dial_socket(const tl_endpoint *dst, tl_endpoint *local)
     }
     int one = 1;
     int err = 0;
-    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0) err = errno;
+    if (setsockopt(fd, IPPROTO_TCP, TL_TCP_NODELAY, &one, sizeof one) != 0) err = errno;
     if (!err && tl_keep[0] > 0 &&
         (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one) != 0 ||
-         setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &tl_keep[0], sizeof tl_keep[0]) != 0 ||
-         setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &tl_keep[1], sizeof tl_keep[1]) != 0 ||
-         setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &tl_keep[2], sizeof tl_keep[2]) != 0))
+         setsockopt(fd, IPPROTO_TCP, TL_TCP_KEEPIDLE, &tl_keep[0], sizeof tl_keep[0]) != 0 ||
+         setsockopt(fd, IPPROTO_TCP, TL_TCP_KEEPINTVL, &tl_keep[1], sizeof tl_keep[1]) != 0 ||
+         setsockopt(fd, IPPROTO_TCP, TL_TCP_KEEPCNT, &tl_keep[2], sizeof tl_keep[2]) != 0))
         err = errno;
     if (!err && connect(fd, (struct sockaddr *)&ss, sslen) != 0 && errno != EINPROGRESS) err = errno;
     struct sockaddr_storage mine;
@@ -370,6 +372,8 @@ static int tl_dial_socket(const tl_endpoint *dst, tl_endpoint *local)
     return fd;
 }
 
+int (*tl_dial_connector)(const tl_endpoint *dst, tl_endpoint *local) = tl_dial_socket;
+
 int64_t tl_dial_start(void)
 {
     if (!tl_dial_on || tl_cur_packet == NULL) return -EINVAL;
@@ -381,7 +385,7 @@ int64_t tl_dial_start(void)
         return -ENOMEM;
     }
     memcpy(packet, tl_cur_packet, tl_cur_len);
-    int fd = tl_dial_socket(tl_cur_dst, &d->local);
+    int fd = tl_dial_connector(tl_cur_dst, &d->local);
     if (fd < 0) {
         free(d);
         free(packet);

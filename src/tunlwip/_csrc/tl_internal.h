@@ -161,6 +161,9 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events);
 int tl_dial_claim(struct tcp_pcb *pcb);
 /* Check the deadlines; ms until the next one (UINT32_MAX: none). */
 uint32_t tl_dial_expire(void);
+/* What makes a dial's socket: a protected, connecting socket to dst (its address in *local),
+ * or -errno. The packet fuzzer swaps in socketpairs: it never connects anywhere. */
+extern int (*tl_dial_connector)(const tl_endpoint *dst, tl_endpoint *local);
 /* From relay.c, for relays it opened for a dial (tl_relay_adopt). */
 int tl_relay_adopt(struct tcp_pcb *pcb, int fd, struct tl_dial *flow);
 void tl_dial_relay_opened(struct tl_dial *d, struct tl_relay *r);
