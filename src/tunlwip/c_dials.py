@@ -140,9 +140,11 @@ class CDials:
                         self._handle(event)
             finally:
                 self._syncing = False
-        counts = cdial.counters()
-        swallowed = counts["c_dial_swallowed"] - self._swallowed_seen
-        loops = counts["c_dial_loops"] - self._loops_seen
+        swallowed, loops = cdial.screened()
+        if swallowed < self._swallowed_seen or loops < self._loops_seen:
+            self._swallowed_seen = self._loops_seen = 0  # the stack (re)started: counted anew
+        swallowed -= self._swallowed_seen
+        loops -= self._loops_seen
         self._swallowed_seen += swallowed
         self._loops_seen += loops
         return swallowed, loops

@@ -86,6 +86,12 @@ def counters() -> dict[str, int]:
             "c_relays": int(c.relayed), "python_calls": int(c.python_calls)}  # fmt: skip
 
 
+def screened() -> tuple[int, int]:
+    """(SYN retransmits swallowed, looping SYNs dropped) in C so far."""
+    c = lib.tl_dial_get_counters()
+    return int(c.swallowed), int(c.loops)
+
+
 def gauges() -> tuple[int, int]:
     """(dials connecting, dials connected and not yet claimed)."""
     c = lib.tl_dial_get_counters()
