@@ -298,7 +298,9 @@ class FlowTable:
         if self._live.pop(id(flow), None) is None:
             return None
         self._open_now[flow.protocol] -= 1
-        record = flow.record(trio.current_time() - ago, reason)
+        # ``ago`` and the opening's own correction are whole ms of lwIP's clock: never end
+        # before the start
+        record = flow.record(max(trio.current_time() - ago, flow.opened), reason)
         for subscriber in list(self._subscribers):
             if not subscriber._offer(record):
                 self._records_dropped += 1
