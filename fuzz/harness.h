@@ -104,4 +104,10 @@ void udp_sessions_teardown(void);
 /* packet_shapes.c: build and feed the packet(s) of a record of kind VNET or XT_CHAIN to SEG */
 void shape_record(unsigned kind, const uint8_t *in, size_t len, uint8_t arg);
 
+/* ---- dials in C (packet_checks.c) ---------------------------------------------------------- */
+
+int fuzz_dial_connector(const tl_endpoint *dst, tl_endpoint *local);
+void fuzz_dial_events(void);
+void fuzz_dial_teardown(void);
+
 #endif

@@ -85,6 +85,17 @@ def packet_seeds() -> dict[str, bytes]:
         # dial-before-accept: the SYN is held, then released
         held = [record(pkts[0], RELEASE, 1 << 1, 1), *recs[1:]]
         seeds[f"tcp_{fam}_held"] = bytes([HOLD]) + b"".join(held)
+        # dialed in C (dial.c, to a socketpair): a retransmit swallowed, the poll releases the
+        # SYN, the ACK claims the dial into a C relay, its first bytes, the client's FIN
+        cdial = 0x06  # tl_py_syn: tl_dial_start
+        seeds[f"tcp_{fam}_c_dial"] = bytes([HOLD]) + b"".join([
+            record(pkts[0], NOP, cdial), record(pkts[0], POLL, cdial), *recs[1:3],
+            record(b"", POLL), record(pkts[3], POLL, 0, 3)])  # fmt: skip
+        # ... the upstream gone at once (EOF), and a dial never claimed (claim timeout)
+        seeds[f"tcp_{fam}_c_dial_eof"] = bytes([HOLD | FD_BATCH]) + b"".join([
+            record(pkts[0], POLL, cdial | 0x20), *recs[1:], record(b"", POLL)])  # fmt: skip
+        seeds[f"tcp_{fam}_c_dial_unclaimed"] = bytes([HOLD]) + b"".join([
+            record(pkts[0], POLL, cdial, 7), record(b"", NOP, 0, 7)])  # fmt: skip
         # relayed: hand over after the data, the upstream answers and closes
         relay = [
             record(pkts[0]),

@@ -14,8 +14,10 @@
  * in virtio-net mode) and check_input_checked (no hook bypass, the half-open bound, the MSS
  * floor).
  */
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/socket.h>
 #include <linux/virtio_net.h>
 
@@ -89,6 +91,7 @@ int tl_py_syn(const uint8_t *packet, size_t len, const tl_endpoint *src, const t
 {
     (void)src; (void)dst;
     touch(packet, len);
+    if ((decide & 0x06) == 0x06 && tl_dial_start() > 0) return 1; /* dialed in C (dial.c) */
     if ((decide & 1) || held_n == MAX_HELD) return 0; /* not intercepted: lwIP answers at once */
     held[held_n].pkt = malloc(len);
     if (held[held_n].pkt == NULL) abort();
@@ -326,3 +329,54 @@ void check_input_checked(void)
                                                                 : tl_max_half_open;
 }
 
+
+/* ---- dials in C (dial.c): their upstreams are socketpairs, nothing connects anywhere ------ */
+
+#define MAX_DIAL_PEERS 16
+static int dial_peers[MAX_DIAL_PEERS]; /* the "servers" of dials, closed at teardown */
+static int dial_peers_n;
+static uint16_t dial_port;
+
+int fuzz_dial_connector(const tl_endpoint *dst, tl_endpoint *local)
+{
+    if ((decide & 0x18) == 0x18) return -EMFILE; /* no socket: answered at once */
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) != 0) return -errno;
+    if (dial_peers_n < MAX_DIAL_PEERS && !(decide & 0x20)) dial_peers[dial_peers_n++] = sv[1];
+    else close(sv[1]); /* the upstream went away at once: EOF */
+    *local = *dst; /* our "address": the destination's, another port (loops can be aimed at it) */
+    dial_port = (uint16_t)(dial_port + 1) ? (uint16_t)(dial_port + 1) : 1;
+    local->port = dial_port;
+    return sv[0];
+}
+
+/* Take dial.c's events, as c_dials.py does after a pass; check what they carry. */
+void fuzz_dial_events(void)
+{
+    tl_dial_event *e;
+    int n = tl_dial_events(&e);
+    for (int i = 0; i < n; i++) {
+        if (e[i].kind < TL_DIAL_CONNECTED || e[i].kind > TL_DIAL_ENDED || e[i].id == 0) abort();
+        if (e[i].len) touch(e[i].data, e[i].len);
+        if (e[i].kind == TL_DIAL_FAILED && e[i].len < 20) abort(); /* the held SYN */
+        if (e[i].kind == TL_DIAL_OPENED) {
+            tl_relay_stats st;
+            tl_dial_flow_bytes(e[i].flow, &st);
+        }
+    }
+    const tl_dial_counters *c = tl_dial_get_counters();
+    if (c->dialing + c->connected > c->started) abort();
+}
+
+void fuzz_dial_teardown(void)
+{
+    tl_dial_close_all(); /* relays were aborted already: every dial reports its end */
+    fuzz_dial_events();
+    fuzz_dial_events(); /* frees the last batch */
+    const tl_dial_counters *c = tl_dial_get_counters();
+    if (c->dialing || c->connected || c->relayed) abort(); /* nothing left behind */
+    for (int i = 0; i < dial_peers_n; i++) close(dial_peers[i]);
+    dial_peers_n = 0;
+    tl_dial_configure(0, TL_PROTECT_NONE, 0, NULL, 0, 0, 0, 30000, 10000);
+    tl_dial_reset_counters();
+}

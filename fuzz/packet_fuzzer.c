@@ -320,6 +320,7 @@ static void advance(uint32_t ms)
         tl_check_timeouts();
     }
     if (tl_sleeptime() == 0) tl_check_timeouts();
+    tl_dial_expire();
 }
 
 static void setup(uint8_t cfg)
@@ -328,6 +329,10 @@ static void setup(uint8_t cfg)
     if (tl_init(cur_mtu, GW4, GW6) != 0) abort();
     tl_set_checksum_check((cfg & CFG_CHECKSUMS) != 0);
     tl_set_hold_syns((cfg & CFG_HOLD_SYNS) != 0);
+    if (cfg & CFG_HOLD_SYNS) { /* and dials in C, to socketpairs (packet_checks.c) */
+        tl_dial_connector = fuzz_dial_connector;
+        tl_dial_configure(1, TL_PROTECT_NONE, 0, NULL, 0, 0, 0, 3000, 1000);
+    }
     tl_set_max_half_open(DEFAULT_HALF_OPEN); /* a SEG record may lower it */
     half_open_bound = DEFAULT_HALF_OPEN;
     /* loopback and link-local destinations: dropped at MTU 1500, forwarded at 65520 */
@@ -374,6 +379,9 @@ static void report(void)
             k->drop_port_zero, k->drop_bad_address, k->tcp_half_open_evicted, k->output_writes,
             k->output_gso_writes, k->input_gso_tcp, k->input_gso_udp,
             k->input_gso_udp_datagrams, k->drop_vnet_header);
+    const tl_dial_counters *d = tl_dial_get_counters();
+    fprintf(stderr, "c dials=%lu swallowed=%lu loops=%lu dialing=%lu connected=%lu relays=%lu\n",
+            d->started, d->swallowed, d->loops, d->dialing, d->connected, d->relayed);
 }
 
 /* Empty lwIP and our tables so the next input starts from the same state. */
@@ -382,6 +390,7 @@ static void teardown(void)
     if (verbose) report();
     tl_relay_abort_all(); /* reports every relay done: their slots are freed */
     udp_sessions_teardown(); /* before tl_deinit: sessions send through lwIP */
+    fuzz_dial_teardown();
     for (int i = 0; i < MAX_CONNS; i++) {
         if (conns[i].id == 0) continue;
         if (conns[i].pcb) tl_tcp_abort(conns[i].pcb);
@@ -520,6 +529,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         off += len;
         advance(TIME_STEPS[ctl & 7]);
         app_step(step, arg);
+        fuzz_dial_events();
         check_vnet_output();
         check_input_checked();
     }

@@ -81,7 +81,7 @@ class Admission:
 
     def screen(self, kind: str, client: Endpoint, target: Endpoint) -> Verdict:
         """Why the new ``kind`` ("TCP", "UDP") flow must not start, counted; None if it may."""
-        if self._dialer.is_own(client, target):
+        if self._dialer.is_own(client, target, also=kind != "TCP"):
             self._loop_detected(kind, client, target)
             return "loop"
         if target.port == ENCRYPTED_DNS_PORT and self.reject_encrypted_dns:
@@ -100,7 +100,12 @@ class Admission:
                         "raise the limit (LimitNOFILE, ulimit -n) or lower tcp.max_connections "
                         "and udp.max_sessions", exc.strerror)  # fmt: skip
 
-    def _loop_detected(self, kind: str, client: Endpoint, target: Endpoint) -> None:
+    def loops_dropped_in_c(self, count: int) -> None:
+        """C dropped ``count`` held SYNs of its own dials' sockets (``c_dials``)."""
+        self.refused.loops += count - 1
+        self._loop_detected("TCP", "(in C)", "(in C)")
+
+    def _loop_detected(self, kind: str, client: object, target: object) -> None:
         """Our own upstream traffic arrived on the TUN: drop it (forwarding it would dial the
         same destination again, and again), count it, and say once, loudly, what to fix."""
         self.refused.loops += 1

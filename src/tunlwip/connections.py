@@ -33,11 +33,13 @@ class ConnectionTable:
         self.refused_at_limit = 0
         self.refused_buffer_full = 0
         self.refused_client_share = 0
+        #: Relays C opened for its own dials (``c_dials``): no id, counted here.
+        self.c_relays = 0
         self._next_id = 1
 
     def __len__(self) -> int:
         """Open TCP connections: Python streams and C relays."""
-        return len(self.streams) + len(self.relays)
+        return len(self.streams) + len(self.relays) + self.c_relays
 
     def buffered_bytes(self) -> int:
         """Client bytes received and not yet read, over the Python streams."""
@@ -85,3 +87,4 @@ class ConnectionTable:
         self.streams.clear()
         self.clients.clear()
         self.client_connections.clear()
+        self.c_relays = 0

@@ -70,24 +70,48 @@ def no_protection(sock: socket.socket) -> None:
     """For gateways whose sockets cannot loop (e.g. the TUN lives in another namespace)."""
 
 
-def fwmark(mark: int) -> Protector:
+class _Fwmark:
     """Mark sockets so an ``ip rule ... not fwmark MARK`` keeps them out of the TUN."""
 
-    def protect(sock: socket.socket) -> None:
-        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    def __init__(self, mark: int) -> None:
+        self.mark = mark
+        self.__doc__ = f"fwmark {mark:#x}"
 
-    protect.__doc__ = f"fwmark {mark:#x}"
-    return protect
+    def __call__(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+
+
+class _BindInterface:
+    """Bind sockets to the real uplink interface so they never route into the TUN."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.__doc__ = f"bind to {name}"
+
+    def __call__(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, self.name.encode())
+
+
+def fwmark(mark: int) -> Protector:
+    """Mark sockets so an ``ip rule ... not fwmark MARK`` keeps them out of the TUN."""
+    return _Fwmark(mark)
 
 
 def bind_interface(name: str) -> Protector:
     """Bind sockets to the real uplink interface so they never route into the TUN."""
+    return _BindInterface(name)
 
-    def protect(sock: socket.socket) -> None:
-        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, name.encode())
 
-    protect.__doc__ = f"bind to {name}"
-    return protect
+def c_protection(protector: Protector) -> tuple[str, int | str] | None:
+    """How C can apply ``protector`` itself: ("none", 0), ("fwmark", mark) or ("interface",
+    name); None for a protector only Python can run (a callback)."""
+    if protector is no_protection:
+        return ("none", 0)
+    if isinstance(protector, _Fwmark):
+        return ("fwmark", protector.mark)
+    if isinstance(protector, _BindInterface):
+        return ("interface", protector.name)
+    return None
 
 
 def callback(fn: Callable[[int], bool]) -> Protector:
@@ -123,11 +147,16 @@ class Dialer:
         # packets look like should they come back through the TUN (``is_own``). Packed into
         # bytes: one entry per flow, and Endpoint objects would double its size.
         self._own: weakref.WeakValueDictionary[bytes, socket.socket] = weakref.WeakValueDictionary()
+        #: Also ours: sockets made elsewhere (C's dials), asked after our own.
+        self.also_own: Callable[[Endpoint, Endpoint], bool] | None = None
 
-    def is_own(self, source: Endpoint, destination: Endpoint) -> bool:
+    def is_own(self, source: Endpoint, destination: Endpoint, *, also: bool = True) -> bool:
         """Is a packet from ``source`` to ``destination`` one of our own sockets' (so, arriving
-        on the TUN, a routing loop: protection is not in effect)?"""
-        return _flow_key(source.address.packed, source.port, destination) in self._own
+        on the TUN, a routing loop: protection is not in effect)? ``also``: ask ``also_own``
+        too (C screens held SYNs against its own sockets before Python sees them)."""
+        if _flow_key(source.address.packed, source.port, destination) in self._own:
+            return True
+        return also and self.also_own is not None and self.also_own(source, destination)
 
     def _remember(self, sock: socket.socket, target: Endpoint) -> None:
         local = sock.getsockname()

@@ -287,12 +287,20 @@ class FlowTable:
                          lambda: (stream.bytes_received, stream.bytes_sent),
                          self._name_for(stream.remote, target))  # fmt: skip
 
-    def close(self, flow: LiveFlow, reason: str) -> FlowRecord | None:
-        """End ``flow``; returns its record (None if it was already closed)."""
+    def open_tcp(self, client: Endpoint, target: Endpoint, counts: ByteCounts) -> LiveFlow:
+        """Open the record of a TCP connection that has no stream (a C dial's relay), named
+        by ``name_for``, its byte counts read from ``counts``."""
+        return self.open("tcp", client, target, counts, self._name_for(client, target))
+
+    def close(self, flow: LiveFlow, reason: str, ago: float = 0.0) -> FlowRecord | None:
+        """End ``flow`` (``ago`` seconds ago); returns its record (None if it was already
+        closed)."""
         if self._live.pop(id(flow), None) is None:
             return None
         self._open_now[flow.protocol] -= 1
-        record = flow.record(trio.current_time(), reason)
+        # ``ago`` and the opening's own correction are whole ms of lwIP's clock: never end
+        # before the start
+        record = flow.record(max(trio.current_time() - ago, flow.opened), reason)
         for subscriber in list(self._subscribers):
             if not subscriber._offer(record):
                 self._records_dropped += 1

@@ -194,6 +194,7 @@ class Gateway:
         keep_dns = dataclasses.replace(config.dns, hijack=old.dns.hijack)
         self.config = dataclasses.replace(config, stack=self.stack.config, dns=keep_dns, **keep)
         self._tcp.config = self.config
+        self._tcp.configure_c_dials()
         return needs_restart
 
     async def drain(self, grace: float) -> bool:
@@ -207,6 +208,7 @@ class Gateway:
 
     def statistics(self) -> GatewayStatistics:
         """A frozen snapshot of every counter (taken now; nothing is kept per call)."""
+        self._tcp.sync_c_dials()  # what C's dials did since the last poll pass
         stack = self.stack.statistics()
         self.udp.sync()  # what UDP sessions relayed in C did
         own = self._admission.refused
@@ -220,7 +222,7 @@ class Gateway:
         return GatewayStatistics(
             stack=stack,
             active_flows=self._tcp.active,
-            pending_dials=len(self._tcp.dials) if self._tcp.dials is not None else 0,
+            pending_dials=self._tcp.pending_dials(),
             dials_ok=self._tcp.counts.ok,
             dials_refused=self._tcp.counts.refused,
             dials_failed=self._tcp.counts.failed,
@@ -242,6 +244,7 @@ class Gateway:
     def live_flows(self, limit: int | None = None) -> list[FlowInfo]:
         """Snapshots of the open TCP connections and UDP sessions, most bytes first (at most
         ``limit``)."""
+        self._tcp.sync_c_dials()
         return self._flows.live(limit)
 
     def flows(self, max_buffer: int = DEFAULT_BUFFER) -> FlowSubscription:

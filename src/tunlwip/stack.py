@@ -39,6 +39,7 @@ from typing import Any, NoReturn
 import trio
 
 from .binding import callbacks, core
+from .binding import dial as cdial
 from .binding import relay as crelay
 from .binding import tcp as ctcp
 from .binding import udp_relay as cudp
@@ -47,7 +48,7 @@ from .config.sections import StackConfig as StackConfig
 from .connections import ConnectionTable
 from .device import FdPacketDevice, PacketDevice
 from .dialer import Keepalive
-from .endpoint import Endpoint
+from .endpoint import Endpoint, IPAddress
 from .errors import LwipError, TunlwipError
 from .hooks import StackHooks as StackHooks
 from .pollset import LwipClock, PollSet
@@ -150,6 +151,8 @@ class LwipStack:
         self._running = False
         self._callback_errors = 0
         self._packets_sent_outside_lwip = 0
+        #: Takes the events of C's dials (``c_dials``), set by the forwarder that turned them on.
+        self.c_dial_events: Callable[[], None] | None = None
 
     # -- public API ---------------------------------------------------------------------------
     async def run(
@@ -214,6 +217,7 @@ class LwipStack:
         counters["callback_errors"] = self._callback_errors
         counters.update(crelay.counters())
         counters.update(cudp.counters())
+        counters.update(cdial.counters())
         counters["tcp_refused_at_limit"] = self._connections.refused_at_limit
         counters["tcp_refused_buffers_full"] = self._connections.refused_buffer_full
         counters["tcp_refused_client_share"] = self._connections.refused_client_share
@@ -222,6 +226,20 @@ class LwipStack:
             lwip_tcp_pcbs=core.tcp_pcb_count(),
             counters=counters,
         )
+
+    def reads_device_in_c(self) -> bool:
+        """Does C read the device's packets (so a connection may run with no Python)?"""
+        device = self.device
+        return isinstance(device, FdPacketDevice) and device.direct_input_fd() is not None
+
+    def c_relay_opened(self, client: IPAddress) -> None:
+        """C opened a relay for its own dial: one more connection, of ``client``'s share."""
+        self._connections.c_relays += 1
+        self.client_connections.add(client)
+
+    def c_relay_ended(self, client: IPAddress) -> None:
+        self._connections.c_relays -= 1
+        self.client_connections.release(client)
 
     def release_syn(self, packet: bytes) -> None:
         """Feed a SYN that ``syn_interceptor`` held back to lwIP, which then answers it."""
@@ -344,6 +362,7 @@ class LwipStack:
         core.reset_counters()
         crelay.reset_counters()
         cudp.reset_counters()
+        cdial.reset_counters()
         core.set_checksum_check(cfg.verify_checksums)
         _apply_keepalive(self._tcp_keepalive)  # lwIP is global: another stack may have set it
         core.set_client_networks(cfg.client_networks)
@@ -397,6 +416,10 @@ class LwipStack:
         self._poll_set.stop()
         crelay.abort_all()  # closes every upstream socket (reported as "stopped")
         cudp.close_all()  # C UDP sessions; their owners close their sockets
+        cdial.close_all()
+        if self.c_dial_events is not None:
+            self.c_dial_events()  # the C relays' ends, before the stack forgets them
+        cdial.configure(on=False)
         for stream in list(self._streams.values()):
             stream.on_stack_stopped()
         self._connections.clear()
@@ -489,6 +512,8 @@ class LwipStack:
         connections, deferred calls, wake the writer for output."""
         if self._accepted:
             self._dispatch_accepted()
+        if self.c_dial_events is not None and cdial.waiting():
+            self.c_dial_events()
         while self._after:
             after, self._after = self._after, []
             for fn in after:

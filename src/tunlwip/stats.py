@@ -210,6 +210,9 @@ _STACK_GAUGES = MappingProxyType({
     "udp_ports": "catch-all UDP PCBs lwIP holds now",
     "tcp_half_open": "connections in SYN_RCVD now",
     "input_offloads": "TUN_F_* offloads the device negotiated (TUNSETOFFLOAD)",
+    "c_dialing": "upstream connects C runs now for held SYNs",
+    "c_dial_connected": "upstreams C connected, waiting for their client's handshake",
+    "c_relays": "relays C opened for its own dials, open now",
 })  # fmt: skip
 
 #: Every exported number, in the order of the exposition (after ``tunlwip_info``).

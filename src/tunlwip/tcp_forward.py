@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .admission import FD_SHORTAGE, Admission
+from .c_dials import CDials
 from .dialer import Dialer
 from .endpoint import Endpoint, IPAddress
 from .errors import LwipError, ProtectError
@@ -308,8 +309,10 @@ class TcpForwarder:
             self.dials = HeldSynDials(stack, dialer, claim_timeout=config.predial_claim_timeout,
                                       on_connected=self._dial_connected,
                                       on_failed=self._dial_failed)  # fmt: skip
-        #: False once the gateway drains: held SYNs are refused outright.
-        self.accepting = True
+        #: Dials in C (``c_dials``): on from ``start_serving`` when C reads the device and can
+        #: protect the sockets itself; ``dials`` then only serves what C cannot.
+        self.c_dials: CDials | None = None
+        self._accepting = True
         #: Open connections the gateway waits for when it drains (not the DNS proxy's).
         self.active = 0
         self.idle = trio.Event()
@@ -319,6 +322,54 @@ class TcpForwarder:
     def start_serving(self) -> None:
         """The gateway runs: SYNs may be held and dialed from now on."""
         self._serving = True
+        if self.dials is not None and CDials.possible(self._stack, self._dialer):
+            self.c_dials = CDials(self._stack, self._flows, on_failed=self._dial_failed,
+                                  on_connected=self._c_connected, on_opened=self._c_opened,
+                                  on_ended=self._c_ended)  # fmt: skip
+            self.configure_c_dials()
+            CDials.set_accepting(self._accepting)
+            self._stack.c_dial_events = self.sync_c_dials
+            self._dialer.also_own = CDials.is_own
+
+    def configure_c_dials(self) -> None:
+        """Apply the dialer's and the claim timeout's settings to C's dials (reconfigure)."""
+        if self.c_dials is not None:
+            CDials.configure(self._dialer, self.config.predial_claim_timeout)
+
+    @property
+    def accepting(self) -> bool:
+        """False once the gateway drains: held SYNs are refused outright."""
+        return self._accepting
+
+    @accepting.setter
+    def accepting(self, on: bool) -> None:
+        self._accepting = on
+        if self.c_dials is not None:
+            CDials.set_accepting(on)
+
+    def sync_c_dials(self) -> None:
+        """Take what C's dials did since the last look (the stack calls it after a pass)."""
+        if self.c_dials is None:
+            return
+        swallowed, loops = self.c_dials.sync()
+        self.counts.swallowed += swallowed
+        if loops:
+            self._admission.loops_dropped_in_c(loops)
+
+    def pending_dials(self) -> int:
+        """SYNs held while their upstream connect runs (in Python or in C)."""
+        held = len(self.dials) if self.dials is not None else 0
+        return held + (len(self.c_dials) if self.c_dials is not None else 0)
+
+    def _c_connected(self) -> None:
+        self.counts.ok += 1
+
+    def _c_opened(self, flow: LiveFlow) -> None:
+        self._flow_started()
+
+    def _c_ended(self, flow: LiveFlow, reason: str, ago: float) -> None:
+        log.debug("flow %s -> %s ended: %s", flow.client, flow.target, reason)
+        self._end_flow(flow, reason, ago=ago)
 
     # -- the connection handler -----------------------------------------------------------------
     async def handle(self, stream: LwipTcpStream, target: Endpoint) -> None:
@@ -355,8 +406,9 @@ class TcpForwarder:
         if self.active == 1:
             self.idle = trio.Event()
 
-    def _end_flow(self, flow: LiveFlow, reason: str, *, counted: bool = True) -> None:
-        self._flows.close(flow, reason)
+    def _end_flow(self, flow: LiveFlow, reason: str, *, counted: bool = True,
+                  ago: float = 0.0) -> None:  # fmt: skip
+        self._flows.close(flow, reason, ago)
         if counted:
             self.active -= 1
             if self.active == 0:
@@ -443,29 +495,38 @@ class TcpForwarder:
             self._answer(packet, refused=True)
             return True
         refused = self._admission.refused
+        c = self.c_dials
         opening = self._stack.connection_count() + len(dials) + dials.connected_count()
+        if c is not None:
+            opening += len(c) + c.connected_count()
         if opening >= self._stack.config.max_tcp_connections:
             refused.tcp_connections += 1
             self._answer(packet, refused=True)
             return True
-        if len(dials) >= self.config.max_pending_dials:
+        if self.pending_dials() >= self.config.max_pending_dials:
             refused.pending_dials += 1
             self._answer(packet, refused=True)
             return True
         # The client's shares, once the global limits had room (a full one is reported as
         # such): its connections, open or being dialed, then its held SYNs.
         address = client.address
-        opening = self._stack.client_connections.count(address) + dials.dialing_for(address) \
-            + dials.connected_for(address)  # fmt: skip
-        if opening >= self._stack.config.connection_share:
+        dialing = dials.dialing_for(address)
+        opening = self._stack.client_connections.count(address) + dials.connected_for(address)
+        if c is not None:
+            dialing += c.dialing_for(address)
+            opening += c.connected_for(address)
+        if opening + dialing >= self._stack.config.connection_share:
             refused.client_share_connections += 1
             self._answer(packet, refused=True)
             return True
-        if dials.dialing_for(address) >= self.config.pending_dial_share:
+        if dialing >= self.config.pending_dial_share:
             refused.client_share_dials += 1
             self._answer(packet, refused=True)
             return True
-        dials.start(key, packet)
+        if c is None:
+            dials.start(key, packet)
+        elif (error := c.start(key)) is not None:
+            self._dial_failed(key, packet, error, 0.0)
         return True
 
     def screen_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:

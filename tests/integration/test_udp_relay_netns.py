@@ -75,7 +75,7 @@ def test_iperf3_udp_is_relayed_in_c_without_loss(
     assert packets > 10_000 and received["lost_percent"] <= 1.0, (received, gw.tail())
     key = "udp_relay_datagrams_down" if reverse else "udp_relay_datagrams_up"
     relayed = after[key] - before[key]
-    python = after["calls_into_python"] - before["calls_into_python"]
+    python = after["python_calls"] - before["python_calls"]
     assert relayed >= packets * 0.99, (relayed, packets, gw.tail())
     assert python < packets / 20, f"{python} calls into Python for {packets} datagrams"
     print(f"{packets} datagrams, {relayed} relayed in C, {python} calls into Python; "

@@ -32,6 +32,7 @@
 uint64_t tl_python_calls;
 
 int tl_epoll_fd = -1;
+int tl_polling; /* inside tl_relay_poll's round */
 static int tl_poll_input = -1;    /* the device fd read by tl_relay_poll, or -1 */
 static int tl_poll_input_err;     /* errno that made it stop reading the device */
 
@@ -54,6 +55,7 @@ int tl_relay_poll(int max_events)
     if (max_events > 256) max_events = 256;
     int n = epoll_wait(tl_epoll_fd, events, max_events, 0);
     if (n < 0) return errno == EINTR ? 0 : -errno;
+    tl_polling = 1;
     tl_output_batch_begin(); /* a pass's segments of a connection leave in one write */
     for (int i = 0; i < n; i++) {
         if (events[i].data.u64 == TL_INPUT_TAG) { /* the device: a batch of client packets */
@@ -76,6 +78,9 @@ int tl_relay_poll(int max_events)
         case TL_POLL_UDP_RELAY:
             tl_udp_relay_on_ready((struct tl_udp_relay *)entry, events[i].events);
             break;
+        case TL_POLL_DIAL:
+            tl_dial_on_ready((struct tl_dial *)entry, events[i].events);
+            break;
         default:
             abort(); /* a pointer we never put in the set */
         }
@@ -83,6 +88,8 @@ int tl_relay_poll(int max_events)
     tl_output_batch_end();
     tl_relay_bury();
     tl_udp_relay_bury();
+    tl_polling = 0;
+    tl_dial_expire();
     return n;
 }
 
@@ -152,6 +159,9 @@ int tl_relay_run(int timeout_ms, uint32_t clock_base_ms, double clock_origin)
         uint32_t wait = left_ms < 1.0 ? 1u : (uint32_t)left_ms;
         uint32_t lwip_due = tl_sleeptime();
         if (lwip_due < wait) wait = lwip_due;
+        uint32_t dial_due = tl_dial_expire(); /* and the C dials' deadlines */
+        if (tl_python_calls != calls) return TL_RUN_PYTHON;
+        if (dial_due < wait) wait = dial_due ? dial_due : 1;
         int ready = tl_relay_wait((int)wait);
         if (ready == -EINTR) return TL_RUN_SIGNAL;
         if (ready < 0) return ready;
@@ -196,6 +206,3 @@ int tl_poll_set_input(int fd)
 
 /* Why the poll set stopped reading the device (an errno), or 0. */
 int tl_poll_input_error(void) { return tl_poll_input_err; }
-
-/* Calls from C into Python so far (what proves a path runs without Python). */
-uint64_t tl_python_call_count(void) { return tl_python_calls; }

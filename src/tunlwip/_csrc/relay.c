@@ -58,6 +58,7 @@ struct tl_relay {
     struct tcp_pcb *pcb;      /* NULL once lwIP let go of it */
     int fd;                   /* -1 once closed */
     uintptr_t conn;
+    struct tl_dial *flow;     /* opened by dial.c (no Python): its record, else NULL */
     struct pbuf *up_queue;    /* client bytes the socket has not taken yet (tl_relay_queue_up) */
     struct pbuf *up_tail;     /* its last pbuf */
     u16_t up_tail_room;       /* bytes free after up_tail's data when it is ours to fill */
@@ -138,7 +139,8 @@ static int tl_relay_end(struct tl_relay *r, int reason)
     r->ended = 1;
     r->grave_next = tl_graveyard;
     tl_graveyard = r;
-    TL_PY(tl_py_relay_done(r->conn, reason, r->bytes_up, r->bytes_down));
+    if (r->flow != NULL) tl_dial_relay_ended(r->flow, reason, r->bytes_up, r->bytes_down);
+    else TL_PY(tl_py_relay_done(r->conn, reason, r->bytes_up, r->bytes_down));
     return aborted;
 }
 
@@ -303,7 +305,8 @@ static err_t tl_relay_on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, er
             u16_t n = pbuf_copy_partial(p, tl_relay_buf,
                                         p->tot_len < TL_RELAY_FIRST_DATA_MAX ? p->tot_len
                                                                              : TL_RELAY_FIRST_DATA_MAX, 0);
-            TL_PY(tl_py_relay_first_data(r->conn, tl_relay_buf, n));
+            if (r->flow != NULL) tl_dial_first_data(r->flow, tl_relay_buf, n);
+            else TL_PY(tl_py_relay_first_data(r->conn, tl_relay_buf, n));
             if (r->ended) { /* the callback aborted the relay (and the PCB) */
                 pbuf_free(p);
                 return ERR_ABRT;
@@ -521,12 +524,13 @@ void tl_relay_on_ready(struct tl_relay *r, uint32_t ev)
 
 /* ---- API ---------------------------------------------------------------------------------- */
 
-/* Take over a connection and its upstream socket. Returns 0 with *out set to the relay (or
- * NULL if it already ended and was reported), or -1 if nothing was taken over (no memory). */
-int tl_relay_open(void *pcb_, int fd, uintptr_t conn, const uint8_t *pending, size_t len,
-                  int client_eof, int want_first_data, void **out)
+/* Take over a connection and its upstream socket, for Python (conn) or for dial.c (flow).
+ * Returns TL_GOES_ON, TL_ENDED or TL_ABORTED with *out set to the relay while it goes on, or
+ * -1 if nothing was taken over (no memory). */
+static int tl_relay_start(struct tcp_pcb *pcb, int fd, uintptr_t conn, struct tl_dial *flow,
+                          const uint8_t *pending, size_t len, int client_eof,
+                          int want_first_data, struct tl_relay **out)
 {
-    struct tcp_pcb *pcb = (struct tcp_pcb *)pcb_;
     *out = NULL;
     if (tl_relay_epoll_fd() < 0) return -1;
     struct tl_relay *r = calloc(1, sizeof *r);
@@ -551,6 +555,7 @@ int tl_relay_open(void *pcb_, int fd, uintptr_t conn, const uint8_t *pending, si
     r->pcb = pcb;
     r->fd = fd;
     r->conn = conn;
+    r->flow = flow;
     r->client_eof = client_eof ? 1 : 0;
     r->want_first_data = want_first_data && !r->up_queue ? 1 : 0;
     tl_relay_touch(r);
@@ -559,13 +564,41 @@ int tl_relay_open(void *pcb_, int fd, uintptr_t conn, const uint8_t *pending, si
     tl_relays = r;
     tl_relay_n++;
     tl_rstats.opened++;
+    if (flow != NULL) tl_dial_relay_opened(flow, r);
     tcp_arg(pcb, r);
     tcp_recv(pcb, tl_relay_on_recv);
     tcp_sent(pcb, tl_relay_on_sent);
     tcp_err(pcb, tl_relay_on_error);
-    if (tl_relay_flush_up(r) != TL_GOES_ON || tl_relay_pump_down(r) != TL_GOES_ON) return 0;
-    if (tl_relay_settle(r) == TL_GOES_ON) *out = r;
-    return 0;
+    int outcome = tl_relay_flush_up(r);
+    if (outcome == TL_GOES_ON) outcome = tl_relay_pump_down(r);
+    if (outcome == TL_GOES_ON) outcome = tl_relay_settle(r);
+    if (outcome == TL_GOES_ON) *out = r;
+    return outcome;
+}
+
+int tl_relay_open(void *pcb_, int fd, uintptr_t conn, const uint8_t *pending, size_t len,
+                  int client_eof, int want_first_data, void **out)
+{
+    struct tl_relay *r;
+    int outcome = tl_relay_start((struct tcp_pcb *)pcb_, fd, conn, NULL, pending, len,
+                                 client_eof, want_first_data, &r);
+    *out = r;
+    return outcome < 0 ? -1 : 0;
+}
+
+/* dial.c's handover, from lwIP's accept callback: TL_ABORTED means the PCB is gone (answer
+ * ERR_ABRT). Out of memory: the socket is closed, the flow reported ended, and the PCB is
+ * aborted too. */
+int tl_relay_adopt(struct tcp_pcb *pcb, int fd, struct tl_dial *flow)
+{
+    struct tl_relay *r;
+    int outcome = tl_relay_start(pcb, fd, 0, flow, NULL, 0, 0, 1, &r);
+    if (outcome >= 0) return outcome;
+    close(fd);
+    tl_dial_relay_ended(flow, TL_RELAY_ERROR, 0, 0);
+    tl_tcp_forget(pcb);
+    tcp_abort(pcb);
+    return TL_ABORTED;
 }
 
 void tl_relay_info(void *relay, tl_relay_stats *out)
@@ -620,6 +653,7 @@ int tl_relay_sweep(uint32_t idle_ms)
         r = next;
     }
     tl_relay_bury();
+    tl_dial_expire();
     return ended;
 }
 

@@ -132,12 +132,6 @@ static err_t tl_on_accept(void *arg, struct tcp_pcb *newpcb, err_t err)
     LWIP_UNUSED_ARG(arg);
     if (err != ERR_OK || newpcb == NULL) return ERR_VAL;
     tl_half_open_done(newpcb);
-    uintptr_t conn = TL_PY(tl_py_accept(newpcb));
-    if (conn == 0) return ERR_MEM; /* lwIP aborts the new connection (RST) for us */
-    tcp_arg(newpcb, (void *)conn);
-    tcp_recv(newpcb, tl_on_recv);
-    tcp_sent(newpcb, tl_on_sent);
-    tcp_err(newpcb, tl_on_error);
     tcp_nagle_disable(newpcb);
     tl_tcp_keepalive_apply(newpcb);
     /* lwIP 2.1.3 sizes segments to min(MSS, largest window seen / 2), and to the MSS while that
@@ -147,6 +141,15 @@ static err_t tl_on_accept(void *arg, struct tcp_pcb *newpcb, err_t err)
      * largest window only ever grows, so starting it at 2 * MSS keeps the size where lwIP's
      * fallback put it; it sizes segments and nothing else. */
     if (newpcb->snd_wnd_max < 2) newpcb->snd_wnd_max = (tcpwnd_size_t)(2 * newpcb->mss);
+    int claimed = tl_dial_claim(newpcb); /* dialed in C: a C relay takes it, no Python */
+    if (claimed < 0) return ERR_ABRT;
+    if (claimed > 0) return ERR_OK;
+    uintptr_t conn = TL_PY(tl_py_accept(newpcb));
+    if (conn == 0) return ERR_MEM; /* lwIP aborts the new connection (RST) for us */
+    tcp_arg(newpcb, (void *)conn);
+    tcp_recv(newpcb, tl_on_recv);
+    tcp_sent(newpcb, tl_on_sent);
+    tcp_err(newpcb, tl_on_error);
     return ERR_OK;
 }
 

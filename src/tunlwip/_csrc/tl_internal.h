@@ -19,6 +19,7 @@
  *   vnet.c             output with a virtio-net header: TCP segments coalesced into GSO writes
  *   udp_relay.c        UDP sessions relayed in C: hash lookup, sendmmsg/recvmmsg batches
  *   vnet_input.c       input with a virtio-net header: offloaded super-segments checked, fed
+ *   dial.c             upstream connects of held SYNs in C, their handover to relays, events
  *
  * Invariant of the whole layer: only the trio thread calls in, and never re-entrantly; Python
  * callbacks (tl_py_*) record events and return, they never call back into lwIP input or timers.
@@ -138,7 +139,7 @@ extern int tl_epoll_fd; /* the poll set, -1 until tl_relay_epoll_fd makes it */
 /* What a poll-set entry's epoll data points at, when it is a pointer: every struct C puts in
  * the poll set begins with one of these, so tl_relay_poll can tell them apart. (The device and
  * Python's watchers are tagged integers with the low bit set; pointers never have it.) */
-enum tl_poll_kind { TL_POLL_RELAY = 2, TL_POLL_UDP_RELAY = 4 };
+enum tl_poll_kind { TL_POLL_RELAY = 2, TL_POLL_DIAL = 3, TL_POLL_UDP_RELAY = 4 };
 struct tl_poll_entry {
     uint32_t kind; /* enum tl_poll_kind */
 };
@@ -146,6 +147,30 @@ struct tl_poll_entry {
 struct tl_relay;
 void tl_relay_on_ready(struct tl_relay *r, uint32_t events);
 void tl_relay_bury(void);
+extern int tl_polling; /* inside tl_relay_poll's round (poll.c) */
+
+/* ---- dial.c ------------------------------------------------------------------------------ */
+
+struct tl_dial;
+/* A held SYN, before Python's hook: 1 if taken here (a retransmit of a tuple being dialed, or
+ * our own socket's packet looping back); else it is the "current" SYN until
+ * tl_dial_current_end, which tl_dial_start may dial. */
+int tl_dial_intercept(const uint8_t *packet, size_t len, const tl_endpoint *src,
+                      const tl_endpoint *dst);
+void tl_dial_current_end(void);
+void tl_dial_on_ready(struct tl_dial *d, uint32_t events);
+/* From lwIP's accept callback: 1 a relay took the PCB, 0 not ours, -1 the PCB was aborted. */
+int tl_dial_claim(struct tcp_pcb *pcb);
+/* Check the deadlines; ms until the next one (UINT32_MAX: none). */
+uint32_t tl_dial_expire(void);
+/* What makes a dial's socket: a protected, connecting socket to dst (its address in *local),
+ * or -errno. The packet fuzzer swaps in socketpairs: it never connects anywhere. */
+extern int (*tl_dial_connector)(const tl_endpoint *dst, tl_endpoint *local);
+/* From relay.c, for relays it opened for a dial (tl_relay_adopt). */
+int tl_relay_adopt(struct tcp_pcb *pcb, int fd, struct tl_dial *flow);
+void tl_dial_relay_opened(struct tl_dial *d, struct tl_relay *r);
+void tl_dial_first_data(struct tl_dial *d, const uint8_t *data, size_t len);
+void tl_dial_relay_ended(struct tl_dial *d, int reason, uint64_t up, uint64_t down);
 
 /* ---- vnet.c: output to a TUN fd with a virtio-net header --------------------------------- */
 

@@ -229,7 +229,10 @@ int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int family
                     tl_endpoint s, d;
                     tl_endpoint_from(&s, src, sport);
                     tl_endpoint_from(&d, dst, dport);
-                    if (TL_PY(tl_py_syn(packet, packet_len, &s, &d))) {
+                    int held = tl_dial_intercept(packet, packet_len, &s, &d); /* dial.c */
+                    if (!held) held = TL_PY(tl_py_syn(packet, packet_len, &s, &d));
+                    tl_dial_current_end();
+                    if (held) {
                         tl_stats.syn_held++;
                         pbuf_free(p);
                         return 1;

@@ -178,7 +178,42 @@ int tl_udp_relay_touched(tl_udp_relay_stats *out, int max);
 uint32_t tl_udp_relay_count(void);
 const tl_udp_relay_counters *tl_udp_relay_get_counters(void);
 void tl_udp_relay_reset_counters(void);
-/* calls from C into Python so far (poll.c) */
-uint64_t tl_python_call_count(void);
+/* Dials in C (dial.c): with dial before accept on a device C reads, Python admits a held SYN
+ * and calls tl_dial_start; C connects, releases the SYN, and relays the accepted connection.
+ * Python hears of each step in batches (tl_dial_events). */
+enum { TL_DIAL_CONNECTED = 1, TL_DIAL_FAILED = 2, TL_DIAL_UNCLAIMED = 3, TL_DIAL_OPENED = 4,
+       TL_DIAL_FIRST_DATA = 5, TL_DIAL_ENDED = 6 };
+enum { TL_PROTECT_NONE = 0, TL_PROTECT_MARK = 1, TL_PROTECT_INTERFACE = 2 };
+enum { TL_DIAL_PROTECT_FAILED = 4096 }; /* tl_dial_start: -(this + errno) */
+typedef struct {
+    uint64_t id;
+    int kind;          /* TL_DIAL_* */
+    int error;         /* FAILED: errno; ENDED: the relay's reason (TL_RELAY_*) */
+    void *flow;        /* for tl_dial_flow_bytes, from OPENED until its ENDED is taken */
+    uint32_t at_ms, ago_ms, latency_ms; /* lwIP clock; ago: before the take; the connect */
+    uint64_t bytes_up, bytes_down;      /* ENDED */
+    const uint8_t *data; /* FAILED: the held SYN; FIRST_DATA: the client's first bytes */
+    uint32_t len;
+} tl_dial_event;
+typedef struct {
+    uint64_t started, swallowed, loops, events_lost; /* counts */
+    uint64_t dialing, connected, relayed;            /* gauges */
+    uint64_t python_calls; /* calls from C into Python, all of them (a cost, for tests) */
+} tl_dial_counters;
+int tl_dial_configure(int on, int protect, uint32_t mark, const char *ifname,
+                      uint32_t keep_idle, uint32_t keep_intvl, uint32_t keep_cnt,
+                      uint32_t connect_ms, uint32_t claim_ms);
+void tl_dial_set_accepting(int on);
+/* Dial the SYN held now (only from Python's SYN hook): the dial's id, or -errno */
+int64_t tl_dial_start(void);
+int tl_dial_is_own(const tl_endpoint *local, const tl_endpoint *peer);
+/* The events since the last take; they, and what they point to, live until the next take */
+int tl_dial_events(tl_dial_event **out);
+int tl_dial_events_waiting(void);
+void tl_dial_flow_bytes(void *flow, tl_relay_stats *out);
+const tl_dial_counters *tl_dial_get_counters(void);
+void tl_dial_reset_counters(void);
+/* Close every socket still dialing or unclaimed (reported as FAILED ECANCELED, UNCLAIMED) */
+void tl_dial_close_all(void);
 
 #endif

@@ -125,7 +125,4 @@ def counters() -> dict[str, int]:
         "udp_relay_to_client_dropped": int(c.drop_to_client),
         "udp_relay_recv_errors": int(c.recv_errors),
         "udp_relay_port_unreachable": int(c.port_unreachable),
-        # Not a UDP counter: every call C made into Python, so a test can show that the
-        # datagrams above needed none each.
-        "calls_into_python": int(lib.tl_python_call_count()),
     }

@@ -1,0 +1,575 @@
+/*
+ * Dials in C: the default forwarder's upstream connects for held SYNs, and the handover of
+ * each connected one to a C relay when the client's handshake completes. Python decides
+ * whether a SYN may be dialed (admission) and hears of the rest in batches (events).
+ *
+ * Theory of operation
+ * -------------------
+ * transport_input.c holds a new SYN. First tl_dial_intercept looks at it: a retransmit of a
+ * tuple being dialed here is swallowed, and a SYN that is one of our own sockets' packets
+ * coming back (a routing loop) is dropped, both counted, without Python. Otherwise the SYN
+ * stays "current" while Python's SYN hook runs; if Python admits it, it calls tl_dial_start,
+ * which copies the current SYN and starts a non-blocking connect on a new socket (protected
+ * with SO_MARK or SO_BINDTODEVICE, TCP_NODELAY, keepalive as configured), watched in the poll
+ * set (kind TL_POLL_DIAL). When the socket turns writable: SO_ERROR 0 releases the SYN into
+ * lwIP (tl_input_release), which answers SYN-ACK; an error becomes a FAILED event carrying the
+ * SYN, which Python answers (RST or ICMP) and records. When lwIP accepts the connection
+ * (tcp_conn.c), tl_dial_claim finds the connected dial by its tuple and opens a relay (relay.c)
+ * on the PCB and the socket. The dial then lives on as the flow's record in C: the relay
+ * reports its first bytes and its end here (tl_dial_first_data, tl_dial_relay_ended).
+ *
+ * Deadlines are FIFO: dials in the order they started (connect timeout) and connected dials in
+ * the order they connected (claim timeout), so tl_dial_expire only looks at list heads.
+ *
+ * Events (CONNECTED, FAILED, UNCLAIMED, OPENED, FIRST_DATA, ENDED) go to a growable array that
+ * Python takes whole (tl_dial_events) after a poll pass; the data they point to (a failed SYN,
+ * first bytes, an ended flow) is freed by the next take. A FAILED event, or many waiting, counts
+ * as a Python call, so the C poll loop (poll.c's tl_relay_run) hands control back soon.
+ *
+ * Invariants: single-threaded; a dial is in the tuple table while dialing or connected, in the
+ * own table (loop detection) while its socket is open; every socket created here is closed
+ * exactly once, by this file or by the relay that took it.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <netinet/in.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+#include "lwip/sys.h"
+
+#include "tl_internal.h"
+
+/* Linux's TCP socket options (<netinet/tcp.h> would clash with lwIP's TCP_MSS). */
+enum { TL_TCP_NODELAY = 1, TL_TCP_KEEPIDLE = 4, TL_TCP_KEEPINTVL = 5, TL_TCP_KEEPCNT = 6 };
+
+enum { TL_DIALING = 0, TL_CONNECTED = 1, TL_RELAYED = 2, TL_FINISHED = 3 };
+
+struct tl_dial {
+    struct tl_poll_entry entry; /* first: the poll set's pointer (kind TL_POLL_DIAL) */
+    int fd;                     /* -1 once closed or handed to the relay */
+    uint8_t state, own_linked, tuple_linked;
+    uint64_t id;
+    tl_endpoint client, target, local;
+    u32_t started_ms, connected_ms;
+    struct tl_dial *tuple_next, *own_next; /* hash chains */
+    struct tl_dial *prev, *next;           /* the FIFO of its state (dialing, connected) */
+    struct tl_relay *relay;                /* while relayed */
+    uint64_t bytes_up, bytes_down;         /* once the relay ended */
+    uint8_t *packet;                       /* the held SYN, until released or failed */
+    uint32_t packet_len;
+};
+
+struct tl_fifo {
+    struct tl_dial *head, *tail;
+};
+
+#define TL_DIAL_BUCKETS 16384 /* per table; chains grow past that, lookups stay correct */
+static struct tl_dial *tl_by_tuple[TL_DIAL_BUCKETS], *tl_by_own[TL_DIAL_BUCKETS];
+static struct tl_fifo tl_dialing, tl_connected;
+static tl_dial_counters tl_dstats;
+static uint64_t tl_next_id = 1;
+static u32_t tl_hash_seed;
+
+/* Settings (tl_dial_configure). */
+static int tl_dial_on, tl_dial_accepting = 1, tl_protect_kind;
+static uint32_t tl_protect_mark, tl_keep[3], tl_connect_ms = 30000, tl_claim_ms = 10000;
+static char tl_protect_ifname[16];
+
+/* The SYN being held while Python's hook runs (tl_dial_intercept .. tl_dial_current_end). */
+static const uint8_t *tl_cur_packet;
+static size_t tl_cur_len;
+static const tl_endpoint *tl_cur_src, *tl_cur_dst;
+
+/* Events, taken whole by Python; what they point to is freed on the next take. */
+static tl_dial_event *tl_events;
+static size_t tl_events_n, tl_events_cap;
+static tl_dial_event *tl_taken;
+static size_t tl_taken_n, tl_taken_cap;
+#define TL_EVENTS_SOON 256 /* this many waiting: hand control back to Python */
+
+/* ---- tables ------------------------------------------------------------------------------ */
+
+static int tl_ep_eq(const tl_endpoint *a, const tl_endpoint *b)
+{
+    return a->family == b->family && a->port == b->port &&
+           memcmp(a->addr, b->addr, a->family == 4 ? 4 : 16) == 0;
+}
+
+static u32_t tl_ep_hash(u32_t h, const tl_endpoint *e)
+{
+    int n = e->family == 4 ? 4 : 16;
+    for (int i = 0; i < n; i++) h = (h ^ e->addr[i]) * 16777619u;
+    h = (h ^ (e->port & 0xFF)) * 16777619u;
+    return (h ^ (e->port >> 8)) * 16777619u;
+}
+
+static u32_t tl_pair_bucket(const tl_endpoint *a, const tl_endpoint *b)
+{
+    if (tl_hash_seed == 0) tl_hash_seed = tl_random32() | 1;
+    return tl_ep_hash(tl_ep_hash(tl_hash_seed ^ 2166136261u, a), b) & (TL_DIAL_BUCKETS - 1);
+}
+
+static void tl_unlink_chain(struct tl_dial **head, struct tl_dial *d, int own)
+{
+    for (struct tl_dial **link = head; *link; link = own ? &(*link)->own_next : &(*link)->tuple_next) {
+        if (*link == d) {
+            *link = own ? d->own_next : d->tuple_next;
+            return;
+        }
+    }
+}
+
+static void tl_tuple_unlink(struct tl_dial *d)
+{
+    if (!d->tuple_linked) return;
+    tl_unlink_chain(&tl_by_tuple[tl_pair_bucket(&d->client, &d->target)], d, 0);
+    d->tuple_linked = 0;
+}
+
+static void tl_own_unlink(struct tl_dial *d)
+{
+    if (!d->own_linked) return;
+    tl_unlink_chain(&tl_by_own[tl_pair_bucket(&d->local, &d->target)], d, 1);
+    d->own_linked = 0;
+}
+
+/* The dial of this tuple in `state`, or NULL. */
+static struct tl_dial *tl_find(const tl_endpoint *client, const tl_endpoint *target, int state)
+{
+    for (struct tl_dial *d = tl_by_tuple[tl_pair_bucket(client, target)]; d; d = d->tuple_next)
+        if (d->state == state && tl_ep_eq(&d->client, client) && tl_ep_eq(&d->target, target))
+            return d;
+    return NULL;
+}
+
+static void tl_fifo_push(struct tl_fifo *f, struct tl_dial *d)
+{
+    d->next = NULL;
+    d->prev = f->tail;
+    if (f->tail) f->tail->next = d;
+    else f->head = d;
+    f->tail = d;
+}
+
+static void tl_fifo_remove(struct tl_fifo *f, struct tl_dial *d)
+{
+    if (d->prev) d->prev->next = d->next; else f->head = d->next;
+    if (d->next) d->next->prev = d->prev; else f->tail = d->prev;
+    d->prev = d->next = NULL;
+}
+
+/* ---- events ------------------------------------------------------------------------------ */
+
+static void tl_dial_free(struct tl_dial *d)
+{
+    free(d->packet);
+    free(d);
+}
+
+/* Queue an event; data (malloc'd, or NULL) is freed with the batch. Out of memory: the event
+ * is lost (counted) and data freed. */
+static void tl_event(struct tl_dial *d, int kind, int error, uint8_t *data, uint32_t len)
+{
+    if (tl_events_n == tl_events_cap) {
+        size_t cap = tl_events_cap ? tl_events_cap * 2 : 256;
+        tl_dial_event *grown = realloc(tl_events, cap * sizeof *grown);
+        if (grown == NULL) {
+            tl_dstats.events_lost++;
+            free(data);
+            return;
+        }
+        tl_events = grown;
+        tl_events_cap = cap;
+    }
+    tl_dial_event *e = &tl_events[tl_events_n++];
+    memset(e, 0, sizeof *e);
+    e->id = d->id;
+    e->kind = kind;
+    e->error = error;
+    e->flow = d;
+    e->at_ms = sys_now();
+    e->data = data;
+    e->len = len;
+    if (kind == TL_DIAL_CONNECTED || kind == TL_DIAL_FAILED)
+        e->latency_ms = (kind == TL_DIAL_CONNECTED ? d->connected_ms : sys_now()) - d->started_ms;
+    if (kind == TL_DIAL_ENDED) {
+        e->bytes_up = d->bytes_up;
+        e->bytes_down = d->bytes_down;
+    }
+    if (kind == TL_DIAL_FAILED || tl_events_n >= TL_EVENTS_SOON) tl_python_calls++;
+}
+
+static void tl_free_taken(void)
+{
+    for (size_t i = 0; i < tl_taken_n; i++) {
+        tl_dial_event *e = &tl_taken[i];
+        free((void *)e->data);
+        if (e->kind == TL_DIAL_ENDED || e->kind == TL_DIAL_FAILED || e->kind == TL_DIAL_UNCLAIMED)
+            tl_dial_free((struct tl_dial *)e->flow);
+    }
+    tl_taken_n = 0;
+}
+
+int tl_dial_events(tl_dial_event **out)
+{
+    *out = NULL;
+    if (tl_polling) return 0; /* a poll round may still name a dial freed here: after it */
+    tl_free_taken();
+    tl_dial_event *swap = tl_taken;
+    size_t cap = tl_taken_cap;
+    tl_taken = tl_events;
+    tl_taken_cap = tl_events_cap;
+    tl_taken_n = tl_events_n;
+    tl_events = swap;
+    tl_events_cap = cap;
+    tl_events_n = 0;
+    u32_t now = sys_now();
+    for (size_t i = 0; i < tl_taken_n; i++) tl_taken[i].ago_ms = now - tl_taken[i].at_ms;
+    *out = tl_taken;
+    return (int)tl_taken_n;
+}
+
+int tl_dial_events_waiting(void) { return (int)tl_events_n; }
+
+/* ---- the dial's end before a relay ------------------------------------------------------- */
+
+static void tl_close_socket(struct tl_dial *d)
+{
+    if (d->fd < 0) return;
+    if (d->state == TL_DIALING && tl_epoll_fd >= 0) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, d->fd, NULL);
+    close(d->fd);
+    d->fd = -1;
+    tl_own_unlink(d);
+}
+
+/* Leave the tables; the dial goes with the event (freed when Python took it). */
+static void tl_dial_finish(struct tl_dial *d, int kind, int error)
+{
+    if (d->state == TL_DIALING) {
+        tl_fifo_remove(&tl_dialing, d);
+        tl_dstats.dialing--;
+    } else if (d->state == TL_CONNECTED) {
+        tl_fifo_remove(&tl_connected, d);
+        tl_dstats.connected--;
+    }
+    tl_close_socket(d);
+    tl_tuple_unlink(d);
+    d->state = TL_FINISHED;
+    uint8_t *packet = NULL;
+    uint32_t len = 0;
+    if (kind == TL_DIAL_FAILED) { /* Python answers the SYN */
+        packet = d->packet;
+        len = d->packet_len;
+        d->packet = NULL;
+    }
+    tl_event(d, kind, error, packet, len);
+}
+
+/* ---- from the input path ----------------------------------------------------------------- */
+
+int tl_dial_intercept(const uint8_t *packet, size_t len, const tl_endpoint *src,
+                      const tl_endpoint *dst)
+{
+    if (!tl_dial_on) return 0;
+    if (tl_find(src, dst, TL_DIALING) != NULL) {
+        tl_dstats.swallowed++;
+        return 1;
+    }
+    if (tl_dial_is_own(src, dst)) {
+        tl_dstats.loops++;
+        tl_python_calls++; /* Python says so, once, loudly */
+        return 1;
+    }
+    tl_cur_packet = packet;
+    tl_cur_len = len;
+    tl_cur_src = src;
+    tl_cur_dst = dst;
+    return 0;
+}
+
+void tl_dial_current_end(void) { tl_cur_packet = NULL; }
+
+static int tl_dial_protect(int fd)
+{
+    if (tl_protect_kind == TL_PROTECT_MARK)
+        return setsockopt(fd, SOL_SOCKET, SO_MARK, &tl_protect_mark, sizeof tl_protect_mark);
+    if (tl_protect_kind == TL_PROTECT_INTERFACE)
+        return setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, tl_protect_ifname,
+                          (socklen_t)strlen(tl_protect_ifname));
+    return 0;
+}
+
+static int tl_sockaddr(const tl_endpoint *e, struct sockaddr_storage *ss, socklen_t *len)
+{
+    memset(ss, 0, sizeof *ss);
+    if (e->family == 4) {
+        struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
+        s4->sin_family = AF_INET;
+        s4->sin_port = htons(e->port);
+        memcpy(&s4->sin_addr, e->addr, 4);
+        *len = sizeof *s4;
+        return AF_INET;
+    }
+    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
+    s6->sin6_family = AF_INET6;
+    s6->sin6_port = htons(e->port);
+    memcpy(&s6->sin6_addr, e->addr, 16);
+    *len = sizeof *s6;
+    return AF_INET6;
+}
+
+static void tl_endpoint_of(tl_endpoint *e, const struct sockaddr_storage *ss)
+{
+    memset(e, 0, sizeof *e);
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)ss;
+        e->family = 4;
+        memcpy(e->addr, &s4->sin_addr, 4);
+        e->port = ntohs(s4->sin_port);
+    } else {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)ss;
+        e->family = 6;
+        memcpy(e->addr, &s6->sin6_addr, 16);
+        e->port = ntohs(s6->sin6_port);
+    }
+}
+
+/* A connecting socket to dst, protected and tuned; -errno (protection: -TL_DIAL_PROTECT_FAILED
+ * - errno) on failure. */
+static int tl_dial_socket(const tl_endpoint *dst, tl_endpoint *local)
+{
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+    int family = tl_sockaddr(dst, &ss, &sslen);
+    int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    if (tl_dial_protect(fd) != 0) {
+        int err = errno;
+        close(fd);
+        return -(TL_DIAL_PROTECT_FAILED + err);
+    }
+    int one = 1;
+    int err = 0;
+    if (setsockopt(fd, IPPROTO_TCP, TL_TCP_NODELAY, &one, sizeof one) != 0) err = errno;
+    if (!err && tl_keep[0] > 0 &&
+        (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one) != 0 ||
+         setsockopt(fd, IPPROTO_TCP, TL_TCP_KEEPIDLE, &tl_keep[0], sizeof tl_keep[0]) != 0 ||
+         setsockopt(fd, IPPROTO_TCP, TL_TCP_KEEPINTVL, &tl_keep[1], sizeof tl_keep[1]) != 0 ||
+         setsockopt(fd, IPPROTO_TCP, TL_TCP_KEEPCNT, &tl_keep[2], sizeof tl_keep[2]) != 0))
+        err = errno;
+    if (!err && connect(fd, (struct sockaddr *)&ss, sslen) != 0 && errno != EINPROGRESS) err = errno;
+    struct sockaddr_storage mine;
+    socklen_t minelen = sizeof mine;
+    if (!err && getsockname(fd, (struct sockaddr *)&mine, &minelen) != 0) err = errno;
+    if (err) {
+        close(fd);
+        return -err;
+    }
+    tl_endpoint_of(local, &mine);
+    return fd;
+}
+
+int (*tl_dial_connector)(const tl_endpoint *dst, tl_endpoint *local) = tl_dial_socket;
+
+int64_t tl_dial_start(void)
+{
+    if (!tl_dial_on || tl_cur_packet == NULL) return -EINVAL;
+    struct tl_dial *d = calloc(1, sizeof *d);
+    uint8_t *packet = malloc(tl_cur_len);
+    if (d == NULL || packet == NULL) {
+        free(d);
+        free(packet);
+        return -ENOMEM;
+    }
+    memcpy(packet, tl_cur_packet, tl_cur_len);
+    int fd = tl_dial_connector(tl_cur_dst, &d->local);
+    if (fd < 0) {
+        free(d);
+        free(packet);
+        return fd;
+    }
+    struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = d};
+    if (tl_relay_epoll_fd() < 0 || epoll_ctl(tl_epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+        int err = errno;
+        close(fd);
+        free(d);
+        free(packet);
+        return -err;
+    }
+    d->entry.kind = TL_POLL_DIAL;
+    d->fd = fd;
+    d->id = tl_next_id++;
+    d->client = *tl_cur_src;
+    d->target = *tl_cur_dst;
+    d->packet = packet;
+    d->packet_len = (uint32_t)tl_cur_len;
+    d->started_ms = sys_now();
+    d->state = TL_DIALING;
+    u32_t b = tl_pair_bucket(&d->client, &d->target);
+    d->tuple_next = tl_by_tuple[b];
+    tl_by_tuple[b] = d;
+    d->tuple_linked = 1;
+    b = tl_pair_bucket(&d->local, &d->target);
+    d->own_next = tl_by_own[b];
+    tl_by_own[b] = d;
+    d->own_linked = 1;
+    tl_fifo_push(&tl_dialing, d);
+    tl_dstats.dialing++;
+    tl_dstats.started++;
+    return (int64_t)d->id;
+}
+
+int tl_dial_is_own(const tl_endpoint *local, const tl_endpoint *peer)
+{
+    for (struct tl_dial *d = tl_by_own[tl_pair_bucket(local, peer)]; d; d = d->own_next)
+        if (tl_ep_eq(&d->local, local) && tl_ep_eq(&d->target, peer)) return 1;
+    return 0;
+}
+
+/* ---- the connect's outcome --------------------------------------------------------------- */
+
+void tl_dial_on_ready(struct tl_dial *d, uint32_t events)
+{
+    (void)events;
+    if (d->state != TL_DIALING) return;
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(d->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+    if (err == 0 && !(events & EPOLLOUT)) err = ECONNRESET;
+    if (err != 0) {
+        tl_dial_finish(d, TL_DIAL_FAILED, err);
+        return;
+    }
+    epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, d->fd, NULL);
+    tl_fifo_remove(&tl_dialing, d);
+    tl_dstats.dialing--;
+    /* A second SYN of the flow dialed again: the newer connected dial replaces the older. */
+    struct tl_dial *old = tl_find(&d->client, &d->target, TL_CONNECTED);
+    if (old != NULL) tl_dial_finish(old, TL_DIAL_UNCLAIMED, 0);
+    d->state = TL_CONNECTED;
+    d->connected_ms = sys_now();
+    tl_fifo_push(&tl_connected, d);
+    tl_dstats.connected++;
+    tl_event(d, TL_DIAL_CONNECTED, 0, NULL, 0);
+    uint8_t *packet = d->packet;
+    d->packet = NULL;
+    tl_input_release(packet, d->packet_len); /* lwIP answers SYN-ACK; the ACK claims us */
+    free(packet);
+}
+
+/* ---- the handover to a relay ------------------------------------------------------------- */
+
+int tl_dial_claim(struct tcp_pcb *pcb)
+{
+    if (!tl_dial_on || !tl_dial_accepting || tl_connected.head == NULL) return 0;
+    tl_endpoint client, target;
+    tl_endpoint_from(&client, &pcb->remote_ip, pcb->remote_port);
+    tl_endpoint_from(&target, &pcb->local_ip, pcb->local_port);
+    struct tl_dial *d = tl_find(&client, &target, TL_CONNECTED);
+    if (d == NULL) return 0;
+    tl_fifo_remove(&tl_connected, d);
+    tl_dstats.connected--;
+    tl_tuple_unlink(d);
+    d->state = TL_RELAYED;
+    tl_dstats.relayed++;
+    tl_event(d, TL_DIAL_OPENED, 0, NULL, 0);
+    int fd = d->fd;
+    d->fd = -1; /* the relay's now; it tells us when it closed it (tl_dial_relay_ended) */
+    int outcome = tl_relay_adopt(pcb, fd, d);
+    return outcome == 2 ? -1 : 1;
+}
+
+void tl_dial_relay_opened(struct tl_dial *d, struct tl_relay *r) { d->relay = r; }
+
+void tl_dial_first_data(struct tl_dial *d, const uint8_t *data, size_t len)
+{
+    uint8_t *copy = malloc(len ? len : 1);
+    if (copy == NULL) return; /* the flow goes unnamed */
+    memcpy(copy, data, len);
+    tl_event(d, TL_DIAL_FIRST_DATA, 0, copy, (uint32_t)len);
+}
+
+void tl_dial_relay_ended(struct tl_dial *d, int reason, uint64_t up, uint64_t down)
+{
+    d->relay = NULL;
+    d->bytes_up = up;
+    d->bytes_down = down;
+    tl_own_unlink(d); /* the relay closed the socket */
+    tl_dstats.relayed--;
+    d->state = TL_FINISHED;
+    tl_event(d, TL_DIAL_ENDED, reason, NULL, 0);
+}
+
+void tl_dial_flow_bytes(void *flow, tl_relay_stats *out)
+{
+    struct tl_dial *d = (struct tl_dial *)flow;
+    if (d->relay != NULL) {
+        tl_relay_info(d->relay, out);
+        return;
+    }
+    out->bytes_up = d->bytes_up;
+    out->bytes_down = d->bytes_down;
+    out->idle_ms = 0;
+}
+
+/* ---- deadlines --------------------------------------------------------------------------- */
+
+uint32_t tl_dial_expire(void)
+{
+    u32_t now = sys_now();
+    while (tl_dialing.head && now - tl_dialing.head->started_ms >= tl_connect_ms)
+        tl_dial_finish(tl_dialing.head, TL_DIAL_FAILED, ETIMEDOUT);
+    while (tl_connected.head && now - tl_connected.head->connected_ms >= tl_claim_ms)
+        tl_dial_finish(tl_connected.head, TL_DIAL_UNCLAIMED, 0); /* the handshake never came */
+    u32_t due = 0xFFFFFFFFu;
+    if (tl_dialing.head) due = tl_dialing.head->started_ms + tl_connect_ms - now;
+    if (tl_connected.head) {
+        u32_t claim = tl_connected.head->connected_ms + tl_claim_ms - now;
+        if (claim < due) due = claim;
+    }
+    return due;
+}
+
+/* ---- settings and the rest --------------------------------------------------------------- */
+
+int tl_dial_configure(int on, int protect, uint32_t mark, const char *ifname,
+                      uint32_t keep_idle, uint32_t keep_intvl, uint32_t keep_cnt,
+                      uint32_t connect_ms, uint32_t claim_ms)
+{
+    if (protect < TL_PROTECT_NONE || protect > TL_PROTECT_INTERFACE) return -EINVAL;
+    if (ifname != NULL && strlen(ifname) >= sizeof tl_protect_ifname) return -EINVAL;
+    tl_dial_on = on ? 1 : 0;
+    tl_protect_kind = protect;
+    tl_protect_mark = mark;
+    memset(tl_protect_ifname, 0, sizeof tl_protect_ifname);
+    if (ifname != NULL) strcpy(tl_protect_ifname, ifname);
+    tl_keep[0] = keep_idle;
+    tl_keep[1] = keep_intvl;
+    tl_keep[2] = keep_cnt;
+    tl_connect_ms = connect_ms ? connect_ms : 1;
+    tl_claim_ms = claim_ms ? claim_ms : 1;
+    return 0;
+}
+
+void tl_dial_set_accepting(int on) { tl_dial_accepting = on ? 1 : 0; }
+
+const tl_dial_counters *tl_dial_get_counters(void)
+{
+    tl_dstats.python_calls = tl_python_calls;
+    return &tl_dstats;
+}
+
+void tl_dial_close_all(void)
+{
+    while (tl_dialing.head) tl_dial_finish(tl_dialing.head, TL_DIAL_FAILED, ECANCELED);
+    while (tl_connected.head) tl_dial_finish(tl_connected.head, TL_DIAL_UNCLAIMED, 0);
+}
+
+/* Zero the counts (the gauges stay). */
+void tl_dial_reset_counters(void)
+{
+    tl_dstats.started = tl_dstats.swallowed = tl_dstats.loops = tl_dstats.events_lost = 0;
+}

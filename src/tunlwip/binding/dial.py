@@ -1,0 +1,98 @@
+"""The dials in C (``_csrc/dial.c``): held SYNs' upstream connects and their relays, no Python.
+
+Conventions: ``configure`` and ``start`` use ``-errno`` (``start``: the dial's id, or ``-errno``
+returned as it is, since a failed dial is an outcome to answer, not an exception; a failed
+protection is ``-(PROTECT_FAILED + errno)``); ``events`` returns the batch of events since the
+last take, valid until the next take; the rest return counts or nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..endpoint import Endpoint
+from .check import check_errno
+from .endpoints import endpoint_to_c
+from .ffi import ffi, lib
+
+CONNECTED: int = lib.TL_DIAL_CONNECTED
+FAILED: int = lib.TL_DIAL_FAILED
+UNCLAIMED: int = lib.TL_DIAL_UNCLAIMED
+OPENED: int = lib.TL_DIAL_OPENED
+FIRST_DATA: int = lib.TL_DIAL_FIRST_DATA
+ENDED: int = lib.TL_DIAL_ENDED
+PROTECT_NONE: int = lib.TL_PROTECT_NONE
+PROTECT_MARK: int = lib.TL_PROTECT_MARK
+PROTECT_INTERFACE: int = lib.TL_PROTECT_INTERFACE
+PROTECT_FAILED: int = lib.TL_DIAL_PROTECT_FAILED
+
+#: Dial the SYN Python's SYN hook is looking at: the dial's id, or ``-errno``.
+start: Callable[[], int] = lib.tl_dial_start
+#: Events waiting to be taken.
+waiting: Callable[[], int] = lib.tl_dial_events_waiting
+#: Let dials be claimed by accepted connections (off: the gateway drains).
+set_accepting: Callable[[int], None] = lib.tl_dial_set_accepting
+#: Close every socket still dialing or unclaimed (reported as events).
+close_all: Callable[[], None] = lib.tl_dial_close_all
+reset_counters: Callable[[], None] = lib.tl_dial_reset_counters
+
+
+def configure(*, on: bool, protect: int = 0, mark: int = 0, interface: str | None = None,
+              keepalive: tuple[int, int, int] | None = None, connect_timeout: float = 30.0,
+              claim_timeout: float = 10.0) -> None:  # fmt: skip
+    """Switch the C dials on or off, with the protection and keepalive (idle, interval, count
+    in seconds; None: the kernel's default) of their sockets and their two deadlines.
+    ``-errno``: raises ``OSError``."""
+    idle, interval, count = keepalive or (0, 0, 0)
+    name = ffi.NULL if interface is None else interface.encode()
+    rc = lib.tl_dial_configure(1 if on else 0, protect, mark, name, idle, interval, count,
+                               max(1, int(connect_timeout * 1000)),
+                               max(1, int(claim_timeout * 1000)))  # fmt: skip
+    check_errno(rc, "cannot configure the C dials")
+
+
+def events() -> Any:
+    """The events since the last take (a cdata array of ``tl_dial_event``, indexable), valid
+    until the next call; what they point to is freed then."""
+    out = ffi.new("tl_dial_event **")
+    n = lib.tl_dial_events(out)
+    first = out[0]
+    return [first[i] for i in range(n)]
+
+
+def data(event: Any) -> bytes:
+    """The bytes a FAILED (the held SYN) or FIRST_DATA event carries."""
+    return bytes(ffi.buffer(event.data, event.len)) if event.len else b""
+
+
+def flow_bytes(flow: Any) -> tuple[int, int]:
+    """(client -> upstream, upstream -> client) bytes of a relayed dial so far."""
+    stats = ffi.new("tl_relay_stats *")
+    lib.tl_dial_flow_bytes(flow, stats)
+    return int(stats.bytes_up), int(stats.bytes_down)
+
+
+def is_own(local: Endpoint, peer: Endpoint) -> bool:
+    """Is ``local`` -> ``peer`` one of the C dials' sockets?"""
+    return bool(lib.tl_dial_is_own(endpoint_to_c(local), endpoint_to_c(peer)))
+
+
+def counters() -> dict[str, int]:
+    c = lib.tl_dial_get_counters()
+    return {"c_dials": int(c.started), "c_dial_swallowed": int(c.swallowed),
+            "c_dial_loops": int(c.loops), "c_dial_events_lost": int(c.events_lost),
+            "c_dialing": int(c.dialing), "c_dial_connected": int(c.connected),
+            "c_relays": int(c.relayed), "python_calls": int(c.python_calls)}  # fmt: skip
+
+
+def screened() -> tuple[int, int]:
+    """(SYN retransmits swallowed, looping SYNs dropped) in C so far."""
+    c = lib.tl_dial_get_counters()
+    return int(c.swallowed), int(c.loops)
+
+
+def gauges() -> tuple[int, int]:
+    """(dials connecting, dials connected and not yet claimed)."""
+    c = lib.tl_dial_get_counters()
+    return int(c.dialing), int(c.connected)

@@ -1,0 +1,199 @@
+"""The Python side of the dials C makes (``_csrc/dial.c``): admission counts and flow records.
+
+Theory of operation
+-------------------
+With dial before accept on a device C reads, a held SYN that Python admits is dialed by C
+(``start``): the socket, its protection, the connect and its readiness, releasing the SYN,
+claiming the accepted connection and opening its C relay all happen in C, and so does the
+relay's end. Python hears of each step in batches (``sync``, after every poll pass and before
+anything reads the gateway's state): a connect done, failed (the SYN to answer), unclaimed,
+a relay opened, its first bytes (to name the flow), its end. That is when the flow record
+is opened and closed, the client's shares move, and the forwarder's counts change.
+
+What Python keeps per dial is its key and, once relayed, its ``LiveFlow``; the counts the
+forwarder admits by (dials connecting and connected, by client) are kept here from ``start``
+to the event that ends each state, so between a pass and its ``sync`` they can only be high
+(a refusal a moment early), never low.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .binding import dial as cdial
+from .dialer import Dialer, c_protection
+from .endpoint import Endpoint
+from .errors import ProtectError
+from .flows import FlowTable, LiveFlow
+from .relay import REASONS
+from .shares import ClientCounts
+from .sniff import sniff_name
+
+if TYPE_CHECKING:
+    from .stack import LwipStack
+
+log = logging.getLogger("tunlwip.predial")
+
+FlowKey = tuple[Endpoint, Endpoint]  # (client, original destination)
+Failed = Callable[[FlowKey, bytes, OSError, float], None]
+
+
+def dial_error(code: int) -> OSError:
+    """The exception a failed dial stands for (``code``: an errno, or PROTECT_FAILED + errno)."""
+    if code >= cdial.PROTECT_FAILED:
+        err = code - cdial.PROTECT_FAILED
+        return ProtectError(f"cannot protect socket: {os.strerror(err)}")
+    return OSError(code, os.strerror(code))
+
+
+class CDials:
+    """Dials in C and the flows they became. ``on_failed(key, packet, error, latency)`` answers
+    a failed dial; ``on_connected()``, ``on_opened(flow)`` and ``on_ended(flow, reason, ago)``
+    let the forwarder count."""
+
+    def __init__(self, stack: LwipStack, flows: FlowTable, *, on_failed: Failed,
+                 on_connected: Callable[[], None], on_opened: Callable[[LiveFlow], None],
+                 on_ended: Callable[[LiveFlow, str, float], None]) -> None:  # fmt: skip
+        self._stack = stack
+        self._flows = flows
+        self._on_failed = on_failed
+        self._on_connected = on_connected
+        self._on_opened = on_opened
+        self._on_ended = on_ended
+        #: Dials connecting or connected, by id: their key and connect latency.
+        self._dials: dict[int, tuple[FlowKey, float]] = {}
+        self._relayed: dict[int, LiveFlow] = {}
+        self._dialing = 0
+        self._connected = 0
+        self._dialing_per_client = ClientCounts()
+        self._connected_per_client = ClientCounts()
+        self._loops_seen = 0
+        self._swallowed_seen = 0
+        self._syncing = False
+
+    @staticmethod
+    def possible(stack: LwipStack, dialer: Dialer) -> bool:
+        """Can C dial for this gateway: C reads the device, and C can protect the sockets?"""
+        return stack.reads_device_in_c() and c_protection(dialer.protector) is not None
+
+    @staticmethod
+    def configure(dialer: Dialer, claim_timeout: float, *, on: bool = True) -> None:
+        """(Re)apply the dialer's protection, keepalive and timeout, and the claim timeout,
+        to dials started from now on."""
+        how = c_protection(dialer.protector) or ("none", 0)
+        kind = {"none": cdial.PROTECT_NONE, "fwmark": cdial.PROTECT_MARK,
+                "interface": cdial.PROTECT_INTERFACE}[how[0]]  # fmt: skip
+        keep = dialer.keepalive
+        cdial.configure(on=on, protect=kind, mark=how[1] if isinstance(how[1], int) else 0,
+                        interface=how[1] if isinstance(how[1], str) else None,
+                        keepalive=None if keep is None else (keep.idle, keep.interval, keep.count),
+                        connect_timeout=dialer.connect_timeout,
+                        claim_timeout=claim_timeout)  # fmt: skip
+
+    @staticmethod
+    def set_accepting(on: bool) -> None:
+        """Off: connected dials are no longer claimed in C (the gateway drains)."""
+        cdial.set_accepting(1 if on else 0)
+
+    @staticmethod
+    def is_own(local: Endpoint, peer: Endpoint) -> bool:
+        return cdial.is_own(local, peer)
+
+    # -- what the forwarder admits by ----------------------------------------------------------
+    def __len__(self) -> int:
+        """Dials connecting (held SYNs)."""
+        return self._dialing
+
+    def connected_count(self) -> int:
+        return self._connected
+
+    def dialing_for(self, client: Any) -> int:
+        return self._dialing_per_client.count(client)
+
+    def connected_for(self, client: Any) -> int:
+        return self._connected_per_client.count(client)
+
+    def start(self, key: FlowKey) -> OSError | None:
+        """Dial the SYN being held now (only from the SYN hook); the error if it cannot start."""
+        rc = cdial.start()
+        if rc < 0:
+            return dial_error(-rc)
+        self._dials[rc] = (key, 0.0)
+        self._dialing += 1
+        self._dialing_per_client.add(key[0].address)
+        return None
+
+    # -- the events ----------------------------------------------------------------------------
+    def sync(self) -> tuple[int, int]:
+        """Take C's events and act on them; returns (SYN retransmits swallowed, loops dropped)
+        in C since the last call."""
+        if not self._syncing:
+            self._syncing = True
+            try:
+                while events := cdial.events():
+                    for event in events:
+                        self._handle(event)
+            finally:
+                self._syncing = False
+        swallowed, loops = cdial.screened()
+        if swallowed < self._swallowed_seen or loops < self._loops_seen:
+            self._swallowed_seen = self._loops_seen = 0  # the stack (re)started: counted anew
+        swallowed -= self._swallowed_seen
+        loops -= self._loops_seen
+        self._swallowed_seen += swallowed
+        self._loops_seen += loops
+        return swallowed, loops
+
+    def _handle(self, event: Any) -> None:
+        kind, ident = event.kind, event.id
+        if kind in (cdial.CONNECTED, cdial.FAILED, cdial.UNCLAIMED, cdial.OPENED) \
+                and ident not in self._dials:  # fmt: skip
+            return  # not started through ``start`` (never happens; no count goes wrong)
+        if kind == cdial.CONNECTED:
+            key, _ = self._dials[ident]
+            self._dials[ident] = (key, event.latency_ms / 1000)
+            self._dialing -= 1
+            self._dialing_per_client.release(key[0].address)
+            self._connected += 1
+            self._connected_per_client.add(key[0].address)
+            self._on_connected()
+        elif kind == cdial.FAILED:
+            key, _ = self._dials.pop(ident)
+            self._dialing -= 1
+            self._dialing_per_client.release(key[0].address)
+            if event.error != errno.ECANCELED:  # ECANCELED: the gateway stops
+                self._on_failed(key, cdial.data(event), dial_error(event.error),
+                                event.latency_ms / 1000)  # fmt: skip
+        elif kind == cdial.UNCLAIMED:
+            key, _ = self._dials.pop(ident)
+            self._connected -= 1
+            self._connected_per_client.release(key[0].address)
+            log.debug("upstream for %s -> %s unclaimed; closed", *key)
+        elif kind == cdial.OPENED:
+            self._opened(ident, event)
+        elif kind == cdial.FIRST_DATA:
+            flow = self._relayed.get(ident)
+            if flow is not None and (name := sniff_name(cdial.data(event))) is not None:
+                flow.name = name
+        elif kind == cdial.ENDED and ident in self._relayed:
+            flow = self._relayed.pop(ident)
+            self._stack.c_relay_ended(flow.client.address)
+            self._on_ended(flow, REASONS.get(event.error, "error"), event.ago_ms / 1000)
+
+    def _opened(self, ident: int, event: Any) -> None:
+        (client, target), latency = self._dials.pop(ident)
+        self._connected -= 1
+        self._connected_per_client.release(client.address)
+        self._stack.c_relay_opened(client.address)
+        flow = self._flows.open_tcp(client, target, functools.partial(cdial.flow_bytes, event.flow))
+        ago = event.ago_ms / 1000
+        flow.opened -= ago
+        flow.started -= ago
+        flow.connect_latency = latency
+        self._relayed[ident] = flow
+        self._on_opened(flow)
