@@ -124,6 +124,13 @@ class Dialer:
         # bytes: one entry per flow, and Endpoint objects would double its size.
         self._own: weakref.WeakValueDictionary[bytes, socket.socket] = weakref.WeakValueDictionary()
 
+    def with_protector(self, protector: Protector) -> Dialer:
+        """A dialer like this one with another protector (a route's ``direct?fwmark=N``),
+        whose sockets still count as ours for ``is_own`` (loop detection)."""
+        other = Dialer(protector, self.connect_timeout, self.keepalive)
+        other._own = self._own
+        return other
+
     def is_own(self, source: Endpoint, destination: Endpoint) -> bool:
         """Is a packet from ``source`` to ``destination`` one of our own sockets' (so, arriving
         on the TUN, a routing loop: protection is not in effect)?"""
