@@ -30,16 +30,16 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+def _wait_listening(proc: subprocess.Popen[bytes], name: str, port: int, log: Path) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}: {log.read_text()[-800:]}")
+            raise RuntimeError(f"{name} exited {proc.returncode}: {log.read_text()[-800:]}")
         with socket.socket() as probe:
             if probe.connect_ex((HOST, port)) == 0:
                 return
         time.sleep(0.05)
-    raise RuntimeError(f"{proc.args[0]} does not listen on {port}: {log.read_text()[-800:]}")
+    raise RuntimeError(f"{name} does not listen on {port}: {log.read_text()[-800:]}")
 
 
 @contextlib.contextmanager
@@ -47,7 +47,7 @@ def _running(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_listening(proc, port, log)
+        _wait_listening(proc, args[0], port, log)
         yield proc
     finally:
         proc.terminate()  # by PID: only the process this test started
