@@ -185,6 +185,7 @@ def test_connect_request_with_and_without_basic_auth() -> None:
         (b"HTTP/1.1 200 OK\r\n\r\nextra", ProxyError, errno.EPROTO, "bad response"),
         (b"HTTP/1.1 200 OK\r\n", ProxyError, errno.EPROTO, "bad response"),
         (b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n", ProxyError, errno.EPROTO, "bad response"),
+        (b"HTTP/2.1 200 OK\r\n\r\n", ProxyError, errno.EPROTO, "HTTP version"),  # fuzzer
     ],
 )  # fmt: skip
 def test_response_statuses(head: bytes, kind: type, err: int, match: str) -> None:

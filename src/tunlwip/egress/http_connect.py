@@ -87,6 +87,9 @@ def parse_response_head(head: bytes) -> int:
         event = http.next_event()
     except h11.RemoteProtocolError as exc:
         raise ProxyError("bad response", detail=str(exc)[:80]) from None
+    if isinstance(event, (h11.InformationalResponse, h11.Response)) and \
+            event.http_version not in (b"1.0", b"1.1"):  # fmt: skip
+        raise ProxyError("bad response", detail="HTTP version")  # h11 takes any digit.digit
     if isinstance(event, h11.InformationalResponse):
         return event.status_code
     if not isinstance(event, h11.Response):
