@@ -282,3 +282,27 @@ async def test_udp_association_drops_fragments_foreign_and_malformed(
     with trio.fail_after(10), pytest.raises(ProxyError, match="association closed"):
         await association.receive()
     assert open_fds() == before
+
+
+async def test_remote_dns_sends_only_a_valid_name(nursery: trio.Nursery) -> None:
+    """With ``remote_dns`` the flow's name goes to the proxy (ATYP 3) if it is a host name;
+    a name from a client's bytes that is not one falls back to the address (ATYP 1)."""
+    requests: list[bytes] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        await read(stream, 3)
+        await stream.send_all(b"\x05\x00")
+        head = await read(stream, 5)
+        rest = await read(stream, head[4] + 2 if head[3] == 3 else 5)
+        requests.append(head + rest)
+        await stream.send_all(OK_REPLY)
+        await trio.sleep_forever()
+
+    port = await serve(nursery, record)
+    via = parse_via(f"socks5://127.0.0.1:{port}?remote_dns=true")
+    for name in ("Example.ORG.", "bad\r\nname", None):
+        sock = await open_tcp_via(via, Dialer(), TARGET, name=name)
+        sock.close()
+    by_name = socks5.connect_request("Example.ORG", 443)
+    by_address = socks5.connect_request(TARGET.address, 443)
+    assert requests == [by_name, by_address, by_address]

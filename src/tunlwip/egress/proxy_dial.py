@@ -43,6 +43,7 @@ from ..admission import FD_SHORTAGE
 from ..dialer import Dialer, bind_interface, fwmark
 from ..endpoint import Endpoint, IPAddress
 from ..errors import ProtectError, ProxyError
+from ..hostname import is_hostname
 from . import http_connect, socks5, socks5_client
 from .sockio import recv_through, send_all
 from .socks5 import Address
@@ -93,8 +94,7 @@ async def open_tcp_via(via: Via, dialer: Dialer, target: Endpoint, *, name: str 
     try:
         with trio.move_on_at(deadline) as scope:
             if isinstance(via, Socks5Proxy):
-                host: Address = name if (via.remote_dns and name) else target.address
-                request = socks5.connect_request(host, target.port)
+                request = socks5.connect_request(_destination(via, name, target), target.port)
                 await socks5_client.handshake(sock, request, username=via.username,
                                               password=via.password)  # fmt: skip
             else:
@@ -133,8 +133,15 @@ async def open_udp_via(via: Socks5Proxy | HttpProxy | Reject, dialer: Dialer, ta
     except BaseException:
         control.close()
         raise
-    host: Address = name if (via.remote_dns and name) else target.address
-    return UdpAssociation(control, udp, relay, host, target.port)
+    return UdpAssociation(control, udp, relay, _destination(via, name, target), target.port)
+
+
+def _destination(via: Socks5Proxy, name: str | None, target: Endpoint) -> Address:
+    """The flow's name with ``remote_dns`` when it is a usable host name, else its address
+    (a name from a client's bytes is never sent unchecked)."""
+    if via.remote_dns and name and is_hostname(name.rstrip(".")):
+        return name.rstrip(".")
+    return target.address
 
 
 async def connect_tcp(dialer: Dialer, target: Endpoint, connect_timeout: float) -> socket.socket:
