@@ -9,6 +9,7 @@ behaves and what its replies look like are only believable from the programs peo
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import socket
 import subprocess
@@ -60,21 +61,25 @@ def _running(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen
 
 @contextlib.contextmanager
 def danted(workdir: Path, *, socksmethod: str = "none") -> Iterator[int]:
-    """danted on 127.0.0.1 (one process, foreground); yields its port. ``socksmethod``:
+    """danted on 127.0.0.1 and ::1 (one process, foreground); yields its port. ``socksmethod``:
     ``none`` or ``username`` (checked against the system's password database)."""
     port = free_port()
     config = workdir / "danted.conf"
     config.write_text(
         "logoutput: stderr\n"
         f"internal: {HOST} port = {port}\n"
+        f"internal: ::1 port = {port}\n"
         f"external: {HOST}\n"
+        "external: ::1\n"
         "clientmethod: none\n"
         f"socksmethod: {socksmethod}\n"
         "user.privileged: root\n"
         "user.unprivileged: nobody\n"
         "client pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }\n"
+        "client pass { from: ::1/128 to: ::/0 }\n"
         "socks pass { from: 127.0.0.0/8 to: 0.0.0.0/0 "
         "command: connect udpassociate udpreply }\n"
+        "socks pass { from: ::1/128 to: ::/0 command: connect udpassociate udpreply }\n"
     )
     args = [DANTED, "-f", str(config), "-N", "1", "-p", str(workdir / "danted.pid")]
     with _running(args, port, workdir / "danted.log"):
@@ -98,8 +103,8 @@ def tinyproxy(workdir: Path, connect_ports: list[int], *,
         yield port
 
 
-async def tcp_echo(nursery: trio.Nursery, *, greeting: bytes = b"") -> int:
-    """A TCP echo server on 127.0.0.1 (optionally speaking first); returns its port."""
+async def tcp_echo(nursery: trio.Nursery, *, greeting: bytes = b"", host: str = HOST) -> int:
+    """A TCP echo server on ``host`` (optionally speaking first); returns its port."""
 
     async def echo(stream: trio.SocketStream) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -109,14 +114,14 @@ async def tcp_echo(nursery: trio.Nursery, *, greeting: bytes = b"") -> int:
                 async for data in stream:
                     await stream.send_all(data)
 
-    listeners = await nursery.start(trio.serve_tcp, echo, 0)
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, echo, 0, host=host))
     return int(listeners[0].socket.getsockname()[1])
 
 
-async def udp_echo(nursery: trio.Nursery) -> int:
-    """A UDP echo server on 127.0.0.1; returns its port."""
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    await sock.bind((HOST, 0))
+async def udp_echo(nursery: trio.Nursery, host: str = HOST) -> int:
+    """A UDP echo server on ``host``; returns its port."""
+    sock = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    await sock.bind((host, 0))
 
     async def serve() -> None:
         with sock:

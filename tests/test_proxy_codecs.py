@@ -43,6 +43,7 @@ def test_connect_requests_by_address_and_by_name() -> None:
     with pytest.raises(ValueError, match="1-255"):
         socks5.connect_request("a" * 256, 80)
     assert socks5.udp_associate_request() == b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00"
+    assert socks5.udp_associate_request(6) == b"\x05\x03\x00\x04" + bytes(18)
 
 
 def test_auth_request_rfc1929() -> None:

@@ -138,6 +138,26 @@ async def test_socks5_association_ends_when_the_control_connection_closes(
     assert association.closed
 
 
+async def test_socks5_over_ipv6(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Proxy and destinations on ::1: replies with IPv6 addresses (ATYP 4), and an association
+    over an IPv6 control connection (its request names [::]:0, the family danted wants)."""
+    tcp_port = await tcp_echo(nursery, greeting=GREETING, host="::1")
+    udp_port = await udp_echo(nursery, host="::1")
+    with danted(tmp_path) as port:
+        via = parse_via(f"socks5://[::1]:{port}")
+        sock = await open_tcp_via(via, Dialer(), Endpoint.parse("::1", tcp_port))
+        assert await exchange(sock, b"v6", GREETING) == b"v6"
+        assert isinstance(via, Socks5Proxy)
+        association = await open_udp_via(via, Dialer(), Endpoint.parse("::1", udp_port))
+        try:
+            assert association.relay.family == 6
+            with trio.fail_after(5):
+                await association.send(b"datagram over v6")
+                assert await association.receive() == b"datagram over v6"
+        finally:
+            await association.aclose()
+
+
 @pytest.fixture
 def system_user() -> Iterator[tuple[str, str]]:
     """A uniquely named system user (danted's ``username`` method checks the password

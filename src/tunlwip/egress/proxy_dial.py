@@ -122,7 +122,7 @@ async def open_udp_via(via: Socks5Proxy | HttpProxy | Reject, dialer: Dialer, ta
     control = await _connect_proxy(via, dialer, deadline, resolve)
     try:
         with trio.move_on_at(deadline) as scope:
-            request = socks5.udp_associate_request()
+            request = socks5.udp_associate_request(6 if control.family == socket.AF_INET6 else 4)
             bound = await socks5_client.handshake(control, request, username=via.username,
                                                   password=via.password)  # fmt: skip
         if scope.cancelled_caught:

@@ -146,10 +146,12 @@ def connect_request(host: Address, port: int) -> bytes:
     return bytes([VERSION, CMD_CONNECT, 0]) + encode_address(host, port)
 
 
-def udp_associate_request() -> bytes:
-    """UDP ASSOCIATE, our datagrams' source left unsaid (0.0.0.0:0): the relay learns it from
-    the first datagram, which is what works behind NAT and what danted expects."""
-    return bytes([VERSION, CMD_UDP_ASSOCIATE, 0]) + encode_address(ipaddress.IPv4Address(0), 0)
+def udp_associate_request(version: int = 4) -> bytes:
+    """UDP ASSOCIATE, our datagrams' source left unsaid (0.0.0.0:0, or [::]:0 when the control
+    connection is IPv6: danted refuses the other family's address type): the relay learns it
+    from the first datagram, which is what works behind NAT."""
+    unspecified = ipaddress.IPv4Address(0) if version == 4 else ipaddress.IPv6Address(0)
+    return bytes([VERSION, CMD_UDP_ASSOCIATE, 0]) + encode_address(unspecified, 0)
 
 
 # -- replies ------------------------------------------------------------------------------------
