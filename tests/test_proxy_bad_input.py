@@ -23,7 +23,7 @@ from tunlwip.dialer import Dialer
 from tunlwip.egress import parse_via, socks5
 from tunlwip.egress.proxy_dial import open_tcp_via, open_udp_via
 from tunlwip.egress.via import Socks5Proxy
-from tunlwip.endpoint import Endpoint
+from tunlwip.endpoint import Endpoint, IPAddress
 from tunlwip.errors import ProxyError
 
 TARGET = Endpoint.parse("198.18.0.9", 443)
@@ -306,3 +306,29 @@ async def test_remote_dns_sends_only_a_valid_name(nursery: trio.Nursery) -> None
     by_name = socks5.connect_request("Example.ORG", 443)
     by_address = socks5.connect_request(TARGET.address, 443)
     assert requests == [by_name, by_address, by_address]
+
+
+async def test_what_is_not_dialed() -> None:
+    """reject refuses at once; drop and UDP to an HTTP proxy are no dials (nothing opened)."""
+    before = open_fds()
+    with pytest.raises(ConnectionRefusedError):
+        await open_tcp_via(parse_via("reject"), Dialer(), TARGET)
+    with pytest.raises(ConnectionRefusedError):
+        await open_udp_via(parse_via("reject"), Dialer(), TARGET)
+    with pytest.raises(ValueError, match="not dialed"):
+        await open_tcp_via(parse_via("drop"), Dialer(), TARGET)
+    with pytest.raises(ValueError, match="no association"):
+        await open_udp_via(parse_via("direct"), Dialer(), TARGET)
+    with pytest.raises(ProxyError, match="no udp via http proxy") as caught:
+        await open_udp_via(parse_via("http://127.0.0.1:3128"), Dialer(), TARGET)
+    assert caught.value.errno == errno.EPROTONOSUPPORT
+    assert open_fds() == before
+
+
+async def test_proxy_name_not_resolved() -> None:
+    async def nothing(name: str) -> list[IPAddress]:
+        return []
+
+    with pytest.raises(ProxyError, match="name not resolved"):
+        await open_tcp_via(parse_via("socks5://proxy.invalid:1080"), Dialer(), TARGET,
+                           resolve=nothing)  # fmt: skip

@@ -107,17 +107,20 @@ async def open_tcp_via(via: Via, dialer: Dialer, target: Endpoint, *, name: str 
     return sock
 
 
-async def open_udp_via(via: Socks5Proxy | HttpProxy | Reject, dialer: Dialer, target: Endpoint,
+async def open_udp_via(via: Via, dialer: Dialer, target: Endpoint,
                        *, name: str | None = None, handshake_timeout: float = HANDSHAKE_TIMEOUT,
                        resolve: Resolver = system_resolver) -> UdpAssociation:  # fmt: skip
     """A SOCKS5 UDP association to ``target`` for one UDP session (``UdpAssociation``).
     ``Reject`` raises ConnectionRefusedError (ICMP port unreachable for the client), an HTTP
-    proxy ``ProxyError("no udp via http proxy")`` (it carries TCP only). A direct route
-    needs no association: ``dialer_for(via, dialer).open_udp(target)``."""
+    proxy ``ProxyError("no udp via http proxy")`` (it carries TCP only). ``Direct`` and
+    ``Drop`` raise ValueError: a direct route needs no association
+    (``dialer_for(via, dialer).open_udp(target)``), a dropped flow nothing at all."""
     if isinstance(via, Reject):
         raise ConnectionRefusedError(errno.ECONNREFUSED, "rejected by route")
-    if not isinstance(via, Socks5Proxy):
+    if isinstance(via, HttpProxy):
         raise ProxyError("no udp via http proxy", errno.EPROTONOSUPPORT)
+    if not isinstance(via, Socks5Proxy):
+        raise ValueError(f"{via}: no association to open (direct: dialer_for; drop: silence)")
     deadline = trio.current_time() + handshake_timeout
     control = await _connect_proxy(via, dialer, deadline, resolve)
     try:
