@@ -181,6 +181,8 @@ def test_connect_request_with_and_without_basic_auth() -> None:
         (b"HTTP/1.1 503 Service Unavailable\r\nX-Squid-Error: ERR_CONNECT_FAIL 110\r\n\r\n",
          TimeoutError, errno.ETIMEDOUT, "timed out"),
         (b"HTTP/1.1 504 Gateway Timeout\r\n\r\n", TimeoutError, errno.ETIMEDOUT, "timeout"),
+        (b"HTTP/1.1 503 x\r\nX-Squid-Error: ERR_CONNECT_FAIL 2\xb22\r\n\r\n", OSError,
+         errno.EHOSTUNREACH, "unreachable"),  # fuzzer: "²" is no errno digit
         (b"HTTP/1.1 404 Not Found\r\n\r\n", ProxyError, errno.EPROTO, "unexpected status"),
         (b"SSH-2.0-OpenSSH\r\n\r\n", ProxyError, errno.EPROTO, "bad response"),
         (b"HTTP/1.1 200 OK\r\n\r\nextra", ProxyError, errno.EPROTO, "bad response"),

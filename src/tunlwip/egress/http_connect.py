@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import errno
 import ipaddress
+import re
 
 import h11
 
@@ -51,6 +52,9 @@ MAX_HEAD = 8192
 #: Interim (1xx) heads accepted before the final one.
 MAX_HEADS = 4
 HEAD_END = b"\r\n\r\n"
+# squid's ``X-Squid-Error: ERR_CONNECT_FAIL 111``: the failure, and its errno in ASCII digits
+# (not str.isdigit, which also takes "²": found by the fuzzer).
+_SQUID_ERROR = re.compile(rb"(ERR_[A-Z_]+)(?: ([0-9]{1,4}))?")
 
 
 def authority(host: Address, port: int) -> str:
@@ -119,12 +123,14 @@ def status_error(status: int, squid_error: bytes = b"") -> OSError:
 
 def _squid_error(value: bytes) -> OSError | None:
     """squid names the failure and its errno: ``ERR_CONNECT_FAIL 111``, ``ERR_DNS_FAIL 0``."""
-    kind, _, code = value.decode("latin-1").strip().partition(" ")
-    if kind == "ERR_DNS_FAIL":
-        return OSError(errno.EHOSTUNREACH, "name not resolved (via HTTP proxy)")
-    if kind != "ERR_CONNECT_FAIL" or not code.strip().isdigit():
+    match = _SQUID_ERROR.fullmatch(value.strip())
+    if match is None:
         return None
-    err = int(code)
+    if match[1] == b"ERR_DNS_FAIL":
+        return OSError(errno.EHOSTUNREACH, "name not resolved (via HTTP proxy)")
+    if match[1] != b"ERR_CONNECT_FAIL" or match[2] is None:
+        return None
+    err = int(match[2])
     if err == errno.ECONNREFUSED:
         return ConnectionRefusedError(err, "connection refused (via HTTP proxy)")
     if err == errno.ETIMEDOUT:
