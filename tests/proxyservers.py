@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -45,18 +47,43 @@ def _wait_listening(proc: subprocess.Popen[bytes], name: str, port: int, log: Pa
 
 @contextlib.contextmanager
 def _running(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    # Its own process group: danted forks workers, and they must end with it.
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
     try:
         _wait_listening(proc, args[0], port, log)
         yield proc
     finally:
-        proc.terminate()  # by PID: only the process this test started
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the group this test started (its leader's PID), SIGKILL if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
         try:
-            proc.wait(5)
+            proc.wait(10)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+            continue
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            time.sleep(0.05)  # the workers exit after the leader
+        if not _group_alive(proc.pid):
+            return
+
+
+def _group_alive(pgid: int) -> bool:
+    """Does a process of group ``pgid`` still run (zombies waiting to be reaped do not)?"""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # it just ended
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 @contextlib.contextmanager
