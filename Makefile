@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tunlwip-installed
 APT_PACKAGES := iproute2 iputils-ping curl iperf3 nginx-light dnsutils unbound openssl systemd xz-utils gcc \
-                python3-dev
+                python3-dev dante-server tinyproxy
 # Only the fuzz targets need clang (the package itself builds with the default cc): the release's
 # default clang and its libFuzzer runtime, installed by `fuzzdeps` when no clang can link one.
 FUZZ_APT_PACKAGES := clang libclang-rt-dev
@@ -145,12 +145,18 @@ fuzzdeps:
 fuzz: install fuzz-build
 	$(FUZZ_RUN) packet $(if $(FUZZ_RUNS),-runs=$(FUZZ_RUNS),-max_total_time=$(FUZZ_SECONDS))
 	$(FUZZ_RUN) dns -max_total_time=$(FUZZ_SECONDS)
+	$(FUZZ_RUN) socks5 -max_total_time=$(FUZZ_SECONDS)
+	$(FUZZ_RUN) http_connect -max_total_time=$(FUZZ_SECONDS)
 
 fuzz-smoke: install fuzz-build
 	$(FUZZ_RUN) packet -max_total_time=$(FUZZ_SMOKE_SECONDS)
 	$(FUZZ_RUN) dns -max_total_time=$(FUZZ_SMOKE_SECONDS)
+	$(FUZZ_RUN) socks5 -max_total_time=$(FUZZ_SMOKE_SECONDS)
+	$(FUZZ_RUN) http_connect -max_total_time=$(FUZZ_SMOKE_SECONDS)
 
 # Minimise what the runs found (fuzz/build/corpus) together with fuzz/corpus back into fuzz/corpus.
 fuzz-corpus: install fuzz-build
 	$(FUZZ_RUN) merge packet
 	$(FUZZ_RUN) merge dns
+	$(FUZZ_RUN) merge socks5
+	$(FUZZ_RUN) merge http_connect

@@ -4,7 +4,7 @@ Packet seeds: config byte, then records ctl(1) arg(1) len(2) packet. The gateway
 the harness, so a client acknowledges its SYN-ACK with ack = 1. Packets are built with the
 test suite's independent builders (tests/packets.py). DNS seeds: see dns_fuzzer.py's format.
 
-    python fuzz/make_seeds.py OUTDIR   # writes OUTDIR/packet/* and OUTDIR/dns/*
+    python fuzz/make_seeds.py OUTDIR   # writes OUTDIR/packet/*, dns/*, socks5/*, http_connect/*
     python fuzz/make_seeds.py --regressions   # rewrites fuzz/regressions/packet-ip6-* etc.
 
 Records of kinds VNET, XT_CHAIN, FRAG_TRAIN and SEG (ctl >> 3 of 7 and 29-31) shape their
@@ -457,6 +457,51 @@ def dns_seeds() -> dict[str, bytes]:
     return seeds
 
 
+def socks5_seeds() -> dict[str, bytes]:
+    """socks5_fuzzer.py format: mode byte (parser = mode % 5), then the proxy's bytes."""
+    v4 = b"\x01\x7f\x00\x00\x01\x04\x38"
+    v6 = b"\x04" + bytes(15) + b"\x01\x04\x38"
+    name = b"\x03\x0bexample.org\x01\xbb"
+    reply = b"\x05\x00\x00" + v4
+    return {
+        "method_none": b"\x00\x05\x00", "method_userpass": b"\x00\x05\x02",
+        "method_refused": b"\x00\x05\xff", "method_only_none": b"\x0a\x05\x02",
+        "auth_ok": b"\x01\x01\x00", "auth_failed": b"\x01\x01\x01",
+        "reply_v4": b"\x02" + reply, "reply_v6": b"\x02\x05\x00\x00" + v6,
+        "reply_name": b"\x02\x05\x00\x00" + name, "reply_refused": b"\x02\x05\x05\x00" + v4,
+        "udp_v4": b"\x03\x00\x00\x00\x01\xc6\x12\x00\x09\x00\x35payload",
+        "udp_fragment": b"\x03\x00\x00\x01\x01\xc6\x12\x00\x09\x00\x35payload",
+        "udp_name": b"\x03\x00\x00\x00" + name + b"payload",
+        "handshake_none": b"\x04\x22\x05\x00" + reply + b"destination",
+        "handshake_auth": b"\x09\x10\x05\x02\x01\x00" + reply + b"destination",
+        "handshake_name": b"\x04\x01\x05\x00\x05\x00\x00" + name + b"destination",
+    }  # fmt: skip
+
+
+def http_connect_seeds() -> dict[str, bytes]:
+    """http_connect_fuzzer.py format: mode byte (bit 0: read from a fake socket, arrivals of
+    (mode >> 1 & 0x3f) + 1 bytes; 0x80: a small head bound), then the proxy's bytes."""
+    ok = b"HTTP/1.1 200 Connection established\r\nProxy-agent: tinyproxy/1.11.1\r\n\r\n"
+    heads = {
+        "ok": ok, "ok_http10": b"HTTP/1.0 200 OK\r\n\r\n",
+        "auth": b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                b"Proxy-Authenticate: Basic realm=\"x\"\r\nContent-Length: 0\r\n\r\n",
+        "tinyproxy_500": b"HTTP/1.1 500 Unable to connect\r\nServer: tinyproxy/1.11.1\r\n"
+                         b"Content-Type: text/html\r\nConnection: close\r\n\r\n",
+        "squid_refused": b"HTTP/1.1 503 Service Unavailable\r\n"
+                         b"X-Squid-Error: ERR_CONNECT_FAIL 111\r\n\r\n",
+        "squid_dns": b"HTTP/1.1 503 Service Unavailable\r\nX-Squid-Error: ERR_DNS_FAIL 0\r\n\r\n",
+        "timeout": b"HTTP/1.1 504 Gateway Timeout\r\n\r\n",
+    }  # fmt: skip
+    seeds = {f"head_{k}": b"\x00" + v for k, v in heads.items()}
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    seeds["read_ok"] = b"\x01" + ok + b"SSH-2.0-destination\r\n"
+    seeds["read_interim"] = bytes([1 | 3 << 1]) + interim + ok + b"destination"
+    seeds["read_drip"] = b"\x01" + interim * 2 + ok
+    seeds["read_small_bound"] = bytes([0x81 | 5 << 1]) + ok + b"destination"
+    return seeds
+
+
 def main() -> None:
     if sys.argv[1:] == ["--regressions"]:
         for name, data in regressions().items():
@@ -464,8 +509,9 @@ def main() -> None:
             print(f"fuzz/regressions/{name}")
         return
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "fuzz" / "build" / "seeds")
-    packet = packet_seeds() | shaped_seeds() | vnet_seeds()
-    for kind, seeds in (("packet", packet), ("dns", dns_seeds())):
+    kinds = (("packet", packet_seeds() | shaped_seeds() | vnet_seeds()), ("dns", dns_seeds()),
+             ("socks5", socks5_seeds()), ("http_connect", http_connect_seeds()))  # fmt: skip
+    for kind, seeds in kinds:
         (out / kind).mkdir(parents=True, exist_ok=True)
         for name, data in seeds.items():
             (out / kind / f"seed_{name}").write_bytes(data)

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Run one fuzzer from the committed corpus; fail loudly on any finding.
-#   fuzz/run.sh packet|dns [libFuzzer options...]      (from the repository root)
-#   fuzz/run.sh merge packet|dns                        minimise build corpus into fuzz/corpus
+#   fuzz/run.sh packet|dns|socks5|http_connect [libFuzzer options...]   (from the repository root)
+#   fuzz/run.sh merge KIND                              minimise build corpus into fuzz/corpus
 # The committed corpus (fuzz/corpus/KIND) is copied to fuzz/build/corpus/KIND, where new inputs
 # go; findings (crash-*, leak-*, timeout-*, oom-*) go to fuzz/build/artifacts/KIND/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=fuzz/build
-# libFuzzer's -merge re-runs argv[0]: the DNS fuzzer is then started by its #! line, which
+# libFuzzer's -merge re-runs argv[0]: the Python fuzzers are then started by their #! line, which
 # must find the venv's python (atheris, tunlwip).
 export PATH="$PWD/.venv/bin:$PATH"
 
@@ -15,7 +15,9 @@ fuzzer() { # the command line of harness $1
     case "$1" in
         packet) echo "$BUILD/packet_fuzzer -max_len=66000 -timeout=25" ;;
         dns) echo "fuzz/dns_fuzzer.py -max_len=4096 -timeout=25" ;;
-        *) echo "unknown fuzzer: $1 (packet or dns)" >&2; exit 2 ;;
+        socks5) echo "fuzz/socks5_fuzzer.py -max_len=600 -timeout=25" ;;
+        http_connect) echo "fuzz/http_connect_fuzzer.py -max_len=1024 -timeout=25" ;;
+        *) echo "unknown fuzzer: $1 (packet, dns, socks5 or http_connect)" >&2; exit 2 ;;
     esac
 }
 

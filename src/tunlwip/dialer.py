@@ -150,6 +150,14 @@ class Dialer:
         #: Also ours: sockets made elsewhere (C's dials), asked after our own.
         self.also_own: Callable[[Endpoint, Endpoint], bool] | None = None
 
+    def with_protector(self, protector: Protector) -> Dialer:
+        """A dialer like this one with another protector (a route's ``direct?fwmark=N``),
+        whose sockets still count as ours for ``is_own`` (loop detection)."""
+        other = Dialer(protector, self.connect_timeout, self.keepalive)
+        other._own = self._own
+        other.also_own = self.also_own
+        return other
+
     def is_own(self, source: Endpoint, destination: Endpoint, *, also: bool = True) -> bool:
         """Is a packet from ``source`` to ``destination`` one of our own sockets' (so, arriving
         on the TUN, a routing loop: protection is not in effect)? ``also``: ask ``also_own``

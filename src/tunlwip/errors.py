@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from .binding.err import err_name
 
 
@@ -40,3 +42,17 @@ class LwipError(TunlwipError):
         super().__init__(
             f"{what + ': ' if what else ''}lwIP {self.name or 'unknown error'} ({self.err})"
         )
+
+
+class ProxyError(TunlwipError, OSError):
+    """A proxy could not carry a flow: it failed, refused the handshake, or answered something
+    that is not its protocol. ``reason`` is a short stable text (``"proxy: bad version"``,
+    ``"proxy: handshake timeout"``) fit for a flow's close reason and a per-reason counter;
+    ``errno`` says what kind of failure it is (``EPROTO`` for a broken reply, ``ETIMEDOUT``,
+    ``EACCES`` for authentication, ``ECONNREFUSED`` when the proxy itself refused us)."""
+
+    def __init__(self, reason: str, err: int | None = None, detail: str = "") -> None:
+        self.reason = reason if reason.startswith("proxy") else f"proxy: {reason}"
+        code = errno.EPROTO if err is None else err
+        super().__init__(code, self.reason + (f" ({detail})" if detail else ""))
+        self.errno = code
