@@ -54,7 +54,7 @@ _PORT_RANGE = re.compile(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?")
 class RouteName(Kind):
     """A route's name: shown in status, flow records and metrics' ``route`` label."""
 
-    doc = "name: 1-64 of A-Z a-z 0-9 _ . -, not all digits"
+    doc = "route name"
     expected = "a name of 1-64 letters, digits, _ . or - (not all digits: those are indexes)"
 
     def check(self, value: Any, where: str, shown: str) -> None:
@@ -68,7 +68,7 @@ class RouteName(Kind):
 class NameRule(Kind):
     """A name in the DNS lists' syntax (``dns.policy.parse_name_rule``)."""
 
-    doc = "list of names: `example.com`, `*.example.com` (or `.example.com`, `\\|\\|example.com^`)"
+    doc = "name (`a.example`, `*.a.example`)"
     expected = "a name such as example.com or *.example.com"
 
     def check(self, value: Any, where: str, shown: str) -> None:
@@ -83,7 +83,7 @@ class NameRule(Kind):
 class PortRange(Kind):
     """A port or an inclusive range, held as (low, high)."""
 
-    doc = 'list of ports: `443` or `"8000-8100"`'
+    doc = 'port or "low-high"'
     expected = 'a port range ("443" or "8000-8100")'
 
     def convert(self, raw: object, where: str, base: Path | None) -> Any:
@@ -114,8 +114,7 @@ class PortRange(Kind):
 class ViaUrl(Kind):
     """Where a route's flows go (``egress.via.parse_via``); in code also a ``CustomVia``."""
 
-    doc = "`direct`, `direct?fwmark=N`, `direct?interface=IF`, `socks5://`, `http://`, " \
-        "`reject` or `drop`"  # fmt: skip
+    doc = "via URL"
     expected = "a via such as direct or socks5://host:1080"
 
     def convert(self, raw: object, where: str, base: Path | None) -> Any:
