@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,11 @@ async def test_reload_with_routes_keeps_the_old_configuration(
     assert len(errors) == 1 and "route, egress.proxy: routes are checked but not" in errors[0]
     assert gateway.config.stack.blocked_udp_ports == (443,) and gateway.config.routes == ()
     await trio.lowlevel.checkpoint()
+
+
+def test_routing_docs_examples_are_accepted(tmp_path: Path) -> None:
+    docs = Path(__file__).resolve().parents[1] / "docs" / "routing.md"
+    blocks = re.findall(r"```toml\n(.*?)```", docs.read_text(), re.S)
+    assert len(blocks) >= 5
+    for i, block in enumerate(blocks):
+        cfg.load(write(tmp_path / f"routing{i}.toml", block), {"device.name": "tlw0"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,14 @@ def test_many_routes_agree_with_a_plain_scan() -> None:
             name = rng.choice([None, "a.d0.example", "x.d1.example", "d2.example", "n.example"])
             got = table.decide(protocol, CLIENT, target, name).index  # type: ignore[arg-type]
             assert got == scan(routes, protocol, target, name), (routes, protocol, target, name)
+
+
+def test_the_documented_example_runs() -> None:
+    """docs/routing.md's code example, as printed there."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "routing.md"
+    (block,) = re.findall(r"```python\n(.*?)```", docs.read_text(), re.S)
+    namespace: dict[str, object] = {}
+    exec(block, namespace)
+    decision = namespace["decision"]
+    assert (decision.index, decision.name) == (0, "corp")  # type: ignore[attr-defined]
+    assert decision.via == Socks5Proxy("198.18.1.1", 1080)  # type: ignore[attr-defined]
