@@ -134,7 +134,10 @@ def test_proxy_flag_and_key(tmp_path: Path) -> None:
 def test_check_config_on_real_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = write(tmp_path / "good.toml", '[device]\nname = "tlw0"\n' + ROUTES)
     assert main(["check-config", "--config", str(good)]) == EXIT_OK
-    assert "configuration OK" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "configuration OK" in out
+    assert err.startswith("tunlwip check-config: note: route, egress.proxy: routes are checked "
+                          "but not applied")  # fmt: skip
     bad = write(tmp_path / "bad.toml", ROUTES.replace('"8000-8100"', '"8100-8000"'))
     proc = subprocess.run([sys.executable, "-m", "tunlwip", "check-config", "--config", str(bad),
                            "--iface", "tlw0", "--proxy", "http://u:hunter2@198.18.1.1:x"],
@@ -165,6 +168,17 @@ def test_print_round_trips_routes_without_passwords(
     original = cfg.load(path, {"device.name": "tlw0",
                                "egress.proxy": "http://admin:hunter2@198.18.1.2:3128"})  # fmt: skip
     assert again.gateway == original.gateway
+
+
+def test_up_refuses_routes_before_opening_the_tun(tmp_path: Path) -> None:
+    """No root needed: the refusal comes before the TUN (tlwroute0 is never created)."""
+    path = write(tmp_path / "r.toml", ROUTES)
+    proc = subprocess.run([sys.executable, "-m", "tunlwip", "up", "--config", str(path),
+                           "--iface", "tlwroute0"], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == EXIT_CONFIG, proc.stderr
+    assert "bad configuration: route, egress.proxy: routes are checked but not" in proc.stderr
+    assert not Path("/sys/class/net/tlwroute0").exists()
 
 
 def test_gateway_refuses_routes_until_it_applies_them() -> None:

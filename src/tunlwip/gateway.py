@@ -59,7 +59,7 @@ class Gateway:
         udp_handler: UdpHandler | None = None,
     ) -> None:
         self.config = config or GatewayConfig()
-        _refuse_unwired_routes(self.config)
+        refuse_unwired_routes(self.config)
         self.dialer = Dialer(protector, self.config.dial_timeout, self.config.keepalive)
         stack_config = self.config.stack
         if stack_config.icmp_echo == "forward" and (reason := unavailable_reason()):
@@ -160,7 +160,7 @@ class Gateway:
         that only take effect after a restart (device, addresses, dial-before-accept, DNS
         hijack). Raises ConfigError, with nothing changed, if the new config cannot be loaded.
         """
-        _refuse_unwired_routes(config)  # routes apply to new flows: nothing needs a restart
+        refuse_unwired_routes(config)  # routes apply to new flows: nothing needs a restart
         old = self.config
         needs_restart = []
         device_fields = ("mtu", "ipv4_address", "ipv6_address", "client_networks",
@@ -276,7 +276,7 @@ class Gateway:
         return self.dns.name_for(client, target) if self.dns is not None else None
 
 
-def _refuse_unwired_routes(config: GatewayConfig) -> None:
+def refuse_unwired_routes(config: GatewayConfig) -> None:
     """Routes are checked (``egress.routes``) but not yet applied to flows: a gateway that
     ran anyway would send their flows directly, around the proxy the operator asked for.
     (Goes when the forwarders take their decisions from ``egress.routes.RouteTable``.)"""
