@@ -9,6 +9,7 @@ and the counters the operator sees.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 import re
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from test_metrics import parse, value
+from tunlwip import metrics
 from tunlwip.config.routes import Route
 from tunlwip.egress.custom import CustomVia
 from tunlwip.egress.routes import RouteTable, route_table
@@ -154,7 +157,7 @@ def test_counters_by_route_and_protocol() -> None:
     decision = table.decide("tcp", CLIENT6, to("fd00::9", 22))
     decision.counters.proxy_failures += 1  # what the caller does when the proxy fails
     stats = table.statistics()
-    assert stats.order == ("no-quic", "silent", "proxy", "default")
+    assert list(stats.via) == ["no-quic", "silent", "proxy", "default"]
     assert dict(stats.flows_tcp) == {"no-quic": 0, "silent": 1, "proxy": 2, "default": 0}
     assert dict(stats.flows_udp) == {"no-quic": 2, "silent": 1, "proxy": 0, "default": 0}
     assert dict(stats.rejected) == {"no-quic": 2, "silent": 0, "proxy": 0, "default": 0}
@@ -279,3 +282,22 @@ def test_the_documented_example_runs() -> None:
     decision = namespace["decision"]
     assert (decision.index, decision.name) == (0, "corp")  # type: ignore[attr-defined]
     assert decision.via == Socks5Proxy("198.18.1.1", 1080)  # type: ignore[attr-defined]
+
+
+def test_route_counters_in_the_metrics() -> None:
+    """The statistics schema's route families, labelled by route, from the snapshot's shape
+    (what the gateway will put at ``totals.routes``)."""
+    table = RouteTable([Route(name="no-quic", protocols=("udp",), via=Reject())], proxy=SOCKS)
+    table.decide("udp", CLIENT, to("198.18.9.9"))
+    table.decide("tcp", CLIENT, to("198.18.9.9")).counters.proxy_failures += 1
+    snapshot = table.statistics()
+    routes = {field.name: dict(getattr(snapshot, field.name))
+              for field in dataclasses.fields(snapshot)}  # fmt: skip
+    families = parse(metrics.render({"totals": {"routes": routes}}).decode())
+    assert value(families, "tunlwip_route_flows_udp_total", route="no-quic") == 1
+    assert value(families, "tunlwip_route_rejected_total", route="no-quic") == 1
+    assert value(families, "tunlwip_route_flows_tcp_total", route="proxy") == 1
+    assert value(families, "tunlwip_route_proxy_failures_total", route="proxy") == 1
+    assert value(families, "tunlwip_route_dropped_total", route="default") == 0
+    empty = parse(metrics.render({"totals": {"routes": None}}).decode())
+    assert not empty["tunlwip_route_flows_tcp"].samples, "no route table: no samples"

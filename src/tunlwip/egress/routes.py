@@ -84,10 +84,10 @@ class RouteDecision:
 @dataclasses.dataclass(frozen=True)
 class RouteStatistics:
     """A snapshot of every route's counters, in the shape of the statistics schema: one
-    mapping per counter, route name -> value (a Prometheus family labelled ``route``)."""
+    mapping per counter, route name -> value, in route order (a Prometheus family labelled
+    ``route``: ``stats.METRICS``)."""
 
-    order: tuple[str, ...]  #: the route names, first to last
-    via: Mapping[str, str]  #: each route's via, as text (no passwords)
+    via: Mapping[str, str]  #: each route's via, as text (no passwords), first route first
     flows_tcp: Mapping[str, int]
     flows_udp: Mapping[str, int]
     rejected: Mapping[str, int]
@@ -288,7 +288,6 @@ class RouteTable:
 
         vias = {name: str(via) for name, via in zip(self.names, self.vias, strict=True)}
         return RouteStatistics(
-            order=self.names,
             via=MappingProxyType(vias),
             flows_tcp=each("tcp"),
             flows_udp=each("udp"),
