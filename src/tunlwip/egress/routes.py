@@ -51,8 +51,6 @@ from .via import Direct, Drop, Reject, Via
 
 __all__ = ["RouteCounters", "RouteDecision", "RouteStatistics", "RouteTable", "route_table"]
 
-_V4_END, _V6_END, _PORT_END = 1 << 32, 1 << 128, 1 << 16
-
 
 @dataclasses.dataclass(slots=True)
 class RouteCounters:
