@@ -30,6 +30,8 @@ from tunlwip.cli import (
     reload,
 )
 from tunlwip.config import SCHEMA
+from tunlwip.config.fields import spec_of
+from tunlwip.config.routes import ROUTE_KEYS, Route
 from tunlwip.gateway import Gateway
 from tunlwip.service import configure_logging
 
@@ -124,12 +126,15 @@ def test_docs_examples_are_accepted(tmp_path: Path) -> None:
 
 
 def documented() -> dict[str, dict[str, str]]:
-    """{key path: {"type", "default", "flag"}} from the tables of docs/configuration.md."""
+    """{key path: {"type", "default", "flag"}} from the tables of docs/configuration.md (the
+    ``[[route]]`` table's keys as ``route.KEY``)."""
     rows: dict[str, dict[str, str]] = {}
     section = None
     for line in DOCS.read_text().splitlines():
         if m := re.match(r"## `\[(\w+)\]`", line):
             section = m.group(1)
+        elif line.startswith("## "):
+            section = "route" if line.startswith("## `[[route]]`") else None
         elif section and line.startswith("| `"):
             cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
             key, kind, default, flag = cells[0].strip("`"), cells[1], cells[2], cells[3]
@@ -141,6 +146,8 @@ def documented() -> dict[str, dict[str, str]]:
 
 def test_docs_document_every_key_with_its_default_type_and_flag() -> None:
     docs = documented()
+    route_keys = [path for path in docs if path.startswith("route.")]
+    docs = {path: row for path, row in docs.items() if path not in route_keys}
     assert list(docs) == [opt.path for opt in SCHEMA], "every key, in the order of --print"
     sections = re.findall(r"^## `\[(\w+)\]`", DOCS.read_text(), re.M)
     assert sections == list(cfg.SECTIONS), "one docs section per schema section, same order"
@@ -150,6 +157,20 @@ def test_docs_document_every_key_with_its_default_type_and_flag() -> None:
         assert doc["type"] == opt.kind.doc, opt.path
         flags_cell = re.findall(r"`(--[\w-]+)`", doc["flag"])
         assert flags_cell[:1] == ([opt.cli] if opt.cli else []), opt.path
+
+
+def test_docs_document_every_route_key() -> None:
+    """The [[route]] table's keys: all of them, in the order of --print, with type and
+    default as declared on the Route struct."""
+    docs = {path: row for path, row in documented().items() if path.startswith("route.")}
+    assert list(docs) == [f"route.{key}" for key, _ in ROUTE_KEYS]
+    for field in dataclasses.fields(Route):
+        spec = spec_of(field)
+        assert spec is not None
+        doc = docs[spec.path]
+        default = spec.unset if field.default is None else f"`{spec.kind.dump(field.default)}`"
+        row = (doc["type"], doc["default"], doc["flag"])
+        assert row == (spec.kind.doc, default, "—"), spec.path
 
 
 def test_every_flag_of_up_is_in_the_schema() -> None:

@@ -42,8 +42,9 @@ def test_defaults_are_the_command_line_defaults() -> None:
 
 def test_every_field_of_the_structs_is_a_key() -> None:
     """Each field of the embedders' structs is declared with its key path (or is a nested
-    struct), and the file's defaults are the structs' but for the documented exceptions."""
-    nested = {"stack", "udp", "dns"}
+    struct, or the [[route]] tables: test_config_routes.py), and the file's defaults are the
+    structs' but for the documented exceptions."""
+    nested = {"stack", "udp", "dns", "routes"}
     keys = {opt.field: opt for opt in SCHEMA if opt.field is not None}
     for owner, prefix in (
         (GatewayConfig, ""),

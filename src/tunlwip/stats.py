@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .admission import RefusedCounters
 from .dns.proxy import DnsCounters
+from .egress.routes import RouteStatistics
 from .flows import FlowTotals
 from .icmp import EchoCounters
 from .stack import StackStatistics
@@ -80,6 +81,8 @@ class GatewayStatistics:
     uptime: float = 0.0
     flows: FlowTotals = dataclasses.field(default_factory=FlowTotals)
     refused: RefusedCounters = dataclasses.field(default_factory=RefusedCounters)
+    #: Per-route counters (``RouteTable.statistics()``); None while no route table runs.
+    routes: RouteStatistics | None = None
 
 
 # -- frozen snapshots of live counters --------------------------------------------------------
@@ -252,6 +255,16 @@ METRICS: tuple[Stat | Fields, ...] = (
     Stat("totals.stack.tcp_connections", "tcp_connections", "gauge",
          "TCP connections the stack holds now"),
     Stat("totals.stack.lwip_tcp_pcbs", "lwip_tcp_pcbs", "gauge", "TCP PCBs lwIP holds now"),
+    Fields("totals.routes.flows_tcp", "route_flows_tcp", "counter",
+           "TCP flows each route took", label="route"),
+    Fields("totals.routes.flows_udp", "route_flows_udp", "counter",
+           "UDP sessions each route took", label="route"),
+    Fields("totals.routes.rejected", "route_rejected", "counter",
+           "flows each reject route refused", label="route"),
+    Fields("totals.routes.dropped", "route_dropped", "counter",
+           "flows each drop route dropped", label="route"),
+    Fields("totals.routes.proxy_failures", "route_proxy_failures", "counter",
+           "flows whose proxy failed, by route", label="route"),
     Stat("process.rss_bytes", "resident_memory_bytes", "gauge",
          "resident memory of the gateway process"),
     Stat("process.open_files", "open_files", "gauge", "file descriptors the gateway holds"),

@@ -20,12 +20,15 @@ from typing import Any
 from ..errors import ConfigError
 from .fields import ConfigProblems, InvalidFields
 from .kinds import show
+from .routes import parse_routes
 from .schema import SECTIONS
 from .settings import OPTIONS, SCHEMA, Settings
 
 __all__ = ["CONFIG_DIR", "default_path", "load"]
 
 CONFIG_DIR = Path("/etc/tunlwip")
+#: The file's key of the ``[[route]]`` tables (``GatewayConfig.routes``).
+ROUTES = "route"
 
 
 def default_path(iface: str) -> Path:
@@ -50,6 +53,10 @@ def _read_file(path: Path, base: Path, problems: list[str]) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     values: dict[str, Any] = {}
     for section, table in document.items():
+        if section == ROUTES:  # [[route]]: an ordered list of tables, not a section
+            values[ROUTES], found = parse_routes(table, base)
+            problems += found
+            continue
         if section not in SECTIONS:
             if isinstance(table, dict):
                 close = difflib.get_close_matches(section, list(SECTIONS), n=1, cutoff=0.6)
@@ -113,12 +120,13 @@ def load(path: str | Path | None = None, overrides: Mapping[str, object] | None 
             values.pop(other, None)
     if problems:
         raise ConfigProblems(problems)
+    routes = values.pop(ROUTES, ())
     for opt in SCHEMA:
         values.setdefault(opt.path, opt.default)
     if values["udp.sweep_interval"] is None:
         values["udp.sweep_interval"] = min(30.0, values["udp.idle_timeout"] / 2)
     try:
-        return Settings.from_values(values, source)  # the gateway's structs first, then ours
+        return Settings.from_values(values, source, routes)  # the gateway's structs, then ours
     except InvalidFields as exc:  # a rule across fields (dns.min_ttl <= dns.max_ttl), or:
         if values["device.name"] is None and exc.fields == ["Settings.iface"]:
             raise ConfigError("device.name: not set (give --iface or set it in [device])") \

@@ -23,6 +23,7 @@ from typing import Literal
 
 from ..dialer import KEEPALIVE_PROBES, KEEPALIVE_SECONDS, Keepalive
 from ..dns.policy import BlockedAnswer
+from ..egress.via import Via
 from ..shares import share_of
 from .fields import check_fields, setting
 from .kinds import (
@@ -39,6 +40,7 @@ from .kinds import (
     Overrides,
     UpstreamUrl,
 )
+from .routes import Route, ViaUrl, name_problems
 
 __all__ = ["DnsConfig", "GatewayConfig", "StackConfig", "UdpConfig"]
 
@@ -348,9 +350,25 @@ class GatewayConfig:
     icmp_echo_idle_timeout: float = setting(
         "icmp.idle_timeout", _positive, 30.0,
         help="a forwarded ping's socket is closed after this many idle seconds")  # fmt: skip
+    #: The ``[[route]]`` tables, in order: the first that matches a flow decides where it goes
+    #: (``egress.routes.RouteTable``); then ``proxy``; then ``direct``.
+    routes: tuple[Route, ...] = ()
+    #: A catch-all after the routes (tun2socks' ``-proxy``): every flow no route took.
+    proxy: Via | None = setting(
+        "egress.proxy", ViaUrl(), None, cli="--proxy", unset="none (direct)",
+        help="where flows no [[route]] matched go, e.g. socks5://host:1080 (an http:// proxy "
+             "takes TCP; UDP is then rejected)")  # fmt: skip
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        check_fields(self, self._route_rules)
+
+    def _route_rules(self) -> Iterator[tuple[str, str]]:
+        if not isinstance(self.routes, tuple) or \
+                not all(isinstance(route, Route) for route in self.routes):  # fmt: skip
+            yield "route: expected a tuple of Route", "GatewayConfig.routes"
+            return
+        for problem in name_problems(self.routes):
+            yield problem, "GatewayConfig.routes"
 
     @property
     def keepalive(self) -> Keepalive | None:

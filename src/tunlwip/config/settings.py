@@ -33,6 +33,7 @@ from .kinds import (
     OffOr,
     show,
 )
+from .routes import Route, routes_toml
 from .schema import SECTIONS, Option, collect
 from .sections import GatewayConfig
 
@@ -93,10 +94,14 @@ class Settings:
         check_fields(self)
 
     @classmethod
-    def from_values(cls, values: Mapping[str, Any], source: Path | None) -> Settings:
-        """The structs filled from checked values by key path (every key present)."""
+    def from_values(cls, values: Mapping[str, Any], source: Path | None,
+                    routes: tuple[Route, ...] = ()) -> Settings:  # fmt: skip
+        """The structs filled from checked values by key path (every key present), with the
+        ``[[route]]`` tables."""
 
         def fill(struct: type[Any], **given: Any) -> Any:
+            if struct is GatewayConfig:
+                given["routes"] = routes
             for field in dataclasses.fields(struct):
                 if (spec := spec_of(field)) is not None:
                     given[field.name] = values[spec.path]
@@ -154,6 +159,9 @@ class Settings:
                     lines.append(f"# {opt.key}: not set ({opt.unset})")
                 else:
                     lines.append(f"{opt.key} = {opt.kind.dump(value)}")
+                    if getattr(value, "password", None) is not None:
+                        lines[-1] += "  # password not shown"
+        lines += routes_toml(self.gateway.routes)
         return "\n".join(lines) + "\n"
 
 

@@ -488,3 +488,14 @@ def override_response(
     if rrset is not None:
         response.answer.append(rrset)
     return response
+
+
+def parse_name_rule(text: str) -> tuple[str, bool] | None:
+    """One name in the lists' syntax (``example.com``; ``*.example.com``, ``.example.com`` or
+    ``||example.com^`` for the name and every name under it) as (the name as lookups compare
+    it, whether it covers the names under it); None if ``text`` is not one. For the other users
+    of this syntax (routes' ``domains``), so that a name means the same everywhere."""
+    parsed = _parse_rule(text.strip()) if isinstance(text, str) and text.strip() else None
+    if parsed is None or parsed[2]:  # an "@@" exception means nothing outside the DNS lists
+        return None
+    return parsed[0], parsed[1]
