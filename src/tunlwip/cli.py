@@ -20,7 +20,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -367,29 +367,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if settings.workers > 1 and role is None:
         return _run_supervisor(args, settings, reloader)
     check_open_files(settings)
-    try:
-        try:
-            return trio.run(functools.partial(run_up, settings, reloader,
-                                              control_socket=args.control_socket,
-                                              flow_log=args.flow_log, worker=role))  # fmt: skip
-        except BaseExceptionGroup as group:
-            if (own := _own_error(group)) is None:
-                raise
-            raise own from own.__cause__  # keeps the cause: an OSError with the errno
-    except DeviceError as exc:
-        log.error("%s", exc)
-        cause = exc.__cause__
-        if isinstance(cause, OSError) and cause.errno in (errno.EPERM, errno.EACCES):
-            return EXIT_NOPERM
-        return EXIT_FAILURE
-    except ConfigError as exc:
-        log.error("bad configuration: %s", exc)
-        return EXIT_CONFIG
-    except TunlwipError as exc:  # e.g. HostAddressError: one line, not a traceback
-        log.error("%s", exc)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return EXIT_OK
+    return _exit_code_of(functools.partial(run_up, settings, reloader,
+                                           control_socket=args.control_socket,
+                                           flow_log=args.flow_log, worker=role))  # fmt: skip
 
 
 def _worker_role(args: argparse.Namespace) -> WorkerRole | None:
@@ -408,20 +388,30 @@ def _run_supervisor(args: argparse.Namespace, settings: Settings, reloader: Relo
 
     supervisor = Supervisor(settings, reloader, getattr(args, "raw_argv", ["up"]),
                             control_socket=args.control_socket)  # fmt: skip
+    return _exit_code_of(supervisor.run)
+
+
+def _exit_code_of(main: Callable[[], Awaitable[int]]) -> int:
+    """Run ``up``'s event loop (a gateway's, or the supervisor's) and turn what ends it into
+    ``up``'s exit code, with one log line for our own errors instead of a traceback."""
     try:
         try:
-            return trio.run(supervisor.run)
+            code: int = trio.run(main)
+            return code
         except BaseExceptionGroup as group:
             if (own := _own_error(group)) is None:
                 raise
-            raise own from own.__cause__
+            raise own from own.__cause__  # keeps the cause: an OSError with the errno
     except DeviceError as exc:
         log.error("%s", exc)
         cause = exc.__cause__
         if isinstance(cause, OSError) and cause.errno in (errno.EPERM, errno.EACCES):
             return EXIT_NOPERM
         return EXIT_FAILURE
-    except TunlwipError as exc:
+    except ConfigError as exc:
+        log.error("bad configuration: %s", exc)
+        return EXIT_CONFIG
+    except TunlwipError as exc:  # e.g. HostAddressError: one line, not a traceback
         log.error("%s", exc)
         return EXIT_FAILURE
     except KeyboardInterrupt:

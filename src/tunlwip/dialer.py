@@ -191,9 +191,17 @@ class Dialer:
         Raises ConnectionRefusedError, TimeoutError, other OSErrors (unreachable), or
         ProtectError.
         """
+        sock = await self.connect_tcp(target)
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+    async def connect_tcp(self, target: Endpoint,
+                          connect_timeout: float | None = None) -> socket.socket:  # fmt: skip
+        """``open_tcp``'s connect, as a plain non-blocking socket (what the C relay takes),
+        within ``connect_timeout`` (default: the dialer's); the same errors."""
         sock = self.start_tcp(target)
         try:
-            with trio.fail_after(self.connect_timeout):
+            limit = self.connect_timeout if connect_timeout is None else connect_timeout
+            with trio.fail_after(limit):
                 await trio.lowlevel.wait_writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
@@ -204,7 +212,7 @@ class Dialer:
         except BaseException:
             sock.close()
             raise
-        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        return sock
 
     def start_tcp(self, target: Endpoint) -> socket.socket:
         """A protected socket with a non-blocking connect to ``target`` under way: the caller

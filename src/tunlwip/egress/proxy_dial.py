@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -84,7 +83,7 @@ async def open_tcp_via(via: Via, dialer: Dialer, target: Endpoint, *, name: str 
     ConnectionRefusedError, TimeoutError, OSError (unreachable), ProtectError or ProxyError;
     ValueError for ``Drop`` (nothing to dial: the caller stays silent)."""
     if isinstance(via, Direct):
-        return await connect_tcp(dialer_for(via, dialer), target, dialer.connect_timeout)
+        return await dialer_for(via, dialer).connect_tcp(target, dialer.connect_timeout)
     if isinstance(via, Reject):
         raise ConnectionRefusedError(errno.ECONNREFUSED, "rejected by route")
     if isinstance(via, Drop):
@@ -147,25 +146,6 @@ def _destination(via: Socks5Proxy, name: str | None, target: Endpoint) -> Addres
     return target.address
 
 
-async def connect_tcp(dialer: Dialer, target: Endpoint, connect_timeout: float) -> socket.socket:
-    """A protected TCP connect to ``target`` within ``connect_timeout``, as a plain non-blocking
-    socket (``Dialer.open_tcp`` gives a trio stream; the C relay wants the socket)."""
-    sock = dialer.start_tcp(target)
-    try:
-        with trio.fail_after(connect_timeout):
-            await trio.lowlevel.wait_writable(sock)
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise OSError(err, os.strerror(err))
-    except trio.TooSlowError:
-        sock.close()
-        raise TimeoutError(errno.ETIMEDOUT, f"connect to {target} timed out") from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 async def _connect_proxy(via: Socks5Proxy | HttpProxy, dialer: Dialer, deadline: float,
                          resolve: Resolver) -> socket.socket:  # fmt: skip
     """The protected connection to the proxy. Its failures are the proxy's, not the
@@ -174,7 +154,7 @@ async def _connect_proxy(via: Socks5Proxy | HttpProxy, dialer: Dialer, deadline:
     proxy = await _proxy_endpoint(via, deadline, resolve)
     timeout = max(0.0, min(deadline - trio.current_time(), dialer.connect_timeout))
     try:
-        return await connect_tcp(dialer, proxy, timeout)
+        return await dialer.connect_tcp(proxy, timeout)
     except ProtectError:
         raise
     except ConnectionRefusedError:
