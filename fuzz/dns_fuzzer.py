@@ -40,7 +40,7 @@ with atheris.instrument_imports(include=["dns", "tunlwip"]):
     import trio.testing
 
     from tunlwip.dialer import Dialer
-    from tunlwip.dns.proxy import DnsConfig, DnsProxy, _client_udp_size
+    from tunlwip.dns.proxy import DnsConfig, DnsProxy
     from tunlwip.endpoint import Endpoint
 
 CLIENT = Endpoint.parse("198.18.0.2", 5353)
@@ -172,11 +172,18 @@ def _check(wire: bytes, answer: bytes | None, udp_size: bool) -> None:
         raise AssertionError("the answer has QR clear")
     if udp_size:
         try:
-            limit = _client_udp_size(dns.message.from_wire(wire))
+            limit = _client_udp_limit(dns.message.from_wire(wire))
         except Exception:
             limit = 512
         if len(answer) > limit:
             raise AssertionError(f"UDP answer of {len(answer)} bytes for a {limit}-byte buffer")
+
+
+def _client_udp_limit(query: dns.message.Message) -> int:
+    """The largest UDP answer the client takes (RFC 6891), computed here rather than asked of
+    the proxy, so a mistake there is a finding: 512 without EDNS, else its payload size (not
+    below 512)."""
+    return 512 if query.edns < 0 else max(512, min(query.payload, 65535))
 
 
 def test_one_input(data: bytes) -> None:
