@@ -592,7 +592,11 @@ class LwipStack:
             stream.on_error(err)
 
     def on_output(self, packet: bytes) -> None:
+        # Waking the writer here, not only in after_lwip: output can come from a call made
+        # inside one of lwIP's callbacks (closing a C UDP session mirrors ICMP), where
+        # after_lwip must not run.
         self._outbox.append(packet)
+        self._output_ready.set()
 
     def on_syn(self, packet: bytes, src: Endpoint, dst: Endpoint) -> bool:
         interceptor = self._hooks.syn_interceptor

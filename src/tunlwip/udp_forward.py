@@ -251,7 +251,8 @@ class UdpForwarder:
         final = cudp.close(record.handle)  # its queued datagrams leave first
         if final is not None:
             _add(record.session.counters, record.absorb(final))
-        self._stack.after_lwip()
+        # No after_lwip here: this may run inside lwIP's UDP callback (a new session evicting
+        # this one), which must not re-enter lwIP; output it caused wakes the writer itself.
         record.upstream.close()
         self._flows.close(record.flow, _CLOSE_REASONS.get(reason, reason))
 

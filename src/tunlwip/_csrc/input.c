@@ -371,6 +371,13 @@ int tl_input_fd(int fd, int max_packets)
             break;
         }
         count++;
+        if ((size_t)n > sizeof tl_read_buf) {
+            /* The kernel reports a packet's whole length even when it copied only what fit
+             * (a GSO super-datagram over 64 KiB): never look past what was read. */
+            tl_stats.packets_in++;
+            tl_stats.drop_too_long++;
+            continue;
+        }
         if (tl_vnet_hdr) tl_vnet_input(tl_read_buf, (size_t)n); /* offloads: vnet_input.c */
         else tl_input(tl_read_buf, (size_t)n);
     }

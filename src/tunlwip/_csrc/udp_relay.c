@@ -83,6 +83,20 @@ static tl_udp_relay_counters tl_ustats;
 
 /* FNV-1a over the key, seeded at random: a client choosing its ports cannot pile its sessions
  * into one bucket on purpose. */
+/* A flow's lookup key, field by field over zeroed memory: keys are hashed and compared with
+ * memcmp, so the padding byte must be zero, which neither a struct copy nor the endpoints
+ * lwIP's callback hands over promise. */
+static void tl_make_key(tl_endpoint key[2], const tl_endpoint *client, const tl_endpoint *target)
+{
+    memset(key, 0, 2 * sizeof *key);
+    key[0].family = client->family;
+    key[1].family = target->family;
+    memcpy(key[0].addr, client->addr, 16);
+    memcpy(key[1].addr, target->addr, 16);
+    key[0].port = client->port;
+    key[1].port = target->port;
+}
+
 static u32_t tl_key_hash(const tl_endpoint key[2])
 {
     const uint8_t *b = (const uint8_t *)key;
@@ -258,7 +272,8 @@ static void tl_udp_relay_flush(void)
 int tl_udp_relay_take(const tl_endpoint *src, const tl_endpoint *dst, struct pbuf *p)
 {
     if (tl_udp_relay_n == 0) return 0;
-    tl_endpoint key[2] = {*src, *dst};
+    tl_endpoint key[2];
+    tl_make_key(key, src, dst);
     struct tl_udp_relay *r = tl_lookup(key);
     if (r == NULL) return 0;
     tl_touch(r);
@@ -363,13 +378,7 @@ int tl_udp_relay_open(const tl_endpoint *client, const tl_endpoint *target, int 
         return -EINVAL;
     if (tl_relay_epoll_fd() < 0) return -errno;
     tl_endpoint key[2];
-    memset(key, 0, sizeof key); /* the padding too: keys are compared with memcmp */
-    key[0].family = client->family;
-    key[1].family = target->family;
-    memcpy(key[0].addr, client->addr, 16);
-    memcpy(key[1].addr, target->addr, 16);
-    key[0].port = client->port;
-    key[1].port = target->port;
+    tl_make_key(key, client, target);
     if (tl_lookup(key) != NULL) return -EEXIST;
     if (tl_udp_relay_n >= tl_bucket_mask && tl_table_grow() != 0) return -ENOMEM;
     struct tl_udp_relay *r = calloc(1, sizeof *r);
