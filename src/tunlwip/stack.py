@@ -33,7 +33,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NoReturn
 
 import trio
@@ -53,6 +53,7 @@ from .errors import LwipError, TunlwipError
 from .hooks import StackHooks as StackHooks
 from .pollset import LwipClock, PollSet
 from .relay import FirstDataCallback, Relay
+from .snapshot import StackStatistics as StackStatistics
 from .tcp import LwipTcpStream
 
 log = logging.getLogger("tunlwip.stack")
@@ -62,40 +63,6 @@ TcpHandler = Callable[[LwipTcpStream, Endpoint], Awaitable[None]]
 _TIMER_CAP_SECONDS = 0.25
 _RELAY_SWEEP_SECONDS = 1.0
 _READ_BATCH = 64  # packets read before the reader lets other tasks run
-
-
-class FrozenCounters(dict[str, int]):
-    """A counters mapping that refuses every change: a snapshot's ``counters``. A dict (not a
-    ``MappingProxyType``), so ``dataclasses.asdict``, ``copy.deepcopy`` and ``pickle`` of a
-    statistics snapshot work as they did with the plain dict."""
-
-    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
-        raise TypeError("a statistics snapshot's counters cannot be changed")
-
-    __setitem__ = __delitem__ = _refuse
-    clear = pop = popitem = setdefault = update = _refuse
-    __ior__ = _refuse
-
-    def __reduce__(self) -> tuple[type[FrozenCounters], tuple[dict[str, int]]]:
-        return FrozenCounters, (dict(self),)
-
-
-@dataclasses.dataclass(frozen=True)
-class StackStatistics:
-    """A snapshot of the stack's counters (C counters plus Python-side state). ``counters`` is
-    read-only: a copy of the mapping given, so nothing can change the snapshot afterwards."""
-
-    tcp_connections: int
-    lwip_tcp_pcbs: int
-    counters: Mapping[str, int]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "counters", FrozenCounters(self.counters))
-
-    @property
-    def dropped(self) -> dict[str, int]:
-        """The nonzero ``drop_*`` counters, by reason (the name without ``drop_``)."""
-        return {k[5:]: v for k, v in self.counters.items() if k.startswith("drop_") and v}
 
 
 def _apply_keepalive(keepalive: Keepalive | None) -> None:
