@@ -20,7 +20,9 @@
 
 #include "tl_internal.h"
 
-/* Per-port catch-all listeners, kept for the life of the process (lwip-notes §2.4). */
+/* Per-port catch-all listeners, kept for the life of the process: at most one per port (so
+ * bounded), and a listener never closed never strands a half-open connection it spawned (lwIP
+ * hands those to their listener's accept callback when the handshake completes). */
 struct tcp_pcb *tl_listeners[65536];
 
 /* Scratch buffer for flattening a received pbuf chain (single-threaded, never re-entered;

@@ -23,7 +23,8 @@
 
 #include "tl_internal.h"
 
-/* Per-port catch-all UDP PCBs, kept for the life of the process (lwip-notes §2.4). */
+/* Per-port catch-all UDP PCBs, kept for the life of the process: at most one per port, made
+ * on the first datagram to it, so their number is bounded and no lookup ever misses one. */
 struct udp_pcb *tl_udp_pcbs[65536];
 
 static void tl_on_udp(void *arg, struct udp_pcb *pcb, struct pbuf *p, const ip_addr_t *addr,
