@@ -38,16 +38,7 @@ async def recv_exactly(sock: socket.socket, count: int) -> bytes:
     """Exactly ``count`` bytes, never more; ``ProxyError`` if the proxy closes first."""
     parts = bytearray()
     while len(parts) < count:
-        try:
-            chunk = sock.recv(count - len(parts))
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-            continue
-        except OSError as exc:
-            raise _broken(exc) from exc
-        if not chunk:
-            raise ProxyError("closed during handshake", errno.ECONNRESET)
-        parts += chunk
+        parts += await _recv_some(sock, count - len(parts))
     return bytes(parts)
 
 
@@ -60,15 +51,7 @@ async def recv_through(sock: socket.socket, marker: bytes, limit: int) -> bytes:
     waits for more, so a slow sender costs one wakeup per arrival, not a busy loop."""
     head = bytearray()
     while True:
-        try:
-            peeked = sock.recv(limit - len(head), socket.MSG_PEEK)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-            continue
-        except OSError as exc:
-            raise _broken(exc) from exc
-        if not peeked:
-            raise ProxyError("closed during handshake", errno.ECONNRESET)
+        peeked = await _recv_some(sock, limit - len(head), socket.MSG_PEEK)
         # The marker may straddle what we hold and what we peeked.
         start = max(0, len(head) - len(marker) + 1)
         found = (bytes(head[start:]) + peeked).find(marker)
@@ -78,6 +61,22 @@ async def recv_through(sock: socket.socket, marker: bytes, limit: int) -> bytes:
             return bytes(head)
         if len(head) >= limit:
             raise ProxyError("response head too long")
+
+
+async def _recv_some(sock: socket.socket, most: int, flags: int = 0) -> bytes:
+    """At least one byte and at most ``most`` (waiting for them); ``ProxyError`` if the proxy
+    closed or the connection broke."""
+    while True:
+        try:
+            chunk = sock.recv(most, flags)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError as exc:
+            raise _broken(exc) from exc
+        if not chunk:
+            raise ProxyError("closed during handshake", errno.ECONNRESET)
+        return chunk
 
 
 def _broken(exc: OSError) -> ProxyError:
