@@ -61,7 +61,8 @@ class FlowRecord:
     is wall-clock time (``time.time()``, for logs); ``duration`` is measured on trio's clock.
     ``connect_latency`` is the upstream dial time of the default TCP forwarder (None for UDP and
     custom handlers). ``name`` is the TLS SNI or HTTP Host the client sent, else the name it
-    resolved to this address through the DNS proxy, else None.
+    resolved to this address through the DNS proxy, else None. ``route`` is the name of the
+    route (``[[route]]``, ``egress.routes``) the flow took, None where no table decided it.
     """
 
     protocol: FlowProtocol
@@ -77,6 +78,7 @@ class FlowRecord:
     #: retransmissions), "stopped" (the gateway stopped), "error" (the handler raised).
     close_reason: str
     name: str | None = None
+    route: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (endpoints as ``addr:port`` strings), e.g. for a JSON-lines log."""
@@ -101,6 +103,7 @@ class FlowInfo:
     age: float
     connect_latency: float | None
     name: str | None = None
+    route: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -131,6 +134,7 @@ def _flow_json(flow: FlowRecord | FlowInfo) -> dict[str, Any]:
         "client": str(flow.client),
         "target": str(flow.target),
         "name": flow.name,
+        "route": flow.route,
         "bytes_up": flow.bytes_up,
         "bytes_down": flow.bytes_down,
         "started": round(flow.started, 3),
@@ -144,7 +148,7 @@ def _round(value: float | None) -> float | None:
 class LiveFlow:
     """A flow in progress (the table's mutable entry; the gateway fills in latency and name)."""
 
-    __slots__ = ("_counts", "client", "connect_latency", "name", "opened", "protocol",
+    __slots__ = ("_counts", "client", "connect_latency", "name", "opened", "protocol", "route",
                  "started", "target")  # fmt: skip
 
     def __init__(self, protocol: FlowProtocol, client: Endpoint, target: Endpoint,
@@ -153,6 +157,8 @@ class LiveFlow:
         self.client = client
         self.target = target
         self.name = name
+        #: The name of the route the flow took (set by the forwarder that decided it).
+        self.route: str | None = None
         self.connect_latency: float | None = None
         self.started = time.time()
         self.opened = trio.current_time()
@@ -171,12 +177,13 @@ class LiveFlow:
     def snapshot(self, now: float) -> FlowInfo:
         up, down = self._counts()
         return FlowInfo(self.protocol, self.client, self.target, up, down, self.started,
-                        now - self.opened, self.connect_latency, self.name)  # fmt: skip
+                        now - self.opened, self.connect_latency, self.name, self.route)  # fmt: skip
 
     def record(self, now: float, reason: str) -> FlowRecord:
         up, down = self._counts()
         return FlowRecord(self.protocol, self.client, self.target, up, down, self.started,
-                          now - self.opened, self.connect_latency, reason, self.name)  # fmt: skip
+                          now - self.opened, self.connect_latency, reason, self.name,
+                          self.route)  # fmt: skip
 
 
 class FlowSubscription:
@@ -314,9 +321,12 @@ class FlowTable:
         reason: str,
         *,
         connect_latency: float | None = None,
+        route: str | None = None,
     ) -> FlowRecord:
-        """Record a flow that ended before it was handled (a failed dial before accept)."""
+        """Record a flow that ended before it was handled (a failed dial before accept, a
+        refused or dropped route)."""
         flow = self.open(protocol, client, target, name=self._name_for(client, target))
+        flow.route = route
         if connect_latency is not None:
             flow.connect_latency = connect_latency
             flow.opened -= connect_latency

@@ -30,6 +30,7 @@ from .config.sections import GatewayConfig as GatewayConfig
 from .device import PacketDevice
 from .dialer import Dialer, Protector, describe, no_protection
 from .dns.proxy import DnsProxy
+from .egress.routes import RouteTable, route_table
 from .endpoint import Endpoint
 from .errors import ConfigError
 from .flows import DEFAULT_BUFFER, FlowInfo, FlowSubscription, FlowTable
@@ -88,12 +89,16 @@ class Gateway:
         self._admission = Admission(
             self.dialer, reject_encrypted_dns=self.config.dns.reject_encrypted
         )
+        #: Where each new flow goes (``[[route]]``, ``egress.proxy``, then direct); both
+        #: forwarders decide by it, ``reconfigure`` swaps it whole.
+        self.routes: RouteTable = route_table(self.config)
         self._tcp = TcpForwarder(self.stack, self.dialer, self._flows, self._admission,
                                  self.config, dns=self.dns, is_dns=self._is_dns,
-                                 handler=tcp_handler)  # fmt: skip
+                                 handler=tcp_handler, routes=self.routes)  # fmt: skip
         udp_forwarder = UdpForwarder(self.stack, self.dialer, self._flows, self._admission,
                                      dns=self.dns, is_dns=self._is_dns,
-                                     handler=udp_handler)  # fmt: skip
+                                     handler=udp_handler, routes=self.routes)  # fmt: skip
+        self._udp_forwarder = udp_forwarder
         self.udp = UdpSessions(self.stack, udp_forwarder.dispatch, self.config.udp,
                                attach=udp_forwarder.attach, admit=udp_forwarder.admit,
                                sync_activity=udp_forwarder.sync)  # fmt: skip
@@ -162,6 +167,7 @@ class Gateway:
         hijack). Raises ConfigError, with nothing changed, if the new config cannot be loaded.
         """
         refuse_unwired_routes(config)  # routes apply to new flows: nothing needs a restart
+        routes = route_table(config, previous=self.routes)  # may raise: nothing changed yet
         old = self.config
         needs_restart = []
         device_fields = ("mtu", "ipv4_address", "ipv6_address", "client_networks",
@@ -198,6 +204,7 @@ class Gateway:
         self.config = dataclasses.replace(config, stack=self.stack.config, dns=keep_dns, **keep)
         self._tcp.config = self.config
         self._tcp.configure_c_dials()
+        self.routes = self._tcp.routes = self._udp_forwarder.routes = routes
         return needs_restart
 
     async def drain(self, grace: float) -> bool:
@@ -237,6 +244,7 @@ class Gateway:
             uptime=self.uptime,
             flows=self._flows.totals(),
             refused=refused,
+            routes=self.routes.statistics(),
         )
 
     @property

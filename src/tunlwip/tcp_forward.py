@@ -45,6 +45,7 @@ import trio
 from .admission import FD_SHORTAGE, Admission
 from .c_dials import CDials
 from .dialer import Dialer
+from .egress.routes import RouteTable
 from .endpoint import Endpoint, IPAddress
 from .errors import LwipError, ProtectError
 from .flows import FlowTable, LiveFlow
@@ -291,9 +292,12 @@ class TcpForwarder:
         *,
         dns: DnsProxy | None,
         is_dns: Callable[[Endpoint], bool],
+        routes: RouteTable | None = None,
         handler: TcpHandler | None = None,
     ) -> None:
         self._stack = stack
+        #: The route table new flows are decided by (the gateway swaps it on reconfigure).
+        self.routes = routes if routes is not None else RouteTable()
         self._dialer = dialer
         self._flows = flows
         self._admission = admission

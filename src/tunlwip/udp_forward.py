@@ -37,6 +37,7 @@ import trio
 from .admission import FD_SHORTAGE, Admission
 from .binding import udp_relay as cudp
 from .dialer import Dialer
+from .egress.routes import RouteTable
 from .endpoint import Endpoint
 from .errors import TunlwipError
 from .flows import FlowTable, LiveFlow
@@ -159,9 +160,12 @@ class UdpForwarder:
         *,
         dns: DnsProxy | None,
         is_dns: Callable[[Endpoint], bool],
+        routes: RouteTable | None = None,
         handler: UdpHandler | None = None,
     ) -> None:
         self._stack = stack
+        #: The route table new flows are decided by (the gateway swaps it on reconfigure).
+        self.routes = routes if routes is not None else RouteTable()
         self._dialer = dialer
         self._flows = flows
         self._admission = admission

@@ -40,7 +40,6 @@ from bisect import bisect_right
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import IPv4Address, IPv6Address
-from types import MappingProxyType
 
 from ..config.routes import IMPLICIT_NAME, Protocol, Route, RouteVia, proxy_routes
 from ..config.sections import GatewayConfig
@@ -280,13 +279,15 @@ class RouteTable:
         """A snapshot of the counters (``RouteStatistics``)."""
 
         def each(field: str) -> Mapping[str, int]:
-            return MappingProxyType({name: getattr(counters, field)
-                                     for name, counters in zip(self.names, self.counters,
-                                                               strict=True)})  # fmt: skip
+            # Plain dicts, each a fresh copy: a snapshot must pickle and deep-copy.
+            return {
+                name: getattr(counters, field)
+                for name, counters in zip(self.names, self.counters, strict=True)
+            }
 
         vias = {name: str(via) for name, via in zip(self.names, self.vias, strict=True)}
         return RouteStatistics(
-            via=MappingProxyType(vias),
+            via=vias,
             flows_tcp=each("tcp"),
             flows_udp=each("udp"),
             rejected=each("rejected"),
