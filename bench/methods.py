@@ -11,6 +11,8 @@ middle, so that the figures differ only by the middle::
                  (sockets) --veth--> srv
     tunlwip      cli --TUN==fd==> tunlwip up in gw (lwIP, sockets) --veth--> srv
     tunlwip-w2   the same with ``--workers 2``
+    tunlwip-socks5  tunlwip up in gw with ``--proxy socks5://`` to danted on gw's loopback
+                 (hev's danted, the same configuration) --veth--> srv: a proxied route's cost
 
 Every address is in 198.18.0.0/15 or fd00::/8; every namespace and interface comes from the
 netns helpers (per-process prefix) and is removed with its Topology.
@@ -68,9 +70,9 @@ PASTA_ADDR4, PASTA_GW4 = "198.18.3.2", "198.18.3.1"
 PASTA_ADDR6, PASTA_GW6 = "fd00:3::2", "fd00:3::1"
 
 #: In run order: a method's baselines (the kernel for every row, slirp4netns, pasta and hev
-#: for tunlwip, tunlwip for tunlwip-w2) are measured before it, so its ratios exist when its
-#: figure is recorded.
-METHODS = ("kernel", "slirp4netns", "pasta", "hev", "tunlwip", "tunlwip-w2")
+#: for tunlwip, tunlwip for tunlwip-w2 and tunlwip-socks5) are measured before it, so its
+#: ratios exist when its figure is recorded.
+METHODS = ("kernel", "slirp4netns", "pasta", "hev", "tunlwip", "tunlwip-w2", "tunlwip-socks5")
 #: Where the hev method looks for hev-socks5-tunnel (not packaged by Debian; bench/README.md
 #: says how to build it): ``--hev-bin`` (which sets this variable), then the variable, then PATH.
 HEV_ENV = "HEV_SOCKS5_TUNNEL"
@@ -160,7 +162,8 @@ def tunlwip_has_workers() -> bool:
 
 def available(method: str, mtu: int) -> str | None:
     """Why ``method`` cannot run at ``mtu`` here, or None."""
-    tool = {"slirp4netns": "slirp4netns", "pasta": "pasta", "hev": "danted"}.get(method)
+    tool = {"slirp4netns": "slirp4netns", "pasta": "pasta", "hev": "danted",
+            "tunlwip-socks5": "danted"}.get(method)  # fmt: skip
     if tool and shutil.which(tool) is None:
         package = {"pasta": "passt", "danted": "dante-server"}.get(tool, tool)
         return f"{tool} not installed (Debian package {package})"
@@ -201,6 +204,8 @@ def start(
         middle = _tunlwip(split, mtu, work, [*tunlwip_args, "--workers", "2"])
         middle.method = method
         return middle
+    if method == "tunlwip-socks5":
+        return _tunlwip_socks5(split, mtu, work, tunlwip_args)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -377,6 +382,33 @@ def danted_conf(work: Path, external_iface: str) -> str:
     )
 
 
+def _danted(split: SplitTopology, work: Path) -> subprocess.Popen[bytes]:
+    """danted in gw on loopback (``danted_conf``), started by PID; returns once it listens."""
+    danted_path = work / "danted.conf"
+    danted_path.write_text(danted_conf(work, split.gw_veth))
+    danted_log = work / "danted.out"
+    danted = _spawn(split.gw, ["danted", "-f", str(danted_path)], danted_log)
+
+    def listening() -> bool:
+        _check_running(danted, danted_log, "danted")
+        return any(p == SOCKS_PORT for _, p in split.gw.listeners("tcp"))
+
+    wait_until(listening, f"danted to listen on 127.0.0.1:{SOCKS_PORT}", 15)
+    return danted
+
+
+def _tunlwip_socks5(split: SplitTopology, mtu: int, work: Path,
+                    extra: Sequence[str] = ()) -> Middle:  # fmt: skip
+    """tunlwip with every flow routed through danted (``--proxy``), the route a SOCKS5 user
+    of tunlwip configures: TCP by CONNECT, UDP by UDP ASSOCIATE, DNS still answered by the
+    gateway's own proxy (its upstream queries leave directly)."""
+    danted = _danted(split, work)
+    middle = _tunlwip(split, mtu, work, [*extra, "--proxy", f"socks5://127.0.0.1:{SOCKS_PORT}"])
+    middle.method = "tunlwip-socks5"
+    middle.helpers.append(danted.pid)
+    return middle
+
+
 def hev_conf(iface: str, mtu: int) -> str:
     """hev-socks5-tunnel: its TUN (no addresses: they would be lost when the TUN moves to
     cli) and danted on loopback, UDP by SOCKS5 UDP ASSOCIATE (danted has no UDP-in-TCP)."""
@@ -394,16 +426,7 @@ def _hev(split: SplitTopology, mtu: int, work: Path) -> Middle:
     hev_bin, why = hev_binary()
     if hev_bin is None:
         raise MethodUnavailable(why)
-    danted_path = work / "danted.conf"
-    danted_path.write_text(danted_conf(work, split.gw_veth))
-    danted_log = work / "danted.out"
-    danted = _spawn(split.gw, ["danted", "-f", str(danted_path)], danted_log)
-
-    def listening() -> bool:
-        _check_running(danted, danted_log, "danted")
-        return any(p == SOCKS_PORT for _, p in split.gw.listeners("tcp"))
-
-    wait_until(listening, f"danted to listen on 127.0.0.1:{SOCKS_PORT}", 15)
+    danted = _danted(split, work)
     iface = unique_ifname("h")
     conf = work / "hev.yml"
     conf.write_text(hev_conf(iface, mtu))

@@ -26,8 +26,10 @@ COMPARISONS = (
     ("tunlwip", "pasta"),
     ("tunlwip", "hev"),
     ("tunlwip-w2", "tunlwip"),
+    ("tunlwip-socks5", "tunlwip"),
 )
-COLUMN_NAMES = {("tunlwip-w2", "tunlwip"): "workers 2 ÷ 1"}
+COLUMN_NAMES = {("tunlwip-w2", "tunlwip"): "workers 2 ÷ 1",
+                ("tunlwip-socks5", "tunlwip"): "via danted ÷ direct"}  # fmt: skip
 #: Counts near zero (loss %, failed connections): a ratio of them is noise, not information.
 NO_RATIO = {"loss", "failed"}
 X = "\N{MULTIPLICATION SIGN}"  # escaped: ruff flags the literal as ambiguous
@@ -222,6 +224,7 @@ def render(run: Run, methods_run: list[str], interrupted: bool) -> str:
         out.append("")
     out += render_targets(run)
     out += render_targets_17(run)
+    out += render_targets_16(run)
     return "\n".join(out)
 
 
@@ -391,3 +394,40 @@ def render_targets_17(run: Run) -> list[str]:
         out.append(f"| {name} | {got} | {'—' if met is None else ('yes' if met else 'no')} |")
     out.append("")
     return out
+
+
+#: Issue 16's proxied rows: (what, workload, metric); each ≥ 0.8 times tunlwip direct at MTU 1500.
+PROXIED_ROWS = (
+    ("TCP upload, 1 stream", "tcp-up-1-v4", "throughput"),
+    ("TCP download, 1 stream", "tcp-down-1-v4", "throughput"),
+    ("serial connections", "conn-serial", "rate"),
+    ("bulk UDP up (3 Gbit/s offered)", "udp-up-3G-v4", "received"),
+    ("bulk UDP down (3 Gbit/s offered)", "udp-down-3G-v4", "received"),
+)
+
+
+def render_targets_16(run: Run) -> list[str]:
+    """Issue 16's target: a route through a SOCKS5 proxy (danted on the gateway host) keeps
+    at least 0.8 times the direct path's figure, both measured in this run."""
+
+    def value(method: str, workload: str, metric: str) -> float | None:
+        for r in run.records:
+            if (r["method"], r["workload"], r["metric"], r["mtu"]) == (
+                method, workload, metric, 1500
+            ):  # fmt: skip
+                return None if r["value"] is None else float(r["value"])
+        return None
+
+    out = []
+    for what, workload, metric in PROXIED_ROWS:
+        proxied = value("tunlwip-socks5", workload, metric)
+        direct = value("tunlwip", workload, metric)
+        if proxied is None or not direct:
+            continue
+        x = proxied / direct
+        out.append(f"| {what} ≥ 0.8{X} direct | {fmt(proxied)} vs {fmt(direct)}: "
+                   f"{fmt_ratio(x)} | {'yes' if x >= 0.8 else 'no'} |")  # fmt: skip
+    if not out:
+        return []
+    return ["## Issue 16 target: through danted (SOCKS5) vs direct, MTU 1500", "",
+            "| target | this run | met |", "|---|---|---|", *out, ""]  # fmt: skip
