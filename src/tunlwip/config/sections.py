@@ -358,6 +358,12 @@ class GatewayConfig:
         "egress.proxy", ViaUrl(), None, cli="--proxy", unset="none (direct)",
         help="where flows no [[route]] matched go, e.g. socks5://host:1080 (an http:// proxy "
              "takes TCP; UDP is then rejected)")  # fmt: skip
+    #: The connect to a proxy and its handshake (which includes the proxy's own connect to
+    #: the destination) end within this many seconds, a stalled or dripping proxy included.
+    proxy_handshake_timeout: float = setting(
+        "egress.handshake_timeout", _positive, 10.0,
+        help="seconds for the connect to a route's proxy and its SOCKS5/CONNECT handshake "
+             "together; then the flow fails as unreachable")  # fmt: skip
 
     def __post_init__(self) -> None:
         check_fields(self, self._route_rules)
