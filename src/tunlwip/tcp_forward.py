@@ -45,9 +45,11 @@ import trio
 from .admission import FD_SHORTAGE, Admission
 from .c_dials import CDials
 from .dialer import Dialer
+from .egress.custom import CustomVia
 from .egress.routes import RouteTable
+from .egress.tcp_routes import TcpRoutes
 from .endpoint import Endpoint, IPAddress
-from .errors import LwipError, ProtectError
+from .errors import LwipError, ProtectError, ProxyError
 from .flows import FlowTable, LiveFlow
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
 from .relay import RESET_SIDES, Relay
@@ -73,13 +75,15 @@ _MAX_SLEEP = 1.0  # the deadline task looks at least this often
 class HeldDial:
     """One upstream connect for a held SYN."""
 
-    __slots__ = ("connected_at", "key", "packet", "sock", "started", "token")
+    __slots__ = ("connected_at", "key", "packet", "route", "sock", "started", "token")
 
-    def __init__(self, key: FlowKey, packet: bytes, sock: socket.socket, started: float):
+    def __init__(self, key: FlowKey, packet: bytes, sock: socket.socket, started: float,
+                 route: str | None = None) -> None:  # fmt: skip
         self.key = key
         self.packet = packet
         self.sock = sock
         self.started = started
+        self.route = route  # the name of the route the flow takes
         self.token = 0
         self.connected_at = 0.0
 
@@ -89,14 +93,14 @@ class HeldDial:
 
 
 Connected = Callable[[HeldDial], None]
-Failed = Callable[[FlowKey, bytes, OSError, float], None]
+Failed = Callable[[FlowKey, bytes, OSError, float, str | None], None]
 
 
 class HeldSynDials:
     """The dials of held SYNs: connecting, then connected and waiting to be claimed.
 
     ``on_connected(dial)`` runs when a connect succeeded (``TcpForwarder`` releases the SYN);
-    ``on_failed(key, packet, error, latency)`` when it failed or timed out (the socket is
+    ``on_failed(key, packet, error, latency, route)`` when it failed or timed out (the socket is
     closed already). Both run on the trio thread, outside lwIP's callbacks.
     """
 
@@ -139,25 +143,36 @@ class HeldSynDials:
         """Dials counted by client (equal to ``len(self) + connected_count()``; for tests)."""
         return self._dialing_per_client.total() + self._connected_per_client.total()
 
-    def start(self, key: FlowKey, packet: bytes) -> None:
-        """Start connecting to ``key``'s destination; the outcome arrives by callback (an
-        immediate failure, such as no free file descriptor, too)."""
+    def start(self, key: FlowKey, packet: bytes, route: str | None = None,
+              dialer: Dialer | None = None) -> None:  # fmt: skip
+        """Start connecting to ``key``'s destination (with ``dialer``: a route's protector);
+        the outcome arrives by callback (an immediate failure, such as no free file
+        descriptor, too)."""
         now = trio.current_time()
         try:
-            sock = self._dialer.start_tcp(key[1])
+            sock = (dialer or self._dialer).start_tcp(key[1])
         except OSError as exc:
-            self._on_failed(key, packet, exc, 0.0)
+            self._on_failed(key, packet, exc, 0.0, route)
             return
-        dial = HeldDial(key, packet, sock, now)
+        dial = HeldDial(key, packet, sock, now, route)
         try:
             dial.token = self._stack.watch_writable(sock.fileno(), lambda: self._finished(dial))
         except OSError as exc:
             sock.close()
-            self._on_failed(key, packet, exc, 0.0)
+            self._on_failed(key, packet, exc, 0.0, route)
             return
         self._add_dialing(dial)
         if now + self._dialer.connect_timeout < self._wake_at:
             self._poke.set()
+
+    def adopt(self, key: FlowKey, packet: bytes, sock: socket.socket, started: float,
+              route: str | None) -> HeldDial:  # fmt: skip
+        """A socket connected elsewhere (through a proxy) waits here for its client's
+        handshake, as a connect of ours that finished would."""
+        dial = HeldDial(key, packet, sock, started, route)
+        dial.connected_at = trio.current_time()
+        self._add_connected(dial)
+        return dial
 
     def claim(self, key: FlowKey) -> HeldDial | None:
         """The connected dial for ``key`` (now the caller's, with its socket), or None."""
@@ -221,7 +236,7 @@ class HeldSynDials:
         now = trio.current_time()
         if err:
             dial.sock.close()
-            self._on_failed(dial.key, dial.packet, _os_error(err), now - dial.started)
+            self._on_failed(dial.key, dial.packet, _os_error(err), now - dial.started, dial.route)
             return
         dial.connected_at = now
         self._add_connected(dial)
@@ -251,7 +266,7 @@ class HeldSynDials:
             self._unwatch(dial)
             dial.sock.close()
             error = TimeoutError(errno.ETIMEDOUT, f"connect to {dial.key[1]} timed out")
-            self._on_failed(dial.key, dial.packet, error, now - dial.started)
+            self._on_failed(dial.key, dial.packet, error, now - dial.started, dial.route)
         while self._connected:
             dial = next(iter(self._connected.values()))
             if dial.connected_at + self.claim_timeout > now:
@@ -313,6 +328,10 @@ class TcpForwarder:
             self.dials = HeldSynDials(stack, dialer, claim_timeout=config.predial_claim_timeout,
                                       on_connected=self._dial_connected,
                                       on_failed=self._dial_failed)  # fmt: skip
+        #: What each new SYN's route makes of it (``egress.tcp_routes``).
+        self.routing = TcpRoutes(dialer, flows, self.dials, name_for=dns.name_for if dns else None,
+                                 answer=self._answer, on_connected=self._dial_connected,
+                                 on_failed=self._dial_failed)  # fmt: skip
         #: Dials in C (``c_dials``): on from ``start_serving`` when C reads the device and can
         #: protect the sockets itself; ``dials`` then only serves what C cannot.
         self.c_dials: CDials | None = None
@@ -323,9 +342,11 @@ class TcpForwarder:
         self.idle.set()
         self._serving = False
 
-    def start_serving(self) -> None:
-        """The gateway runs: SYNs may be held and dialed from now on."""
+    def start_serving(self, nursery: trio.Nursery | None = None) -> None:
+        """The gateway runs: SYNs may be held and dialed from now on (through proxies: in
+        tasks of ``nursery``)."""
         self._serving = True
+        self.routing.nursery = nursery
         if self.dials is not None and CDials.possible(self._stack, self._dialer):
             self.c_dials = CDials(self._stack, self._flows, on_failed=self._dial_failed,
                                   on_connected=self._c_connected, on_opened=self._c_opened,
@@ -362,7 +383,7 @@ class TcpForwarder:
 
     def pending_dials(self) -> int:
         """SYNs held while their upstream connect runs (in Python or in C)."""
-        held = len(self.dials) if self.dials is not None else 0
+        held = len(self.dials) + len(self.routing) if self.dials is not None else 0
         return held + (len(self.c_dials) if self.c_dials is not None else 0)
 
     def _c_connected(self) -> None:
@@ -474,6 +495,7 @@ class TcpForwarder:
             dial.sock.close()  # the claimed upstream is ours to close
             raise
         flow.connect_latency = dial.latency
+        flow.route = dial.route
         self._flow_started()
         try:
             self._start_relay(stream, dial.sock, flow)  # closes the socket if it raises
@@ -492,15 +514,23 @@ class TcpForwarder:
         key = (client, target)
         if dials is None or not self._serving:
             return False
-        if dials.is_dialing(key):
+        routing = self.routing
+        if dials.is_dialing(key) or routing.swallows(key):
             self.counts.swallowed += 1
             return True
         if not self.accepting:  # draining: refuse new flows outright
             self._answer(packet, refused=True)
             return True
+        decision = routing.decide(self.routes, client, target)
+        if decision.sniff or isinstance(decision.via, CustomVia):
+            return False  # accepted first: handle() sniffs or opens the custom via
+        plain = routing.plain[decision.index]
+        if not plain and routing.refuse(decision, key, packet):
+            return True  # reject: RST; drop: silence (counted by the table)
         refused = self._admission.refused
         c = self.c_dials
         opening = self._stack.connection_count() + len(dials) + dials.connected_count()
+        opening += len(routing)
         if c is not None:
             opening += len(c) + c.connected_count()
         if opening >= self._stack.config.max_tcp_connections:
@@ -514,7 +544,7 @@ class TcpForwarder:
         # The client's shares, once the global limits had room (a full one is reported as
         # such): its connections, open or being dialed, then its held SYNs.
         address = client.address
-        dialing = dials.dialing_for(address)
+        dialing = dials.dialing_for(address) + routing.dialing_for(address)
         opening = self._stack.client_connections.count(address) + dials.connected_for(address)
         if c is not None:
             dialing += c.dialing_for(address)
@@ -527,10 +557,12 @@ class TcpForwarder:
             refused.client_share_dials += 1
             self._answer(packet, refused=True)
             return True
-        if c is None:
-            dials.start(key, packet)
-        elif (error := c.start(key)) is not None:
-            self._dial_failed(key, packet, error, 0.0)
+        if not plain:
+            routing.start(decision, key, packet)
+        elif c is None:
+            dials.start(key, packet, decision.name)
+        elif (error := c.start(key, decision.name)) is not None:
+            self._dial_failed(key, packet, error, 0.0, decision.name)
         return True
 
     def screen_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:
@@ -546,7 +578,8 @@ class TcpForwarder:
         self.counts.ok += 1
         self._stack.release_syn(dial.packet)  # lwIP answers SYN-ACK; the ACK claims the dial
 
-    def _dial_failed(self, key: FlowKey, packet: bytes, exc: OSError, latency: float) -> None:
+    def _dial_failed(self, key: FlowKey, packet: bytes, exc: OSError, latency: float,
+                     route: str | None = None) -> None:  # fmt: skip
         if exc.errno in FD_SHORTAGE:
             self._admission.fd_shortage(exc)
             self._answer(packet, refused=True)  # our shortage, not the destination's fault
@@ -559,7 +592,8 @@ class TcpForwarder:
             self._answer(packet, refused=self.config.unreachable_reply == "rst")
         # A flow that never got past the dial still gets a record (reason, latency, name).
         client, target = key
-        self._flows.failed("tcp", client, target, _dial_failure(exc), connect_latency=latency)
+        self._flows.failed("tcp", client, target, _dial_failure(exc), connect_latency=latency,
+                           route=route)  # fmt: skip
 
     def _answer(self, packet: bytes, *, refused: bool) -> None:
         """Answer a held SYN: RST (``refused``), else ICMP destination unreachable."""
@@ -577,6 +611,8 @@ class TcpForwarder:
 
 def _dial_failure(exc: OSError) -> str:
     """A flow record's close reason for a failed upstream dial."""
+    if isinstance(exc, ProxyError):
+        return exc.reason  # "proxy: refused", "proxy: handshake timeout" ...
     if isinstance(exc, ConnectionRefusedError):
         return "refused"
     if isinstance(exc, TimeoutError):
