@@ -105,11 +105,13 @@ class TcpRoutes:
 
     def dialing_for(self, client: IPAddress) -> int:
         """Proxied dials of ``client`` (its IPv4 address or IPv6 /64) under way."""
-        return self._proxied_per_client.count(client)
+        return self._proxied_per_client.count(client) if self._proxied else 0
 
     def swallows(self, key: FlowKey) -> bool:
         """Is this SYN a retransmit of a flow dialed through a proxy now, or of one dropped?"""
-        if key in self._proxied:
+        # Emptiness first: hashing the key (two Endpoints) costs a microsecond, and without
+        # proxy or drop routes both are always empty.
+        if self._proxied and key in self._proxied:
             return True
         dropped = self._dropped.get(key) if self._dropped else None
         if dropped is None:
