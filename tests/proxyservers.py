@@ -18,9 +18,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from netns import Namespace as InNamespace  # a test namespace a proxy may run in
 
 HOST = "127.0.0.1"
 DANTED = shutil.which("danted") or "/usr/sbin/danted"
@@ -32,14 +35,6 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
-
-
-class InNamespace(Protocol):
-    """A test namespace (``tests/netns.Namespace``) a proxy may run in."""
-
-    name: str
-
-    def listeners(self, proto: str = "tcp") -> list[tuple[str, int]]: ...
 
 
 def _listening(port: int, netns: InNamespace | None) -> bool:
