@@ -8,6 +8,7 @@ of leaving another way. (tests/integration/test_routes_tcp_netns.py has the real
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from tunlwip.egress.routes import RouteTable
 from tunlwip.egress.tcp_routes import DROP_MEMORY, TcpRoutes, is_plain_direct
 from tunlwip.egress.via import Direct, Drop, Reject, Socks5Proxy, parse_via
 from tunlwip.endpoint import Endpoint
+from tunlwip.errors import ProxyError
 from tunlwip.flows import FlowTable
 
 CLIENT = Endpoint.parse("198.18.0.2", 40000)
@@ -122,3 +124,30 @@ async def test_a_proxy_route_without_a_nursery_fails_loudly() -> None:
     routes.start(decision, key, b"syn")
     assert len(seen.failures) == 1 and seen.failures[0][4] == "socks"
     assert len(routes) == 0 and not routes.swallows(key)
+
+
+async def test_a_proxied_dial_holds_its_syn_and_counts_a_stalled_proxy(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A SOCKS5 proxy on loopback that accepts and never answers: while the dial runs, the
+    flow's retransmits are swallowed and the dial counts as the client's pending dial; at the
+    handshake deadline it fails as the proxy's failure, counted on the route."""
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(4)  # the kernel completes the connect; nobody reads the greeting
+        port = stalled.getsockname()[1]
+        table = RouteTable([Route(name="socks", via=Socks5Proxy("127.0.0.1", port))])
+        routes, seen = routing()
+        key = (CLIENT, target(443))
+        async with trio.open_nursery() as nursery:
+            routes.nursery = nursery
+            decision = routes.decide(table, *key)
+            routes.start(decision, key, b"syn")
+            assert routes.swallows(key) and len(routes) == 1
+            assert routes.dialing_for(CLIENT.address) == 1
+        assert len(routes) == 0 and not routes.swallows(key)
+        assert routes.dialing_for(CLIENT.address) == 0
+    ((failed_key, packet, error, latency, route),) = seen.failures
+    assert (failed_key, packet, route) == (key, b"syn", "socks")
+    assert isinstance(error, ProxyError) and error.reason == "proxy: handshake timeout"
+    assert latency >= 10 and table.counters[0].proxy_failures == 1

@@ -13,7 +13,8 @@ Dial before accept (on by default with the default forwarder): a new SYN is held
 destination accepted is the SYN fed to lwIP, so the client's handshake succeeds exactly when the
 real one did. Refused -> RST (client sees ECONNREFUSED); unreachable or timed out -> ICMP
 destination unreachable (or RST, ``unreachable_reply``). SYN retransmits for a tuple being dialed
-are swallowed. Limits are checked before a dial starts (connections open or being dialed, held
+are swallowed. Each new SYN then takes its route (``egress.tcp_routes``: reject, drop, another
+protector, a proxy). Limits are checked before a dial starts (connections open or being dialed, held
 SYNs, each client's shares of both); a SYN over one is answered with RST and counted.
 
 The connects of held SYNs run without a task each (``HeldSynDials``): a non-blocking
