@@ -54,7 +54,7 @@ from .routes import RouteDecision, RouteTable
 from .via import Direct, Drop, HttpProxy, Reject, Socks5Proxy
 
 if TYPE_CHECKING:
-    from ..tcp_forward import HeldDial, HeldSynDials
+    from ..held_dials import HeldDial, HeldSynDials
 
 __all__ = ["DROP_MEMORY", "MAX_DROPPED", "TcpRoutes"]
 
