@@ -196,11 +196,12 @@ def test_flows_through_danted_and_tinyproxy_are_relayed_in_c(
     tmp_path: Path,
 ) -> None:  # fmt: skip
     """Through danted (no auth, and user/password) and tinyproxy, 1 MiB echoed on each: the
-    handshake completes once the proxy connected, the C relay moves the bytes (a relay opened
-    per flow, a handful of calls into Python for a megabyte each way), and each flow record
-    names its route. Then the failures, as the client sees them: refused through danted ->
-    ECONNREFUSED; unreachable through danted -> EHOSTUNREACH (ICMP); a proxy that is down ->
-    the unreachable answer at once, counted as the route's proxy failure "proxy: refused"."""
+        handshake completes once the proxy connected, the C relay moves the bytes (a relay opened
+        per flow, a handful of calls into Python for a megabyte each way), and each flow record
+        names its route. Then the failures, as the client sees them: refused through danted ->
+        ECONNREFUSED; unreachable through danted, and refused through tinyproxy (its 500 does not say
+    which) -> EHOSTUNREACH (ICMP); a proxy that is down ->
+        the unreachable answer at once, counted as the route's proxy failure "proxy: refused"."""
     split = destinations
     user, password = proxies
     config = tmp_path / "routes.toml"
@@ -222,13 +223,17 @@ def test_flows_through_danted_and_tinyproxy_are_relayed_in_c(
     assert isinstance(refused, ConnectionRefusedError), refused
     unreachable, _ = connect_error(split, UNREACHABLE4, ECHO_PORT, timeout=10)
     assert unreachable.errno == errno.EHOSTUNREACH, unreachable
+    # tinyproxy answers 500 alike for refused and unreachable: the unreachable answer
+    # (docs/proxies.md), never a claim that the port is closed.
+    http_refused, _ = connect_error(split, HTTP4, CLOSED_PORT, timeout=10)
+    assert http_refused.errno == errno.EHOSTUNREACH, http_refused
     down, elapsed = connect_error(split, DOWN4, ECHO_PORT, timeout=10)
     assert down.errno == errno.EHOSTUNREACH, down
     assert elapsed < 2, elapsed
     doc = totals(gw)
     routes = doc["routes"]
     assert routes["flows_tcp"]["socks"] == 3 and routes["flows_tcp"]["socks-auth"] == 1, routes
-    assert routes["flows_tcp"]["http"] == 1 and routes["proxy_failures"] == {
+    assert routes["flows_tcp"]["http"] == 2 and routes["proxy_failures"] == {
         **{name: 0 for name in routes["via"]}, "down": 1}, routes  # fmt: skip
     assert doc["dials_ok"] == 3 and doc["dials_refused"] == 1, doc
     text = status_text(gw)
@@ -246,6 +251,7 @@ def test_flows_through_danted_and_tinyproxy_are_relayed_in_c(
         assert (record["route"], record["close_reason"]) == (route, "closed"), record
         assert record["bytes_up"] == record["bytes_down"] == len(payload), record
     assert by_target[f"{SOCKS4}:{CLOSED_PORT}"]["close_reason"] == "refused", by_target
+    assert by_target[f"{HTTP4}:{CLOSED_PORT}"]["close_reason"] == "unreachable", by_target
     assert by_target[f"{UNREACHABLE4}:{ECHO_PORT}"]["close_reason"] == "unreachable", by_target
     down_record = by_target[f"{DOWN4}:{ECHO_PORT}"]
     assert (down_record["route"], down_record["close_reason"]) == ("down", "proxy: refused")
