@@ -163,7 +163,7 @@ class TcpForwarder:
 
     def pending_dials(self) -> int:
         """SYNs held while their upstream connect runs (in Python or in C)."""
-        held = len(self.dials) + len(self.routing) if self.dials is not None else 0
+        held = len(self.dials) + len(self.routing.proxied) if self.dials is not None else 0
         return held + (len(self.c_dials) if self.c_dials is not None else 0)
 
     def _c_connected(self) -> None:
@@ -310,7 +310,7 @@ class TcpForwarder:
         refused = self._admission.refused
         c = self.c_dials
         opening = self._stack.connection_count() + len(dials) + dials.connected_count()
-        opening += len(routing)
+        opening += len(routing.proxied)
         if c is not None:
             opening += len(c) + c.connected_count()
         if opening >= self._stack.config.max_tcp_connections:
@@ -324,7 +324,9 @@ class TcpForwarder:
         # The client's shares, once the global limits had room (a full one is reported as
         # such): its connections, open or being dialed, then its held SYNs.
         address = client.address
-        dialing = dials.dialing_for(address) + routing.dialing_for(address)
+        dialing = dials.dialing_for(address)
+        if routing.proxied:
+            dialing += routing.dialing_for(address)
         opening = self._stack.client_connections.count(address) + dials.connected_for(address)
         if c is not None:
             dialing += c.dialing_for(address)

@@ -196,12 +196,12 @@ def test_flows_through_danted_and_tinyproxy_are_relayed_in_c(
     tmp_path: Path,
 ) -> None:  # fmt: skip
     """Through danted (no auth, and user/password) and tinyproxy, 1 MiB echoed on each: the
-        handshake completes once the proxy connected, the C relay moves the bytes (a relay opened
-        per flow, a handful of calls into Python for a megabyte each way), and each flow record
-        names its route. Then the failures, as the client sees them: refused through danted ->
-        ECONNREFUSED; unreachable through danted, and refused through tinyproxy (its 500 does not say
-    which) -> EHOSTUNREACH (ICMP); a proxy that is down ->
-        the unreachable answer at once, counted as the route's proxy failure "proxy: refused"."""
+    handshake completes once the proxy connected, the C relay moves the bytes (a relay opened
+    per flow, a handful of calls into Python for a megabyte each way), and each flow record
+    names its route. Then the failures, as the client sees them: refused through danted ->
+    ECONNREFUSED; unreachable through danted, and refused through tinyproxy (its 500 does not
+    say which) -> EHOSTUNREACH (ICMP); a proxy that is down -> the unreachable answer at once,
+    counted as the route's proxy failure "proxy: refused"."""
     split = destinations
     user, password = proxies
     config = tmp_path / "routes.toml"

@@ -94,24 +94,26 @@ class TcpRoutes:
         self.plain: tuple[bool, ...] = ()
         self._table: RouteTable | None = None
         self._dialers: dict[Direct, Dialer] = {}
-        self._proxied: set[FlowKey] = set()
+        #: Flows being dialed through a proxy now (their SYNs held). A set the forwarder reads
+        #: with ``len``: a method call per SYN costs more than the rest of the check.
+        self.proxied: set[FlowKey] = set()
         self._proxied_per_client = ClientCounts()
         self._dropped: dict[FlowKey, float] = {}
 
     # -- what the forwarder admits by ---------------------------------------------------------
     def __len__(self) -> int:
         """Proxied dials under way (held SYNs)."""
-        return len(self._proxied)
+        return len(self.proxied)
 
     def dialing_for(self, client: IPAddress) -> int:
         """Proxied dials of ``client`` (its IPv4 address or IPv6 /64) under way."""
-        return self._proxied_per_client.count(client) if self._proxied else 0
+        return self._proxied_per_client.count(client) if self.proxied else 0
 
     def swallows(self, key: FlowKey) -> bool:
         """Is this SYN a retransmit of a flow dialed through a proxy now, or of one dropped?"""
         # Emptiness first: hashing the key (two Endpoints) costs a microsecond, and without
         # proxy or drop routes both are always empty.
-        if self._proxied and key in self._proxied:
+        if self.proxied and key in self.proxied:
             return True
         dropped = self._dropped.get(key) if self._dropped else None
         if dropped is None:
@@ -178,7 +180,7 @@ class TcpRoutes:
         name = None
         if isinstance(via, Socks5Proxy) and via.remote_dns and self._name_for is not None:
             name = self._name_for(*key)
-        self._proxied.add(key)
+        self.proxied.add(key)
         self._proxied_per_client.add(key[0].address)
         self.nursery.start_soon(self._dial_via_proxy, decision, key, packet, name)
 
@@ -198,7 +200,7 @@ class TcpRoutes:
             try:
                 sock = await open_tcp_via(via, self._dialer, key[1], name=name)
             finally:
-                self._proxied.discard(key)
+                self.proxied.discard(key)
                 self._proxied_per_client.release(key[0].address)
         except OSError as exc:
             if isinstance(exc, ProxyError):
