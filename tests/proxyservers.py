@@ -18,8 +18,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from netns import Namespace as InNamespace  # a test namespace a proxy may run in
 
 HOST = "127.0.0.1"
 DANTED = shutil.which("danted") or "/usr/sbin/danted"
@@ -33,26 +37,39 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_listening(proc: subprocess.Popen[bytes], name: str, port: int, log: Path) -> None:
+def _listening(port: int, netns: InNamespace | None) -> bool:
+    if netns is not None:
+        return any(p == port for _, p in netns.listeners("tcp"))
+    with socket.socket() as probe:
+        return probe.connect_ex((HOST, port)) == 0
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], name: str, port: int, log: Path,
+                    netns: InNamespace | None = None) -> None:  # fmt: skip
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited {proc.returncode}: {log.read_text()[-800:]}")
-        with socket.socket() as probe:
-            if probe.connect_ex((HOST, port)) == 0:
-                return
+        if _listening(port, netns):
+            return
         time.sleep(0.05)
     raise RuntimeError(f"{name} does not listen on {port}: {log.read_text()[-800:]}")
 
 
 @contextlib.contextmanager
-def _running(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _running(args: list[str], port: int, log: Path,
+             netns: InNamespace | None = None) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
+    """``args`` running (in ``netns``: ``ip netns exec`` execs it in place, so the PID and the
+    process group are the proxy's), until the block ends."""
+    name = args[0]
+    if netns is not None:
+        args = ["ip", "netns", "exec", netns.name, *args]
     # Its own process group: danted forks workers, and they must end with it.
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     try:
-        _wait_listening(proc, args[0], port, log)
+        _wait_listening(proc, name, port, log, netns)
         yield proc
     finally:
         _stop_group(proc)
@@ -110,6 +127,43 @@ def danted(workdir: Path, *, socksmethod: str = "none") -> Iterator[int]:
     )
     args = [DANTED, "-f", str(config), "-N", "1", "-p", str(workdir / "danted.pid")]
     with _running(args, port, workdir / "danted.log"):
+        yield port
+
+
+@contextlib.contextmanager
+def danted_in(netns: InNamespace, workdir: Path, host: str, port: int, clients: str, *,
+              socksmethod: str = "none") -> Iterator[int]:  # fmt: skip
+    """danted in test namespace ``netns`` on ``host:port`` (IPv4), serving ``clients`` (a
+    network), connecting out from ``host``; yields the port. Stopped by PID (its group)."""
+    config = workdir / f"danted-{port}.conf"
+    config.write_text(
+        "logoutput: stderr\n"
+        f"internal: {host} port = {port}\n"
+        f"external: {host}\n"
+        "clientmethod: none\n"
+        f"socksmethod: {socksmethod}\n"
+        "user.privileged: root\n"
+        "user.unprivileged: nobody\n"
+        f"client pass {{ from: {clients} to: 0.0.0.0/0 }}\n"
+        f"socks pass {{ from: {clients} to: 0.0.0.0/0 command: connect }}\n"
+    )
+    args = [DANTED, "-f", str(config), "-N", "1", "-p", str(workdir / f"danted-{port}.pid")]
+    with _running(args, port, workdir / f"danted-{port}.log", netns):
+        yield port
+
+
+@contextlib.contextmanager
+def tinyproxy_in(netns: InNamespace, workdir: Path, host: str, port: int, clients: str,
+                 connect_ports: list[int]) -> Iterator[int]:  # fmt: skip
+    """tinyproxy in test namespace ``netns`` on ``host:port``, CONNECT allowed from
+    ``clients`` to ``connect_ports``; yields the port. Stopped by PID."""
+    lines = [f"Port {port}", f"Listen {host}", "Timeout 30", f"Allow {clients}",
+             "LogLevel Info", "MaxClients 20"]  # fmt: skip
+    lines += [f"ConnectPort {p}" for p in connect_ports]
+    config = workdir / f"tinyproxy-{port}.conf"
+    config.write_text("\n".join(lines) + "\n")
+    args = [TINYPROXY, "-d", "-c", str(config)]
+    with _running(args, port, workdir / f"tinyproxy-{port}.log", netns):
         yield port
 
 

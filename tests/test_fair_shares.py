@@ -25,8 +25,8 @@ from test_gateway import serve_sha256, upload_and_check_digest
 from tunlwip import MemoryDevice
 from tunlwip.dns.proxy import DnsConfig
 from tunlwip.gateway import Gateway, GatewayConfig
+from tunlwip.held_dials import HeldDial
 from tunlwip.stack import StackConfig
-from tunlwip.tcp_forward import HeldDial
 from tunlwip.udp import UdpConfig
 
 from harness import on_loopback

@@ -22,8 +22,8 @@ from tunlwip.dialer import Dialer, Keepalive
 from tunlwip.endpoint import Endpoint
 from tunlwip.forward import SpliceResult, splice
 from tunlwip.gateway import Gateway, GatewayConfig
+from tunlwip.held_dials import HeldDial
 from tunlwip.tcp import LwipTcpStream
-from tunlwip.tcp_forward import HeldDial
 
 from harness import on_loopback
 from packets import ACK, FIN, RST, SYN, is_valid, parse, tcp_options, tcp_packet

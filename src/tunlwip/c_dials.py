@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunlwip.predial")
 
 FlowKey = tuple[Endpoint, Endpoint]  # (client, original destination)
-Failed = Callable[[FlowKey, bytes, OSError, float], None]
+Failed = Callable[[FlowKey, bytes, OSError, float, str | None], None]
 
 
 def dial_error(code: int) -> OSError:
@@ -52,9 +52,9 @@ def dial_error(code: int) -> OSError:
 
 
 class CDials:
-    """Dials in C and the flows they became. ``on_failed(key, packet, error, latency)`` answers
-    a failed dial; ``on_connected()``, ``on_opened(flow)`` and ``on_ended(flow, reason, ago)``
-    let the forwarder count."""
+    """Dials in C and the flows they became. ``on_failed(key, packet, error, latency,
+    route)`` answers a failed dial; ``on_connected()``, ``on_opened(flow)`` and
+    ``on_ended(flow, reason, ago)`` let the forwarder count."""
 
     def __init__(self, stack: LwipStack, flows: FlowTable, *, on_failed: Failed,
                  on_connected: Callable[[], None], on_opened: Callable[[LiveFlow], None],
@@ -65,8 +65,9 @@ class CDials:
         self._on_connected = on_connected
         self._on_opened = on_opened
         self._on_ended = on_ended
-        #: Dials connecting or connected, by id: their key and connect latency.
-        self._dials: dict[int, tuple[FlowKey, float]] = {}
+        #: Dials connecting or connected, by id: their key, connect latency and route's name
+        #: (kept here, not in C: the flow record is the only one to read it).
+        self._dials: dict[int, tuple[FlowKey, float, str | None]] = {}
         self._relayed: dict[int, LiveFlow] = {}
         self._dialing = 0
         self._connected = 0
@@ -118,12 +119,13 @@ class CDials:
     def connected_for(self, client: Any) -> int:
         return self._connected_per_client.count(client)
 
-    def start(self, key: FlowKey) -> OSError | None:
-        """Dial the SYN being held now (only from the SYN hook); the error if it cannot start."""
+    def start(self, key: FlowKey, route: str | None = None) -> OSError | None:
+        """Dial the SYN being held now (only from the SYN hook) for the route named ``route``;
+        the error if it cannot start."""
         rc = cdial.start()
         if rc < 0:
             return dial_error(-rc)
-        self._dials[rc] = (key, 0.0)
+        self._dials[rc] = (key, 0.0, route)
         self._dialing += 1
         self._dialing_per_client.add(key[0].address)
         return None
@@ -155,22 +157,22 @@ class CDials:
                 and ident not in self._dials:  # fmt: skip
             return  # not started through ``start`` (never happens; no count goes wrong)
         if kind == cdial.CONNECTED:
-            key, _ = self._dials[ident]
-            self._dials[ident] = (key, event.latency_ms / 1000)
+            key, _, route = self._dials[ident]
+            self._dials[ident] = (key, event.latency_ms / 1000, route)
             self._dialing -= 1
             self._dialing_per_client.release(key[0].address)
             self._connected += 1
             self._connected_per_client.add(key[0].address)
             self._on_connected()
         elif kind == cdial.FAILED:
-            key, _ = self._dials.pop(ident)
+            key, _, route = self._dials.pop(ident)
             self._dialing -= 1
             self._dialing_per_client.release(key[0].address)
             if event.error != errno.ECANCELED:  # ECANCELED: the gateway stops
                 self._on_failed(key, cdial.data(event), dial_error(event.error),
-                                event.latency_ms / 1000)  # fmt: skip
+                                event.latency_ms / 1000, route)  # fmt: skip
         elif kind == cdial.UNCLAIMED:
-            key, _ = self._dials.pop(ident)
+            key, _, _ = self._dials.pop(ident)
             self._connected -= 1
             self._connected_per_client.release(key[0].address)
             log.debug("upstream for %s -> %s unclaimed; closed", *key)
@@ -186,7 +188,7 @@ class CDials:
             self._on_ended(flow, REASONS.get(event.error, "error"), event.ago_ms / 1000)
 
     def _opened(self, ident: int, event: Any) -> None:
-        (client, target), latency = self._dials.pop(ident)
+        (client, target), latency, route = self._dials.pop(ident)
         self._connected -= 1
         self._connected_per_client.release(client.address)
         self._stack.c_relay_opened(client.address)
@@ -195,5 +197,6 @@ class CDials:
         flow.opened -= ago
         flow.started -= ago
         flow.connect_latency = latency
+        flow.route = route
         self._relayed[ident] = flow
         self._on_opened(flow)

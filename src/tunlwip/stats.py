@@ -55,6 +55,7 @@ __all__ = [
     "human_bytes",
     "human_duration",
     "metric_families",
+    "route_lines",
     "status_lines",
     "stop_lines",
     "totals_document",
@@ -457,6 +458,7 @@ def status_lines(document: Mapping[str, Any]) -> list[str]:
     echo = _counts(totals, "icmp_echo")
     echo_details = "".join(f", {_spaced(k)} {v}" for k, v in echo.items() if v)
     lines = [_fill(line, totals, echo_details=echo_details) for line in STATUS_LINES]
+    lines[2:2] = route_lines(_counts(totals, "routes"))
     if isinstance(supervisor := document.get("supervisor"), Mapping):
         lines.insert(0, _workers_line(supervisor, document.get("workers") or []))
     dns = totals.get("dns")
@@ -480,6 +482,25 @@ def status_lines(document: Mapping[str, Any]) -> list[str]:
     drops = _counts(document, "drops")
     dropped = ", ".join(f"{_spaced(k)} {v}" for k, v in sorted(drops.items()))
     lines.append(f"drops:     {dropped or 'none'}")
+    return lines
+
+
+#: A route's counters in ``tunlwip status``: (key in ``totals.routes``, label).
+_ROUTE_COUNTERS = (("flows_tcp", "tcp"), ("flows_udp", "udp"), ("rejected", "rejected"),
+                   ("dropped", "dropped"), ("proxy_failures", "proxy failures"))  # fmt: skip
+
+
+def route_lines(routes: Mapping[str, Any]) -> list[str]:
+    """One line per route, with its via (no password: ``RouteStatistics.via``) and counters,
+    when the table has routes of its own (not only the implicit ``default``)."""
+    vias = routes.get("via") or {}
+    if list(vias.items()) in ([], [("default", "direct")]):
+        return []
+    lines = []
+    for name, via in vias.items():
+        counts = ", ".join(f"{label} {(routes.get(key) or {}).get(name, 0)}"
+                           for key, label in _ROUTE_COUNTERS)  # fmt: skip
+        lines.append(f"route:     {name} via {via}: {counts}")
     return lines
 
 

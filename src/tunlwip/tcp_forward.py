@@ -13,17 +13,14 @@ Dial before accept (on by default with the default forwarder): a new SYN is held
 destination accepted is the SYN fed to lwIP, so the client's handshake succeeds exactly when the
 real one did. Refused -> RST (client sees ECONNREFUSED); unreachable or timed out -> ICMP
 destination unreachable (or RST, ``unreachable_reply``). SYN retransmits for a tuple being dialed
-are swallowed. Limits are checked before a dial starts (connections open or being dialed, held
+are swallowed. Each new SYN then takes its route (``egress.tcp_routes``: reject, drop, another
+protector, a proxy). Limits are checked before a dial starts (connections open or being dialed, held
 SYNs, each client's shares of both); a SYN over one is answered with RST and counted.
 
-The connects of held SYNs run without a task each (``HeldSynDials``): a non-blocking
-``connect()`` on a protected socket, watched in the stack's poll set, so one wakeup of the poll
-task serves packets, relays and finished dials alike. The connected socket then waits for the
-client's handshake to claim it (``take_predialed``, the stack's ``accept_taker``), which hands
-it straight to a C relay. One small task enforces the two deadlines: the dial timeout while
-connecting and the claim timeout afterwards. Why not a task per dial: the connection rate is the
-gateway's per-connection overhead, and a task with its cancel scopes cost more than the whole
-dial does here.
+The connects of held SYNs run in C (``c_dials``) or, when C cannot make them, without a task
+each (``held_dials.HeldSynDials``); the connected socket waits for the client's handshake to
+claim it (``take_predialed``, the stack's ``accept_taker``), which hands it straight to a C
+relay.
 
 ``TcpForwarder`` also counts the flows ``Gateway.drain`` waits for (``active``, ``idle``).
 """
@@ -31,12 +28,8 @@ dial does here.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import logging
-import math
-import os
-import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -45,13 +38,15 @@ import trio
 from .admission import FD_SHORTAGE, Admission
 from .c_dials import CDials
 from .dialer import Dialer
+from .egress.custom import CustomVia
 from .egress.routes import RouteTable
-from .endpoint import Endpoint, IPAddress
-from .errors import LwipError, ProtectError
+from .egress.tcp_routes import TcpRoutes
+from .endpoint import Endpoint
+from .errors import LwipError, ProtectError, ProxyError
 from .flows import FlowTable, LiveFlow
+from .held_dials import FlowKey, HeldDial, HeldSynDials
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
 from .relay import RESET_SIDES, Relay
-from .shares import ClientCounts
 from .sniff import sniff_name
 from .tcp import LwipTcpStream
 
@@ -60,210 +55,10 @@ if TYPE_CHECKING:
     from .gateway import GatewayConfig
     from .stack import LwipStack
 
-# The loggers these messages had before they moved here (operators filter on them).
+# The logger these messages had before they moved here (operators filter on it).
 log = logging.getLogger("tunlwip.gateway")
-dial_log = logging.getLogger("tunlwip.predial")
 
 TcpHandler = Callable[[LwipTcpStream, Endpoint], Awaitable[None]]
-
-FlowKey = tuple[Endpoint, Endpoint]  # (client, original destination)
-_MAX_SLEEP = 1.0  # the deadline task looks at least this often
-
-
-class HeldDial:
-    """One upstream connect for a held SYN."""
-
-    __slots__ = ("connected_at", "key", "packet", "sock", "started", "token")
-
-    def __init__(self, key: FlowKey, packet: bytes, sock: socket.socket, started: float):
-        self.key = key
-        self.packet = packet
-        self.sock = sock
-        self.started = started
-        self.token = 0
-        self.connected_at = 0.0
-
-    @property
-    def latency(self) -> float:
-        return self.connected_at - self.started
-
-
-Connected = Callable[[HeldDial], None]
-Failed = Callable[[FlowKey, bytes, OSError, float], None]
-
-
-class HeldSynDials:
-    """The dials of held SYNs: connecting, then connected and waiting to be claimed.
-
-    ``on_connected(dial)`` runs when a connect succeeded (``TcpForwarder`` releases the SYN);
-    ``on_failed(key, packet, error, latency)`` when it failed or timed out (the socket is
-    closed already). Both run on the trio thread, outside lwIP's callbacks.
-    """
-
-    def __init__(self, stack: LwipStack, dialer: Dialer, *, claim_timeout: float,
-                 on_connected: Connected, on_failed: Failed) -> None:  # fmt: skip
-        self._stack = stack
-        self._dialer = dialer
-        self.claim_timeout = claim_timeout
-        self._on_connected = on_connected
-        self._on_failed = on_failed
-        # Both ordered by when they started waiting, so their deadlines are in order too.
-        self._dialing: dict[FlowKey, HeldDial] = {}
-        self._connected: dict[FlowKey, HeldDial] = {}
-        # Both by client (``shares``): changed only by the four helpers below them.
-        self._dialing_per_client = ClientCounts()
-        self._connected_per_client = ClientCounts()
-        self._wake_at = math.inf
-        self._poke = trio.Event()
-
-    def __len__(self) -> int:
-        """Dials still connecting (the held SYNs)."""
-        return len(self._dialing)
-
-    def is_dialing(self, key: FlowKey) -> bool:
-        return key in self._dialing
-
-    def connected_count(self) -> int:
-        """Upstreams connected and waiting for their client's handshake."""
-        return len(self._connected)
-
-    def dialing_for(self, client: IPAddress) -> int:
-        """Held SYNs of ``client`` (its IPv4 address or IPv6 /64) still connecting."""
-        return self._dialing_per_client.count(client)
-
-    def connected_for(self, client: IPAddress) -> int:
-        """Upstreams connected for ``client`` and waiting for its handshake."""
-        return self._connected_per_client.count(client)
-
-    def per_client_total(self) -> int:
-        """Dials counted by client (equal to ``len(self) + connected_count()``; for tests)."""
-        return self._dialing_per_client.total() + self._connected_per_client.total()
-
-    def start(self, key: FlowKey, packet: bytes) -> None:
-        """Start connecting to ``key``'s destination; the outcome arrives by callback (an
-        immediate failure, such as no free file descriptor, too)."""
-        now = trio.current_time()
-        try:
-            sock = self._dialer.start_tcp(key[1])
-        except OSError as exc:
-            self._on_failed(key, packet, exc, 0.0)
-            return
-        dial = HeldDial(key, packet, sock, now)
-        try:
-            dial.token = self._stack.watch_writable(sock.fileno(), lambda: self._finished(dial))
-        except OSError as exc:
-            sock.close()
-            self._on_failed(key, packet, exc, 0.0)
-            return
-        self._add_dialing(dial)
-        if now + self._dialer.connect_timeout < self._wake_at:
-            self._poke.set()
-
-    def claim(self, key: FlowKey) -> HeldDial | None:
-        """The connected dial for ``key`` (now the caller's, with its socket), or None."""
-        dial = self._connected.get(key)
-        if dial is not None:
-            self._drop_connected(dial)
-        return dial
-
-    def close(self) -> None:
-        """Close every socket (the gateway stops)."""
-        for dial in (*self._dialing.values(), *self._connected.values()):
-            self._unwatch(dial)
-            dial.sock.close()
-        self._dialing.clear()
-        self._connected.clear()
-        self._dialing_per_client.clear()
-        self._connected_per_client.clear()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Enforce the dial and claim timeouts until cancelled."""
-        task_status.started()
-        try:
-            while True:
-                now = trio.current_time()
-                self._expire(now)
-                self._wake_at = min(now + _MAX_SLEEP, self._next_deadline())
-                with trio.move_on_at(self._wake_at):
-                    await self._poke.wait()
-                self._poke = trio.Event()
-        finally:
-            self.close()
-
-    # -- internals ------------------------------------------------------------------------------
-    def _add_dialing(self, dial: HeldDial) -> None:
-        self._dialing[dial.key] = dial
-        self._dialing_per_client.add(dial.key[0].address)
-
-    def _drop_dialing(self, dial: HeldDial) -> None:
-        del self._dialing[dial.key]
-        self._dialing_per_client.release(dial.key[0].address)
-
-    def _add_connected(self, dial: HeldDial) -> None:
-        old = self._connected.get(dial.key)
-        if old is not None:  # a second SYN of the flow was dialed again: it replaces the first
-            self._drop_connected(old)
-            old.sock.close()
-        self._connected[dial.key] = dial
-        self._connected_per_client.add(dial.key[0].address)
-
-    def _drop_connected(self, dial: HeldDial) -> None:
-        del self._connected[dial.key]
-        self._connected_per_client.release(dial.key[0].address)
-
-    def _finished(self, dial: HeldDial) -> None:
-        """The poll set saw the socket writable (or failed): the connect is over."""
-        if self._dialing.get(dial.key) is not dial:
-            return
-        self._drop_dialing(dial)
-        self._unwatch(dial)
-        err = dial.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        now = trio.current_time()
-        if err:
-            dial.sock.close()
-            self._on_failed(dial.key, dial.packet, _os_error(err), now - dial.started)
-            return
-        dial.connected_at = now
-        self._add_connected(dial)
-        self._on_connected(dial)
-
-    def _unwatch(self, dial: HeldDial) -> None:
-        if dial.token:
-            self._stack.unwatch(dial.sock.fileno(), dial.token)
-            dial.token = 0
-
-    def _next_deadline(self) -> float:
-        deadline = math.inf
-        if self._dialing:
-            deadline = next(iter(self._dialing.values())).started + self._dialer.connect_timeout
-        if self._connected:
-            first = next(iter(self._connected.values()))
-            deadline = min(deadline, first.connected_at + self.claim_timeout)
-        return deadline
-
-    def _expire(self, now: float) -> None:
-        timeout = self._dialer.connect_timeout
-        while self._dialing:
-            dial = next(iter(self._dialing.values()))
-            if dial.started + timeout > now:
-                break
-            self._drop_dialing(dial)
-            self._unwatch(dial)
-            dial.sock.close()
-            error = TimeoutError(errno.ETIMEDOUT, f"connect to {dial.key[1]} timed out")
-            self._on_failed(dial.key, dial.packet, error, now - dial.started)
-        while self._connected:
-            dial = next(iter(self._connected.values()))
-            if dial.connected_at + self.claim_timeout > now:
-                break
-            self._drop_connected(dial)  # the client never completed its handshake
-            dial_log.debug("upstream for %s -> %s unclaimed; closed", *dial.key)
-            dial.sock.close()
-
-
-def _os_error(err: int) -> OSError:
-    """The OSError subclass Python raises for ``err`` (ConnectionRefusedError, ...)."""
-    return OSError(err, os.strerror(err))
 
 
 @dataclasses.dataclass
@@ -313,6 +108,10 @@ class TcpForwarder:
             self.dials = HeldSynDials(stack, dialer, claim_timeout=config.predial_claim_timeout,
                                       on_connected=self._dial_connected,
                                       on_failed=self._dial_failed)  # fmt: skip
+        #: What each new SYN's route makes of it (``egress.tcp_routes``).
+        self.routing = TcpRoutes(dialer, flows, self.dials, name_for=dns.name_for if dns else None,
+                                 answer=self._answer, on_connected=self._dial_connected,
+                                 on_failed=self._dial_failed)  # fmt: skip
         #: Dials in C (``c_dials``): on from ``start_serving`` when C reads the device and can
         #: protect the sockets itself; ``dials`` then only serves what C cannot.
         self.c_dials: CDials | None = None
@@ -323,9 +122,11 @@ class TcpForwarder:
         self.idle.set()
         self._serving = False
 
-    def start_serving(self) -> None:
-        """The gateway runs: SYNs may be held and dialed from now on."""
+    def start_serving(self, nursery: trio.Nursery | None = None) -> None:
+        """The gateway runs: SYNs may be held and dialed from now on (through proxies: in
+        tasks of ``nursery``)."""
         self._serving = True
+        self.routing.nursery = nursery
         if self.dials is not None and CDials.possible(self._stack, self._dialer):
             self.c_dials = CDials(self._stack, self._flows, on_failed=self._dial_failed,
                                   on_connected=self._c_connected, on_opened=self._c_opened,
@@ -362,7 +163,7 @@ class TcpForwarder:
 
     def pending_dials(self) -> int:
         """SYNs held while their upstream connect runs (in Python or in C)."""
-        held = len(self.dials) if self.dials is not None else 0
+        held = len(self.dials) + len(self.routing.proxied) if self.dials is not None else 0
         return held + (len(self.c_dials) if self.c_dials is not None else 0)
 
     def _c_connected(self) -> None:
@@ -474,6 +275,7 @@ class TcpForwarder:
             dial.sock.close()  # the claimed upstream is ours to close
             raise
         flow.connect_latency = dial.latency
+        flow.route = dial.route
         self._flow_started()
         try:
             self._start_relay(stream, dial.sock, flow)  # closes the socket if it raises
@@ -492,15 +294,23 @@ class TcpForwarder:
         key = (client, target)
         if dials is None or not self._serving:
             return False
-        if dials.is_dialing(key):
+        routing = self.routing
+        if dials.is_dialing(key) or routing.swallows(key):
             self.counts.swallowed += 1
             return True
         if not self.accepting:  # draining: refuse new flows outright
             self._answer(packet, refused=True)
             return True
+        decision = routing.decide(self.routes, client, target)
+        if decision.sniff or isinstance(decision.via, CustomVia):
+            return False  # accepted first: handle() sniffs or opens the custom via
+        plain = routing.plain[decision.index]
+        if not plain and routing.refuse(decision, key, packet):
+            return True  # reject: RST; drop: silence (counted by the table)
         refused = self._admission.refused
         c = self.c_dials
         opening = self._stack.connection_count() + len(dials) + dials.connected_count()
+        opening += len(routing.proxied)
         if c is not None:
             opening += len(c) + c.connected_count()
         if opening >= self._stack.config.max_tcp_connections:
@@ -515,6 +325,8 @@ class TcpForwarder:
         # such): its connections, open or being dialed, then its held SYNs.
         address = client.address
         dialing = dials.dialing_for(address)
+        if routing.proxied:
+            dialing += routing.dialing_for(address)
         opening = self._stack.client_connections.count(address) + dials.connected_for(address)
         if c is not None:
             dialing += c.dialing_for(address)
@@ -527,10 +339,12 @@ class TcpForwarder:
             refused.client_share_dials += 1
             self._answer(packet, refused=True)
             return True
-        if c is None:
-            dials.start(key, packet)
-        elif (error := c.start(key)) is not None:
-            self._dial_failed(key, packet, error, 0.0)
+        if not plain:
+            routing.start(decision, key, packet)
+        elif c is None:
+            dials.start(key, packet, decision.name)
+        elif (error := c.start(key, decision.name)) is not None:
+            self._dial_failed(key, packet, error, 0.0, decision.name)
         return True
 
     def screen_syn(self, packet: bytes, client: Endpoint, target: Endpoint) -> bool:
@@ -546,7 +360,8 @@ class TcpForwarder:
         self.counts.ok += 1
         self._stack.release_syn(dial.packet)  # lwIP answers SYN-ACK; the ACK claims the dial
 
-    def _dial_failed(self, key: FlowKey, packet: bytes, exc: OSError, latency: float) -> None:
+    def _dial_failed(self, key: FlowKey, packet: bytes, exc: OSError, latency: float,
+                     route: str | None = None) -> None:  # fmt: skip
         if exc.errno in FD_SHORTAGE:
             self._admission.fd_shortage(exc)
             self._answer(packet, refused=True)  # our shortage, not the destination's fault
@@ -559,7 +374,8 @@ class TcpForwarder:
             self._answer(packet, refused=self.config.unreachable_reply == "rst")
         # A flow that never got past the dial still gets a record (reason, latency, name).
         client, target = key
-        self._flows.failed("tcp", client, target, _dial_failure(exc), connect_latency=latency)
+        self._flows.failed("tcp", client, target, _dial_failure(exc), connect_latency=latency,
+                           route=route)  # fmt: skip
 
     def _answer(self, packet: bytes, *, refused: bool) -> None:
         """Answer a held SYN: RST (``refused``), else ICMP destination unreachable."""
@@ -577,6 +393,8 @@ class TcpForwarder:
 
 def _dial_failure(exc: OSError) -> str:
     """A flow record's close reason for a failed upstream dial."""
+    if isinstance(exc, ProxyError):
+        return exc.reason  # "proxy: refused", "proxy: handshake timeout" ...
     if isinstance(exc, ConnectionRefusedError):
         return "refused"
     if isinstance(exc, TimeoutError):

@@ -93,6 +93,7 @@ def test_short_connections_run_in_c_with_full_flow_records(
         assert record["protocol"] == "tcp" and record["close_reason"] == "closed", record
         assert record["bytes_up"] == len(request) == record["bytes_down"], record
         assert record["target"] == f"{SRV_ADDR4}:{ECHO_PORT}", record
+        assert record["route"] == "default", record  # the route's name, carried beside C's dial
         assert record["connect_latency"] is not None and record["duration"] >= 0, record
 
 
