@@ -201,6 +201,7 @@ class Gateway:
         keep_dns = dataclasses.replace(config.dns, hijack=old.dns.hijack)
         self.config = dataclasses.replace(config, stack=self.stack.config, dns=keep_dns, **keep)
         self._tcp.config = self.config
+        self._tcp.routing.handshake_timeout = self.config.proxy_handshake_timeout
         self._tcp.configure_c_dials()
         self.routes = self._tcp.routes = self._udp_forwarder.routes = routes
         return needs_restart

@@ -112,6 +112,7 @@ class TcpForwarder:
         self.routing = TcpRoutes(dialer, flows, self.dials, name_for=dns.name_for if dns else None,
                                  answer=self._answer, on_connected=self._dial_connected,
                                  on_failed=self._dial_failed)  # fmt: skip
+        self.routing.handshake_timeout = config.proxy_handshake_timeout
         #: Dials in C (``c_dials``): on from ``start_serving`` when C reads the device and can
         #: protect the sockets itself; ``dials`` then only serves what C cannot.
         self.c_dials: CDials | None = None

@@ -49,7 +49,7 @@ from ..endpoint import Endpoint, IPAddress
 from ..errors import ProxyError
 from ..flows import FlowTable
 from ..shares import ClientCounts
-from .proxy_dial import dialer_for, open_tcp_via
+from .proxy_dial import HANDSHAKE_TIMEOUT, dialer_for, open_tcp_via
 from .routes import RouteDecision, RouteTable
 from .via import Direct, Drop, HttpProxy, Reject, Socks5Proxy
 
@@ -90,6 +90,9 @@ class TcpRoutes:
         self._on_connected = on_connected
         self._on_failed = on_failed
         self.nursery: trio.Nursery | None = None
+        #: ``egress.handshake_timeout``: a proxy's connect and handshake together (the
+        #: forwarder sets it from its configuration, again on reconfigure).
+        self.handshake_timeout = HANDSHAKE_TIMEOUT
         #: By route index of the table decided last: is its via plain ``direct``?
         self.plain: tuple[bool, ...] = ()
         self._table: RouteTable | None = None
@@ -198,7 +201,8 @@ class TcpRoutes:
         assert isinstance(via, Socks5Proxy | HttpProxy)
         try:
             try:
-                sock = await open_tcp_via(via, self._dialer, key[1], name=name)
+                sock = await open_tcp_via(via, self._dialer, key[1], name=name,
+                                          handshake_timeout=self.handshake_timeout)  # fmt: skip
             finally:
                 self.proxied.discard(key)
                 self._proxied_per_client.release(key[0].address)
