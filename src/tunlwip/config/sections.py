@@ -358,6 +358,12 @@ class GatewayConfig:
         "egress.proxy", ViaUrl(), None, cli="--proxy", unset="none (direct)",
         help="where flows no [[route]] matched go, e.g. socks5://host:1080 (an http:// proxy "
              "takes TCP; UDP is then rejected)")  # fmt: skip
+    #: How long a ``sniff = true`` route waits for a client's first bytes (its TLS SNI or
+    #: HTTP Host) before deciding without them (``egress.accepted``).
+    sniff_timeout: float = setting(
+        "egress.sniff_timeout", _positive, 1.0,
+        help="seconds a sniff = true route waits for a client's first bytes (TLS SNI, HTTP "
+             "Host) before it decides with the DNS name")  # fmt: skip
 
     def __post_init__(self) -> None:
         check_fields(self, self._route_rules)
