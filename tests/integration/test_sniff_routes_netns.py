@@ -30,9 +30,10 @@ from typing import Any
 
 import pytest
 
+from proxyservers import DANTED
+
 from gatewayproc import RunningGateway, StartGateway, wait_for
 from netns import GW_VETH_ADDR4, SRV_ADDR4, Namespace, SplitTopology
-from proxyservers import DANTED
 from transfers import connect
 
 pytestmark = pytest.mark.netns
