@@ -16,6 +16,7 @@ name. Every process is started by PID and stopped by PID (groups for danted's wo
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -151,6 +152,10 @@ def flow_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def is_flow(name: str, port: str, record: dict[str, Any]) -> bool:
+    return bool(record["name"] == name and record["target"].rpartition(":")[2] == port)
+
+
 def wait_record(path: Path, where: Callable[[dict[str, Any]], bool], gw: RunningGateway,
                 what: str) -> dict[str, Any]:  # fmt: skip
     wait_for(lambda: any(where(r) for r in flow_records(path)), what, 10)
@@ -183,8 +188,8 @@ def test_sniffed_names_pick_routes(split: SplitTopology, split_gateway: StartGat
     assert danted.count(f"{SRV_ADDR4}.80") >= 1 and f"{SRV_ADDR4}.443" in danted, danted
     for name, port, route in (("corp.example", "80", "corp"), ("other.example", "80", "default"),
                               ("corp.example", "443", "corp")):  # fmt: skip
-        record = wait_record(flows, lambda r, n=name, p=port: (r["name"], r["target"].rpartition(
-            ":")[2]) == (n, p), gw, f"the record of {name}:{port}")  # fmt: skip
+        record = wait_record(flows, functools.partial(is_flow, name, port), gw,
+                             f"the record of {name}:{port}")  # fmt: skip
         assert record["route"] == route, record
         assert record["close_reason"] == "closed", record
         if port == "80":
