@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -157,3 +158,20 @@ async def test_routes_without_dial_before_accept(nursery: trio.Nursery) -> None:
     stats = gateway.statistics().routes
     assert stats is not None
     assert (stats.rejected["no"], stats.dropped["quiet"], stats.flows_tcp["default"]) == (1, 1, 1)
+
+
+async def test_a_client_that_resets_during_the_sniff_ends_quietly(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    route = Route(name="named", domains=("x.example",), protocols=("tcp",), sniff=True,
+                  via=Reject())  # fmt: skip
+    gateway, wire = await start(nursery, GatewayConfig(dial_timeout=5, routes=(route,)))
+    with gateway.flows() as records:
+        peer = TcpPeer(wire, CLIENT, 41005, "127.0.0.1", 7003)
+        await peer.connect()  # accepted first: a sniffing route could take it
+        peer.send_rst()
+        record = await next_record(records)
+    assert record.close_reason == "reset" and record.route is None, record
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    routes = gateway.statistics().routes
+    assert routes is not None and sum(routes.flows_tcp.values()) == 0  # never decided

@@ -173,7 +173,10 @@ class AcceptedForwarding:
         target = stream.local
         first = b""
         if decision.sniff:
-            sniffed = await sniff_first_bytes(stream, config.sniff_timeout)
+            try:
+                sniffed = await sniff_first_bytes(stream, config.sniff_timeout)
+            except trio.BrokenResourceError:  # the client reset while we listened
+                return "reset"
             first = sniffed.data
             if sniffed.name is not None:
                 flow.name = sniffed.name
