@@ -18,6 +18,12 @@ import tunlwip
 from tunlwip.errors import TunlwipError
 
 PACKAGE_EXPORTS = {
+    "CustomVia",
+    "ProxyError",
+    "Route",
+    "RouteStatistics",
+    "RouteTable",
+    "parse_via",
     "CallbackDevice",
     "ConfigError",
     "DeviceError",
@@ -71,6 +77,9 @@ MODULE_ALL = {
 DOCUMENTED_IN_MODULES = {
     "tunlwip.dialer": {"Dialer", "Protector", "bind_interface", "callback", "fwmark",
                        "no_protection"},
+    "tunlwip.egress": {"Direct", "Drop", "HttpProxy", "Reject", "Socks5Proxy", "parse_via"},
+    "tunlwip.egress.custom": {"CustomVia", "TcpOpener"},
+    "tunlwip.egress.routes": {"RouteDecision", "RouteTable", "route_table"},
     "tunlwip.forward": {"SpliceResult", "splice"},
     "tunlwip.gateway": {"Gateway", "GatewayConfig", "GatewayStatistics", "RefusedCounters"},
     "tunlwip.hostaddrs": {"HostAddresses"},

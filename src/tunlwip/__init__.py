@@ -1,17 +1,23 @@
 """tunlwip: a userspace TUN gateway; lwIP terminates every flow, trio re-creates it."""
 
+from .config.routes import Route as Route
 from .device import CallbackDevice as CallbackDevice
 from .device import FdPacketDevice as FdPacketDevice
 from .device import MemoryDevice as MemoryDevice
 from .device import PacketDevice as PacketDevice
 from .device import TunDevice as TunDevice
 from .dns.proxy import DnsConfig as DnsConfig
+from .egress.custom import CustomVia as CustomVia
+from .egress.routes import RouteStatistics as RouteStatistics
+from .egress.routes import RouteTable as RouteTable
+from .egress.via import parse_via as parse_via
 from .endpoint import Endpoint as Endpoint
 from .errors import ConfigError as ConfigError
 from .errors import DeviceError as DeviceError
 from .errors import HostAddressError as HostAddressError
 from .errors import LwipError as LwipError
 from .errors import ProtectError as ProtectError
+from .errors import ProxyError as ProxyError
 from .errors import TunlwipError as TunlwipError
 from .flows import FlowInfo as FlowInfo
 from .flows import FlowRecord as FlowRecord
@@ -31,6 +37,7 @@ from .udp import UdpSession as UdpSession
 __all__ = [
     "CallbackDevice",
     "ConfigError",
+    "CustomVia",
     "DeviceError",
     "DnsConfig",
     "Endpoint",
@@ -47,7 +54,11 @@ __all__ = [
     "MemoryDevice",
     "PacketDevice",
     "ProtectError",
+    "ProxyError",
     "RefusedCounters",
+    "Route",
+    "RouteStatistics",
+    "RouteTable",
     "StackConfig",
     "StackHooks",
     "StackStatistics",
@@ -55,6 +66,7 @@ __all__ = [
     "TunlwipError",
     "UdpConfig",
     "UdpSession",
+    "parse_via",
 ]
 
 __version__ = "0.1.0"

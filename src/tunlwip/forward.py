@@ -4,7 +4,9 @@ The gateway's default TCP forwarder hands both ends to a C relay instead (``tcp_
 ``splice`` is for handlers that look at or change the stream (see examples/).
 
 Client EOF becomes upstream ``send_eof`` (shutdown(SHUT_WR)) and vice versa, while the other
-direction keeps flowing. A broken direction (RST) ends both: the other side is reset too, never
+direction keeps flowing; an upstream stream that cannot half-close (a plain
+``trio.abc.Stream``, such as a custom via may return) is told nothing of the client's EOF and
+ends the splice by its own. A broken direction (RST) ends both: the other side is reset too, never
 closed gracefully, so neither end mistakes a failure for a complete transfer.
 """
 
@@ -35,15 +37,18 @@ class SpliceResult:
     reason: str = "closed"
 
 
-def _reset_socket_stream(stream: trio.SocketStream) -> None:
-    """Close with SO_LINGER 0 so the upstream sees RST, mirroring a client reset."""
+def _reset_socket_stream(stream: trio.abc.Stream) -> None:
+    """Close with SO_LINGER 0 so the upstream sees RST, mirroring a client reset (a stream
+    that is no socket is only closed, by the caller)."""
+    if not isinstance(stream, trio.SocketStream):
+        return
     with contextlib.suppress(OSError):
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 async def splice(
     client: LwipTcpStream,
-    upstream: trio.SocketStream,
+    upstream: trio.abc.Stream,
     *,
     idle_timeout: float | None = None,
     on_first_client_data: Callable[[bytes], None] | None = None,
@@ -64,14 +69,15 @@ async def splice(
     with trio.CancelScope() as idle_scope:
         idle_scope.deadline = idle_deadline()
 
-        async def pump(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
+        async def pump(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream,
                        counter: str) -> None:  # fmt: skip
             nonlocal peek
             try:
                 while True:
                     data = await src.receive_some(CHUNK)
                     if not data:
-                        await dst.send_eof()
+                        if isinstance(dst, trio.abc.HalfCloseableStream):
+                            await dst.send_eof()
                         return
                     if peek is not None and src is client:
                         _peek_safely(peek, data)

@@ -15,6 +15,9 @@ import re
 from .hostname import MAX_NAME, is_hostname
 
 _HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,12} [\x21-\x7e]{1,8000} HTTP/1\.[01]")
+#: What an HTTP request can begin with (a method, then maybe a space and the target):
+#: enough to keep waiting for the rest of its head.
+_HTTP_METHOD_START = re.compile(rb"[A-Z]{1,12}( |$)")
 _TLS_HANDSHAKE, _CLIENT_HELLO, _EXT_SERVER_NAME, _HOST_NAME = 0x16, 1, 0, 0
 
 
@@ -57,6 +60,22 @@ def sniff_name(data: bytes) -> str | None:
         return http_host(data)
     except (_Short, ValueError):  # (both parsers catch these already; belt and braces)
         return None
+
+
+def wants_more(data: bytes) -> bool:
+    """Could more bytes still bring a name ``sniff_name`` did not find in ``data``? True
+    while a TLS record or an HTTP request head has begun and not ended yet; False for
+    anything else (another protocol: waiting would only delay it). The caller bounds the
+    bytes and the time it waits."""
+    if not data:
+        return True
+    if data[0] == _TLS_HANDSHAKE:
+        if len(data) < 5:
+            return True
+        return len(data) < 5 + int.from_bytes(data[3:5], "big")
+    if not _HTTP_METHOD_START.match(data):
+        return False
+    return b"\r\n\r\n" not in data
 
 
 def tls_server_name(data: bytes) -> str | None:

@@ -38,7 +38,7 @@ import trio
 from .admission import FD_SHORTAGE, Admission
 from .c_dials import CDials
 from .dialer import Dialer
-from .egress.custom import CustomVia
+from .egress.accepted import AcceptedForwarding
 from .egress.routes import RouteTable
 from .egress.tcp_routes import TcpRoutes
 from .endpoint import Endpoint
@@ -102,6 +102,10 @@ class TcpForwarder:
         self._is_dns = is_dns
         self._custom_handler = handler
         self.counts = DialCounts()
+        #: Connections accepted before their way out is opened (sniffing routes, custom vias,
+        #: no dial before accept): ``egress.accepted``.
+        self._accepted = AcceptedForwarding(dialer, self.counts, start_relay=self._start_relay,
+                                            fd_shortage=admission.fd_shortage)  # fmt: skip
         #: Upstream connects of held SYNs (dial before accept with the default forwarder).
         self.dials: HeldSynDials | None = None
         if handler is None and config.dial_before_accept:
@@ -221,26 +225,12 @@ class TcpForwarder:
                 self.idle.set()
 
     async def _forward(self, stream: LwipTcpStream, target: Endpoint, flow: LiveFlow) -> str | None:
-        """Hand ``stream`` and its upstream to a C relay, which then owns the flow (returns
-        None); or returns why the flow ended before that (the dial failed)."""
-        dial_started = trio.current_time()
-        try:
-            upstream = await self._dialer.open_tcp(target)
-        except OSError as exc:
-            flow.connect_latency = trio.current_time() - dial_started
-            if exc.errno in FD_SHORTAGE:
-                self._admission.fd_shortage(exc)
-            else:
-                self.counts.failed += 1
-            log.debug("dial %s for %s failed: %s", target, stream.remote, exc)
-            stream.abort()
-            return _dial_failure(exc)
-        flow.connect_latency = trio.current_time() - dial_started
-        self.counts.ok += 1
-        self._start_relay(stream, upstream.socket, flow)
-        return None
+        """Carry ``stream`` by its route (``egress.accepted``): a C relay then owns the flow
+        (returns None), or returns why the flow ended before that (the way out failed)."""
+        decision = self._accepted.decision_for((stream.remote, target), self.routes, flow.name)
+        return await self._accepted.forward(stream, flow, decision, self.routes, self.config)
 
-    def _start_relay(self, stream: LwipTcpStream, upstream: Any, flow: LiveFlow) -> None:
+    def _start_relay(self, stream: LwipTcpStream, upstream: Any, flow: LiveFlow) -> Relay:
         """Hand ``stream`` and its connected ``upstream`` socket to a C relay, which owns the
         flow from then on. Raises ``trio.BrokenResourceError`` if the client is gone already
         (the socket is closed)."""
@@ -253,6 +243,7 @@ class TcpForwarder:
             raise
         flow.count_bytes_with(relay.byte_counts)
         relay.when_done(functools.partial(self._relay_ended, flow))
+        return relay
 
     def _relay_ended(self, flow: LiveFlow, relay: Relay) -> None:
         up, down = relay.byte_counts()
@@ -303,7 +294,7 @@ class TcpForwarder:
             self._answer(packet, refused=True)
             return True
         decision = routing.decide(self.routes, client, target)
-        if decision.sniff or isinstance(decision.via, CustomVia):
+        if self._accepted.accept_first(key, decision):
             return False  # accepted first: handle() sniffs or opens the custom via
         plain = routing.plain[decision.index]
         if not plain and routing.refuse(decision, key, packet):

@@ -301,3 +301,52 @@ def test_callback_device_example_single_host_protect(
     assert sha256_file(out) == digest
     log = example.stop()
     assert "protect: fwmark 0x1d" in log and "dials ok 1 failed 0" in log, log
+
+
+# -- examples/custom_route.py --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("family", "srv_addr", "client_addr"), FAMILIES)
+def test_custom_route_example(
+    split: SplitTopology,
+    split_example: StartExample,
+    webroot: tuple[Path, str],
+    require_tool: Callable[[str], str],
+    tmp_path: Path,
+    family: int,
+    srv_addr: str,
+    client_addr: str,
+) -> None:
+    """Downloads through both custom routes arrive whole: 'lab' (a socket stream: C relay) and
+    'counted' (a wrapping stream: relayed in Python, which counted every byte); a third port
+    takes the default route; each custom route's flow record names it."""
+    require_tool("curl")
+    root, digest = webroot
+    start_http(split.srv, root)
+    counted_port, other_port = HTTP_PORT + 1, HTTP_PORT + 2
+    for port in (counted_port, other_port):
+        split.srv.popen(
+            [sys.executable, "-m", "http.server", "--bind", "::", "--directory", str(root),
+             str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        split.srv.wait_port(port)
+    example = split_example("custom_route.py", "--lab-port", str(HTTP_PORT),
+                            "--counted-port", str(counted_port))  # fmt: skip
+    for port in (HTTP_PORT, counted_port, other_port):
+        out = tmp_path / f"{port}.out"
+        result = curl(split.cli, srv_addr, port, out)
+        assert result.returncode == 0, f"{port}: {result.stderr}\n{example.tail()}"
+        assert sha256_file(out) == digest, port
+    example.wait_line("counted stream to")
+    for port, route in ((HTTP_PORT, "lab"), (counted_port, "counted")):
+        example.wait_line(f":{port} route={route} ")
+    example.wait_line(f":{other_port} route=")  # the default route, on the held-SYN path
+    log = example.stop()
+    match = re.search(r"counted stream to \S+ closed: (\d+) bytes sent, (\d+) received", log)
+    assert match and int(match.group(1)) > 50 and int(match.group(2)) > SIZE, log
+    for port, route in ((HTTP_PORT, "lab"), (counted_port, "counted")):
+        line = re.search(rf"flow tcp \S+ -> \S+:{port} route={route} name=None: (\d+) bytes up, "
+                         rf"(\d+) down, closed", log)  # fmt: skip
+        assert line and int(line.group(2)) > SIZE, (port, log)
+    assert client_addr in log

@@ -54,7 +54,7 @@ KEYS: dict[str, tuple[str, ...]] = {
             "ca_file", "query_timeout", "attempt_timeout", "tcp_idle_timeout",
             "tcp_query_timeout", "reject_encrypted", "cache_size", "min_ttl", "max_ttl",
             "max_negative_ttl", "max_in_flight", "max_in_flight_per_client"),
-    "egress": ("proxy", "handshake_timeout"),
+    "egress": ("proxy", "handshake_timeout", "sniff_timeout"),
     "metrics": ("listen",),
     "logging": ("level", "file", "format"),
     "limits": ("grace",),

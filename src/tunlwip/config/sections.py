@@ -364,6 +364,12 @@ class GatewayConfig:
         "egress.handshake_timeout", _positive, 10.0,
         help="seconds for the connect to a route's proxy and its SOCKS5/CONNECT handshake "
              "together; then the flow fails as unreachable")  # fmt: skip
+    #: How long a ``sniff = true`` route waits for a client's first bytes (its TLS SNI or
+    #: HTTP Host) before deciding without them (``egress.accepted``).
+    sniff_timeout: float = setting(
+        "egress.sniff_timeout", _positive, 1.0,
+        help="seconds a sniff = true route waits for a client's first bytes (TLS SNI, HTTP "
+             "Host) before it decides with the DNS name")  # fmt: skip
 
     def __post_init__(self) -> None:
         check_fields(self, self._route_rules)

@@ -9,14 +9,15 @@ The contract of ``open_tcp(target, name)``, for the gateway that calls it:
 
 * ``target`` is the flow's original destination, ``name`` the name the route decision had
   (from the DNS proxy's answers or the client's first bytes), or None;
-* it returns a connected ``trio.abc.Stream`` before the client's handshake is accepted (dial
-  before accept), so raising ``ConnectionRefusedError`` makes the client see a refused
-  connection, any other ``OSError`` (or a timeout) the configured unreachable answer, as for
-  a direct dial;
-* the gateway then relays the client's bytes to that stream and closes it when the flow ends.
+* the client's connection is accepted first (opening needs a task), then ``open_tcp`` runs,
+  within the gateway's dial timeout; raising ``ConnectionRefusedError``, another ``OSError``,
+  or running out of time resets the client, and the flow record says why;
+* it returns a connected ``trio.abc.Stream``: a ``trio.SocketStream`` over a TCP socket goes to
+  the C relay (which detaches its socket: the stream is not to be closed after), any other
+  stream is relayed in Python and closed when the flow ends.
 
-A custom via carries TCP only (``Route`` refuses one on a route that also matches UDP).
-Wiring it into the TCP path is the gateway's part; this module only defines the type.
+A custom via carries TCP only (``Route`` refuses one on a route that also matches UDP). The
+gateway's side is ``egress.accepted``; this module only defines the type.
 """
 
 from __future__ import annotations
