@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .admission import RefusedCounters
 from .dns.proxy import DnsCounters
+from .dns.split import DnsRouteStatistics
 from .egress.routes import RouteStatistics
 from .flows import FlowTotals
 from .icmp import EchoCounters
@@ -83,6 +84,9 @@ class GatewayStatistics:
     refused: RefusedCounters = dataclasses.field(default_factory=RefusedCounters)
     #: Per-route counters (``RouteTable.statistics()``); None while no route table runs.
     routes: RouteStatistics | None = None
+    #: Per-DNS-route counters (``SplitUpstreams.statistics()``): the ``[[dns.route]]``s and
+    #: the default upstreams (``default``); None when the DNS proxy is off.
+    dns_routes: DnsRouteStatistics | None = None
 
 
 # -- frozen snapshots of live counters --------------------------------------------------------
@@ -265,6 +269,14 @@ METRICS: tuple[Stat | Fields, ...] = (
            "flows each drop route dropped", label="route"),
     Fields("totals.routes.proxy_failures", "route_proxy_failures", "counter",
            "flows whose proxy failed, by route", label="route"),
+    Fields("totals.dns_routes.queries", "split_dns_queries", "counter",
+           "DNS queries each dns route took (default: the default upstreams)",
+           label="dns_route"),
+    Fields("totals.dns_routes.forwarded", "split_dns_forwarded", "counter",
+           "DNS queries each dns route's upstreams answered", label="dns_route"),
+    Fields("totals.dns_routes.failures", "split_dns_failures", "counter",
+           "DNS queries answered SERVFAIL because a dns route's upstreams failed",
+           label="dns_route"),
     Stat("process.rss_bytes", "resident_memory_bytes", "gauge",
          "resident memory of the gateway process"),
     Stat("process.open_files", "open_files", "gauge", "file descriptors the gateway holds"),

@@ -25,10 +25,10 @@ import struct
 import h11
 import trio
 
-from ..dialer import Dialer
 from ..endpoint import Endpoint
 from . import doh
 from .udp_pool import UdpSocketPool
+from .upstream_via import UpstreamDialer
 from .wire import (
     FLAG_TC,
     Question,
@@ -60,7 +60,7 @@ class UdpUpstream:
     """DNS over UDP through a pool of rotating protected sockets (``udp_pool``); truncated
     answers are asked again over TCP."""
 
-    def __init__(self, url: str, dialer: Dialer, endpoint: Endpoint) -> None:
+    def __init__(self, url: str, dialer: UpstreamDialer, endpoint: Endpoint) -> None:
         self.url = url
         self.endpoint = endpoint
         self._tcp = TcpUpstream(url, dialer, endpoint)
@@ -130,7 +130,7 @@ class _StreamUpstream:
     def __init__(
         self,
         url: str,
-        dialer: Dialer,
+        dialer: UpstreamDialer,
         endpoint: Endpoint,
         *,
         max_idle: int = MAX_IDLE,
@@ -252,7 +252,7 @@ class _TlsStreamUpstream(_StreamUpstream):
     def __init__(
         self,
         url: str,
-        dialer: Dialer,
+        dialer: UpstreamDialer,
         endpoint: Endpoint,
         *,
         server_name: str,
@@ -291,7 +291,7 @@ class HttpsUpstream(_TlsStreamUpstream):
     def __init__(
         self,
         url: str,
-        dialer: Dialer,
+        dialer: UpstreamDialer,
         endpoint: Endpoint,
         *,
         server_name: str,
