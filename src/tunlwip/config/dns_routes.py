@@ -99,7 +99,7 @@ def parse_dns_routes(raw: object, base: Path | None) -> tuple[tuple[DnsRoute, ..
     found, each naming its key path with the table's index."""
     if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
         return (), [f"dns.route: expected [[dns.route]] tables, got {show(raw)}"]
-    routes, problems = [], []
+    routes, indexes, problems = [], [], []
     for index, table in enumerate(raw):
         here = f"dns.route[{index}]"
         values, bad = {}, False
@@ -121,17 +121,20 @@ def parse_dns_routes(raw: object, base: Path | None) -> tuple[tuple[DnsRoute, ..
             continue
         try:
             routes.append(DnsRoute(**values))
+            indexes.append(index)
         except InvalidFields as exc:  # a rule between keys: its path gets the index
             problems += [p.replace("dns.route.", f"{here}.", 1) for p in exc.problems]
-    problems += dns_route_problems(routes)
+    problems += dns_route_problems(routes, indexes)
     return tuple(routes), problems
 
 
-def dns_route_problems(routes: Sequence[DnsRoute]) -> list[str]:
-    """Two DNS routes with one name (their counters would be one)."""
+def dns_route_problems(routes: Sequence[DnsRoute],
+                       indexes: Sequence[int] | None = None) -> list[str]:  # fmt: skip
+    """Two DNS routes with one name (their counters would be one). ``indexes``: each route's
+    table index in the file (default: its position)."""
     first: dict[str, int] = {}
     problems = []
-    for index, route in enumerate(routes):
+    for index, route in zip(indexes or range(len(routes)), routes, strict=True):
         if route.name is None:
             continue
         if route.name in first:
