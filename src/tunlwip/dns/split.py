@@ -127,6 +127,14 @@ class SplitUpstreams:
     def __repr__(self) -> str:
         return f"<SplitUpstreams {', '.join(r.name for r in self.routes)}>"
 
+    def describe_routes(self) -> str:
+        """The DNS routes for the log: ``name [upstreams] via V``, ``; ``-separated ("" without
+        routes)."""
+        return "; ".join(
+            f"{r.name} [{' '.join(u.url for u in r.upstreams.upstreams)}] via {r.via}"
+            for r in self.routes[:-1]
+        )
+
     def pick(self, name: str | dns.name.Name) -> SplitRoute:
         """The route of a query for ``name`` (text as the query summary gives it, lowercased
         without the final dot; or a dnspython name)."""
