@@ -82,7 +82,7 @@ async def hostile_proxy(nursery: trio.Nursery, reply: bytes | None) -> int:
             await stream.send_all(reply)
             await trio.sleep(1)
 
-    listeners = await nursery.start(trio.serve_tcp, handle, 0)  # type: ignore[arg-type]
+    listeners = await nursery.start(trio.serve_tcp, handle, 0)
     return int(listeners[0].socket.getsockname()[1])
 
 
