@@ -12,7 +12,7 @@ Topology (split, see dnsenv.py)::
 
     [cli] dig @198.18.0.1 -- TUN --> [gw] tunlwip up --config F -- veth --> [srv] 198.18.1.2:
         default unbound :53 (udp/tcp), split unbound :5353 (udp/tcp) and :853 (DoT),
-        danted :1080 (its connections leave from 198.18.1.2 itself)
+        danted :1080 and tinyproxy :8888 (their connections leave from 198.18.1.2 itself)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from netns import GATEWAY_ADDR4, GW_VETH_ADDR4, SRV_ADDR4, Namespace, SplitTopol
 pytestmark = pytest.mark.netns
 
 DANTED = "/usr/sbin/danted"
-SPLIT_PORT, DOT_PORT, SOCKS_PORT = 5353, 853, 1080
+SPLIT_PORT, DOT_PORT, SOCKS_PORT, HTTP_PORT = 5353, 853, 1080, 8888
 #: The same names in both servers, with different answers: the answer says who resolved it.
 DEFAULT_A = {"www.corp.test": "198.18.9.1", "www.tls.test": "198.18.9.1",
              "www.test": "198.18.9.10", "www2.test": "198.18.9.11",
@@ -255,4 +255,56 @@ def test_upstreams_through_danted_over_tcp_and_tls_and_a_reload_swaps_routes(
         assert len(corp.askers("www.corp.test")) == 1
         totals = gw.status()["totals"]["dns_routes"]
         assert totals["queries"] == {"corp": 1, "default": 3}, totals  # corp's count goes on
+        gw.stop()
+
+
+@contextlib.contextmanager
+def tinyproxy_in(ns: Namespace, work: Path) -> Iterator[Path]:
+    """tinyproxy in ``ns`` on SRV_ADDR4:HTTP_PORT, CONNECT to port 53 only, for the gateway's
+    veth address; yields its log. Stopped by its PID."""
+    work.mkdir(parents=True, exist_ok=True)
+    conf, log = work / "tinyproxy.conf", work / "tinyproxy.log"
+    lines = [f"Port {HTTP_PORT}", f"Listen {SRV_ADDR4}", "Timeout 30", f"Allow {GW_VETH_ADDR4}",
+             "ConnectPort 53", "LogLevel Info", "MaxClients 10", f'LogFile "{log}"']  # fmt: skip
+    conf.write_text("\n".join(lines) + "\n")
+    with (work / "stdout.log").open("wb") as out:
+        proc = ns.popen(["tinyproxy", "-d", "-c", str(conf)], stdout=out,
+                        stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        ns.wait_port(HTTP_PORT, SRV_ADDR4)
+        yield log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_default_upstreams_through_an_http_connect_proxy(
+    split: SplitTopology, split_gateway: StartGateway, servers: tuple[Unbound, Unbound],
+    tmp_path: Path, require_tool: Callable[[str], str],
+) -> None:  # fmt: skip
+    """``dns.via``: the default upstreams (tcp://) through tinyproxy's CONNECT; a split route
+    without a via still goes direct."""
+    require_tool("tinyproxy")
+    default, corp = servers
+    text = f"""\
+[dns]
+upstreams = ["tcp://{SRV_ADDR4}:53"]
+via = "http://{SRV_ADDR4}:{HTTP_PORT}"
+
+[[dns.route]]
+domains = ["*.corp.test"]
+upstreams = ["udp://{SRV_ADDR4}:{SPLIT_PORT}"]
+"""
+    with tinyproxy_in(split.srv, tmp_path / "tinyproxy") as proxy_log:
+        gw = start(split_gateway, tmp_path / "http.toml", text)
+        resolves(ask(split, "www3.test"), "A", DEFAULT_A["www3.test"], gw, "via http CONNECT")
+        resolves(ask(split, "www.corp.test"), "A", SPLIT_A["www.corp.test"], gw, "split, direct")
+        assert default.askers("www3.test") == [SRV_ADDR4], default.log()  # tinyproxy asked
+        assert corp.askers("www.corp.test") == [GW_VETH_ADDR4], corp.log()  # the gateway did
+        carried = proxy_log.read_text()
+        assert re.search(rf"CONNECT\S* .*{re.escape(SRV_ADDR4)}:53", carried), carried
         gw.stop()
