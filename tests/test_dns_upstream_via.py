@@ -136,3 +136,26 @@ async def test_a_silent_proxy_costs_one_attempt_and_the_route_gets_servfail(
         assert proxy.split.routes[0].upstreams.counters["timeouts"] >= 1
     finally:
         await proxy.aclose()
+
+
+async def test_a_route_whose_proxy_is_down_answers_servfail_at_once_and_counts_it(
+    nursery: trio.Nursery,
+) -> None:
+    default = UdpServer("answer", "192.0.2.1")
+    await nursery.start(default.run)
+    via = Socks5Proxy(HOST, free_port())
+    route = DnsRoute(name="corp", domains=("*.corp.test",),
+                     upstreams=("tcp://127.0.0.1:1", "tls://127.0.0.1:2"), via=via)  # fmt: skip
+    proxy = DnsProxy(DnsConfig(upstreams=(default.url,), routes=(route,)), Dialer())
+    try:
+        started = trio.current_time()
+        with trio.fail_after(2):
+            wire = await proxy.answer(make_query("a.corp.test"), CLIENT, max_udp_size=True)
+        assert trio.current_time() - started < 0.5
+        assert wire is not None and dns.message.from_wire(wire).rcode() == dns.rcode.SERVFAIL
+        stats = proxy.split.statistics()
+        assert stats.proxy_failures == {"corp": 2, DEFAULT_ROUTE: 0}  # one per upstream
+        assert stats.failures == {"corp": 1, DEFAULT_ROUTE: 0}
+        assert default.ids == []
+    finally:
+        await proxy.aclose()

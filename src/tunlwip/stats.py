@@ -277,6 +277,8 @@ METRICS: tuple[Stat | Fields, ...] = (
     Fields("totals.dns_routes.failures", "split_dns_failures", "counter",
            "DNS queries answered SERVFAIL because a dns route's upstreams failed",
            label="dns_route"),
+    Fields("totals.dns_routes.proxy_failures", "split_dns_proxy_failures", "counter",
+           "upstream connections a dns route's proxy failed to open", label="dns_route"),
     Stat("process.rss_bytes", "resident_memory_bytes", "gauge",
          "resident memory of the gateway process"),
     Stat("process.open_files", "open_files", "gauge", "file descriptors the gateway holds"),

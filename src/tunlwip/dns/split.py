@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING
 import dns.name
 
 from ..dialer import Dialer
+from ..egress.via import Via
 from .policy import parse_name_rule
+from .upstream_via import ProxiedDialer, UpstreamDialer, upstream_dialer
 from .upstreams import UpstreamSet, parse_upstream
 
 if TYPE_CHECKING:
@@ -65,6 +67,13 @@ class SplitRoute:
     upstreams: UpstreamSet
     counters: DnsRouteCounters
     via: str  #: how its upstreams are reached, as text (never a password)
+    #: What opens its upstreams' connections (a ``ProxiedDialer`` counts proxy failures).
+    dialer: UpstreamDialer
+
+    @property
+    def proxy_failures(self) -> int:
+        """Upstream connections its proxy failed to open (0 without a proxy)."""
+        return self.dialer.failures if isinstance(self.dialer, ProxiedDialer) else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +87,8 @@ class DnsRouteStatistics:
     queries: Mapping[str, int]
     forwarded: Mapping[str, int]
     failures: Mapping[str, int]
+    #: Upstream connections each route's proxy failed to open (0 without a proxy).
+    proxy_failures: Mapping[str, int]
 
 
 class SplitUpstreams:
@@ -108,13 +119,15 @@ class SplitUpstreams:
         ``previous``: the running one, whose counters go on by route name."""
         counters = {} if previous is None else {r.name: r.counters for r in previous.routes}
 
-        def build(name: str, urls: Sequence[str], via: object) -> SplitRoute:
-            upstreams = [parse_upstream(url, dialer, ca_file=config.ca_file,
-                                        via=via)  # type: ignore[arg-type]
-                         for url in urls]  # fmt: skip
+        def build(name: str, urls: Sequence[str], via: Via | None) -> SplitRoute:
+            if via is not None:  # (the config structs checked it: this is for the message)
+                for url in urls:
+                    parse_upstream(url, dialer, ca_file=config.ca_file, via=via)
+            opener = upstream_dialer(via, dialer)  # one per route: its counters are the route's
+            upstreams = [parse_upstream(url, opener, ca_file=config.ca_file) for url in urls]
             return SplitRoute(name, UpstreamSet(upstreams, attempt_timeout=config.attempt_timeout),
                               counters.get(name) or DnsRouteCounters(),
-                              str(via) if via is not None else "direct")  # fmt: skip
+                              str(via) if via is not None else "direct", opener)  # fmt: skip
 
         routes = [(build(route.name or str(index), route.upstreams or (), route.via),
                    route.domains or ()) for index, route in enumerate(config.routes)]  # fmt: skip
@@ -170,6 +183,7 @@ class SplitUpstreams:
             queries=each("queries"),
             forwarded=each("forwarded"),
             failures=each("failures"),
+            proxy_failures={route.name: route.proxy_failures for route in self.routes},
         )
 
     async def aclose(self) -> None:

@@ -27,6 +27,7 @@ leak around it).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import urllib.parse
 from typing import Protocol
@@ -37,8 +38,11 @@ from ..dialer import Dialer
 from ..egress.proxy_dial import HANDSHAKE_TIMEOUT, dialer_for, open_tcp_via
 from ..egress.via import Direct, HttpProxy, Socks5Proxy, Via
 from ..endpoint import Endpoint
+from ..errors import ProxyError
 
 __all__ = ["ProxiedDialer", "UpstreamDialer", "upstream_dialer", "via_problem"]
+
+log = logging.getLogger("tunlwip.dns.upstreams")
 
 
 class UpstreamDialer(Protocol):
@@ -57,6 +61,8 @@ class ProxiedDialer:
         self.via = via
         self._dialer = dialer
         self._handshake_timeout = handshake_timeout
+        #: Connections the proxy failed to open (down, refused, broke its protocol, too slow).
+        self.failures = 0
 
     def __repr__(self) -> str:
         return f"<ProxiedDialer {self.via}>"  # (str(via) never shows a password)
@@ -65,8 +71,13 @@ class ProxiedDialer:
         """A stream to ``target`` through the proxy, positioned after its handshake. Raises
         ProxyError (the proxy failed), ConnectionRefusedError or another OSError (the proxy
         said the upstream refused or is unreachable), ProtectError."""
-        sock = await open_tcp_via(self.via, self._dialer, target,
-                                  handshake_timeout=self._handshake_timeout)  # fmt: skip
+        try:
+            sock = await open_tcp_via(self.via, self._dialer, target,
+                                      handshake_timeout=self._handshake_timeout)  # fmt: skip
+        except ProxyError as exc:
+            self.failures += 1
+            log.debug("DNS upstream %s through %s: %s", target, self.via, exc)
+            raise
         return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
     def open_udp(self, target: Endpoint) -> socket.socket:

@@ -94,17 +94,21 @@ class Upstream(Protocol):
 # -- configuration -------------------------------------------------------------------------
 
 
-def parse_upstream(url: str, dialer: Dialer, *, ca_file: str | None = None,
+def parse_upstream(url: str, dialer: UpstreamDialer, *, ca_file: str | None = None,
                    via: Via | None = None) -> Upstream:  # fmt: skip
-    """The upstream a URL describes (see the module docstring), reached by way of ``via``
-    (None: directly; ``upstream_via``); ConfigError if invalid.
+    """The upstream a URL describes (see the module docstring), its connections opened by
+    ``dialer``, or, given ``via``, by the way ``via`` names from the gateway's ``Dialer``
+    ``dialer`` (``upstream_via``); ConfigError if invalid.
 
     TLS settings (the CA file included) are loaded here, so that a bad file fails at start."""
     if via is not None:
         problem = via_problem(via, (url,))
         if problem is not None:
             raise _bad(url, problem[1])
-    return _parse(url, upstream_dialer(via, dialer), ca_file)
+        if not isinstance(dialer, Dialer):
+            raise TypeError("a via needs the gateway's Dialer to start from")
+        dialer = upstream_dialer(via, dialer)
+    return _parse(url, dialer, ca_file)
 
 
 def _parse(url: str, dialer: UpstreamDialer, ca_file: str | None) -> Upstream:
