@@ -146,6 +146,8 @@ def ask(split: SplitTopology, name: str, *opts: str) -> Dig:
     return dig(split.cli, GATEWAY_ADDR4, name, "A", *opts)
 
 
+#: The corp route leaves bound to the gateway's veth (``direct?interface``); the "lo" route,
+#: bound to loopback, cannot reach srv at all: its SERVFAIL shows the binding is applied.
 SPLIT_FILE = f"""\
 [dns]
 upstreams = ["udp://{SRV_ADDR4}:53"]
@@ -156,6 +158,13 @@ query_timeout = 2.0
 name = "corp"
 domains = ["*.corp.test"]
 upstreams = ["udp://{SRV_ADDR4}:{SPLIT_PORT}"]
+via = "direct?interface=VETH"
+
+[[dns.route]]
+name = "lo"
+domains = ["*.lo.test"]
+upstreams = ["tcp://{SRV_ADDR4}:{SPLIT_PORT}"]
+via = "direct?interface=lo"
 """
 
 
@@ -164,8 +173,10 @@ def test_split_names_go_to_their_upstream_only_even_when_it_is_down(
     tmp_path: Path,
 ) -> None:  # fmt: skip
     default, corp = servers
-    gw = start(split_gateway, tmp_path / "split.toml", SPLIT_FILE)
-    assert "dns routes: corp [udp://198.18.1.2:5353] via direct" in gw.log(), gw.tail()
+    gw = start(split_gateway, tmp_path / "split.toml", SPLIT_FILE.replace("VETH", split.gw_veth))
+    assert f"dns routes: corp [udp://198.18.1.2:5353] via direct?interface={split.gw_veth}; " \
+        "lo [tcp://198.18.1.2:5353] via direct?interface=lo" in gw.log(), gw.tail()  # fmt: skip
+    assert ask(split, "www.lo.test").status == "SERVFAIL", gw.tail()
     resolves(ask(split, "www.corp.test"), "A", SPLIT_A["www.corp.test"], gw, "split name")
     resolves(ask(split, "www.test"), "A", DEFAULT_A["www.test"], gw, "other name")
     resolves(ask(split, "www2.corp.test", "+tcp"), "A", SPLIT_A["www2.corp.test"], gw, "tcp")
@@ -178,8 +189,9 @@ def test_split_names_go_to_their_upstream_only_even_when_it_is_down(
     assert default.queries_under("corp.test") == [], "a split name leaked to the default"
     assert default.askers("www.test") and default.askers("www2.test"), default.log()
     totals = gw.status()["totals"]["dns_routes"]
-    assert totals["queries"] == {"corp": 3, "default": 2}, totals
-    assert totals["failures"] == {"corp": 1, "default": 0}, totals
+    assert totals["queries"] == {"corp": 3, "lo": 1, "default": 2}, totals
+    assert totals["failures"] == {"corp": 1, "lo": 1, "default": 0}, totals
+    assert corp.queries_under("lo.test") == default.queries_under("lo.test") == []
     metrics = subprocess.run([sys.executable, "-m", "tunlwip", "status", "--iface", gw.iface,
                               "--format", "prometheus"], capture_output=True, text=True,
                              timeout=30, check=True).stdout  # fmt: skip
