@@ -9,7 +9,9 @@ first, none older than ``MAX_IDLE_AGE``; one query at a time on each connection 
 pipelining, so a pooled connection is always clean to reuse); a reused connection that fails
 before any byte of the answer arrived is replaced by a new one once, transparently. They
 differ only in how a connection is opened (TCP, or TLS on TCP) and in one exchange (a
-length-prefixed message, or an HTTP POST, ``doh.py``). Timeouts are the caller's.
+length-prefixed message, or an HTTP POST, ``doh.py``). Timeouts are the caller's. Every
+connection and socket comes from the upstream's dialer (``upstream_via.UpstreamDialer``): the
+gateway's protected ``Dialer``, or a proxy's (TLS then goes on top of the proxied stream).
 """
 
 from __future__ import annotations
