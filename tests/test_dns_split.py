@@ -27,6 +27,7 @@ from tunlwip.dns.split import DEFAULT_ROUTE, SplitUpstreams
 from tunlwip.dns.transports import UdpUpstream
 from tunlwip.egress.via import Direct
 from tunlwip.endpoint import Endpoint
+from tunlwip.stats import status_lines
 
 from dnsservers import UdpServer, addresses, make_query
 
@@ -183,3 +184,13 @@ async def test_a_route_reached_by_another_protector(nursery: trio.Nursery) -> No
         assert proxy.split.statistics().via["corp"] == "direct?fwmark=29"
     finally:
         await proxy.aclose()
+
+
+def test_status_shows_a_split_dns_line_only_with_dns_routes() -> None:
+    routes = {"queries": {"corp": 12, "default": 40}, "failures": {"corp": 1, "default": 0},
+              "proxy_failures": {"corp": 2, "default": 0}}  # fmt: skip
+    lines = status_lines({"totals": {"dns": {"queries": 52}, "dns_routes": routes}})
+    assert "split dns: corp 12 (failed 1, proxy failed 2), default 40" in lines
+    alone = {"queries": {"default": 40}, "failures": {"default": 0}}
+    lines = status_lines({"totals": {"dns": {"queries": 40}, "dns_routes": alone}})
+    assert not any(line.startswith("split dns") for line in lines)

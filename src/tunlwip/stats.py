@@ -475,6 +475,8 @@ def status_lines(document: Mapping[str, Any]) -> list[str]:
         lines.insert(0, _workers_line(supervisor, document.get("workers") or []))
     dns = totals.get("dns")
     lines.append(_fill(DNS_STATUS_LINE, totals) if dns else "dns:       proxy off")
+    if dns and (split := _dns_routes_line(_counts(totals, "dns_routes"))):
+        lines.append(split)
     share_prefix = "client_share_"
     all_refused = _counts(totals, "refused").items()
     refused = {_spaced(k): v for k, v in all_refused if v and not k.startswith(share_prefix)}
@@ -495,6 +497,21 @@ def status_lines(document: Mapping[str, Any]) -> list[str]:
     dropped = ", ".join(f"{_spaced(k)} {v}" for k, v in sorted(drops.items()))
     lines.append(f"drops:     {dropped or 'none'}")
     return lines
+
+
+def _dns_routes_line(routes: Mapping[str, Any]) -> str | None:
+    """``split dns: corp 12 (failed 1, proxy failed 1), default 40``: queries per DNS route
+    and how many failed; None without ``[[dns.route]]`` tables (``default`` alone)."""
+    queries = routes.get("queries") or {}
+    if len(queries) < 2:
+        return None
+    failures, proxy = routes.get("failures") or {}, routes.get("proxy_failures") or {}
+    parts = []
+    for name, count in queries.items():
+        failed = [f"failed {failures[name]}"] if failures.get(name) else []
+        failed += [f"proxy failed {proxy[name]}"] if proxy.get(name) else []
+        parts.append(f"{name} {count}" + (f" ({', '.join(failed)})" if failed else ""))
+    return "split dns: " + ", ".join(parts)
 
 
 def _workers_line(supervisor: Mapping[str, Any], workers: list[Any]) -> str:

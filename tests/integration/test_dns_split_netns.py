@@ -192,6 +192,14 @@ def test_split_names_go_to_their_upstream_only_even_when_it_is_down(
     assert totals["queries"] == {"corp": 3, "lo": 1, "default": 2}, totals
     assert totals["failures"] == {"corp": 1, "lo": 1, "default": 0}, totals
     assert corp.queries_under("lo.test") == default.queries_under("lo.test") == []
+    table = subprocess.run(
+        [sys.executable, "-m", "tunlwip", "status", "--iface", gw.iface],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert "split dns: corp 3 (failed 1), lo 1 (failed 1), default 2" in table, table
     metrics = subprocess.run([sys.executable, "-m", "tunlwip", "status", "--iface", gw.iface,
                               "--format", "prometheus"], capture_output=True, text=True,
                              timeout=30, check=True).stdout  # fmt: skip
