@@ -30,6 +30,7 @@ from tunlwip.cli import (
     reload,
 )
 from tunlwip.config import SCHEMA
+from tunlwip.config.dns_routes import DNS_ROUTE_KEYS, DnsRoute
 from tunlwip.config.fields import spec_of
 from tunlwip.config.routes import ROUTE_KEYS, Route
 from tunlwip.gateway import Gateway
@@ -134,7 +135,8 @@ def documented() -> dict[str, dict[str, str]]:
         if m := re.match(r"## `\[(\w+)\]`", line):
             section = m.group(1)
         elif line.startswith("## "):
-            section = "route" if line.startswith("## `[[route]]`") else None
+            tables = {"## `[[route]]`": "route", "## `[[dns.route]]`": "dns.route"}
+            section = next((v for k, v in tables.items() if line.startswith(k)), None)
         elif section and line.startswith("| `"):
             cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
             key, kind, default, flag = cells[0].strip("`"), cells[1], cells[2], cells[3]
@@ -146,7 +148,7 @@ def documented() -> dict[str, dict[str, str]]:
 
 def test_docs_document_every_key_with_its_default_type_and_flag() -> None:
     docs = documented()
-    route_keys = [path for path in docs if path.startswith("route.")]
+    route_keys = [path for path in docs if path.startswith(("route.", "dns.route."))]
     docs = {path: row for path, row in docs.items() if path not in route_keys}
     assert list(docs) == [opt.path for opt in SCHEMA], "every key, in the order of --print"
     sections = re.findall(r"^## `\[(\w+)\]`", DOCS.read_text(), re.M)
@@ -171,6 +173,18 @@ def test_docs_document_every_route_key() -> None:
         default = spec.unset if field.default is None else f"`{spec.kind.dump(field.default)}`"
         row = (doc["type"], doc["default"], doc["flag"])
         assert row == (spec.kind.doc, default, "—"), spec.path
+
+
+def test_docs_document_every_dns_route_key() -> None:
+    """The [[dns.route]] table's keys: all of them, in the order of --print, with type and
+    default as declared on the DnsRoute struct."""
+    docs = {path: row for path, row in documented().items() if path.startswith("dns.route.")}
+    assert list(docs) == [f"dns.route.{key}" for key, _ in DNS_ROUTE_KEYS]
+    for field in dataclasses.fields(DnsRoute):
+        spec = spec_of(field)
+        assert spec is not None
+        row = (docs[spec.path]["type"], docs[spec.path]["default"], docs[spec.path]["flag"])
+        assert row == (spec.kind.doc, spec.unset, "—"), spec.path
 
 
 def test_every_flag_of_up_is_in_the_schema() -> None:

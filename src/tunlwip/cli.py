@@ -210,6 +210,8 @@ def reload(gateway: Gateway, running: Settings, current: Settings, reloader: Rel
     dns = gateway.dns
     urls = " ".join(dns.upstream_urls) if dns is not None else ""
     dns_text = "DNS off" if dns is None else f"{len(dns.policy)} DNS rules, upstreams {urls}"
+    if dns is not None and len(dns.split):
+        dns_text += f", dns routes {dns.split.describe_routes()}"
     log.info("reloaded %s: %s, %s", new.source or "(no config file)", dns_text,
              _policy_summary(gateway))  # fmt: skip
     return new
@@ -297,6 +299,8 @@ async def run_up(settings: Settings, reloader: Reloader | None = None, *,
                      config.dns.hijack, " ".join(gateway.dns.upstream_urls) or "none",
                      len(gateway.dns.policy), config.dns.blocked_answer,
                      "rejected" if config.dns.reject_encrypted else "forwarded")  # fmt: skip
+            if len(gateway.dns.split):
+                log.info("dns routes: %s", gateway.dns.split.describe_routes())
         if worker is None:
             service.ready(f"serving {device.name}")
         else:

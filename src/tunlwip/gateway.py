@@ -244,6 +244,7 @@ class Gateway:
             flows=self._flows.totals(),
             refused=refused,
             routes=self.routes.statistics(),
+            dns_routes=self.dns.split.statistics() if self.dns is not None else None,
         )
 
     @property

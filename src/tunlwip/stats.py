@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .admission import RefusedCounters
 from .dns.proxy import DnsCounters
+from .dns.split import DnsRouteStatistics
 from .egress.routes import RouteStatistics
 from .flows import FlowTotals
 from .icmp import EchoCounters
@@ -84,6 +85,9 @@ class GatewayStatistics:
     refused: RefusedCounters = dataclasses.field(default_factory=RefusedCounters)
     #: Per-route counters (``RouteTable.statistics()``); None while no route table runs.
     routes: RouteStatistics | None = None
+    #: Per-DNS-route counters (``SplitUpstreams.statistics()``): the ``[[dns.route]]``s and
+    #: the default upstreams (``default``); None when the DNS proxy is off.
+    dns_routes: DnsRouteStatistics | None = None
 
 
 # -- frozen snapshots of live counters --------------------------------------------------------
@@ -266,6 +270,16 @@ METRICS: tuple[Stat | Fields, ...] = (
            "flows each drop route dropped", label="route"),
     Fields("totals.routes.proxy_failures", "route_proxy_failures", "counter",
            "flows whose proxy failed, by route", label="route"),
+    Fields("totals.dns_routes.queries", "split_dns_queries", "counter",
+           "DNS queries each dns route took (default: the default upstreams)",
+           label="dns_route"),
+    Fields("totals.dns_routes.forwarded", "split_dns_forwarded", "counter",
+           "DNS queries each dns route's upstreams answered", label="dns_route"),
+    Fields("totals.dns_routes.failures", "split_dns_failures", "counter",
+           "DNS queries answered SERVFAIL because a dns route's upstreams failed",
+           label="dns_route"),
+    Fields("totals.dns_routes.proxy_failures", "split_dns_proxy_failures", "counter",
+           "upstream connections a dns route's proxy failed to open", label="dns_route"),
     Stat("process.rss_bytes", "resident_memory_bytes", "gauge",
          "resident memory of the gateway process"),
     Stat("process.open_files", "open_files", "gauge", "file descriptors the gateway holds"),
@@ -463,6 +477,8 @@ def status_lines(document: Mapping[str, Any]) -> list[str]:
         lines.insert(0, _workers_line(supervisor, document.get("workers") or []))
     dns = totals.get("dns")
     lines.append(_fill(DNS_STATUS_LINE, totals) if dns else "dns:       proxy off")
+    if dns and (split := _dns_routes_line(_counts(totals, "dns_routes"))):
+        lines.append(split)
     share_prefix = "client_share_"
     all_refused = _counts(totals, "refused").items()
     refused = {_spaced(k): v for k, v in all_refused if v and not k.startswith(share_prefix)}
@@ -502,6 +518,21 @@ def route_lines(routes: Mapping[str, Any]) -> list[str]:
                            for key, label in _ROUTE_COUNTERS)  # fmt: skip
         lines.append(f"route:     {name} via {via}: {counts}")
     return lines
+
+
+def _dns_routes_line(routes: Mapping[str, Any]) -> str | None:
+    """``split dns: corp 12 (failed 1, proxy failed 1), default 40``: queries per DNS route
+    and how many failed; None without ``[[dns.route]]`` tables (``default`` alone)."""
+    queries = routes.get("queries") or {}
+    if len(queries) < 2:
+        return None
+    failures, proxy = routes.get("failures") or {}, routes.get("proxy_failures") or {}
+    parts = []
+    for name, count in queries.items():
+        failed = [f"failed {failures[name]}"] if failures.get(name) else []
+        failed += [f"proxy failed {proxy[name]}"] if proxy.get(name) else []
+        parts.append(f"{name} {count}" + (f" ({', '.join(failed)})" if failed else ""))
+    return "split dns: " + ", ".join(parts)
 
 
 def _workers_line(supervisor: Mapping[str, Any], workers: list[Any]) -> str:

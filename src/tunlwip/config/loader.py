@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .dns_routes import parse_dns_routes
 from .fields import ConfigProblems, InvalidFields
 from .kinds import show
 from .routes import parse_routes
@@ -29,6 +30,8 @@ __all__ = ["CONFIG_DIR", "default_path", "load"]
 CONFIG_DIR = Path("/etc/tunlwip")
 #: The file's key of the ``[[route]]`` tables (``GatewayConfig.routes``).
 ROUTES = "route"
+#: The file's key of the ``[[dns.route]]`` tables (``DnsConfig.routes``).
+DNS_ROUTES = "dns.route"
 
 
 def default_path(iface: str) -> Path:
@@ -72,6 +75,10 @@ def _read_file(path: Path, base: Path, problems: list[str]) -> dict[str, Any]:
             continue
         keys = [o.key for o in SCHEMA if o.section == section]
         for key, value in table.items():
+            if f"{section}.{key}" == DNS_ROUTES:  # [[dns.route]]: a list of tables
+                values[DNS_ROUTES], found = parse_dns_routes(value, base)
+                problems += found
+                continue
             opt = OPTIONS.get(f"{section}.{key}")
             if opt is None:
                 elsewhere = [o.path for o in SCHEMA if o.key == key]
@@ -121,12 +128,14 @@ def load(path: str | Path | None = None, overrides: Mapping[str, object] | None 
     if problems:
         raise ConfigProblems(problems)
     routes = values.pop(ROUTES, ())
+    dns_routes = values.pop(DNS_ROUTES, ())
     for opt in SCHEMA:
         values.setdefault(opt.path, opt.default)
     if values["udp.sweep_interval"] is None:
         values["udp.sweep_interval"] = min(30.0, values["udp.idle_timeout"] / 2)
     try:
-        return Settings.from_values(values, source, routes)  # the gateway's structs, then ours
+        # the gateway's structs, then ours
+        return Settings.from_values(values, source, routes, dns_routes)
     except InvalidFields as exc:  # a rule across fields (dns.min_ttl <= dns.max_ttl), or:
         if values["device.name"] is None and exc.fields == ["Settings.iface"]:
             raise ConfigError("device.name: not set (give --iface or set it in [device])") \

@@ -23,8 +23,10 @@ from typing import Literal
 
 from ..dialer import KEEPALIVE_PROBES, KEEPALIVE_SECONDS, Keepalive
 from ..dns.policy import BlockedAnswer
-from ..egress.via import Via
+from ..dns.upstream_via import via_problem
+from ..egress.via import Direct, Via
 from ..shares import share_of
+from .dns_routes import DnsRoute, dns_route_problems
 from .fields import check_fields, setting
 from .kinds import (
     Address,
@@ -282,13 +284,38 @@ class DnsConfig:
              "UDP to it ICMP port unreachable (DoT, DoQ; counted: refused.encrypted_dns), and "
              "well-known DoH resolver names are blocked")  # fmt: skip
 
-    def __post_init__(self) -> None:
-        check_fields(self, self._ttl_order)
+    #: How the default upstreams (``upstreams``) are reached (None: directly).
+    via: Via | None = setting(
+        "dns.via", ViaUrl(), None, unset="direct",
+        help="how the default upstreams are reached: direct?fwmark=N, direct?interface=IF, or "
+             "a socks5:// or http:// proxy (by IP address; tcp://, tls:// and https:// "
+             "upstreams only)")  # fmt: skip
+    #: The ``[[dns.route]]`` tables, in order: the first whose domains match a query's name
+    #: sends it to its own upstreams (``dns.split``); other queries go to ``upstreams``.
+    routes: tuple[DnsRoute, ...] = ()
 
-    def _ttl_order(self) -> Iterator[tuple[str, str]]:
+    def __post_init__(self) -> None:
+        check_fields(self, self._across)
+
+    def _across(self) -> Iterator[tuple[str, str]]:
         if self.min_ttl > self.max_ttl:
             yield (f"dns.min_ttl: must be <= dns.max_ttl ({self.max_ttl}), got {self.min_ttl}",
                    "DnsConfig.min_ttl")  # fmt: skip
+        if self.via is not None:
+            problem = via_problem(self.via, self.upstreams)
+            if problem is not None:
+                key, reason = problem
+                yield f"dns.{key}: {reason}", f"DnsConfig.{key.partition('[')[0]}"
+            elif not self.upstreams and not isinstance(self.via, Direct):
+                yield ("dns.via: a proxy needs dns.upstreams given as tcp://, tls:// or "
+                       "https:// (the nameservers of /etc/resolv.conf are udp://)",
+                       "DnsConfig.via")  # fmt: skip
+        if not isinstance(self.routes, tuple) or \
+                not all(isinstance(route, DnsRoute) for route in self.routes):  # fmt: skip
+            yield "dns.route: expected a tuple of DnsRoute", "DnsConfig.routes"
+            return
+        for problem_text in dns_route_problems(self.routes):
+            yield problem_text, "DnsConfig.routes"
 
     @property
     def in_flight_share(self) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..dialer import Protector, bind_interface, fwmark, no_protection
 from ..service import LOG_FORMATS
+from .dns_routes import DnsRoute, dns_routes_toml
 from .fields import check_fields, nested_struct, setting, spec_of
 from .kinds import (
     Boolean,
@@ -35,7 +36,7 @@ from .kinds import (
 )
 from .routes import Route, routes_toml
 from .schema import SECTIONS, Option, collect
-from .sections import GatewayConfig
+from .sections import DnsConfig, GatewayConfig
 
 __all__ = ["OPTIONS", "SCHEMA", "Settings", "config_key"]
 
@@ -95,13 +96,16 @@ class Settings:
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], source: Path | None,
-                    routes: tuple[Route, ...] = ()) -> Settings:  # fmt: skip
+                    routes: tuple[Route, ...] = (),
+                    dns_routes: tuple[DnsRoute, ...] = ()) -> Settings:  # fmt: skip
         """The structs filled from checked values by key path (every key present), with the
-        ``[[route]]`` tables."""
+        ``[[route]]`` and ``[[dns.route]]`` tables."""
 
         def fill(struct: type[Any], **given: Any) -> Any:
             if struct is GatewayConfig:
                 given["routes"] = routes
+            if struct is DnsConfig:
+                given["routes"] = dns_routes
             for field in dataclasses.fields(struct):
                 if (spec := spec_of(field)) is not None:
                     given[field.name] = values[spec.path]
@@ -162,6 +166,7 @@ class Settings:
                     if getattr(value, "password", None) is not None:
                         lines[-1] += "  # password not shown"
         lines += routes_toml(self.gateway.routes)
+        lines += dns_routes_toml(self.gateway.dns.routes)
         return "\n".join(lines) + "\n"
 
 

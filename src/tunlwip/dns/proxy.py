@@ -13,8 +13,9 @@ so a slow upstream never delays other queries or other packets:
    when the header is readable, else a counted drop);
 2. policy: overrides, then allow rules, then block rules (``dns.policy``);
 3. cache (``dns.cache``), honouring TTLs, negative answers included;
-4. upstreams in order with failover (``dns.upstreams``); no answer within ``query_timeout``
-   gives the client SERVFAIL. A forwarded answer is walked once from its bytes
+4. upstreams in order with failover (``dns.upstreams``): those of the first ``[[dns.route]]``
+   whose domains match the name, else the default ones (``dns.split``); no answer within
+   ``query_timeout`` gives the client SERVFAIL. A forwarded answer is walked once from its bytes
    (``summary.summarize``) and goes to the client as the upstream sent it, with the client's
    ID; the cache keeps it in wire form until first served;
 5. the answer's CNAME chain is checked against the policy too (cached answers included): one
@@ -59,8 +60,9 @@ from .policy import (
     override_response,
 )
 from .replay import RecentAnswers
+from .split import SplitUpstreams
 from .summary import AnswerSummary, name_text, summarize, summarize_query
-from .upstreams import UpstreamError, UpstreamSet, parse_upstream
+from .upstreams import UpstreamError, UpstreamSet
 from .wire import HEADER_LEN, WireError, header_flags
 
 if TYPE_CHECKING:
@@ -137,8 +139,8 @@ class DnsProxy:
         if not urls:
             log.warning("DNS: no upstream given and none in %s; queries get SERVFAIL",
                         RESOLV_CONF)  # fmt: skip
-        upstreams = [parse_upstream(u, dialer, ca_file=config.ca_file) for u in urls]
-        self.upstreams = UpstreamSet(upstreams, attempt_timeout=config.attempt_timeout)
+        #: The upstreams by name: ``[[dns.route]]``s, then the default ones (``dns.split``).
+        self.split = SplitUpstreams.from_config(config, dialer, urls)
         self.policy = self._load_policy()
         self.cache = DnsCache(
             max_entries=config.cache_size,
@@ -153,11 +155,16 @@ class DnsProxy:
         self._in_flight: set[tuple[Endpoint, int]] = set()
         #: Queries in flight by client (``shares``), next to ``_in_flight``.
         self.in_flight_per_client = ClientCounts()
-        self._retired: list[UpstreamSet] = []
+        self._retired: list[SplitUpstreams] = []
 
     def name_for(self, client: Endpoint, address: Endpoint) -> str | None:
         """The name ``client`` resolved through us to ``address``'s IP, if still valid."""
         return self.names.lookup(client.address, address.address, trio.current_time())
+
+    @property
+    def upstreams(self) -> UpstreamSet:
+        """The default upstreams (those of names no ``[[dns.route]]`` takes)."""
+        return self.split.default.upstreams
 
     @property
     def upstream_urls(self) -> list[str]:
@@ -167,22 +174,23 @@ class DnsProxy:
         return _policy(self.config)
 
     def reconfigure(self, config: DnsConfig, dialer: Dialer) -> None:
-        """Switch to ``config``: policy files, overrides, upstreams, timeouts and cache limits.
-        Everything is built first, so a bad file or URL (ConfigError) changes nothing. The old
-        upstreams' pooled connections are closed by ``close_retired``. ``hijack`` is the
-        gateway's business (it needs a restart)."""
+        """Switch to ``config``: policy files, overrides, upstreams and DNS routes, timeouts
+        and cache limits. Everything is built first, so a bad file or URL (ConfigError)
+        changes nothing. The old upstreams' pooled connections are closed by
+        ``close_retired``. New DNS routes start a new cache: a name may now go to other
+        servers. ``hijack`` is the gateway's business (it needs a restart)."""
         urls = config.upstreams or resolv_conf_upstreams()
-        upstreams = UpstreamSet([parse_upstream(u, dialer, ca_file=config.ca_file) for u in urls],
-                                attempt_timeout=config.attempt_timeout)  # fmt: skip
+        split = SplitUpstreams.from_config(config, dialer, urls, previous=self.split)
         policy = _policy(config)
         cache_limits = (config.cache_size, config.min_ttl, config.max_ttl, config.max_negative_ttl)
-        if cache_limits != (self.config.cache_size, self.config.min_ttl, self.config.max_ttl,
-                            self.config.max_negative_ttl):  # fmt: skip
+        if config.routes != self.config.routes or cache_limits != (
+                self.config.cache_size, self.config.min_ttl, self.config.max_ttl,
+                self.config.max_negative_ttl):  # fmt: skip
             self.cache = DnsCache(max_entries=config.cache_size, min_ttl=config.min_ttl,
                                   max_ttl=config.max_ttl,
                                   max_negative_ttl=config.max_negative_ttl)  # fmt: skip
-        self._retired.append(self.upstreams)
-        self.upstreams, self.policy, self.config = upstreams, policy, config
+        self._retired.append(self.split)
+        self.split, self.policy, self.config = split, policy, config
         self.recent.clear()
 
     async def close_retired(self) -> None:
@@ -200,7 +208,7 @@ class DnsProxy:
 
     async def aclose(self) -> None:
         await self.close_retired()
-        await self.upstreams.aclose()
+        await self.split.aclose()
 
     # -- transports -------------------------------------------------------------------------
     async def serve_udp(self, session: UdpSession) -> None:
@@ -410,9 +418,12 @@ class DnsProxy:
             self.counters.overridden += 1
             return Reply(override_response(query.message, verdict.addresses), None, None,
                          verdict.rule)  # fmt: skip
+        route = self.split.pick(query.name)
+        route.counters.queries += 1
+        cache = self.cache  # (a reload may start a new one: this answer is the old routes')
         now = trio.current_time()
-        if query.summary is None or self.cache.peek(query.cache_key, now):
-            cached = self.cache.get(query.message, now)  # (a parse only for a likely hit)
+        if query.summary is None or cache.peek(query.cache_key, now):
+            cached = cache.get(query.message, now)  # (a parse only for a likely hit)
         else:
             cached = None
         if cached is not None:
@@ -422,7 +433,7 @@ class DnsProxy:
             while True:
                 round_started = trio.current_time()
                 try:
-                    raw, summary, upstream = await self.upstreams.resolve_summarized(query.wire)
+                    raw, summary, upstream = await route.upstreams.resolve_summarized(query.wire)
                     # (None: truncated, kept as it was; parsing it here may fail)
                     response = dns.message.from_wire(raw) if summary is None else None
                     break
@@ -431,25 +442,29 @@ class DnsProxy:
                     # Upstreams that failed at once (refused, bad answer) end it now.
                     if trio.current_time() - round_started < self.config.attempt_timeout:
                         self.counters.upstream_failures += 1
+                        route.counters.failures += 1
                         return Reply(self._servfail(query.message), None, None, f"failed: {exc}")
             self.counters.forwarded += 1
+            route.counters.forwarded += 1
             if response is not None:
-                self.cache.put(query.message, response, trio.current_time())
+                cache.put(query.message, response, trio.current_time())
                 return self._screen(query.message, Reply(response, raw, None, upstream.url))
             assert summary is not None
-            self.cache.put_wire(query.cache_key, raw, summary, trio.current_time())
+            cache.put_wire(query.cache_key, raw, summary, trio.current_time())
             reply = Reply(None, raw, summary, upstream.url)
             if summary.has_alias and self.policy.screens_answers:
                 try:  # the one case the policy needs the whole message: a CNAME/DNAME chain
                     reply = reply._replace(response=dns.message.from_wire(raw))
                 except dns.exception.DNSException as exc:
                     self.counters.upstream_failures += 1
+                    route.counters.failures += 1
                     return Reply(self._servfail(query.message), None, None, f"failed: {exc}")
                 return self._screen(query.message, reply)
             return reply
         assert timeout.cancelled_caught
         self.counters.timeouts += 1
         self.counters.upstream_failures += 1
+        route.counters.failures += 1
         return Reply(self._servfail(query.message), None, None, "timeout")
 
     def _screen(self, query: dns.message.Message, reply: Reply) -> Reply:

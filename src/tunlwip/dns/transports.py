@@ -9,7 +9,9 @@ first, none older than ``MAX_IDLE_AGE``; one query at a time on each connection 
 pipelining, so a pooled connection is always clean to reuse); a reused connection that fails
 before any byte of the answer arrived is replaced by a new one once, transparently. They
 differ only in how a connection is opened (TCP, or TLS on TCP) and in one exchange (a
-length-prefixed message, or an HTTP POST, ``doh.py``). Timeouts are the caller's.
+length-prefixed message, or an HTTP POST, ``doh.py``). Timeouts are the caller's. Every
+connection and socket comes from the upstream's dialer (``upstream_via.UpstreamDialer``): the
+gateway's protected ``Dialer``, or a proxy's (TLS then goes on top of the proxied stream).
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ import struct
 import h11
 import trio
 
-from ..dialer import Dialer
 from ..endpoint import Endpoint
 from . import doh
 from .udp_pool import UdpSocketPool
+from .upstream_via import UpstreamDialer
 from .wire import (
     FLAG_TC,
     Question,
@@ -60,7 +62,7 @@ class UdpUpstream:
     """DNS over UDP through a pool of rotating protected sockets (``udp_pool``); truncated
     answers are asked again over TCP."""
 
-    def __init__(self, url: str, dialer: Dialer, endpoint: Endpoint) -> None:
+    def __init__(self, url: str, dialer: UpstreamDialer, endpoint: Endpoint) -> None:
         self.url = url
         self.endpoint = endpoint
         self._tcp = TcpUpstream(url, dialer, endpoint)
@@ -130,7 +132,7 @@ class _StreamUpstream:
     def __init__(
         self,
         url: str,
-        dialer: Dialer,
+        dialer: UpstreamDialer,
         endpoint: Endpoint,
         *,
         max_idle: int = MAX_IDLE,
@@ -252,7 +254,7 @@ class _TlsStreamUpstream(_StreamUpstream):
     def __init__(
         self,
         url: str,
-        dialer: Dialer,
+        dialer: UpstreamDialer,
         endpoint: Endpoint,
         *,
         server_name: str,
@@ -291,7 +293,7 @@ class HttpsUpstream(_TlsStreamUpstream):
     def __init__(
         self,
         url: str,
-        dialer: Dialer,
+        dialer: UpstreamDialer,
         endpoint: Endpoint,
         *,
         server_name: str,

@@ -19,9 +19,11 @@ would itself need DNS and could leak around the proxy.
     connect to.
 
 IPv6 addresses go in brackets: ``udp://[fd00:1::2]:53``. Every socket comes from the protected
-dialer. TCP, TLS and HTTPS upstreams keep up to 4 idle connections for reuse; one idle for
-more than 30 s is closed instead, and a reused connection the server had closed is replaced
-by a new one once, transparently.
+dialer, or, for an upstream reached through a ``via`` (a ``[[dns.route]]``'s or ``dns.via``),
+from the way it names (``upstream_via``: another protector, or a SOCKS5/HTTP CONNECT proxy for
+tcp://, tls:// and https://). TCP, TLS and HTTPS upstreams keep up to 4 idle connections for
+reuse; one idle for more than 30 s is closed instead, and a reused connection the server had
+closed is replaced by a new one once, transparently.
 
 Every query goes out with a new random ID (0 for DoH, RFC 8484 4.1), the answer must repeat
 the ID and the question, and the caller gets it back with its own ID. Timeouts are the
@@ -47,6 +49,7 @@ import h11
 import trio
 
 from ..dialer import Dialer
+from ..egress.via import Via
 from ..endpoint import Endpoint, IPAddress
 from ..errors import ConfigError
 from ..hostname import MAX_NAME, is_hostname
@@ -54,6 +57,7 @@ from . import doh
 from .doh import DOH_PATH
 from .summary import AnswerSummary, summarize_answer
 from .transports import HttpsUpstream, TcpUpstream, TlsUpstream, UdpUpstream
+from .upstream_via import UpstreamDialer, upstream_dialer, via_problem
 from .wire import UpstreamError, header_flags
 
 __all__ = [
@@ -90,10 +94,24 @@ class Upstream(Protocol):
 # -- configuration -------------------------------------------------------------------------
 
 
-def parse_upstream(url: str, dialer: Dialer, *, ca_file: str | None = None) -> Upstream:
-    """The upstream a URL describes (see the module docstring); ConfigError if invalid.
+def parse_upstream(url: str, dialer: UpstreamDialer, *, ca_file: str | None = None,
+                   via: Via | None = None) -> Upstream:  # fmt: skip
+    """The upstream a URL describes (see the module docstring), its connections opened by
+    ``dialer``, or, given ``via``, by the way ``via`` names from the gateway's ``Dialer``
+    ``dialer`` (``upstream_via``); ConfigError if invalid.
 
     TLS settings (the CA file included) are loaded here, so that a bad file fails at start."""
+    if via is not None:
+        problem = via_problem(via, (url,))
+        if problem is not None:
+            raise _bad(url, problem[1])
+        if not isinstance(dialer, Dialer):
+            raise TypeError("a via needs the gateway's Dialer to start from")
+        dialer = upstream_dialer(via, dialer)
+    return _parse(url, dialer, ca_file)
+
+
+def _parse(url: str, dialer: UpstreamDialer, ca_file: str | None) -> Upstream:
     try:
         parts = urllib.parse.urlsplit(url.strip())
         port = parts.port
@@ -130,7 +148,7 @@ def parse_upstream(url: str, dialer: Dialer, *, ca_file: str | None = None) -> U
 
 def _parse_https(
     url: str,
-    dialer: Dialer,
+    dialer: UpstreamDialer,
     ca_file: str | None,
     parts: urllib.parse.SplitResult,
     host: str,
