@@ -203,3 +203,11 @@ def test_routing_docs_examples_are_accepted(tmp_path: Path) -> None:
     assert len(blocks) >= 5
     for i, block in enumerate(blocks):
         cfg.load(write(tmp_path / f"routing{i}.toml", block), {"device.name": "tlw0"})
+
+
+def test_a_duplicate_name_is_reported_at_its_own_index_after_a_bad_table(tmp_path: Path) -> None:
+    path = write(tmp_path / "dup.toml", '[[route]]\nname = "x"\n\n[[route]]\nports = ["80-70"]\n'
+                 '\n[[route]]\nname = "x"\n')  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        Reloader(str(path), {"device.name": "tlw0"}).load()
+    assert 'route[2].name: "x" is already route[0]\'s name' in str(caught.value)

@@ -212,6 +212,7 @@ def parse_routes(raw: object, base: Path | None) -> tuple[tuple[Route, ...], lis
     if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
         return (), [f"route: expected [[route]] tables, got {show(raw)}"]
     routes, problems = [], []
+    indexes = []  # each parsed route's index in the file (a bad table leaves a gap)
     for index, table in enumerate(raw):
         here = f"route[{index}]"
         values, bad = {}, False
@@ -233,17 +234,20 @@ def parse_routes(raw: object, base: Path | None) -> tuple[tuple[Route, ...], lis
             continue
         try:
             routes.append(Route(**values))
+            indexes.append(index)
         except InvalidFields as exc:  # a rule between keys: its path gets the index
             problems += [p.replace("route.", f"{here}.", 1) for p in exc.problems]
-    problems += name_problems(routes)
+    problems += name_problems(routes, indexes)
     return tuple(routes), problems
 
 
-def name_problems(routes: Sequence[Route]) -> list[str]:
-    """Two routes with one name (their counters and flow records would be one)."""
+def name_problems(routes: Sequence[Route], indexes: Sequence[int] | None = None) -> list[str]:
+    """Two routes with one name (their counters and flow records would be one). ``indexes``:
+    each route's index in the file, when some tables were left out for errors of their own."""
     first: dict[str, int] = {}
     problems = []
-    for index, route in enumerate(routes):
+    for position, route in enumerate(routes):
+        index = indexes[position] if indexes is not None else position
         if route.name is None:
             continue
         if route.name in first:
