@@ -178,3 +178,23 @@ def test_bench_tunlwip_w2_measured_or_skipped(
         return
     assert figure(records, "tunlwip-w2", "rr-plain", "rate") > 0
     assert [r for r in records if r["method"] == "tunlwip-w2" and r.get("ratio_tunlwip")]
+
+
+def test_bench_tunlwip_socks5_through_danted(
+    netns_available: None, require_tool: Callable[[str], str], tmp_path: Path
+) -> None:
+    """tunlwip-socks5 (every flow through danted by --proxy) beside direct tunlwip: the
+    download and the serial connections go through, with danted's CPU counted, a ratio to
+    direct in each record, and the report's issue 16 table."""
+    require_tool("danted")
+    require_tool("iperf3")
+    out = tmp_path / "results"
+    run_quick("iperf3-download,connrate", out, "tunlwip,tunlwip-socks5")
+    records = load_records(out)
+    assert figure(records, "tunlwip-socks5", "tcp-down-1-v4", "throughput") > 0
+    assert figure(records, "tunlwip-socks5", "tcp-down-1-v4", "cpu") > 0
+    assert figure(records, "tunlwip-socks5", "conn-serial", "rate") > 0
+    assert figure(records, "tunlwip-socks5", "conn-serial", "failed") == 0
+    assert [r for r in records if r["method"] == "tunlwip-socks5" and r.get("ratio_tunlwip")]
+    report = next(out.glob("*.md")).read_text()
+    assert "Issue 16 target: through danted" in report, report
