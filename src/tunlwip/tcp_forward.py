@@ -547,8 +547,7 @@ class TcpForwarder:
         self._stack.release_syn(dial.packet)  # lwIP answers SYN-ACK; the ACK claims the dial
 
     def _dial_failed(self, key: FlowKey, packet: bytes, exc: OSError, latency: float) -> None:
-        if exc.errno in FD_SHORTAGE:
-            self._admission.fd_shortage(exc)
+        if self._admission.shortage(exc):  # file descriptors, memory
             self._answer(packet, refused=True)  # our shortage, not the destination's fault
         elif isinstance(exc, ConnectionRefusedError):
             self.counts.refused += 1
