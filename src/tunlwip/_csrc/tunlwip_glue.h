@@ -45,6 +45,8 @@ typedef struct {
 /* lifecycle and time */
 int tl_init(uint16_t mtu, const uint8_t *ip4, const uint8_t *ip6);
 void tl_deinit(void);
+/* hand the heap's free pages back to the kernel (once the gateway serves: startup's garbage) */
+void tl_release_free_heap(void);
 void tl_set_now(uint32_t ms);
 uint32_t tl_now(void);
 uint32_t tl_sleeptime(void);
