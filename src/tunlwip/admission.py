@@ -33,6 +33,8 @@ log = logging.getLogger("tunlwip.gateway")
 ENCRYPTED_DNS_PORT = 853
 #: The errnos of "no file descriptor left" (per process, system-wide).
 FD_SHORTAGE = (errno.EMFILE, errno.ENFILE)
+#: The errnos of "no memory for the new flow's state" (e.g. a C dial's events, socket buffers).
+MEMORY_SHORTAGE = (errno.ENOMEM, errno.ENOBUFS)
 
 Verdict = Literal["loop", "encrypted_dns"] | None
 
@@ -48,6 +50,8 @@ class RefusedCounters:
     pending_dials: int = 0
     #: No file descriptor left for an upstream socket (EMFILE, ENFILE): RST or ICMP.
     file_descriptors: int = 0
+    #: No memory for the new flow's state (ENOMEM, ENOBUFS; e.g. a C dial's events): RST.
+    memory: int = 0
     #: The gateway's own upstream traffic came back through the TUN (protection not in
     #: effect): dropped, so it cannot loop.
     loops: int = 0
@@ -78,6 +82,7 @@ class Admission:
         self.refused = RefusedCounters()
         self._loop_reported = False
         self._fd_shortage_reported_at = -math.inf
+        self._memory_shortage_reported_at = -math.inf
 
     def screen(self, kind: str, client: Endpoint, target: Endpoint) -> Verdict:
         """Why the new ``kind`` ("TCP", "UDP") flow must not start, counted; None if it may."""
@@ -88,6 +93,22 @@ class Admission:
             self.refused.encrypted_dns += 1
             return "encrypted_dns"
         return None
+
+    def shortage(self, exc: OSError) -> bool:
+        """Is ``exc`` the gateway's own shortage (file descriptors, memory) rather than the
+        destination's answer? If so it is counted (and warned about, rarely)."""
+        if exc.errno in FD_SHORTAGE:
+            self.fd_shortage(exc)
+            return True
+        if exc.errno in MEMORY_SHORTAGE:
+            self.refused.memory += 1
+            now = trio.current_time()
+            if now - self._memory_shortage_reported_at >= 60:
+                self._memory_shortage_reported_at = now
+                log.warning("out of memory for new flows (%s): they are refused until some "
+                            "memory is free", exc.strerror)  # fmt: skip
+            return True
+        return False
 
     def fd_shortage(self, exc: OSError) -> None:
         """Out of file descriptors: new flows are refused (counted) until some close; warn at

@@ -26,6 +26,7 @@ import trio
 
 from .admission import Admission
 from .admission import RefusedCounters as RefusedCounters  # re-exported: part of the statistics
+from .binding.core import release_free_heap
 from .config.sections import GatewayConfig as GatewayConfig
 from .device import PacketDevice
 from .dialer import Dialer, Protector, describe, no_protection
@@ -147,6 +148,7 @@ class Gateway:
                 if self._tcp.dials is not None:
                     await nursery.start(self._tcp.dials.run)
                 await nursery.start(self.stack.run, self._tcp.handle)
+                release_free_heap()  # what startup freed goes back: an idle gateway's RSS
                 task_status.started(self)
                 try:
                     await trio.sleep_forever()

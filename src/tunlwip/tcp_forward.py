@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .admission import FD_SHORTAGE, Admission
+from .admission import Admission
 from .c_dials import CDials
 from .dialer import Dialer
 from .egress.accepted import AcceptedForwarding
@@ -354,8 +354,7 @@ class TcpForwarder:
 
     def _dial_failed(self, key: FlowKey, packet: bytes, exc: OSError, latency: float,
                      route: str | None = None) -> None:  # fmt: skip
-        if exc.errno in FD_SHORTAGE:
-            self._admission.fd_shortage(exc)
+        if self._admission.shortage(exc):  # file descriptors, memory
             self._answer(packet, refused=True)  # our shortage, not the destination's fault
         elif isinstance(exc, ConnectionRefusedError):
             self.counts.refused += 1

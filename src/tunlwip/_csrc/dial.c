@@ -26,6 +26,17 @@
  * first bytes, an ended flow) is freed by the next take. A FAILED event, or many waiting, counts
  * as a Python call, so the C poll loop (poll.c's tl_relay_run) hands control back soon.
  *
+ * Every event but FIRST_DATA is one Python must see, or a flow record stays open, a count stays
+ * high and the dial is never freed. So a dial reserves its slots when it starts: at most three
+ * (CONNECTED, OPENED, ENDED; or CONNECTED, UNCLAIMED; or FAILED), given back as it emits them or
+ * ends. The array being filled always has room for what it holds plus every reservation
+ * (tl_events_n + tl_reserved <= tl_events_cap); a dial that cannot grow it to that does not
+ * start (-ENOMEM: Python answers RST and counts a resource shortage), and a take swaps in the
+ * other array only once that one has room for the reservations too (else the events wait for a
+ * later take). FIRST_DATA only names the flow: it uses room beyond the reservations or is
+ * dropped (counted in events_lost). The cost: both arrays grow to the reservations of the live
+ * dials (one 72-byte slot per relayed flow, three per dial in progress) and are kept.
+ *
  * Invariants: single-threaded; a dial is in the tuple table while dialing or connected, in the
  * own table (loop detection) while its socket is open; every socket created here is closed
  * exactly once, by this file or by the relay that took it.
@@ -51,6 +62,7 @@ struct tl_dial {
     struct tl_poll_entry entry; /* first: the poll set's pointer (kind TL_POLL_DIAL) */
     int fd;                     /* -1 once closed or handed to the relay */
     uint8_t state, own_linked, tuple_linked;
+    uint8_t reserved;           /* event slots still reserved for it (see the top) */
     uint64_t id;
     tl_endpoint client, target, local;
     u32_t started_ms, connected_ms;
@@ -88,7 +100,11 @@ static tl_dial_event *tl_events;
 static size_t tl_events_n, tl_events_cap;
 static tl_dial_event *tl_taken;
 static size_t tl_taken_n, tl_taken_cap;
+static size_t tl_reserved;                 /* slots the live dials may still need */
+static size_t tl_slot_limit = (size_t)-1;  /* tl_dial_limit_event_slots (tests) */
 #define TL_EVENTS_SOON 256 /* this many waiting: hand control back to Python */
+#define TL_EVENTS_FIRST 256 /* an event array's first size */
+#define TL_DIAL_SLOTS 3     /* the most events a dial must deliver (see the top) */
 
 /* ---- tables ------------------------------------------------------------------------------ */
 
@@ -169,20 +185,45 @@ static void tl_dial_free(struct tl_dial *d)
     free(d);
 }
 
-/* Queue an event; data (malloc'd, or NULL) is freed with the batch. Out of memory: the event
- * is lost (counted) and data freed. */
+/* Make *array hold at least `need` events (doubling); -1 if it cannot (no memory, or past the
+ * test limit), the array unchanged. */
+static int tl_events_room(tl_dial_event **array, size_t *cap, size_t need)
+{
+    if (need > tl_slot_limit) return -1;
+    if (need <= *cap) return 0;
+    size_t size = *cap ? *cap : TL_EVENTS_FIRST;
+    while (size < need) size *= 2;
+    if (size > tl_slot_limit) size = tl_slot_limit;
+    tl_dial_event *grown = realloc(*array, size * sizeof *grown);
+    if (grown == NULL) return -1;
+    *array = grown;
+    *cap = size;
+    return 0;
+}
+
+static int tl_event_required(int kind) { return kind != TL_DIAL_FIRST_DATA; }
+
+static int tl_event_final(int kind)
+{
+    return kind == TL_DIAL_FAILED || kind == TL_DIAL_UNCLAIMED || kind == TL_DIAL_ENDED;
+}
+
+/* Queue an event; data (malloc'd, or NULL) is freed with the batch. A required event takes one
+ * of its dial's reserved slots, which are there by the invariant at the top; FIRST_DATA takes
+ * room beyond every reservation or is dropped (counted), its data freed. */
 static void tl_event(struct tl_dial *d, int kind, int error, uint8_t *data, uint32_t len)
 {
-    if (tl_events_n == tl_events_cap) {
-        size_t cap = tl_events_cap ? tl_events_cap * 2 : 256;
-        tl_dial_event *grown = realloc(tl_events, cap * sizeof *grown);
-        if (grown == NULL) {
-            tl_dstats.events_lost++;
-            free(data);
-            return;
-        }
-        tl_events = grown;
-        tl_events_cap = cap;
+    if (tl_event_required(kind) && d->reserved > 0) {
+        d->reserved--;
+        tl_reserved--;
+    } else if (tl_events_room(&tl_events, &tl_events_cap, tl_events_n + tl_reserved + 1) != 0) {
+        tl_dstats.events_lost++; /* FIRST_DATA; a required event always had its slot */
+        free(data);
+        return;
+    }
+    if (tl_event_final(kind)) { /* nothing more from this dial: its other slots go back */
+        tl_reserved -= d->reserved;
+        d->reserved = 0;
     }
     tl_dial_event *e = &tl_events[tl_events_n++];
     memset(e, 0, sizeof *e);
@@ -218,6 +259,9 @@ int tl_dial_events(tl_dial_event **out)
     *out = NULL;
     if (tl_polling) return 0; /* a poll round may still name a dial freed here: after it */
     tl_free_taken();
+    /* The array Python gave back becomes the one filled: room for every reservation first. No
+     * memory: the events wait in theirs (which has room by the invariant) for a later take. */
+    if (tl_events_n == 0 || tl_events_room(&tl_taken, &tl_taken_cap, tl_reserved) != 0) return 0;
     tl_dial_event *swap = tl_taken;
     size_t cap = tl_taken_cap;
     tl_taken = tl_events;
@@ -377,6 +421,9 @@ int (*tl_dial_connector)(const tl_endpoint *dst, tl_endpoint *local) = tl_dial_s
 int64_t tl_dial_start(void)
 {
     if (!tl_dial_on || tl_cur_packet == NULL) return -EINVAL;
+    /* The events this dial will owe Python, before anything that would need them. */
+    if (tl_events_room(&tl_events, &tl_events_cap, tl_events_n + tl_reserved + TL_DIAL_SLOTS) != 0)
+        return -ENOMEM;
     struct tl_dial *d = calloc(1, sizeof *d);
     uint8_t *packet = malloc(tl_cur_len);
     if (d == NULL || packet == NULL) {
@@ -408,6 +455,8 @@ int64_t tl_dial_start(void)
     d->packet_len = (uint32_t)tl_cur_len;
     d->started_ms = sys_now();
     d->state = TL_DIALING;
+    d->reserved = TL_DIAL_SLOTS;
+    tl_reserved += TL_DIAL_SLOTS;
     u32_t b = tl_pair_bucket(&d->client, &d->target);
     d->tuple_next = tl_by_tuple[b];
     tl_by_tuple[b] = d;
@@ -487,7 +536,10 @@ void tl_dial_relay_opened(struct tl_dial *d, struct tl_relay *r) { d->relay = r;
 void tl_dial_first_data(struct tl_dial *d, const uint8_t *data, size_t len)
 {
     uint8_t *copy = malloc(len ? len : 1);
-    if (copy == NULL) return; /* the flow goes unnamed */
+    if (copy == NULL) { /* the flow goes unnamed */
+        tl_dstats.events_lost++;
+        return;
+    }
     memcpy(copy, data, len);
     tl_event(d, TL_DIAL_FIRST_DATA, 0, copy, (uint32_t)len);
 }
@@ -573,3 +625,6 @@ void tl_dial_reset_counters(void)
 {
     tl_dstats.started = tl_dstats.swallowed = tl_dstats.loops = tl_dstats.events_lost = 0;
 }
+
+/* Tests: the most events either array may hold, as if memory ran out beyond (0: no limit). */
+void tl_dial_limit_event_slots(size_t slots) { tl_slot_limit = slots ? slots : (size_t)-1; }

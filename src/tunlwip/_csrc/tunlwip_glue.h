@@ -45,6 +45,8 @@ typedef struct {
 /* lifecycle and time */
 int tl_init(uint16_t mtu, const uint8_t *ip4, const uint8_t *ip6);
 void tl_deinit(void);
+/* hand the heap's free pages back to the kernel (once the gateway serves: startup's garbage) */
+void tl_release_free_heap(void);
 void tl_set_now(uint32_t ms);
 uint32_t tl_now(void);
 uint32_t tl_sleeptime(void);
@@ -196,7 +198,8 @@ typedef struct {
     uint32_t len;
 } tl_dial_event;
 typedef struct {
-    uint64_t started, swallowed, loops, events_lost; /* counts */
+    uint64_t started, swallowed, loops; /* counts */
+    uint64_t events_lost; /* FIRST_DATA dropped for want of memory (the flow goes unnamed) */
     uint64_t dialing, connected, relayed;            /* gauges */
     uint64_t python_calls; /* calls from C into Python, all of them (a cost, for tests) */
 } tl_dial_counters;
@@ -215,5 +218,7 @@ const tl_dial_counters *tl_dial_get_counters(void);
 void tl_dial_reset_counters(void);
 /* Close every socket still dialing or unclaimed (reported as FAILED ECANCELED, UNCLAIMED) */
 void tl_dial_close_all(void);
+/* Tests: the most events either event array may hold, as if memory ran out beyond (0: none) */
+void tl_dial_limit_event_slots(size_t slots);
 
 #endif

@@ -28,8 +28,10 @@
  *
  * Invariants: single-threaded (the trio thread); a session is freed by tl_udp_relay_close
  * (never by C itself), after its queued datagrams are sent, so no queue entry or poll event
- * outlives it... except an event already returned by the current epoll_wait: closed sessions
- * wait on a graveyard until tl_udp_relay_bury (after the poll round), as relay.c's do.
+ * outlives it... except an event already returned by the current epoll_wait: a session closed
+ * inside a poll round (by a Python callback, e.g. an eviction for a new session) waits on a
+ * graveyard until tl_udp_relay_bury at the end of that round, as relay.c's do; one closed
+ * outside a round (sweeps, stop) is freed at once, as no event array exists then.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* sendmmsg, recvmmsg */
@@ -464,7 +466,13 @@ void tl_udp_relay_close(void *relay, tl_udp_relay_stats *out)
     tl_ustats.closed++;
     if (out != NULL) tl_fill_stats(r, out);
     r->closed = 1;
-    r->hash_next = tl_udp_graveyard; /* freed after the poll round (an event may name it) */
+    /* Out of the poll set, the table, the touched and open lists and the queue: outside a
+     * poll round nothing names it any more; inside, this round's events still may. */
+    if (!tl_polling) {
+        free(r);
+        return;
+    }
+    r->hash_next = tl_udp_graveyard; /* freed at the end of this round */
     tl_udp_graveyard = r;
 }
 

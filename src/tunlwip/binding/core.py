@@ -61,6 +61,8 @@ def init(mtu: int, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address) -> 
 
 #: Abort every connection and remove the netif; ``init`` may run again afterwards.
 deinit: Callable[[], None] = lib.tl_deinit
+#: Give the C heap's free pages back to the kernel (what startup freed; glibc keeps them).
+release_free_heap: Callable[[], None] = lib.tl_release_free_heap
 
 
 # -- counters ----------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ set_accepting: Callable[[int], None] = lib.tl_dial_set_accepting
 #: Close every socket still dialing or unclaimed (reported as events).
 close_all: Callable[[], None] = lib.tl_dial_close_all
 reset_counters: Callable[[], None] = lib.tl_dial_reset_counters
+#: Tests only: let either event array hold at most this many events, as if memory ran out
+#: beyond (0: no limit), so a dial that cannot reserve its events is refused at start.
+limit_event_slots: Callable[[int], None] = lib.tl_dial_limit_event_slots
 
 
 def configure(*, on: bool, protect: int = 0, mark: int = 0, interface: str | None = None,

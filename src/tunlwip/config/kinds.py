@@ -31,7 +31,7 @@ import math
 import os
 import ssl
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,14 @@ def show(value: object) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{show(k)} = {show(v)}" for k, v in value.items()) + "}"
     return str(value)
+
+
+def close_match(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate ``word`` was probably meant to be, if any (for "did you mean")."""
+    import difflib  # only for a mistake: a gateway that loaded its file never needs it
+
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _reason(exc: ConfigError) -> str:

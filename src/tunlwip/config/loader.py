@@ -10,7 +10,6 @@ values only the rules across fields can still fail there, and they name their ke
 
 from __future__ import annotations
 
-import difflib
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -20,7 +19,7 @@ from typing import Any
 from ..errors import ConfigError
 from .dns_routes import parse_dns_routes
 from .fields import ConfigProblems, InvalidFields
-from .kinds import show
+from .kinds import close_match, show
 from .routes import parse_routes
 from .schema import SECTIONS
 from .settings import OPTIONS, SCHEMA, Settings
@@ -39,8 +38,8 @@ def default_path(iface: str) -> Path:
 
 
 def _suggest(word: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    close = close_match(word, candidates)
+    return f" (did you mean {close}?)" if close else ""
 
 
 def _read_file(path: Path, base: Path, problems: list[str]) -> dict[str, Any]:
@@ -62,8 +61,8 @@ def _read_file(path: Path, base: Path, problems: list[str]) -> dict[str, Any]:
             continue
         if section not in SECTIONS:
             if isinstance(table, dict):
-                close = difflib.get_close_matches(section, list(SECTIONS), n=1, cutoff=0.6)
-                hint = f" (did you mean [{close[0]}]?)" if close else ""
+                close = close_match(section, SECTIONS)
+                hint = f" (did you mean [{close}]?)" if close else ""
                 problems.append(f"unknown section [{section}]{hint}")
             else:
                 elsewhere = [o.path for o in SCHEMA if o.key == section]

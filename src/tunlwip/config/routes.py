@@ -22,7 +22,6 @@ carry it).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,7 +33,7 @@ from ..egress.custom import CustomVia
 from ..egress.via import Direct, Drop, HttpProxy, Reject, Socks5Proxy, Via, parse_via
 from ..errors import ConfigError
 from .fields import InvalidFields, check_fields, setting, spec_of
-from .kinds import Boolean, Choice, Kind, ListOf, Network, show
+from .kinds import Boolean, Choice, Kind, ListOf, Network, close_match, show
 
 __all__ = ["RESERVED_NAMES", "ROUTE_KEYS", "Protocol", "Route", "RouteVia", "parse_routes",
            "proxy_routes", "routes_toml"]  # fmt: skip
@@ -219,9 +218,9 @@ def parse_routes(raw: object, base: Path | None) -> tuple[tuple[Route, ...], lis
         for key, value in table.items():
             found = _SPECS.get(key)
             if found is None:
-                close = difflib.get_close_matches(key, list(_SPECS), n=1, cutoff=0.6)
+                close = close_match(key, _SPECS)
                 problems.append(f"unknown key {here}.{key}"
-                                + (f" (did you mean {close[0]}?)" if close else ""))  # fmt: skip
+                                + (f" (did you mean {close}?)" if close else ""))  # fmt: skip
                 bad = True
                 continue
             field, spec = found

@@ -23,12 +23,11 @@ import logging
 import secrets
 import ssl
 import struct
+from typing import TYPE_CHECKING
 
-import h11
 import trio
 
 from ..endpoint import Endpoint
-from . import doh
 from .udp_pool import UdpSocketPool
 from .upstream_via import UpstreamDialer
 from .wire import (
@@ -41,6 +40,9 @@ from .wire import (
     parse_request,
     with_id,
 )
+
+if TYPE_CHECKING:
+    import h11  # DoH's HTTP/1.1: imported with doh.py, by DoH upstreams only (idle memory)
 
 log = logging.getLogger("tunlwip.dns.upstreams")
 
@@ -309,11 +311,15 @@ class HttpsUpstream(_TlsStreamUpstream):
         self.target = target
 
     async def _connect(self) -> _Connection:
+        from . import doh
+
         return _Connection(await self._open_tls(), doh.new_connection())
 
     async def _exchange(
         self, conn: _Connection, request: bytes, question: Question
     ) -> tuple[bytes, bool]:
+        from . import doh
+
         assert conn.http is not None
         wire = with_id(request, 0)  # RFC 8484 4.1: ID 0 keeps answers cacheable by HTTP caches
         await conn.stream.send_all(doh.encode_post(conn.http, self.target, self.host_header, wire))

@@ -45,7 +45,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import dns.rcode
-import h11
 import trio
 
 from ..dialer import Dialer
@@ -53,8 +52,6 @@ from ..egress.via import Via
 from ..endpoint import Endpoint, IPAddress
 from ..errors import ConfigError
 from ..hostname import MAX_NAME, is_hostname
-from . import doh
-from .doh import DOH_PATH
 from .summary import AnswerSummary, summarize_answer
 from .transports import HttpsUpstream, TcpUpstream, TlsUpstream, UdpUpstream
 from .upstream_via import UpstreamDialer, upstream_dialer, via_problem
@@ -154,7 +151,11 @@ def _parse_https(
     host: str,
     port: int,
 ) -> HttpsUpstream:
-    path = parts.path or DOH_PATH
+    import h11  # DoH only: a gateway without DoH upstreams never loads HTTP (idle memory)
+
+    from . import doh
+
+    path = parts.path or doh.DOH_PATH
     if not path.startswith("/") or re.search(r"[\s{}]", path):
         raise _bad(url, f"bad path {path!r} (URI templates are not supported: give the path)")
     target = f"{path}?{parts.query}" if parts.query else path

@@ -1,0 +1,182 @@
+"""The C dials' events when their array cannot grow (``_csrc/dial.c``), with kernel clients.
+
+Why: every step of a C dial reaches Python as an event (connected, failed, unclaimed, opened,
+ended); one lost would leave a flow record open, a pending count high and the dial's memory
+held for good. So each dial reserves the events it may owe when it starts, and a dial that
+cannot reserve them is refused at the SYN (RST, counted in ``refused.memory``). These tests cap
+the event arrays through the binding (as if memory ran out past the cap) and show both halves:
+the dials beyond the cap are refused, and every admitted one is still accounted for to the end.
+
+The gateway runs in this process (the cap is C state of this process), its trio loop in a
+thread that entered the gw namespace, so its upstream sockets live there; clients are the
+kernel's TCP in cli, the echo server is in srv (the split topology of test_c_dials_netns.py).
+Every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+import trio
+
+from tunlwip import TunDevice
+from tunlwip.binding import dial as cdial
+from tunlwip.gateway import Gateway, GatewayConfig, GatewayStatistics
+
+from netns import SRV_ADDR4, SplitTopology
+from transfers import start_script_server
+
+pytestmark = pytest.mark.netns
+
+ECHO_PORT = 7310
+#: A dial reserves 3 events (CONNECTED, OPENED, ENDED), a relayed one still 1 (ENDED); with
+#: room for 12, the 11th connection held open finds 10 + 3 > 12 and is refused.
+SLOTS, ADMITTED = 12, 10
+
+
+@pytest.fixture
+def event_cap() -> Iterator[None]:
+    cdial.limit_event_slots(SLOTS)
+    try:
+        yield
+    finally:
+        cdial.limit_event_slots(0)
+
+
+def run_gateway(split: SplitTopology, scenario: Callable[[Gateway], Awaitable[None]]) -> None:
+    """Serve a gateway on a TUN that is cli's uplink, from a thread in gw, for ``scenario``."""
+    fd, name = split.client_tun()
+
+    async def main() -> None:
+        device = TunDevice.from_fd(fd, name=name)
+        gateway = Gateway(device, GatewayConfig(dial_timeout=5))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.serve)
+            with trio.fail_after(60):
+                await scenario(gateway)
+            nursery.cancel_scope.cancel()
+
+    split.gw.enter_thread(trio.run, main)
+
+
+async def wait_until(gateway: Gateway, done: Callable[[GatewayStatistics], bool],
+                     what: str) -> GatewayStatistics:  # fmt: skip
+    """Poll the gateway's statistics (C's events are taken then) for at most 10 s."""
+    for _ in range(500):
+        if done(stats := gateway.statistics()):
+            return stats
+        await trio.sleep(0.02)
+    raise TimeoutError(f"timed out waiting for {what}: {gateway.statistics()}")
+
+
+def client_connect(split: SplitTopology) -> socket.socket | int:
+    """A kernel client's connection to the echo server, or the errno it failed with."""
+    sock = split.cli.socket(socket.AF_INET)
+    sock.settimeout(5)
+    try:
+        sock.connect((SRV_ADDR4, ECHO_PORT))
+    except OSError as exc:
+        sock.close()
+        return exc.errno or -1
+    return sock
+
+
+def echo(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload) and (part := sock.recv(65536)):
+        got += part
+    return got
+
+
+def settled(stats: GatewayStatistics) -> bool:
+    """No flow open, no dial held or connected, no C relay: nothing left to account for."""
+    counters = stats.stack.counters
+    return (stats.active_flows == 0 and stats.pending_dials == 0 and counters["c_relays"] == 0
+            and counters["c_dialing"] == 0 and counters["c_dial_connected"] == 0)  # fmt: skip
+
+
+def test_dials_that_cannot_reserve_their_events_are_refused_and_none_is_lost(
+    split: SplitTopology, event_cap: None
+) -> None:
+    """Connections held open one by one: the first ADMITTED are relayed in C, the next ones get
+    RST at once (``refused.memory``); closing them all leaves nothing open, every record closed
+    and no event lost. With the cap lifted, a new connection is served again."""
+    start_script_server(split.srv, "echo", ECHO_PORT)
+
+    async def scenario(gateway: Gateway) -> None:
+        held: list[socket.socket] = []
+        refusals: list[int] = []
+        try:
+            for i in range(ADMITTED + 4):
+                got = await trio.to_thread.run_sync(client_connect, split)
+                if isinstance(got, int):
+                    refusals.append(got)
+                    continue
+                held.append(got)
+                await wait_until(gateway, lambda s: s.active_flows == len(held),
+                                 f"connection {i} to be relayed")  # fmt: skip
+            stats = gateway.statistics()
+            assert len(held) == ADMITTED, (len(held), refusals, stats)
+            assert refusals == [errno.ECONNREFUSED] * 4, refusals
+            assert stats.refused.memory == 4 and stats.dials_failed == 0, stats
+            assert stats.stack.counters["c_relays"] == ADMITTED, stats
+            for sock in held:  # the admitted ones work (and their first bytes fit the cap)
+                assert await trio.to_thread.run_sync(echo, sock, b"ping") == b"ping"
+        finally:
+            for sock in held:
+                sock.close()
+        stats = await wait_until(gateway, settled, "every flow to end")
+        # A record for each: the relayed ones closed, the refused ones as failed dials.
+        assert stats.flows.tcp == ADMITTED + 4 and stats.flows.live_tcp == 0, stats
+        assert stats.stack.counters["c_dial_events_lost"] == 0 and not gateway.live_flows()
+        cdial.limit_event_slots(0)
+        again = await trio.to_thread.run_sync(client_connect, split)
+        assert isinstance(again, socket.socket), again
+        with again:
+            assert await trio.to_thread.run_sync(echo, again, b"served") == b"served"
+
+    run_gateway(split, scenario)
+
+
+def test_a_burst_past_the_cap_is_refused_in_part_and_fully_accounted_for(
+    split: SplitTopology, event_cap: None
+) -> None:
+    """30 connects at once against room for 4 starting dials: some are refused (RST, counted
+    as a memory shortage), the others are served, and afterwards no flow, dial or relay is
+    left, whatever the interleaving of their events and Python's takes."""
+    start_script_server(split.srv, "echo", ECHO_PORT)
+    count = 30
+
+    def burst() -> tuple[int, int]:
+        socks = [split.cli.socket(socket.AF_INET) for _ in range(count)]
+        try:
+            for sock in socks:
+                sock.setblocking(False)
+                sock.connect_ex((SRV_ADDR4, ECHO_PORT))
+            served = refused = 0
+            for sock in socks:
+                sock.settimeout(5)
+                try:
+                    if echo(sock, b"x") == b"x":
+                        served += 1
+                except ConnectionRefusedError:
+                    refused += 1
+            return served, refused
+        finally:
+            for sock in socks:
+                sock.close()
+
+    async def scenario(gateway: Gateway) -> None:
+        served, refused = await trio.to_thread.run_sync(burst)
+        stats = await wait_until(gateway, settled, "every flow to end")
+        assert served + refused == count and refused > 0 and served > 0, (served, refused)
+        assert stats.refused.memory == refused, stats
+        assert stats.flows.tcp == count and stats.flows.live_tcp == 0, stats
+        # Only a FIRST_DATA (the flow's name) may be dropped at the cap: one per flow at most.
+        assert stats.stack.counters["c_dial_events_lost"] <= served, stats
+
+    run_gateway(split, scenario)
