@@ -18,7 +18,6 @@ What the proxy does with them is ``dns.split``; how a ``via`` reaches an upstrea
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from ..dns.upstream_via import via_problem
 from ..egress.via import Via
 from ..errors import ConfigError
 from .fields import InvalidFields, check_fields, setting, spec_of
-from .kinds import ListOf, UpstreamUrl, show
+from .kinds import ListOf, UpstreamUrl, close_match, show
 from .routes import NameRule, RouteName, ViaUrl
 
 __all__ = ["DNS_ROUTE_KEYS", "DnsRoute", "dns_route_problems", "dns_routes_toml",
@@ -106,9 +105,9 @@ def parse_dns_routes(raw: object, base: Path | None) -> tuple[tuple[DnsRoute, ..
         for key, value in table.items():
             found = _SPECS.get(key)
             if found is None:
-                close = difflib.get_close_matches(key, list(_SPECS), n=1, cutoff=0.6)
+                close = close_match(key, _SPECS)
                 problems.append(f"unknown key {here}.{key}"
-                                + (f" (did you mean {close[0]}?)" if close else ""))  # fmt: skip
+                                + (f" (did you mean {close}?)" if close else ""))  # fmt: skip
                 bad = True
                 continue
             field, spec = found

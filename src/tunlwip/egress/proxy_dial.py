@@ -43,7 +43,7 @@ from ..dialer import Dialer, bind_interface, fwmark
 from ..endpoint import Endpoint, IPAddress
 from ..errors import ProtectError, ProxyError
 from ..hostname import is_hostname
-from . import http_connect, socks5, socks5_client
+from . import socks5, socks5_client
 from .sockio import recv_through, send_all
 from .socks5 import Address
 from .socks5_client import UdpAssociation
@@ -187,6 +187,8 @@ async def _proxy_endpoint(via: Socks5Proxy | HttpProxy, deadline: float,
 async def _http_connect(sock: socket.socket, via: HttpProxy, target: Endpoint) -> None:
     """CONNECT to ``target`` (by address: the one the client chose) and read the response
     head(s), nothing past them."""
+    from . import http_connect  # h11: only for a route through an HTTP proxy (idle memory)
+
     request = http_connect.connect_request(target.address, target.port, via.username,
                                            via.password)  # fmt: skip
     await send_all(sock, request)
