@@ -136,8 +136,7 @@ def test_check_config_on_real_files(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["check-config", "--config", str(good)]) == EXIT_OK
     out, err = capsys.readouterr()
     assert "configuration OK" in out
-    assert err.startswith("tunlwip check-config: note: route, egress.proxy: routes are checked "
-                          "but not applied")  # fmt: skip
+    assert err == "", "routes are applied: no note"
     bad = write(tmp_path / "bad.toml", ROUTES.replace('"8000-8100"', '"8100-8000"'))
     proc = subprocess.run([sys.executable, "-m", "tunlwip", "check-config", "--config", str(bad),
                            "--iface", "tlw0", "--proxy", "http://u:hunter2@198.18.1.1:x"],
@@ -170,41 +169,29 @@ def test_print_round_trips_routes_without_passwords(
     assert again.gateway == original.gateway
 
 
-def test_up_refuses_routes_before_opening_the_tun(tmp_path: Path) -> None:
-    """No root needed: the refusal comes before the TUN (tlwroute0 is never created)."""
-    path = write(tmp_path / "r.toml", ROUTES)
-    proc = subprocess.run([sys.executable, "-m", "tunlwip", "up", "--config", str(path),
-                           "--iface", "tlwroute0"], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
-    assert proc.returncode == EXIT_CONFIG, proc.stderr
-    assert "bad configuration: route, egress.proxy: routes are checked but not" in proc.stderr
-    assert not Path("/sys/class/net/tlwroute0").exists()
-
-
-def test_gateway_refuses_routes_until_it_applies_them() -> None:
+def test_gateway_takes_routes_and_checks_them() -> None:
     for config in (GatewayConfig(routes=(Route(via=Reject()),)),
                    GatewayConfig(proxy=Socks5Proxy("198.18.1.1", 1080))):  # fmt: skip
-        with pytest.raises(ConfigError, match="not applied to flows by this version yet"):
-            Gateway(MemoryDevice(), config)
+        gateway = Gateway(MemoryDevice(), config)
+        assert len(gateway.routes) == 1, gateway.routes
     with pytest.raises(ConfigError, match="route: expected a tuple of Route"):
         GatewayConfig(routes=[Route()])  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r'route\[1\].name: "a" is already'):
         GatewayConfig(routes=(Route(name="a"), Route(name="a")))
 
 
-async def test_reload_with_routes_keeps_the_old_configuration(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_reload_applies_routes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write(tmp_path / "r.toml", "[quic]\nports = [443]\n")
     reloader = Reloader(str(path), {"device.name": "tlw0"})
     running = reloader.load()
     gateway = Gateway(MemoryDevice(), running.gateway)
     caplog.set_level(logging.INFO, logger="tunlwip")
     path.write_text("[quic]\nports = [8443]\n" + ROUTES)
-    assert reload(gateway, running, running, reloader) is running
+    assert reload(gateway, running, running, reloader) is not running
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and "route, egress.proxy: routes are checked but not" in errors[0]
-    assert gateway.config.stack.blocked_udp_ports == (443,) and gateway.config.routes == ()
+    assert errors == []
+    assert gateway.config.stack.blocked_udp_ports == (8443,) and len(gateway.config.routes) == 3
+    assert gateway.routes.names[:3] == ("corp", "1", "2"), gateway.routes
     await trio.lowlevel.checkpoint()
 
 

@@ -32,7 +32,7 @@ from .device import TunDevice
 from .device.tun import offload_names
 from .errors import ConfigError, DeviceError, TunlwipError
 from .flows import write_flow_log
-from .gateway import Gateway, refuse_unwired_routes
+from .gateway import Gateway
 from .service import configure_logging
 from .stats import stop_lines, totals_document
 
@@ -353,7 +353,6 @@ def cmd_up(args: argparse.Namespace) -> int:
                       fmt=str(overrides.get("logging.format", "text")))  # fmt: skip
     try:
         settings = config.load(args.config, overrides)
-        refuse_unwired_routes(settings.gateway)  # before the TUN is opened
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return EXIT_CONFIG
@@ -440,10 +439,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"tunlwip check-config: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    try:
-        refuse_unwired_routes(settings.gateway)
-    except ConfigError as exc:  # valid, but `up` refuses it in this version: say so
-        print(f"tunlwip check-config: note: {exc}", file=sys.stderr)
     if args.print_config:
         sys.stdout.write(settings.to_toml())
     else:

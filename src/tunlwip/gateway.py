@@ -32,7 +32,6 @@ from .dialer import Dialer, Protector, describe, no_protection
 from .dns.proxy import DnsProxy
 from .egress.routes import RouteTable, route_table
 from .endpoint import Endpoint
-from .errors import ConfigError
 from .flows import DEFAULT_BUFFER, FlowInfo, FlowSubscription, FlowTable
 from .hostaddrs import HostAddresses
 from .icmp import EchoForwarder, unavailable_reason
@@ -60,7 +59,6 @@ class Gateway:
         udp_handler: UdpHandler | None = None,
     ) -> None:
         self.config = config or GatewayConfig()
-        refuse_unwired_routes(self.config)
         self.dialer = Dialer(protector, self.config.dial_timeout, self.config.keepalive)
         stack_config = self.config.stack
         if stack_config.icmp_echo == "forward" and (reason := unavailable_reason()):
@@ -166,7 +164,7 @@ class Gateway:
         that only take effect after a restart (device, addresses, dial-before-accept, DNS
         hijack). Raises ConfigError, with nothing changed, if the new config cannot be loaded.
         """
-        refuse_unwired_routes(config)  # routes apply to new flows: nothing needs a restart
+        # Routes apply to new flows: nothing needs a restart.
         routes = route_table(config, previous=self.routes)  # may raise: nothing changed yet
         old = self.config
         needs_restart = []
@@ -287,12 +285,3 @@ class Gateway:
 
     def _dns_name(self, client: Endpoint, target: Endpoint) -> str | None:
         return self.dns.name_for(client, target) if self.dns is not None else None
-
-
-def refuse_unwired_routes(config: GatewayConfig) -> None:
-    """Routes are checked (``egress.routes``) but not yet applied to flows: a gateway that
-    ran anyway would send their flows directly, around the proxy the operator asked for.
-    (Goes when the forwarders take their decisions from ``egress.routes.RouteTable``.)"""
-    if config.routes or config.proxy is not None:
-        raise ConfigError("route, egress.proxy: routes are checked but not applied to flows by "
-                          "this version yet; remove them to run")  # fmt: skip
