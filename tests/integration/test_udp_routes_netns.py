@@ -82,6 +82,56 @@ while True:
     s.sendto(data, peer)
 """
 
+#: A hostile SOCKS5 proxy (argv: address, port): any UDP ASSOCIATE is granted, and its relay
+#: answers each datagram with six bad ones (a fragment, reserved bytes set, an unknown address
+#: type, another source port, another source address, a 2-byte datagram), one from another
+#: socket (a source the gateway's connected socket must not take), then the datagram itself
+#: behind the header it came with (a wrong header from the gateway gets no good answer).
+HOSTILE_PROXY_SCRIPT = r"""
+import socket, struct, sys, threading
+
+host, port = sys.argv[1], int(sys.argv[2])
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind((host, port))
+listener.listen(8)
+relay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+relay.bind((host, 0))
+other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+other.bind((host, 0))
+
+
+def control(conn):
+    conn.recv(3)
+    conn.sendall(b"\x05\x00")
+    conn.recv(262)
+    conn.sendall(b"\x05\x00\x00\x01" + socket.inet_aton(host)
+                 + struct.pack(">H", relay.getsockname()[1]))
+    while conn.recv(100):
+        pass
+
+
+def serve_relay():
+    while True:
+        data, peer = relay.recvfrom(65535)
+        head, payload = data[:10], data[10:]
+        for bad in (b"\x00\x00\x01" + head[3:] + b"fragment",
+                    b"\x00\x01\x00" + head[3:] + b"reserved",
+                    b"\x00\x00\x00\x07junk",
+                    head[:8] + struct.pack(">H", 9) + b"foreign port",
+                    head[:4] + socket.inet_aton("198.18.1.99") + head[8:] + b"foreign address",
+                    b"\x00\x00"):
+            relay.sendto(bad, peer)
+        other.sendto(head + b"spoofed", peer)
+        relay.sendto(head + payload, peer)
+
+
+threading.Thread(target=serve_relay, daemon=True).start()
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=control, args=(conn,), daemon=True).start()
+"""
+
 
 @contextlib.contextmanager
 def danted_in(ns: Namespace, work: Path, *, socksmethod: str = "none") -> Iterator[Path]:
@@ -351,4 +401,34 @@ def test_direct_with_fwmark_leaves_by_its_routing_table(
     (record,) = records_of(flows, port)
     assert record["route"] == "marked" and record["bytes_up"] == 500, record
     assert totals(gw)["routes"]["flows_udp"]["marked"] == 1
+    print(gw.stop())
+
+
+def test_hostile_relay_answers_are_dropped_and_counted(
+    split: SplitTopology, split_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """A SOCKS5 relay answering each datagram with six malformed, fragmented or foreign ones
+    and one from another socket before the real answer: the client gets exactly its two
+    echoes (the second datagram went up through C with the header C prepends), and C counted
+    what it dropped, by kind."""
+    split.srv.popen([sys.executable, "-c", HOSTILE_PROXY_SCRIPT, SRV_ADDR4, str(PROXY_PORT)])
+    split.srv.wait_port(PROXY_PORT, SRV_ADDR4)
+    config = write_config(tmp_path / "routes.toml",
+                          route("hostile", f"socks5://{SRV_ADDR4}:{PROXY_PORT}"))  # fmt: skip
+    gw = split_gateway("--config", config)
+    with split.cli.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(3.0)
+        sock.connect((SRV_ADDR4, WHO_PORT))
+        for payload in (b"first, from Python", b"second, from C"):
+            sock.send(payload)
+            assert sock.recv(1000) == payload, gw.tail()
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(1000)
+    counters = totals(gw)["stack"]["counters"]
+    assert counters["udp_relay_datagrams_up"] == 1, counters
+    assert counters["udp_relay_socks5_fragments"] == 2, counters
+    assert counters["udp_relay_socks5_malformed"] == 6, counters
+    assert counters["udp_relay_socks5_foreign"] == 4, counters
+    assert counters["udp_relay_datagrams_down"] == 2, counters
     print(gw.stop())
