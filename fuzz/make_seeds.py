@@ -16,6 +16,7 @@ only, so that the harness of any version (before those kinds existed) replays th
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 import sys
 from pathlib import Path
@@ -149,6 +150,22 @@ def packet_seeds() -> dict[str, bytes]:
         ]
         seeds[f"udp_relay_{fam}"] = bytes([0]) + b"".join(relayed)
         seeds[f"udp_relay_{fam}_batch"] = bytes([FD_BATCH | ECHO_REPLY_VNET]) + b"".join(relayed)
+        # the same through a SOCKS5 relay (arg bit 3; bit 4: the target by name): its answers
+        # are the client's last datagram to Python, raw (a header of their own: good, a
+        # fragment, junk) or behind the session's header (POLL arg bit 3)
+        atyp = b"\x01" if fam == "v4" else b"\x04"
+        good = b"\0\0\0" + atyp + ipaddress.ip_address(t).packed + (7000).to_bytes(2, "big")
+        for mode, opened in (("address", 0x0C), ("name", 0x1C)):
+            socks = [
+                record(pk.udp_packet(c, t, 6000, 7000, good + b"answer"), NOP, opened),
+                record(b"", POLL, 0x00),
+                record(b"", POLL, 0x08),
+                record(pk.udp_packet(c, t, 6001, 7000, b"\0\0\x01" + good[3:] + b"x"), POLL, 0),
+                record(pk.udp_packet(c, t, 6002, 7000, b"\0\0\0\x07junk"), POLL, 0x04),
+                record(pk.udp_packet(c, t, 6000, 7000, b"up, behind the header"), POLL, 0x01),
+                record(b"", POLL, 0x03),
+            ]
+            seeds[f"udp_socks5_{mode}_{fam}"] = bytes([0]) + b"".join(socks)
         # echo to any address, to the gateway, forwarded
         echo = [
             record(pk.icmp_echo(c, t, 7, 1, b"ping" * 10)),

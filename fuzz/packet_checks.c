@@ -101,6 +101,11 @@ int tl_py_syn(const uint8_t *packet, size_t len, const tl_endpoint *src, const t
     return 1;
 }
 
+/* The last client datagram: what the "relay" of a SOCKS5 session answers, so the fuzzer's
+ * bytes reach socks5_udp.c's header check as they are (or behind the session's own header). */
+static uint8_t udp_last[65536];
+static size_t udp_last_len;
+
 int tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *data, size_t len)
 {
     touch(data, len);
@@ -113,6 +118,8 @@ int tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *dat
     udp_src = *src;
     udp_dst = *dst;
     udp_seen = 1;
+    udp_last_len = len < sizeof udp_last ? len : sizeof udp_last;
+    memcpy(udp_last, data, udp_last_len); /* a SOCKS5 relay's answer, below */
     if (decide & 4) udp_session_open(src, dst); /* udp_forward.py: the flow is relayed in C */
     return (decide & 2) == 0; /* sometimes nobody takes it (counted as unhandled) */
 }
@@ -120,10 +127,38 @@ int tl_py_udp(const tl_endpoint *src, const tl_endpoint *dst, const uint8_t *dat
 /* ---- UDP sessions relayed in C (udp_forward.py's default path) ---------------------------- */
 
 #define MAX_UDP_SESSIONS 8
-static struct { void *relay; int fd, peer; } udp_sessions[MAX_UDP_SESSIONS];
+static struct {
+    void *relay;
+    int fd, peer;
+    uint8_t socks5[262]; /* through a SOCKS5 relay: the header C prepends (socks5_len > 0) */
+    size_t socks5_len;
+} udp_sessions[MAX_UDP_SESSIONS];
 static int udp_sessions_n;
 
-/* A session for the flow, its "upstream" a datagram socketpair whose other end we play. */
+/* The SOCKS5 UDP header of a session to dst: by address, or (decide & 0x10) by a name, as
+ * udp_routes.py asks (the name's replies may then come from any address). */
+static size_t socks5_header(uint8_t *h, const tl_endpoint *dst, int *any_address)
+{
+    size_t n = 3;
+    memset(h, 0, 3);
+    *any_address = (decide & 0x10) != 0;
+    if (*any_address) {
+        h[n++] = 3;
+        h[n++] = 6;
+        memcpy(h + n, "x.test", 6);
+        n += 6;
+    } else {
+        h[n++] = dst->family == 4 ? 1 : 4;
+        memcpy(h + n, dst->addr, dst->family == 4 ? 4 : 16);
+        n += dst->family == 4 ? 4 : 16;
+    }
+    h[n++] = (uint8_t)(dst->port >> 8);
+    h[n++] = (uint8_t)dst->port;
+    return n;
+}
+
+/* A session for the flow, its "upstream" a datagram socketpair whose other end we play; with
+ * decide & 8, through a SOCKS5 relay (the header added and checked in C). */
 void udp_session_open(const tl_endpoint *src, const tl_endpoint *dst)
 {
     if (udp_sessions_n == MAX_UDP_SESSIONS) return;
@@ -139,6 +174,14 @@ void udp_session_open(const tl_endpoint *src, const tl_endpoint *dst)
     udp_sessions[udp_sessions_n].relay = relay;
     udp_sessions[udp_sessions_n].fd = sv[0];
     udp_sessions[udp_sessions_n].peer = sv[1];
+    udp_sessions[udp_sessions_n].socks5_len = 0;
+    if (decide & 8) {
+        int any_address;
+        size_t n = socks5_header(udp_sessions[udp_sessions_n].socks5, dst, &any_address);
+        if (tl_udp_relay_set_socks5(relay, udp_sessions[udp_sessions_n].socks5, n, any_address) != 0)
+            abort(); /* a header of 8 to 262 bytes on a fresh session is always taken */
+        udp_sessions[udp_sessions_n].socks5_len = n;
+    }
     udp_sessions_n++;
 }
 
@@ -162,8 +205,21 @@ void udp_session_step(uint8_t arg)
     switch (arg & 3) {
     case 0: {
         size_t len = (arg & 8) ? 65536 - (size_t)(arg & 4) * 2 : (size_t)(arg & 0xF4) * 11;
+        const uint8_t *answer = buf;
+        size_t hl = udp_sessions[i].socks5_len;
+        if (hl > 0) { /* a SOCKS5 relay answers the client's last datagram: raw, or headed */
+            answer = udp_last;
+            len = udp_last_len;
+            static uint8_t headed[262 + sizeof udp_last];
+            if (arg & 8) {
+                memcpy(headed, udp_sessions[i].socks5, hl);
+                memcpy(headed + hl, udp_last, len);
+                answer = headed;
+                len += hl;
+            }
+        }
         for (int k = 0; k < 1 + (arg & 4); k++)
-            (void)send(udp_sessions[i].peer, buf, len, MSG_DONTWAIT);
+            (void)send(udp_sessions[i].peer, answer, len, MSG_DONTWAIT);
         tl_relay_poll(64);
         tl_udp_relay_bury();
         break;

@@ -382,6 +382,11 @@ static void report(void)
     const tl_dial_counters *d = tl_dial_get_counters();
     fprintf(stderr, "c dials=%lu swallowed=%lu loops=%lu dialing=%lu connected=%lu relays=%lu\n",
             d->started, d->swallowed, d->loops, d->dialing, d->connected, d->relayed);
+    const tl_udp_relay_counters *u = tl_udp_relay_get_counters();
+    fprintf(stderr, "udp relays=%lu up=%lu down=%lu socks5 malformed=%lu fragments=%lu "
+            "foreign=%lu\n", (unsigned long)u->opened, (unsigned long)u->datagrams_up,
+            (unsigned long)u->datagrams_down, (unsigned long)u->socks5_malformed,
+            (unsigned long)u->socks5_fragments, (unsigned long)u->socks5_foreign);
 }
 
 /* Empty lwIP and our tables so the next input starts from the same state. */

@@ -38,6 +38,7 @@ from .packet import HOST_UNREACHABLE, PORT_UNREACHABLE, udp_unreachable
 from .shares import ClientKey, client_key
 
 if TYPE_CHECKING:
+    from .egress.routes import RouteDecision
     from .stack import LwipStack
 
 log = logging.getLogger("tunlwip.udp")
@@ -70,6 +71,12 @@ class UdpCounters:
     #: Client datagrams the upstream socket refused (buffer full, too big, unreachable).
     dropped_to_upstream: int = 0
     handler_errors: int = 0
+    #: Client datagrams of sessions a ``reject`` route refused, each answered with ICMP port
+    #: unreachable, and of sessions a ``drop`` route dropped, silently (``egress.udp_routes``).
+    refused_by_route: int = 0
+    dropped_by_route: int = 0
+    #: Sessions through a SOCKS5 proxy that ended because the proxy closed the association.
+    ended_by_proxy: int = 0
 
 
 class UdpSession:
@@ -78,7 +85,7 @@ class UdpSession:
 
     __slots__ = ("_cancel_scope", "_channel", "_client_key", "_diverted", "_on_end", "_owner",
                  "_refresh", "bytes_in", "bytes_out", "client", "datagrams_in",
-                 "datagrams_out", "end_reason", "idle_timeout", "last_activity",
+                 "datagrams_out", "end_reason", "idle_timeout", "last_activity", "route",
                  "target")  # fmt: skip
 
     def __init__(self, owner: UdpSessions, client: Endpoint, target: Endpoint,
@@ -91,6 +98,8 @@ class UdpSession:
         self.datagrams_in = self.datagrams_out = self.bytes_in = self.bytes_out = 0
         #: Why the session ended: "closed" (handler returned), "idle", "evicted", "error".
         self.end_reason = ""
+        #: The route the forwarder decided for it (``egress.routes.RouteDecision``), if any.
+        self.route: RouteDecision | None = None
         self._owner = owner
         # Created on first use: a session relayed without a task (``attach``) needs neither.
         self._channel: tuple[trio.MemorySendChannel[bytes],
@@ -160,6 +169,15 @@ class UdpSession:
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
         self._diverted = deliver
+
+    def start_soon(self, async_fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``async_fn`` in a task of the session table: how a task-less session prepares
+        its way out (a proxy's association) without holding a task for its whole life. The
+        task is the caller's to cancel when the session ends."""
+        nursery = self._owner._nursery
+        if nursery is None:
+            raise RuntimeError("UDP sessions are not running")
+        nursery.start_soon(async_fn)
 
     def send_unreachable(self, why: Literal["port", "host"], datagram: bytes = b"") -> None:
         """Tell the client (ICMP destination unreachable, from ``target``) that ``datagram``

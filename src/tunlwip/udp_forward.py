@@ -21,7 +21,14 @@ queued). DNS sessions, sessions of a custom
 host unreachable. A port-unreachable from upstream is mirrored to the client as ICMP, so the
 client's connected socket fails as it would on a direct path.
 
-Every session gets a flow record (``FlowTable.track``), closed with the session's end reason.
+Routes (``egress.routes``): ``attach`` decides each new session's route once (DNS sessions to
+the proxy and a custom handler's sessions are not routed). ``direct`` is the path above, with
+the route's own dialer for ``direct?fwmark=N`` / ``?interface=IF``; ``reject``, ``drop`` and
+SOCKS5 proxies are ``egress.udp_routes``'s (a proxied session is handed to the same C relay,
+which adds and strips the SOCKS5 UDP header).
+
+Every session gets a flow record (``FlowTable.track``) carrying its route, closed with the
+session's end reason.
 """
 
 from __future__ import annotations
@@ -37,7 +44,9 @@ import trio
 from .admission import FD_SHORTAGE, Admission
 from .binding import udp_relay as cudp
 from .dialer import Dialer
-from .egress.routes import RouteTable
+from .egress.routes import RouteDecision, RouteTable
+from .egress.udp_routes import UdpRouting
+from .egress.via import Direct
 from .endpoint import Endpoint
 from .errors import TunlwipError
 from .flows import FlowTable, LiveFlow
@@ -117,14 +126,16 @@ class CRelayedSession:
     """A session relayed in C: its handle, socket and flow record, and the C counts already
     added to the session's (so each sync adds only what is new)."""
 
-    __slots__ = ("flow", "handle", "seen", "session", "upstream")
+    __slots__ = ("closer", "flow", "handle", "seen", "session", "upstream")
 
     def __init__(self, session: UdpSession, upstream: socket.socket, handle: cudp.UdpRelayHandle,
-                 flow: LiveFlow) -> None:  # fmt: skip
+                 flow: LiveFlow, closer: Callable[[], None]) -> None:  # fmt: skip
         self.session = session
         self.upstream = upstream
         self.handle = handle
         self.flow = flow
+        #: Closes the session's way out once C let go of it (the socket; an association).
+        self.closer = closer
         self.seen = cudp.UdpRelayCounts(0, 0, 0, 0, 0, 0)
 
     def absorb(self, now: cudp.UdpRelayCounts) -> tuple[int, int]:
@@ -176,6 +187,7 @@ class UdpForwarder:
         self._in_c: dict[int, CRelayedSession] = {}
         self._next_token = 1
         self._c_drops = (0, 0)  # C's drop counters already added (upstream, to client)
+        self._routing = UdpRouting(stack, dialer, flows, admission, self._relay_in_c)
 
     def admit(self, client: Endpoint, target: Endpoint) -> bool | Literal["reject"]:
         """A new UDP flow that is one of our own sockets coming back (an upstream's, the DNS
@@ -188,6 +200,7 @@ class UdpForwarder:
     async def dispatch(self, session: UdpSession) -> None:
         """A session's task: the DNS proxy's, the custom handler's, or ``forward``."""
         flow = self._flows.track(session, session.target)
+        flow.route = session.route.name if session.route is not None else None
         outcome = "closed"
         try:
             if self._dns is not None and self._is_dns(session.target):
@@ -208,11 +221,20 @@ class UdpForwarder:
         """The default UDP forwarder without a task: a protected socket watched by the relay
         poll task, datagrams copied by callbacks both ways (``DatagramRelay``); returns what
         ends it. DNS sessions, and sessions whose socket cannot be opened, go to the task path
-        instead (None)."""
+        instead (None). The session's route is decided here, once."""
         if self._is_dns(session.target):
             return None
+        routes = self.routes
+        client, target = session.client, session.target
+        name = None
+        if routes.uses_names and self._dns is not None:
+            name = self._dns.name_for(client, target)
+        decision = session.route = routes.decide("udp", client, target, name)
+        via = decision.via
+        if not isinstance(via, Direct):
+            return self._routing.attach(session, decision, name)
         try:
-            upstream = self._dialer.open_udp(session.target)
+            upstream = self._dialer_of(decision).open_udp(target)
         except (OSError, TunlwipError):
             return None  # forward tries again and answers "unreachable"
         relay = DatagramRelay(session, upstream)
@@ -225,15 +247,30 @@ class UdpForwarder:
         except OSError:
             upstream.close()
             return None
-        flow = self._flows.track(session, session.target)
+        flow = self._flows.track(session, target)
+        flow.route = decision.name
         session.divert(relay.to_upstream)
         # A partial, not a closure: one small object per idle session rather than a function
         # and four cells (thousands of sessions stay open for their idle timeout).
         return functools.partial(self._end_attached, upstream, token, flow)
 
-    def _relay_in_c(self, session: UdpSession,
-                    upstream: socket.socket) -> Callable[[str], None] | None:  # fmt: skip
-        """Hand the session to a C relay; returns what ends it, or None if C refused it."""
+    def _dialer_of(self, decision: RouteDecision) -> Dialer:
+        """The dialer of a direct route: the gateway's, or the route's fwmark or interface."""
+        via = decision.via
+        assert isinstance(via, Direct)
+        if via.fwmark is None and via.interface is None:
+            return self._dialer
+        return self._routing.dialer(via)
+
+    def _relay_in_c(self, session: UdpSession, upstream: socket.socket,
+                    flow: LiveFlow | None = None, *,
+                    closer: Callable[[], None] | None = None,
+                    socks5_header: bytes | None = None,
+                    any_address: bool = False) -> Callable[[str], None] | None:  # fmt: skip
+        """Hand the session to a C relay (through a SOCKS5 relay: with the target's UDP
+        header, ``any_address`` when it went by name); returns what ends it, or None if C
+        refused it. ``flow``: the session's record (default: opened now). ``closer`` closes
+        the way out when the session ends (default: the socket)."""
         token = self._next_token
         try:
             handle = cudp.open_relay(session.client, session.target, upstream.fileno(), token)
@@ -241,9 +278,19 @@ class UdpForwarder:
             relay_log.debug("UDP %s -> %s: relayed from Python: %s", session.client,
                             session.target, exc)  # fmt: skip
             return None
+        if socks5_header is not None:
+            try:
+                cudp.set_socks5(handle, socks5_header, any_address=any_address)
+            except OSError as exc:
+                cudp.close(handle)
+                relay_log.debug("UDP %s -> %s: SOCKS5 header refused: %s", session.client,
+                                session.target, exc)  # fmt: skip
+                return None
         self._next_token += 1
-        flow = self._flows.track(session, session.target)
-        record = CRelayedSession(session, upstream, handle, flow)
+        if flow is None:
+            flow = self._flows.track(session, session.target)
+            flow.route = session.route.name if session.route is not None else None
+        record = CRelayedSession(session, upstream, handle, flow, closer or upstream.close)
         self._in_c[token] = record
         session._refresh = record.refresh
         return functools.partial(self._end_in_c, token)
@@ -257,7 +304,7 @@ class UdpForwarder:
             _add(record.session.counters, record.absorb(final))
         # No after_lwip here: this may run inside lwIP's UDP callback (a new session evicting
         # this one), which must not re-enter lwIP; output it caused wakes the writer itself.
-        record.upstream.close()
+        record.closer()
         self._flows.close(record.flow, _CLOSE_REASONS.get(reason, reason))
 
     def sync(self, counters: UdpCounters) -> None:
@@ -289,8 +336,9 @@ class UdpForwarder:
 
     async def forward(self, session: UdpSession) -> None:
         """The default forwarder with a task (when ``attach`` could not open the socket)."""
+        dialer = self._dialer if session.route is None else self._dialer_of(session.route)
         try:
-            upstream = self._dialer.open_udp(session.target)
+            upstream = dialer.open_udp(session.target)
         except (OSError, TunlwipError) as exc:
             log.debug("UDP %s -> %s: cannot open upstream: %s", session.client, session.target,
                       exc)  # fmt: skip

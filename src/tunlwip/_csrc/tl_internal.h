@@ -18,6 +18,7 @@
  *   relay.c            the C relay between an lwIP connection and its upstream socket
  *   vnet.c             output with a virtio-net header: TCP segments coalesced into GSO writes
  *   udp_relay.c        UDP sessions relayed in C: hash lookup, sendmmsg/recvmmsg batches
+ *   socks5_udp.c       the SOCKS5 UDP header of a proxy relay's datagram, checked and measured
  *   vnet_input.c       input with a virtio-net header: offloaded super-segments checked, fed
  *   dial.c             upstream connects of held SYNs in C, their handover to relays, events
  *
@@ -216,5 +217,16 @@ void tl_udp_relay_defer_begin(void);
 void tl_udp_relay_defer_end(void);
 void tl_udp_relay_on_ready(struct tl_udp_relay *r, uint32_t events);
 void tl_udp_relay_bury(void); /* free closed sessions: after every poll round */
+
+/* ---- socks5_udp.c: the SOCKS5 UDP header of a relay's datagram --------------------------- */
+
+#define TL_SOCKS5_MALFORMED (-1) /* short, reserved bytes set, unknown address type, bad name */
+#define TL_SOCKS5_FRAGMENT (-2)  /* FRAG != 0: not reassembled */
+#define TL_SOCKS5_FOREIGN (-3)   /* another source than the session's target */
+/* The payload's offset in datagram d (len bytes) from the relay of a session whose own header
+ * is ours (ours_len bytes); any_address: the target was sent by name, so only its port must
+ * match. Or one of the TL_SOCKS5_* reasons (drop the datagram). */
+int tl_socks5_udp_payload(const uint8_t *d, size_t len, const uint8_t *ours, size_t ours_len,
+                          int any_address);
 
 #endif

@@ -169,10 +169,16 @@ typedef struct {
     uint64_t drop_upstream_error;     /* client datagrams the socket refused (too big, ...) */
     uint64_t drop_to_client;          /* upstream datagrams lwIP could not send to the client */
     uint64_t recv_errors, port_unreachable; /* ICMP errors read; port unreachable mirrored */
+    /* through a SOCKS5 relay: datagrams down dropped for a malformed header, a fragment,
+     * another source than the target; port unreachable from the relay itself */
+    uint64_t socks5_malformed, socks5_fragments, socks5_foreign, socks5_relay_refused;
 } tl_udp_relay_counters;
 /* 0 with *out set, or -errno (-EEXIST: the flow has a session already) */
 int tl_udp_relay_open(const tl_endpoint *client, const tl_endpoint *target, int fd,
                       uintptr_t token, void **out);
+/* the session goes through a SOCKS5 UDP relay: header before each datagram up, replies'
+ * headers checked and stripped (any_address: the target went by name). 0 or -errno. */
+int tl_udp_relay_set_socks5(void *relay, const uint8_t *header, size_t len, int any_address);
 void tl_udp_relay_close(void *relay, tl_udp_relay_stats *out);
 void tl_udp_relay_close_all(void);
 void tl_udp_relay_info(void *relay, tl_udp_relay_stats *out);

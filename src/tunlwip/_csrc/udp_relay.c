@@ -23,6 +23,12 @@
  *    chooses a session to evict, or reports statistics. So idle timeouts, eviction of the least
  *    recently active session, reconfiguration and flow byte counts stay in Python's one session
  *    table, at a cost per active session per sweep, not per datagram.
+ *  - Through a SOCKS5 proxy (tl_udp_relay_set_socks5, right after open): the socket is
+ *    connected to the proxy's UDP relay, each datagram up gets the session's fixed SOCKS5 UDP
+ *    header as its first iovec (no copy), and each datagram down must carry a header naming
+ *    the target (socks5_udp.c), which is stripped; a malformed header, a fragment or another
+ *    source is dropped and counted. A port unreachable from the relay is counted, not
+ *    mirrored: the proxy's relay port closed, which says nothing of the target's port.
  *  - A session ends only when Python closes it (tl_udp_relay_close: idle, evicted, stopped),
  *    which returns its final counts. Python owns the socket and closes it afterwards.
  *
@@ -64,6 +70,9 @@ struct tl_udp_relay {
     tl_endpoint key[2];         /* client, target: the lookup key (padding zeroed) */
     ip_addr_t client_ip, target_ip;
     tl_udp_relay_stats stats;   /* token, counts; idle_ms filled when asked */
+    uint8_t *socks5;            /* the SOCKS5 UDP header sent before each datagram, or NULL */
+    u16_t socks5_len;
+    u8_t socks5_any_address;    /* the target went by name: replies from any address */
     u32_t last_active;
     u8_t closed;
     struct tl_udp_relay *hash_next;
@@ -208,6 +217,15 @@ static void tl_udp_relay_unreachable(struct tl_udp_relay *r)
     else tl_ustats.drop_to_client++;
 }
 
+/* ECONNREFUSED on the session's socket: mirrored on a direct session; through a proxy it is
+ * the relay's port that is closed (the association is gone), which the client must not read
+ * as its target's answer: counted only, the control connection's end closes the session. */
+static void tl_udp_relay_refused(struct tl_udp_relay *r)
+{
+    if (r->socks5 != NULL) tl_ustats.socks5_relay_refused++;
+    else tl_udp_relay_unreachable(r);
+}
+
 /* ---- client -> upstream ------------------------------------------------------------------- */
 
 static struct {
@@ -248,7 +266,7 @@ static void tl_send_run(int first, int count)
             tl_ustats.drop_upstream_full += (uint64_t)(count - done); /* back-pressure: drop */
             break;
         }
-        if (n < 0 && errno == ECONNREFUSED) tl_udp_relay_unreachable(r); /* the port is closed */
+        if (n < 0 && errno == ECONNREFUSED) tl_udp_relay_refused(r); /* the port is closed */
         tl_ustats.drop_upstream_error++; /* too big, unreachable, ...: this one is lost */
         done++;
     }
@@ -279,7 +297,7 @@ int tl_udp_relay_take(const tl_endpoint *src, const tl_endpoint *dst, struct pbu
     struct tl_udp_relay *r = tl_lookup(key);
     if (r == NULL) return 0;
     tl_touch(r);
-    int pieces = 0;
+    int pieces = r->socks5 != NULL; /* the SOCKS5 header goes first, as its own piece */
     for (struct pbuf *q = p; q != NULL; q = q->next) pieces++;
     if (pieces > TL_UDP_QUEUE_IOV) { /* not from lwIP's reassembly; never queued */
         tl_ustats.drop_upstream_error++;
@@ -293,6 +311,11 @@ int tl_udp_relay_take(const tl_endpoint *src, const tl_endpoint *dst, struct pbu
     tl_queue[k].p = p;
     tl_queue[k].iov_first = (u16_t)tl_queue_iov_used;
     tl_queue[k].iov_count = (u16_t)pieces;
+    if (r->socks5 != NULL) {
+        tl_queue_iov[tl_queue_iov_used].iov_base = r->socks5;
+        tl_queue_iov[tl_queue_iov_used].iov_len = r->socks5_len;
+        tl_queue_iov_used++;
+    }
     for (struct pbuf *q = p; q != NULL; q = q->next) {
         tl_queue_iov[tl_queue_iov_used].iov_base = q->payload;
         tl_queue_iov[tl_queue_iov_used].iov_len = q->len;
@@ -352,7 +375,7 @@ void tl_udp_relay_on_ready(struct tl_udp_relay *r, uint32_t events)
     }
     int n = recvmmsg(r->fd, msgs, TL_UDP_RECV_BATCH, MSG_DONTWAIT, NULL);
     if (n < 0) {
-        if (errno == ECONNREFUSED) tl_udp_relay_unreachable(r); /* a datagram met a closed port */
+        if (errno == ECONNREFUSED) tl_udp_relay_refused(r); /* a datagram met a closed port */
         else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
             tl_ustats.recv_errors++; /* other ICMP errors: the flow goes on, as before */
         return;
@@ -361,12 +384,25 @@ void tl_udp_relay_on_ready(struct tl_udp_relay *r, uint32_t events)
     if (n > 0) tl_touch(r);
     for (int i = 0; i < n; i++) {
         size_t len = msgs[i].msg_len;
+        const uint8_t *data = tl_recv_bufs[i];
+        if (r->socks5 != NULL && !(msgs[i].msg_hdr.msg_flags & MSG_TRUNC)) {
+            int at = tl_socks5_udp_payload(data, len, r->socks5, r->socks5_len,
+                                           r->socks5_any_address);
+            if (at < 0) {
+                if (at == TL_SOCKS5_FRAGMENT) tl_ustats.socks5_fragments++;
+                else if (at == TL_SOCKS5_FOREIGN) tl_ustats.socks5_foreign++;
+                else tl_ustats.socks5_malformed++;
+                continue;
+            }
+            data += at;
+            len -= (size_t)at;
+        }
         /* Never longer than what lwIP can carry toward an IPv4 client. */
         if (len > 0xFFFF - 8 - 20 || (msgs[i].msg_hdr.msg_flags & MSG_TRUNC)) {
             tl_ustats.drop_to_client++;
             continue;
         }
-        tl_udp_relay_deliver(r, tl_recv_bufs[i], len);
+        tl_udp_relay_deliver(r, data, len);
     }
 }
 
@@ -420,6 +456,22 @@ static void tl_fill_stats(struct tl_udp_relay *r, tl_udp_relay_stats *out)
     out->idle_ms = sys_now() - r->last_active;
 }
 
+/* The session goes through a SOCKS5 relay: ``header`` before each datagram up, checked and
+ * stripped from each datagram down (see the top). Called once, right after open. */
+int tl_udp_relay_set_socks5(void *relay, const uint8_t *header, size_t len, int any_address)
+{
+    struct tl_udp_relay *r = (struct tl_udp_relay *)relay;
+    /* the shortest header: a one-byte name (8 bytes); the longest: a 255-byte name (262) */
+    if (r->closed || r->socks5 != NULL || len < 8 || len > 262) return -EINVAL;
+    uint8_t *copy = malloc(len);
+    if (copy == NULL) return -ENOMEM;
+    memcpy(copy, header, len);
+    r->socks5 = copy;
+    r->socks5_len = (u16_t)len;
+    r->socks5_any_address = any_address != 0;
+    return 0;
+}
+
 void tl_udp_relay_info(void *relay, tl_udp_relay_stats *out)
 {
     tl_fill_stats((struct tl_udp_relay *)relay, out);
@@ -442,6 +494,7 @@ void tl_udp_relay_bury(void)
     while (tl_udp_graveyard != NULL) {
         struct tl_udp_relay *r = tl_udp_graveyard;
         tl_udp_graveyard = r->hash_next;
+        free(r->socks5);
         free(r);
     }
 }

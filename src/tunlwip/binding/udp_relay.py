@@ -10,6 +10,7 @@ is valid until ``close`` or ``close_all`` (the stack stops): a handle from befor
 from __future__ import annotations
 
 import dataclasses
+import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +63,18 @@ def open_relay(client: Endpoint, target: Endpoint, fd: int, token: int) -> UdpRe
     rc = lib.tl_udp_relay_open(endpoint_to_c(client), endpoint_to_c(target), fd, token, out)
     check_errno(rc, f"UDP relay {client} -> {target}")
     return UdpRelayHandle(out[0])
+
+
+def set_socks5(handle: UdpRelayHandle, header: bytes, *, any_address: bool) -> None:
+    """The session's socket is connected to a SOCKS5 UDP relay: C prepends ``header`` (the
+    target's SOCKS5 UDP request header) to each datagram up, and checks and strips the header
+    of each datagram down (``any_address``: the target went by name, only its port must
+    match). Call right after ``open_relay``. ``-errno``: raises ``OSError``."""
+    ptr = handle._live()
+    if ptr is None:
+        raise OSError(errno.EBADF, "UDP relay closed")
+    check_errno(lib.tl_udp_relay_set_socks5(ptr, header, len(header), int(any_address)),
+                "UDP relay SOCKS5 header")  # fmt: skip
 
 
 def close(handle: UdpRelayHandle) -> UdpRelayCounts | None:
@@ -125,4 +138,8 @@ def counters() -> dict[str, int]:
         "udp_relay_to_client_dropped": int(c.drop_to_client),
         "udp_relay_recv_errors": int(c.recv_errors),
         "udp_relay_port_unreachable": int(c.port_unreachable),
+        "udp_relay_socks5_malformed": int(c.socks5_malformed),
+        "udp_relay_socks5_fragments": int(c.socks5_fragments),
+        "udp_relay_socks5_foreign": int(c.socks5_foreign),
+        "udp_relay_socks5_relay_refused": int(c.socks5_relay_refused),
     }
