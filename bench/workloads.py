@@ -120,14 +120,20 @@ class Ctx:
 @contextmanager
 def cpu_meter(ctx: Ctx, workload: str) -> Iterator[None]:
     """Record the gateway's CPU seconds spent during the block: every process of it and their
-    children (procstat.tree_cpu_seconds); no record for the kernel."""
-    roots = ctx.middle.roots
+    children (procstat.tree_cpu_seconds); no record for the kernel. A gateway with helper
+    processes (a SOCKS5 proxy) also gets "cpu, helpers": their share of it, so the CPU per
+    operation can be shown without the proxy's (``gateway only``)."""
+    roots, helpers = ctx.middle.roots, ctx.middle.helpers
     before = tree_cpu_seconds(roots) if roots else 0.0
+    before_helpers = tree_cpu_seconds(helpers) if helpers else 0.0
     try:
         yield
     finally:
         if roots and ctx.middle.alive():
             ctx.add(workload, "cpu", tree_cpu_seconds(roots) - before, "s", "lower")
+            if helpers:
+                spent = tree_cpu_seconds(helpers) - before_helpers
+                ctx.add(workload, "cpu, helpers", spent, "s", "lower")
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -363,12 +369,18 @@ def add_rate(ctx: Ctx, workload: str, res: dict[str, Any]) -> None:
             ok=res["ok"], errors=res["errors"], first_errors=res["first_errors"])  # fmt: skip
 
 
-def _last_cpu(ctx: Ctx, workload: str) -> float | None:
+def _last_cpu(ctx: Ctx, workload: str, metric: str = "cpu") -> float | None:
     """The cpu figure cpu_meter just recorded for ``workload`` (None for the kernel)."""
     return next(
-        (m.value for m in reversed(ctx.out) if m.metric == "cpu" and m.workload == workload),
+        (m.value for m in reversed(ctx.out) if m.metric == metric and m.workload == workload),
         None,
     )
+
+
+def _gateway_only(ctx: Ctx, workload: str, cpu: float) -> float | None:
+    """``cpu`` without its helpers' share (hev's or tunlwip-socks5's danted), if it had any."""
+    helpers = _last_cpu(ctx, workload, "cpu, helpers")
+    return None if helpers is None else max(0.0, cpu - helpers)
 
 
 def add_cpu_per(ctx: Ctx, workload: str, unit: str, count: int) -> None:
@@ -379,6 +391,10 @@ def add_cpu_per(ctx: Ctx, workload: str, unit: str, count: int) -> None:
     cpu = _last_cpu(ctx, workload)
     if cpu is not None and count:
         ctx.add(workload, f"CPU per {unit}", cpu / count * 1e6, "µs", "lower", ticks_s=cpu)
+        own = _gateway_only(ctx, workload, cpu)
+        if own is not None:
+            ctx.add(workload, f"CPU per {unit}, gateway only", own / count * 1e6, "µs", "lower",
+                    ticks_s=own)  # fmt: skip
 
 
 def add_cpu_per_gb(ctx: Ctx, workload: str, nbytes: int) -> None:
@@ -386,6 +402,10 @@ def add_cpu_per_gb(ctx: Ctx, workload: str, nbytes: int) -> None:
     cpu = _last_cpu(ctx, workload)
     if cpu is not None and nbytes:
         ctx.add(workload, "CPU per GB", cpu / (nbytes / 1e9), "s", "lower", ticks_s=cpu)
+        own = _gateway_only(ctx, workload, cpu)
+        if own is not None:
+            ctx.add(workload, "CPU per GB, gateway only", own / (nbytes / 1e9), "s", "lower",
+                    ticks_s=own)  # fmt: skip
 
 
 def phase_rr_plain(ctx: Ctx) -> None:
