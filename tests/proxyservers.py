@@ -132,20 +132,24 @@ def danted(workdir: Path, *, socksmethod: str = "none") -> Iterator[int]:
 
 @contextlib.contextmanager
 def danted_in(netns: InNamespace, workdir: Path, host: str, port: int, clients: str, *,
-              socksmethod: str = "none") -> Iterator[int]:  # fmt: skip
+              socksmethod: str = "none",
+              external6: str | None = None) -> Iterator[int]:  # fmt: skip
     """danted in test namespace ``netns`` on ``host:port`` (IPv4), serving ``clients`` (a
-    network), connecting out from ``host``; yields the port. Stopped by PID (its group)."""
+    network), connecting out from ``host`` (and from ``external6`` to IPv6 destinations, when
+    given); yields the port. Stopped by PID (its group)."""
     config = workdir / f"danted-{port}.conf"
     config.write_text(
         "logoutput: stderr\n"
         f"internal: {host} port = {port}\n"
         f"external: {host}\n"
-        "clientmethod: none\n"
+        + (f"external: {external6}\n" if external6 else "")
+        + "clientmethod: none\n"
         f"socksmethod: {socksmethod}\n"
         "user.privileged: root\n"
         "user.unprivileged: nobody\n"
         f"client pass {{ from: {clients} to: 0.0.0.0/0 }}\n"
-        f"socks pass {{ from: {clients} to: 0.0.0.0/0 command: connect }}\n"
+        f"socks pass {{ from: {clients} to: {'0/0' if external6 else '0.0.0.0/0'} "
+        "command: connect }\n"
     )
     args = [DANTED, "-f", str(config), "-N", "1", "-p", str(workdir / f"danted-{port}.pid")]
     with _running(args, port, workdir / f"danted-{port}.log", netns):
