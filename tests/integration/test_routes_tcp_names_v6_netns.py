@@ -15,7 +15,6 @@ echo server also listens) and the echo works; by address, the same flow fails.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import socket
 from collections.abc import Iterator
@@ -97,12 +96,8 @@ def test_ipv6_destination_and_remote_dns_through_danted(
     assert answer.status == "NOERROR" and answer.data("A") == [NAMED4], answer
     echo(split, socket.AF_INET, NAMED4, payload)  # danted resolves "localhost" itself
     # The same kind of flow by address: danted cannot reach 198.18.78.1.
-    try:
+    with pytest.raises(OSError, match=r"No route to host|Connection refused"):
         connect(split.cli, socket.AF_INET, BY_ADDRESS4, ECHO_PORT, timeout=10).close()
-    except OSError as exc:
-        assert exc.errno in (errno.EHOSTUNREACH, errno.ECONNREFUSED), exc
-    else:
-        raise AssertionError(f"{BY_ADDRESS4} connected by address")
 
     wait_for(lambda: gw.status()["totals"]["active_flows"] == 0, "the flows to end", timeout=10)
     routes = gw.status()["totals"]["routes"]
