@@ -9,8 +9,8 @@
  * tuple being dialed here is swallowed, and a SYN that is one of our own sockets' packets
  * coming back (a routing loop) is dropped, both counted, without Python. Otherwise the SYN
  * stays "current" while Python's SYN hook runs; if Python admits it, it calls tl_dial_start,
- * which copies the current SYN and starts a non-blocking connect on a new socket (protected
- * with SO_MARK or SO_BINDTODEVICE, TCP_NODELAY, keepalive as configured), watched in the poll
+ * which copies the current SYN and starts a non-blocking connect on a new socket (dial_socket.c:
+ * protected with SO_MARK or SO_BINDTODEVICE, TCP_NODELAY, keepalive as configured), watched in the poll
  * set (kind TL_POLL_DIAL). When the socket turns writable: SO_ERROR 0 releases the SYN into
  * lwIP (tl_input_release), which answers SYN-ACK; an error becomes a FAILED event carrying the
  * SYN, which Python answers (RST or ICMP) and records. When lwIP accepts the connection
@@ -60,9 +60,6 @@
 
 #include "tl_internal.h"
 
-/* Linux's TCP socket options (<netinet/tcp.h> would clash with lwIP's TCP_MSS). */
-enum { TL_TCP_NODELAY = 1, TL_TCP_KEEPIDLE = 4, TL_TCP_KEEPINTVL = 5, TL_TCP_KEEPCNT = 6 };
-
 enum { TL_DIALING = 0, TL_CONNECTED = 1, TL_RELAYED = 2, TL_FINISHED = 3 };
 
 struct tl_dial {
@@ -95,10 +92,9 @@ static uint64_t tl_next_id = 1;
 static u32_t tl_hash_seed;
 
 /* Settings (tl_dial_configure). */
-static int tl_dial_on, tl_dial_accepting = 1, tl_protect_kind;
-static uint32_t tl_protect_mark, tl_keep[3], tl_connect_ms = 30000, tl_claim_ms = 10000;
+static int tl_dial_on, tl_dial_accepting = 1;
+static uint32_t tl_connect_ms = 30000, tl_claim_ms = 10000;
 static uint32_t tl_proxy_ms = 10000; /* a proxy's connect and handshake (tl_dial_set_proxy_timeout) */
-static char tl_protect_ifname[16];
 
 /* The SYN being held while Python's hook runs (tl_dial_intercept .. tl_dial_current_end). */
 static const uint8_t *tl_cur_packet;
@@ -351,88 +347,6 @@ int tl_dial_intercept(const uint8_t *packet, size_t len, const tl_endpoint *src,
 
 void tl_dial_current_end(void) { tl_cur_packet = NULL; }
 
-static int tl_dial_protect(int fd)
-{
-    if (tl_protect_kind == TL_PROTECT_MARK)
-        return setsockopt(fd, SOL_SOCKET, SO_MARK, &tl_protect_mark, sizeof tl_protect_mark);
-    if (tl_protect_kind == TL_PROTECT_INTERFACE)
-        return setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, tl_protect_ifname,
-                          (socklen_t)strlen(tl_protect_ifname));
-    return 0;
-}
-
-static int tl_sockaddr(const tl_endpoint *e, struct sockaddr_storage *ss, socklen_t *len)
-{
-    memset(ss, 0, sizeof *ss);
-    if (e->family == 4) {
-        struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
-        s4->sin_family = AF_INET;
-        s4->sin_port = htons(e->port);
-        memcpy(&s4->sin_addr, e->addr, 4);
-        *len = sizeof *s4;
-        return AF_INET;
-    }
-    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
-    s6->sin6_family = AF_INET6;
-    s6->sin6_port = htons(e->port);
-    memcpy(&s6->sin6_addr, e->addr, 16);
-    *len = sizeof *s6;
-    return AF_INET6;
-}
-
-static void tl_endpoint_of(tl_endpoint *e, const struct sockaddr_storage *ss)
-{
-    memset(e, 0, sizeof *e);
-    if (ss->ss_family == AF_INET) {
-        const struct sockaddr_in *s4 = (const struct sockaddr_in *)ss;
-        e->family = 4;
-        memcpy(e->addr, &s4->sin_addr, 4);
-        e->port = ntohs(s4->sin_port);
-    } else {
-        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)ss;
-        e->family = 6;
-        memcpy(e->addr, &s6->sin6_addr, 16);
-        e->port = ntohs(s6->sin6_port);
-    }
-}
-
-/* A connecting socket to dst, protected and tuned; -errno (protection: -TL_DIAL_PROTECT_FAILED
- * - errno) on failure. */
-static int tl_dial_socket(const tl_endpoint *dst, tl_endpoint *local)
-{
-    struct sockaddr_storage ss;
-    socklen_t sslen;
-    int family = tl_sockaddr(dst, &ss, &sslen);
-    int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -errno;
-    if (tl_dial_protect(fd) != 0) {
-        int err = errno;
-        close(fd);
-        return -(TL_DIAL_PROTECT_FAILED + err);
-    }
-    int one = 1;
-    int err = 0;
-    if (setsockopt(fd, IPPROTO_TCP, TL_TCP_NODELAY, &one, sizeof one) != 0) err = errno;
-    if (!err && tl_keep[0] > 0 &&
-        (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one) != 0 ||
-         setsockopt(fd, IPPROTO_TCP, TL_TCP_KEEPIDLE, &tl_keep[0], sizeof tl_keep[0]) != 0 ||
-         setsockopt(fd, IPPROTO_TCP, TL_TCP_KEEPINTVL, &tl_keep[1], sizeof tl_keep[1]) != 0 ||
-         setsockopt(fd, IPPROTO_TCP, TL_TCP_KEEPCNT, &tl_keep[2], sizeof tl_keep[2]) != 0))
-        err = errno;
-    if (!err && connect(fd, (struct sockaddr *)&ss, sslen) != 0 && errno != EINPROGRESS) err = errno;
-    struct sockaddr_storage mine;
-    socklen_t minelen = sizeof mine;
-    if (!err && getsockname(fd, (struct sockaddr *)&mine, &minelen) != 0) err = errno;
-    if (err) {
-        close(fd);
-        return -err;
-    }
-    tl_endpoint_of(local, &mine);
-    return fd;
-}
-
-int (*tl_dial_connector)(const tl_endpoint *dst, tl_endpoint *local) = tl_dial_socket;
-
 /* Dial the current SYN: the socket to `peer` (its destination, or a proxy with `socks`). */
 static int64_t tl_dial_begin(const tl_endpoint *peer, struct tl_socks5 *socks)
 {
@@ -657,16 +571,9 @@ int tl_dial_configure(int on, int protect, uint32_t mark, const char *ifname,
                       uint32_t keep_idle, uint32_t keep_intvl, uint32_t keep_cnt,
                       uint32_t connect_ms, uint32_t claim_ms)
 {
-    if (protect < TL_PROTECT_NONE || protect > TL_PROTECT_INTERFACE) return -EINVAL;
-    if (ifname != NULL && strlen(ifname) >= sizeof tl_protect_ifname) return -EINVAL;
+    int rc = tl_dial_socket_configure(protect, mark, ifname, keep_idle, keep_intvl, keep_cnt);
+    if (rc != 0) return rc;
     tl_dial_on = on ? 1 : 0;
-    tl_protect_kind = protect;
-    tl_protect_mark = mark;
-    memset(tl_protect_ifname, 0, sizeof tl_protect_ifname);
-    if (ifname != NULL) strcpy(tl_protect_ifname, ifname);
-    tl_keep[0] = keep_idle;
-    tl_keep[1] = keep_intvl;
-    tl_keep[2] = keep_cnt;
     tl_connect_ms = connect_ms ? connect_ms : 1;
     tl_claim_ms = claim_ms ? claim_ms : 1;
     return 0;

@@ -20,6 +20,7 @@
  *   udp_relay.c        UDP sessions relayed in C: hash lookup, sendmmsg/recvmmsg batches
  *   vnet_input.c       input with a virtio-net header: offloaded super-segments checked, fed
  *   dial.c             upstream connects of held SYNs in C, their handover to relays, events
+ *   dial_socket.c      a C dial's socket: protection, options, the non-blocking connect
  *   socks5_dial.c      the SOCKS5 CONNECT handshake of a C dial through a proxy
  *
  * Invariant of the whole layer: only the trio thread calls in, and never re-entrantly; Python
@@ -164,9 +165,14 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events);
 int tl_dial_claim(struct tcp_pcb *pcb);
 /* Check the deadlines; ms until the next one (UINT32_MAX: none). */
 uint32_t tl_dial_expire(void);
-/* What makes a dial's socket: a protected, connecting socket to dst (its address in *local),
- * or -errno. The packet fuzzer swaps in socketpairs: it never connects anywhere. */
+/* ---- dial_socket.c: what makes a dial's socket --------------------------------------------- */
+
+/* A protected, connecting socket to dst (its address in *local), or -errno (protection:
+ * -(TL_DIAL_PROTECT_FAILED + errno)). The packet fuzzer swaps in socketpairs. */
 extern int (*tl_dial_connector)(const tl_endpoint *dst, tl_endpoint *local);
+/* The protection and keepalive of sockets made from now on (-EINVAL: bad values). */
+int tl_dial_socket_configure(int protect, uint32_t mark, const char *ifname, uint32_t keep_idle,
+                             uint32_t keep_intvl, uint32_t keep_cnt);
 /* From relay.c, for relays it opened for a dial (tl_relay_adopt). */
 int tl_relay_adopt(struct tcp_pcb *pcb, int fd, struct tl_dial *flow);
 void tl_dial_relay_opened(struct tl_dial *d, struct tl_relay *r);
