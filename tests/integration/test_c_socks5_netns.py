@@ -29,8 +29,11 @@ from typing import Any
 
 import pytest
 
+from dnsenv import WWW4, Unbound
+from dnsenv import dig as run_dig
+from dnsenv import start_unbound as start_unbound
 from gatewayproc import RunningGateway, StartGateway, wait_for
-from netns import SRV_ADDR4, SplitTopology
+from netns import GATEWAY_ADDR4, SRV_ADDR4, SplitTopology
 from transfers import connect, listen
 
 pytestmark = pytest.mark.netns
@@ -59,8 +62,9 @@ def read_greeting(sock: socket.socket) -> bytes:
 
 def read_request(sock: socket.socket) -> bytes:
     head = recv_exact(sock, 4)
-    atyp = head[3]
-    size = 4 if atyp == 1 else 16 if atyp == 4 else recv_exact(sock, 1)[0]
+    if head[3] == 3:
+        head += recv_exact(sock, 1)
+    size = {1: 4, 4: 16}.get(head[3], head[-1])
     return head + recv_exact(sock, size + 2)
 
 
@@ -131,6 +135,19 @@ def eager(sock: socket.socket) -> None:
     echo(sock)
 
 
+#: The CONNECT requests the "by-name" behaviour received.
+received_requests: list[bytes] = []
+
+
+def by_name(sock: socket.socket) -> None:
+    """Success for any request (recorded); then echo."""
+    read_greeting(sock)
+    sock.sendall(b"\x05\x00")
+    received_requests.append(read_request(sock))
+    sock.sendall(reply(0))
+    echo(sock)
+
+
 def silent(sock: socket.socket) -> None:
     read_greeting(sock)
     time.sleep(HANDSHAKE_TIMEOUT + 3)  # then the test is over
@@ -156,6 +173,7 @@ BEHAVIOURS: dict[str, tuple[Behaviour, bool]] = {
     "eager": (eager, False),
     "silent": (silent, False),
     "huge-name": (huge_name, False),
+    "by-name": (by_name, False),
 }
 
 
@@ -218,12 +236,17 @@ def hostile(split: SplitTopology) -> Iterator[HostileProxy]:
         proxy.close()
 
 
-def routes_toml() -> str:
+def routes_toml(names: list[str]) -> str:
     tables = [f"[egress]\nhandshake_timeout = {HANDSHAKE_TIMEOUT}\n"]
     for k, (name, (_, credentials)) in enumerate(BEHAVIOURS.items()):
+        if name not in names:
+            continue
         user = f"{USER}:{PASSWORD}@" if credentials else ""
-        tables.append(f'[[route]]\nname = "{name}"\nnetworks = ["{host_of(name)}/24"]\n'
-                      f'via = "socks5://{user}{SRV_ADDR4}:{BASE_PORT + k}"\n')  # fmt: skip
+        where = f'networks = ["{host_of(name)}/24"]'
+        if name == "by-name":  # the flow's name, once resolved through the gateway
+            where = 'domains = ["www.test"]'
+        via = f"socks5://{user}{SRV_ADDR4}:{BASE_PORT + k}?remote_dns=true"
+        tables.append(f'[[route]]\nname = "{name}"\n{where}\nvia = "{via}"\n')
     return "\n".join(tables)
 
 
@@ -251,12 +274,23 @@ def echo_through(split: SplitTopology, name: str, first: bytes = b"") -> None:
         assert recv_exact(sock, len(payload)) == payload
 
 
+def records_of(gw: RunningGateway, log_path: Path) -> dict[str, dict[str, Any]]:
+    """The flow records by route (the last of each), once the gateway stopped."""
+    gw.stop()
+    records: dict[str, dict[str, Any]] = {}
+    for line in log_path.read_text().splitlines():
+        record = json.loads(line)
+        records[record["route"]] = record
+    return records
+
+
 def test_hostile_socks5_answers_through_c(
     split: SplitTopology, hostile: HostileProxy, split_gateway: StartGateway, tmp_path: Path
 ) -> None:
     """Each hostile answer as the client sees it, as counted and as recorded."""
     config = tmp_path / "routes.toml"
-    config.write_text(routes_toml())
+    hostile_names = [name for name in BEHAVIOURS if name != "by-name"]
+    config.write_text(routes_toml(hostile_names))
     log_path = tmp_path / "flows.jsonl"
     gw = split_gateway("--config", str(config), "--flow-log", str(log_path))
     before = counters(gw)
@@ -281,14 +315,10 @@ def test_hostile_socks5_answers_through_c(
     assert after["c_socks5_dialing"] == 0, after
     failures = gw.status()["totals"]["routes"]["proxy_failures"]
     proxy_own = {"bad-version", "no-method", "auth-failure", "huge-name", "silent"}
-    assert failures == {"default": 0, **{name: int(name in proxy_own) for name in BEHAVIOURS}}, \
+    assert failures == {"default": 0, **{name: int(name in proxy_own) for name in hostile_names}}, \
         failures  # fmt: skip
-    gw.stop()
-    records: dict[str, dict[str, Any]] = {}
-    for line in log_path.read_text().splitlines():
-        record = json.loads(line)
-        records[record["route"]] = record
-    reasons = {name: records[name]["close_reason"] for name in BEHAVIOURS}
+    records = records_of(gw, log_path)
+    reasons = {name: records[name]["close_reason"] for name in hostile_names}
     assert reasons == {
         "bad-version": "proxy: bad version",
         "no-method": "proxy: no acceptable auth method",
@@ -301,3 +331,30 @@ def test_hostile_socks5_answers_through_c(
         "huge-name": "proxy: closed during handshake",
     }, reasons
     assert records["eager"]["bytes_down"] == len(EAGER) + 65536, records["eager"]
+
+
+def test_remote_dns_sends_the_name_resolved_through_the_gateway(
+    split: SplitTopology, hostile: HostileProxy, split_gateway: StartGateway,
+    start_unbound: Callable[..., Unbound], tmp_path: Path,
+) -> None:  # fmt: skip
+    """``?remote_dns=true`` through C: www.test resolved by the client through the gateway's DNS
+    proxy (unbound in srv), a connection to its address takes the ``domains`` route, and C's
+    CONNECT names www.test (ATYP 3), not the address; the flow then works."""
+    start_unbound()
+    config = tmp_path / "routes.toml"
+    config.write_text(routes_toml(["by-name"]))
+    log_path = tmp_path / "flows.jsonl"
+    gw = split_gateway("--config", str(config), "--dns-upstream", f"udp://{SRV_ADDR4}:53",
+                       "--flow-log", str(log_path))  # fmt: skip
+    answer = run_dig(split.cli, GATEWAY_ADDR4, "www.test")
+    assert answer.status == "NOERROR" and answer.data("A") == [WWW4], answer
+    received_requests.clear()
+    with connect(split.cli, socket.AF_INET, WWW4, DEST_PORT, timeout=10) as sock:
+        sock.sendall(b"ping")
+        assert recv_exact(sock, 4) == b"ping"
+    expected = b"\x05\x01\x00\x03\x08www.test" + DEST_PORT.to_bytes(2, "big")
+    assert received_requests == [expected], received_requests
+    assert counters(gw)["c_socks5_connected"] == 1
+    assert hostile.errors == [], hostile.errors
+    record = records_of(gw, log_path)["by-name"]
+    assert (record["close_reason"], record["name"]) == ("closed", "www.test"), record
