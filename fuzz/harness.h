@@ -25,8 +25,9 @@
 #include "tl_internal.h"
 
 /* record kinds (ctl >> 3) that shape the packet instead of an application step; VNET takes
- * kind 7, one of the eight that had no application step (0-7) */
-enum { VNET = 7, XT_CHAIN = 29, FRAG_TRAIN = 30, SEG = 31 };
+ * kind 7, one of the eight that had no application step (0-7); PROXY (6) is not a packet: its
+ * bytes are what a SOCKS5 proxy of a C dial answers (packet_checks.c, fuzz_proxy_answer) */
+enum { PROXY = 6, VNET = 7, XT_CHAIN = 29, FRAG_TRAIN = 30, SEG = 31 };
 #define MAX_CONNS 32
 #define MAX_HELD 8
 
@@ -109,5 +110,7 @@ void shape_record(unsigned kind, const uint8_t *in, size_t len, uint8_t arg);
 int fuzz_dial_connector(const tl_endpoint *dst, tl_endpoint *local);
 void fuzz_dial_events(void);
 void fuzz_dial_teardown(void);
+int64_t fuzz_dial_start(const tl_endpoint *dst);
+void fuzz_proxy_answer(const uint8_t *data, size_t len, uint8_t arg);
 
 #endif

@@ -43,8 +43,9 @@ NOP, READ, READ_SOME, WRITE_SMALL, WRITE_BIG, EOF, CLOSE, ABORT = 0, 8, 9, 10, 1
 RELAY = 15
 UP_SEND, UP_EOF, UP_CLOSE, UP_READ, RELAY_ABORT, SWEEP = 16, 17, 18, 19, 20, 21
 RELEASE, DROP_SYN, UDP_REPLY, ECHO_SEND, POLL, WATCH = 22, 23, 24, 25, 26, 28
-# record kinds that shape their packet (packet_shapes.c shape_record)
-VNET, XT_CHAIN, FRAG_TRAIN, SEG = 7, 29, 30, 31
+# record kinds that shape their packet (packet_shapes.c shape_record); PROXY: not a packet, a
+# SOCKS5 proxy's answer to a C dial (packet_checks.c fuzz_proxy_answer)
+PROXY, VNET, XT_CHAIN, FRAG_TRAIN, SEG = 6, 7, 29, 30, 31
 # VNET spec: gso_type (spec & 3), NEEDS_CSUM, DATA_VALID, fix the packet, the hostile field
 V_TCP, V_UDP, V_NEEDS_CSUM, V_DATA_VALID, V_FIX = 1, 2, 4, 8, 0x10
 # XT_CHAIN spec bits, header kinds (sel & 3) and sel bits
@@ -76,6 +77,37 @@ def tcp_conversation(c: str, t: str, *, mss: int = 1460, steps: list[int] | None
     return [syn, ack, data, fin], steps
 
 
+def socks5_dial_seeds(fam: str, pkts: list[bytes], recs: list[bytes]) -> dict[str, bytes]:
+    """C dials through a SOCKS5 "proxy" (socks5_dial.c) whose answers are PROXY records: the
+    handshake done (by address, by name with user/password), dripped a byte a record, the
+    reply and the destination's first bytes in one answer, and hostile replies (bad version,
+    method 0xFF, a failure code, a 255-byte name promised and EOF, silence until the proxy
+    timeout)."""
+    socks, by_name_auth = 0x86, 0xC7  # tl_py_syn: tl_dial_start_socks5 (0x01 name, 0x40 auth)
+    bound = bytes([5, 0, 0, 1, 198, 18, 1, 2, 0x1F, 0x90])
+    flow = [*recs[1:3], record(b"", POLL), record(pkts[3], POLL, 0, 3)]
+    start = [record(pkts[0], NOP, socks), record(b"", POLL)]
+
+    def answers(*parts: bytes, arg: int = 0) -> list[bytes]:
+        return [record(part, PROXY, arg) for part in parts]
+
+    out = {
+        "ok": [*start, *answers(b"\x05\x00", bound), *flow],
+        "auth_name": [record(pkts[0], NOP, by_name_auth), record(b"", POLL),
+                      *answers(b"\x05\x02", b"\x01\x00", bytes([5, 0, 0, 3, 4]) + b"host\x01\xbb"),
+                      *flow],
+        "dripped": [*start, *answers(*(bytes([b]) for b in b"\x05\x00" + bound)), *flow],
+        "eager": [*start, *answers(b"\x05\x00", bound + b"first bytes"), *flow],
+        "bad_version": [*start, *answers(b"\x04\x00")],
+        "no_method": [*start, *answers(b"\x05\xff")],
+        "refused": [*start, *answers(b"\x05\x00", bytes([5, 5]) + bound[2:])],
+        "huge_name": [*start, *answers(b"\x05\x00"),
+                      *answers(bytes([5, 0, 0, 3, 255]) + b"a" * 10, arg=0x80)],
+        "silent": [*start, record(b"", NOP, 0, 7)],
+    }  # fmt: skip
+    return {f"tcp_{fam}_socks5_{name}": bytes([HOLD]) + b"".join(r) for name, r in out.items()}
+
+
 def packet_seeds() -> dict[str, bytes]:
     seeds: dict[str, bytes] = {}
     for fam, (c, g, t) in {"v4": (C4, G4, T4), "v6": (C6, G6, T6)}.items():
@@ -97,6 +129,7 @@ def packet_seeds() -> dict[str, bytes]:
             record(pkts[0], POLL, cdial | 0x20), *recs[1:], record(b"", POLL)])  # fmt: skip
         seeds[f"tcp_{fam}_c_dial_unclaimed"] = bytes([HOLD]) + b"".join([
             record(pkts[0], POLL, cdial, 7), record(b"", NOP, 0, 7)])  # fmt: skip
+        seeds.update(socks5_dial_seeds(fam, pkts, recs))
         # relayed: hand over after the data, the upstream answers and closes
         relay = [
             record(pkts[0]),

@@ -91,7 +91,7 @@ int tl_py_syn(const uint8_t *packet, size_t len, const tl_endpoint *src, const t
 {
     (void)src; (void)dst;
     touch(packet, len);
-    if ((decide & 0x06) == 0x06 && tl_dial_start() > 0) return 1; /* dialed in C (dial.c) */
+    if ((decide & 0x06) == 0x06 && fuzz_dial_start(dst) > 0) return 1; /* dialed in C (dial.c) */
     if ((decide & 1) || held_n == MAX_HELD) return 0; /* not intercepted: lwIP answers at once */
     held[held_n].pkt = malloc(len);
     if (held[held_n].pkt == NULL) abort();
@@ -406,6 +406,36 @@ int fuzz_dial_connector(const tl_endpoint *dst, tl_endpoint *local)
     return sv[0];
 }
 
+/* Dial the held SYN in C: directly, or (0x80) through a SOCKS5 "proxy" whose answers are the
+ * PROXY records' bytes, by name (0x01) and offering user/password (0x40). */
+static const uint8_t FUZZ_AUTH[] = {1, 4, 'u', 's', 'e', 'r', 4, 'p', 'a', 's', 's'};
+
+int64_t fuzz_dial_start(const tl_endpoint *dst)
+{
+    if (!(decide & 0x80)) return tl_dial_start();
+    return tl_dial_start_socks5(dst, (decide & 0x01) ? "example.com" : NULL,
+                                (decide & 0x40) ? FUZZ_AUTH : NULL,
+                                (decide & 0x40) ? sizeof FUZZ_AUTH : 0);
+}
+
+/* A PROXY record: the dial "server" picked by arg reads what it was sent (the greeting, the
+ * requests) and answers the record's bytes, then maybe (0x80) half-closes; one poll round lets
+ * the dials read it. Many small records drip a reply; one record may carry the reply and the
+ * destination's first bytes together. */
+void fuzz_proxy_answer(const uint8_t *data, size_t len, uint8_t arg)
+{
+    if (dial_peers_n == 0) return;
+    int peer = dial_peers[(arg & 0x7F) % dial_peers_n];
+    uint8_t buf[4096];
+    while (recv(peer, buf, sizeof buf, MSG_DONTWAIT) > 0) {}
+    if (len > 0) {
+        ssize_t n = send(peer, data, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        (void)n;
+    }
+    if (arg & 0x80) shutdown(peer, SHUT_WR);
+    tl_relay_poll(64);
+}
+
 /* Take dial.c's events, as c_dials.py does after a pass; check what they carry. */
 void fuzz_dial_events(void)
 {
@@ -415,6 +445,8 @@ void fuzz_dial_events(void)
         if (e[i].kind < TL_DIAL_CONNECTED || e[i].kind > TL_DIAL_ENDED || e[i].id == 0) abort();
         if (e[i].len) touch(e[i].data, e[i].len);
         if (e[i].kind == TL_DIAL_FAILED && e[i].len < 20) abort(); /* the held SYN */
+        if (e[i].proxy_reason < 0 || e[i].proxy_reason >= TL_SOCKS5_REASONS ||
+            (e[i].proxy_reason && e[i].kind != TL_DIAL_FAILED)) abort();
         if (e[i].kind == TL_DIAL_OPENED) {
             tl_relay_stats st;
             tl_dial_flow_bytes(e[i].flow, &st);
@@ -422,6 +454,10 @@ void fuzz_dial_events(void)
     }
     const tl_dial_counters *c = tl_dial_get_counters();
     if (c->dialing + c->connected > c->started) abort();
+    if (c->proxied > c->dialing || c->socks5_connected > c->socks5_started) abort();
+    uint64_t failed = 0;
+    for (int i = 0; i < TL_SOCKS5_REASONS; i++) failed += c->socks5_failures[i];
+    if (failed + c->socks5_connected + c->proxied > c->socks5_started) abort();
 }
 
 void fuzz_dial_teardown(void)
@@ -430,9 +466,10 @@ void fuzz_dial_teardown(void)
     fuzz_dial_events();
     fuzz_dial_events(); /* frees the last batch */
     const tl_dial_counters *c = tl_dial_get_counters();
-    if (c->dialing || c->connected || c->relayed) abort(); /* nothing left behind */
+    if (c->dialing || c->connected || c->relayed || c->proxied) abort(); /* nothing left behind */
     for (int i = 0; i < dial_peers_n; i++) close(dial_peers[i]);
     dial_peers_n = 0;
     tl_dial_configure(0, TL_PROTECT_NONE, 0, NULL, 0, 0, 0, 30000, 10000);
+    tl_dial_set_proxy_timeout(10000);
     tl_dial_reset_counters();
 }

@@ -332,6 +332,7 @@ static void setup(uint8_t cfg)
     if (cfg & CFG_HOLD_SYNS) { /* and dials in C, to socketpairs (packet_checks.c) */
         tl_dial_connector = fuzz_dial_connector;
         tl_dial_configure(1, TL_PROTECT_NONE, 0, NULL, 0, 0, 0, 3000, 1000);
+        tl_dial_set_proxy_timeout(2000); /* a SOCKS5 dial's connect and handshake */
     }
     tl_set_max_half_open(DEFAULT_HALF_OPEN); /* a SEG record may lower it */
     half_open_bound = DEFAULT_HALF_OPEN;
@@ -387,6 +388,11 @@ static void report(void)
             "foreign=%lu\n", (unsigned long)u->opened, (unsigned long)u->datagrams_up,
             (unsigned long)u->datagrams_down, (unsigned long)u->socks5_malformed,
             (unsigned long)u->socks5_fragments, (unsigned long)u->socks5_foreign);
+    fprintf(stderr, "socks5 dials=%lu connected=%lu dialing=%lu failed by reason:",
+            d->socks5_started, d->socks5_connected, d->proxied);
+    for (int i = 0; i < TL_SOCKS5_REASONS; i++)
+        if (d->socks5_failures[i]) fprintf(stderr, " %d:%lu", i, d->socks5_failures[i]);
+    fprintf(stderr, "\n");
 }
 
 /* Empty lwIP and our tables so the next input starts from the same state. */
@@ -522,7 +528,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (len > size - off) len = size - off;
         decide = arg;
         unsigned step = ctl >> 3;
-        if (step >= XT_CHAIN || step == VNET) {
+        if (step == PROXY) {
+            fuzz_proxy_answer(data + off, len, arg); /* not a packet: a proxy's answer */
+        } else if (step >= XT_CHAIN || step == VNET) {
             if (step == VNET && queued) drain_batch(arg & 0x40); /* aim at what came before */
             queued = 0;
             shape_record(step, data + off, len, arg);

@@ -14,6 +14,11 @@ What Python keeps per dial is its key and, once relayed, its ``LiveFlow``; the c
 forwarder admits by (dials connecting and connected, by client) are kept here from ``start``
 to the event that ends each state, so between a pass and its ``sync`` they can only be high
 (a refusal a moment early), never low.
+
+A dial through a SOCKS5 proxy (``start`` with ``socks5``, from ``egress.tcp_routes``) is one
+of these too, counted the same; its failure comes with C's reason, read as the Python client's
+(``egress.c_socks5.failure``), and the proxy's own failures count in its route's
+``proxy_failures``.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 from .binding import dial as cdial
 from .dialer import Dialer, c_protection
+from .egress.c_socks5 import CSocks5Route, failure, start_failure
+from .egress.routes import RouteCounters
 from .endpoint import Endpoint
-from .errors import ProtectError
+from .errors import ProtectError, ProxyError
 from .flows import FlowTable, LiveFlow
 from .relay import REASONS
 from .shares import ClientCounts
@@ -69,6 +76,8 @@ class CDials:
         #: (kept here, not in C: the flow record is the only one to read it).
         self._dials: dict[int, tuple[FlowKey, float, str | None]] = {}
         self._relayed: dict[int, LiveFlow] = {}
+        #: SOCKS5 dials under way, by id: their route's counters (for ``proxy_failures``).
+        self._proxied: dict[int, RouteCounters] = {}
         self._dialing = 0
         self._connected = 0
         self._dialing_per_client = ClientCounts()
@@ -119,12 +128,22 @@ class CDials:
     def connected_for(self, client: Any) -> int:
         return self._connected_per_client.count(client)
 
-    def start(self, key: FlowKey, route: str | None = None) -> OSError | None:
-        """Dial the SYN being held now (only from the SYN hook) for the route named ``route``;
+    def start(self, key: FlowKey, route: str | None = None, *,
+              socks5: tuple[CSocks5Route, bytes | None, RouteCounters] | None = None,
+              ) -> OSError | None:  # fmt: skip
+        """Dial the SYN being held now (only from the SYN hook) for the route named ``route``
+        (through ``socks5``: the proxy, the CONNECT's host name or None, the route's counters);
         the error if it cannot start."""
-        rc = cdial.start()
-        if rc < 0:
-            return dial_error(-rc)
+        if socks5 is None:
+            rc = cdial.start()
+            if rc < 0:
+                return dial_error(-rc)
+        else:
+            via, name, counters = socks5
+            rc = cdial.start_socks5(via.proxy, name, via.auth)
+            if rc < 0:
+                return start_failure(-rc)
+            self._proxied[rc] = counters
         self._dials[rc] = (key, 0.0, route)
         self._dialing += 1
         self._dialing_per_client.add(key[0].address)
@@ -159,6 +178,8 @@ class CDials:
         if kind == cdial.CONNECTED:
             key, _, route = self._dials[ident]
             self._dials[ident] = (key, event.latency_ms / 1000, route)
+            if self._proxied:
+                self._proxied.pop(ident, None)
             self._dialing -= 1
             self._dialing_per_client.release(key[0].address)
             self._connected += 1
@@ -168,9 +189,16 @@ class CDials:
             key, _, route = self._dials.pop(ident)
             self._dialing -= 1
             self._dialing_per_client.release(key[0].address)
-            if event.error != errno.ECANCELED:  # ECANCELED: the gateway stops
-                self._on_failed(key, cdial.data(event), dial_error(event.error),
-                                event.latency_ms / 1000, route)  # fmt: skip
+            counters = self._proxied.pop(ident, None) if self._proxied else None
+            if event.error == errno.ECANCELED:  # the gateway stops
+                return
+            if event.proxy_reason:
+                error = failure(event.proxy_reason, event.error)
+                if counters is not None and isinstance(error, ProxyError):
+                    counters.proxy_failures += 1
+            else:
+                error = dial_error(event.error)
+            self._on_failed(key, cdial.data(event), error, event.latency_ms / 1000, route)
         elif kind == cdial.UNCLAIMED:
             key, _, _ = self._dials.pop(ident)
             self._connected -= 1

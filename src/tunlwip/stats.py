@@ -221,6 +221,7 @@ _STACK_GAUGES = MappingProxyType({
     "c_dialing": "upstream connects C runs now for held SYNs",
     "c_dial_connected": "upstreams C connected, waiting for their client's handshake",
     "c_relays": "relays C opened for its own dials, open now",
+    "c_socks5_dialing": "dials C runs now through a SOCKS5 proxy (connect and handshake)",
 })  # fmt: skip
 
 #: Every exported number, in the order of the exposition (after ``tunlwip_info``).

@@ -137,6 +137,7 @@ class TcpForwarder:
                                   on_connected=self._c_connected, on_opened=self._c_opened,
                                   on_ended=self._c_ended)  # fmt: skip
             self.configure_c_dials()
+            self.routing.c_dials = self.c_dials  # SOCKS5 proxies given by address: in C
             CDials.set_accepting(self._accepting)
             self._stack.c_dial_events = self.sync_c_dials
             self._dialer.also_own = CDials.is_own

@@ -216,9 +216,15 @@ def test_flows_through_danted_and_tinyproxy_are_relayed_in_c(
         after = totals(gw)
         calls = counter(after, "python_calls") - counter(before, "python_calls")
         relays = counter(after, "relays_opened") - counter(before, "relays_opened")
+        socks_in_c = counter(after, "c_socks5_dials") - counter(before, "c_socks5_dials")
         print(f"{host}: {relays} relay, {calls} calls into Python for 2 MiB")
         assert relays == 1, (before, after)
         assert calls <= 12, calls  # a Python copy loop would be hundreds
+        # SOCKS5 proxies given by address are dialed in C (socks5_dial.c); HTTP in Python.
+        assert socks_in_c == (0 if host == HTTP4 else 1), (host, before, after)
+        if host != HTTP4:
+            assert counter(after, "c_socks5_connected") - counter(before, "c_socks5_connected") == 1
+            assert calls <= 3, calls  # the SYN hook and the batched events, as a direct C dial
     refused, _ = connect_error(split, SOCKS4, CLOSED_PORT, timeout=10)
     assert isinstance(refused, ConnectionRefusedError), refused
     unreachable, _ = connect_error(split, UNREACHABLE4, ECHO_PORT, timeout=10)
@@ -231,6 +237,8 @@ def test_flows_through_danted_and_tinyproxy_are_relayed_in_c(
     assert down.errno == errno.EHOSTUNREACH, down
     assert elapsed < 2, elapsed
     doc = totals(gw)
+    # refused (reply 5), unreachable (reply 4) and the proxy that is down: all failed in C
+    assert counter(doc, "c_socks5_failures") == 3 and counter(doc, "c_socks5_dialing") == 0, doc
     routes = doc["routes"]
     assert routes["flows_tcp"]["socks"] == 3 and routes["flows_tcp"]["socks-auth"] == 1, routes
     assert routes["flows_tcp"]["http"] == 2 and routes["proxy_failures"] == {

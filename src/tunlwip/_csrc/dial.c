@@ -9,8 +9,8 @@
  * tuple being dialed here is swallowed, and a SYN that is one of our own sockets' packets
  * coming back (a routing loop) is dropped, both counted, without Python. Otherwise the SYN
  * stays "current" while Python's SYN hook runs; if Python admits it, it calls tl_dial_start,
- * which copies the current SYN and starts a non-blocking connect on a new socket (protected
- * with SO_MARK or SO_BINDTODEVICE, TCP_NODELAY, keepalive as configured), watched in the poll
+ * which copies the current SYN and starts a non-blocking connect on a new socket (dial_socket.c:
+ * protected with SO_MARK or SO_BINDTODEVICE, TCP_NODELAY, keepalive as configured), watched in the poll
  * set (kind TL_POLL_DIAL). When the socket turns writable: SO_ERROR 0 releases the SYN into
  * lwIP (tl_input_release), which answers SYN-ACK; an error becomes a FAILED event carrying the
  * SYN, which Python answers (RST or ICMP) and records. When lwIP accepts the connection
@@ -18,8 +18,15 @@
  * on the PCB and the socket. The dial then lives on as the flow's record in C: the relay
  * reports its first bytes and its end here (tl_dial_first_data, tl_dial_relay_ended).
  *
- * Deadlines are FIFO: dials in the order they started (connect timeout) and connected dials in
- * the order they connected (claim timeout), so tl_dial_expire only looks at list heads.
+ * Through a SOCKS5 proxy (tl_dial_start_socks5): the socket connects to the proxy instead, and
+ * socks5_dial.c runs the handshake on it; done, the dial is connected like any other (the SYN
+ * released, the connection claimed into a relay); failed, its FAILED event also carries the
+ * reason (TL_SOCKS5_*). The own table holds the socket's real peer (the proxy).
+ *
+ * Deadlines are FIFO: dials in the order they started (connect timeout; those through a proxy
+ * in a FIFO of their own, with the proxy timeout for connect and handshake together) and
+ * connected dials in the order they connected (claim timeout), so tl_dial_expire only looks at
+ * list heads.
  *
  * Events (CONNECTED, FAILED, UNCLAIMED, OPENED, FIRST_DATA, ENDED) go to a growable array that
  * Python takes whole (tl_dial_events) after a poll pass; the data they point to (a failed SYN,
@@ -53,9 +60,6 @@
 
 #include "tl_internal.h"
 
-/* Linux's TCP socket options (<netinet/tcp.h> would clash with lwIP's TCP_MSS). */
-enum { TL_TCP_NODELAY = 1, TL_TCP_KEEPIDLE = 4, TL_TCP_KEEPINTVL = 5, TL_TCP_KEEPCNT = 6 };
-
 enum { TL_DIALING = 0, TL_CONNECTED = 1, TL_RELAYED = 2, TL_FINISHED = 3 };
 
 struct tl_dial {
@@ -64,7 +68,9 @@ struct tl_dial {
     uint8_t state, own_linked, tuple_linked;
     uint8_t reserved;           /* event slots still reserved for it (see the top) */
     uint64_t id;
-    tl_endpoint client, target, local;
+    tl_endpoint client, target, local, peer; /* peer: target, or the proxy */
+    struct tl_socks5 *socks;               /* the handshake through a proxy, while dialing */
+    int proxy_reason;                      /* TL_SOCKS5_* of a failed one */
     u32_t started_ms, connected_ms;
     struct tl_dial *tuple_next, *own_next; /* hash chains */
     struct tl_dial *prev, *next;           /* the FIFO of its state (dialing, connected) */
@@ -80,15 +86,15 @@ struct tl_fifo {
 
 #define TL_DIAL_BUCKETS 16384 /* per table; chains grow past that, lookups stay correct */
 static struct tl_dial *tl_by_tuple[TL_DIAL_BUCKETS], *tl_by_own[TL_DIAL_BUCKETS];
-static struct tl_fifo tl_dialing, tl_connected;
+static struct tl_fifo tl_dialing, tl_connected, tl_proxied;
 static tl_dial_counters tl_dstats;
 static uint64_t tl_next_id = 1;
 static u32_t tl_hash_seed;
 
 /* Settings (tl_dial_configure). */
-static int tl_dial_on, tl_dial_accepting = 1, tl_protect_kind;
-static uint32_t tl_protect_mark, tl_keep[3], tl_connect_ms = 30000, tl_claim_ms = 10000;
-static char tl_protect_ifname[16];
+static int tl_dial_on, tl_dial_accepting = 1;
+static uint32_t tl_connect_ms = 30000, tl_claim_ms = 10000;
+static uint32_t tl_proxy_ms = 10000; /* a proxy's connect and handshake (tl_dial_set_proxy_timeout) */
 
 /* The SYN being held while Python's hook runs (tl_dial_intercept .. tl_dial_current_end). */
 static const uint8_t *tl_cur_packet;
@@ -148,7 +154,7 @@ static void tl_tuple_unlink(struct tl_dial *d)
 static void tl_own_unlink(struct tl_dial *d)
 {
     if (!d->own_linked) return;
-    tl_unlink_chain(&tl_by_own[tl_pair_bucket(&d->local, &d->target)], d, 1);
+    tl_unlink_chain(&tl_by_own[tl_pair_bucket(&d->local, &d->peer)], d, 1);
     d->own_linked = 0;
 }
 
@@ -181,6 +187,7 @@ static void tl_fifo_remove(struct tl_fifo *f, struct tl_dial *d)
 
 static void tl_dial_free(struct tl_dial *d)
 {
+    if (d->socks) tl_socks5_free(d->socks);
     free(d->packet);
     free(d);
 }
@@ -234,6 +241,7 @@ static void tl_event(struct tl_dial *d, int kind, int error, uint8_t *data, uint
     e->at_ms = sys_now();
     e->data = data;
     e->len = len;
+    if (kind == TL_DIAL_FAILED) e->proxy_reason = d->proxy_reason;
     if (kind == TL_DIAL_CONNECTED || kind == TL_DIAL_FAILED)
         e->latency_ms = (kind == TL_DIAL_CONNECTED ? d->connected_ms : sys_now()) - d->started_ms;
     if (kind == TL_DIAL_ENDED) {
@@ -293,8 +301,11 @@ static void tl_close_socket(struct tl_dial *d)
 static void tl_dial_finish(struct tl_dial *d, int kind, int error)
 {
     if (d->state == TL_DIALING) {
-        tl_fifo_remove(&tl_dialing, d);
+        tl_fifo_remove(d->socks ? &tl_proxied : &tl_dialing, d);
         tl_dstats.dialing--;
+        tl_dstats.proxied -= d->socks != NULL;
+        if (d->proxy_reason > 0 && d->proxy_reason < TL_SOCKS5_REASONS)
+            tl_dstats.socks5_failures[d->proxy_reason]++;
     } else if (d->state == TL_CONNECTED) {
         tl_fifo_remove(&tl_connected, d);
         tl_dstats.connected--;
@@ -336,91 +347,9 @@ int tl_dial_intercept(const uint8_t *packet, size_t len, const tl_endpoint *src,
 
 void tl_dial_current_end(void) { tl_cur_packet = NULL; }
 
-static int tl_dial_protect(int fd)
+/* Dial the current SYN: the socket to `peer` (its destination, or a proxy with `socks`). */
+static int64_t tl_dial_begin(const tl_endpoint *peer, struct tl_socks5 *socks)
 {
-    if (tl_protect_kind == TL_PROTECT_MARK)
-        return setsockopt(fd, SOL_SOCKET, SO_MARK, &tl_protect_mark, sizeof tl_protect_mark);
-    if (tl_protect_kind == TL_PROTECT_INTERFACE)
-        return setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, tl_protect_ifname,
-                          (socklen_t)strlen(tl_protect_ifname));
-    return 0;
-}
-
-static int tl_sockaddr(const tl_endpoint *e, struct sockaddr_storage *ss, socklen_t *len)
-{
-    memset(ss, 0, sizeof *ss);
-    if (e->family == 4) {
-        struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
-        s4->sin_family = AF_INET;
-        s4->sin_port = htons(e->port);
-        memcpy(&s4->sin_addr, e->addr, 4);
-        *len = sizeof *s4;
-        return AF_INET;
-    }
-    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
-    s6->sin6_family = AF_INET6;
-    s6->sin6_port = htons(e->port);
-    memcpy(&s6->sin6_addr, e->addr, 16);
-    *len = sizeof *s6;
-    return AF_INET6;
-}
-
-static void tl_endpoint_of(tl_endpoint *e, const struct sockaddr_storage *ss)
-{
-    memset(e, 0, sizeof *e);
-    if (ss->ss_family == AF_INET) {
-        const struct sockaddr_in *s4 = (const struct sockaddr_in *)ss;
-        e->family = 4;
-        memcpy(e->addr, &s4->sin_addr, 4);
-        e->port = ntohs(s4->sin_port);
-    } else {
-        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)ss;
-        e->family = 6;
-        memcpy(e->addr, &s6->sin6_addr, 16);
-        e->port = ntohs(s6->sin6_port);
-    }
-}
-
-/* A connecting socket to dst, protected and tuned; -errno (protection: -TL_DIAL_PROTECT_FAILED
- * - errno) on failure. */
-static int tl_dial_socket(const tl_endpoint *dst, tl_endpoint *local)
-{
-    struct sockaddr_storage ss;
-    socklen_t sslen;
-    int family = tl_sockaddr(dst, &ss, &sslen);
-    int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -errno;
-    if (tl_dial_protect(fd) != 0) {
-        int err = errno;
-        close(fd);
-        return -(TL_DIAL_PROTECT_FAILED + err);
-    }
-    int one = 1;
-    int err = 0;
-    if (setsockopt(fd, IPPROTO_TCP, TL_TCP_NODELAY, &one, sizeof one) != 0) err = errno;
-    if (!err && tl_keep[0] > 0 &&
-        (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one) != 0 ||
-         setsockopt(fd, IPPROTO_TCP, TL_TCP_KEEPIDLE, &tl_keep[0], sizeof tl_keep[0]) != 0 ||
-         setsockopt(fd, IPPROTO_TCP, TL_TCP_KEEPINTVL, &tl_keep[1], sizeof tl_keep[1]) != 0 ||
-         setsockopt(fd, IPPROTO_TCP, TL_TCP_KEEPCNT, &tl_keep[2], sizeof tl_keep[2]) != 0))
-        err = errno;
-    if (!err && connect(fd, (struct sockaddr *)&ss, sslen) != 0 && errno != EINPROGRESS) err = errno;
-    struct sockaddr_storage mine;
-    socklen_t minelen = sizeof mine;
-    if (!err && getsockname(fd, (struct sockaddr *)&mine, &minelen) != 0) err = errno;
-    if (err) {
-        close(fd);
-        return -err;
-    }
-    tl_endpoint_of(local, &mine);
-    return fd;
-}
-
-int (*tl_dial_connector)(const tl_endpoint *dst, tl_endpoint *local) = tl_dial_socket;
-
-int64_t tl_dial_start(void)
-{
-    if (!tl_dial_on || tl_cur_packet == NULL) return -EINVAL;
     /* The events this dial will owe Python, before anything that would need them. */
     if (tl_events_room(&tl_events, &tl_events_cap, tl_events_n + tl_reserved + TL_DIAL_SLOTS) != 0)
         return -ENOMEM;
@@ -432,7 +361,7 @@ int64_t tl_dial_start(void)
         return -ENOMEM;
     }
     memcpy(packet, tl_cur_packet, tl_cur_len);
-    int fd = tl_dial_connector(tl_cur_dst, &d->local);
+    int fd = tl_dial_connector(peer, &d->local);
     if (fd < 0) {
         free(d);
         free(packet);
@@ -448,6 +377,8 @@ int64_t tl_dial_start(void)
     }
     d->entry.kind = TL_POLL_DIAL;
     d->fd = fd;
+    d->peer = *peer;
+    d->socks = socks;
     d->id = tl_next_id++;
     d->client = *tl_cur_src;
     d->target = *tl_cur_dst;
@@ -461,20 +392,44 @@ int64_t tl_dial_start(void)
     d->tuple_next = tl_by_tuple[b];
     tl_by_tuple[b] = d;
     d->tuple_linked = 1;
-    b = tl_pair_bucket(&d->local, &d->target);
+    b = tl_pair_bucket(&d->local, &d->peer);
     d->own_next = tl_by_own[b];
     tl_by_own[b] = d;
     d->own_linked = 1;
-    tl_fifo_push(&tl_dialing, d);
+    tl_fifo_push(socks ? &tl_proxied : &tl_dialing, d);
     tl_dstats.dialing++;
     tl_dstats.started++;
+    if (socks) {
+        tl_dstats.proxied++;
+        tl_dstats.socks5_started++;
+    }
     return (int64_t)d->id;
 }
+
+int64_t tl_dial_start(void)
+{
+    if (!tl_dial_on || tl_cur_packet == NULL) return -EINVAL;
+    return tl_dial_begin(tl_cur_dst, NULL);
+}
+
+int64_t tl_dial_start_socks5(const tl_endpoint *proxy, const char *name, const uint8_t *auth,
+                             size_t auth_len)
+{
+    if (!tl_dial_on || tl_cur_packet == NULL) return -EINVAL;
+    int err = 0;
+    struct tl_socks5 *socks = tl_socks5_new(tl_cur_dst, name, auth, auth_len, &err);
+    if (socks == NULL) return -err;
+    int64_t rc = tl_dial_begin(proxy, socks);
+    if (rc < 0) tl_socks5_free(socks);
+    return rc;
+}
+
+void tl_dial_set_proxy_timeout(uint32_t ms) { tl_proxy_ms = ms ? ms : 1; }
 
 int tl_dial_is_own(const tl_endpoint *local, const tl_endpoint *peer)
 {
     for (struct tl_dial *d = tl_by_own[tl_pair_bucket(local, peer)]; d; d = d->own_next)
-        if (tl_ep_eq(&d->local, local) && tl_ep_eq(&d->target, peer)) return 1;
+        if (tl_ep_eq(&d->local, local) && tl_ep_eq(&d->peer, peer)) return 1;
     return 0;
 }
 
@@ -482,18 +437,35 @@ int tl_dial_is_own(const tl_endpoint *local, const tl_endpoint *peer)
 
 void tl_dial_on_ready(struct tl_dial *d, uint32_t events)
 {
-    (void)events;
     if (d->state != TL_DIALING) return;
     int err = 0;
-    socklen_t len = sizeof err;
-    if (getsockopt(d->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
-    if (err == 0 && !(events & EPOLLOUT)) err = ECONNRESET;
-    if (err != 0) {
-        tl_dial_finish(d, TL_DIAL_FAILED, err);
-        return;
+    if (d->socks != NULL) { /* through a proxy: its handshake says when we are connected */
+        int rc = tl_socks5_ready(d->socks, d->fd, events, d, &err);
+        if (rc == 0) return;
+        if (rc < 0) {
+            d->proxy_reason = -rc;
+            tl_dial_finish(d, TL_DIAL_FAILED, err);
+            return;
+        }
+    } else {
+        socklen_t len = sizeof err;
+        if (getsockopt(d->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+        if (err == 0 && !(events & EPOLLOUT)) err = ECONNRESET;
+        if (err != 0) {
+            tl_dial_finish(d, TL_DIAL_FAILED, err);
+            return;
+        }
     }
     epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, d->fd, NULL);
-    tl_fifo_remove(&tl_dialing, d);
+    if (d->socks != NULL) {
+        tl_fifo_remove(&tl_proxied, d);
+        tl_dstats.proxied--;
+        tl_dstats.socks5_connected++;
+        tl_socks5_free(d->socks);
+        d->socks = NULL;
+    } else {
+        tl_fifo_remove(&tl_dialing, d);
+    }
     tl_dstats.dialing--;
     /* A second SYN of the flow dialed again: the newer connected dial replaces the older. */
     struct tl_dial *old = tl_find(&d->client, &d->target, TL_CONNECTED);
@@ -574,10 +546,18 @@ uint32_t tl_dial_expire(void)
     u32_t now = sys_now();
     while (tl_dialing.head && now - tl_dialing.head->started_ms >= tl_connect_ms)
         tl_dial_finish(tl_dialing.head, TL_DIAL_FAILED, ETIMEDOUT);
+    while (tl_proxied.head && now - tl_proxied.head->started_ms >= tl_proxy_ms) {
+        tl_proxied.head->proxy_reason = tl_socks5_timeout_reason(tl_proxied.head->socks);
+        tl_dial_finish(tl_proxied.head, TL_DIAL_FAILED, ETIMEDOUT);
+    }
     while (tl_connected.head && now - tl_connected.head->connected_ms >= tl_claim_ms)
         tl_dial_finish(tl_connected.head, TL_DIAL_UNCLAIMED, 0); /* the handshake never came */
     u32_t due = 0xFFFFFFFFu;
     if (tl_dialing.head) due = tl_dialing.head->started_ms + tl_connect_ms - now;
+    if (tl_proxied.head) {
+        u32_t proxy = tl_proxied.head->started_ms + tl_proxy_ms - now;
+        if (proxy < due) due = proxy;
+    }
     if (tl_connected.head) {
         u32_t claim = tl_connected.head->connected_ms + tl_claim_ms - now;
         if (claim < due) due = claim;
@@ -591,16 +571,9 @@ int tl_dial_configure(int on, int protect, uint32_t mark, const char *ifname,
                       uint32_t keep_idle, uint32_t keep_intvl, uint32_t keep_cnt,
                       uint32_t connect_ms, uint32_t claim_ms)
 {
-    if (protect < TL_PROTECT_NONE || protect > TL_PROTECT_INTERFACE) return -EINVAL;
-    if (ifname != NULL && strlen(ifname) >= sizeof tl_protect_ifname) return -EINVAL;
+    int rc = tl_dial_socket_configure(protect, mark, ifname, keep_idle, keep_intvl, keep_cnt);
+    if (rc != 0) return rc;
     tl_dial_on = on ? 1 : 0;
-    tl_protect_kind = protect;
-    tl_protect_mark = mark;
-    memset(tl_protect_ifname, 0, sizeof tl_protect_ifname);
-    if (ifname != NULL) strcpy(tl_protect_ifname, ifname);
-    tl_keep[0] = keep_idle;
-    tl_keep[1] = keep_intvl;
-    tl_keep[2] = keep_cnt;
     tl_connect_ms = connect_ms ? connect_ms : 1;
     tl_claim_ms = claim_ms ? claim_ms : 1;
     return 0;
@@ -617,6 +590,7 @@ const tl_dial_counters *tl_dial_get_counters(void)
 void tl_dial_close_all(void)
 {
     while (tl_dialing.head) tl_dial_finish(tl_dialing.head, TL_DIAL_FAILED, ECANCELED);
+    while (tl_proxied.head) tl_dial_finish(tl_proxied.head, TL_DIAL_FAILED, ECANCELED);
     while (tl_connected.head) tl_dial_finish(tl_connected.head, TL_DIAL_UNCLAIMED, 0);
 }
 
@@ -624,6 +598,8 @@ void tl_dial_close_all(void)
 void tl_dial_reset_counters(void)
 {
     tl_dstats.started = tl_dstats.swallowed = tl_dstats.loops = tl_dstats.events_lost = 0;
+    tl_dstats.socks5_started = tl_dstats.socks5_connected = 0;
+    memset(tl_dstats.socks5_failures, 0, sizeof tl_dstats.socks5_failures);
 }
 
 /* Tests: the most events either array may hold, as if memory ran out beyond (0: no limit). */

@@ -21,6 +21,8 @@
  *   socks5_udp.c       the SOCKS5 UDP header of a proxy relay's datagram, checked and measured
  *   vnet_input.c       input with a virtio-net header: offloaded super-segments checked, fed
  *   dial.c             upstream connects of held SYNs in C, their handover to relays, events
+ *   dial_socket.c      a C dial's socket: protection, options, the non-blocking connect
+ *   socks5_dial.c      the SOCKS5 CONNECT handshake of a C dial through a proxy
  *
  * Invariant of the whole layer: only the trio thread calls in, and never re-entrantly; Python
  * callbacks (tl_py_*) record events and return, they never call back into lwIP input or timers.
@@ -164,14 +166,34 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events);
 int tl_dial_claim(struct tcp_pcb *pcb);
 /* Check the deadlines; ms until the next one (UINT32_MAX: none). */
 uint32_t tl_dial_expire(void);
-/* What makes a dial's socket: a protected, connecting socket to dst (its address in *local),
- * or -errno. The packet fuzzer swaps in socketpairs: it never connects anywhere. */
+/* ---- dial_socket.c: what makes a dial's socket --------------------------------------------- */
+
+/* A protected, connecting socket to dst (its address in *local), or -errno (protection:
+ * -(TL_DIAL_PROTECT_FAILED + errno)). The packet fuzzer swaps in socketpairs. */
 extern int (*tl_dial_connector)(const tl_endpoint *dst, tl_endpoint *local);
+/* The protection and keepalive of sockets made from now on (-EINVAL: bad values). */
+int tl_dial_socket_configure(int protect, uint32_t mark, const char *ifname, uint32_t keep_idle,
+                             uint32_t keep_intvl, uint32_t keep_cnt);
 /* From relay.c, for relays it opened for a dial (tl_relay_adopt). */
 int tl_relay_adopt(struct tcp_pcb *pcb, int fd, struct tl_dial *flow);
 void tl_dial_relay_opened(struct tl_dial *d, struct tl_relay *r);
 void tl_dial_first_data(struct tl_dial *d, const uint8_t *data, size_t len);
 void tl_dial_relay_ended(struct tl_dial *d, int reason, uint64_t up, uint64_t down);
+
+/* ---- socks5_dial.c ----------------------------------------------------------------------- */
+
+struct tl_socks5;
+/* The handshake of a dial to `target` (by `name` when not NULL) with optional RFC 1929 `auth`;
+ * NULL with *err (EINVAL, ENOMEM). */
+struct tl_socks5 *tl_socks5_new(const tl_endpoint *target, const char *name, const uint8_t *auth,
+                                size_t auth_len, int *err);
+void tl_socks5_free(struct tl_socks5 *s);
+/* The dial's socket `fd` (in the poll set with `owner` as its pointer) is ready: 0 more to do,
+ * 1 the handshake is done (the socket is at the destination's first byte), -TL_SOCKS5_* with
+ * *err an errno when it failed. */
+int tl_socks5_ready(struct tl_socks5 *s, int fd, uint32_t events, void *owner, int *err);
+/* TL_SOCKS5_CONNECT_TIMEOUT or TL_SOCKS5_HANDSHAKE_TIMEOUT, by the step it is at. */
+int tl_socks5_timeout_reason(const struct tl_socks5 *s);
 
 /* ---- vnet.c: output to a TUN fd with a virtio-net header --------------------------------- */
 

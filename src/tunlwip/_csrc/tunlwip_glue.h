@@ -202,12 +202,28 @@ typedef struct {
     uint64_t bytes_up, bytes_down;      /* ENDED */
     const uint8_t *data; /* FAILED: the held SYN; FIRST_DATA: the client's first bytes */
     uint32_t len;
+    int proxy_reason;    /* FAILED through a SOCKS5 proxy: TL_SOCKS5_* (else 0) */
 } tl_dial_event;
+/* Why a dial through a SOCKS5 proxy failed (socks5_dial.c); binding/dial.py has their texts.
+ * The reply codes 3-6 (NET_UNREACHABLE .. TTL_EXPIRED) are the destination's failures. */
+enum { TL_SOCKS5_REFUSED = 1, TL_SOCKS5_CONNECT_TIMEOUT = 2, TL_SOCKS5_UNREACHABLE = 3,
+       TL_SOCKS5_HANDSHAKE_TIMEOUT = 4, TL_SOCKS5_CLOSED = 5, TL_SOCKS5_BROKEN = 6,
+       TL_SOCKS5_BAD_VERSION = 7, TL_SOCKS5_NO_METHOD = 8, TL_SOCKS5_UNOFFERED_METHOD = 9,
+       TL_SOCKS5_BAD_AUTH_VERSION = 10, TL_SOCKS5_AUTH_FAILED = 11, TL_SOCKS5_BAD_RESERVED = 12,
+       TL_SOCKS5_BAD_ADDRESS_TYPE = 13, TL_SOCKS5_BAD_ADDRESS = 14,
+       TL_SOCKS5_GENERAL_FAILURE = 15, TL_SOCKS5_NOT_ALLOWED = 16,
+       TL_SOCKS5_NET_UNREACHABLE = 17, TL_SOCKS5_HOST_UNREACHABLE = 18,
+       TL_SOCKS5_DEST_REFUSED = 19, TL_SOCKS5_TTL_EXPIRED = 20,
+       TL_SOCKS5_COMMAND_NOT_SUPPORTED = 21, TL_SOCKS5_ATYP_NOT_SUPPORTED = 22,
+       TL_SOCKS5_UNKNOWN_REPLY = 23, TL_SOCKS5_REASONS = 24 };
 typedef struct {
     uint64_t started, swallowed, loops; /* counts */
     uint64_t events_lost; /* FIRST_DATA dropped for want of memory (the flow goes unnamed) */
     uint64_t dialing, connected, relayed;            /* gauges */
     uint64_t python_calls; /* calls from C into Python, all of them (a cost, for tests) */
+    uint64_t socks5_started, socks5_connected;       /* dials through a SOCKS5 proxy */
+    uint64_t socks5_failures[TL_SOCKS5_REASONS];     /* by TL_SOCKS5_* */
+    uint64_t proxied;                                /* gauge: SOCKS5 dials under way */
 } tl_dial_counters;
 int tl_dial_configure(int on, int protect, uint32_t mark, const char *ifname,
                       uint32_t keep_idle, uint32_t keep_intvl, uint32_t keep_cnt,
@@ -215,6 +231,13 @@ int tl_dial_configure(int on, int protect, uint32_t mark, const char *ifname,
 void tl_dial_set_accepting(int on);
 /* Dial the SYN held now (only from Python's SYN hook): the dial's id, or -errno */
 int64_t tl_dial_start(void);
+/* The same through the SOCKS5 proxy at `proxy`: CONNECT to the SYN's destination, or to `name`
+ * (ATYP 3; NULL: by address); `auth`: the RFC 1929 request to send if the proxy asks for it
+ * (NULL, 0: offer no authentication). The dial's id, or -errno */
+int64_t tl_dial_start_socks5(const tl_endpoint *proxy, const char *name, const uint8_t *auth,
+                             size_t auth_len);
+/* The connect to a proxy and its handshake together end within this (dials started after) */
+void tl_dial_set_proxy_timeout(uint32_t ms);
 int tl_dial_is_own(const tl_endpoint *local, const tl_endpoint *peer);
 /* The events since the last take; they, and what they point to, live until the next take */
 int tl_dial_events(tl_dial_event **out);

@@ -1,4 +1,5 @@
-"""The dials in C (``_csrc/dial.c``): held SYNs' upstream connects and their relays, no Python.
+"""The dials in C (``_csrc/dial.c``, ``_csrc/socks5_dial.c``): held SYNs' upstream connects,
+directly or through a SOCKS5 proxy, and their relays, no Python.
 
 Conventions: ``configure`` and ``start`` use ``-errno`` (``start``: the dial's id, or ``-errno``
 returned as it is, since a failed dial is an outcome to answer, not an exception; a failed
@@ -29,6 +30,8 @@ PROTECT_FAILED: int = lib.TL_DIAL_PROTECT_FAILED
 
 #: Dial the SYN Python's SYN hook is looking at: the dial's id, or ``-errno``.
 start: Callable[[], int] = lib.tl_dial_start
+#: The connect to a proxy and its handshake together end within this many ms (new dials).
+set_proxy_timeout: Callable[[int], None] = lib.tl_dial_set_proxy_timeout
 #: Events waiting to be taken.
 waiting: Callable[[], int] = lib.tl_dial_events_waiting
 #: Let dials be claimed by accepted connections (off: the gateway drains).
@@ -53,6 +56,45 @@ def configure(*, on: bool, protect: int = 0, mark: int = 0, interface: str | Non
                                max(1, int(connect_timeout * 1000)),
                                max(1, int(claim_timeout * 1000)))  # fmt: skip
     check_errno(rc, "cannot configure the C dials")
+
+
+def start_socks5(proxy: Any, name: bytes | None, auth: bytes | None) -> int:
+    """Dial the held SYN through the SOCKS5 proxy ``proxy`` (a ``tl_endpoint *``, see
+    ``endpoint_to_c``): CONNECT to ``name`` (ATYP 3) if given, else to the SYN's destination;
+    ``auth`` the RFC 1929 request if the proxy asks for it. The dial's id, or ``-errno``."""
+    return int(lib.tl_dial_start_socks5(proxy, ffi.NULL if name is None else name,
+                                        ffi.NULL if auth is None else auth,
+                                        0 if auth is None else len(auth)))  # fmt: skip
+
+
+#: A failed SOCKS5 dial's ``proxy_reason``: the reason the Python client gives for the same
+#: failure (``egress.socks5``, ``egress.proxy_dial``), or None when the reply code names the
+#: destination's failure (its errno then says which, as a direct dial's would).
+PROXY_REASONS: dict[int, str | None] = {
+    lib.TL_SOCKS5_REFUSED: "refused",
+    lib.TL_SOCKS5_CONNECT_TIMEOUT: "connect timeout",
+    lib.TL_SOCKS5_UNREACHABLE: "unreachable",
+    lib.TL_SOCKS5_HANDSHAKE_TIMEOUT: "handshake timeout",
+    lib.TL_SOCKS5_CLOSED: "closed during handshake",
+    lib.TL_SOCKS5_BROKEN: "connection to proxy broken",
+    lib.TL_SOCKS5_BAD_VERSION: "bad version",
+    lib.TL_SOCKS5_NO_METHOD: "no acceptable auth method",
+    lib.TL_SOCKS5_UNOFFERED_METHOD: "unoffered method",
+    lib.TL_SOCKS5_BAD_AUTH_VERSION: "bad auth version",
+    lib.TL_SOCKS5_AUTH_FAILED: "authentication failed",
+    lib.TL_SOCKS5_BAD_RESERVED: "bad reserved byte",
+    lib.TL_SOCKS5_BAD_ADDRESS_TYPE: "bad address type",
+    lib.TL_SOCKS5_BAD_ADDRESS: "bad address",
+    lib.TL_SOCKS5_GENERAL_FAILURE: "general failure",
+    lib.TL_SOCKS5_NOT_ALLOWED: "not allowed by ruleset",
+    lib.TL_SOCKS5_NET_UNREACHABLE: None,
+    lib.TL_SOCKS5_HOST_UNREACHABLE: None,
+    lib.TL_SOCKS5_DEST_REFUSED: None,
+    lib.TL_SOCKS5_TTL_EXPIRED: None,
+    lib.TL_SOCKS5_COMMAND_NOT_SUPPORTED: "command not supported",
+    lib.TL_SOCKS5_ATYP_NOT_SUPPORTED: "address type not supported",
+    lib.TL_SOCKS5_UNKNOWN_REPLY: "unknown reply code",
+}
 
 
 def events() -> Any:
@@ -86,7 +128,23 @@ def counters() -> dict[str, int]:
     return {"c_dials": int(c.started), "c_dial_swallowed": int(c.swallowed),
             "c_dial_loops": int(c.loops), "c_dial_events_lost": int(c.events_lost),
             "c_dialing": int(c.dialing), "c_dial_connected": int(c.connected),
-            "c_relays": int(c.relayed), "python_calls": int(c.python_calls)}  # fmt: skip
+            "c_relays": int(c.relayed), "python_calls": int(c.python_calls),
+            "c_socks5_dials": int(c.socks5_started),
+            "c_socks5_connected": int(c.socks5_connected),
+            "c_socks5_failures": sum(int(n) for n in c.socks5_failures),
+            "c_socks5_dialing": int(c.proxied)}  # fmt: skip
+
+
+def socks5_failures() -> dict[str, int]:
+    """SOCKS5 dials failed in C so far, by reason (the texts of ``PROXY_REASONS``; a reply
+    code naming the destination's failure as ``"reply N"``), only those that happened."""
+    c = lib.tl_dial_get_counters()
+    out: dict[str, int] = {}
+    for code, text in PROXY_REASONS.items():
+        if count := int(c.socks5_failures[code]):
+            key = text if text is not None else f"reply {code - lib.TL_SOCKS5_NET_UNREACHABLE + 3}"
+            out[key] = count
+    return out
 
 
 def screened() -> tuple[int, int]:

@@ -26,7 +26,11 @@ decision means for the SYN:
   meanwhile, and the dial counts against ``max_pending_dials`` and the client's shares as any
   other. Connected, the socket is registered as a finished held dial (``HeldSynDials.adopt``)
   and the SYN released: the client's handshake claims it straight into the C relay, so the
-  flow's bytes never pass through Python. Failed: the forwarder's answer for a failed dial
+  flow's bytes never pass through Python. A SOCKS5 proxy given by address, when C dials are
+  on, is dialed in C instead (``egress.c_socks5``: connect, handshake, relay without a task or
+  any Python per flow beyond a direct C dial's), counted as a C dial; HTTP proxies, proxies
+  given by host name and gateways without C dials keep the task. Failed: the forwarder's
+  answer for a failed dial
   (``ConnectionRefusedError``, the proxy's "refused" for the destination: RST; the rest,
   the proxy's own failures included: the configured unreachable answer), the flow record's
   reason the ``ProxyError``'s (``"proxy: refused"``), and the route's ``proxy_failures`` counts
@@ -44,16 +48,19 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..binding import dial as cdial
 from ..dialer import Dialer
 from ..endpoint import Endpoint, IPAddress
 from ..errors import ProxyError
 from ..flows import FlowTable
 from ..shares import ClientCounts
+from .c_socks5 import CSocks5Route, c_route_for
 from .proxy_dial import HANDSHAKE_TIMEOUT, dialer_for, open_tcp_via
 from .routes import RouteDecision, RouteTable
 from .via import Direct, Drop, HttpProxy, Reject, Socks5Proxy
 
 if TYPE_CHECKING:
+    from ..c_dials import CDials
     from ..held_dials import HeldDial, HeldSynDials
 
 __all__ = ["DROP_MEMORY", "MAX_DROPPED", "TcpRoutes"]
@@ -90,18 +97,31 @@ class TcpRoutes:
         self._on_connected = on_connected
         self._on_failed = on_failed
         self.nursery: trio.Nursery | None = None
-        #: ``egress.handshake_timeout``: a proxy's connect and handshake together (the
-        #: forwarder sets it from its configuration, again on reconfigure).
+        #: The C dials, when on (the forwarder sets them from ``start_serving``): SOCKS5
+        #: proxies given by address are dialed there.
+        self.c_dials: CDials | None = None
         self.handshake_timeout = HANDSHAKE_TIMEOUT
         #: By route index of the table decided last: is its via plain ``direct``?
         self.plain: tuple[bool, ...] = ()
         self._table: RouteTable | None = None
         self._dialers: dict[Direct, Dialer] = {}
+        self._c_routes: dict[Socks5Proxy, CSocks5Route | None] = {}
         #: Flows being dialed through a proxy now (their SYNs held). A set the forwarder reads
         #: with ``len``: a method call per SYN costs more than the rest of the check.
         self.proxied: set[FlowKey] = set()
         self._proxied_per_client = ClientCounts()
         self._dropped: dict[FlowKey, float] = {}
+
+    @property
+    def handshake_timeout(self) -> float:
+        """``egress.handshake_timeout``: a proxy's connect and handshake together (the
+        forwarder sets it from its configuration, again on reconfigure; C's too)."""
+        return self._handshake_timeout
+
+    @handshake_timeout.setter
+    def handshake_timeout(self, seconds: float) -> None:
+        self._handshake_timeout = seconds
+        cdial.set_proxy_timeout(max(1, int(seconds * 1000)))
 
     # -- what the forwarder admits by ---------------------------------------------------------
     def __len__(self) -> int:
@@ -141,6 +161,7 @@ class TcpRoutes:
         self._table = table
         self.plain = tuple(is_plain_direct(via) for via in table.vias)
         self._dialers.clear()
+        self._c_routes.clear()
         self._dropped.clear()
 
     def refuse(self, decision: RouteDecision, key: FlowKey, packet: bytes) -> bool:
@@ -183,9 +204,25 @@ class TcpRoutes:
         name = None
         if isinstance(via, Socks5Proxy) and via.remote_dns and self._name_for is not None:
             name = self._name_for(*key)
+        if isinstance(via, Socks5Proxy) and self.c_dials is not None \
+                and (c_route := self._c_route(via)) is not None:  # fmt: skip
+            socks5 = (c_route, c_route.name_for(name), decision.counters)
+            if (failed := self.c_dials.start(key, decision.name, socks5=socks5)) is not None:
+                if isinstance(failed, ProxyError):
+                    decision.counters.proxy_failures += 1
+                self._on_failed(key, packet, failed, 0.0, decision.name)
+            return
         self.proxied.add(key)
         self._proxied_per_client.add(key[0].address)
         self.nursery.start_soon(self._dial_via_proxy, decision, key, packet, name)
+
+    def _c_route(self, via: Socks5Proxy) -> CSocks5Route | None:
+        """C's form of a SOCKS5 via (cached per table); None: a proxy by host name."""
+        try:
+            return self._c_routes[via]
+        except KeyError:
+            route = self._c_routes[via] = c_route_for(via)
+            return route
 
     def dialer_for(self, via: Direct) -> Dialer:
         """The dialer of a ``direct?fwmark=N`` / ``direct?interface=IF`` route (cached)."""
