@@ -489,13 +489,19 @@ int tl_udp_relay_touched(tl_udp_relay_stats *out, int max)
     return n;
 }
 
+/* A session's memory: it and its SOCKS5 header, whichever way it is freed. */
+static void tl_udp_relay_free(struct tl_udp_relay *r)
+{
+    free(r->socks5);
+    free(r);
+}
+
 void tl_udp_relay_bury(void)
 {
     while (tl_udp_graveyard != NULL) {
         struct tl_udp_relay *r = tl_udp_graveyard;
         tl_udp_graveyard = r->hash_next;
-        free(r->socks5);
-        free(r);
+        tl_udp_relay_free(r);
     }
 }
 
@@ -522,7 +528,7 @@ void tl_udp_relay_close(void *relay, tl_udp_relay_stats *out)
     /* Out of the poll set, the table, the touched and open lists and the queue: outside a
      * poll round nothing names it any more; inside, this round's events still may. */
     if (!tl_polling) {
-        free(r);
+        tl_udp_relay_free(r);
         return;
     }
     r->hash_next = tl_udp_graveyard; /* freed at the end of this round */
