@@ -60,7 +60,7 @@ from .policy import (
 )
 from .replay import RecentAnswers
 from .split import SplitRoute, SplitUpstreams
-from .summary import AnswerSummary, name_text, summarize, summarize_query
+from .summary import AnswerSummary, summarize, summarize_query
 from .tcp_clients import serve_tcp_client
 from .transports import UdpUpstream
 from .upstreams import RESOLV_CONF, UpstreamError, UpstreamSet
@@ -110,6 +110,7 @@ class DnsProxy:
         #: Queries in flight by client (``shares``), next to ``_in_flight``.
         self.in_flight_per_client = ClientCounts()
         self._retired: list[SplitUpstreams] = []
+        self._share = config.in_flight_share  # (a property: computed once per config)
         # While ``run`` runs: the stack (its poll set reads the upstream sockets, answers are
         # sent after each pass), the nursery of the queries that need a task, the task-less
         # forwarding, and the answers waiting for the end of the lwIP call (``_send_soon``).
@@ -152,6 +153,7 @@ class DnsProxy:
                                   max_negative_ttl=config.max_negative_ttl)  # fmt: skip
         self._retired.append(self.split)
         self.split, self.policy, self.config = split, policy, config
+        self._share = config.in_flight_share
         self._watch_sockets(split)
         self.recent.clear()
 
@@ -346,8 +348,9 @@ class DnsProxy:
             return None
         self.counters.queries += 1
         self.counters.replayed += 1
-        if entry.addresses:
+        if entry.addresses and entry.noted_for != client.address:
             self.names.remember_addresses(client.address, entry.name, entry.addresses, now)
+            entry.noted_for = client.address
         if log.isEnabledFor(logging.DEBUG):
             log.debug("dns %s %s -> replayed", client, entry.name)
         return query[:2] + entry.answer_tail
@@ -369,7 +372,7 @@ class DnsProxy:
         if len(self._in_flight) >= self.config.max_in_flight:
             self.counters.overload += 1
             return False, _refused(query)
-        if self.in_flight_per_client.count(client.address) >= self.config.in_flight_share:
+        if self.in_flight_per_client.count(client.address) >= self._share:
             self.counters.client_share += 1
             return False, _refused(query)
         self._in_flight.add(key)
@@ -425,8 +428,8 @@ class DnsProxy:
         if summary.rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
             return  # failures are not repeated
         self.recent.put(wire, answer, min_ttl=summary.min_ttl_all,
-                        name=name_text(summary.question[0][0]),
-                        addresses=tuple(summary.addresses), now=trio.current_time())  # fmt: skip
+                        name=summary.question_name(), addresses=tuple(summary.addresses),
+                        now=trio.current_time())  # fmt: skip
 
     async def _resolve(self, query: Query) -> Reply:
         decided = self._decide(query)
@@ -548,7 +551,7 @@ class DnsProxy:
             except WireError:  # not expected of what we render; nothing to note then
                 summary = None
         if summary is not None and summary.addresses and len(summary.question) == 1:
-            self.names.remember_addresses(client.address, name_text(summary.question[0][0]),
+            self.names.remember_addresses(client.address, summary.question_name(),
                                           summary.addresses, trio.current_time())  # fmt: skip
         if log.isEnabledFor(logging.DEBUG):
             known = query.summary is not None or len(query.message.question) == 1

@@ -17,7 +17,6 @@ a policy or upstream change clears the table.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import NamedTuple
 
 from ..endpoint import IPAddress
 
@@ -26,14 +25,21 @@ LIFETIME = 1.0
 HEADER_ID_LEN = 2
 
 
-class Replay(NamedTuple):
+class Replay:
     """A stored answer: everything but the ID, and what the client learns from it."""
 
-    expires: float
-    answer_tail: bytes  # the answer from byte 2 on
-    name: str
-    #: (address, TTL) of the A/AAAA records, for the resolved-names table.
-    addresses: tuple[tuple[IPAddress, int], ...]
+    __slots__ = ("addresses", "answer_tail", "expires", "name", "noted_for")
+
+    def __init__(self, expires: float, answer_tail: bytes, name: str,
+                 addresses: tuple[tuple[IPAddress, int], ...]) -> None:  # fmt: skip
+        self.expires = expires
+        self.answer_tail = answer_tail  # the answer from byte 2 on
+        self.name = name
+        #: (address, TTL) of the A/AAAA records, for the resolved-names table.
+        self.addresses = addresses
+        #: The client whose resolved names last had these addresses noted from this entry:
+        #: its repeats need not note them again (the entry lives a second; names, minutes).
+        self.noted_for: IPAddress | None = None
 
 
 class RecentAnswers:

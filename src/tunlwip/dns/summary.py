@@ -51,6 +51,14 @@ class AnswerSummary:
     addresses: list[tuple[IPAddress, int]] = dataclasses.field(default_factory=list)
     #: Whether the answer section has a CNAME or DNAME (a chain the policy may judge).
     has_alias: bool = False
+    #: The text of the (one) question's name, once ``question_name`` was asked for it.
+    name: str = ""
+
+    def question_name(self) -> str:
+        """The text of the first question's name (``name_text``), worked out once."""
+        if not self.name:
+            self.name = name_text(self.question[0][0])
+        return self.name
 
 
 def _skip_name(wire: bytes, offset: int) -> int:
