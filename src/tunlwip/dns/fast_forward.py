@@ -80,11 +80,15 @@ class Forwarding:
 
 class FastForwarder:
     """The queries forwarded without a task and their deadlines. ``spawn`` starts a task (a
-    nursery's ``start_soon``), for the rare TCP retry of a truncated answer."""
+    nursery's ``start_soon``), for the rare TCP retry of a truncated answer; ``flush`` is
+    called when a task of ours (deadlines, TCP retries) has reported outcomes, which the
+    caller may have left waiting for the end of an lwIP call that is not coming."""
 
-    def __init__(self, on_done: OnDone, spawn: Callable[..., object]) -> None:
+    def __init__(self, on_done: OnDone, spawn: Callable[..., object],
+                 flush: Callable[[], None]) -> None:  # fmt: skip
         self._on_done = on_done
         self._spawn = spawn
+        self._flush = flush
         self._pending: dict[Forwarding, None] = {}
         self._wake = math.inf  # when keep_deadlines must next look
         self._scope: trio.CancelScope | None = None  # its sleep, while it sleeps
@@ -114,6 +118,7 @@ class FastForwarder:
                     await trio.sleep_forever()
                 self._scope = None
                 self._expire(trio.current_time())
+                self._flush()
         finally:
             self._scope = None
             for forwarding in list(self._pending):
@@ -226,9 +231,10 @@ class FastForwarder:
                 forwarding.tcp_scope = None
                 self._failed_attempt(forwarding, str(exc))
                 self._next_attempt(forwarding, trio.current_time())
-                return
-            forwarding.tcp_scope = None
-            self._judge(forwarding, answer)
+            else:
+                forwarding.tcp_scope = None
+                self._judge(forwarding, answer)
+            self._flush()
 
     def _judge(self, forwarding: Forwarding, answer: bytes) -> None:
         """An answer with the client's ID: the end of the query, or on to the next upstream."""

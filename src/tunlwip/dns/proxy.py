@@ -182,7 +182,7 @@ class DnsProxy:
         sockets are read by ``stack``'s poll set, deadlines kept by one task, and the
         queries that need a task get one here."""
         async with trio.open_nursery() as nursery:
-            fast = FastForwarder(self._fast_done, nursery.start_soon)
+            fast = FastForwarder(self._fast_done, nursery.start_soon, self._flush)
             self._stack, self._nursery, self._fast = stack, nursery, fast
             self._watch_sockets(self.split)
             try:
@@ -191,11 +191,10 @@ class DnsProxy:
                 await trio.sleep_forever()
             finally:
                 self._stack = self._nursery = self._fast = None
+                self._watch_sockets(self.split)  # new sockets: a reader task each again
 
     def _watch_sockets(self, split: SplitUpstreams) -> None:
-        """Have the poll set read the UDP upstreams' sockets (no task per socket)."""
-        if self._stack is None:
-            return
+        """Have the poll set read the UDP upstreams' new sockets (no task per socket)."""
         for route in split.routes:
             for upstream in route.upstreams.upstreams:
                 if isinstance(upstream, UdpUpstream):

@@ -102,7 +102,7 @@ class Ticket:
 class _PooledSocket:
     """A socket of the pool with the queries in flight on it, by the ID they went out with."""
 
-    __slots__ = ("opened", "pending", "retired", "sock", "token", "uses")
+    __slots__ = ("opened", "pending", "retired", "sock", "token", "uses", "watcher")
 
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
@@ -110,7 +110,8 @@ class _PooledSocket:
         self.uses = 0
         self.retired = False
         self.pending: dict[int, Ticket] = {}
-        self.token = 0  # its watch in the poll set (0: none)
+        self.watcher: Watcher | None = None  # what reads it (None: a trio task)
+        self.token = 0  # its watch there
 
 
 class UdpSocketPool:
@@ -230,6 +231,7 @@ class UdpSocketPool:
             except OSError:
                 slot.sock.close()
                 raise
+            slot.watcher = self.watcher
         else:
             trio.lowlevel.spawn_system_task(self._read, slot, name="dns upstream socket reader")
         self._live.add(slot)
@@ -318,10 +320,9 @@ class UdpSocketPool:
         (``notify_closing``) so that it ends."""
         self._live.discard(slot)
         if slot.sock.fileno() >= 0:
-            if slot.token:
-                assert self.watcher is not None
-                self.watcher.unwatch(slot.sock.fileno(), slot.token)
-                slot.token = 0
+            if slot.watcher is not None:
+                slot.watcher.unwatch(slot.sock.fileno(), slot.token)
+                slot.watcher = None
             else:
                 trio.lowlevel.notify_closing(slot.sock)
             slot.sock.close()
