@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 The gateway hands the proxy the UDP sessions and TCP connections it intercepts (port 53 to
 the gateway's DNS address; with ``hijack = "all"`` port 53 to any address, so apps with
-hard-coded resolvers cannot leak around the policy). Every query is answered in its own task,
-so a slow upstream never delays other queries or other packets:
+hard-coded resolvers cannot leak around the policy). A slow upstream never delays other
+queries or other packets; each query goes through these steps:
 
 1. read it: a plain query (one question for an ordinary name, at most an EDNS 0 record) from
    its bytes (``summary.summarize_query``), its dnspython message built only when a step
@@ -26,6 +26,15 @@ retransmission of a query still being resolved is dropped, while two clients tha
 use the same ID are independent. Over UDP an answer larger than the client's EDNS buffer (512
 bytes without EDNS) is replaced by an empty answer with TC set, so the client retries over
 TCP, where several queries may be pipelined on one connection and are answered as they complete.
+
+Which queries take a task. While ``run`` runs (the gateway's case), a UDP session has no task:
+its datagrams come to ``_on_udp_query`` from the stack's callback, where replayed, refused,
+blocked, overridden and cached queries are answered at once, and a plain query for upstreams
+that are all ``udp://`` is forwarded by callbacks (``fast_forward``: the same failover and
+deadlines, no task); the answers wait for the end of the lwIP call and leave together
+(``_send_soon``). A query that is not plain (FORMERR, NOTIMP and the full parse) and one for
+TCP, TLS or HTTPS upstreams get a task each, and so does every TCP query (``tcp_clients``).
+Without ``run`` (``serve_udp``), every UDP query has a task.
 """
 
 from __future__ import annotations
@@ -65,7 +74,7 @@ from .tcp_clients import serve_tcp_client
 from .transports import UdpUpstream
 from .upstreams import RESOLV_CONF, UpstreamError, UpstreamSet
 from .upstreams import resolv_conf_upstreams as resolv_conf_upstreams
-from .wire import HEADER_LEN, WireError, header_flags
+from .wire import HEADER_LEN, WireError, header_answer, header_flags
 
 if TYPE_CHECKING:
     from ..stack import LwipStack
@@ -370,10 +379,10 @@ class DnsProxy:
             return False, None
         if len(self._in_flight) >= self.config.max_in_flight:
             self.counters.overload += 1
-            return False, _refused(query)
+            return False, header_answer(query, dns.rcode.REFUSED)
         if self.in_flight_per_client.count(client.address) >= self._share:
             self.counters.client_share += 1
-            return False, _refused(query)
+            return False, header_answer(query, dns.rcode.REFUSED)
         self._in_flight.add(key)
         self.in_flight_per_client.add(client.address)
         return True, None
@@ -581,18 +590,9 @@ class DnsProxy:
     def _formerr(self, wire: bytes) -> bytes | None:
         """FORMERR for an unparseable query whose header is readable; responses and
         fragments of nothing are dropped (answering those could make a loop)."""
-        flags = wire[2] if len(wire) >= HEADER_LEN else 0x80
-        if flags & 0x80:  # QR set: a response, not a query
+        answer = header_answer(wire, dns.rcode.FORMERR)
+        if answer is None:
             self.counters.malformed += 1
-            return None
-        self.counters.formerr += 1
-        opcode_rd = wire[2] & 0x79  # keep opcode and RD
-        return wire[:2] + bytes([0x80 | opcode_rd, dns.rcode.FORMERR]) + bytes(8)
-
-
-def _refused(query: bytes) -> bytes | None:
-    """REFUSED built from the query's header alone (no parse under load); None for a
-    response (answering one could make a loop)."""
-    if query[2] & 0x80:
-        return None
-    return query[:2] + bytes([0x80 | (query[2] & 0x79), dns.rcode.REFUSED]) + bytes(8)
+        else:
+            self.counters.formerr += 1
+        return answer

@@ -112,6 +112,15 @@ def parse_request(request: bytes) -> tuple[int, Question]:
     return int.from_bytes(request[:2], "big"), question
 
 
+def header_answer(query: bytes, rcode: int) -> bytes | None:
+    """An answer with ``rcode`` and nothing else, built from the query's header alone (no
+    parse, so cheap under load: REFUSED, FORMERR); None for a response or a fragment of a
+    header (answering those could make a loop)."""
+    if len(query) < HEADER_LEN or query[2] & 0x80:
+        return None
+    return query[:2] + bytes([0x80 | (query[2] & 0x79), rcode]) + bytes(8)  # opcode, RD kept
+
+
 def with_id(wire: bytes, message_id: int) -> bytes:
     """``wire`` with its ID replaced."""
     return struct.pack("!H", message_id) + wire[2:]
