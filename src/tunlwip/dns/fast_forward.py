@@ -41,6 +41,7 @@ from typing import Any
 
 import trio
 
+from ..errors import TunlwipError
 from .summary import AnswerSummary, summarize_answer
 from .transports import UdpUpstream
 from .udp_pool import Ticket
@@ -177,7 +178,7 @@ class FastForwarder:
                 forwarding.ticket = upstream.pool.send(
                     forwarding.request, forwarding.question,
                     lambda answer, error: self._on_result(forwarding, answer, error))  # fmt: skip
-            except OSError as exc:
+            except (OSError, TunlwipError) as exc:  # no socket (fds, protection), no send
                 self._failed_attempt(forwarding, describe(exc))
                 continue
             self._arm(forwarding.attempt_deadline)
@@ -267,4 +268,7 @@ class FastForwarder:
         self._stop_attempt(forwarding)
         if forwarding in self._pending:  # (reported once)
             del self._pending[forwarding]
-            self._on_done(forwarding, answer, failure)
+            try:
+                self._on_done(forwarding, answer, failure)
+            except Exception:  # a bug: it must not stop the deadlines or the poll set
+                log.exception("DNS: finishing a forwarded query failed")

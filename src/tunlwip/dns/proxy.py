@@ -231,6 +231,13 @@ class DnsProxy:
             if refusal is not None:
                 self._send_soon(session, refusal)
             return
+        try:
+            self._take_udp_query(session, query)
+        except Exception:  # a bug: the query is given up, the session goes on
+            self.release(query, client)
+            log.exception("dns %s: a query failed", client)
+
+    def _take_udp_query(self, session: UdpSession, query: bytes) -> None:
         assert self._nursery is not None and self._fast is not None
         summary = summarize_query(query)
         if summary is None:  # not plain: the full parse decides, in a task
@@ -248,22 +255,21 @@ class DnsProxy:
         elif decided[0].upstreams.udp_only is None:  # TCP, TLS or HTTPS upstreams: a task
             self._nursery.start_soon(self._forward_udp, session, plain, decided, started)
         else:
-            route = decided[0]
-            self._fast.start(
-                query,
-                (summary.question,),
-                route.upstreams,
-                self.config.query_timeout,
-                (session, plain, decided, started),
-            )
+            context = (session, plain, decided, started)  # for _fast_done
+            upstreams, timeout = decided[0].upstreams, self.config.query_timeout
+            self._fast.start(query, (summary.question,), upstreams, timeout, context)
 
     def _fast_done(self, forwarding: Forwarding, answer: Answer | None, failure: str) -> None:
         """A query forwarded without a task is over (``FastForwarder``'s ``on_done``)."""
         session, query, (route, cache), started = forwarding.context
-        if answer is None:
-            reply = self._failed(query, route, failure)
-        else:
-            reply = self._forwarded(query, route, cache, answer[0], answer[1], answer[2].url)
+        try:
+            if answer is None:
+                reply = self._failed(query, route, failure)
+            else:
+                reply = self._forwarded(query, route, cache, answer[0], answer[1], answer[2].url)
+        except BaseException:
+            self.release(query.wire, session.client)
+            raise
         self._complete(session, query, reply, started)
 
     async def _forward_udp(
@@ -286,7 +292,7 @@ class DnsProxy:
         try:
             if reply is not None:
                 answer, answer_summary = self._finish(query, reply, session.client, started, True)
-                self._keep_for_replay(query.wire, answer_summary, answer)
+                self.recent.keep(query.wire, answer_summary, answer, trio.current_time())
         except dns.exception.DNSException:  # a plain-looking query dnspython cannot read
             answer = None
             reply = None
@@ -426,18 +432,8 @@ class DnsProxy:
         except dns.exception.DNSException:  # a plain-looking query dnspython cannot read
             return self._formerr(wire)
         if max_udp_size:
-            self._keep_for_replay(wire, answer_summary, answer)
+            self.recent.keep(wire, answer_summary, answer, trio.current_time())
         return answer
-
-    def _keep_for_replay(self, wire: bytes, summary: AnswerSummary | None, answer: bytes) -> None:
-        """Remember a complete NOERROR/NXDOMAIN UDP answer for ``_replay``."""
-        if summary is None or len(summary.question) != 1 or answer[2] & 0x02:
-            return  # a truncated (TC) answer is not complete
-        if summary.rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-            return  # failures are not repeated
-        self.recent.put(wire, answer, min_ttl=summary.min_ttl_all,
-                        name=summary.question_name(), addresses=tuple(summary.addresses),
-                        now=trio.current_time())  # fmt: skip
 
     async def _resolve(self, query: Query) -> Reply:
         decided = self._decide(query)

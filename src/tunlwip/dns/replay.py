@@ -18,7 +18,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import dns.rcode
+
 from ..endpoint import IPAddress
+from .summary import AnswerSummary
 
 #: The longest an answer is replayed, in seconds.
 LIFETIME = 1.0
@@ -78,3 +81,14 @@ class RecentAnswers:
         self._entries[key] = Replay(now + lifetime, answer[HEADER_ID_LEN:], name, addresses)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+    def keep(self, query: bytes, summary: AnswerSummary | None, answer: bytes,
+             now: float) -> None:  # fmt: skip
+        """Keep ``answer`` to ``query`` (``summary`` its summary) if it is a complete
+        NOERROR/NXDOMAIN answer over UDP; not a truncated (TC) one, nor a failure."""
+        if summary is None or len(summary.question) != 1 or answer[2] & 0x02:
+            return
+        if summary.rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            return
+        self.put(query, answer, min_ttl=summary.min_ttl_all, name=summary.question_name(),
+                 addresses=tuple(summary.addresses), now=now)  # fmt: skip

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..endpoint import Endpoint
+from ..errors import TunlwipError
 from .udp_pool import UdpSocketPool
 from .upstream_via import UpstreamDialer
 from .wire import (
@@ -79,7 +80,7 @@ class UdpUpstream:
         original_id, question = parse_request(request)
         try:
             answer = await self.pool.exchange(request, question)
-        except OSError as exc:  # ECONNREFUSED: the ICMP port unreachable of a closed port
+        except (OSError, TunlwipError) as exc:  # ECONNREFUSED (a closed port); no socket
             raise UpstreamError(describe(exc)) from exc
         if header_flags(answer) & FLAG_TC:
             return await self.ask_over_tcp(request)
