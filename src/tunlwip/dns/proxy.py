@@ -266,7 +266,11 @@ class DnsProxy:
             if answer is None:
                 reply = self._failed(query, route, failure)
             else:
-                reply = self._forwarded(query, route, cache, answer[0], answer[1], answer[2].url)
+                raw, summary, upstream = answer
+                if summary is not None and query.summary is not None:
+                    # The pool matched its question to the query's: the same name, read once.
+                    summary.name = query.summary.name
+                reply = self._forwarded(query, route, cache, raw, summary, upstream.url)
         except BaseException:
             self.release(query.wire, session.client)
             raise
