@@ -2,7 +2,9 @@
 """atheris harness for the DNS proxy: arbitrary client queries and arbitrary upstream answers.
 
 Each input runs ``DnsProxy.answer`` (and the replay fast path ``serve_udp`` tries first) in a
-fresh proxy, under trio's autojump clock so upstream timeouts cost no real time. The upstream
+fresh proxy, or, with mode & 0x80, the proxy's task-less UDP path (``DnsProxy.run``: the
+session callback, ``fast_forward``'s failover and deadlines, answers sent after the "lwIP
+call"), under trio's autojump clock so upstream timeouts cost no real time. The upstream
 is a real ``udp://`` upstream pointed at a responder on 127.0.0.1 (UDP, and TCP on the same
 port for the truncated-answer retry), so the upstream code's own checks run too.
 
@@ -14,6 +16,8 @@ Input: a mode byte, then the body.
                  header (so the answer matches and its records get parsed); mode & 4: keep
                  the body's ID (usually a mismatch: the upstream ignores it, then times out);
                  mode & 8: ask twice (cache, replay).
+  mode & 0x80: through the task-less path, with a stand-in for the stack (``_TrioStack``: its
+               watched sockets read by trio tasks) and for the client's UDP session.
 A finding is any exception out of the proxy, or an answer that breaks what clients rely on:
 the query's ID, and a UDP answer that fits the client's buffer.
 
@@ -22,14 +26,17 @@ the query's ID, and a UDP answer that fits the client's buffer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import atheris
+import trio.lowlevel
 
 with atheris.instrument_imports(include=["dns", "tunlwip"]):
     import dns.flags
@@ -65,10 +72,20 @@ OVERRIDES = {"override.test": ["192.0.2.7", "2001:db8::7"]}
 
 
 class _Formatting(logging.Handler):
-    """Format every record, so the proxy's debug lines are exercised, and drop it."""
+    """Format every record, so the proxy's debug lines are exercised, and drop it; keep the
+    errors logged with a traceback (a callback's bug, caught so the poll set goes on)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.format(record)
+        text = self.format(record)
+        if record.exc_info is not None and record.levelno >= logging.ERROR:
+            self.errors.append(text)
+
+
+_HANDLER = _Formatting()
 
 
 def _question_len(query: bytes) -> int:
@@ -144,20 +161,112 @@ async def _one_input(mode: int, body: bytes) -> None:
     with udp:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_serve, mode, body, udp, listeners)
+            if mode & 0x80:
+                await _without_tasks(proxy, wires, config.query_timeout)
+                wires = []
             for wire in wires:
                 answer = proxy._replay(wire, CLIENT) if udp_size else None
                 if answer is None:
-                    if not proxy._admit(wire, CLIENT):
+                    if not proxy.admit(wire, CLIENT)[0]:
                         continue
                     try:
                         answer = await proxy.answer(wire, CLIENT, max_udp_size=udp_size)
                     finally:
-                        proxy._release(wire, CLIENT)
+                        proxy.release(wire, CLIENT)
                 _check(wire, answer, udp_size)
             nursery.cancel_scope.cancel()
         for listener in listeners:
             await listener.aclose()
     await proxy.aclose()
+
+
+class _TrioStack:
+    """What ``DnsProxy.run`` uses of a stack, on trio alone: each watched socket read by a
+    task that calls its callback when readable, then the calls deferred "after lwIP"."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._watches: dict[int, trio.CancelScope] = {}
+        self._after: list[Callable[[], None]] = []
+
+    def watch_readable(self, fd: int, on_ready: Callable[[], None]) -> int:
+        token = len(self._watches) + 1
+        self._watches[token] = scope = trio.CancelScope()
+        self._nursery.start_soon(self._watch, fd, on_ready, scope)
+        return token
+
+    async def _watch(self, fd: int, on_ready: Callable[[], None], scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    on_ready()
+                    self.after_lwip()
+            except trio.ClosedResourceError:
+                pass
+
+    def unwatch(self, fd: int, token: int) -> None:
+        self._watches.pop(token).cancel()
+        trio.lowlevel.notify_closing(fd)
+
+    def call_after_lwip(self, fn: Callable[[], None]) -> None:
+        self._after.append(fn)
+
+    def after_lwip(self) -> None:
+        while self._after:
+            after, self._after = self._after, []
+            for fn in after:
+                fn()
+
+    @contextlib.contextmanager
+    def output_burst(self) -> Iterator[None]:
+        yield
+
+
+class _Session:
+    """A client's UDP session as the proxy sees it: its address, its datagrams, its answers."""
+
+    def __init__(self) -> None:
+        self.client = CLIENT
+        self.deliver: Callable[[bytes], None] | None = None
+        self.answers: list[bytes] = []
+        self.answered = trio.Event()
+
+    def divert(self, deliver: Callable[[bytes], None]) -> None:
+        self.deliver = deliver
+
+    def send_nowait(self, data: bytes) -> None:
+        self.answers.append(data)
+        self.answered.set()
+
+
+async def _without_tasks(proxy: DnsProxy, wires: list[bytes], query_timeout: float) -> None:
+    """Each query through ``DnsProxy.run``'s path; at most one answer each, checked, and
+    nothing left in flight."""
+    async with trio.open_nursery() as nursery:
+        stack = _TrioStack(nursery)
+        await nursery.start(proxy.run, stack)
+        session = _Session()
+        if not proxy.attach_udp(session):  # type: ignore[arg-type]
+            raise AssertionError("the running proxy did not take the session")
+        assert session.deliver is not None
+        for wire in wires:
+            session.answers.clear()
+            session.answered = trio.Event()
+            session.deliver(wire)
+            stack.after_lwip()
+            if proxy.in_flight:  # (else dropped, or answered at once)
+                with trio.move_on_after(query_timeout + 1):
+                    await session.answered.wait()
+                await trio.lowlevel.checkpoint()  # the query's last steps after its answer
+            if proxy.in_flight:
+                raise AssertionError("a query outlived its deadline")
+            stack.after_lwip()
+            if len(session.answers) > 1:
+                raise AssertionError(f"{len(session.answers)} answers to one query")
+            for answer in session.answers:
+                _check(wire, answer, True)
+        nursery.cancel_scope.cancel()
 
 
 def _check(wire: bytes, answer: bytes | None, udp_size: bool) -> None:
@@ -190,14 +299,16 @@ def test_one_input(data: bytes) -> None:
     if not data:
         return
     trio.run(_one_input, data[0], data[1:], clock=trio.testing.MockClock(autojump_threshold=0))
+    if _HANDLER.errors:
+        errors, _HANDLER.errors = _HANDLER.errors, []
+        raise AssertionError("logged an error:\n" + errors[0])
 
 
 def main() -> None:
-    handler = _Formatting()
     for name in ("tunlwip", "dns"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.DEBUG)
-        logger.addHandler(handler)
+        logger.addHandler(_HANDLER)
         logger.propagate = False
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()

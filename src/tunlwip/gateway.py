@@ -145,6 +145,8 @@ class Gateway:
                     await nursery.start(self._host_addresses.run)
                 await nursery.start(self.udp.run)
                 await nursery.start(self.echo.run)
+                if self.dns is not None:  # DNS sessions without a task (before any packet)
+                    await nursery.start(self.dns.run, self.stack)
                 if self._tcp.dials is not None:
                     await nursery.start(self._tcp.dials.run)
                 await nursery.start(self.stack.run, self._tcp.handle)

@@ -29,7 +29,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .admission import RefusedCounters
-from .dns.proxy import DnsCounters
+from .dns.counters import DnsCounters
 from .dns.split import DnsRouteStatistics
 from .egress.routes import RouteStatistics
 from .flows import FlowTotals

@@ -10,8 +10,9 @@ original destination, whatever address that was.
 
 UDP has no close, so sessions end by inactivity: traffic in *either* direction keeps one alive,
 and a sweep every ``sweep_interval`` seconds cancels the ones idle for ``idle_timeout``. The
-table is ordered by last activity, so both the sweep and eviction (at ``max_sessions``, the
-least recently active session goes) only look at its front. A session whose handler returns or
+table is ordered by last activity (to within a millisecond, ``TOUCH_INTERVAL``), so both the
+sweep and eviction (at ``max_sessions``, the least recently active session goes) only look at
+its front. A session whose handler returns or
 is cancelled is removed, and its handler's ``with`` blocks return its socket.
 
 A session relayed in C (``udp_forward``, ``_csrc/udp_relay.c``) is not seen per datagram: its
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunlwip.udp")
 
 DNS_PORT = 53
+#: Seconds: the table's order by activity is kept to within this (idle timeouts are seconds).
+TOUCH_INTERVAL = 0.001
 SessionKey = tuple[Endpoint, Endpoint]  # (client, original destination)
 
 
@@ -83,8 +86,8 @@ class UdpSession:
     """One UDP flow. ``receive`` yields the client's datagrams; ``send`` answers the client,
     appearing to come from ``target`` (the address and port the client sent to)."""
 
-    __slots__ = ("_cancel_scope", "_channel", "_client_key", "_diverted", "_on_end", "_owner",
-                 "_refresh", "bytes_in", "bytes_out", "client", "datagrams_in",
+    __slots__ = ("_cancel_scope", "_channel", "_client_key", "_diverted", "_moved", "_on_end",
+                 "_owner", "_refresh", "bytes_in", "bytes_out", "client", "datagrams_in",
                  "datagrams_out", "end_reason", "idle_timeout", "last_activity", "route",
                  "target")  # fmt: skip
 
@@ -94,7 +97,7 @@ class UdpSession:
         self._client_key = client_key(client.address)  # its share's key (per datagram: kept)
         self.target = target
         self.idle_timeout = idle_timeout
-        self.last_activity = trio.current_time()
+        self.last_activity = self._moved = trio.current_time()
         self.datagrams_in = self.datagrams_out = self.bytes_in = self.bytes_out = 0
         #: Why the session ended: "closed" (handler returned), "idle", "evicted", "error".
         self.end_reason = ""
@@ -206,8 +209,12 @@ class UdpSession:
 
     # -- used by UdpSessions ---------------------------------------------------------------------
     def _touch(self) -> None:
-        self.last_activity = trio.current_time()
-        self._owner._table.touch(self)
+        now = self.last_activity = trio.current_time()
+        # Its place in the table (by activity) moves at most every TOUCH_INTERVAL: for a busy
+        # session (a DNS client's), the moves cost more than the datagrams' other bookkeeping.
+        if now - self._moved >= TOUCH_INTERVAL:
+            self._moved = now
+            self._owner._table.touch(self)
 
     def _active_at(self, when: float) -> None:
         """Activity seen elsewhere (a C relay) at ``when``: most recent in the table."""

@@ -15,11 +15,12 @@ activity and counts into the session table in batches (idle timeouts, eviction, 
 Only the session's first datagram, which opened it, goes upstream from Python. Should the C
 relay refuse the socket, the stack's poll set watches it instead and a ``DatagramRelay`` copies
 datagrams both ways from callbacks (client datagrams are diverted to it before they are
-queued). DNS sessions, sessions of a custom
-``udp_handler``, and sessions whose socket could not be opened at once get a task
-(``dispatch``), which retries the socket and relays with ``relay_datagrams``, or answers ICMP
-host unreachable. A port-unreachable from upstream is mirrored to the client as ICMP, so the
-client's connected socket fails as it would on a direct path.
+queued). DNS sessions go to the running DNS proxy, which answers their datagrams from
+callbacks too (``DnsProxy.attach_udp``). Sessions of a custom ``udp_handler``, and sessions
+whose socket could not be opened at once, get a task (``dispatch``), which retries the socket
+and relays with ``relay_datagrams``, or answers ICMP host unreachable. A port-unreachable
+from upstream is mirrored to the client as ICMP, so the client's connected socket fails as
+it would on a direct path.
 
 Routes (``egress.routes``): ``attach`` decides each new session's route once (DNS sessions to
 the proxy and a custom handler's sessions are not routed). ``direct`` is the path above, with
@@ -159,8 +160,8 @@ class CRelayedSession:
 
 
 class UdpForwarder:
-    """The handlers ``UdpSessions`` calls: ``admit``, ``attach`` (None with a custom handler:
-    every session then gets a task) and ``dispatch``."""
+    """The handlers ``UdpSessions`` calls: ``admit``, ``attach`` (with a custom handler, only
+    DNS sessions: every other session then gets a task) and ``dispatch``."""
 
     def __init__(
         self,
@@ -183,7 +184,7 @@ class UdpForwarder:
         self._dns = dns
         self._is_dns = is_dns
         self._handler = handler or self.forward
-        self.attach: UdpAttacher | None = None if handler else self._attach
+        self.attach: UdpAttacher = self._attach_dns if handler else self._attach
         self._in_c: dict[int, CRelayedSession] = {}
         self._next_token = 1
         self._c_drops = (0, 0)  # C's drop counters already added (upstream, to client)
@@ -223,7 +224,7 @@ class UdpForwarder:
         ends it. DNS sessions, and sessions whose socket cannot be opened, go to the task path
         instead (None). The session's route is decided here, once."""
         if self._is_dns(session.target):
-            return None
+            return self._attach_dns(session)
         routes = self.routes
         client, target = session.client, session.target
         name = None
@@ -253,6 +254,18 @@ class UdpForwarder:
         # A partial, not a closure: one small object per idle session rather than a function
         # and four cells (thousands of sessions stay open for their idle timeout).
         return functools.partial(self._end_attached, upstream, token, flow)
+
+    def _attach_dns(self, session: UdpSession) -> Callable[[str], None] | None:
+        """A DNS session without a task: the running proxy answers its datagrams from
+        callbacks (``DnsProxy.attach_udp``). Else (None) it gets a task (``dispatch``)."""
+        if self._dns is None or not self._is_dns(session.target):
+            return None
+        if not self._dns.attach_udp(session):
+            return None
+        return functools.partial(self._end_dns, self._flows.track(session, session.target))
+
+    def _end_dns(self, flow: LiveFlow, reason: str) -> None:
+        self._flows.close(flow, _CLOSE_REASONS.get(reason, reason))
 
     def _dialer_of(self, decision: RouteDecision) -> Dialer:
         """The dialer of a direct route: the gateway's, or the route's fwmark or interface."""

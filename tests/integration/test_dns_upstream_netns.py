@@ -86,6 +86,63 @@ print(f"{2 * ROUNDS - len(bad)}/{2 * ROUNDS} answers right; wrong: {bad[:5]}")
 sys.exit(1 if bad else 0)
 """
 
+#: SOCKETS UDP sockets (FAMILY, to SERVER:53) each send a query for every hostI.test at once
+#: (names spelled in a case of their own per socket, so replay does not answer them), then
+#: read every answer: each is the answer to its own question and ID, or REFUSED (the client's
+#: share of queries in flight was full). The refused ones are asked again one at a time and
+#: must then be answered. Prints "right N refused R" and exits 0 when all is right.
+BURST_SCRIPT = r"""
+import socket, sys
+import dns.message, dns.rcode, dns.rdatatype
+
+FAMILY, SERVER, SOCKETS = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+HOSTS = range(1, 65)
+
+def spelled(name, k):
+    return "".join(c.upper() if (i + k) % (k + 2) == 0 else c for i, c in enumerate(name))
+
+def check(wire, qid, h):
+    resp = dns.message.from_wire(wire)
+    if resp.id != qid:
+        return "id"
+    if resp.rcode() == dns.rcode.REFUSED:
+        return "refused"
+    name = resp.question[0].name.to_text().lower() if resp.question else None
+    got = [rd.address for rrset in resp.answer for rd in rrset if rrset.rdtype == dns.rdatatype.A]
+    if name != f"host{h}.test." or got != [f"198.18.7.{h}"]:
+        return f"wrong {name} {got}"
+    return "right"
+
+socks = [socket.socket(FAMILY, socket.SOCK_DGRAM) for _ in range(SOCKETS)]
+asked = {}
+for k, s in enumerate(socks):
+    s.settimeout(10.0)
+    for h in HOSTS:
+        qid = k * 100 + h
+        q = dns.message.make_query(spelled(f"host{h}.test", k), "A")
+        q.id = qid
+        s.sendto(q.to_wire(), (SERVER, 53))
+        asked[(k, qid)] = h
+outcomes, again = {}, []
+for k, s in enumerate(socks):
+    for _ in HOSTS:
+        wire = s.recv(4096)
+        qid = int.from_bytes(wire[:2], "big")
+        verdict = check(wire, qid, asked.get((k, qid), 0))
+        outcomes[verdict] = outcomes.get(verdict, 0) + 1
+        if verdict == "refused":
+            again.append((k, qid))
+for k, qid in again:
+    q = dns.message.make_query(f"host{asked[(k, qid)]}.test", "A")
+    q.id = qid
+    socks[k].sendto(q.to_wire(), (SERVER, 53))
+    verdict = check(socks[k].recv(4096), qid, asked[(k, qid)])
+    if verdict != "right":
+        outcomes["again " + verdict] = outcomes.get("again " + verdict, 0) + 1
+print(f"right {outcomes.get('right', 0)} refused {len(again)} all {outcomes}")
+sys.exit(0 if set(outcomes) <= {"right", "refused"} else 1)
+"""
+
 #: One TCP connection to SERVER:53; three length-prefixed queries written at once, the first
 #: for a name the upstream hangs on. The two others must be answered first (out of order), each
 #: within 1 s; the first gets SERVFAIL. Prints "order: ..." and exits 0 when all is right.
@@ -344,6 +401,32 @@ def test_same_transaction_id_two_clients(
                            check=False, timeout=60)  # fmt: skip
     assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{gw.tail()}"
     print(result.stdout.strip())
+
+
+@pytest.mark.parametrize("server", GATEWAYS)
+def test_many_queries_in_flight_from_many_sockets_each_get_their_answer(
+    split: SplitTopology,
+    dns_gateway: Callable[..., tuple[RunningGateway, Unbound]],
+    server: str,
+    tmp_path: Path,
+) -> None:
+    """Eight client sockets send 64 queries each at once (512 in flight, forwarded without a
+    task per query), with a share of 16 queries in flight per client: every answer is the
+    answer to its own question and ID, or REFUSED at once; the refused ones are answered
+    when asked again; the counters add up (what was not forwarded or cached was refused)."""
+    conf = tmp_path / "share.toml"
+    conf.write_text("[dns]\nmax_in_flight_per_client = 16\n")
+    gw, _ = dns_gateway("--config", str(conf))
+    family = "10" if ":" in server else "2"
+    result = split.cli.run(sys.executable, "-c", BURST_SCRIPT, family, server, "8",
+                           check=False, timeout=60)  # fmt: skip
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{gw.tail()}"
+    print(result.stdout.strip())
+    refused = int(result.stdout.split()[3])
+    counters = dns_counters(gw)
+    assert counters["queries"] == 512 + refused, counters
+    assert counters["forwarded"] + counters["cached"] == 512, counters
+    assert counters["failed"] == 0, counters
 
 
 @pytest.mark.parametrize("server", GATEWAYS)

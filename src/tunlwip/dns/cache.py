@@ -80,6 +80,10 @@ class _Entry:
     wire: bytes | None = None
 
 
+#: The rcodes ``put_wire`` keeps, as dnspython's enum (made once, not per answer).
+_RCODES = {int(rcode): rcode for rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)}
+
+
 def has_client_subnet(message: dns.message.Message) -> bool:
     """Does the message carry an EDNS Client Subnet option (RFC 7871)?"""
     return any(option.otype == dns.edns.OptionType.ECS for option in message.options)
@@ -262,7 +266,7 @@ class DnsCache:
             return
         if ttl <= 0:
             return
-        self._store(key, _Entry(stored=now, ttl=ttl, rcode=dns.rcode.Rcode(rcode),
+        self._store(key, _Entry(stored=now, ttl=ttl, rcode=_RCODES[rcode],
                                 authenticated=bool(summary.flags & FLAG_AD),
                                 answer=(), authority=(), additional=(), wire=answer))  # fmt: skip
 

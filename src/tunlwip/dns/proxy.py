@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 The gateway hands the proxy the UDP sessions and TCP connections it intercepts (port 53 to
 the gateway's DNS address; with ``hijack = "all"`` port 53 to any address, so apps with
-hard-coded resolvers cannot leak around the policy). Every query is answered in its own task,
-so a slow upstream never delays other queries or other packets:
+hard-coded resolvers cannot leak around the policy). A slow upstream never delays other
+queries or other packets; each query goes through these steps:
 
 1. read it: a plain query (one question for an ordinary name, at most an EDNS 0 record) from
    its bytes (``summary.summarize_query``), its dnspython message built only when a step
@@ -26,15 +26,21 @@ retransmission of a query still being resolved is dropped, while two clients tha
 use the same ID are independent. Over UDP an answer larger than the client's EDNS buffer (512
 bytes without EDNS) is replaced by an empty answer with TC set, so the client retries over
 TCP, where several queries may be pipelined on one connection and are answered as they complete.
+
+Which queries take a task. While ``run`` runs (the gateway's case), a UDP session has no task:
+its datagrams come to ``_on_udp_query`` from the stack's callback, where replayed, refused,
+blocked, overridden and cached queries are answered at once, and a plain query for upstreams
+that are all ``udp://`` is forwarded by callbacks (``fast_forward``: the same failover and
+deadlines, no task); the answers wait for the end of the lwIP call and leave together
+(``_send_soon``). A query that is not plain (FORMERR, NOTIMP and the full parse) and one for
+TCP, TLS or HTTPS upstreams get a task each, and so does every TCP query (``tcp_clients``).
+Without ``run`` (``serve_udp``), every UDP query has a task.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
+import functools
 import logging
-import struct
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dns.exception
@@ -51,7 +57,9 @@ from ..dialer import Dialer
 from ..endpoint import Endpoint
 from ..shares import ClientCounts
 from .cache import DnsCache
+from .counters import DnsCounters as DnsCounters
 from .exchange import Query, Reply
+from .fast_forward import Answer, FastForwarder, Forwarding
 from .names import ResolvedNames
 from .policy import (
     ENCRYPTED_DNS_NAMES,
@@ -60,19 +68,20 @@ from .policy import (
     override_response,
 )
 from .replay import RecentAnswers
-from .split import SplitUpstreams
-from .summary import AnswerSummary, name_text, summarize, summarize_query
-from .upstreams import UpstreamError, UpstreamSet
-from .wire import HEADER_LEN, WireError, header_flags
+from .split import SplitRoute, SplitUpstreams
+from .summary import AnswerSummary, summarize, summarize_query
+from .tcp_clients import serve_tcp_client
+from .transports import UdpUpstream
+from .upstreams import RESOLV_CONF, UpstreamError, UpstreamSet
+from .upstreams import resolv_conf_upstreams as resolv_conf_upstreams
+from .wire import HEADER_LEN, WireError, header_answer, header_flags
 
 if TYPE_CHECKING:
+    from ..stack import LwipStack
     from ..tcp import LwipTcpStream
     from ..udp import UdpSession
 
 log = logging.getLogger("tunlwip.dns")
-
-TCP_MAX_PIPELINED = 64  # queries per connection answered concurrently before reading pauses
-RESOLV_CONF = "/etc/resolv.conf"
 
 
 def _policy(config: DnsConfig) -> DnsPolicy:
@@ -82,52 +91,6 @@ def _policy(config: DnsConfig) -> DnsPolicy:
     return DnsPolicy.from_files(config.block_files, config.allow_files, config.overrides,
                                 builtin_blocked=builtin,
                                 builtin_source="dns.reject_encrypted")  # fmt: skip
-
-
-def resolv_conf_upstreams(path: str = RESOLV_CONF) -> tuple[str, ...]:
-    """``udp://`` URLs for the nameservers of a resolv.conf (missing file: none)."""
-    urls = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return ()
-    for line in lines:
-        fields = line.split("#", 1)[0].split()
-        if len(fields) >= 2 and fields[0] == "nameserver":
-            try:
-                addr = ipaddress.ip_address(fields[1].split("%", 1)[0])
-            except ValueError:
-                continue
-            urls.append(f"udp://[{addr}]:53" if addr.version == 6 else f"udp://{addr}:53")
-    return tuple(urls)
-
-
-@dataclasses.dataclass
-class DnsCounters:
-    queries: int = 0
-    blocked: int = 0
-    #: Of ``blocked``: answers whose CNAME chain led to a blocked name.
-    blocked_cname: int = 0
-    overridden: int = 0
-    cache_hits: int = 0
-    forwarded: int = 0
-    #: Queries answered SERVFAIL because every upstream failed or the query timed out.
-    upstream_failures: int = 0
-    timeouts: int = 0
-    truncated: int = 0
-    #: Dropped: unparseable, a response instead of a query, or a retransmission in flight.
-    malformed: int = 0
-    formerr: int = 0
-    duplicates: int = 0
-    #: Answered REFUSED: ``max_in_flight`` queries in flight (overload), or the client had
-    #: its share of them in flight (client_share).
-    overload: int = 0
-    client_share: int = 0
-    #: Answered by replaying a recent answer to a byte-identical query (``dns.replay``).
-    replayed: int = 0
-    #: TCP connections reset for a query not received, or an answer not taken, within
-    #: ``tcp_query_timeout``.
-    tcp_timeouts: int = 0
 
 
 class DnsProxy:
@@ -156,6 +119,14 @@ class DnsProxy:
         #: Queries in flight by client (``shares``), next to ``_in_flight``.
         self.in_flight_per_client = ClientCounts()
         self._retired: list[SplitUpstreams] = []
+        self._share = config.in_flight_share  # (a property: computed once per config)
+        # While ``run`` runs: the stack (its poll set reads the upstream sockets, answers are
+        # sent after each pass), the nursery of the queries that need a task, the task-less
+        # forwarding, and the answers waiting for the end of the lwIP call (``_send_soon``).
+        self._stack: LwipStack | None = None
+        self._nursery: trio.Nursery | None = None
+        self._fast: FastForwarder | None = None
+        self._outbox: list[tuple[UdpSession, bytes]] = []
 
     def name_for(self, client: Endpoint, address: Endpoint) -> str | None:
         """The name ``client`` resolved through us to ``address``'s IP, if still valid."""
@@ -191,6 +162,8 @@ class DnsProxy:
                                   max_negative_ttl=config.max_negative_ttl)  # fmt: skip
         self._retired.append(self.split)
         self.split, self.policy, self.config = split, policy, config
+        self._share = config.in_flight_share
+        self._watch_sockets(split)
         self.recent.clear()
 
     async def close_retired(self) -> None:
@@ -211,8 +184,150 @@ class DnsProxy:
         await self.split.aclose()
 
     # -- transports -------------------------------------------------------------------------
+    async def run(
+        self, stack: LwipStack, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve UDP sessions without a task (``attach_udp``) until cancelled: the upstream
+        sockets are read by ``stack``'s poll set, deadlines kept by one task, and the
+        queries that need a task get one here."""
+        async with trio.open_nursery() as nursery:
+            fast = FastForwarder(self._fast_done, nursery.start_soon, self._flush)
+            self._stack, self._nursery, self._fast = stack, nursery, fast
+            self._watch_sockets(self.split)
+            try:
+                nursery.start_soon(fast.keep_deadlines)
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._stack = self._nursery = self._fast = None
+                self._watch_sockets(self.split)  # new sockets: a reader task each again
+
+    def _watch_sockets(self, split: SplitUpstreams) -> None:
+        """Have the poll set read the UDP upstreams' new sockets (no task per socket)."""
+        for route in split.routes:
+            for upstream in route.upstreams.upstreams:
+                if isinstance(upstream, UdpUpstream):
+                    upstream.pool.watcher = self._stack
+
+    def attach_udp(self, session: UdpSession) -> bool:
+        """Take a client's UDP flow without a task: its datagrams come to ``_on_udp_query``
+        from the stack's callback. False while ``run`` is not running (``serve_udp`` then)."""
+        if self._nursery is None:
+            return False
+        session.divert(functools.partial(self._on_udp_query, session))
+        return True
+
+    def _on_udp_query(self, session: UdpSession, query: bytes) -> None:
+        """A client datagram, from inside lwIP's UDP callback: answers wait for the end of
+        the lwIP call (``_send_soon``). A plain query is answered here or forwarded without
+        a task (``fast_forward``); any other gets a task (``_answer_udp``)."""
+        client = session.client
+        answer = self._replay(query, client)
+        if answer is not None:
+            self._send_soon(session, answer)
+            return
+        admitted, refusal = self.admit(query, client)
+        if not admitted:
+            if refusal is not None:
+                self._send_soon(session, refusal)
+            return
+        try:
+            self._take_udp_query(session, query)
+        except Exception:  # a bug: the query is given up, the session goes on
+            self.release(query, client)
+            log.exception("dns %s: a query failed", client)
+
+    def _take_udp_query(self, session: UdpSession, query: bytes) -> None:
+        assert self._nursery is not None and self._fast is not None
+        summary = summarize_query(query)
+        if summary is None:  # not plain: the full parse decides, in a task
+            self._nursery.start_soon(self._answer_udp, session, query)
+            return
+        plain = Query(query, summary)
+        started = trio.current_time()
+        try:
+            decided = self._decide(plain)
+        except dns.exception.DNSException:  # a plain-looking query dnspython cannot read
+            self._complete(session, plain, None, started)
+            return
+        if isinstance(decided, Reply):
+            self._complete(session, plain, decided, started)
+        elif decided[0].upstreams.udp_only is None:  # TCP, TLS or HTTPS upstreams: a task
+            self._nursery.start_soon(self._forward_udp, session, plain, decided, started)
+        else:
+            context = (session, plain, decided, started)  # for _fast_done
+            upstreams, timeout = decided[0].upstreams, self.config.query_timeout
+            self._fast.start(query, (summary.question,), upstreams, timeout, context)
+
+    def _fast_done(self, forwarding: Forwarding, answer: Answer | None, failure: str) -> None:
+        """A query forwarded without a task is over (``FastForwarder``'s ``on_done``)."""
+        session, query, (route, cache), started = forwarding.context
+        try:
+            if answer is None:
+                reply = self._failed(query, route, failure)
+            else:
+                raw, summary, upstream = answer
+                if summary is not None and query.summary is not None:
+                    # The pool matched its question to the query's: the same name, read once.
+                    summary.name = query.summary.name
+                reply = self._forwarded(query, route, cache, raw, summary, upstream.url)
+        except BaseException:
+            self.release(query.wire, session.client)
+            raise
+        self._complete(session, query, reply, started)
+
+    async def _forward_udp(
+        self, session: UdpSession, query: Query, route: tuple[SplitRoute, DnsCache], started: float
+    ) -> None:
+        """A plain query to TCP, TLS or HTTPS upstreams, in a task."""
+        try:
+            reply = await self._forward(query, *route)
+        except BaseException:
+            self.release(query.wire, session.client)
+            raise
+        self._complete(session, query, reply, started)
+        self._flush()  # (a task: not inside an lwIP call)
+
+    def _complete(self, session: UdpSession, query: Query, reply: Reply | None,
+                  started: float) -> None:  # fmt: skip
+        """Send ``reply`` to the client (None: the query did not parse, FORMERR), and
+        release the query."""
+        answer = None
+        try:
+            if reply is not None:
+                answer, answer_summary = self._finish(query, reply, session.client, started, True)
+                self.recent.keep(query.wire, answer_summary, answer, trio.current_time())
+        except dns.exception.DNSException:  # a plain-looking query dnspython cannot read
+            answer = None
+            reply = None
+        finally:
+            self.release(query.wire, session.client)
+        if reply is None:
+            answer = self._formerr(query.wire)
+        if answer is not None:
+            self._send_soon(session, answer)
+
+    def _send_soon(self, session: UdpSession, answer: bytes) -> None:
+        """Send once the current lwIP call returns (this may run inside its callback), with
+        the other answers of the same pass: a device with a virtio-net header may take one
+        client's equal-sized answers in one write."""
+        if not self._outbox and self._stack is not None:
+            self._stack.call_after_lwip(self._flush)
+        self._outbox.append((session, answer))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if not outbox:
+            return
+        if self._stack is None:  # stopped: the sessions end with the gateway
+            return
+        with self._stack.output_burst():
+            for session, answer in outbox:
+                session.send_nowait(answer)
+
     async def serve_udp(self, session: UdpSession) -> None:
-        """Answer every query of one client UDP flow, each in its own task."""
+        """Answer every query of one client UDP flow, each in its own task (the way without
+        ``run``: an embedder's proxy, say)."""
         async with trio.open_nursery() as nursery:
             while True:
                 try:
@@ -223,7 +338,7 @@ class DnsProxy:
                 if answer is not None:
                     session.send_nowait(answer)
                     continue
-                admitted, refusal = self._admit(query, session.client)
+                admitted, refusal = self.admit(query, session.client)
                 if not admitted:
                     if refusal is not None:
                         session.send_nowait(refusal)
@@ -234,88 +349,13 @@ class DnsProxy:
         try:
             answer = await self.answer(query, session.client, max_udp_size=True)
         finally:
-            self._release(query, session.client)
+            self.release(query, session.client)
         if answer is not None:
             session.send_nowait(answer)  # (the task ends here: no need to yield first)
 
     async def serve_tcp(self, stream: LwipTcpStream) -> None:
-        """RFC 7766: length-prefixed queries, several in flight per connection, each answer
-        written as soon as it is ready (so possibly out of order).
-
-        Deadlines, so a client cannot hold a connection and its task by trickling: a query
-        must arrive whole within ``tcp_query_timeout`` of its first byte (the idle timeout
-        alone restarts with every byte), and each answer must be taken by the client within
-        ``tcp_query_timeout`` of being ready (a client that never reads). Past either, the
-        connection is reset and counted (``tcp_timeouts``)."""
-        client = stream.remote
-        send_lock = trio.Lock()
-        slots = trio.Semaphore(TCP_MAX_PIPELINED)
-        buffer = bytearray()
-        config = self.config
-
-        def cut_off(why: str) -> None:
-            if nursery.cancel_scope.cancel_called:
-                return  # already cut off
-            self.counters.tcp_timeouts += 1
-            log.debug("dns %s: TCP connection reset: %s", client, why)
-            stream.abort()
-            nursery.cancel_scope.cancel()
-
-        async def send(message: bytes) -> None:
-            with trio.move_on_after(config.tcp_query_timeout) as sending:
-                async with send_lock:
-                    await stream.send_all(struct.pack("!H", len(message)) + message)
-            if sending.cancelled_caught:
-                cut_off(f"answer not taken within {config.tcp_query_timeout:g} s")
-
-        async def answer_one(query: bytes) -> None:
-            try:
-                answer = await self.answer(query, client, max_udp_size=False)
-            finally:
-                self._release(query, client)
-                slots.release()
-            if answer is not None:
-                try:
-                    await send(answer)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    nursery.cancel_scope.cancel()
-
-        async with stream, trio.open_nursery() as nursery:
-            query_started = 0.0  # when the first byte of the partial query in buffer came
-            while True:
-                if buffer:
-                    deadline = query_started + config.tcp_query_timeout
-                else:
-                    deadline = trio.current_time() + config.tcp_idle_timeout
-                with trio.move_on_at(deadline) as waited:
-                    data = await _receive_or_eof(stream)
-                if waited.cancelled_caught and buffer:
-                    cut_off(f"query not complete within {config.tcp_query_timeout:g} s")
-                    break
-                if waited.cancelled_caught or data is None:
-                    break
-                if not buffer:
-                    query_started = trio.current_time()
-                buffer += data
-                while len(buffer) >= 2:
-                    (length,) = struct.unpack_from("!H", buffer)
-                    if len(buffer) < 2 + length:
-                        break
-                    query = bytes(buffer[2 : 2 + length])
-                    del buffer[: 2 + length]
-                    query_started = trio.current_time()  # the next query's bytes came now
-                    admitted, refusal = self._admit(query, client)
-                    if not admitted:
-                        if refusal is not None:
-                            await send(refusal)
-                        continue
-                    try:
-                        await slots.acquire()
-                    except BaseException:  # cancelled while waiting: never started
-                        self._release(query, client)
-                        raise
-                    nursery.start_soon(answer_one, query)
-            # EOF or idle: the answers still being resolved are written before the close.
+        """Answer the queries of one client TCP connection (``tcp_clients``)."""
+        await serve_tcp_client(self, stream)
 
     # -- the answer -------------------------------------------------------------------------
     def _replay(self, query: bytes, client: Endpoint) -> bytes | None:
@@ -326,18 +366,19 @@ class DnsProxy:
             return None
         self.counters.queries += 1
         self.counters.replayed += 1
-        if entry.addresses:
+        if entry.addresses and entry.noted_for != client.address:
             self.names.remember_addresses(client.address, entry.name, entry.addresses, now)
+            entry.noted_for = client.address
         if log.isEnabledFor(logging.DEBUG):
             log.debug("dns %s %s -> replayed", client, entry.name)
         return query[:2] + entry.answer_tail
 
-    def _admit(self, query: bytes, client: Endpoint) -> tuple[bool, bytes | None]:
+    def admit(self, query: bytes, client: Endpoint) -> tuple[bool, bytes | None]:
         """Count the query and say whether to resolve it; if not, what to answer at once.
         Duplicates of a query in flight are dropped (the first one will be answered); beyond
         the client's share of ``max_in_flight``, or ``max_in_flight`` itself, queries get
         REFUSED, so the client tries again or elsewhere at once rather than after a timeout.
-        An admitted query must be released (``_release``) whatever happens to it."""
+        An admitted query must be released (``release``) whatever happens to it."""
         self.counters.queries += 1
         if len(query) < HEADER_LEN:
             self.counters.malformed += 1
@@ -348,15 +389,15 @@ class DnsProxy:
             return False, None
         if len(self._in_flight) >= self.config.max_in_flight:
             self.counters.overload += 1
-            return False, _refused(query)
-        if self.in_flight_per_client.count(client.address) >= self.config.in_flight_share:
+            return False, header_answer(query, dns.rcode.REFUSED)
+        if self.in_flight_per_client.count(client.address) >= self._share:
             self.counters.client_share += 1
-            return False, _refused(query)
+            return False, header_answer(query, dns.rcode.REFUSED)
         self._in_flight.add(key)
         self.in_flight_per_client.add(client.address)
         return True, None
 
-    def _release(self, query: bytes, client: Endpoint) -> None:
+    def release(self, query: bytes, client: Endpoint) -> None:
         key = (client, int.from_bytes(query[:2], "big"))
         if key in self._in_flight:
             self._in_flight.remove(key)
@@ -395,20 +436,19 @@ class DnsProxy:
         except dns.exception.DNSException:  # a plain-looking query dnspython cannot read
             return self._formerr(wire)
         if max_udp_size:
-            self._keep_for_replay(wire, answer_summary, answer)
+            self.recent.keep(wire, answer_summary, answer, trio.current_time())
         return answer
 
-    def _keep_for_replay(self, wire: bytes, summary: AnswerSummary | None, answer: bytes) -> None:
-        """Remember a complete NOERROR/NXDOMAIN UDP answer for ``_replay``."""
-        if summary is None or len(summary.question) != 1 or answer[2] & 0x02:
-            return  # a truncated (TC) answer is not complete
-        if summary.rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-            return  # failures are not repeated
-        self.recent.put(wire, answer, min_ttl=summary.min_ttl_all,
-                        name=name_text(summary.question[0][0]),
-                        addresses=tuple(summary.addresses), now=trio.current_time())  # fmt: skip
-
     async def _resolve(self, query: Query) -> Reply:
+        decided = self._decide(query)
+        if isinstance(decided, Reply):
+            return decided
+        return await self._forward(query, *decided)
+
+    def _decide(self, query: Query) -> Reply | tuple[SplitRoute, DnsCache]:
+        """What needs no upstream: the policy's answer, or a cached one; else the route to
+        forward on and the cache its answer goes to (a reload may start a new cache: this
+        answer is the old routes')."""
         verdict = self.policy.check(query.name)
         if verdict.action == "block":
             self.counters.blocked += 1
@@ -420,7 +460,7 @@ class DnsProxy:
                          verdict.rule)  # fmt: skip
         route = self.split.pick(query.name)
         route.counters.queries += 1
-        cache = self.cache  # (a reload may start a new one: this answer is the old routes')
+        cache = self.cache
         now = trio.current_time()
         if query.summary is None or cache.peek(query.cache_key, now):
             cached = cache.get(query.message, now)  # (a parse only for a likely hit)
@@ -429,43 +469,57 @@ class DnsProxy:
         if cached is not None:
             self.counters.cache_hits += 1
             return self._screen(query.message, Reply(cached, None, None, "cache"))
+        return route, cache
+
+    async def _forward(self, query: Query, route: SplitRoute, cache: DnsCache) -> Reply:
+        """Ask the route's upstreams, in a task (see ``fast_forward`` for the way without)."""
         with trio.move_on_after(self.config.query_timeout) as timeout:
             while True:
                 round_started = trio.current_time()
                 try:
                     raw, summary, upstream = await route.upstreams.resolve_summarized(query.wire)
-                    # (None: truncated, kept as it was; parsing it here may fail)
-                    response = dns.message.from_wire(raw) if summary is None else None
                     break
-                except (UpstreamError, dns.exception.DNSException) as exc:
+                except UpstreamError as exc:
                     # Silent upstreams: go round the list again until the query's deadline.
                     # Upstreams that failed at once (refused, bad answer) end it now.
                     if trio.current_time() - round_started < self.config.attempt_timeout:
-                        self.counters.upstream_failures += 1
-                        route.counters.failures += 1
-                        return Reply(self._servfail(query.message), None, None, f"failed: {exc}")
+                        return self._failed(query, route, f"failed: {exc}")
+            return self._forwarded(query, route, cache, raw, summary, upstream.url)
+        assert timeout.cancelled_caught
+        return self._failed(query, route, "timeout")
+
+    def _forwarded(self, query: Query, route: SplitRoute, cache: DnsCache, raw: bytes,
+                   summary: AnswerSummary | None, source: str) -> Reply:  # fmt: skip
+        """An upstream's answer: counted, cached, and screened when it has a CNAME chain.
+        ``summary`` is None for a truncated answer that did not walk: parsed whole here."""
+        if summary is None:
+            try:
+                response = dns.message.from_wire(raw)
+            except dns.exception.DNSException as exc:
+                return self._failed(query, route, f"failed: {exc}")
             self.counters.forwarded += 1
             route.counters.forwarded += 1
-            if response is not None:
-                cache.put(query.message, response, trio.current_time())
-                return self._screen(query.message, Reply(response, raw, None, upstream.url))
-            assert summary is not None
-            cache.put_wire(query.cache_key, raw, summary, trio.current_time())
-            reply = Reply(None, raw, summary, upstream.url)
-            if summary.has_alias and self.policy.screens_answers:
-                try:  # the one case the policy needs the whole message: a CNAME/DNAME chain
-                    reply = reply._replace(response=dns.message.from_wire(raw))
-                except dns.exception.DNSException as exc:
-                    self.counters.upstream_failures += 1
-                    route.counters.failures += 1
-                    return Reply(self._servfail(query.message), None, None, f"failed: {exc}")
-                return self._screen(query.message, reply)
-            return reply
-        assert timeout.cancelled_caught
-        self.counters.timeouts += 1
+            cache.put(query.message, response, trio.current_time())
+            return self._screen(query.message, Reply(response, raw, None, source))
+        self.counters.forwarded += 1
+        route.counters.forwarded += 1
+        cache.put_wire(query.cache_key, raw, summary, trio.current_time())
+        reply = Reply(None, raw, summary, source)
+        if summary.has_alias and self.policy.screens_answers:
+            try:  # the one case the policy needs the whole message: a CNAME/DNAME chain
+                reply = reply._replace(response=dns.message.from_wire(raw))
+            except dns.exception.DNSException as exc:
+                return self._failed(query, route, f"failed: {exc}")
+            return self._screen(query.message, reply)
+        return reply
+
+    def _failed(self, query: Query, route: SplitRoute, why: str) -> Reply:
+        """SERVFAIL: every upstream failed (``why`` says how), or "timeout"."""
+        if why == "timeout":
+            self.counters.timeouts += 1
         self.counters.upstream_failures += 1
         route.counters.failures += 1
-        return Reply(self._servfail(query.message), None, None, "timeout")
+        return Reply(self._servfail(query.message), None, None, why)
 
     def _screen(self, query: dns.message.Message, reply: Reply) -> Reply:
         """Block an answer whose CNAME chain leads to a blocked name, with the answer the
@@ -505,7 +559,7 @@ class DnsProxy:
             except WireError:  # not expected of what we render; nothing to note then
                 summary = None
         if summary is not None and summary.addresses and len(summary.question) == 1:
-            self.names.remember_addresses(client.address, name_text(summary.question[0][0]),
+            self.names.remember_addresses(client.address, summary.question_name(),
                                           summary.addresses, trio.current_time())  # fmt: skip
         if log.isEnabledFor(logging.DEBUG):
             known = query.summary is not None or len(query.message.question) == 1
@@ -536,26 +590,9 @@ class DnsProxy:
     def _formerr(self, wire: bytes) -> bytes | None:
         """FORMERR for an unparseable query whose header is readable; responses and
         fragments of nothing are dropped (answering those could make a loop)."""
-        flags = wire[2] if len(wire) >= HEADER_LEN else 0x80
-        if flags & 0x80:  # QR set: a response, not a query
+        answer = header_answer(wire, dns.rcode.FORMERR)
+        if answer is None:
             self.counters.malformed += 1
-            return None
-        self.counters.formerr += 1
-        opcode_rd = wire[2] & 0x79  # keep opcode and RD
-        return wire[:2] + bytes([0x80 | opcode_rd, dns.rcode.FORMERR]) + bytes(8)
-
-
-def _refused(query: bytes) -> bytes | None:
-    """REFUSED built from the query's header alone (no parse under load); None for a
-    response (answering one could make a loop)."""
-    if query[2] & 0x80:
-        return None
-    return query[:2] + bytes([0x80 | (query[2] & 0x79), dns.rcode.REFUSED]) + bytes(8)
-
-
-async def _receive_or_eof(stream: LwipTcpStream) -> bytes | None:
-    try:
-        data = await stream.receive_some()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return None
-    return data or None
+        else:
+            self.counters.formerr += 1
+        return answer

@@ -17,23 +17,32 @@ a policy or upstream change clears the table.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import NamedTuple
+
+import dns.rcode
 
 from ..endpoint import IPAddress
+from .summary import AnswerSummary
 
 #: The longest an answer is replayed, in seconds.
 LIFETIME = 1.0
 HEADER_ID_LEN = 2
 
 
-class Replay(NamedTuple):
+class Replay:
     """A stored answer: everything but the ID, and what the client learns from it."""
 
-    expires: float
-    answer_tail: bytes  # the answer from byte 2 on
-    name: str
-    #: (address, TTL) of the A/AAAA records, for the resolved-names table.
-    addresses: tuple[tuple[IPAddress, int], ...]
+    __slots__ = ("addresses", "answer_tail", "expires", "name", "noted_for")
+
+    def __init__(self, expires: float, answer_tail: bytes, name: str,
+                 addresses: tuple[tuple[IPAddress, int], ...]) -> None:  # fmt: skip
+        self.expires = expires
+        self.answer_tail = answer_tail  # the answer from byte 2 on
+        self.name = name
+        #: (address, TTL) of the A/AAAA records, for the resolved-names table.
+        self.addresses = addresses
+        #: The client whose resolved names last had these addresses noted from this entry:
+        #: its repeats need not note them again (the entry lives a second; names, minutes).
+        self.noted_for: IPAddress | None = None
 
 
 class RecentAnswers:
@@ -72,3 +81,14 @@ class RecentAnswers:
         self._entries[key] = Replay(now + lifetime, answer[HEADER_ID_LEN:], name, addresses)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+    def keep(self, query: bytes, summary: AnswerSummary | None, answer: bytes,
+             now: float) -> None:  # fmt: skip
+        """Keep ``answer`` to ``query`` (``summary`` its summary) if it is a complete
+        NOERROR/NXDOMAIN answer over UDP; not a truncated (TC) one, nor a failure."""
+        if summary is None or len(summary.question) != 1 or answer[2] & 0x02:
+            return
+        if summary.rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            return
+        self.put(query, answer, min_ttl=summary.min_ttl_all, name=summary.question_name(),
+                 addresses=tuple(summary.addresses), now=now)  # fmt: skip

@@ -19,7 +19,8 @@ parser judges it, as it would without the proxy.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
+from ipaddress import IPv4Address, IPv6Address
+from typing import NamedTuple
 
 import dns.name
 
@@ -28,7 +29,8 @@ from .wire import FLAG_TC, Question, UpstreamError, WireError, read_question
 
 _A, _SOA, _CNAME, _AAAA, _DNAME, _OPT, _TSIG = 1, 6, 5, 28, 39, 41, 250
 _POINTER = 0xC0
-_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
+_PLAIN_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789-_"
+_PLAIN = frozenset(_PLAIN_BYTES)
 
 
 @dataclasses.dataclass(slots=True)
@@ -51,6 +53,14 @@ class AnswerSummary:
     addresses: list[tuple[IPAddress, int]] = dataclasses.field(default_factory=list)
     #: Whether the answer section has a CNAME or DNAME (a chain the policy may judge).
     has_alias: bool = False
+    #: The text of the (one) question's name, once ``question_name`` was asked for it.
+    name: str = ""
+
+    def question_name(self) -> str:
+        """The text of the first question's name (``name_text``), worked out once."""
+        if not self.name:
+            self.name = name_text(self.question[0][0])
+        return self.name
 
 
 def _skip_name(wire: bytes, offset: int) -> int:
@@ -88,10 +98,9 @@ def _skip_name(wire: bytes, offset: int) -> int:
 def summarize(wire: bytes) -> AnswerSummary:
     """The summary of an answer; WireError if its records do not walk."""
     question, offset = read_question(wire)
-    flags = int.from_bytes(wire[2:4], "big")
+    flags = (wire[2] << 8) | wire[3]
     summary = AnswerSummary(rcode=flags & 0xF, flags=flags, question=question)
-    counts = (int.from_bytes(wire[6:8], "big"), int.from_bytes(wire[8:10], "big"),
-              int.from_bytes(wire[10:12], "big"))  # fmt: skip
+    counts = ((wire[6] << 8) | wire[7], (wire[8] << 8) | wire[9], (wire[10] << 8) | wire[11])
     summary.answer_count = counts[0]
     end = len(wire)
     for section, count in enumerate(counts):
@@ -120,7 +129,10 @@ def summarize(wire: bytes) -> AnswerSummary:
                 if rdtype in (_A, _AAAA):
                     if offset - start != (4 if rdtype == _A else 16):
                         raise WireError("address record of the wrong size")
-                    summary.addresses.append((ipaddress.ip_address(wire[start:offset]), ttl))
+                    address = wire[start:offset]  # (the class's own constructor: no guessing)
+                    summary.addresses.append(
+                        (IPv4Address(address) if rdtype == _A else IPv6Address(address), ttl)
+                    )
                 elif rdtype in (_CNAME, _DNAME):
                     if _skip_name(wire, start) != offset:
                         raise WireError("alias record with bytes beyond its name")
@@ -136,9 +148,9 @@ def summarize(wire: bytes) -> AnswerSummary:
     return summary
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class QuerySummary:
-    """The facts of a plain query (see ``summarize_query``)."""
+class QuerySummary(NamedTuple):
+    """The facts of a plain query (see ``summarize_query``). A named tuple: one is made per
+    query, and a frozen dataclass costs several times as much to make."""
 
     #: The question's name as text, lowercased, without the final dot.
     name: str
@@ -166,34 +178,33 @@ def summarize_query(wire: bytes) -> QuerySummary | None:
         questions, offset = read_question(wire)
     except WireError:
         return None
-    flags = int.from_bytes(wire[2:4], "big")
+    flags = (wire[2] << 8) | wire[3]
     if len(questions) != 1 or flags & 0xF800 or wire[6:10] != bytes(4):
         return None  # QR, opcode; answer and authority counts
     name = questions[0][0]
     labels = []
     position = 0
-    while name[position]:
-        length = name[position]
+    while length := name[position]:
         label = name[position + 1 : position + 1 + length]
-        if not _PLAIN.issuperset(label):
+        if label.translate(None, _PLAIN_BYTES):  # what is left is not plain
             return None
         labels.append(label)
         position += 1 + length
     if not labels:
         return None  # the root: dnspython's text of it differs
-    additional = int.from_bytes(wire[10:12], "big")
+    additional = (wire[10] << 8) | wire[11]
     payload, dnssec_ok, client_subnet = -1, False, False
     if additional > 1:
         return None
     if additional == 1:
         if wire[offset : offset + 3] != b"\x00\x00\x29" or offset + 11 > len(wire):
             return None  # not an OPT record owned by the root
-        payload = int.from_bytes(wire[offset + 3 : offset + 5], "big")
+        payload = (wire[offset + 3] << 8) | wire[offset + 4]
         if wire[offset + 6] != 0:
             return None  # EDNS version other than 0
         dnssec_ok = bool(wire[offset + 7] & 0x80)
         start = offset + 11
-        offset = start + int.from_bytes(wire[offset + 9 : offset + 11], "big")
+        offset = start + ((wire[offset + 9] << 8) | wire[offset + 10])
         position = start
         while position + 4 <= offset:
             code = int.from_bytes(wire[position : position + 2], "big")

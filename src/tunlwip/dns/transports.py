@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..endpoint import Endpoint
+from ..errors import TunlwipError
 from .udp_pool import UdpSocketPool
 from .upstream_via import UpstreamDialer
 from .wire import (
@@ -79,13 +80,18 @@ class UdpUpstream:
         original_id, question = parse_request(request)
         try:
             answer = await self.pool.exchange(request, question)
-        except OSError as exc:  # ECONNREFUSED: the ICMP port unreachable of a closed port
+        except (OSError, TunlwipError) as exc:  # ECONNREFUSED (a closed port); no socket
             raise UpstreamError(describe(exc)) from exc
         if header_flags(answer) & FLAG_TC:
-            self.tcp_retries += 1
-            log.debug("%s: truncated answer, asking again over TCP", self.url)
-            return await self._tcp.query(request)
+            return await self.ask_over_tcp(request)
         return with_id(answer, original_id)
+
+    async def ask_over_tcp(self, request: bytes) -> bytes:
+        """The answer to ``request`` over TCP, to the same address and port: what a truncated
+        answer over UDP is followed by (counted: ``tcp_retries``)."""
+        self.tcp_retries += 1
+        log.debug("%s: truncated answer, asking again over TCP", self.url)
+        return await self._tcp.query(request)
 
     async def aclose(self) -> None:
         self.pool.close()

@@ -11,16 +11,20 @@ with unbound's outgoing port range, an off-path spoofer must guess the port amon
 ever-changing ones as well as the 16-bit ID (from the kernel's CSPRNG, as with ``secrets``;
 unique among the queries in flight on that socket), and must repeat the question.
 
-A query takes a random socket of the pool (a new one while the pool is not full), sends, and
-waits for its answer. One reader per socket (a trio system task, not a task per query) takes
-every datagram: one whose ID is in flight and whose question matches (case-insensitively:
-``wire.read_question``) wakes that query; everything else (a wrong ID or question, garbage, an
-answer to a query that already gave up) is ignored and counted (``ignored``). The socket is
-connected, so the kernel already drops datagrams from any other address or port. An ICMP port
-unreachable (ECONNREFUSED) fails every query waiting on that socket: the upstream is closed
-for all of them.
+A query takes a random socket of the pool (a new one while the pool is not full) and sends
+(``send``, no task: the answer comes to a callback; ``exchange`` waits for it in a task). Each
+socket has one reader, not one per query: with a ``watcher`` (the gateway's poll set, set by
+the DNS proxy) a callback run whenever the socket is readable, without trio's scheduler;
+otherwise a trio system task. The reader drains the socket: a datagram whose ID is in flight
+and whose question matches (case-insensitively: ``wire.read_question``) goes to that query's
+callback, and its ID is free again at once; everything else (a wrong ID or question,
+garbage, an answer to a query that already gave up or was answered) is ignored and counted
+(``ignored``). The socket is connected, so the kernel already drops datagrams from any other
+address or port. An ICMP port unreachable (ECONNREFUSED) fails every query waiting on that
+socket: the upstream is closed for all of them.
 
-Timeouts are the caller's: a query cancelled while waiting frees its ID.
+Timeouts are the caller's: a query that gives up (``cancel``, or ``exchange`` cancelled) frees
+its ID.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
@@ -69,29 +74,44 @@ class _RandomBytes:
 _random = _RandomBytes()
 
 
-class _Waiter:
-    """One query in flight: its question, and its answer (or error) once there."""
+#: Called once with the answer (its ID still ours) or with the error that ended the query.
+OnResult = Callable[[bytes | None, OSError | None], None]
 
-    __slots__ = ("answer", "error", "event", "question")
 
-    def __init__(self, question: Question) -> None:
+class Watcher(Protocol):
+    """Calls a function whenever a socket is readable, with no task (``LwipStack`` is one)."""
+
+    def watch_readable(self, fd: int, on_ready: Callable[[], None]) -> int: ...
+
+    def unwatch(self, fd: int, token: int) -> None: ...
+
+
+class Ticket:
+    """One query in flight on a pooled socket: what its answer must repeat, where it goes."""
+
+    __slots__ = ("message_id", "on_result", "question", "slot")
+
+    def __init__(self, slot: _PooledSocket, message_id: int, question: Question,
+                 on_result: OnResult) -> None:  # fmt: skip
+        self.slot = slot
+        self.message_id = message_id
         self.question = question
-        self.answer: bytes | None = None
-        self.error: OSError | None = None
-        self.event = trio.Event()
+        self.on_result = on_result
 
 
 class _PooledSocket:
     """A socket of the pool with the queries in flight on it, by the ID they went out with."""
 
-    __slots__ = ("opened", "pending", "retired", "sock", "uses")
+    __slots__ = ("opened", "pending", "retired", "sock", "token", "uses", "watcher")
 
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
         self.opened = now
         self.uses = 0
         self.retired = False
-        self.pending: dict[int, _Waiter] = {}
+        self.pending: dict[int, Ticket] = {}
+        self.watcher: Watcher | None = None  # what reads it (None: a trio task)
+        self.token = 0  # its watch there
 
 
 class UdpSocketPool:
@@ -114,6 +134,8 @@ class UdpSocketPool:
         self._sockets: list[_PooledSocket] = []  # those taking new queries
         self._live: set[_PooledSocket] = set()  # every open one, retired ones included
         self._closing = False
+        #: Watches the sockets opened from now on (None: a trio task reads each).
+        self.watcher: Watcher | None = None
         #: Datagrams that answered no query in flight (wrong ID or question, garbage, late).
         self.ignored = 0
         #: Sockets opened so far (rotation shows here).
@@ -124,28 +146,57 @@ class UdpSocketPool:
         """Sockets taking new queries now."""
         return len(self._sockets)
 
-    async def exchange(self, request: bytes, question: Question) -> bytes:
-        """Send ``request`` under a fresh ID on a pooled socket and return the datagram that
-        answers it (with that ID). OSError: the socket could not be opened, the send failed,
-        or the upstream's port is closed."""
+    def send(self, request: bytes, question: Question, on_result: OnResult) -> Ticket:
+        """Send ``request`` under a fresh ID on a pooled socket; ``on_result`` gets the
+        datagram that answers it (with that ID), or the error that ended it (ECONNREFUSED:
+        the upstream's port is closed), once, from the socket's reader. OSError (raised):
+        the socket could not be opened or the send failed; nothing is then in flight."""
         slot = self._take()
         pending = slot.pending
         message_id = _random.below(0x10000)
         while message_id in pending:
             message_id = _random.below(0x10000)
-        waiter = _Waiter(question)
-        pending[message_id] = waiter
+        ticket = Ticket(slot, message_id, question, on_result)
         try:
             slot.sock.send(with_id(request, message_id))
-            await waiter.event.wait()
+        except OSError:
+            self._done(slot)
+            raise
+        pending[message_id] = ticket
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The query gave up: its ID is free, an answer that still comes is ignored."""
+        slot = ticket.slot
+        if slot.pending.get(ticket.message_id) is ticket:
+            del slot.pending[ticket.message_id]
+            self._done(slot)
+
+    async def exchange(self, request: bytes, question: Question) -> bytes:
+        """``send`` and wait for the answer. OSError as ``send``, or the error that ended
+        the query."""
+        done = trio.Event()
+        result: list[bytes | OSError | None] = [None]
+
+        def on_result(answer: bytes | None, error: OSError | None) -> None:
+            result[0] = answer if error is None else error
+            done.set()
+
+        ticket = self.send(request, question, on_result)
+        try:
+            await done.wait()
         finally:
-            del pending[message_id]
-            if slot.retired and not pending:
-                self._close(slot)
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.answer is not None
-        return waiter.answer
+            self.cancel(ticket)  # (a no-op once answered)
+        outcome = result[0]
+        if isinstance(outcome, OSError):
+            raise outcome
+        assert outcome is not None
+        return outcome
+
+    def _done(self, slot: _PooledSocket) -> None:
+        """A query on ``slot`` is over: a retired socket closes with its last one."""
+        if slot.retired and not slot.pending:
+            self._close(slot)
 
     def _take(self) -> _PooledSocket:
         """A socket for the next query: a new one while the pool is not full, else a random
@@ -173,9 +224,18 @@ class UdpSocketPool:
 
     def _open(self, now: float) -> _PooledSocket:
         slot = _PooledSocket(self._open_socket(), now)
+        if self.watcher is not None:
+            try:
+                slot.token = self.watcher.watch_readable(slot.sock.fileno(),
+                                                         lambda: self._drain(slot))  # fmt: skip
+            except OSError:
+                slot.sock.close()
+                raise
+            slot.watcher = self.watcher
+        else:
+            trio.lowlevel.spawn_system_task(self._read, slot, name="dns upstream socket reader")
         self._live.add(slot)
         self.opened += 1
-        trio.lowlevel.spawn_system_task(self._read, slot, name="dns upstream socket reader")
         return slot
 
     def _retire(self, slot: _PooledSocket) -> None:
@@ -202,37 +262,48 @@ class UdpSocketPool:
             self._close(slot)
 
     def _drain(self, slot: _PooledSocket) -> None:
+        """Take what the socket has (up to a burst), each datagram to its query's callback.
+        A callback may end the last query of a retired socket, which then closes."""
         sock = slot.sock
         for _ in range(RECEIVE_BURST):
             if sock.fileno() < 0:
-                return  # a waiter woken in this burst cannot close it: closed before
+                return  # closed by a callback of this burst
             try:
                 data = sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
                 return
             except OSError as exc:  # ECONNREFUSED: the port is closed, for every query here
-                for waiter in slot.pending.values():
-                    if waiter.answer is None and waiter.error is None:
-                        waiter.error = exc
-                        waiter.event.set()
+                tickets = list(slot.pending.values())
+                slot.pending.clear()
+                for ticket in tickets:
+                    self._result(ticket, None, exc)
+                self._done(slot)
                 continue
             self._deliver(slot, data)
 
     def _deliver(self, slot: _PooledSocket, data: bytes) -> None:
-        waiter = None
+        ticket = None
         if len(data) >= HEADER_LEN:
-            waiter = slot.pending.get(int.from_bytes(data[:2], "big"))
-        if waiter is None or waiter.answer is not None or waiter.error is not None:
+            ticket = slot.pending.get(int.from_bytes(data[:2], "big"))
+        if ticket is None:
             self.ignored += 1
             log.debug("ignoring a datagram: no query in flight with its ID")
             return
-        reason = question_mismatch(data, int.from_bytes(data[2:4], "big"), waiter.question)
+        reason = question_mismatch(data, int.from_bytes(data[2:4], "big"), ticket.question)
         if reason is not None:
             self.ignored += 1
             log.debug("ignoring a datagram: %s", reason)
             return
-        waiter.answer = data
-        waiter.event.set()
+        del slot.pending[ticket.message_id]
+        self._result(ticket, data, None)
+        self._done(slot)
+
+    @staticmethod
+    def _result(ticket: Ticket, answer: bytes | None, error: OSError | None) -> None:
+        try:
+            ticket.on_result(answer, error)
+        except Exception:  # a bug; it must not stop the reader (or the poll set calling it)
+            log.exception("DNS upstream answer callback failed")
 
     def close(self) -> None:
         """Take no more queries and retire every socket: the queries in flight still get
@@ -245,8 +316,13 @@ class UdpSocketPool:
             self._retire(slot)
 
     def _close(self, slot: _PooledSocket) -> None:
-        """Close a pooled socket, waking its reader (``notify_closing``) so that it ends."""
+        """Close a pooled socket: out of the poll set first, or its reader task woken
+        (``notify_closing``) so that it ends."""
         self._live.discard(slot)
         if slot.sock.fileno() >= 0:
-            trio.lowlevel.notify_closing(slot.sock)
+            if slot.watcher is not None:
+                slot.watcher.unwatch(slot.sock.fileno(), slot.token)
+                slot.watcher = None
+            else:
+                trio.lowlevel.notify_closing(slot.sock)
             slot.sock.close()

@@ -42,6 +42,7 @@ import re
 import ssl
 import urllib.parse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 import dns.rcode
@@ -70,8 +71,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+RESOLV_CONF = "/etc/resolv.conf"
 DEFAULT_PORTS = {"udp": 53, "tcp": 53, "tls": 853, "https": 443}
-_MOVE_ON_RCODES = {dns.rcode.SERVFAIL, dns.rcode.REFUSED}
+#: Answers that move on to the next upstream (kept as the fallback answer).
+MOVE_ON_RCODES = frozenset({int(dns.rcode.SERVFAIL), int(dns.rcode.REFUSED)})
 
 
 class Upstream(Protocol):
@@ -219,6 +222,24 @@ def _tls_context(url: str, ca_file: str | None, *, alpn: list[str] | None) -> ss
     return context
 
 
+def resolv_conf_upstreams(path: str = RESOLV_CONF) -> tuple[str, ...]:
+    """``udp://`` URLs for the nameservers of a resolv.conf (missing file: none)."""
+    urls = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return ()
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                addr = ipaddress.ip_address(fields[1].split("%", 1)[0])
+            except ValueError:
+                continue
+            urls.append(f"udp://[{addr}]:53" if addr.version == 6 else f"udp://{addr}:53")
+    return tuple(urls)
+
+
 # -- failover ------------------------------------------------------------------------------
 
 
@@ -234,8 +255,17 @@ class UpstreamSet:
             raise ConfigError(f"DNS attempt timeout must be positive, not {attempt_timeout}")
         self.upstreams: tuple[Upstream, ...] = tuple(upstreams)
         self.attempt_timeout = attempt_timeout
+        #: Every upstream is plain UDP: a plain query can take the proxy's task-less path
+        #: (``fast_forward``), which follows the same rules and counts here too (``count``).
+        self.udp_only: tuple[UdpUpstream, ...] | None = None
+        if self.upstreams and all(isinstance(u, UdpUpstream) for u in self.upstreams):
+            self.udp_only = tuple(u for u in self.upstreams if isinstance(u, UdpUpstream))
         self._counts = dict.fromkeys(("queries", "failures", "timeouts", "bad_rcodes",
                                       "all_failed"), 0)  # fmt: skip
+
+    def count(self, what: str) -> None:
+        """One more of ``what`` (a key of ``counters``), for queries resolved elsewhere."""
+        self._counts[what] += 1
 
     @property
     def counters(self) -> dict[str, int]:
@@ -280,7 +310,7 @@ class UpstreamSet:
                           self.attempt_timeout)  # fmt: skip
                 continue
             rcode = header_flags(answer) & 0xF
-            if rcode not in _MOVE_ON_RCODES:
+            if rcode not in MOVE_ON_RCODES:
                 return answer, summary, upstream
             self._counts["bad_rcodes"] += 1
             errors.append(f"{upstream.url}: {dns.rcode.to_text(dns.rcode.Rcode(rcode))}")

@@ -50,6 +50,25 @@ class WireError(TunlwipError, ValueError):
 def read_name(wire: bytes, offset: int) -> tuple[bytes, int]:
     """(the name at ``offset`` in wire form, lowercased, without compression; the offset just
     after it). Compression pointers are followed only backwards, so a loop cannot hang us."""
+    # The common case first, a name without compression (every question's): one slice.
+    position = offset
+    size = len(wire)
+    while position < size:
+        length = wire[position]
+        if length == 0:
+            if position + 1 - offset > MAX_NAME_WIRE:
+                raise WireError("name longer than 255 bytes")
+            return wire[offset : position + 1].lower(), position + 1
+        if length & _POINTER:
+            return _read_compressed_name(wire, offset)
+        position += 1 + length
+    if position > size:
+        raise WireError("label runs past the end of the message")
+    raise WireError("name runs past the end of the message")
+
+
+def _read_compressed_name(wire: bytes, offset: int) -> tuple[bytes, int]:
+    """``read_name`` for a name with compression pointers (or a bad label type)."""
     labels = bytearray()
     end = -1  # where the name ends in the message: after its first pointer, if any
     position = offset
@@ -84,15 +103,15 @@ def read_question(wire: bytes) -> tuple[Question, int]:
     Reads nothing else: the cheap part of a message, all that matching an answer needs."""
     if len(wire) < HEADER_LEN:
         raise WireError(f"short message ({len(wire)} bytes)")
-    count = int.from_bytes(wire[4:6], "big")
+    count = (wire[4] << 8) | wire[5]
     questions = []
     offset = HEADER_LEN
     for _ in range(count):
         name, offset = read_name(wire, offset)
         if offset + 4 > len(wire):
             raise WireError("question cut short")
-        questions.append((name, int.from_bytes(wire[offset : offset + 2], "big"),
-                          int.from_bytes(wire[offset + 2 : offset + 4], "big")))  # fmt: skip
+        questions.append((name, (wire[offset] << 8) | wire[offset + 1],
+                          (wire[offset + 2] << 8) | wire[offset + 3]))  # fmt: skip
         offset += 4
     return tuple(questions), offset
 
@@ -110,6 +129,15 @@ def parse_request(request: bytes) -> tuple[int, Question]:
     except WireError as exc:
         raise UpstreamError(f"malformed query: {exc}") from exc
     return int.from_bytes(request[:2], "big"), question
+
+
+def header_answer(query: bytes, rcode: int) -> bytes | None:
+    """An answer with ``rcode`` and nothing else, built from the query's header alone (no
+    parse, so cheap under load: REFUSED, FORMERR); None for a response or a fragment of a
+    header (answering those could make a loop)."""
+    if len(query) < HEADER_LEN or query[2] & 0x80:
+        return None
+    return query[:2] + bytes([0x80 | (query[2] & 0x79), rcode]) + bytes(8)  # opcode, RD kept
 
 
 def with_id(wire: bytes, message_id: int) -> bytes:
