@@ -56,3 +56,17 @@ class ProxyError(TunlwipError, OSError):
         code = errno.EPROTO if err is None else err
         super().__init__(code, self.reason + (f" ({detail})" if detail else ""))
         self.errno = code
+
+
+def dial_failure_reason(exc: OSError) -> str:
+    """A flow record's close reason for a way out that could not be opened: the proxy's own
+    reason, else what the destination did ("refused", "dial timeout", "unreachable")."""
+    if isinstance(exc, ProxyError):
+        return exc.reason  # "proxy: refused", "proxy: handshake timeout" ...
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, TimeoutError):
+        return "dial timeout"
+    if isinstance(exc, ProtectError):
+        return "protect failed"
+    return "unreachable"

@@ -42,7 +42,7 @@ from .egress.accepted import AcceptedForwarding
 from .egress.routes import RouteTable
 from .egress.tcp_routes import TcpRoutes
 from .endpoint import Endpoint
-from .errors import LwipError, ProtectError, ProxyError
+from .errors import LwipError, dial_failure_reason
 from .flows import FlowTable, LiveFlow
 from .held_dials import FlowKey, HeldDial, HeldSynDials
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
@@ -366,7 +366,7 @@ class TcpForwarder:
             self._answer(packet, refused=self.config.unreachable_reply == "rst")
         # A flow that never got past the dial still gets a record (reason, latency, name).
         client, target = key
-        self._flows.failed("tcp", client, target, _dial_failure(exc), connect_latency=latency,
+        self._flows.failed("tcp", client, target, dial_failure_reason(exc), connect_latency=latency,
                            route=route)  # fmt: skip
 
     def _answer(self, packet: bytes, *, refused: bool) -> None:
@@ -381,19 +381,6 @@ class TcpForwarder:
             cfg = self.config.stack
             reply = unreachable_for(syn, cfg.ipv4_address if syn.version == 4 else cfg.ipv6_address)
         self._stack.send_to_client(reply)
-
-
-def _dial_failure(exc: OSError) -> str:
-    """A flow record's close reason for a failed upstream dial."""
-    if isinstance(exc, ProxyError):
-        return exc.reason  # "proxy: refused", "proxy: handshake timeout" ...
-    if isinstance(exc, ConnectionRefusedError):
-        return "refused"
-    if isinstance(exc, TimeoutError):
-        return "dial timeout"
-    if isinstance(exc, ProtectError):
-        return "protect failed"
-    return "unreachable"
 
 
 def _name_flow_from_first_bytes(flow: LiveFlow, data: bytes) -> None:

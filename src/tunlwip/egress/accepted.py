@@ -23,8 +23,8 @@ takes them from there:
    are read and discarded until it gives up or the dial timeout passes, then it is reset (its
    handshake was answered already, so this is as silent as an accepted connection can be).
    A failed open resets the client (RST: the client was accepted, so no ICMP answer fits) and
-   closes the flow with the reason (``close_reason``); a proxy's failure also counts in its
-   route's ``proxy_failures``.
+   closes the flow with the reason (``errors.dial_failure_reason``); a proxy's failure also
+   counts in its route's ``proxy_failures``.
 3. **Write the sniffed bytes upstream first**, then relay: a socket (any direct or proxy
    route, or a custom via that returned a ``trio.SocketStream``) goes to the C relay, which
    takes its fd (the stream object must then not be closed: its socket is detached); bytes the
@@ -51,7 +51,7 @@ import trio
 from ..admission import FD_SHORTAGE
 from ..dialer import Dialer
 from ..endpoint import Endpoint
-from ..errors import LwipError, ProtectError, ProxyError
+from ..errors import LwipError, ProxyError, dial_failure_reason
 from ..flows import LiveFlow
 from ..forward import splice
 from ..sniff import sniff_name, wants_more
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from ..config.sections import GatewayConfig
     from ..relay import Relay
 
-__all__ = ["SNIFF_MAX_BYTES", "AcceptedForwarding", "Sniffed", "close_reason", "sniff_first_bytes"]
+__all__ = ["SNIFF_MAX_BYTES", "AcceptedForwarding", "Sniffed", "sniff_first_bytes"]
 
 log = logging.getLogger("tunlwip.gateway")
 
@@ -119,19 +119,6 @@ async def sniff_first_bytes(stream: trio.abc.ReceiveStream, seconds: float,
                 break
     first = bytes(data)
     return Sniffed(first, sniff_name(first), eof)
-
-
-def close_reason(exc: OSError) -> str:
-    """A flow record's close reason for a way out that could not be opened."""
-    if isinstance(exc, ProxyError):
-        return exc.reason
-    if isinstance(exc, ConnectionRefusedError):
-        return "refused"
-    if isinstance(exc, TimeoutError):
-        return "dial timeout"
-    if isinstance(exc, ProtectError):
-        return "protect failed"
-    return "unreachable"
 
 
 class AcceptedForwarding:
@@ -226,7 +213,7 @@ class AcceptedForwarding:
         log.debug("route %s for %s -> %s failed: %s", decision.name, stream.remote,
                   stream.local, exc)  # fmt: skip
         stream.abort()  # accepted already: RST is the only answer left
-        return close_reason(exc)
+        return dial_failure_reason(exc)
 
     async def _relay_socket(self, stream: LwipTcpStream, sock: AnySocket, first: bytes,
                             flow: LiveFlow) -> str | None:  # fmt: skip
