@@ -26,9 +26,10 @@ from ..dns.split import DEFAULT_ROUTE
 from ..dns.upstream_via import via_problem
 from ..egress.via import Via
 from ..errors import ConfigError
-from .fields import InvalidFields, check_fields, setting, spec_of
-from .kinds import ListOf, UpstreamUrl, close_match, show
+from .fields import check_fields, setting, spec_of
+from .kinds import ListOf, UpstreamUrl, show
 from .routes import NameRule, RouteName, ViaUrl
+from .tables import parse_tables
 
 __all__ = ["DNS_ROUTE_KEYS", "DnsRoute", "dns_route_problems", "dns_routes_toml",
            "parse_dns_routes"]  # fmt: skip
@@ -96,33 +97,7 @@ _SPECS = {spec.key.removeprefix("route."): (field.name, spec)
 def parse_dns_routes(raw: object, base: Path | None) -> tuple[tuple[DnsRoute, ...], list[str]]:
     """The file's ``dns.route`` value (a list of tables) as DnsRoutes, and every problem
     found, each naming its key path with the table's index."""
-    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
-        return (), [f"dns.route: expected [[dns.route]] tables, got {show(raw)}"]
-    routes, indexes, problems = [], [], []
-    for index, table in enumerate(raw):
-        here = f"dns.route[{index}]"
-        values, bad = {}, False
-        for key, value in table.items():
-            found = _SPECS.get(key)
-            if found is None:
-                close = close_match(key, _SPECS)
-                problems.append(f"unknown key {here}.{key}"
-                                + (f" (did you mean {close}?)" if close else ""))  # fmt: skip
-                bad = True
-                continue
-            field, spec = found
-            try:
-                values[field] = spec.kind.parse(value, f"{here}.{key}", base)
-            except ConfigError as exc:
-                problems.append(str(exc))
-                bad = True
-        if bad:
-            continue
-        try:
-            routes.append(DnsRoute(**values))
-            indexes.append(index)
-        except InvalidFields as exc:  # a rule between keys: its path gets the index
-            problems += [p.replace("dns.route.", f"{here}.", 1) for p in exc.problems]
+    routes, indexes, problems = parse_tables(raw, "dns.route", _SPECS, DnsRoute, base)
     problems += dns_route_problems(routes, indexes)
     return tuple(routes), problems
 

@@ -32,8 +32,9 @@ from ..dns.policy import parse_name_rule
 from ..egress.custom import CustomVia
 from ..egress.via import Direct, Drop, HttpProxy, Reject, Socks5Proxy, Via, parse_via
 from ..errors import ConfigError
-from .fields import InvalidFields, check_fields, setting, spec_of
-from .kinds import Boolean, Choice, Kind, ListOf, Network, close_match, show
+from .fields import check_fields, setting, spec_of
+from .kinds import Boolean, Choice, Kind, ListOf, Network, show
+from .tables import parse_tables
 
 __all__ = ["RESERVED_NAMES", "ROUTE_KEYS", "Protocol", "Route", "RouteVia", "parse_routes",
            "proxy_routes", "routes_toml"]  # fmt: skip
@@ -208,34 +209,7 @@ _DEFAULTS = {field.name: field.default for field in dataclasses.fields(Route)}
 def parse_routes(raw: object, base: Path | None) -> tuple[tuple[Route, ...], list[str]]:
     """The file's ``route`` value (a list of tables) as Routes, and every problem found, each
     naming its key path with the table's index."""
-    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
-        return (), [f"route: expected [[route]] tables, got {show(raw)}"]
-    routes, problems = [], []
-    indexes = []  # each parsed route's index in the file (a bad table leaves a gap)
-    for index, table in enumerate(raw):
-        here = f"route[{index}]"
-        values, bad = {}, False
-        for key, value in table.items():
-            found = _SPECS.get(key)
-            if found is None:
-                close = close_match(key, _SPECS)
-                problems.append(f"unknown key {here}.{key}"
-                                + (f" (did you mean {close}?)" if close else ""))  # fmt: skip
-                bad = True
-                continue
-            field, spec = found
-            try:
-                values[field] = spec.kind.parse(value, f"{here}.{key}", base)
-            except ConfigError as exc:
-                problems.append(str(exc))
-                bad = True
-        if bad:
-            continue
-        try:
-            routes.append(Route(**values))
-            indexes.append(index)
-        except InvalidFields as exc:  # a rule between keys: its path gets the index
-            problems += [p.replace("route.", f"{here}.", 1) for p in exc.problems]
+    routes, indexes, problems = parse_tables(raw, "route", _SPECS, Route, base)
     problems += name_problems(routes, indexes)
     return tuple(routes), problems
 
