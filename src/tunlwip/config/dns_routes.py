@@ -27,9 +27,9 @@ from ..dns.upstream_via import via_problem
 from ..egress.via import Via
 from ..errors import ConfigError
 from .fields import check_fields, setting, spec_of
-from .kinds import ListOf, UpstreamUrl, show
+from .kinds import ListOf, UpstreamUrl
 from .routes import NameRule, RouteName, ViaUrl
-from .tables import parse_tables
+from .tables import duplicate_names, parse_tables
 
 __all__ = ["DNS_ROUTE_KEYS", "DnsRoute", "dns_route_problems", "dns_routes_toml",
            "parse_dns_routes"]  # fmt: skip
@@ -106,16 +106,7 @@ def dns_route_problems(routes: Sequence[DnsRoute],
                        indexes: Sequence[int] | None = None) -> list[str]:  # fmt: skip
     """Two DNS routes with one name (their counters would be one). ``indexes``: each route's
     table index in the file (default: its position)."""
-    first: dict[str, int] = {}
-    problems = []
-    for index, route in zip(indexes or range(len(routes)), routes, strict=True):
-        if route.name is None:
-            continue
-        if route.name in first:
-            problems.append(f"dns.route[{index}].name: {show(route.name)} is already "
-                            f"dns.route[{first[route.name]}]'s name")  # fmt: skip
-        first.setdefault(route.name, index)
-    return problems
+    return duplicate_names("dns.route", [route.name for route in routes], indexes)
 
 
 def dns_routes_toml(routes: Iterable[DnsRoute]) -> list[str]:

@@ -34,7 +34,7 @@ from ..egress.via import Direct, Drop, HttpProxy, Reject, Socks5Proxy, Via, pars
 from ..errors import ConfigError
 from .fields import check_fields, setting, spec_of
 from .kinds import Boolean, Choice, Kind, ListOf, Network, show
-from .tables import parse_tables
+from .tables import duplicate_names, parse_tables
 
 __all__ = ["RESERVED_NAMES", "ROUTE_KEYS", "Protocol", "Route", "RouteVia", "parse_routes",
            "proxy_routes", "routes_toml"]  # fmt: skip
@@ -217,17 +217,7 @@ def parse_routes(raw: object, base: Path | None) -> tuple[tuple[Route, ...], lis
 def name_problems(routes: Sequence[Route], indexes: Sequence[int] | None = None) -> list[str]:
     """Two routes with one name (their counters and flow records would be one). ``indexes``:
     each route's index in the file, when some tables were left out for errors of their own."""
-    first: dict[str, int] = {}
-    problems = []
-    for position, route in enumerate(routes):
-        index = indexes[position] if indexes is not None else position
-        if route.name is None:
-            continue
-        if route.name in first:
-            problems.append(f"route[{index}].name: {show(route.name)} is already "
-                            f"route[{first[route.name]}]'s name")  # fmt: skip
-        first.setdefault(route.name, index)
-    return problems
+    return duplicate_names("route", [route.name for route in routes], indexes)
 
 
 def proxy_routes(via: Via | None) -> tuple[tuple[str, Route], ...]:

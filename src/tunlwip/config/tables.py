@@ -4,7 +4,7 @@ table's index (``route[2].ports[1]: ...``), so one bad table never hides another
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from .fields import InvalidFields, Setting
 from .kinds import close_match, show
 
-__all__ = ["Specs", "parse_tables"]
+__all__ = ["Specs", "duplicate_names", "parse_tables"]
 
 T = TypeVar("T")
 #: A table's keys: key -> (the record's field name, its setting).
@@ -54,3 +54,21 @@ def parse_tables(raw: object, path: str, specs: Specs, make: Callable[..., T],
         except InvalidFields as exc:  # a rule between keys: its path gets the index
             problems += [p.replace(f"{path}.", f"{here}.", 1) for p in exc.problems]
     return records, indexes, problems
+
+
+def duplicate_names(path: str, names: Sequence[str | None],
+                    indexes: Sequence[int] | None = None) -> list[str]:  # fmt: skip
+    """Two tables of ``path`` with one ``name`` (their counters and records would be one).
+    ``indexes``: each name's table index in the file (default: its position), when some tables
+    were left out for errors of their own."""
+    first: dict[str, int] = {}
+    problems = []
+    for index, name in zip(indexes if indexes is not None else range(len(names)), names,
+                           strict=True):  # fmt: skip
+        if name is None:
+            continue
+        if name in first:
+            problems.append(f"{path}[{index}].name: {show(name)} is already "
+                            f"{path}[{first[name]}]'s name")  # fmt: skip
+        first.setdefault(name, index)
+    return problems
