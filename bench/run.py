@@ -62,6 +62,16 @@ def tool_version(*cmd: str) -> str:
     return lines[0].strip() if lines else "?"
 
 
+def tunlwip_version() -> str:
+    """The installed package's version (for a copy of the tree without git)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tunlwip")
+    except PackageNotFoundError:
+        return "?"
+
+
 def host_meta(opts: Options, mtus: list[int]) -> dict[str, Any]:
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -69,13 +79,15 @@ def host_meta(opts: Options, mtus: list[int]) -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    rev = tool_version("git", "-C", str(ROOT), "describe", "--always", "--dirty")
+    rev = "git " + tool_version("git", "-C", str(ROOT), "describe", "--always", "--dirty")
+    if not (ROOT / ".git").exists():  # an unpacked copy: git would print its error instead
+        rev = f"version {tunlwip_version()}"
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     return {
         "load average at start": f"{load} (other work on the machine adds noise)",
         "host": f"{platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs ({cpu})",
-        "tunlwip": f"git {rev}, {sys.executable}",
+        "tunlwip": f"{rev}, {sys.executable}",
         "tools": "; ".join(
             [
                 tool_version("iperf3", "--version"),
