@@ -86,8 +86,10 @@ class FastForwarder:
     caller may have left waiting for the end of an lwIP call that is not coming."""
 
     def __init__(self, on_done: OnDone, spawn: Callable[..., object],
-                 flush: Callable[[], None]) -> None:  # fmt: skip
+                 flush: Callable[[], None],
+                 on_dropped: Callable[[Forwarding], None] | None = None) -> None:  # fmt: skip
         self._on_done = on_done
+        self._on_dropped = on_dropped
         self._spawn = spawn
         self._flush = flush
         self._pending: dict[Forwarding, None] = {}
@@ -112,7 +114,8 @@ class FastForwarder:
     # -- the deadlines ------------------------------------------------------------------------
     async def keep_deadlines(self) -> None:
         """Fire attempt and query deadlines, until cancelled; then every query in flight
-        is dropped (its pooled socket's ID freed, no answer)."""
+        is dropped (its pooled socket's ID freed, no answer, ``on_dropped`` told, so the
+        caller can release what it holds for it)."""
         try:
             while True:
                 with trio.CancelScope(deadline=self._wake) as self._scope:
@@ -122,9 +125,12 @@ class FastForwarder:
                 self._flush()
         finally:
             self._scope = None
-            for forwarding in list(self._pending):
-                self._stop_attempt(forwarding)
+            dropped = list(self._pending)
             self._pending.clear()
+            for forwarding in dropped:
+                self._stop_attempt(forwarding)
+                if self._on_dropped is not None:
+                    self._on_dropped(forwarding)
 
     def _arm(self, when: float) -> None:
         if when < self._wake:

@@ -191,7 +191,8 @@ class DnsProxy:
         sockets are read by ``stack``'s poll set, deadlines kept by one task, and the
         queries that need a task get one here."""
         async with trio.open_nursery() as nursery:
-            fast = FastForwarder(self._fast_done, nursery.start_soon, self._flush)
+            fast = FastForwarder(self._fast_done, nursery.start_soon, self._flush,
+                                 on_dropped=self._fast_dropped)  # fmt: skip
             self._stack, self._nursery, self._fast = stack, nursery, fast
             self._watch_sockets(self.split)
             try:
@@ -275,6 +276,12 @@ class DnsProxy:
             self.release(query.wire, session.client)
             raise
         self._complete(session, query, reply, started)
+
+    def _fast_dropped(self, forwarding: Forwarding) -> None:
+        """A query forwarded without a task was dropped unanswered (the proxy stops): its
+        in-flight counts go back, as a cancelled task's would."""
+        session, query, _, _ = forwarding.context
+        self.release(query.wire, session.client)
 
     async def _forward_udp(
         self, session: UdpSession, query: Query, route: tuple[SplitRoute, DnsCache], started: float
