@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import trio
 
+from test_gateway import serve_sha256
 from tunlwip import CustomVia, FlowRecord, Gateway, GatewayConfig, MemoryDevice, Route
 from tunlwip.egress.via import Drop, Reject
 from tunlwip.endpoint import Endpoint
@@ -28,23 +29,6 @@ from harness import on_loopback
 from tcppeer import PacketWire, TcpPeer
 
 CLIENT = "198.18.0.2"
-
-
-async def serve_sha256(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """A loopback upstream: read to EOF, answer with the sha256 hex digest (64 bytes)."""
-
-    async def handler(stream: trio.SocketStream) -> None:
-        digest = hashlib.sha256()
-        try:
-            while data := await stream.receive_some(65536):
-                digest.update(data)
-            await stream.send_all(digest.hexdigest().encode())
-        except trio.BrokenResourceError:
-            pass
-
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handler, listeners)
 
 
 async def start(nursery: trio.Nursery, config: GatewayConfig) -> tuple[Gateway, PacketWire]:
