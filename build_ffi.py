@@ -79,7 +79,7 @@ LWIP = (find_lwip() or DEFAULT_TREE) / "src"
 OUR_SOURCES = [
     "clock.c", "counters.c", "settings.c", "netif.c", "input.c", "frag_train.c",
     "transport_input.c", "half_open.c", "tcp_conn.c", "udp_icmp.c", "poll.c", "relay.c",
-    "vnet.c", "vnet_input.c", "udp_relay.c", "socks5_udp.c", "dial.c", "dial_socket.c",
+    "vnet.c", "vnet_input.c", "udp_relay.c", "socks5_udp.c", "dial.c", "dial_socket.c", "admit.c",
     "socks5_dial.c",
 ]  # fmt: skip
 

@@ -10,10 +10,11 @@ anything reads the gateway's state): a connect done, failed (the SYN to answer),
 a relay opened, its first bytes (to name the flow), its end. That is when the flow record
 is opened and closed, the client's shares move, and the forwarder's counts change.
 
-What Python keeps per dial is its key and, once relayed, its ``LiveFlow``; the counts the
-forwarder admits by (dials connecting and connected, by client) are kept here from ``start``
-to the event that ends each state, so between a pass and its ``sync`` they can only be high
-(a refusal a moment early), never low.
+A SYN the policy can only admit (no routes, no limit near, not the DNS proxy's) never reaches
+Python: C admits and dials it itself (``_csrc/admit.c``, configured by ``admit``), and Python
+first hears of it in these events, which carry the flow's endpoints. What Python keeps per dial
+is its key and, once relayed, its ``LiveFlow``. The counts the forwarder admits by (dials
+connecting, connected or relayed, by client) are C's (``admit.c``'s table), exact at any moment.
 
 A dial through a SOCKS5 proxy (``start`` with ``socks5``, from ``egress.tcp_routes``) is one
 of these too, counted the same; its failure comes with C's reason, read as the Python client's
@@ -30,7 +31,9 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .binding import admit as cadmit
 from .binding import dial as cdial
+from .binding.endpoints import endpoint_from_c
 from .dialer import Dialer, c_protection
 from .egress.c_socks5 import CSocks5Route, failure, start_failure
 from .egress.routes import RouteCounters
@@ -38,7 +41,7 @@ from .endpoint import Endpoint
 from .errors import ProtectError, ProxyError
 from .flows import FlowTable, LiveFlow
 from .relay import REASONS
-from .shares import ClientCounts
+from .shares import client_key
 from .sniff import sniff_name
 
 if TYPE_CHECKING:
@@ -78,10 +81,8 @@ class CDials:
         self._relayed: dict[int, LiveFlow] = {}
         #: SOCKS5 dials under way, by id: their route's counters (for ``proxy_failures``).
         self._proxied: dict[int, RouteCounters] = {}
-        self._dialing = 0
-        self._connected = 0
-        self._dialing_per_client = ClientCounts()
-        self._connected_per_client = ClientCounts()
+        #: The route flows C admitted alone take (the route table's implicit last route).
+        self.admitted_route: str | None = None
         self._loops_seen = 0
         self._swallowed_seen = 0
         self._syncing = False
@@ -117,16 +118,18 @@ class CDials:
     # -- what the forwarder admits by ----------------------------------------------------------
     def __len__(self) -> int:
         """Dials connecting (held SYNs)."""
-        return self._dialing
+        return cdial.gauges()[0]
 
     def connected_count(self) -> int:
-        return self._connected
+        """Dials connected and not yet claimed (relayed ones count as connections)."""
+        return cdial.gauges()[1]
 
     def dialing_for(self, client: Any) -> int:
-        return self._dialing_per_client.count(client)
+        return cadmit.client_counts(client_key(client))[0]
 
     def connected_for(self, client: Any) -> int:
-        return self._connected_per_client.count(client)
+        """The client's dials connected or relayed."""
+        return cadmit.client_counts(client_key(client))[1]
 
     def start(self, key: FlowKey, route: str | None = None, *,
               socks5: tuple[CSocks5Route, bytes | None, RouteCounters] | None = None,
@@ -145,8 +148,6 @@ class CDials:
                 return start_failure(-rc)
             self._proxied[rc] = counters
         self._dials[rc] = (key, 0.0, route)
-        self._dialing += 1
-        self._dialing_per_client.add(key[0].address)
         return None
 
     # -- the events ----------------------------------------------------------------------------
@@ -172,23 +173,19 @@ class CDials:
 
     def _handle(self, event: Any) -> None:
         kind, ident = event.kind, event.id
-        if kind in (cdial.CONNECTED, cdial.FAILED, cdial.UNCLAIMED, cdial.OPENED) \
-                and ident not in self._dials:  # fmt: skip
-            return  # not started through ``start`` (never happens; no count goes wrong)
+        if ident not in self._dials and kind != cdial.FIRST_DATA and kind != cdial.ENDED:
+            if not event.admitted_in_c:
+                return  # neither started through ``start`` nor by C (never happens)
+            key = (endpoint_from_c(event.client), endpoint_from_c(event.target))
+            self._dials[ident] = (key, 0.0, self.admitted_route)
         if kind == cdial.CONNECTED:
             key, _, route = self._dials[ident]
             self._dials[ident] = (key, event.latency_ms / 1000, route)
             if self._proxied:
                 self._proxied.pop(ident, None)
-            self._dialing -= 1
-            self._dialing_per_client.release(key[0].address)
-            self._connected += 1
-            self._connected_per_client.add(key[0].address)
             self._on_connected()
         elif kind == cdial.FAILED:
             key, _, route = self._dials.pop(ident)
-            self._dialing -= 1
-            self._dialing_per_client.release(key[0].address)
             counters = self._proxied.pop(ident, None) if self._proxied else None
             if event.error == errno.ECANCELED:  # the gateway stops
                 return
@@ -201,8 +198,6 @@ class CDials:
             self._on_failed(key, cdial.data(event), error, event.latency_ms / 1000, route)
         elif kind == cdial.UNCLAIMED:
             key, _, _ = self._dials.pop(ident)
-            self._connected -= 1
-            self._connected_per_client.release(key[0].address)
             log.debug("upstream for %s -> %s unclaimed; closed", *key)
         elif kind == cdial.OPENED:
             self._opened(ident, event)
@@ -212,14 +207,10 @@ class CDials:
                 flow.name = name
         elif kind == cdial.ENDED and ident in self._relayed:
             flow = self._relayed.pop(ident)
-            self._stack.c_relay_ended(flow.client.address)
             self._on_ended(flow, REASONS.get(event.error, "error"), event.ago_ms / 1000)
 
     def _opened(self, ident: int, event: Any) -> None:
         (client, target), latency, route = self._dials.pop(ident)
-        self._connected -= 1
-        self._connected_per_client.release(client.address)
-        self._stack.c_relay_opened(client.address)
         flow = self._flows.open_tcp(client, target, functools.partial(cdial.flow_bytes, event.flow))
         ago = event.ago_ms / 1000
         flow.opened -= ago

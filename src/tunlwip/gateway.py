@@ -206,8 +206,8 @@ class Gateway:
         self.config = dataclasses.replace(config, stack=self.stack.config, dns=keep_dns, **keep)
         self._tcp.config = self.config
         self._tcp.routing.handshake_timeout = self.config.proxy_handshake_timeout
-        self._tcp.configure_c_dials()
         self.routes = self._tcp.routes = self._udp_forwarder.routes = routes
+        self._tcp.configure_c_dials()  # after the routes: C admits alone only without any
         return needs_restart
 
     async def drain(self, grace: float) -> bool:

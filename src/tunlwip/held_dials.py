@@ -17,6 +17,7 @@ task with its cancel scopes cost more than the whole dial does here.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .binding import admit as cadmit
 from .dialer import Dialer
 from .endpoint import Endpoint, IPAddress
 from .shares import ClientCounts
@@ -85,8 +87,13 @@ class HeldSynDials:
         self._dialing: dict[FlowKey, HeldDial] = {}
         self._connected: dict[FlowKey, HeldDial] = {}
         # Both by client (``shares``): changed only by the four helpers below them.
-        self._dialing_per_client = ClientCounts()
-        self._connected_per_client = ClientCounts()
+        # Mirrored into C, which admits SYNs by them too (``_csrc/admit.c``).
+        self._dialing_per_client = ClientCounts(
+            functools.partial(cadmit.python_count, cadmit.PY_DIALING)
+        )
+        self._connected_per_client = ClientCounts(
+            functools.partial(cadmit.python_count, cadmit.PY_OPEN)
+        )
         self._wake_at = math.inf
         self._poke = trio.Event()
 

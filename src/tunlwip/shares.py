@@ -10,17 +10,20 @@ usually owns a whole /64 (SLAAC, privacy addresses) and could otherwise rotate t
 addresses to get a fresh share each time.
 
 The table is pure bookkeeping (no I/O, no clock) and only holds clients with something open,
-so its size is bounded by the global limit it shares out.
+so its size is bounded by the global limit it shares out. A table may have a ``mirror``, told of
+every change as (client key, +n or -n): how C's admission (``_csrc/admit.c``) sees Python's
+counts without asking Python.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
 from .endpoint import IPAddress
 
-__all__ = ["SHARE_FLOOR", "SHARE_FRACTION", "ClientCounts", "client_key", "describe_key",
-           "share_of"]  # fmt: skip
+__all__ = ["SHARE_FLOOR", "SHARE_FRACTION", "ClientCounts", "CountMirror", "client_key",
+           "describe_key", "share_of"]  # fmt: skip
 
 #: A client's key: its IPv4 address as an int (< 2**32), or its IPv6 /64 prefix as an int
 #: with bit 64 set (>= 2**64), so the two families never collide.
@@ -34,6 +37,9 @@ SHARE_FRACTION = 4
 SHARE_FLOOR = 16
 
 _V6_TAG = 1 << 64
+
+#: Told of each change of a table's counts: (client key, change).
+CountMirror = Callable[[ClientKey, int], None]
 
 
 def client_key(address: IPAddress) -> ClientKey:
@@ -61,10 +67,11 @@ def share_of(limit: int, configured: int | None = None) -> int:
 class ClientCounts:
     """How many of one budget's things each client holds."""
 
-    __slots__ = ("_counts",)
+    __slots__ = ("_counts", "_mirror")
 
-    def __init__(self) -> None:
+    def __init__(self, mirror: CountMirror | None = None) -> None:
         self._counts: dict[ClientKey, int] = {}
+        self._mirror = mirror
 
     def __len__(self) -> int:
         """Clients holding at least one."""
@@ -90,12 +97,16 @@ class ClientCounts:
         if held >= share:
             return False
         self._counts[key] = held + 1
+        if self._mirror is not None:
+            self._mirror(key, 1)
         return True
 
     def add(self, address: IPAddress) -> None:
         """Count one more for ``address``'s client, share or not (its owner checked it)."""
         key = client_key(address)
         self._counts[key] = self._counts.get(key, 0) + 1
+        if self._mirror is not None:
+            self._mirror(key, 1)
 
     def release(self, address: IPAddress) -> None:
         """One of ``address``'s client's things is gone. Releasing what was never acquired
@@ -106,9 +117,16 @@ class ClientCounts:
             self._counts[key] = held - 1
         elif held == 1:
             del self._counts[key]
+        else:
+            return
+        if self._mirror is not None:
+            self._mirror(key, -1)
 
     def clear(self) -> None:
         """Forget every count (the owner dropped everything at once, e.g. on stop)."""
+        if self._mirror is not None:
+            for key, held in self._counts.items():
+                self._mirror(key, -held)
         self._counts.clear()
 
     def snapshot(self) -> dict[str, int]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import logging
 import os
@@ -38,6 +39,7 @@ from typing import Any, NoReturn
 
 import trio
 
+from .binding import admit as cadmit
 from .binding import callbacks, core
 from .binding import dial as cdial
 from .binding import relay as crelay
@@ -45,7 +47,7 @@ from .binding import tcp as ctcp
 from .binding import udp_relay as cudp
 from .binding.tcp import Pcb
 from .config.sections import StackConfig as StackConfig
-from .connections import ConnectionTable
+from .connections import ConnectionTable, CountsInC
 from .device import FdPacketDevice, PacketDevice
 from .dialer import Keepalive
 from .endpoint import Endpoint, IPAddress
@@ -53,6 +55,7 @@ from .errors import LwipError, TunlwipError
 from .hooks import StackHooks as StackHooks
 from .pollset import LwipClock, PollSet
 from .relay import FirstDataCallback, Relay
+from .shares import client_key
 from .snapshot import StackStatistics as StackStatistics
 from .tcp import LwipTcpStream
 
@@ -98,7 +101,9 @@ class LwipStack:
         #: False: every new connection is refused as at ``max_tcp_connections`` (the gateway
         #: draining before it stops).
         self.accepting = True
-        self._connections = ConnectionTable()
+        self._connections = ConnectionTable(
+            CountsInC(relays=cdial.relayed, held_by=_open_in_c),
+            mirror=functools.partial(cadmit.python_count, cadmit.PY_OPEN))  # fmt: skip
         #: Open connections (streams and relays) by client.
         self.client_connections = self._connections.client_connections
         # The table's own dicts (never replaced), looked up by every lwIP callback.
@@ -198,15 +203,6 @@ class LwipStack:
         """Does C read the device's packets (so a connection may run with no Python)?"""
         device = self.device
         return isinstance(device, FdPacketDevice) and device.direct_input_fd() is not None
-
-    def c_relay_opened(self, client: IPAddress) -> None:
-        """C opened a relay for its own dial: one more connection, of ``client``'s share."""
-        self._connections.c_relays += 1
-        self.client_connections.add(client)
-
-    def c_relay_ended(self, client: IPAddress) -> None:
-        self._connections.c_relays -= 1
-        self.client_connections.release(client)
 
     def release_syn(self, packet: bytes) -> None:
         """Feed a SYN that ``syn_interceptor`` held back to lwIP, which then answers it."""
@@ -330,6 +326,8 @@ class LwipStack:
         crelay.reset_counters()
         cudp.reset_counters()
         cdial.reset_counters()
+        cadmit.reset_counters()
+        cadmit.forget_python()  # this stack's tables start empty; a previous stack's are gone
         core.set_checksum_check(cfg.verify_checksums)
         _apply_keepalive(self._tcp_keepalive)  # lwIP is global: another stack may have set it
         core.set_client_networks(cfg.client_networks)
@@ -379,6 +377,7 @@ class LwipStack:
 
     def _stop_lwip(self) -> None:
         self._running = False
+        cadmit.configure(on=False)  # no SYN of a stopped stack is admitted, nor of the next one
         self._clock.tick()
         self._poll_set.stop()
         crelay.abort_all()  # closes every upstream socket (reported as "stopped")
@@ -606,3 +605,8 @@ class LwipStack:
 
     def on_callback_error(self, exc: BaseException) -> None:
         self._callback_errors += 1
+
+
+def _open_in_c(client: IPAddress) -> int:
+    """Connections C dialed for ``client``'s client, connected or relayed."""
+    return cadmit.client_counts(client_key(client))[1]

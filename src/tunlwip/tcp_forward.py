@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .admission import Admission
+from .admission import ENCRYPTED_DNS_PORT, Admission
+from .binding import admit as cadmit
 from .c_dials import CDials
 from .dialer import Dialer
 from .egress.accepted import AcceptedForwarding
@@ -49,6 +50,7 @@ from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
 from .relay import RESET_SIDES, Relay
 from .sniff import sniff_name
 from .tcp import LwipTcpStream
+from .udp import DNS_PORT
 
 if TYPE_CHECKING:
     from .dns.proxy import DnsProxy
@@ -121,6 +123,7 @@ class TcpForwarder:
         #: protect the sockets itself; ``dials`` then only serves what C cannot.
         self.c_dials: CDials | None = None
         self._accepting = True
+        self._admitted_in_c_seen = 0
         #: Open connections the gateway waits for when it drains (not the DNS proxy's).
         self.active = 0
         self.idle = trio.Event()
@@ -141,11 +144,35 @@ class TcpForwarder:
             CDials.set_accepting(self._accepting)
             self._stack.c_dial_events = self.sync_c_dials
             self._dialer.also_own = CDials.is_own
+            self._admitted_in_c_seen = 0  # the stack zeroes C's count as it starts
+            self._configure_c_admission()
 
     def configure_c_dials(self) -> None:
-        """Apply the dialer's and the claim timeout's settings to C's dials (reconfigure)."""
+        """Apply the dialer's and the claim timeout's settings to C's dials, and the routes and
+        limits to C's admission (reconfigure)."""
         if self.c_dials is not None:
             CDials.configure(self._dialer, self.config.predial_claim_timeout)
+            self._configure_c_admission()
+
+    def _configure_c_admission(self) -> None:
+        """Let C admit and dial a SYN without calling ``on_syn`` (``_csrc/admit.c``) while
+        ``on_syn`` could only dial it directly: serving and accepting, no route table, its
+        port not the DNS proxy's nor refused encrypted DNS, and every limit ``on_syn`` checks
+        with room (C checks them by the same counts; a SYN at a limit still comes here)."""
+        c = self.c_dials
+        if c is None:
+            return
+        c.admitted_route = self.routes.names[-1]
+        ports = [DNS_PORT] if self._dns is not None else []
+        if self._admission.reject_encrypted_dns:
+            ports.append(ENCRYPTED_DNS_PORT)
+        stack = self._stack.config
+        cadmit.configure(on=self._serving and self._accepting and len(self.routes) == 0,
+                         max_open=stack.max_tcp_connections,
+                         max_pending=self.config.max_pending_dials,
+                         open_share=stack.connection_share,
+                         pending_share=self.config.pending_dial_share,
+                         python_ports=ports)  # fmt: skip
 
     @property
     def accepting(self) -> bool:
@@ -157,6 +184,7 @@ class TcpForwarder:
         self._accepting = on
         if self.c_dials is not None:
             CDials.set_accepting(on)
+            self._configure_c_admission()
 
     def sync_c_dials(self) -> None:
         """Take what C's dials did since the last look (the stack calls it after a pass)."""
@@ -166,6 +194,12 @@ class TcpForwarder:
         self.counts.swallowed += swallowed
         if loops:
             self._admission.loops_dropped_in_c(loops)
+        admitted = cadmit.fast_count()
+        if admitted < self._admitted_in_c_seen:  # the stack (re)started: counted anew
+            self._admitted_in_c_seen = 0
+        if admitted != self._admitted_in_c_seen:  # each took the implicit route: count it there
+            self.routes.counters[-1].tcp += admitted - self._admitted_in_c_seen
+            self._admitted_in_c_seen = admitted
 
     def pending_dials(self) -> int:
         """SYNs held while their upstream connect runs (in Python or in C)."""

@@ -1,22 +1,25 @@
 /*
  * Dials in C: the default forwarder's upstream connects for held SYNs, and the handover of
- * each connected one to a C relay when the client's handshake completes. Python decides
- * whether a SYN may be dialed (admission) and hears of the rest in batches (events).
+ * each connected one to a C relay when the client's handshake completes. Python's policy
+ * decides whether a SYN may be dialed (admission: applied by admit.c for plain SYNs, else by
+ * Python's SYN hook) and Python hears of the rest in batches (events).
  *
  * Theory of operation
  * -------------------
  * transport_input.c holds a new SYN. First tl_dial_intercept looks at it: a retransmit of a
  * tuple being dialed here is swallowed, and a SYN that is one of our own sockets' packets
  * coming back (a routing loop) is dropped, both counted, without Python. Otherwise the SYN
- * stays "current" while Python's SYN hook runs; if Python admits it, it calls tl_dial_start,
- * which copies the current SYN and starts a non-blocking connect on a new socket (dial_socket.c:
- * protected with SO_MARK or SO_BINDTODEVICE, TCP_NODELAY, keepalive as configured), watched in the poll
+ * stays "current" while admit.c, or else Python's SYN hook, decides. Admitted, it is dialed
+ * (tl_dial_start_admitted from admit.c, tl_dial_start from Python): the SYN is copied and a
+ * non-blocking connect starts on a new socket (dial_socket.c: protected with SO_MARK or
+ * SO_BINDTODEVICE, TCP_NODELAY, keepalive as configured), watched in the poll
  * set (kind TL_POLL_DIAL). When the socket turns writable: SO_ERROR 0 releases the SYN into
  * lwIP (tl_input_release), which answers SYN-ACK; an error becomes a FAILED event carrying the
  * SYN, which Python answers (RST or ICMP) and records. When lwIP accepts the connection
  * (tcp_conn.c), tl_dial_claim finds the connected dial by its tuple and opens a relay (relay.c)
  * on the PCB and the socket. The dial then lives on as the flow's record in C: the relay
- * reports its first bytes and its end here (tl_dial_first_data, tl_dial_relay_ended).
+ * reports its first bytes and its end here (tl_dial_first_data, tl_dial_relay_ended). Every
+ * dial's client is counted in admit.c's table (dialing; connected or relayed) until it ends.
  *
  * Through a SOCKS5 proxy (tl_dial_start_socks5): the socket connects to the proxy instead, and
  * socks5_dial.c runs the handshake on it; done, the dial is connected like any other (the SYN
@@ -67,6 +70,7 @@ struct tl_dial {
     int fd;                     /* -1 once closed or handed to the relay */
     uint8_t state, own_linked, tuple_linked;
     uint8_t reserved;           /* event slots still reserved for it (see the top) */
+    uint8_t admitted_in_c;      /* admit.c started it: Python never saw its SYN */
     uint64_t id;
     tl_endpoint client, target, local, peer; /* peer: target, or the proxy */
     struct tl_socks5 *socks;               /* the handshake through a proxy, while dialing */
@@ -238,6 +242,9 @@ static void tl_event(struct tl_dial *d, int kind, int error, uint8_t *data, uint
     e->kind = kind;
     e->error = error;
     e->flow = d;
+    e->client = d->client;
+    e->target = d->target;
+    e->admitted_in_c = d->admitted_in_c;
     e->at_ms = sys_now();
     e->data = data;
     e->len = len;
@@ -300,6 +307,8 @@ static void tl_close_socket(struct tl_dial *d)
 /* Leave the tables; the dial goes with the event (freed when Python took it). */
 static void tl_dial_finish(struct tl_dial *d, int kind, int error)
 {
+    if (d->state == TL_DIALING || d->state == TL_CONNECTED)
+        tl_admit_count(&d->client, d->state == TL_DIALING ? TL_ADMIT_C_DIALING : TL_ADMIT_C_OPEN, -1);
     if (d->state == TL_DIALING) {
         tl_fifo_remove(d->socks ? &tl_proxied : &tl_dialing, d);
         tl_dstats.dialing--;
@@ -348,7 +357,7 @@ int tl_dial_intercept(const uint8_t *packet, size_t len, const tl_endpoint *src,
 void tl_dial_current_end(void) { tl_cur_packet = NULL; }
 
 /* Dial the current SYN: the socket to `peer` (its destination, or a proxy with `socks`). */
-static int64_t tl_dial_begin(const tl_endpoint *peer, struct tl_socks5 *socks)
+static int64_t tl_dial_begin(const tl_endpoint *peer, struct tl_socks5 *socks, int in_c)
 {
     /* The events this dial will owe Python, before anything that would need them. */
     if (tl_events_room(&tl_events, &tl_events_cap, tl_events_n + tl_reserved + TL_DIAL_SLOTS) != 0)
@@ -386,6 +395,8 @@ static int64_t tl_dial_begin(const tl_endpoint *peer, struct tl_socks5 *socks)
     d->packet_len = (uint32_t)tl_cur_len;
     d->started_ms = sys_now();
     d->state = TL_DIALING;
+    d->admitted_in_c = (uint8_t)in_c;
+    tl_admit_count(&d->client, TL_ADMIT_C_DIALING, 1);
     d->reserved = TL_DIAL_SLOTS;
     tl_reserved += TL_DIAL_SLOTS;
     u32_t b = tl_pair_bucket(&d->client, &d->target);
@@ -409,7 +420,13 @@ static int64_t tl_dial_begin(const tl_endpoint *peer, struct tl_socks5 *socks)
 int64_t tl_dial_start(void)
 {
     if (!tl_dial_on || tl_cur_packet == NULL) return -EINVAL;
-    return tl_dial_begin(tl_cur_dst, NULL);
+    return tl_dial_begin(tl_cur_dst, NULL, 0);
+}
+
+int64_t tl_dial_start_admitted(void)
+{
+    if (!tl_dial_on || !tl_dial_accepting || tl_cur_packet == NULL) return -EINVAL;
+    return tl_dial_begin(tl_cur_dst, NULL, 1);
 }
 
 int64_t tl_dial_start_socks5(const tl_endpoint *proxy, const char *name, const uint8_t *auth,
@@ -419,7 +436,7 @@ int64_t tl_dial_start_socks5(const tl_endpoint *proxy, const char *name, const u
     int err = 0;
     struct tl_socks5 *socks = tl_socks5_new(tl_cur_dst, name, auth, auth_len, &err);
     if (socks == NULL) return -err;
-    int64_t rc = tl_dial_begin(proxy, socks);
+    int64_t rc = tl_dial_begin(proxy, socks, 0);
     if (rc < 0) tl_socks5_free(socks);
     return rc;
 }
@@ -470,6 +487,8 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events)
     /* A second SYN of the flow dialed again: the newer connected dial replaces the older. */
     struct tl_dial *old = tl_find(&d->client, &d->target, TL_CONNECTED);
     if (old != NULL) tl_dial_finish(old, TL_DIAL_UNCLAIMED, 0);
+    tl_admit_count(&d->client, TL_ADMIT_C_DIALING, -1);
+    tl_admit_count(&d->client, TL_ADMIT_C_OPEN, 1);
     d->state = TL_CONNECTED;
     d->connected_ms = sys_now();
     tl_fifo_push(&tl_connected, d);
@@ -523,6 +542,7 @@ void tl_dial_relay_ended(struct tl_dial *d, int reason, uint64_t up, uint64_t do
     d->bytes_down = down;
     tl_own_unlink(d); /* the relay closed the socket */
     tl_dstats.relayed--;
+    tl_admit_count(&d->client, TL_ADMIT_C_OPEN, -1);
     d->state = TL_FINISHED;
     tl_event(d, TL_DIAL_ENDED, reason, NULL, 0);
 }

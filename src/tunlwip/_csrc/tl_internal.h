@@ -23,6 +23,7 @@
  *   dial.c             upstream connects of held SYNs in C, their handover to relays, events
  *   dial_socket.c      a C dial's socket: protection, options, the non-blocking connect
  *   socks5_dial.c      the SOCKS5 CONNECT handshake of a C dial through a proxy
+ *   admit.c            plain held SYNs admitted and dialed without Python: limits, counts
  *
  * Invariant of the whole layer: only the trio thread calls in, and never re-entrantly; Python
  * callbacks (tl_py_*) record events and return, they never call back into lwIP input or timers.
@@ -166,6 +167,13 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events);
 int tl_dial_claim(struct tcp_pcb *pcb);
 /* Check the deadlines; ms until the next one (UINT32_MAX: none). */
 uint32_t tl_dial_expire(void);
+/* tl_dial_start for a SYN admit.c admitted (its events say so) */
+int64_t tl_dial_start_admitted(void);
+/* ---- admit.c ----------------------------------------------------------------------------- */
+/* Dial the current SYN without Python if policy allows it: 1 if dialed, 0 for Python's hook. */
+int tl_admit_try(const tl_endpoint *client, const tl_endpoint *target);
+/* One of C's dials of `client` changed state (kind TL_ADMIT_C_*). */
+void tl_admit_count(const tl_endpoint *client, int kind, int delta);
 /* ---- dial_socket.c: what makes a dial's socket --------------------------------------------- */
 
 /* A protected, connecting socket to dst (its address in *local), or -errno (protection:

@@ -7,7 +7,7 @@
  * input.c has validated the IP header, reassembled fragments and filled ip_data, and calls
  * tl_transport_input with p->payload on the transport header. Here the header, ports, checksum
  * and TCP options are checked; a SYN gets a catch-all listener for its port (tcp_conn.c), or is
- * held for Python to dial first (tl_py_syn); a UDP port may be blocked or rejected; an echo
+ * held to be dialed first (admit.c, else Python: tl_py_syn); a UDP port may be blocked or rejected; an echo
  * request is answered, forwarded or ignored (tl_set_icmp_echo_mode). Only then does lwIP see
  * the segment, with tl_checked_input set: lwIP's TCP hook (tl_hook_tcp_inpacket) and the UDP
  * callback (udp_icmp.c) drop anything that arrives without it.
@@ -230,6 +230,7 @@ int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int family
                     tl_endpoint_from(&s, src, sport);
                     tl_endpoint_from(&d, dst, dport);
                     int held = tl_dial_intercept(packet, packet_len, &s, &d); /* dial.c */
+                    if (!held) held = tl_admit_try(&s, &d);                   /* admit.c */
                     if (!held) held = TL_PY(tl_py_syn(packet, packet_len, &s, &d));
                     tl_dial_current_end();
                     if (held) {

@@ -203,6 +203,8 @@ typedef struct {
     const uint8_t *data; /* FAILED: the held SYN; FIRST_DATA: the client's first bytes */
     uint32_t len;
     int proxy_reason;    /* FAILED through a SOCKS5 proxy: TL_SOCKS5_* (else 0) */
+    tl_endpoint client, target;
+    int admitted_in_c;   /* admit.c dialed it: Python's SYN hook never saw it */
 } tl_dial_event;
 /* Why a dial through a SOCKS5 proxy failed (socks5_dial.c); binding/dial.py has their texts.
  * The reply codes 3-6 (NET_UNREACHABLE .. TTL_EXPIRED) are the destination's failures. */
@@ -249,5 +251,18 @@ void tl_dial_reset_counters(void);
 void tl_dial_close_all(void);
 /* Tests: the most events either event array may hold, as if memory ran out beyond (0: none) */
 void tl_dial_limit_event_slots(size_t slots);
+
+/* Admission in C (admit.c): plain SYNs dialed without calling Python, against the limits and
+ * counts Python gives. Counts per client (IPv4 address, or IPv6 /64 as the key's top bits). */
+enum { TL_ADMIT_C_DIALING = 0, TL_ADMIT_C_OPEN = 1, TL_ADMIT_PY_DIALING = 2, TL_ADMIT_PY_OPEN = 3,
+       TL_ADMIT_KINDS = 4 };
+void tl_admit_configure(int on, uint32_t max_open, uint32_t max_pending, uint32_t open_share,
+                        uint32_t pending_share, const uint16_t *python_ports, size_t n_ports);
+/* Python's own flows of a client (kind TL_ADMIT_PY_*), as its tables change */
+void tl_admit_python(int family, uint64_t key, int kind, int delta);
+void tl_admit_forget_python(void);
+void tl_admit_client_counts(int family, uint64_t key, uint32_t out[4]);
+uint64_t tl_admit_fast_count(void); /* SYNs dialed without Python */
+void tl_admit_reset_counters(void);
 
 #endif

@@ -129,6 +129,7 @@ def counters() -> dict[str, int]:
             "c_dial_loops": int(c.loops), "c_dial_events_lost": int(c.events_lost),
             "c_dialing": int(c.dialing), "c_dial_connected": int(c.connected),
             "c_relays": int(c.relayed), "python_calls": int(c.python_calls),
+            "c_admitted": int(lib.tl_admit_fast_count()),
             "c_socks5_dials": int(c.socks5_started),
             "c_socks5_connected": int(c.socks5_connected),
             "c_socks5_failures": sum(int(n) for n in c.socks5_failures),
@@ -151,6 +152,11 @@ def screened() -> tuple[int, int]:
     """(SYN retransmits swallowed, looping SYNs dropped) in C so far."""
     c = lib.tl_dial_get_counters()
     return int(c.swallowed), int(c.loops)
+
+
+def relayed() -> int:
+    """Relays C opened for its own dials, open now."""
+    return int(lib.tl_dial_get_counters().relayed)
 
 
 def gauges() -> tuple[int, int]:

@@ -42,12 +42,14 @@ this); ``TcpForwarder.handle`` deals with them.
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
 
+from ..binding import admit as cadmit
 from ..binding import dial as cdial
 from ..dialer import Dialer
 from ..endpoint import Endpoint, IPAddress
@@ -109,7 +111,10 @@ class TcpRoutes:
         #: Flows being dialed through a proxy now (their SYNs held). A set the forwarder reads
         #: with ``len``: a method call per SYN costs more than the rest of the check.
         self.proxied: set[FlowKey] = set()
-        self._proxied_per_client = ClientCounts()
+        # Mirrored into C, which admits SYNs by them too (``_csrc/admit.c``).
+        self._proxied_per_client = ClientCounts(
+            functools.partial(cadmit.python_count, cadmit.PY_DIALING)
+        )
         self._dropped: dict[FlowKey, float] = {}
 
     @property
