@@ -467,6 +467,11 @@ void fuzz_dial_teardown(void)
     fuzz_dial_events(); /* frees the last batch */
     const tl_dial_counters *c = tl_dial_get_counters();
     if (c->dialing || c->connected || c->relayed || c->proxied) abort(); /* nothing left behind */
+    uint64_t admit_totals[TL_ADMIT_KINDS];
+    tl_admit_get_totals(admit_totals); /* C's counts went with its dials */
+    if (admit_totals[TL_ADMIT_C_DIALING] || admit_totals[TL_ADMIT_C_OPEN]) abort();
+    tl_admit_configure(0, 0, 0, 0, 0, NULL, 0);
+    tl_admit_reset_counters();
     for (int i = 0; i < dial_peers_n; i++) close(dial_peers[i]);
     dial_peers_n = 0;
     tl_dial_configure(0, TL_PROTECT_NONE, 0, NULL, 0, 0, 0, 30000, 10000);

@@ -333,6 +333,10 @@ static void setup(uint8_t cfg)
         tl_dial_connector = fuzz_dial_connector;
         tl_dial_configure(1, TL_PROTECT_NONE, 0, NULL, 0, 0, 0, 3000, 1000);
         tl_dial_set_proxy_timeout(2000); /* a SOCKS5 dial's connect and handshake */
+        if (cfg & CFG_CLIENT_NETS) { /* and admission in C, with limits a few SYNs reach */
+            static const uint16_t python_ports[] = {53, 853};
+            tl_admit_configure(1, 8, 4, 4, 2, python_ports, 2);
+        }
     }
     tl_set_max_half_open(DEFAULT_HALF_OPEN); /* a SEG record may lower it */
     half_open_bound = DEFAULT_HALF_OPEN;

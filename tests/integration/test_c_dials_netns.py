@@ -167,3 +167,55 @@ def test_a_syn_flood_leaves_the_c_dial_table_bounded(
     echo_once(split, b"still served")
     totals = counters(gw)
     assert totals["pending_dials"] == 0 and stack_counter(totals, "c_dial_connected") == 0
+
+
+def test_connections_at_the_limit_go_to_python_which_refuses_them(
+    split: SplitTopology, split_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """tcp.max_connections = 6: six held-open connections are admitted in C (no Python call),
+    the seventh reaches Python, which answers RST (ECONNREFUSED) and counts it; once one of the
+    six closes, C admits the next one alone again. The same with one client's share (4 of 50):
+    C never admits past it."""
+    start_script_server(split.srv, "echo", ECHO_PORT)
+    config = tmp_path / "gateway.toml"
+    config.write_text("[tcp]\nmax_connections = 6\n")
+    gw = split_gateway("--config", str(config))
+    echo_once(split, b"warm up")
+    wait_for(lambda: counters(gw)["active_flows"] == 0, "the warm-up to end", timeout=10)
+    before = counters(gw)
+    held = [connect(split.cli, socket.AF_INET, SRV_ADDR4, ECHO_PORT, timeout=5) for _ in range(6)]
+    try:
+        for sock in held:  # each one relayed end to end
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+        during = counters(gw)
+        assert stack_counter(during, "c_admitted") - stack_counter(before, "c_admitted") == 6
+        assert stack_counter(during, "python_calls") == stack_counter(before, "python_calls")
+        with pytest.raises(ConnectionRefusedError):
+            connect(split.cli, socket.AF_INET, SRV_ADDR4, ECHO_PORT, timeout=5).close()
+        refused = counters(gw)
+        assert refused["refused"]["tcp_connections"] == 1, refused
+        assert stack_counter(refused, "python_calls") > stack_counter(during, "python_calls")
+        held.pop().close()
+        wait_for(lambda: stack_counter(counters(gw), "c_relays") == 5, "one relay to end",
+                 timeout=10)  # fmt: skip
+        again = counters(gw)
+        echo_once(split, b"room again")
+        assert stack_counter(counters(gw), "c_admitted") == stack_counter(again, "c_admitted") + 1
+    finally:
+        for sock in held:
+            sock.close()
+    gw.stop()
+
+    config.write_text("[tcp]\nmax_connections = 50\nmax_connections_per_client = 4\n")
+    gw = split_gateway("--config", str(config))
+    held = [connect(split.cli, socket.AF_INET, SRV_ADDR4, ECHO_PORT, timeout=5) for _ in range(4)]
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            connect(split.cli, socket.AF_INET, SRV_ADDR4, ECHO_PORT, timeout=5).close()
+        totals = counters(gw)
+        assert totals["refused"]["client_share_connections"] == 1, totals
+        assert stack_counter(totals, "c_admitted") == 4, totals
+    finally:
+        for sock in held:
+            sock.close()

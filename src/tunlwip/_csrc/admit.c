@@ -152,6 +152,11 @@ void tl_admit_forget_python(void)
 
 uint64_t tl_admit_fast_count(void) { return tl_admit_fast; }
 
+void tl_admit_get_totals(uint64_t out[TL_ADMIT_KINDS])
+{
+    memcpy(out, tl_admit_totals, sizeof tl_admit_totals);
+}
+
 void tl_admit_reset_counters(void) { tl_admit_fast = 0; }
 
 int tl_admit_try(const tl_endpoint *client, const tl_endpoint *target)

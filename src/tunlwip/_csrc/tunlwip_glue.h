@@ -264,5 +264,6 @@ void tl_admit_forget_python(void);
 void tl_admit_client_counts(int family, uint64_t key, uint32_t out[4]);
 uint64_t tl_admit_fast_count(void); /* SYNs dialed without Python */
 void tl_admit_reset_counters(void);
+void tl_admit_get_totals(uint64_t out[4]); /* every client's counts summed, by kind */
 
 #endif
