@@ -39,7 +39,6 @@ from .admission import ENCRYPTED_DNS_PORT, Admission
 from .binding import admit as cadmit
 from .c_dials import CDials
 from .dialer import Dialer
-from .egress.accepted import AcceptedForwarding
 from .egress.routes import RouteTable
 from .egress.tcp_routes import TcpRoutes
 from .endpoint import Endpoint
@@ -54,6 +53,7 @@ from .udp import DNS_PORT
 
 if TYPE_CHECKING:
     from .dns.proxy import DnsProxy
+    from .egress.accepted import AcceptedForwarding
     from .gateway import GatewayConfig
     from .stack import LwipStack
 
@@ -104,10 +104,6 @@ class TcpForwarder:
         self._is_dns = is_dns
         self._custom_handler = handler
         self.counts = DialCounts()
-        #: Connections accepted before their way out is opened (sniffing routes, custom vias,
-        #: no dial before accept): ``egress.accepted``.
-        self._accepted = AcceptedForwarding(dialer, self.counts, start_relay=self._start_relay,
-                                            fd_shortage=admission.fd_shortage)  # fmt: skip
         #: Upstream connects of held SYNs (dial before accept with the default forwarder).
         self.dials: HeldSynDials | None = None
         if handler is None and config.dial_before_accept:
@@ -129,6 +125,16 @@ class TcpForwarder:
         self.idle = trio.Event()
         self.idle.set()
         self._serving = False
+
+    @functools.cached_property
+    def _accepted(self) -> AcceptedForwarding:
+        """Connections accepted before their way out is opened (sniffing routes, custom vias,
+        no dial before accept): ``egress.accepted``, made and imported at the first such
+        connection, so a gateway that has none does not keep its modules in memory."""
+        from .egress.accepted import AcceptedForwarding
+
+        return AcceptedForwarding(self._dialer, self.counts, start_relay=self._start_relay,
+                                  fd_shortage=self._admission.fd_shortage)  # fmt: skip
 
     def start_serving(self, nursery: trio.Nursery | None = None) -> None:
         """The gateway runs: SYNs may be held and dialed from now on (through proxies: in
@@ -329,9 +335,9 @@ class TcpForwarder:
             self._answer(packet, refused=True)
             return True
         decision = routing.decide(self.routes, client, target)
-        if self._accepted.accept_first(key, decision):
-            return False  # accepted first: handle() sniffs or opens the custom via
         plain = routing.plain[decision.index]
+        if (decision.sniff or not plain) and self._accepted.accept_first(key, decision):
+            return False  # accepted first: handle() sniffs or opens the custom via
         if not plain and routing.refuse(decision, key, packet):
             return True  # reject: RST; drop: silence (counted by the table)
         refused = self._admission.refused

@@ -46,7 +46,6 @@ from .admission import FD_SHORTAGE, Admission
 from .binding import udp_relay as cudp
 from .dialer import Dialer
 from .egress.routes import RouteDecision, RouteTable
-from .egress.udp_routes import UdpRouting
 from .egress.via import Direct
 from .endpoint import Endpoint
 from .errors import TunlwipError
@@ -55,6 +54,7 @@ from .udp import UdpAttacher, UdpCounters, UdpHandler, UdpSession
 
 if TYPE_CHECKING:
     from .dns.proxy import DnsProxy
+    from .egress.udp_routes import UdpRouting
     from .stack import LwipStack
 
 MAX_DATAGRAM = 65535
@@ -188,7 +188,16 @@ class UdpForwarder:
         self._in_c: dict[int, CRelayedSession] = {}
         self._next_token = 1
         self._c_drops = (0, 0)  # C's drop counters already added (upstream, to client)
-        self._routing = UdpRouting(stack, dialer, flows, admission, self._relay_in_c)
+
+    @functools.cached_property
+    def _routing(self) -> UdpRouting:
+        """Sessions whose route is not plain ``direct`` (``egress.udp_routes``): made, and its
+        module and the proxy clients imported, for the first such session only, so a gateway
+        without such routes does not keep them in memory."""
+        from .egress.udp_routes import UdpRouting
+
+        return UdpRouting(self._stack, self._dialer, self._flows, self._admission,
+                          self._relay_in_c)  # fmt: skip
 
     def admit(self, client: Endpoint, target: Endpoint) -> bool | Literal["reject"]:
         """A new UDP flow that is one of our own sockets coming back (an upstream's, the DNS

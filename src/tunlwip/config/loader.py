@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .dns_routes import parse_dns_routes
 from .fields import ConfigProblems, InvalidFields
 from .kinds import close_match, show
 from .routes import parse_routes
@@ -75,6 +74,8 @@ def _read_file(path: Path, base: Path, problems: list[str]) -> dict[str, Any]:
         keys = [o.key for o in SCHEMA if o.section == section]
         for key, value in table.items():
             if f"{section}.{key}" == DNS_ROUTES:  # [[dns.route]]: a list of tables
+                from .dns_routes import parse_dns_routes  # split DNS: only when configured
+
                 values[DNS_ROUTES], found = parse_dns_routes(value, base)
                 problems += found
                 continue

@@ -19,14 +19,13 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ..dialer import KEEPALIVE_PROBES, KEEPALIVE_SECONDS, Keepalive
 from ..dns.policy import BlockedAnswer
 from ..dns.upstream_via import via_problem
 from ..egress.via import Direct, Via
 from ..shares import share_of
-from .dns_routes import DnsRoute, dns_route_problems
 from .fields import check_fields, setting
 from .kinds import (
     Address,
@@ -43,6 +42,9 @@ from .kinds import (
     UpstreamUrl,
 )
 from .routes import Route, ViaUrl, name_problems
+
+if TYPE_CHECKING:
+    from .dns_routes import DnsRoute
 
 __all__ = ["DnsConfig", "GatewayConfig", "StackConfig", "UdpConfig"]
 
@@ -310,17 +312,25 @@ class DnsConfig:
                 yield ("dns.via: a proxy needs dns.upstreams given as tcp://, tls:// or "
                        "https:// (the nameservers of /etc/resolv.conf are udp://)",
                        "DnsConfig.via")  # fmt: skip
-        if not isinstance(self.routes, tuple) or \
-                not all(isinstance(route, DnsRoute) for route in self.routes):  # fmt: skip
-            yield "dns.route: expected a tuple of DnsRoute", "DnsConfig.routes"
-            return
-        for problem_text in dns_route_problems(self.routes):
-            yield problem_text, "DnsConfig.routes"
+        if self.routes != ():  # split DNS: its module only when configured
+            yield from _dns_routes_problems(self.routes)
 
     @property
     def in_flight_share(self) -> int:
         """The queries one client may have in flight."""
         return share_of(self.max_in_flight, self.max_in_flight_per_client)
+
+
+def _dns_routes_problems(routes: object) -> Iterator[tuple[str, str]]:
+    """What is wrong with ``DnsConfig.routes``, the ``[[dns.route]]`` tables (their module is
+    imported here: a gateway without split DNS does not keep it in memory)."""
+    from .dns_routes import DnsRoute, dns_route_problems
+
+    if not isinstance(routes, tuple) or not all(isinstance(r, DnsRoute) for r in routes):
+        yield "dns.route: expected a tuple of DnsRoute", "DnsConfig.routes"
+        return
+    for problem_text in dns_route_problems(routes):
+        yield problem_text, "DnsConfig.routes"
 
 
 @dataclasses.dataclass(frozen=True)

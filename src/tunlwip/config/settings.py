@@ -15,11 +15,10 @@ import dataclasses
 import functools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..dialer import Protector, bind_interface, fwmark, no_protection
 from ..service import LOG_FORMATS
-from .dns_routes import DnsRoute, dns_routes_toml
 from .fields import check_fields, nested_struct, setting, spec_of
 from .kinds import (
     Boolean,
@@ -37,6 +36,9 @@ from .kinds import (
 from .routes import Route, routes_toml
 from .schema import SECTIONS, Option, collect
 from .sections import DnsConfig, GatewayConfig
+
+if TYPE_CHECKING:
+    from .dns_routes import DnsRoute
 
 __all__ = ["OPTIONS", "SCHEMA", "Settings", "config_key"]
 
@@ -166,7 +168,10 @@ class Settings:
                     if getattr(value, "password", None) is not None:
                         lines[-1] += "  # password not shown"
         lines += routes_toml(self.gateway.routes)
-        lines += dns_routes_toml(self.gateway.dns.routes)
+        if self.gateway.dns.routes:
+            from .dns_routes import dns_routes_toml  # split DNS: only when configured
+
+            lines += dns_routes_toml(self.gateway.dns.routes)
         return "\n".join(lines) + "\n"
 
 

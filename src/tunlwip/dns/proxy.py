@@ -70,7 +70,6 @@ from .policy import (
 from .replay import RecentAnswers
 from .split import SplitRoute, SplitUpstreams
 from .summary import AnswerSummary, summarize, summarize_query
-from .tcp_clients import serve_tcp_client
 from .transports import UdpUpstream
 from .upstreams import RESOLV_CONF, UpstreamError, UpstreamSet
 from .upstreams import resolv_conf_upstreams as resolv_conf_upstreams
@@ -361,7 +360,10 @@ class DnsProxy:
             session.send_nowait(answer)  # (the task ends here: no need to yield first)
 
     async def serve_tcp(self, stream: LwipTcpStream) -> None:
-        """Answer the queries of one client TCP connection (``tcp_clients``)."""
+        """Answer the queries of one client TCP connection (``tcp_clients``: imported by the
+        first one, as most clients never ask over TCP)."""
+        from .tcp_clients import serve_tcp_client
+
         await serve_tcp_client(self, stream)
 
     # -- the answer -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ that object for upstreams reached directly; ``upstream_dialer`` picks the one a 
 (the syntax of ``[[route]].via``, ``egress.via``) asks for, so the transports never know:
 
 * ``direct``: the dialer itself; ``direct?fwmark=N`` / ``direct?interface=IF``: a dialer
-  with that protector instead (``egress.proxy_dial.dialer_for``);
+  with that protector instead (``egress.direct.dialer_for``);
 * ``socks5://`` and ``http://``: ``ProxiedDialer``, whose ``open_tcp`` is
   ``egress.proxy_dial.open_tcp_via`` (SOCKS5 CONNECT or HTTP CONNECT to the upstream's
   address, the protected connection to the proxy bounded by its handshake timeout); proxy
@@ -35,8 +35,8 @@ from typing import Protocol
 import trio
 
 from ..dialer import Dialer
-from ..egress.proxy_dial import HANDSHAKE_TIMEOUT, dialer_for, open_tcp_via
-from ..egress.via import Direct, HttpProxy, Socks5Proxy, Via
+from ..egress.direct import dialer_for
+from ..egress.via import HANDSHAKE_TIMEOUT, Direct, HttpProxy, Socks5Proxy, Via
 from ..endpoint import Endpoint
 from ..errors import ProxyError
 
@@ -71,6 +71,10 @@ class ProxiedDialer:
         """A stream to ``target`` through the proxy, positioned after its handshake. Raises
         ProxyError (the proxy failed), ConnectionRefusedError or another OSError (the proxy
         said the upstream refused or is unreachable), ProtectError."""
+        # The proxy clients: imported by the first connection through a proxy, not by every
+        # gateway (idle memory).
+        from ..egress.proxy_dial import open_tcp_via
+
         try:
             sock = await open_tcp_via(self.via, self._dialer, target,
                                       handshake_timeout=self._handshake_timeout)  # fmt: skip

@@ -31,7 +31,6 @@ from ..binding.endpoints import endpoint_to_c
 from ..endpoint import Endpoint
 from ..errors import ProtectError, ProxyError
 from ..hostname import is_hostname
-from . import socks5
 from .via import Socks5Proxy
 
 __all__ = ["CSocks5Route", "c_route_for", "failure", "start_failure"]
@@ -69,6 +68,8 @@ def c_route_for(via: Socks5Proxy) -> CSocks5Route | None:
         return None
     auth = None
     if via.username is not None and via.password is not None:
+        from . import socks5  # the SOCKS5 codec: only for a proxy with credentials
+
         auth = socks5.auth_request(via.username, via.password)
     return CSocks5Route(endpoint_to_c(proxy), auth, via.remote_dns)
 

@@ -39,22 +39,18 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from ..admission import FD_SHORTAGE
-from ..dialer import Dialer, bind_interface, fwmark
+from ..dialer import Dialer
 from ..endpoint import Endpoint, IPAddress
 from ..errors import ProtectError, ProxyError
 from ..hostname import is_hostname
 from . import socks5, socks5_client
+from .direct import dialer_for
 from .sockio import recv_through, send_all
 from .socks5 import Address
 from .socks5_client import UdpAssociation
-from .via import Direct, Drop, HttpProxy, Reject, Socks5Proxy, Via
+from .via import HANDSHAKE_TIMEOUT, Direct, Drop, HttpProxy, Reject, Socks5Proxy, Via
 
-__all__ = ["HANDSHAKE_TIMEOUT", "Resolver", "dialer_for", "open_tcp_via", "open_udp_via",
-           "system_resolver"]  # fmt: skip
-
-#: Seconds for the connect to a proxy and its handshake together (the proxy's own connect to
-#: the destination happens inside the handshake, so this also bounds that).
-HANDSHAKE_TIMEOUT = 10.0
+__all__ = ["Resolver", "open_tcp_via", "open_udp_via", "system_resolver"]
 
 Resolver = Callable[[str], Awaitable[Sequence[IPAddress]]]
 
@@ -63,16 +59,6 @@ async def system_resolver(name: str) -> list[IPAddress]:
     """The addresses of ``name`` from the system's resolver (``getaddrinfo``)."""
     infos = await trio.socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
     return [ipaddress.ip_address(info[4][0]) for info in infos]
-
-
-def dialer_for(via: Direct, dialer: Dialer) -> Dialer:
-    """The dialer of a direct route: ``dialer`` itself, or one with the route's fwmark or
-    interface as its protector. (Cache it per route: one is made per call.)"""
-    if via.fwmark is not None:
-        return dialer.with_protector(fwmark(via.fwmark))
-    if via.interface is not None:
-        return dialer.with_protector(bind_interface(via.interface))
-    return dialer
 
 
 async def open_tcp_via(via: Via, dialer: Dialer, target: Endpoint, *, name: str | None = None,

@@ -56,14 +56,14 @@ from ..endpoint import Endpoint, IPAddress
 from ..errors import ProxyError
 from ..flows import FlowTable
 from ..shares import ClientCounts
-from .c_socks5 import CSocks5Route, c_route_for
-from .proxy_dial import HANDSHAKE_TIMEOUT, dialer_for, open_tcp_via
+from .direct import dialer_for
 from .routes import RouteDecision, RouteTable
-from .via import Direct, Drop, HttpProxy, Reject, Socks5Proxy
+from .via import HANDSHAKE_TIMEOUT, Direct, Drop, HttpProxy, Reject, Socks5Proxy
 
 if TYPE_CHECKING:
     from ..c_dials import CDials
     from ..held_dials import HeldDial, HeldSynDials
+    from .c_socks5 import CSocks5Route
 
 __all__ = ["DROP_MEMORY", "MAX_DROPPED", "TcpRoutes"]
 
@@ -226,6 +226,8 @@ class TcpRoutes:
         try:
             return self._c_routes[via]
         except KeyError:
+            from .c_socks5 import c_route_for  # a proxy's modules: only once a flow takes one
+
             route = self._c_routes[via] = c_route_for(via)
             return route
 
@@ -238,6 +240,8 @@ class TcpRoutes:
 
     async def _dial_via_proxy(self, decision: RouteDecision, key: FlowKey, packet: bytes,
                               name: str | None) -> None:  # fmt: skip
+        from .proxy_dial import open_tcp_via  # the proxy clients: only once a flow takes one
+
         started = trio.current_time()
         via = decision.via
         assert isinstance(via, Socks5Proxy | HttpProxy)

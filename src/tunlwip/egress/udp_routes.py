@@ -51,7 +51,8 @@ from ..flows import FlowTable, LiveFlow
 from ..udp import UdpSession
 from . import socks5
 from .custom import CustomVia
-from .proxy_dial import dialer_for, open_udp_via
+from .direct import dialer_for
+from .proxy_dial import open_udp_via
 from .routes import RouteDecision
 from .socks5_client import UdpAssociation
 from .via import Direct, Drop, Reject, Via

@@ -26,7 +26,13 @@ from ..errors import ConfigError
 from ..hostname import is_hostname
 from ..ifname import is_interface_name
 
-__all__ = ["Direct", "Drop", "HttpProxy", "Reject", "Socks5Proxy", "Via", "parse_via"]
+__all__ = ["HANDSHAKE_TIMEOUT", "Direct", "Drop", "HttpProxy", "Reject", "Socks5Proxy", "Via",
+           "parse_via"]  # fmt: skip
+
+#: Seconds for the connect to a proxy and its handshake together (the proxy's own connect to
+#: the destination happens inside the handshake, so this also bounds that); the default of
+#: ``egress.handshake_timeout``.
+HANDSHAKE_TIMEOUT = 10.0
 
 # RFC 1929: user name and password are each 1-255 bytes.
 _MAX_CREDENTIAL = 255
