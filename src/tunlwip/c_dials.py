@@ -42,7 +42,6 @@ from .errors import ProtectError, ProxyError
 from .flows import FlowTable, LiveFlow
 from .relay import REASONS
 from .shares import client_key
-from .sniff import sniff_name
 
 if TYPE_CHECKING:
     from .stack import LwipStack
@@ -203,8 +202,8 @@ class CDials:
             self._opened(ident, event)
         elif kind == cdial.FIRST_DATA:
             flow = self._relayed.get(ident)
-            if flow is not None and (name := sniff_name(cdial.data(event))) is not None:
-                flow.name = name
+            if flow is not None:
+                flow.name_from_first_bytes(cdial.data(event))
         elif kind == cdial.ENDED and ident in self._relayed:
             flow = self._relayed.pop(ident)
             self._on_ended(flow, REASONS.get(event.error, "error"), event.ago_ms / 1000)

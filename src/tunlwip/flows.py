@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import trio
 
 from .endpoint import Endpoint
+from .sniff import sniff_name
 from .udp import UdpSession
 
 if TYPE_CHECKING:
@@ -148,15 +149,16 @@ def _round(value: float | None) -> float | None:
 class LiveFlow:
     """A flow in progress (the table's mutable entry; the gateway fills in latency and name)."""
 
-    __slots__ = ("_counts", "client", "connect_latency", "name", "opened", "protocol", "route",
-                 "started", "target")  # fmt: skip
+    __slots__ = ("_counts", "_first_bytes", "_name", "client", "connect_latency", "opened",
+                 "protocol", "route", "started", "target")  # fmt: skip
 
     def __init__(self, protocol: FlowProtocol, client: Endpoint, target: Endpoint,
                  counts: ByteCounts, name: str | None) -> None:  # fmt: skip
         self.protocol: FlowProtocol = protocol
         self.client = client
         self.target = target
-        self.name = name
+        self._name = name
+        self._first_bytes: bytes | None = None
         #: The name of the route the flow took (set by the forwarder that decided it).
         self.route: str | None = None
         self.connect_latency: float | None = None
@@ -166,6 +168,28 @@ class LiveFlow:
 
     def __repr__(self) -> str:
         return f"<LiveFlow {self.protocol} {self.client} -> {self.target}>"
+
+    @property
+    def name(self) -> str | None:
+        """The server name the client sent in its first bytes (TLS SNI, HTTP Host), else the
+        name it resolved this destination by, else None."""
+        if self._first_bytes is not None:  # looked for once, when first asked
+            data, self._first_bytes = self._first_bytes, None
+            sniffed = sniff_name(data)
+            if sniffed is not None:
+                self._name = sniffed
+        return self._name
+
+    @name.setter
+    def name(self, name: str | None) -> None:
+        self._first_bytes = None
+        self._name = name
+
+    def name_from_first_bytes(self, data: bytes) -> None:
+        """Name the flow by the server name in the client's first bytes, if they have one
+        (what the client asked the server for beats the DNS guess); read when asked, so a
+        flow nobody looks at costs no parse."""
+        self._first_bytes = data
 
     def count_bytes_with(self, counts: ByteCounts) -> None:
         """Read byte counts from ``counts`` from now on (the flow moved to a C relay)."""
@@ -299,19 +323,27 @@ class FlowTable:
         by ``name_for``, its byte counts read from ``counts``."""
         return self.open("tcp", client, target, counts, self._name_for(client, target))
 
-    def close(self, flow: LiveFlow, reason: str, ago: float = 0.0) -> FlowRecord | None:
-        """End ``flow`` (``ago`` seconds ago); returns its record (None if it was already
-        closed)."""
+    def close(self, flow: LiveFlow, reason: str, ago: float = 0.0) -> bool:
+        """End ``flow`` (``ago`` seconds ago) and offer its record to every subscriber; the
+        record is only made when there is one (most gateways have none: no flow log, no
+        ``flows()`` consumer). False if it was closed already."""
         if self._live.pop(id(flow), None) is None:
-            return None
+            return False
         self._open_now[flow.protocol] -= 1
+        if self._subscribers:
+            self._offer(self._record(flow, reason, ago))
+        return True
+
+    @staticmethod
+    def _record(flow: LiveFlow, reason: str, ago: float) -> FlowRecord:
         # ``ago`` and the opening's own correction are whole ms of lwIP's clock: never end
         # before the start
-        record = flow.record(max(trio.current_time() - ago, flow.opened), reason)
+        return flow.record(max(trio.current_time() - ago, flow.opened), reason)
+
+    def _offer(self, record: FlowRecord) -> None:
         for subscriber in list(self._subscribers):
             if not subscriber._offer(record):
                 self._records_dropped += 1
-        return record
 
     def failed(
         self,
@@ -331,8 +363,11 @@ class FlowTable:
             flow.connect_latency = connect_latency
             flow.opened -= connect_latency
             flow.started -= connect_latency
-        record = self.close(flow, reason)
-        assert record is not None
+        self._live.pop(id(flow))
+        self._open_now[protocol] -= 1
+        record = self._record(flow, reason, 0.0)
+        if self._subscribers:
+            self._offer(record)
         return record
 
     def live(self, limit: int | None = None) -> list[FlowInfo]:

@@ -47,7 +47,6 @@ from .flows import FlowTable, LiveFlow
 from .held_dials import FlowKey, HeldDial, HeldSynDials
 from .packet import PacketError, parse_syn, rst_for_syn, unreachable_for
 from .relay import RESET_SIDES, Relay
-from .sniff import sniff_name
 from .tcp import LwipTcpStream
 from .udp import DNS_PORT
 
@@ -275,10 +274,8 @@ class TcpForwarder:
         """Hand ``stream`` and its connected ``upstream`` socket to a C relay, which owns the
         flow from then on. Raises ``trio.BrokenResourceError`` if the client is gone already
         (the socket is closed)."""
-        # A partial, not a closure: it stays with each idle relay until the client speaks.
-        name_from_first_bytes = functools.partial(_name_flow_from_first_bytes, flow)
         try:
-            relay = self._stack.relay(stream, upstream, on_first_data=name_from_first_bytes)
+            relay = self._stack.relay(stream, upstream, on_first_data=flow.name_from_first_bytes)
         except BaseException:
             upstream.close()
             raise
@@ -421,11 +418,3 @@ class TcpForwarder:
             cfg = self.config.stack
             reply = unreachable_for(syn, cfg.ipv4_address if syn.version == 4 else cfg.ipv6_address)
         self._stack.send_to_client(reply)
-
-
-def _name_flow_from_first_bytes(flow: LiveFlow, data: bytes) -> None:
-    """Name ``flow`` by the server name in the client's first bytes (TLS SNI, HTTP Host):
-    what the client asked the server for beats the DNS guess."""
-    name = sniff_name(data)
-    if name is not None:
-        flow.name = name

@@ -9,13 +9,24 @@ from typing import Any
 from ..endpoint import Endpoint, IPAddress
 from .ffi import ffi
 
+#: Addresses made from C's bytes, by family and bytes: a gateway sees few distinct ones (its
+#: clients and the destinations they use) many times each, and making one costs more than the
+#: lookup. Emptied when full, so it stays small whatever the traffic.
+_ADDRESSES: dict[bytes, IPAddress] = {}
+_ADDRESSES_KEPT = 4096
+
 
 def endpoint_from_c(ep: Any) -> Endpoint:
-    """The ``Endpoint`` a ``tl_endpoint *`` holds."""
-    raw = bytes(ffi.buffer(ep.addr, 16))
-    if ep.family == 4:
-        return Endpoint(ipaddress.IPv4Address(raw[:4]), ep.port)
-    return Endpoint(ipaddress.IPv6Address(raw), ep.port)
+    """The ``Endpoint`` a ``tl_endpoint *`` (or ``tl_endpoint``) holds."""
+    family = ep.family
+    raw = bytes(ffi.buffer(ep.addr, 4 if family == 4 else 16))
+    address = _ADDRESSES.get(raw)
+    if address is None:
+        address = ipaddress.IPv4Address(raw) if family == 4 else ipaddress.IPv6Address(raw)
+        if len(_ADDRESSES) >= _ADDRESSES_KEPT:
+            _ADDRESSES.clear()
+        _ADDRESSES[raw] = address
+    return Endpoint(address, ep.port)
 
 
 def endpoint_to_c(endpoint: Endpoint) -> Any:
