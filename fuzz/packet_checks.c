@@ -458,6 +458,10 @@ void fuzz_dial_events(void)
     uint64_t failed = 0;
     for (int i = 0; i < TL_SOCKS5_REASONS; i++) failed += c->socks5_failures[i];
     if (failed + c->socks5_connected + c->proxied > c->socks5_started) abort();
+    uint64_t admit_totals[TL_ADMIT_KINDS]; /* admit.c's counts of C's dials, always exact */
+    tl_admit_get_totals(admit_totals);
+    if (admit_totals[TL_ADMIT_C_DIALING] != c->dialing ||
+        admit_totals[TL_ADMIT_C_OPEN] != c->connected + c->relayed) abort();
 }
 
 void fuzz_dial_teardown(void)
@@ -467,9 +471,6 @@ void fuzz_dial_teardown(void)
     fuzz_dial_events(); /* frees the last batch */
     const tl_dial_counters *c = tl_dial_get_counters();
     if (c->dialing || c->connected || c->relayed || c->proxied) abort(); /* nothing left behind */
-    uint64_t admit_totals[TL_ADMIT_KINDS];
-    tl_admit_get_totals(admit_totals); /* C's counts went with its dials */
-    if (admit_totals[TL_ADMIT_C_DIALING] || admit_totals[TL_ADMIT_C_OPEN]) abort();
     tl_admit_configure(0, 0, 0, 0, 0, NULL, 0);
     tl_admit_reset_counters();
     for (int i = 0; i < dial_peers_n; i++) close(dial_peers[i]);

@@ -149,16 +149,15 @@ def _round(value: float | None) -> float | None:
 class LiveFlow:
     """A flow in progress (the table's mutable entry; the gateway fills in latency and name)."""
 
-    __slots__ = ("_counts", "_first_bytes", "_name", "client", "connect_latency", "opened",
-                 "protocol", "route", "started", "target")  # fmt: skip
+    __slots__ = ("_counts", "client", "connect_latency", "name", "opened", "protocol", "route",
+                 "started", "target")  # fmt: skip
 
     def __init__(self, protocol: FlowProtocol, client: Endpoint, target: Endpoint,
                  counts: ByteCounts, name: str | None) -> None:  # fmt: skip
         self.protocol: FlowProtocol = protocol
         self.client = client
         self.target = target
-        self._name = name
-        self._first_bytes: bytes | None = None
+        self.name = name
         #: The name of the route the flow took (set by the forwarder that decided it).
         self.route: str | None = None
         self.connect_latency: float | None = None
@@ -169,27 +168,13 @@ class LiveFlow:
     def __repr__(self) -> str:
         return f"<LiveFlow {self.protocol} {self.client} -> {self.target}>"
 
-    @property
-    def name(self) -> str | None:
-        """The server name the client sent in its first bytes (TLS SNI, HTTP Host), else the
-        name it resolved this destination by, else None."""
-        if self._first_bytes is not None:  # looked for once, when first asked
-            data, self._first_bytes = self._first_bytes, None
-            sniffed = sniff_name(data)
-            if sniffed is not None:
-                self._name = sniffed
-        return self._name
-
-    @name.setter
-    def name(self, name: str | None) -> None:
-        self._first_bytes = None
-        self._name = name
-
     def name_from_first_bytes(self, data: bytes) -> None:
-        """Name the flow by the server name in the client's first bytes, if they have one
-        (what the client asked the server for beats the DNS guess); read when asked, so a
-        flow nobody looks at costs no parse."""
-        self._first_bytes = data
+        """Name the flow by the server name in the client's first bytes, if they have one:
+        what the client asked the server for beats the DNS guess. (Parsed now, not kept: a
+        relay's first bytes are up to 4 KiB, too much to hold per live flow.)"""
+        sniffed = sniff_name(data)
+        if sniffed is not None:
+            self.name = sniffed
 
     def count_bytes_with(self, counts: ByteCounts) -> None:
         """Read byte counts from ``counts`` from now on (the flow moved to a C relay)."""

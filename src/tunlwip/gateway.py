@@ -159,6 +159,7 @@ class Gateway:
                         with trio.CancelScope(shield=True):
                             await self.dns.aclose()
         finally:
+            self._tcp.stop_serving()
             self._flows.end_subscriptions()  # after the last flow's record
         raise AssertionError("unreachable")  # pragma: no cover
 

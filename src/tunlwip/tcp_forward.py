@@ -152,10 +152,17 @@ class TcpForwarder:
             self._admitted_in_c_seen = 0  # the stack zeroes C's count as it starts
             self._configure_c_admission()
 
+    def stop_serving(self) -> None:
+        """The gateway stopped: C admits nothing more for it (nor, from stale settings, for a
+        gateway started next in this process)."""
+        self._serving = False
+        if self.c_dials is not None:
+            cadmit.configure(on=False)
+
     def configure_c_dials(self) -> None:
         """Apply the dialer's and the claim timeout's settings to C's dials, and the routes and
-        limits to C's admission (reconfigure)."""
-        if self.c_dials is not None:
+        limits to C's admission (reconfigure of a serving gateway)."""
+        if self.c_dials is not None and self._serving:
             CDials.configure(self._dialer, self.config.predial_claim_timeout)
             self._configure_c_admission()
 

@@ -23,7 +23,13 @@
  * reached is always answered (and counted) by Python.
  *
  * Invariants: single-threaded; counts never go below zero (a release of what was never
- * counted is ignored); a client entry exists while any of its counts is non-zero.
+ * counted is ignored); a client entry exists while any of its counts is non-zero; a count
+ * lost for want of memory stops admission here until the next stack (tl_admit_unsure).
+ *
+ * Known gap: a SYN of one of Python's own sockets coming back through the TUN (protection not
+ * in effect) is not screened here as Python's hook would; the dial C makes for it loops back
+ * too and is dropped as C's own (counted and logged as a loop), so the loop ends one hop
+ * later.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +49,7 @@ static uint64_t tl_admit_totals[TL_ADMIT_KINDS];
 static uint64_t tl_admit_fast; /* SYNs dialed without Python (counts) */
 
 static int tl_admit_on;
+static int tl_admit_unsure; /* a count was lost (no memory): no admission until a new stack */
 static uint32_t tl_max_open, tl_max_pending, tl_open_share, tl_pending_share;
 static uint8_t tl_python_ports[65536 / 8]; /* destination ports Python must see */
 
@@ -95,9 +102,10 @@ static void tl_adjust(int family, uint64_t key, int kind, int delta)
     if (kind < 0 || kind >= TL_ADMIT_KINDS || delta == 0) return;
     struct tl_admit_client *c = tl_client(family, key, delta > 0);
     if (c == NULL) {
-        /* Out of memory for a new client: its count is lost, so mark the fast path unsafe
-         * until Python configures it again (Python's own counts stay exact). */
-        if (delta > 0) tl_admit_on = 0;
+        /* Out of memory for a new client: its count is lost, so admission here stops until
+         * the next stack starts with empty tables (tl_admit_forget_python); every SYN goes to
+         * Python, whose own counts stay exact. */
+        if (delta > 0) tl_admit_unsure = 1;
         return;
     }
     if (delta < 0 && (uint32_t)-delta > c->counts[kind]) delta = -(int)c->counts[kind];
@@ -138,6 +146,7 @@ void tl_admit_configure(int on, uint32_t max_open, uint32_t max_pending, uint32_
 
 void tl_admit_forget_python(void)
 {
+    tl_admit_unsure = 0; /* a new stack: C's dials are gone, Python's tables start empty */
     for (size_t b = 0; b < TL_ADMIT_BUCKETS; b++) {
         for (struct tl_admit_client *c = tl_admit_table[b], *next; c; c = next) {
             next = c->next;
@@ -161,7 +170,7 @@ void tl_admit_reset_counters(void) { tl_admit_fast = 0; }
 
 int tl_admit_try(const tl_endpoint *client, const tl_endpoint *target)
 {
-    if (!tl_admit_on) return 0;
+    if (!tl_admit_on || tl_admit_unsure) return 0;
     if (tl_python_ports[target->port >> 3] & (1u << (target->port & 7))) return 0;
     const uint64_t *t = tl_admit_totals;
     uint64_t dialing = t[TL_ADMIT_C_DIALING] + t[TL_ADMIT_PY_DIALING];

@@ -487,8 +487,8 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events)
     /* A second SYN of the flow dialed again: the newer connected dial replaces the older. */
     struct tl_dial *old = tl_find(&d->client, &d->target, TL_CONNECTED);
     if (old != NULL) tl_dial_finish(old, TL_DIAL_UNCLAIMED, 0);
+    tl_admit_count(&d->client, TL_ADMIT_C_OPEN, 1); /* first: the client's entry stays */
     tl_admit_count(&d->client, TL_ADMIT_C_DIALING, -1);
-    tl_admit_count(&d->client, TL_ADMIT_C_OPEN, 1);
     d->state = TL_CONNECTED;
     d->connected_ms = sys_now();
     tl_fifo_push(&tl_connected, d);
