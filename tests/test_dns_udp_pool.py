@@ -264,7 +264,7 @@ async def test_a_socket_closed_before_its_reader_ran_ends_the_reader_quietly(
     await nursery.start(server.run)
     pool = UdpSocketPool(lambda: Dialer().open_udp(Endpoint.parse(HOST, server.port)))
     for _ in range(3):
-        pool._take()  # a socket and its reader task, which has not run yet
+        pool._take(trio.current_time())  # a socket and its reader task, which has not run yet
     pool.close()
     await trio.testing.wait_all_tasks_blocked()
     assert "reader failed" not in caplog.text

@@ -67,8 +67,8 @@ CacheKey = tuple[bytes, int, int, int]
 _NOT_CACHED_IN_ADDITIONAL = frozenset({dns.rdatatype.OPT, dns.rdatatype.TSIG})
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Entry:
+@dataclasses.dataclass(slots=True)  # (not frozen: made per forwarded answer, and a frozen
+class _Entry:  # dataclass's __init__ sets each field through object.__setattr__; never changed)
     stored: float  # ``now`` at put
     ttl: int  # seconds the entry lives
     rcode: dns.rcode.Rcode

@@ -247,7 +247,7 @@ class DnsProxy:
         plain = Query(query, summary)
         started = trio.current_time()
         try:
-            decided = self._decide(plain)
+            decided = self._decide(plain, started)
         except dns.exception.DNSException:  # a plain-looking query dnspython cannot read
             self._complete(session, plain, None, started)
             return
@@ -258,11 +258,12 @@ class DnsProxy:
         else:
             context = (session, plain, decided, started)  # for _fast_done
             upstreams, timeout = decided[0].upstreams, self.config.query_timeout
-            self._fast.start(query, (summary.question,), upstreams, timeout, context)
+            self._fast.start(query, (summary.question,), upstreams, timeout, context, started)
 
     def _fast_done(self, forwarding: Forwarding, answer: Answer | None, failure: str) -> None:
         """A query forwarded without a task is over (``FastForwarder``'s ``on_done``)."""
         session, query, (route, cache), started = forwarding.context
+        now = trio.current_time()
         try:
             if answer is None:
                 reply = self._failed(query, route, failure)
@@ -271,11 +272,11 @@ class DnsProxy:
                 if summary is not None and query.summary is not None:
                     # The pool matched its question to the query's: the same name, read once.
                     summary.name = query.summary.name
-                reply = self._forwarded(query, route, cache, raw, summary, upstream.url)
+                reply = self._forwarded(query, route, cache, raw, summary, upstream.url, now)
         except BaseException:
             self.release(query.wire, session.client)
             raise
-        self._complete(session, query, reply, started)
+        self._complete(session, query, reply, started, now)
 
     def _fast_dropped(self, forwarding: Forwarding) -> None:
         """A query forwarded without a task was dropped unanswered (the proxy stops): its
@@ -296,14 +297,17 @@ class DnsProxy:
         self._flush()  # (a task: not inside an lwIP call)
 
     def _complete(self, session: UdpSession, query: Query, reply: Reply | None,
-                  started: float) -> None:  # fmt: skip
+                  started: float, now: float | None = None) -> None:  # fmt: skip
         """Send ``reply`` to the client (None: the query did not parse, FORMERR), and
-        release the query."""
+        release the query. ``now``: the trio clock, if the caller has it."""
         answer = None
         try:
             if reply is not None:
-                answer, answer_summary = self._finish(query, reply, session.client, started, True)
-                self.recent.keep(query.wire, answer_summary, answer, trio.current_time())
+                if now is None:
+                    now = trio.current_time()
+                answer, answer_summary = self._finish(query, reply, session.client, started,
+                                                      True, now)  # fmt: skip
+                self.recent.keep(query.wire, answer_summary, answer, now)
         except dns.exception.DNSException:  # a plain-looking query dnspython cannot read
             answer = None
             reply = None
@@ -390,24 +394,30 @@ class DnsProxy:
         if len(query) < HEADER_LEN:
             self.counters.malformed += 1
             return False, None
+        # (Each hash of a key hashes an ip_address in Python: one ``add`` that tells by the
+        # size whether the key was new, rather than a test and an ``add``.)
+        in_flight = self._in_flight
+        held = len(in_flight)
         key = (client, int.from_bytes(query[:2], "big"))
-        if key in self._in_flight:
+        in_flight.add(key)
+        if len(in_flight) == held:
             self.counters.duplicates += 1
             return False, None
-        if len(self._in_flight) >= self.config.max_in_flight:
+        if held >= self.config.max_in_flight:
+            in_flight.discard(key)
             self.counters.overload += 1
             return False, header_answer(query, dns.rcode.REFUSED)
-        if self.in_flight_per_client.count(client.address) >= self._share:
+        if not self.in_flight_per_client.acquire(client.address, self._share):
+            in_flight.discard(key)
             self.counters.client_share += 1
             return False, header_answer(query, dns.rcode.REFUSED)
-        self._in_flight.add(key)
-        self.in_flight_per_client.add(client.address)
         return True, None
 
     def release(self, query: bytes, client: Endpoint) -> None:
-        key = (client, int.from_bytes(query[:2], "big"))
-        if key in self._in_flight:
-            self._in_flight.remove(key)
+        in_flight = self._in_flight
+        held = len(in_flight)
+        in_flight.discard((client, int.from_bytes(query[:2], "big")))
+        if len(in_flight) != held:
             self.in_flight_per_client.release(client.address)
 
     @property
@@ -452,10 +462,12 @@ class DnsProxy:
             return decided
         return await self._forward(query, *decided)
 
-    def _decide(self, query: Query) -> Reply | tuple[SplitRoute, DnsCache]:
+    def _decide(
+        self, query: Query, now: float | None = None
+    ) -> Reply | tuple[SplitRoute, DnsCache]:
         """What needs no upstream: the policy's answer, or a cached one; else the route to
         forward on and the cache its answer goes to (a reload may start a new cache: this
-        answer is the old routes')."""
+        answer is the old routes'). ``now``: the trio clock, if the caller has it."""
         verdict = self.policy.check(query.name)
         if verdict.action == "block":
             self.counters.blocked += 1
@@ -468,7 +480,8 @@ class DnsProxy:
         route = self.split.pick(query.name)
         route.counters.queries += 1
         cache = self.cache
-        now = trio.current_time()
+        if now is None:
+            now = trio.current_time()
         if query.summary is None or cache.peek(query.cache_key, now):
             cached = cache.get(query.message, now)  # (a parse only for a likely hit)
         else:
@@ -496,9 +509,12 @@ class DnsProxy:
         return self._failed(query, route, "timeout")
 
     def _forwarded(self, query: Query, route: SplitRoute, cache: DnsCache, raw: bytes,
-                   summary: AnswerSummary | None, source: str) -> Reply:  # fmt: skip
+                   summary: AnswerSummary | None, source: str,
+                   now: float | None = None) -> Reply:  # fmt: skip
         """An upstream's answer: counted, cached, and screened when it has a CNAME chain.
         ``summary`` is None for a truncated answer that did not walk: parsed whole here."""
+        if now is None:
+            now = trio.current_time()
         if summary is None:
             try:
                 response = dns.message.from_wire(raw)
@@ -506,11 +522,11 @@ class DnsProxy:
                 return self._failed(query, route, f"failed: {exc}")
             self.counters.forwarded += 1
             route.counters.forwarded += 1
-            cache.put(query.message, response, trio.current_time())
+            cache.put(query.message, response, now)
             return self._screen(query.message, Reply(response, raw, None, source))
         self.counters.forwarded += 1
         route.counters.forwarded += 1
-        cache.put_wire(query.cache_key, raw, summary, trio.current_time())
+        cache.put_wire(query.cache_key, raw, summary, now)
         reply = Reply(None, raw, summary, source)
         if summary.has_alias and self.policy.screens_answers:
             try:  # the one case the policy needs the whole message: a CNAME/DNAME chain
@@ -542,10 +558,11 @@ class DnsProxy:
                       verdict.rule)  # fmt: skip
 
     def _finish(self, query: Query, reply: Reply, client: Endpoint,
-                started: float, max_udp_size: bool
+                started: float, max_udp_size: bool, now: float | None = None
                 ) -> tuple[bytes, AnswerSummary | None]:  # fmt: skip
         """The answer's bytes (rendered, or truncated, when needed) and their summary; the
-        names the client was given are noted (``names``)."""
+        names the client was given are noted (``names``). ``now``: the trio clock, if the
+        caller has it."""
         limit = query.udp_size if max_udp_size else 65535
         raw, summary = reply.raw, reply.summary
         if raw is None or len(raw) > limit:
@@ -567,7 +584,8 @@ class DnsProxy:
                 summary = None
         if summary is not None and summary.addresses and len(summary.question) == 1:
             self.names.remember_addresses(client.address, summary.question_name(),
-                                          summary.addresses, trio.current_time())  # fmt: skip
+                                          summary.addresses,
+                                          trio.current_time() if now is None else now)  # fmt: skip
         if log.isEnabledFor(logging.DEBUG):
             known = query.summary is not None or len(query.message.question) == 1
             log.debug("dns %s %s %s -> %s via %s in %.1f ms", client,

@@ -95,9 +95,14 @@ def _skip_name(wire: bytes, offset: int) -> int:
             return end if end >= 0 else position
 
 
-def summarize(wire: bytes) -> AnswerSummary:
-    """The summary of an answer; WireError if its records do not walk."""
-    question, offset = read_question(wire)
+def summarize(wire: bytes, question: Question | None = None, offset: int = 0) -> AnswerSummary:
+    """The summary of an answer; WireError if its records do not walk. ``question`` and
+    ``offset``: the question section, already read (``read_question``'s), and where it ends."""
+    if question is None:
+        question, offset = read_question(wire)
+    # An owner name that is a pointer to the first question's name (offset 12, read above
+    # and so known to end well): the usual case, skipped without following it.
+    to_question = b"\xc0\x0c" if question else b""
     flags = (wire[2] << 8) | wire[3]
     summary = AnswerSummary(rcode=flags & 0xF, flags=flags, question=question)
     counts = ((wire[6] << 8) | wire[7], (wire[8] << 8) | wire[9], (wire[10] << 8) | wire[11])
@@ -105,7 +110,10 @@ def summarize(wire: bytes) -> AnswerSummary:
     end = len(wire)
     for section, count in enumerate(counts):
         for _ in range(count):
-            offset = _skip_name(wire, offset)
+            if to_question and wire.startswith(to_question, offset):
+                offset += 2
+            else:
+                offset = _skip_name(wire, offset)
             if offset + 10 > end:
                 raise WireError("record cut short")
             rdtype = (wire[offset] << 8) | wire[offset + 1]
@@ -219,11 +227,12 @@ def summarize_query(wire: bytes) -> QuerySummary | None:
                         client_subnet=client_subnet)  # fmt: skip
 
 
-def summarize_answer(wire: bytes) -> AnswerSummary | None:
+def summarize_answer(wire: bytes, question: Question | None = None,
+                     offset: int = 0) -> AnswerSummary | None:  # fmt: skip
     """``summarize`` for an upstream's answer: UpstreamError if it is malformed, None if it
     is truncated (TC: cut anywhere, so it need not walk)."""
     try:
-        return summarize(wire)
+        return summarize(wire, question, offset)
     except WireError as exc:
         if int.from_bytes(wire[2:4], "big") & FLAG_TC:
             return None

@@ -16,12 +16,14 @@ A query takes a random socket of the pool (a new one while the pool is not full)
 socket has one reader, not one per query: with a ``watcher`` (the gateway's poll set, set by
 the DNS proxy) a callback run whenever the socket is readable, without trio's scheduler;
 otherwise a trio system task. The reader drains the socket: a datagram whose ID is in flight
-and whose question matches (case-insensitively: ``wire.read_question``) goes to that query's
-callback, and its ID is free again at once; everything else (a wrong ID or question,
-garbage, an answer to a query that already gave up or was answered) is ignored and counted
-(``ignored``). The socket is connected, so the kernel already drops datagrams from any other
-address or port. An ICMP port unreachable (ECONNREFUSED) fails every query waiting on that
-socket: the upstream is closed for all of them.
+and whose question matches goes to that query's callback, and its ID is free again at once
+(the question is compared as bytes first, ``wire.exact_question``: the usual answer repeats
+it as sent; else read and compared case-insensitively, ``wire.read_question``); everything
+else (a wrong ID or question, garbage, an answer to a query that already gave up or was
+answered) is ignored and counted (``ignored``). The socket is connected, so the kernel
+already drops datagrams from any other address or port. An ICMP port unreachable
+(ECONNREFUSED) fails every query waiting on that socket: the upstream is closed for all of
+them.
 
 Timeouts are the caller's: a query that gives up (``cancel``, or ``exchange`` cancelled) frees
 its ID.
@@ -33,11 +35,11 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
-from .wire import HEADER_LEN, Question, question_mismatch, with_id
+from .wire import HEADER_LEN, Question, exact_question, question_mismatch
 
 log = logging.getLogger("tunlwip.dns.upstreams")
 
@@ -74,8 +76,10 @@ class _RandomBytes:
 _random = _RandomBytes()
 
 
-#: Called once with the answer (its ID still ours) or with the error that ended the query.
-OnResult = Callable[[bytes | None, OSError | None], None]
+#: Called once as ``on_result(owner, answer, error)``: the answer (its ID still ours) or the
+#: error that ended the query. ``owner`` is the sender's (one bound method serves every query:
+#: no closure made per query).
+OnResult = Callable[[Any, bytes | None, OSError | None], None]
 
 
 class Watcher(Protocol):
@@ -89,14 +93,16 @@ class Watcher(Protocol):
 class Ticket:
     """One query in flight on a pooled socket: what its answer must repeat, where it goes."""
 
-    __slots__ = ("message_id", "on_result", "question", "slot")
+    __slots__ = ("exact", "message_id", "on_result", "owner", "question", "slot")
 
-    def __init__(self, slot: _PooledSocket, message_id: int, question: Question,
-                 on_result: OnResult) -> None:  # fmt: skip
+    def __init__(self, slot: _PooledSocket, message_id: int, question: Question, exact: bytes,
+                 on_result: OnResult, owner: Any) -> None:  # fmt: skip
         self.slot = slot
         self.message_id = message_id
         self.question = question
+        self.exact = exact  # the question section as sent (``exact_question``), or b""
         self.on_result = on_result
+        self.owner = owner
 
 
 class _PooledSocket:
@@ -146,19 +152,24 @@ class UdpSocketPool:
         """Sockets taking new queries now."""
         return len(self._sockets)
 
-    def send(self, request: bytes, question: Question, on_result: OnResult) -> Ticket:
-        """Send ``request`` under a fresh ID on a pooled socket; ``on_result`` gets the
-        datagram that answers it (with that ID), or the error that ended it (ECONNREFUSED:
-        the upstream's port is closed), once, from the socket's reader. OSError (raised):
-        the socket could not be opened or the send failed; nothing is then in flight."""
-        slot = self._take()
+    def send(self, request: bytes, question: Question, on_result: OnResult, owner: Any = None,
+             exact: bytes | None = None, now: float | None = None) -> Ticket:  # fmt: skip
+        """Send ``request`` under a fresh ID on a pooled socket; ``on_result(owner, ...)`` gets
+        the datagram that answers it (with that ID), or the error that ended it
+        (ECONNREFUSED: the upstream's port is closed), once, from the socket's reader.
+        ``exact`` is ``exact_question(request, question)`` if the caller has it; ``now`` the
+        trio clock if the caller has it. OSError (raised): the socket could not be opened or
+        the send failed; nothing is then in flight."""
+        slot = self._take(trio.current_time() if now is None else now)
         pending = slot.pending
         message_id = _random.below(0x10000)
         while message_id in pending:
             message_id = _random.below(0x10000)
-        ticket = Ticket(slot, message_id, question, on_result)
+        if exact is None:
+            exact = exact_question(request, question)
+        ticket = Ticket(slot, message_id, question, exact, on_result, owner)
         try:
-            slot.sock.send(with_id(request, message_id))
+            slot.sock.send(message_id.to_bytes(2, "big") + request[2:])
         except OSError:
             self._done(slot)
             raise
@@ -178,7 +189,7 @@ class UdpSocketPool:
         done = trio.Event()
         result: list[bytes | OSError | None] = [None]
 
-        def on_result(answer: bytes | None, error: OSError | None) -> None:
+        def on_result(_: object, answer: bytes | None, error: OSError | None) -> None:
             result[0] = answer if error is None else error
             done.set()
 
@@ -198,12 +209,11 @@ class UdpSocketPool:
         if slot.retired and not slot.pending:
             self._close(slot)
 
-    def _take(self) -> _PooledSocket:
+    def _take(self, now: float) -> _PooledSocket:
         """A socket for the next query: a new one while the pool is not full, else a random
         one, replaced first if it has had its share of queries or time."""
         if self._closing:
             raise OSError("the upstream is closed")
-        now = trio.current_time()
         sockets = self._sockets
         if len(sockets) < self.size:
             slot = self._open(now)
@@ -289,11 +299,15 @@ class UdpSocketPool:
             self.ignored += 1
             log.debug("ignoring a datagram: no query in flight with its ID")
             return
-        reason = question_mismatch(data, int.from_bytes(data[2:4], "big"), ticket.question)
-        if reason is not None:
-            self.ignored += 1
-            log.debug("ignoring a datagram: %s", reason)
-            return
+        exact = ticket.exact
+        if not (exact and data[2] & 0x80 and data[4:6] == b"\x00\x01"
+                and data.startswith(exact, HEADER_LEN)):  # fmt: skip
+            # Not the question as sent, byte for byte: read it (another case, say).
+            reason = question_mismatch(data, int.from_bytes(data[2:4], "big"), ticket.question)
+            if reason is not None:
+                self.ignored += 1
+                log.debug("ignoring a datagram: %s", reason)
+                return
         del slot.pending[ticket.message_id]
         self._result(ticket, data, None)
         self._done(slot)
@@ -301,7 +315,7 @@ class UdpSocketPool:
     @staticmethod
     def _result(ticket: Ticket, answer: bytes | None, error: OSError | None) -> None:
         try:
-            ticket.on_result(answer, error)
+            ticket.on_result(ticket.owner, answer, error)
         except Exception:  # a bug; it must not stop the reader (or the poll set calling it)
             log.exception("DNS upstream answer callback failed")
 
