@@ -9,13 +9,41 @@ from typing import Any
 from ..endpoint import Endpoint, IPAddress
 from .ffi import ffi
 
+#: Endpoints made lately from C, by the bytes of their ``tl_endpoint`` (C fills it whole,
+#: padding zeroed: ``tl_endpoint_from``): every datagram of a flow names the same two, and an
+#: ``ip_address`` and an ``Endpoint`` cost several times a look-up. Cleared when full.
+_from_c: dict[bytes, Endpoint] = {}
+#: ``tl_endpoint``s made lately for ``endpoint_to_c_shared``, by their ``Endpoint``.
+_to_c: dict[Endpoint, Any] = {}
+_KEPT = 4096
+
 
 def endpoint_from_c(ep: Any) -> Endpoint:
     """The ``Endpoint`` a ``tl_endpoint *`` holds."""
-    raw = bytes(ffi.buffer(ep.addr, 16))
-    if ep.family == 4:
-        return Endpoint(ipaddress.IPv4Address(raw[:4]), ep.port)
-    return Endpoint(ipaddress.IPv6Address(raw), ep.port)
+    key = ffi.buffer(ep)[:]
+    endpoint = _from_c.get(key)
+    if endpoint is None:
+        raw = bytes(ffi.buffer(ep.addr, 16))
+        if ep.family == 4:
+            endpoint = Endpoint(ipaddress.IPv4Address(raw[:4]), ep.port)
+        else:
+            endpoint = Endpoint(ipaddress.IPv6Address(raw), ep.port)
+        if len(_from_c) >= _KEPT:
+            _from_c.clear()
+        _from_c[key] = endpoint
+    return endpoint
+
+
+def endpoint_to_c_shared(endpoint: Endpoint) -> Any:
+    """``endpoint_to_c`` for a call that only reads it during the call (``const``): one kept
+    per endpoint, as the same ones are sent to again and again. Never to be written to."""
+    ep = _to_c.get(endpoint)
+    if ep is None:
+        ep = endpoint_to_c(endpoint)
+        if len(_to_c) >= _KEPT:
+            _to_c.clear()
+        _to_c[endpoint] = ep
+    return ep
 
 
 def endpoint_to_c(endpoint: Endpoint) -> Any:
