@@ -266,9 +266,9 @@ class DnsCache:
             return
         if ttl <= 0:
             return
-        self._store(key, _Entry(stored=now, ttl=ttl, rcode=_RCODES[rcode],
-                                authenticated=bool(summary.flags & FLAG_AD),
-                                answer=(), authority=(), additional=(), wire=answer))  # fmt: skip
+        # (positional: from keywords costs more, once per forwarded answer)
+        self._store(key, _Entry(now, ttl, _RCODES[rcode], bool(summary.flags & FLAG_AD), (), (),
+                                (), answer))  # fmt: skip
 
     def _store(self, key: CacheKey, entry: _Entry) -> None:
         self._entries[key] = entry

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from array import array
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -54,10 +55,10 @@ class _RandomBytes:
     """Unpredictable numbers from the kernel's CSPRNG (what ``secrets`` uses), read 4 KiB at
     a time: ``secrets.randbelow`` makes a getrandom() call per number, two per query here."""
 
-    __slots__ = ("_buffer", "_position")
+    __slots__ = ("_position", "_values")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._values = array("H")  # the buffer as 16-bit draws (byte order is no matter)
         self._position = 0
 
     def below(self, limit: int) -> int:
@@ -65,10 +66,10 @@ class _RandomBytes:
         16-bit draws, so no value is likelier than another)."""
         ceiling = 0x10000 - 0x10000 % limit
         while True:
-            if self._position + 2 > len(self._buffer):
-                self._buffer, self._position = os.urandom(4096), 0
-            value = int.from_bytes(self._buffer[self._position : self._position + 2], "big")
-            self._position += 2
+            if self._position >= len(self._values):
+                self._values, self._position = array("H", os.urandom(4096)), 0
+            value = self._values[self._position]
+            self._position += 1
             if value < ceiling:
                 return value % limit
 
@@ -273,11 +274,13 @@ class UdpSocketPool:
 
     def _drain(self, slot: _PooledSocket) -> None:
         """Take what the socket has (up to a burst), each datagram to its query's callback.
-        A callback may end the last query of a retired socket, which then closes."""
+        A callback may end the last query of a retired socket, which then closes. Once no
+        query waits on the socket it is not read again (a read that finds nothing costs a
+        system call and an exception): what still comes wakes the reader again."""
         sock = slot.sock
-        for _ in range(RECEIVE_BURST):
-            if sock.fileno() < 0:
-                return  # closed by a callback of this burst
+        for count in range(RECEIVE_BURST):
+            if sock.fileno() < 0 or (count and not slot.pending):
+                return  # closed by a callback of this burst; or nothing more to wait for
             try:
                 data = sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
