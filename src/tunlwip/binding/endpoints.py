@@ -13,8 +13,10 @@ from .ffi import ffi
 #: padding zeroed: ``tl_endpoint_from``): every datagram of a flow names the same two, and an
 #: ``ip_address`` and an ``Endpoint`` cost several times a look-up. Cleared when full.
 _from_c: dict[bytes, Endpoint] = {}
-#: ``tl_endpoint``s made lately for ``endpoint_to_c_shared``, by their ``Endpoint``.
-_to_c: dict[Endpoint, Any] = {}
+#: ``tl_endpoint``s made lately for ``endpoint_to_c_shared``, by the ``id`` of their
+#: ``Endpoint`` (kept with it, so the id cannot be another's): a flow sends from and to the
+#: same two objects, and hashing an Endpoint hashes its ip_address through ``hex()``.
+_to_c: dict[int, tuple[Endpoint, Any]] = {}
 _KEPT = 4096
 
 
@@ -37,12 +39,13 @@ def endpoint_from_c(ep: Any) -> Endpoint:
 def endpoint_to_c_shared(endpoint: Endpoint) -> Any:
     """``endpoint_to_c`` for a call that only reads it during the call (``const``): one kept
     per endpoint, as the same ones are sent to again and again. Never to be written to."""
-    ep = _to_c.get(endpoint)
-    if ep is None:
-        ep = endpoint_to_c(endpoint)
-        if len(_to_c) >= _KEPT:
-            _to_c.clear()
-        _to_c[endpoint] = ep
+    kept = _to_c.get(id(endpoint))
+    if kept is not None and kept[0] is endpoint:
+        return kept[1]
+    ep = endpoint_to_c(endpoint)
+    if len(_to_c) >= _KEPT:
+        _to_c.clear()
+    _to_c[id(endpoint)] = (endpoint, ep)
     return ep
 
 

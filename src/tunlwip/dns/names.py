@@ -22,9 +22,9 @@ _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 _V6 = 1 << 128  # set in the key of an IPv6 address: ::c612:1 is not 198.18.0.1
 
 
-def _key(address: IPAddress) -> int:
-    """An address as the table keys it: an ``ip_address`` hashes through ``hex()`` in
-    Python, an int in C (two per look-up and two per answer record otherwise)."""
+def address_key(address: IPAddress) -> int:
+    """An address as a number to key tables with: an ``ip_address`` hashes through ``hex()``
+    in Python, an int in C (two per look-up and two per answer record here otherwise)."""
     value = int(address)
     return value | _V6 if type(address) is ipaddress.IPv6Address else value
 
@@ -71,10 +71,10 @@ class ResolvedNames:
     ) -> int:
         """Note that ``name`` resolved to these (address, TTL) pairs for ``client``."""
         count = 0
-        client_key = _key(client)
+        client_key = address_key(client)
         entries = self._entries
         for address, ttl in addresses:
-            key = (client_key, _key(address))
+            key = (client_key, address_key(address))
             entries.pop(key, None)
             entries[key] = (name, now + max(float(ttl), self.min_ttl))
             count += 1
@@ -84,7 +84,7 @@ class ResolvedNames:
 
     def lookup(self, client: IPAddress, address: IPAddress, now: float) -> str | None:
         """The name ``client`` last resolved to ``address``, unless that answer expired."""
-        key = (_key(client), _key(address))
+        key = (address_key(client), address_key(address))
         entry = self._entries.get(key)
         if entry is None:
             return None

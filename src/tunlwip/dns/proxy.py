@@ -60,7 +60,7 @@ from .cache import DnsCache
 from .counters import DnsCounters as DnsCounters
 from .exchange import Query, Reply
 from .fast_forward import Answer, FastForwarder, Forwarding
-from .names import ResolvedNames
+from .names import ResolvedNames, address_key
 from .policy import (
     ENCRYPTED_DNS_NAMES,
     DnsPolicy,
@@ -115,7 +115,8 @@ class DnsProxy:
         #: Which name each client resolved to which address (for flow records and status).
         self.names = ResolvedNames()
         self.recent = RecentAnswers()
-        self._in_flight: set[tuple[Endpoint, int]] = set()
+        #: (client address as ``names.address_key`` gives it, client port, message ID).
+        self._in_flight: set[tuple[int, int, int]] = set()
         #: Queries in flight by client (``shares``), next to ``_in_flight``.
         self.in_flight_per_client = ClientCounts()
         self._retired: list[SplitUpstreams] = []
@@ -394,11 +395,11 @@ class DnsProxy:
         if len(query) < HEADER_LEN:
             self.counters.malformed += 1
             return False, None
-        # (Each hash of a key hashes an ip_address in Python: one ``add`` that tells by the
-        # size whether the key was new, rather than a test and an ``add``.)
+        # (One ``add`` that tells by the size whether the key was new, rather than a test
+        # and an ``add``.)
         in_flight = self._in_flight
         held = len(in_flight)
-        key = (client, int.from_bytes(query[:2], "big"))
+        key = (address_key(client.address), client.port, int.from_bytes(query[:2], "big"))
         in_flight.add(key)
         if len(in_flight) == held:
             self.counters.duplicates += 1
@@ -416,7 +417,9 @@ class DnsProxy:
     def release(self, query: bytes, client: Endpoint) -> None:
         in_flight = self._in_flight
         held = len(in_flight)
-        in_flight.discard((client, int.from_bytes(query[:2], "big")))
+        in_flight.discard(
+            (address_key(client.address), client.port, int.from_bytes(query[:2], "big"))
+        )
         if len(in_flight) != held:
             self.in_flight_per_client.release(client.address)
 
