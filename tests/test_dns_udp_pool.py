@@ -11,6 +11,7 @@ jump while the kernel is still moving loopback packets.
 from __future__ import annotations
 
 import itertools
+import socket
 import struct
 
 import pytest
@@ -264,8 +265,85 @@ async def test_a_socket_closed_before_its_reader_ran_ends_the_reader_quietly(
     await nursery.start(server.run)
     pool = UdpSocketPool(lambda: Dialer().open_udp(Endpoint.parse(HOST, server.port)))
     for _ in range(3):
-        pool._take()  # a socket and its reader task, which has not run yet
+        pool._take(trio.current_time())  # a socket and its reader task, which has not run yet
     pool.close()
     await trio.testing.wait_all_tasks_blocked()
     assert "reader failed" not in caplog.text
     assert not pool._live
+
+
+class CaseChangingServer:
+    """Answers with the question's name in upper case (a resolver may echo 0x20 case its own
+    way), after datagrams that repeat the question byte for byte and still answer nothing:
+    without QR, and with the question's bytes but a question count of two."""
+
+    SPOOFS = 2
+
+    def __init__(self) -> None:
+        self.port = 0
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
+            await sock.bind((HOST, 0))
+            self.port = sock.getsockname()[1]
+            task_status.started()
+            while True:
+                data, peer = await sock.recvfrom(65535)
+                real = answer_for(data, "192.0.2.1")
+                not_response = real[:2] + bytes([real[2] & 0x7F]) + real[3:]
+                two_questions = real[:5] + b"\x02" + real[6:]
+                for spoof in (not_response, two_questions):
+                    await sock.sendto(spoof, peer)
+                name_end = real.index(b"\x00", 12)
+                await sock.sendto(real[:12] + real[12:name_end].upper() + real[name_end:], peer)
+
+
+async def test_an_answer_is_matched_by_its_question_whatever_its_case(
+    nursery: trio.Nursery,
+) -> None:
+    """The bytes of the question as sent are only a shortcut: an answer that spells it in
+    another case is read and matched, and one that repeats the bytes is still checked for
+    QR and the question count."""
+    server = CaseChangingServer()
+    await nursery.start(server.run)
+    upstream = UdpUpstream("udp://test", Dialer(), Endpoint.parse(HOST, server.port))
+    with trio.fail_after(5):
+        for name in ("a.test.", "MiXeD.test."):
+            answer = await upstream.query(make_query(name))
+            assert message_id(answer) == CLIENT_ID
+            assert addresses(answer) == ["192.0.2.1"]
+    assert upstream.pool.ignored == 2 * CaseChangingServer.SPOOFS
+    await upstream.aclose()
+
+
+async def test_a_socket_with_no_query_waiting_is_still_drained(nursery: trio.Nursery) -> None:
+    """After the answer to its last query, the reader stops reading: what comes later (a
+    duplicate, garbage) wakes it again and is ignored, never left to fill the socket."""
+
+    async def echo_thrice(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as sock:
+            await sock.bind((HOST, 0))
+            task_status.started(sock.getsockname()[1])
+            while True:
+                data, peer = await sock.recvfrom(65535)
+                real = answer_for(data, "192.0.2.1")
+                for datagram in (real, real, b"\x00garbage"):  # a duplicate, then garbage
+                    await sock.sendto(datagram, peer)
+
+    port = await nursery.start(echo_thrice)
+    pool = UdpSocketPool(lambda: _connected(port), size=1)
+    with trio.fail_after(5):
+        request = make_query("x.test.")
+        answer = await pool.exchange(request, parse_request(request)[1])
+        assert addresses(answer) == ["192.0.2.1"]
+        while pool.ignored < 2:  # noqa: ASYNC110 - a counter of the pool's reader: no event
+            await trio.sleep(0.01)
+    assert pool.ignored == 2
+    pool.close()
+
+
+def _connected(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.connect((HOST, port))
+    return sock

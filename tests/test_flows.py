@@ -436,6 +436,19 @@ def test_resolved_names_use_the_question_and_expire() -> None:
     assert names.lookup(client, ipaddress.ip_address("198.18.8.1"), 100) == "new.test"
 
 
+def test_resolved_names_tell_ipv4_from_ipv6_of_the_same_number() -> None:
+    """The table keys addresses by number: an IPv6 address whose number is an IPv4 one's
+    (``::c612:701``, ``198.18.7.1``) is another address, as a client or as an answer."""
+    v4, v6 = ipaddress.ip_address("198.18.7.1"), ipaddress.ip_address("::c612:701")
+    names = ResolvedNames()
+    names.remember_addresses(v4, "four.test", [(v4, 60)], now=0)
+    names.remember_addresses(v6, "six.test", [(v6, 60)], now=0)
+    assert names.lookup(v4, v4, 1) == "four.test"
+    assert names.lookup(v6, v6, 1) == "six.test"
+    assert names.lookup(v4, v6, 1) is None
+    assert names.lookup(v6, v4, 1) is None
+
+
 # -- the first-bytes parser -----------------------------------------------------------------------
 
 HELLO = client_hello("example.test")

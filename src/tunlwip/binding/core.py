@@ -15,7 +15,7 @@ from typing import Literal
 from ..endpoint import Endpoint, IPAddress
 from ..errors import TunlwipError
 from .check import check_err
-from .endpoints import addresses_to_c, endpoint_to_c
+from .endpoints import addresses_to_c, endpoint_to_c, endpoint_to_c_shared
 from .ffi import ffi, lib
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -173,7 +173,7 @@ def input_release(packet: bytes) -> None:
 
 def udp_send(data: bytes, src: Endpoint, dst: Endpoint) -> None:
     """A datagram to client ``dst`` from ``src``. lwIP ``err_t``: raises ``LwipError``."""
-    err = lib.tl_udp_send(endpoint_to_c(src), endpoint_to_c(dst), data, len(data))
+    err = lib.tl_udp_send(endpoint_to_c_shared(src), endpoint_to_c_shared(dst), data, len(data))
     if err != 0:  # the message is only formatted for a failure
         check_err(err, f"UDP send {src} -> {dst}")
 

@@ -9,24 +9,46 @@ from typing import Any
 from ..endpoint import Endpoint, IPAddress
 from .ffi import ffi
 
-#: Addresses made from C's bytes, by family and bytes: a gateway sees few distinct ones (its
-#: clients and the destinations they use) many times each, and making one costs more than the
-#: lookup. Emptied when full, so it stays small whatever the traffic.
-_ADDRESSES: dict[bytes, IPAddress] = {}
-_ADDRESSES_KEPT = 4096
+#: Endpoints made lately from C, by the bytes of their ``tl_endpoint`` (C fills it whole,
+#: padding zeroed: ``tl_endpoint_from``): every datagram of a flow names the same two, and an
+#: ``ip_address`` and an ``Endpoint`` cost several times a look-up. Cleared when full.
+_from_c: dict[bytes, Endpoint] = {}
+#: ``tl_endpoint``s made lately for ``endpoint_to_c_shared``, by the ``id`` of their
+#: ``Endpoint`` (kept with it, so the id cannot be another's): a flow sends from and to the
+#: same two objects, and hashing an Endpoint hashes its ip_address through ``hex()``.
+_to_c: dict[int, tuple[Endpoint, Any]] = {}
+_KEPT = 4096
 
 
 def endpoint_from_c(ep: Any) -> Endpoint:
-    """The ``Endpoint`` a ``tl_endpoint *`` (or ``tl_endpoint``) holds."""
-    family = ep.family
-    raw = bytes(ffi.buffer(ep.addr, 4 if family == 4 else 16))
-    address = _ADDRESSES.get(raw)
-    if address is None:
-        address = ipaddress.IPv4Address(raw) if family == 4 else ipaddress.IPv6Address(raw)
-        if len(_ADDRESSES) >= _ADDRESSES_KEPT:
-            _ADDRESSES.clear()
-        _ADDRESSES[raw] = address
-    return Endpoint(address, ep.port)
+    """The ``Endpoint`` a ``tl_endpoint *`` (or a ``tl_endpoint`` inside a struct) holds."""
+    if ffi.typeof(ep).kind == "struct":
+        ep = ffi.addressof(ep)
+    key = ffi.buffer(ep)[:]
+    endpoint = _from_c.get(key)
+    if endpoint is None:
+        raw = bytes(ffi.buffer(ep.addr, 16))
+        if ep.family == 4:
+            endpoint = Endpoint(ipaddress.IPv4Address(raw[:4]), ep.port)
+        else:
+            endpoint = Endpoint(ipaddress.IPv6Address(raw), ep.port)
+        if len(_from_c) >= _KEPT:
+            _from_c.clear()
+        _from_c[key] = endpoint
+    return endpoint
+
+
+def endpoint_to_c_shared(endpoint: Endpoint) -> Any:
+    """``endpoint_to_c`` for a call that only reads it during the call (``const``): one kept
+    per endpoint, as the same ones are sent to again and again. Never to be written to."""
+    kept = _to_c.get(id(endpoint))
+    if kept is not None and kept[0] is endpoint:
+        return kept[1]
+    ep = endpoint_to_c(endpoint)
+    if len(_to_c) >= _KEPT:
+        _to_c.clear()
+    _to_c[id(endpoint)] = (endpoint, ep)
+    return ep
 
 
 def endpoint_to_c(endpoint: Endpoint) -> Any:

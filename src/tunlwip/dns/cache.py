@@ -67,8 +67,8 @@ CacheKey = tuple[bytes, int, int, int]
 _NOT_CACHED_IN_ADDITIONAL = frozenset({dns.rdatatype.OPT, dns.rdatatype.TSIG})
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Entry:
+@dataclasses.dataclass(slots=True)  # (not frozen: made per forwarded answer, and a frozen
+class _Entry:  # dataclass's __init__ sets each field through object.__setattr__; never changed)
     stored: float  # ``now`` at put
     ttl: int  # seconds the entry lives
     rcode: dns.rcode.Rcode
@@ -266,9 +266,9 @@ class DnsCache:
             return
         if ttl <= 0:
             return
-        self._store(key, _Entry(stored=now, ttl=ttl, rcode=_RCODES[rcode],
-                                authenticated=bool(summary.flags & FLAG_AD),
-                                answer=(), authority=(), additional=(), wire=answer))  # fmt: skip
+        # (positional: from keywords costs more, once per forwarded answer)
+        self._store(key, _Entry(now, ttl, _RCODES[rcode], bool(summary.flags & FLAG_AD), (), (),
+                                (), answer))  # fmt: skip
 
     def _store(self, key: CacheKey, entry: _Entry) -> None:
         self._entries[key] = entry

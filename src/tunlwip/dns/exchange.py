@@ -26,7 +26,7 @@ class Query:
     """A client's query: its bytes, its summary if it is plain, its message on first use
     (``message`` raises dns.exception.DNSException should a plain query not parse)."""
 
-    __slots__ = ("_message", "summary", "wire")
+    __slots__ = ("_key", "_message", "summary", "wire")
 
     def __init__(self, wire: bytes, summary: QuerySummary | None,
                  message: dns.message.Message | None = None) -> None:  # fmt: skip
@@ -34,6 +34,7 @@ class Query:
         self.wire = wire
         self.summary = summary
         self._message = message
+        self._key: CacheKey | bool | None = False  # (False: not worked out yet)
 
     @property
     def message(self) -> dns.message.Message:
@@ -57,9 +58,12 @@ class Query:
 
     @property
     def cache_key(self) -> CacheKey | None:
-        if self.summary is not None:
-            return summary_cache_key(self.summary)
-        return cache_key(self.message)
+        """The cache key (``cache.cache_key``), worked out once."""
+        key = self._key
+        if key is False:
+            key = self._key = (summary_cache_key(self.summary) if self.summary is not None
+                               else cache_key(self.message))  # fmt: skip
+        return key  # type: ignore[return-value]
 
     @property
     def udp_size(self) -> int:

@@ -46,7 +46,7 @@ from .summary import AnswerSummary, summarize_answer
 from .transports import UdpUpstream
 from .udp_pool import Ticket
 from .upstreams import MOVE_ON_RCODES, UpstreamSet
-from .wire import FLAG_TC, Question, UpstreamError, describe, with_id
+from .wire import FLAG_TC, HEADER_LEN, Question, UpstreamError, describe, exact_question, with_id
 
 log = logging.getLogger("tunlwip.dns.upstreams")
 
@@ -58,15 +58,17 @@ OnDone = Callable[["Forwarding", Answer | None, str], None]
 class Forwarding:
     """One query on its way to the upstreams; ``context`` is the caller's (who asked)."""
 
-    __slots__ = ("attempt_deadline", "context", "deadline", "errors", "fallback", "index",
-                 "original_id", "question", "request", "round_started", "tcp_scope", "ticket",
-                 "upstreams")  # fmt: skip
+    __slots__ = ("attempt_deadline", "context", "deadline", "errors", "exact", "fallback",
+                 "index", "original_id", "question", "request", "round_started", "tcp_scope",
+                 "ticket", "upstreams")  # fmt: skip
 
     def __init__(self, request: bytes, question: Question, upstreams: UpstreamSet,
                  deadline: float, context: Any) -> None:  # fmt: skip
         self.request = request
         self.original_id = int.from_bytes(request[:2], "big")
         self.question = question
+        #: The question section as sent (``wire.exact_question``), or b"".
+        self.exact = exact_question(request, question)
         self.upstreams = upstreams
         self.deadline = deadline
         self.context = context
@@ -93,6 +95,7 @@ class FastForwarder:
         self._spawn = spawn
         self._flush = flush
         self._pending: dict[Forwarding, None] = {}
+        self._on_result_method = self._on_result  # (bound once, not per attempt)
         self._wake = math.inf  # when keep_deadlines must next look
         self._scope: trio.CancelScope | None = None  # its sleep, while it sleeps
 
@@ -100,11 +103,14 @@ class FastForwarder:
         return len(self._pending)
 
     def start(self, request: bytes, question: Question, upstreams: UpstreamSet,
-              query_timeout: float, context: Any) -> Forwarding:  # fmt: skip
+              query_timeout: float, context: Any,
+              now: float | None = None) -> Forwarding:  # fmt: skip
         """Forward ``request`` (a plain query; ``question`` what an answer must repeat) to
-        ``upstreams`` (every one UDP: ``udp_only``). ``on_done`` may be called before this
-        returns (every upstream failed at once)."""
-        now = trio.current_time()
+        ``upstreams`` (every one UDP: ``udp_only``); ``now`` is the trio clock, if the caller
+        has it. ``on_done`` may be called before this returns (every upstream failed at
+        once)."""
+        if now is None:
+            now = trio.current_time()
         forwarding = Forwarding(request, question, upstreams, now + query_timeout, context)
         self._pending[forwarding] = None
         self._arm(forwarding.deadline)
@@ -182,8 +188,8 @@ class FastForwarder:
             forwarding.attempt_deadline = now + upstreams.attempt_timeout
             try:
                 forwarding.ticket = upstream.pool.send(
-                    forwarding.request, forwarding.question,
-                    lambda answer, error: self._on_result(forwarding, answer, error))  # fmt: skip
+                    forwarding.request, forwarding.question, self._on_result_method,
+                    forwarding, forwarding.exact, now)  # fmt: skip
             except (OSError, TunlwipError) as exc:  # no socket (fds, protection), no send
                 self._failed_attempt(forwarding, describe(exc))
                 continue
@@ -245,8 +251,13 @@ class FastForwarder:
 
     def _judge(self, forwarding: Forwarding, answer: bytes) -> None:
         """An answer with the client's ID: the end of the query, or on to the next upstream."""
+        exact = forwarding.exact
         try:
-            summary = summarize_answer(answer)
+            if exact and answer[4:6] == b"\x00\x01" and answer.startswith(exact, HEADER_LEN):
+                # The question as sent (the pool's match): its records are what is left to walk.
+                summary = summarize_answer(answer, forwarding.question, HEADER_LEN + len(exact))
+            else:
+                summary = summarize_answer(answer)
         except UpstreamError as exc:
             self._failed_attempt(forwarding, str(exc))
             self._next_attempt(forwarding, trio.current_time())

@@ -55,11 +55,11 @@ import trio
 from ..config.sections import DnsConfig as DnsConfig
 from ..dialer import Dialer
 from ..endpoint import Endpoint
-from ..shares import ClientCounts
 from .cache import DnsCache
 from .counters import DnsCounters as DnsCounters
 from .exchange import Query, Reply
 from .fast_forward import Answer, FastForwarder, Forwarding
+from .in_flight import InFlightQueries, Refusal
 from .names import ResolvedNames
 from .policy import (
     ENCRYPTED_DNS_NAMES,
@@ -114,9 +114,9 @@ class DnsProxy:
         #: Which name each client resolved to which address (for flow records and status).
         self.names = ResolvedNames()
         self.recent = RecentAnswers()
-        self._in_flight: set[tuple[Endpoint, int]] = set()
-        #: Queries in flight by client (``shares``), next to ``_in_flight``.
-        self.in_flight_per_client = ClientCounts()
+        self._in_flight = InFlightQueries()
+        #: Queries in flight by client (``shares``).
+        self.in_flight_per_client = self._in_flight.per_client
         self._retired: list[SplitUpstreams] = []
         self._share = config.in_flight_share  # (a property: computed once per config)
         # While ``run`` runs: the stack (its poll set reads the upstream sockets, answers are
@@ -246,22 +246,23 @@ class DnsProxy:
         plain = Query(query, summary)
         started = trio.current_time()
         try:
-            decided = self._decide(plain)
+            decided = self._decide(plain, started)
         except dns.exception.DNSException:  # a plain-looking query dnspython cannot read
-            self._complete(session, plain, None, started)
+            self._complete(session, plain, None, started, started)
             return
         if isinstance(decided, Reply):
-            self._complete(session, plain, decided, started)
+            self._complete(session, plain, decided, started, started)
         elif decided[0].upstreams.udp_only is None:  # TCP, TLS or HTTPS upstreams: a task
             self._nursery.start_soon(self._forward_udp, session, plain, decided, started)
         else:
             context = (session, plain, decided, started)  # for _fast_done
             upstreams, timeout = decided[0].upstreams, self.config.query_timeout
-            self._fast.start(query, (summary.question,), upstreams, timeout, context)
+            self._fast.start(query, (summary.question,), upstreams, timeout, context, started)
 
     def _fast_done(self, forwarding: Forwarding, answer: Answer | None, failure: str) -> None:
         """A query forwarded without a task is over (``FastForwarder``'s ``on_done``)."""
         session, query, (route, cache), started = forwarding.context
+        now = trio.current_time()
         try:
             if answer is None:
                 reply = self._failed(query, route, failure)
@@ -270,11 +271,11 @@ class DnsProxy:
                 if summary is not None and query.summary is not None:
                     # The pool matched its question to the query's: the same name, read once.
                     summary.name = query.summary.name
-                reply = self._forwarded(query, route, cache, raw, summary, upstream.url)
+                reply = self._forwarded(query, route, cache, raw, summary, upstream.url, now)
         except BaseException:
             self.release(query.wire, session.client)
             raise
-        self._complete(session, query, reply, started)
+        self._complete(session, query, reply, started, now)
 
     def _fast_dropped(self, forwarding: Forwarding) -> None:
         """A query forwarded without a task was dropped unanswered (the proxy stops): its
@@ -291,18 +292,19 @@ class DnsProxy:
         except BaseException:
             self.release(query.wire, session.client)
             raise
-        self._complete(session, query, reply, started)
+        self._complete(session, query, reply, started, trio.current_time())
         self._flush()  # (a task: not inside an lwIP call)
 
     def _complete(self, session: UdpSession, query: Query, reply: Reply | None,
-                  started: float) -> None:  # fmt: skip
+                  started: float, now: float) -> None:  # fmt: skip
         """Send ``reply`` to the client (None: the query did not parse, FORMERR), and
-        release the query."""
+        release the query. (``now``, here and below: the trio clock, read once per step.)"""
         answer = None
         try:
             if reply is not None:
-                answer, answer_summary = self._finish(query, reply, session.client, started, True)
-                self.recent.keep(query.wire, answer_summary, answer, trio.current_time())
+                answer, answer_summary = self._finish(query, reply, session.client, started,
+                                                      True, now)  # fmt: skip
+                self.recent.keep(query.wire, answer_summary, answer, now)
         except dns.exception.DNSException:  # a plain-looking query dnspython cannot read
             answer = None
             reply = None
@@ -392,25 +394,20 @@ class DnsProxy:
         if len(query) < HEADER_LEN:
             self.counters.malformed += 1
             return False, None
-        key = (client, int.from_bytes(query[:2], "big"))
-        if key in self._in_flight:
+        refusal = self._in_flight.admit(query, client, self.config.max_in_flight, self._share)
+        if refusal is None:
+            return True, None
+        if refusal is Refusal.DUPLICATE:
             self.counters.duplicates += 1
             return False, None
-        if len(self._in_flight) >= self.config.max_in_flight:
+        if refusal is Refusal.OVERLOAD:
             self.counters.overload += 1
-            return False, header_answer(query, dns.rcode.REFUSED)
-        if self.in_flight_per_client.count(client.address) >= self._share:
+        else:
             self.counters.client_share += 1
-            return False, header_answer(query, dns.rcode.REFUSED)
-        self._in_flight.add(key)
-        self.in_flight_per_client.add(client.address)
-        return True, None
+        return False, header_answer(query, dns.rcode.REFUSED)
 
     def release(self, query: bytes, client: Endpoint) -> None:
-        key = (client, int.from_bytes(query[:2], "big"))
-        if key in self._in_flight:
-            self._in_flight.remove(key)
-            self.in_flight_per_client.release(client.address)
+        self._in_flight.release(query, client)
 
     @property
     def in_flight(self) -> int:
@@ -438,10 +435,11 @@ class DnsProxy:
                 response.set_rcode(dns.rcode.NOTIMP if message.opcode() != dns.opcode.QUERY
                                    else dns.rcode.FORMERR)  # fmt: skip
                 reply = Reply(response, None, None, "refused")
-                return self._finish(query, reply, client, started, max_udp_size)[0]
+                return self._finish(query, reply, client, started, max_udp_size, started)[0]
         try:
             reply = await self._resolve(query)
-            answer, answer_summary = self._finish(query, reply, client, started, max_udp_size)
+            answer, answer_summary = self._finish(query, reply, client, started, max_udp_size,
+                                                  trio.current_time())  # fmt: skip
         except dns.exception.DNSException:  # a plain-looking query dnspython cannot read
             return self._formerr(wire)
         if max_udp_size:
@@ -449,12 +447,12 @@ class DnsProxy:
         return answer
 
     async def _resolve(self, query: Query) -> Reply:
-        decided = self._decide(query)
+        decided = self._decide(query, trio.current_time())
         if isinstance(decided, Reply):
             return decided
         return await self._forward(query, *decided)
 
-    def _decide(self, query: Query) -> Reply | tuple[SplitRoute, DnsCache]:
+    def _decide(self, query: Query, now: float) -> Reply | tuple[SplitRoute, DnsCache]:
         """What needs no upstream: the policy's answer, or a cached one; else the route to
         forward on and the cache its answer goes to (a reload may start a new cache: this
         answer is the old routes')."""
@@ -470,7 +468,6 @@ class DnsProxy:
         route = self.split.pick(query.name)
         route.counters.queries += 1
         cache = self.cache
-        now = trio.current_time()
         if query.summary is None or cache.peek(query.cache_key, now):
             cached = cache.get(query.message, now)  # (a parse only for a likely hit)
         else:
@@ -493,12 +490,13 @@ class DnsProxy:
                     # Upstreams that failed at once (refused, bad answer) end it now.
                     if trio.current_time() - round_started < self.config.attempt_timeout:
                         return self._failed(query, route, f"failed: {exc}")
-            return self._forwarded(query, route, cache, raw, summary, upstream.url)
+            return self._forwarded(query, route, cache, raw, summary, upstream.url,
+                                   trio.current_time())  # fmt: skip
         assert timeout.cancelled_caught
         return self._failed(query, route, "timeout")
 
     def _forwarded(self, query: Query, route: SplitRoute, cache: DnsCache, raw: bytes,
-                   summary: AnswerSummary | None, source: str) -> Reply:  # fmt: skip
+                   summary: AnswerSummary | None, source: str, now: float) -> Reply:  # fmt: skip
         """An upstream's answer: counted, cached, and screened when it has a CNAME chain.
         ``summary`` is None for a truncated answer that did not walk: parsed whole here."""
         if summary is None:
@@ -508,11 +506,11 @@ class DnsProxy:
                 return self._failed(query, route, f"failed: {exc}")
             self.counters.forwarded += 1
             route.counters.forwarded += 1
-            cache.put(query.message, response, trio.current_time())
+            cache.put(query.message, response, now)
             return self._screen(query.message, Reply(response, raw, None, source))
         self.counters.forwarded += 1
         route.counters.forwarded += 1
-        cache.put_wire(query.cache_key, raw, summary, trio.current_time())
+        cache.put_wire(query.cache_key, raw, summary, now)
         reply = Reply(None, raw, summary, source)
         if summary.has_alias and self.policy.screens_answers:
             try:  # the one case the policy needs the whole message: a CNAME/DNAME chain
@@ -544,7 +542,7 @@ class DnsProxy:
                       verdict.rule)  # fmt: skip
 
     def _finish(self, query: Query, reply: Reply, client: Endpoint,
-                started: float, max_udp_size: bool
+                started: float, max_udp_size: bool, now: float
                 ) -> tuple[bytes, AnswerSummary | None]:  # fmt: skip
         """The answer's bytes (rendered, or truncated, when needed) and their summary; the
         names the client was given are noted (``names``)."""
@@ -569,7 +567,7 @@ class DnsProxy:
                 summary = None
         if summary is not None and summary.addresses and len(summary.question) == 1:
             self.names.remember_addresses(client.address, summary.question_name(),
-                                          summary.addresses, trio.current_time())  # fmt: skip
+                                          summary.addresses, now)  # fmt: skip
         if log.isEnabledFor(logging.DEBUG):
             known = query.summary is not None or len(query.message.question) == 1
             log.debug("dns %s %s %s -> %s via %s in %.1f ms", client,

@@ -95,17 +95,31 @@ def _skip_name(wire: bytes, offset: int) -> int:
             return end if end >= 0 else position
 
 
-def summarize(wire: bytes) -> AnswerSummary:
-    """The summary of an answer; WireError if its records do not walk."""
-    question, offset = read_question(wire)
+def summarize(wire: bytes, question: Question | None = None, offset: int = 0) -> AnswerSummary:
+    """The summary of an answer; WireError if its records do not walk. ``question`` and
+    ``offset``: the question section, already read (``read_question``'s), and where it ends."""
+    if question is None:
+        question, offset = read_question(wire)
+    # An owner name that is a pointer to the first question's name (offset 12, read above
+    # and so known to end well): the usual case, skipped without following it.
+    to_question = b"\xc0\x0c" if question else b""
     flags = (wire[2] << 8) | wire[3]
-    summary = AnswerSummary(rcode=flags & 0xF, flags=flags, question=question)
+    rcode = flags & 0xF
+    # (Locals while walking, the summary made at the end: attribute access per record cost
+    # more than the walk.)
+    min_ttl: int | None = None
+    min_ttl_all: int | None = None
+    negative_ttl: int | None = None
+    addresses: list[tuple[IPAddress, int]] = []
+    has_alias = False
     counts = ((wire[6] << 8) | wire[7], (wire[8] << 8) | wire[9], (wire[10] << 8) | wire[11])
-    summary.answer_count = counts[0]
     end = len(wire)
     for section, count in enumerate(counts):
         for _ in range(count):
-            offset = _skip_name(wire, offset)
+            if to_question and wire.startswith(to_question, offset):
+                offset += 2
+            else:
+                offset = _skip_name(wire, offset)
             if offset + 10 > end:
                 raise WireError("record cut short")
             rdtype = (wire[offset] << 8) | wire[offset + 1]
@@ -115,37 +129,53 @@ def summarize(wire: bytes) -> AnswerSummary:
             if offset > end:
                 raise WireError("record data runs past the end of the message")
             if rdtype == _OPT:
-                summary.rcode |= (ttl >> 24) << 4
+                rcode |= (ttl >> 24) << 4
                 continue
             if rdtype == _TSIG:
                 continue
-            if summary.min_ttl_all is None or ttl < summary.min_ttl_all:
-                summary.min_ttl_all = ttl
+            if min_ttl_all is None or ttl < min_ttl_all:
+                min_ttl_all = ttl
             if section == 2:
                 continue
-            if summary.min_ttl is None or ttl < summary.min_ttl:
-                summary.min_ttl = ttl
+            if min_ttl is None or ttl < min_ttl:
+                min_ttl = ttl
             if section == 0:
                 if rdtype in (_A, _AAAA):
                     if offset - start != (4 if rdtype == _A else 16):
                         raise WireError("address record of the wrong size")
-                    address = wire[start:offset]  # (the class's own constructor: no guessing)
-                    summary.addresses.append(
-                        (IPv4Address(address) if rdtype == _A else IPv6Address(address), ttl)
-                    )
+                    addresses.append((_address(wire[start:offset]), ttl))
                 elif rdtype in (_CNAME, _DNAME):
                     if _skip_name(wire, start) != offset:
                         raise WireError("alias record with bytes beyond its name")
-                    summary.has_alias = True
+                    has_alias = True
             elif rdtype == _SOA:
                 if _skip_name(wire, _skip_name(wire, start)) + 20 != offset:
                     raise WireError("SOA record of the wrong size")
-                if summary.negative_ttl is None:
+                if negative_ttl is None:
                     minimum = int.from_bytes(wire[offset - 4 : offset], "big")
-                    summary.negative_ttl = min(ttl, minimum)
+                    negative_ttl = min(ttl, minimum)
     if offset != end:
         raise WireError(f"{end - offset} bytes after the last record")
-    return summary
+    return AnswerSummary(rcode, flags, question, counts[0], min_ttl, min_ttl_all, negative_ttl,
+                         addresses, has_alias)  # fmt: skip
+
+
+#: Addresses met lately, by their 4 or 16 bytes: answers repeat addresses (a CDN's, a name
+#: asked by many apps), and an ``ip_address`` costs more to make than to look up.
+_addresses: dict[bytes, IPAddress] = {}
+_ADDRESSES_KEPT = 4096
+
+
+def _address(packed: bytes) -> IPAddress:
+    """The address of an A (4 bytes) or AAAA (16 bytes) record's data."""
+    address = _addresses.get(packed)
+    if address is None:
+        if len(_addresses) >= _ADDRESSES_KEPT:
+            _addresses.clear()
+        # (the class's own constructor from the bytes: no guessing)
+        address = IPv4Address(packed) if len(packed) == 4 else IPv6Address(packed)
+        _addresses[packed] = address
+    return address
 
 
 class QuerySummary(NamedTuple):
@@ -214,16 +244,17 @@ def summarize_query(wire: bytes) -> QuerySummary | None:
             return None  # options that do not fill the record
     if offset != len(wire):
         return None
-    return QuerySummary(name=b".".join(labels).decode("ascii"), question=questions[0],
-                        flags=flags, payload=payload, dnssec_ok=dnssec_ok,
-                        client_subnet=client_subnet)  # fmt: skip
+    # (positional: a named tuple made from keywords costs twice as much)
+    return QuerySummary(b".".join(labels).decode("ascii"), questions[0], flags, payload,
+                        dnssec_ok, client_subnet)  # fmt: skip
 
 
-def summarize_answer(wire: bytes) -> AnswerSummary | None:
+def summarize_answer(wire: bytes, question: Question | None = None,
+                     offset: int = 0) -> AnswerSummary | None:  # fmt: skip
     """``summarize`` for an upstream's answer: UpstreamError if it is malformed, None if it
     is truncated (TC: cut anywhere, so it need not walk)."""
     try:
-        return summarize(wire)
+        return summarize(wire, question, offset)
     except WireError as exc:
         if int.from_bytes(wire[2:4], "big") & FLAG_TC:
             return None

@@ -16,12 +16,14 @@ A query takes a random socket of the pool (a new one while the pool is not full)
 socket has one reader, not one per query: with a ``watcher`` (the gateway's poll set, set by
 the DNS proxy) a callback run whenever the socket is readable, without trio's scheduler;
 otherwise a trio system task. The reader drains the socket: a datagram whose ID is in flight
-and whose question matches (case-insensitively: ``wire.read_question``) goes to that query's
-callback, and its ID is free again at once; everything else (a wrong ID or question,
-garbage, an answer to a query that already gave up or was answered) is ignored and counted
-(``ignored``). The socket is connected, so the kernel already drops datagrams from any other
-address or port. An ICMP port unreachable (ECONNREFUSED) fails every query waiting on that
-socket: the upstream is closed for all of them.
+and whose question matches goes to that query's callback, and its ID is free again at once
+(the question is compared as bytes first, ``wire.exact_question``: the usual answer repeats
+it as sent; else read and compared case-insensitively, ``wire.read_question``); everything
+else (a wrong ID or question, garbage, an answer to a query that already gave up or was
+answered) is ignored and counted (``ignored``). The socket is connected, so the kernel
+already drops datagrams from any other address or port. An ICMP port unreachable
+(ECONNREFUSED) fails every query waiting on that socket: the upstream is closed for all of
+them.
 
 Timeouts are the caller's: a query that gives up (``cancel``, or ``exchange`` cancelled) frees
 its ID.
@@ -32,12 +34,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from array import array
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
-from .wire import HEADER_LEN, Question, question_mismatch, with_id
+from .wire import HEADER_LEN, Question, exact_question, question_mismatch
 
 log = logging.getLogger("tunlwip.dns.upstreams")
 
@@ -52,10 +55,10 @@ class _RandomBytes:
     """Unpredictable numbers from the kernel's CSPRNG (what ``secrets`` uses), read 4 KiB at
     a time: ``secrets.randbelow`` makes a getrandom() call per number, two per query here."""
 
-    __slots__ = ("_buffer", "_position")
+    __slots__ = ("_position", "_values")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._values = array("H")  # the buffer as 16-bit draws (byte order is no matter)
         self._position = 0
 
     def below(self, limit: int) -> int:
@@ -63,10 +66,10 @@ class _RandomBytes:
         16-bit draws, so no value is likelier than another)."""
         ceiling = 0x10000 - 0x10000 % limit
         while True:
-            if self._position + 2 > len(self._buffer):
-                self._buffer, self._position = os.urandom(4096), 0
-            value = int.from_bytes(self._buffer[self._position : self._position + 2], "big")
-            self._position += 2
+            if self._position >= len(self._values):
+                self._values, self._position = array("H", os.urandom(4096)), 0
+            value = self._values[self._position]
+            self._position += 1
             if value < ceiling:
                 return value % limit
 
@@ -74,8 +77,10 @@ class _RandomBytes:
 _random = _RandomBytes()
 
 
-#: Called once with the answer (its ID still ours) or with the error that ended the query.
-OnResult = Callable[[bytes | None, OSError | None], None]
+#: Called once as ``on_result(owner, answer, error)``: the answer (its ID still ours) or the
+#: error that ended the query. ``owner`` is the sender's (one bound method serves every query:
+#: no closure made per query).
+OnResult = Callable[[Any, bytes | None, OSError | None], None]
 
 
 class Watcher(Protocol):
@@ -89,14 +94,16 @@ class Watcher(Protocol):
 class Ticket:
     """One query in flight on a pooled socket: what its answer must repeat, where it goes."""
 
-    __slots__ = ("message_id", "on_result", "question", "slot")
+    __slots__ = ("exact", "message_id", "on_result", "owner", "question", "slot")
 
-    def __init__(self, slot: _PooledSocket, message_id: int, question: Question,
-                 on_result: OnResult) -> None:  # fmt: skip
+    def __init__(self, slot: _PooledSocket, message_id: int, question: Question, exact: bytes,
+                 on_result: OnResult, owner: Any) -> None:  # fmt: skip
         self.slot = slot
         self.message_id = message_id
         self.question = question
+        self.exact = exact  # the question section as sent (``exact_question``), or b""
         self.on_result = on_result
+        self.owner = owner
 
 
 class _PooledSocket:
@@ -146,19 +153,24 @@ class UdpSocketPool:
         """Sockets taking new queries now."""
         return len(self._sockets)
 
-    def send(self, request: bytes, question: Question, on_result: OnResult) -> Ticket:
-        """Send ``request`` under a fresh ID on a pooled socket; ``on_result`` gets the
-        datagram that answers it (with that ID), or the error that ended it (ECONNREFUSED:
-        the upstream's port is closed), once, from the socket's reader. OSError (raised):
-        the socket could not be opened or the send failed; nothing is then in flight."""
-        slot = self._take()
+    def send(self, request: bytes, question: Question, on_result: OnResult, owner: Any = None,
+             exact: bytes | None = None, now: float | None = None) -> Ticket:  # fmt: skip
+        """Send ``request`` under a fresh ID on a pooled socket; ``on_result(owner, ...)`` gets
+        the datagram that answers it (with that ID), or the error that ended it
+        (ECONNREFUSED: the upstream's port is closed), once, from the socket's reader.
+        ``exact`` is ``exact_question(request, question)`` if the caller has it; ``now`` the
+        trio clock if the caller has it. OSError (raised): the socket could not be opened or
+        the send failed; nothing is then in flight."""
+        slot = self._take(trio.current_time() if now is None else now)
         pending = slot.pending
         message_id = _random.below(0x10000)
         while message_id in pending:
             message_id = _random.below(0x10000)
-        ticket = Ticket(slot, message_id, question, on_result)
+        if exact is None:
+            exact = exact_question(request, question)
+        ticket = Ticket(slot, message_id, question, exact, on_result, owner)
         try:
-            slot.sock.send(with_id(request, message_id))
+            slot.sock.send(message_id.to_bytes(2, "big") + request[2:])
         except OSError:
             self._done(slot)
             raise
@@ -178,7 +190,7 @@ class UdpSocketPool:
         done = trio.Event()
         result: list[bytes | OSError | None] = [None]
 
-        def on_result(answer: bytes | None, error: OSError | None) -> None:
+        def on_result(_: object, answer: bytes | None, error: OSError | None) -> None:
             result[0] = answer if error is None else error
             done.set()
 
@@ -198,12 +210,11 @@ class UdpSocketPool:
         if slot.retired and not slot.pending:
             self._close(slot)
 
-    def _take(self) -> _PooledSocket:
+    def _take(self, now: float) -> _PooledSocket:
         """A socket for the next query: a new one while the pool is not full, else a random
         one, replaced first if it has had its share of queries or time."""
         if self._closing:
             raise OSError("the upstream is closed")
-        now = trio.current_time()
         sockets = self._sockets
         if len(sockets) < self.size:
             slot = self._open(now)
@@ -263,11 +274,13 @@ class UdpSocketPool:
 
     def _drain(self, slot: _PooledSocket) -> None:
         """Take what the socket has (up to a burst), each datagram to its query's callback.
-        A callback may end the last query of a retired socket, which then closes."""
+        A callback may end the last query of a retired socket, which then closes. Once no
+        query waits on the socket it is not read again (a read that finds nothing costs a
+        system call and an exception): what still comes wakes the reader again."""
         sock = slot.sock
-        for _ in range(RECEIVE_BURST):
-            if sock.fileno() < 0:
-                return  # closed by a callback of this burst
+        for count in range(RECEIVE_BURST):
+            if sock.fileno() < 0 or (count and not slot.pending):
+                return  # closed by a callback of this burst; or nothing more to wait for
             try:
                 data = sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
@@ -289,11 +302,15 @@ class UdpSocketPool:
             self.ignored += 1
             log.debug("ignoring a datagram: no query in flight with its ID")
             return
-        reason = question_mismatch(data, int.from_bytes(data[2:4], "big"), ticket.question)
-        if reason is not None:
-            self.ignored += 1
-            log.debug("ignoring a datagram: %s", reason)
-            return
+        exact = ticket.exact
+        if not (exact and data[2] & 0x80 and data[4:6] == b"\x00\x01"
+                and data.startswith(exact, HEADER_LEN)):  # fmt: skip
+            # Not the question as sent, byte for byte: read it (another case, say).
+            reason = question_mismatch(data, int.from_bytes(data[2:4], "big"), ticket.question)
+            if reason is not None:
+                self.ignored += 1
+                log.debug("ignoring a datagram: %s", reason)
+                return
         del slot.pending[ticket.message_id]
         self._result(ticket, data, None)
         self._done(slot)
@@ -301,7 +318,7 @@ class UdpSocketPool:
     @staticmethod
     def _result(ticket: Ticket, answer: bytes | None, error: OSError | None) -> None:
         try:
-            ticket.on_result(answer, error)
+            ticket.on_result(ticket.owner, answer, error)
         except Exception:  # a bug; it must not stop the reader (or the poll set calling it)
             log.exception("DNS upstream answer callback failed")
 

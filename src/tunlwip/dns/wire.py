@@ -116,6 +116,21 @@ def read_question(wire: bytes) -> tuple[Question, int]:
     return tuple(questions), offset
 
 
+def exact_question(request: bytes, question: Question) -> bytes:
+    """The question section of ``request`` as its bytes, when it is one question whose name
+    has no compression pointer (every plain query's), else b"". An answer whose question
+    section repeats these bytes (and counts one question) repeats the question: matching it
+    needs no ``read_question``, the common case, as resolvers echo the question as sent."""
+    if len(question) != 1:
+        return b""
+    name = question[0][0]
+    end = HEADER_LEN + len(name) + 4
+    exact = request[HEADER_LEN:end]
+    if len(exact) != end - HEADER_LEN or exact[:-4].lower() != name:
+        return b""
+    return exact
+
+
 class UpstreamError(TunlwipError):
     """A query failed on an upstream (from ``UpstreamSet.resolve``: on all of them)."""
 
