@@ -8,7 +8,7 @@ claiming the accepted connection and opening its C relay all happen in C, and so
 relay's end. Python hears of each step in batches (``sync``, after every poll pass and before
 anything reads the gateway's state): a connect done, failed (the SYN to answer), unclaimed,
 a relay opened, its first bytes (to name the flow), its end. That is when the flow record
-is opened and closed, the client's shares move, and the forwarder's counts change.
+is opened and closed and the forwarder's counts change.
 
 A SYN the policy can only admit (no routes, no limit near, not the DNS proxy's) never reaches
 Python: C admits and dials it itself (``_csrc/admit.c``, configured by ``admit``), and Python
@@ -65,10 +65,9 @@ class CDials:
     route)`` answers a failed dial; ``on_connected()``, ``on_opened(flow)`` and
     ``on_ended(flow, reason, ago)`` let the forwarder count."""
 
-    def __init__(self, stack: LwipStack, flows: FlowTable, *, on_failed: Failed,
+    def __init__(self, flows: FlowTable, *, on_failed: Failed,
                  on_connected: Callable[[], None], on_opened: Callable[[LiveFlow], None],
                  on_ended: Callable[[LiveFlow, str, float], None]) -> None:  # fmt: skip
-        self._stack = stack
         self._flows = flows
         self._on_failed = on_failed
         self._on_connected = on_connected

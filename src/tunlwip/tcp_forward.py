@@ -141,7 +141,7 @@ class TcpForwarder:
         self._serving = True
         self.routing.nursery = nursery
         if self.dials is not None and CDials.possible(self._stack, self._dialer):
-            self.c_dials = CDials(self._stack, self._flows, on_failed=self._dial_failed,
+            self.c_dials = CDials(self._flows, on_failed=self._dial_failed,
                                   on_connected=self._c_connected, on_opened=self._c_opened,
                                   on_ended=self._c_ended)  # fmt: skip
             self.configure_c_dials()
