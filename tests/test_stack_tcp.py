@@ -215,6 +215,28 @@ async def test_new_syn_replaces_a_connection_in_time_wait(harness: Harness) -> N
     assert harness.stack.statistics().counters["time_wait_recycled"] == 1
 
 
+async def test_time_wait_is_bounded_and_the_oldest_are_dropped(harness: Harness) -> None:
+    """lwIP walks its TIME-WAIT list for every new SYN, so the gateway keeps only the newest 64
+    there: the 65th connection that lwIP closes first pushes the oldest out, counted."""
+    for i in range(70):
+        peer = TcpPeer(harness.wire, CLIENT4, 46000 + i, "192.0.2.4", 80)
+        await peer.connect()
+        stream = await harness.next_stream()
+        await stream.send_eof()
+        assert await peer.recv_until_eof() == b""
+        await peer.shutdown()
+        assert await stream.receive_some() == b""
+        await peer.wait_acked()
+        peer.detach()
+    stats = harness.stack.statistics()
+    assert stats.lwip_tcp_pcbs <= 64 + 1  # the newest may enter before the next SYN trims
+    assert stats.counters["time_wait_trimmed"] >= 70 - 64 - 1
+    late = TcpPeer(harness.wire, CLIENT4, 46000 + 70, "192.0.2.4", 80)
+    await late.connect()  # a new SYN trims first
+    assert (await harness.next_stream()).remote.port == 46070
+    assert harness.stack.statistics().counters["time_wait_trimmed"] >= 70 - 64
+
+
 async def test_stray_ack_without_connection_gets_rst(harness: Harness) -> None:
     harness.device.inject_packet(
         tcp_packet(CLIENT4, "192.0.2.12", 41000, 80, seq=77, ack=5, flags=ACK)

@@ -59,22 +59,40 @@ uint32_t tl_sleeptime(void) { return sys_timeouts_sleeptime(); }
 
 /*
  * At most this many connections stay in TIME-WAIT; the oldest beyond it are dropped, as Linux
- * does past tcp_max_tw_buckets. lwIP finds a segment's PCB by walking lists, and every SYN
- * walks the whole TIME-WAIT list: at a thousand connections a second, 2*MSL (10 s) would keep
- * ten thousand there and cost ~100 us per new connection. On a point-to-point TUN nothing
- * lingers in flight for long, and a client that reuses a port replaces its TIME-WAIT anyway.
+ * does past tcp_max_tw_buckets. lwIP finds a segment's PCB by walking lists, and every new SYN
+ * walks the whole TIME-WAIT list twice (tl_transport_input's reuse check, then tcp_input):
+ * at thousands of connections a second, 2*MSL (10 s) would keep tens of thousands there, and
+ * even a few hundred PCBs scattered over the heap cost ~10 us of cache misses per SYN. On a
+ * point-to-point TUN nothing lingers in flight, a client that reuses a port replaces its
+ * TIME-WAIT anyway, and all a dropped one loses is the re-ACK of a retransmitted FIN (the
+ * client then gets RST in LAST-ACK, after all its data was acknowledged).
  */
-#define TL_MAX_TIME_WAIT 256
+#define TL_MAX_TIME_WAIT 64
 
-static void tl_trim_time_wait(void)
+/* tcp_tw_pcbs as the last trim left it: lwIP adds PCBs at the head only, so an unchanged head
+ * means nothing entered TIME-WAIT since (a freed head's address reused for a new one only
+ * delays the trim to the next change or timer tick). */
+static uintptr_t tl_tw_head_trimmed;
+
+void tl_trim_time_wait(int force)
 {
-    struct tcp_pcb *keep = tcp_tw_pcbs; /* newest first: lwIP registers at the head */
+    if (!force && (uintptr_t)tcp_tw_pcbs == tl_tw_head_trimmed) return;
+    struct tcp_pcb *keep = tcp_tw_pcbs; /* newest first */
     for (unsigned n = 1; keep != NULL && n < TL_MAX_TIME_WAIT; n++) keep = keep->next;
-    if (keep == NULL) return;
-    while (keep->next != NULL) {
-        tcp_abort(keep->next); /* TIME-WAIT: unlinked and freed, no RST */
-        tl_stats.time_wait_trimmed++;
+    if (keep != NULL && keep->next != NULL) {
+        struct tcp_pcb *kept = tcp_tw_pcbs, *drop = keep->next;
+        keep->next = NULL;
+        /* tcp_abort unlinks from tcp_tw_pcbs by walking it unless the PCB is its head: make
+         * each dropped PCB the head for its abort, so trimming costs no walk per PCB. */
+        while (drop != NULL) {
+            tcp_tw_pcbs = drop;
+            drop = drop->next;
+            tcp_abort(tcp_tw_pcbs); /* TIME-WAIT: unlinked and freed, no RST, no callback */
+            tl_stats.time_wait_trimmed++;
+        }
+        tcp_tw_pcbs = kept;
     }
+    tl_tw_head_trimmed = (uintptr_t)tcp_tw_pcbs;
 }
 
 void tl_check_timeouts(void)
@@ -82,5 +100,5 @@ void tl_check_timeouts(void)
     /* Not in an output batch: a held segment is busy to lwIP (pbuf ref), and tcp_slowtmr would
      * skip retransmitting a connection whose segments tcp_fasttmr just sent and vnet.c holds. */
     sys_check_timeouts();
-    tl_trim_time_wait();
+    tl_trim_time_wait(1);
 }

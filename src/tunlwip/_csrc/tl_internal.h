@@ -65,6 +65,9 @@ extern uint64_t tl_python_calls;
 /* ---- clock.c ----------------------------------------------------------------------------- */
 
 uint32_t tl_random32(void);
+/* Drop the oldest TIME-WAIT PCBs beyond a small bound (only when some entered since, unless
+ * force). */
+void tl_trim_time_wait(int force);
 
 /* ---- counters.c -------------------------------------------------------------------------- */
 

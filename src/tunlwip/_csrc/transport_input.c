@@ -211,6 +211,7 @@ int tl_transport_input(struct pbuf *p, struct netif *inp, u8_t proto, int family
              * TIME-WAIT ends. Like Linux (tcp_timewait_state_process), let the new connection
              * replace it. */
             u16_t sport_tw = lwip_ntohs(th->src);
+            tl_trim_time_wait(0); /* keeps this walk and tcp_input's short */
             for (struct tcp_pcb *tw = tcp_tw_pcbs; tw; tw = tw->next) {
                 if (tw->local_port == dport && tw->remote_port == sport_tw &&
                     ip_addr_cmp(&tw->local_ip, dst) && ip_addr_cmp(&tw->remote_ip, src)) {
