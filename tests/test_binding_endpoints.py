@@ -42,5 +42,19 @@ def test_the_tables_are_bounded() -> None:
         endpoint = Endpoint.parse("198.18.1.1", port)
         assert endpoint_from_c(endpoint_to_c(endpoint)) == endpoint
         assert endpoint_from_c(endpoint_to_c_shared(endpoint)) == endpoint
+    for host in range(endpoints._KEPT + 10):
+        endpoint = Endpoint.parse(f"fd00::{host:x}", 443)
+        assert endpoint_from_c(endpoint_to_c(endpoint)) == endpoint
     assert len(endpoints._from_c) <= endpoints._KEPT
     assert len(endpoints._to_c) <= endpoints._KEPT
+    assert len(endpoints._addresses) <= endpoints._KEPT
+
+
+def test_a_clients_connections_share_its_address() -> None:
+    """A new connection differs from the last only in its port: its address is not parsed
+    again (and a v4 and a v6 address with the same low bytes stay apart)."""
+    first = endpoint_from_c(endpoint_to_c(Endpoint.parse("198.18.7.7", 40000)))
+    second = endpoint_from_c(endpoint_to_c(Endpoint.parse("198.18.7.7", 40001)))
+    assert second.port == 40001 and second.address is first.address
+    v6 = endpoint_from_c(endpoint_to_c(Endpoint.parse("::c612:707", 40000)))
+    assert v6.address.version == 6 and v6.address is not first.address

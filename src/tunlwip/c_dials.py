@@ -12,7 +12,9 @@ is opened and closed and the forwarder's counts change.
 
 A SYN the policy can only admit (no routes, no limit near, not the DNS proxy's) never reaches
 Python: C admits and dials it itself (``_csrc/admit.c``, configured by ``admit``), and Python
-first hears of it in these events, which carry the flow's endpoints. What Python keeps per dial
+first hears of it when it stops being a dial (relayed, unclaimed or failed: no CONNECTED event),
+from events that carry the flow's endpoints and connect latency. First bytes come only when they
+could name a server (a TLS handshake record or an HTTP request line). What Python keeps per dial
 is its key and, once relayed, its ``LiveFlow``. The counts the forwarder admits by (dials
 connecting, connected or relayed, by client) are C's (``admit.c``'s table), exact at any moment.
 
@@ -171,19 +173,28 @@ class CDials:
 
     def _handle(self, event: Any) -> None:
         kind, ident = event.kind, event.id
-        if ident not in self._dials and kind != cdial.FIRST_DATA and kind != cdial.ENDED:
-            if not event.admitted_in_c:
-                return  # neither started through ``start`` nor by C (never happens)
-            key = (endpoint_from_c(event.client), endpoint_from_c(event.target))
-            self._dials[ident] = (key, 0.0, self.admitted_route)
-        if kind == cdial.CONNECTED:
-            key, _, route = self._dials[ident]
-            self._dials[ident] = (key, event.latency_ms / 1000, route)
-            if self._proxied:
-                self._proxied.pop(ident, None)
-            self._on_connected()
+        if kind == cdial.ENDED:
+            flow = self._relayed.pop(ident, None)
+            if flow is not None:
+                self._on_ended(flow, REASONS.get(event.error, "error"), event.ago_ms / 1000)
+        elif kind == cdial.OPENED:
+            self._opened(ident, event)
+        elif kind == cdial.FIRST_DATA:
+            flow = self._relayed.get(ident)
+            if flow is not None:
+                flow.name_from_first_bytes(cdial.data(event))
+        elif kind == cdial.CONNECTED:  # only of dials started here (``start``)
+            if ident in self._dials:
+                key, _, route = self._dials[ident]
+                self._dials[ident] = (key, event.latency_ms / 1000, route)
+                if self._proxied:
+                    self._proxied.pop(ident, None)
+                self._on_connected()
         elif kind == cdial.FAILED:
-            key, _, route = self._dials.pop(ident)
+            dial = self._dial_of(ident, event)
+            if dial is None:
+                return
+            key, _, route = dial
             counters = self._proxied.pop(ident, None) if self._proxied else None
             if event.error == errno.ECANCELED:  # the gateway stops
                 return
@@ -195,20 +206,26 @@ class CDials:
                 error = dial_error(event.error)
             self._on_failed(key, cdial.data(event), error, event.latency_ms / 1000, route)
         elif kind == cdial.UNCLAIMED:
-            key, _, _ = self._dials.pop(ident)
-            log.debug("upstream for %s -> %s unclaimed; closed", *key)
-        elif kind == cdial.OPENED:
-            self._opened(ident, event)
-        elif kind == cdial.FIRST_DATA:
-            flow = self._relayed.get(ident)
-            if flow is not None:
-                flow.name_from_first_bytes(cdial.data(event))
-        elif kind == cdial.ENDED and ident in self._relayed:
-            flow = self._relayed.pop(ident)
-            self._on_ended(flow, REASONS.get(event.error, "error"), event.ago_ms / 1000)
+            dial = self._dial_of(ident, event)
+            if dial is not None:
+                log.debug("upstream for %s -> %s unclaimed; closed", *dial[0])
+
+    def _dial_of(self, ident: int, event: Any) -> tuple[FlowKey, float, str | None] | None:
+        """The dial an event of its end names, taken from the table: one started here, or
+        one C admitted alone, first heard of now (a connected one counts as connected)."""
+        dial = self._dials.pop(ident, None)
+        if dial is None and event.admitted_in_c:
+            key = (endpoint_from_c(event.client), endpoint_from_c(event.target))
+            dial = (key, event.latency_ms / 1000, self.admitted_route)
+            if event.kind != cdial.FAILED:
+                self._on_connected()
+        return dial
 
     def _opened(self, ident: int, event: Any) -> None:
-        (client, target), latency, route = self._dials.pop(ident)
+        dial = self._dial_of(ident, event)
+        if dial is None:
+            return  # neither started through ``start`` nor by C (never happens)
+        (client, target), latency, route = dial
         flow = self._flows.open_tcp(client, target, functools.partial(cdial.flow_bytes, event.flow))
         ago = event.ago_ms / 1000
         flow.opened -= ago

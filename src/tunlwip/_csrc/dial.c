@@ -32,14 +32,17 @@
  * list heads.
  *
  * Events (CONNECTED, FAILED, UNCLAIMED, OPENED, FIRST_DATA, ENDED) go to a growable array that
- * Python takes whole (tl_dial_events) after a poll pass; the data they point to (a failed SYN,
+ * Python takes whole (tl_dial_events) after a poll pass. A dial admit.c started makes no
+ * CONNECTED (Python first hears of it at OPENED, UNCLAIMED or FAILED, with the latency), and a
+ * relay's first bytes make FIRST_DATA only when they could name a server (TLS, HTTP); the data they point to (a failed SYN,
  * first bytes, an ended flow) is freed by the next take. A FAILED event, or many waiting, counts
  * as a Python call, so the C poll loop (poll.c's tl_relay_run) hands control back soon.
  *
  * Every event but FIRST_DATA is one Python must see, or a flow record stays open, a count stays
  * high and the dial is never freed. So a dial reserves its slots when it starts: at most three
  * (CONNECTED, OPENED, ENDED; or CONNECTED, UNCLAIMED; or FAILED), given back as it emits them or
- * ends. The array being filled always has room for what it holds plus every reservation
+ * ends (a dial admit.c started gives its CONNECTED slot back as it connects). The array being
+ * filled always has room for what it holds plus every reservation
  * (tl_events_n + tl_reserved <= tl_events_cap); a dial that cannot grow it to that does not
  * start (-ENOMEM: Python answers RST and counts a resource shortage), and a take swaps in the
  * other array only once that one has room for the reservations too (else the events wait for a
@@ -249,8 +252,8 @@ static void tl_event(struct tl_dial *d, int kind, int error, uint8_t *data, uint
     e->data = data;
     e->len = len;
     if (kind == TL_DIAL_FAILED) e->proxy_reason = d->proxy_reason;
-    if (kind == TL_DIAL_CONNECTED || kind == TL_DIAL_FAILED)
-        e->latency_ms = (kind == TL_DIAL_CONNECTED ? d->connected_ms : sys_now()) - d->started_ms;
+    /* every event but FAILED comes after the connect */
+    e->latency_ms = (kind == TL_DIAL_FAILED ? sys_now() : d->connected_ms) - d->started_ms;
     if (kind == TL_DIAL_ENDED) {
         e->bytes_up = d->bytes_up;
         e->bytes_down = d->bytes_down;
@@ -493,7 +496,14 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events)
     d->connected_ms = sys_now();
     tl_fifo_push(&tl_connected, d);
     tl_dstats.connected++;
-    tl_event(d, TL_DIAL_CONNECTED, 0, NULL, 0);
+    /* Python started it: it hears now. A dial admitted here is first heard of at its end as a
+     * dial (OPENED, UNCLAIMED), which carries the latency too. */
+    if (!d->admitted_in_c) {
+        tl_event(d, TL_DIAL_CONNECTED, 0, NULL, 0);
+    } else { /* its CONNECTED slot goes back */
+        d->reserved--;
+        tl_reserved--;
+    }
     uint8_t *packet = d->packet;
     d->packet = NULL;
     tl_input_release(packet, d->packet_len); /* lwIP answers SYN-ACK; the ACK claims us */
@@ -524,8 +534,21 @@ int tl_dial_claim(struct tcp_pcb *pcb)
 
 void tl_dial_relay_opened(struct tl_dial *d, struct tl_relay *r) { d->relay = r; }
 
+/* Could these first bytes name a server (what Python's sniff_name parses: a TLS handshake
+ * record, or an HTTP/1.x request line, whose method is 3+ capital letters)? Others make no
+ * event: most flows' first bytes name nothing, and Python would parse them for nothing. */
+static int tl_first_bytes_may_name(const uint8_t *data, size_t len)
+{
+    if (len >= 1 && data[0] == 0x16) return 1;
+    if (len < 3) return 0;
+    for (int i = 0; i < 3; i++)
+        if (data[i] < 'A' || data[i] > 'Z') return 0;
+    return 1;
+}
+
 void tl_dial_first_data(struct tl_dial *d, const uint8_t *data, size_t len)
 {
+    if (!tl_first_bytes_may_name(data, len)) return;
     uint8_t *copy = malloc(len ? len : 1);
     if (copy == NULL) { /* the flow goes unnamed */
         tl_dstats.events_lost++;

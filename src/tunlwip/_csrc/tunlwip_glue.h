@@ -198,7 +198,8 @@ typedef struct {
     int kind;          /* TL_DIAL_* */
     int error;         /* FAILED: errno; ENDED: the relay's reason (TL_RELAY_*) */
     void *flow;        /* for tl_dial_flow_bytes, from OPENED until its ENDED is taken */
-    uint32_t at_ms, ago_ms, latency_ms; /* lwIP clock; ago: before the take; the connect */
+    uint32_t at_ms, ago_ms, latency_ms; /* lwIP clock; ago: before the take; the connect's
+                                         * (FAILED: until it failed) */
     uint64_t bytes_up, bytes_down;      /* ENDED */
     const uint8_t *data; /* FAILED: the held SYN; FIRST_DATA: the client's first bytes */
     uint32_t len;

@@ -17,6 +17,9 @@ _from_c: dict[bytes, Endpoint] = {}
 #: ``Endpoint`` (kept with it, so the id cannot be another's): a flow sends from and to the
 #: same two objects, and hashing an Endpoint hashes its ip_address through ``hex()``.
 _to_c: dict[int, tuple[Endpoint, Any]] = {}
+#: Addresses of those, by their family and address bytes: a client's connections differ only
+#: in their port.
+_addresses: dict[bytes, IPAddress] = {}
 _KEPT = 4096
 
 
@@ -27,11 +30,17 @@ def endpoint_from_c(ep: Any) -> Endpoint:
     key = ffi.buffer(ep)[:]
     endpoint = _from_c.get(key)
     if endpoint is None:
-        raw = bytes(ffi.buffer(ep.addr, 16))
-        if ep.family == 4:
-            endpoint = Endpoint(ipaddress.IPv4Address(raw[:4]), ep.port)
-        else:
-            endpoint = Endpoint(ipaddress.IPv6Address(raw), ep.port)
+        address_key = key[:17]  # family and address: a client's new connection, a new port
+        address = _addresses.get(address_key)
+        if address is None:
+            if ep.family == 4:
+                address = ipaddress.IPv4Address(address_key[1:5])
+            else:
+                address = ipaddress.IPv6Address(address_key[1:17])
+            if len(_addresses) >= _KEPT:
+                _addresses.clear()
+            _addresses[address_key] = address
+        endpoint = Endpoint(address, ep.port)
         if len(_from_c) >= _KEPT:
             _from_c.clear()
         _from_c[key] = endpoint
