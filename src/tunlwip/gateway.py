@@ -216,7 +216,7 @@ class Gateway:
         self._tcp.accepting = False
         self.stack.accepting = False
         with trio.move_on_after(grace):
-            await self._tcp.idle.wait()
+            await self._tcp.wait_idle()
             return True
         return False
 

@@ -121,8 +121,9 @@ class TcpForwarder:
         self._admitted_in_c_seen = 0
         #: Open connections the gateway waits for when it drains (not the DNS proxy's).
         self.active = 0
-        self.idle = trio.Event()
-        self.idle.set()
+        #: Set when ``active`` drops to 0; made only while somebody waits (``wait_idle``), as
+        #: serial connections would make one per connection.
+        self._idle: trio.Event | None = None
         self._serving = False
 
     @functools.cached_property
@@ -258,18 +259,24 @@ class TcpForwarder:
             if outcome is not None:  # None: a relay owns the flow now and ends it
                 self._end_flow(flow, outcome, counted=not dns)
 
+    async def wait_idle(self) -> None:
+        """Until no connection the gateway forwards is open (it drains)."""
+        while self.active:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
+
     def _flow_started(self) -> None:
         self.active += 1
-        if self.active == 1:
-            self.idle = trio.Event()
 
     def _end_flow(self, flow: LiveFlow, reason: str, *, counted: bool = True,
                   ago: float = 0.0) -> None:  # fmt: skip
         self._flows.close(flow, reason, ago)
         if counted:
             self.active -= 1
-            if self.active == 0:
-                self.idle.set()
+            if self.active == 0 and self._idle is not None:
+                self._idle.set()
+                self._idle = None
 
     async def _forward(self, stream: LwipTcpStream, target: Endpoint, flow: LiveFlow) -> str | None:
         """Carry ``stream`` by its route (``egress.accepted``): a C relay then owns the flow
