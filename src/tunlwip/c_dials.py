@@ -11,10 +11,14 @@ a relay opened, its first bytes (to name the flow), its end. That is when the fl
 is opened and closed and the forwarder's counts change.
 
 A SYN the policy can only admit (no routes, no limit near, not the DNS proxy's) never reaches
-Python: C admits and dials it itself (``_csrc/admit.c``, configured by ``admit``), and Python
-first hears of it when it stops being a dial (relayed, unclaimed or failed: no CONNECTED event),
-from events that carry the flow's endpoints and connect latency. First bytes come only when they
-could name a server (a TLS handshake record or an HTTP request line). What Python keeps per dial
+Python: C admits and dials it itself (``_csrc/admit.c``, configured by ``admit``), and, relayed,
+its flow stays in C too: C keeps its record (endpoints, connect latency, age, bytes) and Python
+reads it only when asked for live flows (``snapshots``, as the flow table's ``ElsewhereFlows``)
+and at its end, from the ENDED event, which carries all of it; the record is built then, only
+for subscribers. A failed or unclaimed one is first heard of at that event. Such a flow is named
+at those moments: by its first bytes (which come only when they could name a server: a TLS
+handshake record or an HTTP request line; the name is kept here by id) or else by the name the
+client resolved for the address, as the DNS proxy remembers it then. What Python keeps per dial
 is its key and, once relayed, its ``LiveFlow``. The counts the forwarder admits by (dials
 connecting, connected or relayed, by client) are C's (``admit.c``'s table), exact at any moment.
 
@@ -30,6 +34,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +46,10 @@ from .egress.c_socks5 import CSocks5Route, failure, start_failure
 from .egress.routes import RouteCounters
 from .endpoint import Endpoint
 from .errors import ProtectError, ProxyError
-from .flows import FlowTable, LiveFlow
+from .flows import FlowInfo, FlowRecord, FlowTable, LiveFlow
 from .relay import REASONS
 from .shares import client_key
+from .sniff import sniff_name
 
 if TYPE_CHECKING:
     from .stack import LwipStack
@@ -69,12 +75,18 @@ class CDials:
 
     def __init__(self, flows: FlowTable, *, on_failed: Failed,
                  on_connected: Callable[[], None], on_opened: Callable[[LiveFlow], None],
-                 on_ended: Callable[[LiveFlow, str, float], None]) -> None:  # fmt: skip
+                 on_ended: Callable[[LiveFlow, str, float], None],
+                 on_alone_ended: Callable[[], None]) -> None:  # fmt: skip
         self._flows = flows
         self._on_failed = on_failed
         self._on_connected = on_connected
         self._on_opened = on_opened
         self._on_ended = on_ended
+        self._on_alone_ended = on_alone_ended
+        #: Names the first bytes of flows C keeps gave, by id, until they end.
+        self._named: dict[int, str] = {}
+        self._alone_opened = 0
+        self._alone_opened_seen = 0
         #: Dials connecting or connected, by id: their key, connect latency and route's name
         #: (kept here, not in C: the flow record is the only one to read it).
         self._dials: dict[int, tuple[FlowKey, float, str | None]] = {}
@@ -177,12 +189,16 @@ class CDials:
             flow = self._relayed.pop(ident, None)
             if flow is not None:
                 self._on_ended(flow, REASONS.get(event.error, "error"), event.ago_ms / 1000)
+            elif event.admitted_in_c:
+                self._alone_ended(ident, event)
         elif kind == cdial.OPENED:
             self._opened(ident, event)
         elif kind == cdial.FIRST_DATA:
             flow = self._relayed.get(ident)
             if flow is not None:
                 flow.name_from_first_bytes(cdial.data(event))
+            elif event.admitted_in_c and (name := sniff_name(cdial.data(event))) is not None:
+                self._named[ident] = name
         elif kind == cdial.CONNECTED:  # only of dials started here (``start``)
             if ident in self._dials:
                 key, _, route = self._dials[ident]
@@ -220,6 +236,45 @@ class CDials:
             if event.kind != cdial.FAILED:
                 self._on_connected()
         return dial
+
+    def _alone_ended(self, ident: int, event: Any) -> None:
+        """A flow C kept ended: its record for subscribers, from the event."""
+        name = self._named.pop(ident, None) if self._named else None
+        if self._flows.subscribed or log.isEnabledFor(logging.DEBUG):
+            client, target = endpoint_from_c(event.client), endpoint_from_c(event.target)
+            reason = REASONS.get(event.error, "error")
+            log.debug("flow %s -> %s ended: %s", client, target, reason)
+            ago, duration = event.ago_ms / 1000, event.duration_ms / 1000
+            self._flows.offer(FlowRecord(
+                "tcp", client, target, event.bytes_up, event.bytes_down,
+                time.time() - ago - duration, duration, event.latency_ms / 1000, reason,
+                name if name is not None else self._flows.name_for(client, target),
+                self.admitted_route))  # fmt: skip
+        self._on_alone_ended()
+
+    # -- the flows C keeps (``flows.ElsewhereFlows``) -----------------------------------------
+    def open_counts(self) -> tuple[int, int]:
+        """(flows C kept opened so far, open now)."""
+        open_now, opened = cdial.alone()
+        if opened < self._alone_opened_seen:  # the stack (re)started: counted anew
+            self._alone_opened_seen = 0
+        self._alone_opened += opened - self._alone_opened_seen
+        self._alone_opened_seen = opened
+        return self._alone_opened, open_now
+
+    def snapshots(self) -> list[FlowInfo]:
+        """The flows C keeps, open now."""
+        now = time.time()
+        named, route = self._named, self.admitted_route
+        return [FlowInfo("tcp", client, target, up, down, now - age, age, latency,
+                         named.get(ident) or self._flows.name_for(client, target), route)
+                for ident, client, target, latency, age, up, down
+                in cdial.flows_alone()]  # fmt: skip
+
+    @staticmethod
+    def alone_open() -> int:
+        """Flows C keeps, open now."""
+        return cdial.alone()[0]
 
     def _opened(self, ident: int, event: Any) -> None:
         dial = self._dial_of(ident, event)

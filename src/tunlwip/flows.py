@@ -9,6 +9,11 @@ not copy byte counts: it reads them on demand from the stream or session that al
 Closing turns the flow into a frozen ``FlowRecord``, offered to every subscriber
 (``Gateway.flows()``).
 
+Flows the C dials admitted and relayed without Python (``c_dials``) are kept elsewhere: C holds
+their records while they are open, and the table reads them through ``ElsewhereFlows`` when
+``live`` or ``totals`` asks; their records are built at close, only for subscribers
+(``offer``).
+
 Subscribers each have their own bounded buffer. A consumer that falls behind loses records (each
 one counted, on the subscription and in the totals) rather than slowing the gateway or growing
 its memory; with no subscriber nothing is buffered at all. Subscriptions are held weakly, so one
@@ -264,6 +269,18 @@ def _no_name(client: Endpoint, target: Endpoint) -> str | None:
     return None
 
 
+class ElsewhereFlows(Protocol):
+    """Open flows whose records another table keeps (the C dials'), for ``FlowTable``."""
+
+    def open_counts(self) -> tuple[int, int]:
+        """(TCP flows opened so far, open now)."""
+        ...
+
+    def snapshots(self) -> list[FlowInfo]:
+        """Every one open now."""
+        ...
+
+
 class FlowTable:
     """The gateway's live flows and the subscribers to their records.
 
@@ -278,9 +295,28 @@ class FlowTable:
         self._open_now = {"tcp": 0, "udp": 0}
         self._records_dropped = 0
         self._ended = False
+        self._elsewhere: ElsewhereFlows | None = None
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def keep_elsewhere(self, flows: ElsewhereFlows | None) -> None:
+        """Count and list ``flows`` with this table's own (None: no more)."""
+        self._elsewhere = flows
+
+    def name_for(self, client: Endpoint, target: Endpoint) -> str | None:
+        """The name a new flow from ``client`` to ``target`` gets (the DNS proxy's memory)."""
+        return self._name_for(client, target)
+
+    @property
+    def subscribed(self) -> bool:
+        """Is anybody taking records (else a flow kept elsewhere need not make one)?"""
+        return bool(self._subscribers)
+
+    def offer(self, record: FlowRecord) -> None:
+        """A flow kept elsewhere closed: its record to every subscriber."""
+        if self._subscribers:
+            self._offer(record)
 
     def open(self, protocol: FlowProtocol, client: Endpoint, target: Endpoint,
              counts: ByteCounts = _no_bytes, name: str | None = None) -> LiveFlow:  # fmt: skip
@@ -365,7 +401,16 @@ class FlowTable:
 
         chosen = (sorted(flows, key=volume, reverse=True) if limit is None
                   else heapq.nlargest(limit, flows, key=volume))  # fmt: skip
-        return [flow.snapshot(now) for flow in chosen]
+        infos = [flow.snapshot(now) for flow in chosen]
+        if self._elsewhere is None:
+            return infos
+        infos += self._elsewhere.snapshots()
+
+        def info_volume(info: FlowInfo) -> int:
+            return info.bytes_up + info.bytes_down
+
+        return (sorted(infos, key=info_volume, reverse=True) if limit is None
+                else heapq.nlargest(limit, infos, key=info_volume))  # fmt: skip
 
     def subscribe(self, max_buffer: int = DEFAULT_BUFFER) -> FlowSubscription:
         subscription = FlowSubscription(self, max_buffer)
@@ -387,8 +432,11 @@ class FlowTable:
 
     def totals(self) -> FlowTotals:
         live = self._open_now
-        return FlowTotals(live_tcp=live["tcp"], live_udp=live["udp"], tcp=self._opened["tcp"],
-                          udp=self._opened["udp"], records_dropped=self._records_dropped,
+        opened_elsewhere, open_elsewhere = (self._elsewhere.open_counts()
+                                            if self._elsewhere is not None else (0, 0))  # fmt: skip
+        return FlowTotals(live_tcp=live["tcp"] + open_elsewhere, live_udp=live["udp"],
+                          tcp=self._opened["tcp"] + opened_elsewhere, udp=self._opened["udp"],
+                          records_dropped=self._records_dropped,
                           subscribers=len(self._subscribers))  # fmt: skip
 
 

@@ -235,9 +235,9 @@ class Gateway:
         )
         return GatewayStatistics(
             stack=stack,
-            active_flows=self._tcp.active,
+            active_flows=self._tcp.active_flows(),
             pending_dials=self._tcp.pending_dials(),
-            dials_ok=self._tcp.counts.ok,
+            dials_ok=self._tcp.dials_ok(),
             dials_refused=self._tcp.counts.refused,
             dials_failed=self._tcp.counts.failed,
             syn_retransmits_swallowed=self._tcp.counts.swallowed,

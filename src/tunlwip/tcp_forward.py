@@ -144,7 +144,9 @@ class TcpForwarder:
         if self.dials is not None and CDials.possible(self._stack, self._dialer):
             self.c_dials = CDials(self._flows, on_failed=self._dial_failed,
                                   on_connected=self._c_connected, on_opened=self._c_opened,
-                                  on_ended=self._c_ended)  # fmt: skip
+                                  on_ended=self._c_ended,
+                                  on_alone_ended=self._maybe_idle)  # fmt: skip
+            self._flows.keep_elsewhere(self.c_dials)
             self.configure_c_dials()
             self.routing.c_dials = self.c_dials  # SOCKS5 proxies given by address: in C
             CDials.set_accepting(self._accepting)
@@ -259,12 +261,26 @@ class TcpForwarder:
             if outcome is not None:  # None: a relay owns the flow now and ends it
                 self._end_flow(flow, outcome, counted=not dns)
 
+    def dials_ok(self) -> int:
+        """Dials that connected: counted here, plus the flows C admitted and relayed alone."""
+        return self.counts.ok + (self.c_dials.open_counts()[0] if self.c_dials is not None else 0)
+
+    def active_flows(self) -> int:
+        """Connections the gateway forwards, open now: its tasks' and relays', and those C
+        admitted and keeps alone."""
+        return self.active + (self.c_dials.alone_open() if self.c_dials is not None else 0)
+
     async def wait_idle(self) -> None:
         """Until no connection the gateway forwards is open (it drains)."""
-        while self.active:
+        while self.active_flows():
             if self._idle is None:
                 self._idle = trio.Event()
             await self._idle.wait()
+
+    def _maybe_idle(self) -> None:
+        if self._idle is not None and self.active_flows() == 0:
+            self._idle.set()
+            self._idle = None
 
     def _flow_started(self) -> None:
         self.active += 1
@@ -274,9 +290,8 @@ class TcpForwarder:
         self._flows.close(flow, reason, ago)
         if counted:
             self.active -= 1
-            if self.active == 0 and self._idle is not None:
-                self._idle.set()
-                self._idle = None
+            if self.active == 0:
+                self._maybe_idle()
 
     async def _forward(self, stream: LwipTcpStream, target: Endpoint, flow: LiveFlow) -> str | None:
         """Carry ``stream`` by its route (``egress.accepted``): a C relay then owns the flow

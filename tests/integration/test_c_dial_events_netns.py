@@ -6,6 +6,8 @@ held for good. So each dial reserves the events it may owe when it starts, and a
 cannot reserve them is refused at the SYN (RST, counted in ``refused.memory``). These tests cap
 the event arrays through the binding (as if memory ran out past the cap) and show both halves:
 the dials beyond the cap are refused, and every admitted one is still accounted for to the end.
+A flow C admitted alone makes no event until it ends: the last test shows it is listed,
+counted and recorded all the same.
 
 The gateway runs in this process (the cap is C state of this process), its trio loop in a
 thread that entered the gw namespace, so its upstream sockets live there; clients are the
@@ -178,5 +180,56 @@ def test_a_burst_past_the_cap_is_refused_in_part_and_fully_accounted_for(
         assert stats.flows.tcp == count and stats.flows.live_tcp == 0, stats
         # Only a FIRST_DATA (the flow's name) may be dropped at the cap: one per flow at most.
         assert stats.stack.counters["c_dial_events_lost"] <= served, stats
+
+    run_gateway(split, scenario)
+
+
+def test_flows_c_keeps_are_listed_while_open_and_recorded_at_their_end(
+    split: SplitTopology,
+) -> None:
+    """Flows C admitted and relayed alone make no event until they end: while open they are
+    still listed (``live_flows``: endpoints, bytes, route, the Host name from their first
+    bytes), counted (``flows.live_tcp``, ``active_flows``, ``dials_ok``) and waited for by a
+    drain; a subscriber that came after they opened gets their records at their end."""
+    start_script_server(split.srv, "echo", ECHO_PORT)
+    request = b"GET / HTTP/1.1\r\nHost: kept-in-c.test\r\n\r\n"
+    binary = b"\x00\x01 no name here"
+
+    async def scenario(gateway: Gateway) -> None:
+        named = await trio.to_thread.run_sync(client_connect, split)
+        plain = await trio.to_thread.run_sync(client_connect, split)
+        assert isinstance(named, socket.socket) and isinstance(plain, socket.socket)
+        try:
+            assert await trio.to_thread.run_sync(echo, named, request) == request
+            assert await trio.to_thread.run_sync(echo, plain, binary) == binary
+            stats = await wait_until(gateway, lambda s: s.active_flows == 2, "two flows")
+            assert stats.stack.counters["c_admitted"] == 2, stats
+            assert stats.flows.live_tcp == 2 and stats.flows.tcp == 2, stats.flows
+            assert stats.dials_ok == 2, stats
+            live = {info.bytes_up: info for info in gateway.live_flows()}
+            assert set(live) == {len(request), len(binary)}, live
+            assert live[len(request)].name == "kept-in-c.test"
+            assert live[len(binary)].name is None
+            for info in live.values():
+                assert info.target.port == ECHO_PORT and info.bytes_down == info.bytes_up
+                assert info.route == "default" and info.connect_latency is not None
+                assert info.age >= 0 and info.protocol == "tcp"
+            assert len(gateway.live_flows(limit=1)) == 1
+            assert gateway.live_flows(limit=1)[0].bytes_up == len(request)  # most bytes first
+            with gateway.flows() as records:
+                assert not await gateway.drain(0.3)  # both still open: the drain times out
+                named.close()
+                plain.close()
+                got = [await records.__anext__() for _ in range(2)]
+        finally:
+            named.close()
+            plain.close()
+        by_bytes = {record.bytes_up: record for record in got}
+        assert by_bytes[len(request)].name == "kept-in-c.test"
+        for record in got:
+            assert record.close_reason == "closed" and record.route == "default", record
+            assert record.duration >= 0.3 and record.connect_latency is not None, record
+        stats = await wait_until(gateway, settled, "every flow to end")
+        assert stats.flows.live_tcp == 0 and stats.flows.tcp == 2 and not gateway.live_flows()
 
     run_gateway(split, scenario)

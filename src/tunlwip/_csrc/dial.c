@@ -32,16 +32,19 @@
  * list heads.
  *
  * Events (CONNECTED, FAILED, UNCLAIMED, OPENED, FIRST_DATA, ENDED) go to a growable array that
- * Python takes whole (tl_dial_events) after a poll pass. A dial admit.c started makes no
- * CONNECTED (Python first hears of it at OPENED, UNCLAIMED or FAILED, with the latency), and a
- * relay's first bytes make FIRST_DATA only when they could name a server (TLS, HTTP); the data they point to (a failed SYN,
+ * Python takes whole (tl_dial_events) after a poll pass. A dial admit.c started makes neither
+ * CONNECTED nor OPENED: C keeps its flow's record (the tl_alone list, read by
+ * tl_dial_flows_alone when Python asks for live flows) and Python first hears of it at its
+ * end (ENDED, UNCLAIMED or FAILED, with its endpoints, latency and duration). A relay's first
+ * bytes make FIRST_DATA only when they could name a server (TLS, HTTP); the data they point to (a failed SYN,
  * first bytes, an ended flow) is freed by the next take. A FAILED event, or many waiting, counts
  * as a Python call, so the C poll loop (poll.c's tl_relay_run) hands control back soon.
  *
  * Every event but FIRST_DATA is one Python must see, or a flow record stays open, a count stays
  * high and the dial is never freed. So a dial reserves its slots when it starts: at most three
  * (CONNECTED, OPENED, ENDED; or CONNECTED, UNCLAIMED; or FAILED), given back as it emits them or
- * ends (a dial admit.c started gives its CONNECTED slot back as it connects). The array being
+ * ends (a dial admit.c started gives its CONNECTED and OPENED slots back as it connects and is
+ * relayed). The array being
  * filled always has room for what it holds plus every reservation
  * (tl_events_n + tl_reserved <= tl_events_cap); a dial that cannot grow it to that does not
  * start (-ENOMEM: Python answers RST and counts a resource shortage), and a take swaps in the
@@ -78,9 +81,9 @@ struct tl_dial {
     tl_endpoint client, target, local, peer; /* peer: target, or the proxy */
     struct tl_socks5 *socks;               /* the handshake through a proxy, while dialing */
     int proxy_reason;                      /* TL_SOCKS5_* of a failed one */
-    u32_t started_ms, connected_ms;
+    u32_t started_ms, connected_ms, opened_ms; /* opened: relayed */
     struct tl_dial *tuple_next, *own_next; /* hash chains */
-    struct tl_dial *prev, *next;           /* the FIFO of its state (dialing, connected) */
+    struct tl_dial *prev, *next;           /* the FIFO of its state (dialing, connected, alone) */
     struct tl_relay *relay;                /* while relayed */
     uint64_t bytes_up, bytes_down;         /* once the relay ended */
     uint8_t *packet;                       /* the held SYN, until released or failed */
@@ -94,6 +97,7 @@ struct tl_fifo {
 #define TL_DIAL_BUCKETS 16384 /* per table; chains grow past that, lookups stay correct */
 static struct tl_dial *tl_by_tuple[TL_DIAL_BUCKETS], *tl_by_own[TL_DIAL_BUCKETS];
 static struct tl_fifo tl_dialing, tl_connected, tl_proxied;
+static struct tl_fifo tl_alone; /* relayed flows admit.c started: C keeps their records */
 static tl_dial_counters tl_dstats;
 static uint64_t tl_next_id = 1;
 static u32_t tl_hash_seed;
@@ -257,6 +261,7 @@ static void tl_event(struct tl_dial *d, int kind, int error, uint8_t *data, uint
     if (kind == TL_DIAL_ENDED) {
         e->bytes_up = d->bytes_up;
         e->bytes_down = d->bytes_down;
+        e->duration_ms = e->at_ms - d->opened_ms;
     }
     if (kind == TL_DIAL_FAILED || tl_events_n >= TL_EVENTS_SOON) tl_python_calls++;
 }
@@ -525,7 +530,16 @@ int tl_dial_claim(struct tcp_pcb *pcb)
     tl_tuple_unlink(d);
     d->state = TL_RELAYED;
     tl_dstats.relayed++;
-    tl_event(d, TL_DIAL_OPENED, 0, NULL, 0);
+    d->opened_ms = sys_now();
+    if (d->admitted_in_c) { /* Python reads it when it asks (tl_dial_flows_alone) or at ENDED */
+        d->reserved--; /* its OPENED slot goes back */
+        tl_reserved--;
+        tl_fifo_push(&tl_alone, d);
+        tl_dstats.alone++;
+        tl_dstats.alone_opened++;
+    } else {
+        tl_event(d, TL_DIAL_OPENED, 0, NULL, 0);
+    }
     int fd = d->fd;
     d->fd = -1; /* the relay's now; it tells us when it closed it (tl_dial_relay_ended) */
     int outcome = tl_relay_adopt(pcb, fd, d);
@@ -565,9 +579,32 @@ void tl_dial_relay_ended(struct tl_dial *d, int reason, uint64_t up, uint64_t do
     d->bytes_down = down;
     tl_own_unlink(d); /* the relay closed the socket */
     tl_dstats.relayed--;
+    if (d->admitted_in_c) {
+        tl_fifo_remove(&tl_alone, d);
+        tl_dstats.alone--;
+    }
     tl_admit_count(&d->client, TL_ADMIT_C_OPEN, -1);
     d->state = TL_FINISHED;
     tl_event(d, TL_DIAL_ENDED, reason, NULL, 0);
+}
+
+int tl_dial_flows_alone(tl_dial_flow *out, int max)
+{
+    u32_t now = sys_now();
+    int n = 0;
+    for (struct tl_dial *d = tl_alone.head; d != NULL && n < max; d = d->next, n++) {
+        tl_dial_flow *f = &out[n];
+        tl_relay_stats stats;
+        tl_relay_info(d->relay, &stats);
+        f->id = d->id;
+        f->client = d->client;
+        f->target = d->target;
+        f->latency_ms = d->connected_ms - d->started_ms;
+        f->age_ms = now - d->opened_ms;
+        f->bytes_up = stats.bytes_up;
+        f->bytes_down = stats.bytes_down;
+    }
+    return n;
 }
 
 void tl_dial_flow_bytes(void *flow, tl_relay_stats *out)
@@ -641,6 +678,7 @@ void tl_dial_close_all(void)
 void tl_dial_reset_counters(void)
 {
     tl_dstats.started = tl_dstats.swallowed = tl_dstats.loops = tl_dstats.events_lost = 0;
+    tl_dstats.alone_opened = 0;
     tl_dstats.socks5_started = tl_dstats.socks5_connected = 0;
     memset(tl_dstats.socks5_failures, 0, sizeof tl_dstats.socks5_failures);
 }

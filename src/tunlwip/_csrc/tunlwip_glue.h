@@ -206,7 +206,15 @@ typedef struct {
     int proxy_reason;    /* FAILED through a SOCKS5 proxy: TL_SOCKS5_* (else 0) */
     tl_endpoint client, target;
     int admitted_in_c;   /* admit.c dialed it: Python's SYN hook never saw it */
+    uint32_t duration_ms; /* ENDED: since the relay opened */
 } tl_dial_event;
+/* A relayed flow admit.c started, as tl_dial_flows_alone lists it (C keeps its record). */
+typedef struct {
+    uint64_t id;
+    tl_endpoint client, target;
+    uint32_t latency_ms, age_ms; /* the connect; since the relay opened */
+    uint64_t bytes_up, bytes_down;
+} tl_dial_flow;
 /* Why a dial through a SOCKS5 proxy failed (socks5_dial.c); binding/dial.py has their texts.
  * The reply codes 3-6 (NET_UNREACHABLE .. TTL_EXPIRED) are the destination's failures. */
 enum { TL_SOCKS5_REFUSED = 1, TL_SOCKS5_CONNECT_TIMEOUT = 2, TL_SOCKS5_UNREACHABLE = 3,
@@ -227,6 +235,7 @@ typedef struct {
     uint64_t socks5_started, socks5_connected;       /* dials through a SOCKS5 proxy */
     uint64_t socks5_failures[TL_SOCKS5_REASONS];     /* by TL_SOCKS5_* */
     uint64_t proxied;                                /* gauge: SOCKS5 dials under way */
+    uint64_t alone, alone_opened; /* relayed flows admit.c started: open now, opened */
 } tl_dial_counters;
 int tl_dial_configure(int on, int protect, uint32_t mark, const char *ifname,
                       uint32_t keep_idle, uint32_t keep_intvl, uint32_t keep_cnt,
@@ -246,6 +255,9 @@ int tl_dial_is_own(const tl_endpoint *local, const tl_endpoint *peer);
 int tl_dial_events(tl_dial_event **out);
 int tl_dial_events_waiting(void);
 void tl_dial_flow_bytes(void *flow, tl_relay_stats *out);
+/* Up to max of the open flows admit.c started (Python hears of them only at their ENDED),
+ * oldest first; how many were written */
+int tl_dial_flows_alone(tl_dial_flow *out, int max);
 const tl_dial_counters *tl_dial_get_counters(void);
 void tl_dial_reset_counters(void);
 /* Close every socket still dialing or unclaimed (reported as FAILED ECANCELED, UNCLAIMED) */

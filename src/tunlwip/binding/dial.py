@@ -14,7 +14,7 @@ from typing import Any
 
 from ..endpoint import Endpoint
 from .check import check_errno
-from .endpoints import endpoint_to_c
+from .endpoints import endpoint_from_c, endpoint_to_c
 from .ffi import ffi, lib
 
 CONNECTED: int = lib.TL_DIAL_CONNECTED
@@ -109,6 +109,28 @@ def events() -> Any:
 def data(event: Any) -> bytes:
     """The bytes a FAILED (the held SYN) or FIRST_DATA event carries."""
     return bytes(ffi.buffer(event.data, event.len)) if event.len else b""
+
+
+#: An open flow admit.c started: (id, client, target, connect latency s, age s, bytes up, down).
+AloneFlow = tuple[int, Endpoint, Endpoint, float, float, int, int]
+
+
+def flows_alone() -> list[AloneFlow]:
+    """The open flows admit.c started (C keeps their records until they end), oldest first."""
+    count = int(lib.tl_dial_get_counters().alone)
+    if count == 0:
+        return []
+    out = ffi.new("tl_dial_flow[]", count)
+    got = lib.tl_dial_flows_alone(out, count)
+    return [(int(f.id), endpoint_from_c(f.client), endpoint_from_c(f.target), f.latency_ms / 1000,
+             f.age_ms / 1000, int(f.bytes_up), int(f.bytes_down))
+            for f in (out[i] for i in range(got))]  # fmt: skip
+
+
+def alone() -> tuple[int, int]:
+    """(flows admit.c started open now, opened since the counters were reset)."""
+    c = lib.tl_dial_get_counters()
+    return int(c.alone), int(c.alone_opened)
 
 
 def flow_bytes(flow: Any) -> tuple[int, int]:
