@@ -595,7 +595,7 @@ int tl_dial_flows_alone(tl_dial_flow *out, int max)
     for (struct tl_dial *d = tl_alone.head; d != NULL && n < max; d = d->next, n++) {
         tl_dial_flow *f = &out[n];
         tl_relay_stats stats;
-        tl_relay_info(d->relay, &stats);
+        tl_dial_flow_bytes(d, &stats);
         f->id = d->id;
         f->client = d->client;
         f->target = d->target;
