@@ -110,6 +110,7 @@ void shape_record(unsigned kind, const uint8_t *in, size_t len, uint8_t arg);
 int fuzz_dial_connector(const tl_endpoint *dst, tl_endpoint *local);
 void fuzz_dial_events(void);
 void fuzz_dial_teardown(void);
+extern uint64_t fuzz_flows_alone;
 int64_t fuzz_dial_start(const tl_endpoint *dst);
 void fuzz_proxy_answer(const uint8_t *data, size_t len, uint8_t arg);
 

@@ -462,7 +462,16 @@ void fuzz_dial_events(void)
     tl_admit_get_totals(admit_totals);
     if (admit_totals[TL_ADMIT_C_DIALING] != c->dialing ||
         admit_totals[TL_ADMIT_C_OPEN] != c->connected + c->relayed) abort();
+    /* The flows C keeps alone: a subset of its relays, all of them listed, each readable. */
+    if (c->alone > c->relayed || c->alone > c->alone_opened) abort();
+    tl_dial_flow alone[64];
+    int listed = tl_dial_flows_alone(alone, 64);
+    if ((uint64_t)listed != (c->alone < 64 ? c->alone : 64)) abort();
+    for (int i = 0; i < listed; i++)
+        if (alone[i].id == 0 || alone[i].client.family != alone[i].target.family) abort();
 }
+
+uint64_t fuzz_flows_alone; /* flows C admitted and kept alone, over the whole run (report) */
 
 void fuzz_dial_teardown(void)
 {
@@ -470,7 +479,8 @@ void fuzz_dial_teardown(void)
     fuzz_dial_events();
     fuzz_dial_events(); /* frees the last batch */
     const tl_dial_counters *c = tl_dial_get_counters();
-    if (c->dialing || c->connected || c->relayed || c->proxied) abort(); /* nothing left behind */
+    fuzz_flows_alone += c->alone_opened;
+    if (c->dialing || c->connected || c->relayed || c->proxied || c->alone) abort(); /* nothing left */
     tl_admit_configure(0, 0, 0, 0, 0, NULL, 0);
     tl_admit_reset_counters();
     for (int i = 0; i < dial_peers_n; i++) close(dial_peers[i]);

@@ -385,8 +385,9 @@ static void report(void)
             k->output_gso_writes, k->input_gso_tcp, k->input_gso_udp,
             k->input_gso_udp_datagrams, k->drop_vnet_header);
     const tl_dial_counters *d = tl_dial_get_counters();
-    fprintf(stderr, "c dials=%lu swallowed=%lu loops=%lu dialing=%lu connected=%lu relays=%lu\n",
-            d->started, d->swallowed, d->loops, d->dialing, d->connected, d->relayed);
+    fprintf(stderr, "c dials=%lu swallowed=%lu loops=%lu dialing=%lu connected=%lu relays=%lu "
+            "flows kept alone (whole run)=%lu\n", d->started, d->swallowed, d->loops, d->dialing,
+            d->connected, d->relayed, (unsigned long)fuzz_flows_alone);
     const tl_udp_relay_counters *u = tl_udp_relay_get_counters();
     fprintf(stderr, "udp relays=%lu up=%lu down=%lu socks5 malformed=%lu fragments=%lu "
             "foreign=%lu\n", (unsigned long)u->opened, (unsigned long)u->datagrams_up,
