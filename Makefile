@@ -112,7 +112,7 @@ FUZZ_SECONDS ?= 3600
 FUZZ_RUNS ?=
 FUZZ_SMOKE_SECONDS ?= 60
 # -Dgetrandom=fuzz_getrandom: clock.c draws from the harness's zeros, so inputs replay exactly.
-FUZZ_FLAGS := -g -O1 -std=gnu11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+FUZZ_FLAGS := -g -O1 -std=gnu11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -DTL_MAX_TIME_WAIT=2 \
               -Dgetrandom=fuzz_getrandom -Ivendor/lwip/port -Isrc/tunlwip/_csrc \
               -Wno-unused-parameter -Wno-unused-variable -Wno-address \
               -Wno-tautological-constant-out-of-range-compare

@@ -38,6 +38,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from .binding import admit as cadmit
 from .binding import dial as cdial
 from .binding.endpoints import endpoint_from_c
@@ -55,6 +57,8 @@ if TYPE_CHECKING:
     from .stack import LwipStack
 
 log = logging.getLogger("tunlwip.predial")
+#: Where the forwarder logs a flow's end (``tcp_forward``): the flows C keeps end there too.
+flow_log = logging.getLogger("tunlwip.gateway")
 
 FlowKey = tuple[Endpoint, Endpoint]  # (client, original destination)
 Failed = Callable[[FlowKey, bytes, OSError, float, str | None], None]
@@ -240,15 +244,16 @@ class CDials:
     def _alone_ended(self, ident: int, event: Any) -> None:
         """A flow C kept ended: its record for subscribers, from the event."""
         name = self._named.pop(ident, None) if self._named else None
-        if self._flows.subscribed or log.isEnabledFor(logging.DEBUG):
+        if self._flows.subscribed or flow_log.isEnabledFor(logging.DEBUG):
             client, target = endpoint_from_c(event.client), endpoint_from_c(event.target)
             reason = REASONS.get(event.error, "error")
-            log.debug("flow %s -> %s ended: %s", client, target, reason)
+            flow_log.debug("flow %s -> %s ended: %s", client, target, reason)
             ago, duration = event.ago_ms / 1000, event.duration_ms / 1000
+            if name is None:  # by what the client had resolved when the flow opened
+                name = self._flows.name_for(client, target, trio.current_time() - ago - duration)
             self._flows.offer(FlowRecord(
                 "tcp", client, target, event.bytes_up, event.bytes_down,
-                time.time() - ago - duration, duration, event.latency_ms / 1000, reason,
-                name if name is not None else self._flows.name_for(client, target),
+                time.time() - ago - duration, duration, event.latency_ms / 1000, reason, name,
                 self.admitted_route))  # fmt: skip
         self._on_alone_ended()
 
@@ -262,14 +267,15 @@ class CDials:
         self._alone_opened_seen = opened
         return self._alone_opened, open_now
 
-    def snapshots(self) -> list[FlowInfo]:
-        """The flows C keeps, open now."""
-        now = time.time()
-        named, route = self._named, self.admitted_route
-        return [FlowInfo("tcp", client, target, up, down, now - age, age, latency,
-                         named.get(ident) or self._flows.name_for(client, target), route)
+    def snapshots(self, limit: int | None) -> list[FlowInfo]:
+        """The flows C keeps, open now, most bytes first (at most ``limit``); each named as it
+        would have been when it opened."""
+        wall, now = time.time(), trio.current_time()
+        named, route, name_for = self._named, self.admitted_route, self._flows.name_for
+        return [FlowInfo("tcp", client, target, up, down, wall - age, age, latency,
+                         named.get(ident) or name_for(client, target, now - age), route)
                 for ident, client, target, latency, age, up, down
-                in cdial.flows_alone()]  # fmt: skip
+                in cdial.flows_alone(limit)]  # fmt: skip
 
     @staticmethod
     def alone_open() -> int:

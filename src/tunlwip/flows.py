@@ -50,8 +50,16 @@ log = logging.getLogger("tunlwip.flows")
 
 FlowProtocol = Literal["tcp", "udp"]
 ByteCounts = Callable[[], tuple[int, int]]  # () -> (bytes_up, bytes_down), read when needed
-#: (client, destination) -> the name the client resolved the destination by, or None.
-Namer = Callable[[Endpoint, Endpoint], "str | None"]
+
+
+class Namer(Protocol):
+    """(client, destination, ``at``: the trio time the flow opened, None: now) -> the name the
+    client resolved the destination by, or None."""
+
+    def __call__(self, client: Endpoint, target: Endpoint, at: float | None = None
+                 ) -> str | None: ...  # fmt: skip
+
+
 DEFAULT_BUFFER = 10_000
 
 
@@ -265,7 +273,7 @@ class FlowSubscription:
         self._send.close()  # the consumer reads what is buffered, then iteration stops
 
 
-def _no_name(client: Endpoint, target: Endpoint) -> str | None:
+def _no_name(client: Endpoint, target: Endpoint, at: float | None = None) -> str | None:
     return None
 
 
@@ -276,8 +284,8 @@ class ElsewhereFlows(Protocol):
         """(TCP flows opened so far, open now)."""
         ...
 
-    def snapshots(self) -> list[FlowInfo]:
-        """Every one open now."""
+    def snapshots(self, limit: int | None) -> list[FlowInfo]:
+        """The ones open now, most bytes first (at most ``limit``)."""
         ...
 
 
@@ -301,12 +309,16 @@ class FlowTable:
         return len(self._live)
 
     def keep_elsewhere(self, flows: ElsewhereFlows | None) -> None:
-        """Count and list ``flows`` with this table's own (None: no more)."""
+        """Count and list ``flows`` with this table's own; None: no more (those opened so far
+        stay counted)."""
+        if self._elsewhere is not None:
+            self._opened["tcp"] += self._elsewhere.open_counts()[0]
         self._elsewhere = flows
 
-    def name_for(self, client: Endpoint, target: Endpoint) -> str | None:
-        """The name a new flow from ``client`` to ``target`` gets (the DNS proxy's memory)."""
-        return self._name_for(client, target)
+    def name_for(self, client: Endpoint, target: Endpoint, at: float | None = None) -> str | None:
+        """The name a flow from ``client`` to ``target`` opened at trio time ``at`` (None: now)
+        gets: the DNS proxy's memory of what the client resolved, valid then."""
+        return self._name_for(client, target, at)
 
     @property
     def subscribed(self) -> bool:
@@ -402,9 +414,9 @@ class FlowTable:
         chosen = (sorted(flows, key=volume, reverse=True) if limit is None
                   else heapq.nlargest(limit, flows, key=volume))  # fmt: skip
         infos = [flow.snapshot(now) for flow in chosen]
-        if self._elsewhere is None:
+        if self._elsewhere is None or limit == 0:
             return infos
-        infos += self._elsewhere.snapshots()
+        infos += self._elsewhere.snapshots(limit)
 
         def info_volume(info: FlowInfo) -> int:
             return info.bytes_up + info.bytes_down

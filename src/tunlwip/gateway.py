@@ -261,6 +261,7 @@ class Gateway:
         """Snapshots of the open TCP connections and UDP sessions, most bytes first (at most
         ``limit``)."""
         self._tcp.sync_c_dials()
+        self.stack.tick_clock()  # C reads the ages of the flows it keeps by lwIP's clock
         return self._flows.live(limit)
 
     def flows(self, max_buffer: int = DEFAULT_BUFFER) -> FlowSubscription:
@@ -290,5 +291,5 @@ class Gateway:
             return False
         return self.config.dns.hijack == "all" or target.address in self._dns_addresses
 
-    def _dns_name(self, client: Endpoint, target: Endpoint) -> str | None:
-        return self.dns.name_for(client, target) if self.dns is not None else None
+    def _dns_name(self, client: Endpoint, target: Endpoint, at: float | None = None) -> str | None:
+        return self.dns.name_for(client, target, at) if self.dns is not None else None

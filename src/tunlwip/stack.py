@@ -375,6 +375,10 @@ class LwipStack:
         core.set_icmp_echo_mode(echo)
         core.set_max_half_open(cfg.max_half_open)
 
+    def tick_clock(self) -> None:
+        """Bring lwIP's clock to now (C stamps and ages things by it between poll passes)."""
+        self._clock.tick()
+
     def _stop_lwip(self) -> None:
         self._running = False
         cadmit.configure(on=False)  # no SYN of a stopped stack is admitted, nor of the next one

@@ -22,7 +22,8 @@ each (``held_dials.HeldSynDials``); the connected socket waits for the client's 
 claim it (``take_predialed``, the stack's ``accept_taker``), which hands it straight to a C
 relay.
 
-``TcpForwarder`` also counts the flows ``Gateway.drain`` waits for (``active``, ``idle``).
+``TcpForwarder`` also counts the flows ``Gateway.drain`` waits for (``active_flows``,
+``wait_idle``), those C admitted alone included.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ class TcpForwarder:
         #: Dials in C (``c_dials``): on from ``start_serving`` when C reads the device and can
         #: protect the sockets itself; ``dials`` then only serves what C cannot.
         self.c_dials: CDials | None = None
+        #: The flows C admits alone are counted from C (``c_dials``) while this serves.
+        self._counting_alone = False
         self._accepting = True
         self._admitted_in_c_seen = 0
         #: Open connections the gateway waits for when it drains (not the DNS proxy's).
@@ -147,6 +150,7 @@ class TcpForwarder:
                                   on_ended=self._c_ended,
                                   on_alone_ended=self._maybe_idle)  # fmt: skip
             self._flows.keep_elsewhere(self.c_dials)
+            self._counting_alone = True
             self.configure_c_dials()
             self.routing.c_dials = self.c_dials  # SOCKS5 proxies given by address: in C
             CDials.set_accepting(self._accepting)
@@ -161,6 +165,11 @@ class TcpForwarder:
         self._serving = False
         if self.c_dials is not None:
             cadmit.configure(on=False)
+        if self._counting_alone:  # the stack stopped: C's counts are final (and the next
+            assert self.c_dials is not None  # gateway's, in this process, are not ours)
+            self.counts.ok += self.c_dials.open_counts()[0]
+            self._flows.keep_elsewhere(None)  # which folds them into its own
+            self._counting_alone = False
 
     def configure_c_dials(self) -> None:
         """Apply the dialer's and the claim timeout's settings to C's dials, and the routes and
@@ -263,12 +272,18 @@ class TcpForwarder:
 
     def dials_ok(self) -> int:
         """Dials that connected: counted here, plus the flows C admitted and relayed alone."""
-        return self.counts.ok + (self.c_dials.open_counts()[0] if self.c_dials is not None else 0)
+        alone = self._alone_counted()
+        return self.counts.ok + (alone.open_counts()[0] if alone is not None else 0)
 
     def active_flows(self) -> int:
         """Connections the gateway forwards, open now: its tasks' and relays', and those C
         admitted and keeps alone."""
-        return self.active + (self.c_dials.alone_open() if self.c_dials is not None else 0)
+        alone = self._alone_counted()
+        return self.active + (alone.alone_open() if alone is not None else 0)
+
+    def _alone_counted(self) -> CDials | None:
+        """The C dials whose flows kept alone count here now (while serving), else None."""
+        return self.c_dials if self._counting_alone else None
 
     async def wait_idle(self) -> None:
         """Until no connection the gateway forwards is open (it drains)."""

@@ -34,9 +34,9 @@ from transfers import start_script_server
 pytestmark = pytest.mark.netns
 
 ECHO_PORT = 7310
-#: A dial reserves 3 events (CONNECTED, OPENED, ENDED), a relayed one still 1 (ENDED); with
-#: room for 12, the 11th connection held open finds 10 + 3 > 12 and is refused.
-SLOTS, ADMITTED = 12, 10
+#: A dial C admitted alone reserves the one event it owes (its end); with room for 12 the 13th
+#: connection held open finds 12 + 1 > 12 and is refused.
+SLOTS, ADMITTED = 12, 12
 
 
 @pytest.fixture
@@ -233,3 +233,31 @@ def test_flows_c_keeps_are_listed_while_open_and_recorded_at_their_end(
         assert stats.flows.live_tcp == 0 and stats.flows.tcp == 2 and not gateway.live_flows()
 
     run_gateway(split, scenario)
+
+
+def test_a_gateway_served_again_keeps_counting_the_flows_c_kept(split: SplitTopology) -> None:
+    """The counts of flows C admitted alone outlive the serve that made them: served twice,
+    one flow each time, the gateway reports two of each."""
+    start_script_server(split.srv, "echo", ECHO_PORT)
+    fd, name = split.client_tun()
+
+    async def one_flow(gateway: Gateway) -> None:
+        sock = await trio.to_thread.run_sync(client_connect, split)
+        assert isinstance(sock, socket.socket), sock
+        with sock:
+            assert await trio.to_thread.run_sync(echo, sock, b"again") == b"again"
+        await wait_until(gateway, settled, "the flow to end")
+
+    async def main() -> None:
+        gateway = Gateway(TunDevice.from_fd(fd, name=name), GatewayConfig(dial_timeout=5))
+        for _ in range(2):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gateway.serve)
+                with trio.fail_after(30):
+                    await one_flow(gateway)
+                nursery.cancel_scope.cancel()
+        stats = gateway.statistics()
+        assert stats.dials_ok == 2 and stats.flows.tcp == 2, stats
+        assert stats.active_flows == 0 and stats.flows.live_tcp == 0, stats
+
+    split.gw.enter_thread(trio.run, main)

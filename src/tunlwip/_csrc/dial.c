@@ -36,15 +36,14 @@
  * CONNECTED nor OPENED: C keeps its flow's record (the tl_alone list, read by
  * tl_dial_flows_alone when Python asks for live flows) and Python first hears of it at its
  * end (ENDED, UNCLAIMED or FAILED, with its endpoints, latency and duration). A relay's first
- * bytes make FIRST_DATA only when they could name a server (TLS, HTTP); the data they point to (a failed SYN,
- * first bytes, an ended flow) is freed by the next take. A FAILED event, or many waiting, counts
+ * bytes make FIRST_DATA only when they could name a server (TLS, HTTP). The data events point
+ * to (a failed SYN, first bytes, an ended flow) is freed by the next take. A FAILED event, or many waiting, counts
  * as a Python call, so the C poll loop (poll.c's tl_relay_run) hands control back soon.
  *
  * Every event but FIRST_DATA is one Python must see, or a flow record stays open, a count stays
  * high and the dial is never freed. So a dial reserves its slots when it starts: at most three
  * (CONNECTED, OPENED, ENDED; or CONNECTED, UNCLAIMED; or FAILED), given back as it emits them or
- * ends (a dial admit.c started gives its CONNECTED and OPENED slots back as it connects and is
- * relayed). The array being
+ * ends; a dial admit.c started owes only its end and reserves that one slot. The array being
  * filled always has room for what it holds plus every reservation
  * (tl_events_n + tl_reserved <= tl_events_cap); a dial that cannot grow it to that does not
  * start (-ENOMEM: Python answers RST and counts a resource shortage), and a take swaps in the
@@ -368,7 +367,9 @@ void tl_dial_current_end(void) { tl_cur_packet = NULL; }
 static int64_t tl_dial_begin(const tl_endpoint *peer, struct tl_socks5 *socks, int in_c)
 {
     /* The events this dial will owe Python, before anything that would need them. */
-    if (tl_events_room(&tl_events, &tl_events_cap, tl_events_n + tl_reserved + TL_DIAL_SLOTS) != 0)
+    /* One admit.c started owes only its end (ENDED, UNCLAIMED or FAILED): see the top. */
+    size_t slots = in_c ? 1 : TL_DIAL_SLOTS;
+    if (tl_events_room(&tl_events, &tl_events_cap, tl_events_n + tl_reserved + slots) != 0)
         return -ENOMEM;
     struct tl_dial *d = calloc(1, sizeof *d);
     uint8_t *packet = malloc(tl_cur_len);
@@ -405,8 +406,8 @@ static int64_t tl_dial_begin(const tl_endpoint *peer, struct tl_socks5 *socks, i
     d->state = TL_DIALING;
     d->admitted_in_c = (uint8_t)in_c;
     tl_admit_count(&d->client, TL_ADMIT_C_DIALING, 1);
-    d->reserved = TL_DIAL_SLOTS;
-    tl_reserved += TL_DIAL_SLOTS;
+    d->reserved = (uint8_t)slots;
+    tl_reserved += slots;
     u32_t b = tl_pair_bucket(&d->client, &d->target);
     d->tuple_next = tl_by_tuple[b];
     tl_by_tuple[b] = d;
@@ -503,12 +504,7 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events)
     tl_dstats.connected++;
     /* Python started it: it hears now. A dial admitted here is first heard of at its end as a
      * dial (OPENED, UNCLAIMED), which carries the latency too. */
-    if (!d->admitted_in_c) {
-        tl_event(d, TL_DIAL_CONNECTED, 0, NULL, 0);
-    } else { /* its CONNECTED slot goes back */
-        d->reserved--;
-        tl_reserved--;
-    }
+    if (!d->admitted_in_c) tl_event(d, TL_DIAL_CONNECTED, 0, NULL, 0);
     uint8_t *packet = d->packet;
     d->packet = NULL;
     tl_input_release(packet, d->packet_len); /* lwIP answers SYN-ACK; the ACK claims us */
@@ -532,8 +528,6 @@ int tl_dial_claim(struct tcp_pcb *pcb)
     tl_dstats.relayed++;
     d->opened_ms = sys_now();
     if (d->admitted_in_c) { /* Python reads it when it asks (tl_dial_flows_alone) or at ENDED */
-        d->reserved--; /* its OPENED slot goes back */
-        tl_reserved--;
         tl_fifo_push(&tl_alone, d);
         tl_dstats.alone++;
         tl_dstats.alone_opened++;

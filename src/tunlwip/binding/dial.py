@@ -115,16 +115,18 @@ def data(event: Any) -> bytes:
 AloneFlow = tuple[int, Endpoint, Endpoint, float, float, int, int]
 
 
-def flows_alone() -> list[AloneFlow]:
-    """The open flows admit.c started (C keeps their records until they end), oldest first."""
+def flows_alone(limit: int | None = None) -> list[AloneFlow]:
+    """The open flows admit.c started (C keeps their records until they end), most bytes first
+    (at most ``limit``)."""
     count = int(lib.tl_dial_get_counters().alone)
-    if count == 0:
+    if count == 0 or limit == 0:
         return []
     out = ffi.new("tl_dial_flow[]", count)
-    got = lib.tl_dial_flows_alone(out, count)
+    listed = [out[i] for i in range(lib.tl_dial_flows_alone(out, count))]
+    listed.sort(key=lambda f: f.bytes_up + f.bytes_down, reverse=True)
     return [(int(f.id), endpoint_from_c(f.client), endpoint_from_c(f.target), f.latency_ms / 1000,
              f.age_ms / 1000, int(f.bytes_up), int(f.bytes_down))
-            for f in (out[i] for i in range(got))]  # fmt: skip
+            for f in listed[:limit]]  # fmt: skip
 
 
 def alone() -> tuple[int, int]:

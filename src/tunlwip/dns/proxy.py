@@ -127,9 +127,11 @@ class DnsProxy:
         self._fast: FastForwarder | None = None
         self._outbox: list[tuple[UdpSession, bytes]] = []
 
-    def name_for(self, client: Endpoint, address: Endpoint) -> str | None:
-        """The name ``client`` resolved through us to ``address``'s IP, if still valid."""
-        return self.names.lookup(client.address, address.address, trio.current_time())
+    def name_for(self, client: Endpoint, address: Endpoint, at: float | None = None) -> str | None:
+        """The name ``client`` resolved through us to ``address``'s IP, if still valid (at
+        trio time ``at``: a flow opened then and named later; default now)."""
+        when = trio.current_time() if at is None else at
+        return self.names.lookup(client.address, address.address, when)
 
     @property
     def upstreams(self) -> UpstreamSet:
