@@ -298,7 +298,7 @@ int tl_dial_events_waiting(void) { return (int)tl_events_n; }
 static void tl_close_socket(struct tl_dial *d)
 {
     if (d->fd < 0) return;
-    if (d->state == TL_DIALING && tl_epoll_fd >= 0) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, d->fd, NULL);
+    if (d->state == TL_DIALING && tl_epoll_fd >= 0) tl_poll_ctl(EPOLL_CTL_DEL, d->fd, NULL);
     close(d->fd);
     d->fd = -1;
     tl_own_unlink(d);
@@ -377,7 +377,7 @@ static int64_t tl_dial_begin(const tl_endpoint *peer, struct tl_socks5 *socks, i
         return fd;
     }
     struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = d};
-    if (tl_relay_epoll_fd() < 0 || epoll_ctl(tl_epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+    if (tl_relay_epoll_fd() < 0 || tl_poll_ctl(EPOLL_CTL_ADD, fd, &ev) != 0) {
         int err = errno;
         close(fd);
         free(d);
@@ -473,7 +473,7 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events)
             return;
         }
     }
-    epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, d->fd, NULL);
+    tl_poll_ctl(EPOLL_CTL_DEL, d->fd, NULL);
     if (d->socks != NULL) {
         tl_fifo_remove(&tl_proxied, d);
         tl_dstats.proxied--;

@@ -98,7 +98,7 @@ static void tl_relay_touch(struct tl_relay *r) { r->last_active = sys_now(); }
 static void tl_relay_close_fd(struct tl_relay *r, int reset)
 {
     if (r->fd < 0) return;
-    if (r->in_set) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
+    if (r->in_set) tl_poll_ctl(EPOLL_CTL_DEL, r->fd, NULL);
     r->watching = 0;
     r->in_set = 0;
     if (reset) {
@@ -446,10 +446,10 @@ static int tl_relay_update_watch(struct tl_relay *r)
     u8_t in_set = want != 0 || !(r->no_error_watch || (r->upstream_eof && r->upstream_shut));
     if (want == r->watching && in_set == r->in_set) return TL_GOES_ON;
     struct epoll_event ev = {.events = want, .data.ptr = r};
-    int rc = !in_set ? epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL)
-                     : epoll_ctl(tl_epoll_fd, r->in_set ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, r->fd, &ev);
+    int rc = !in_set ? tl_poll_ctl(EPOLL_CTL_DEL, r->fd, NULL)
+                     : tl_poll_ctl(r->in_set ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, r->fd, &ev);
     if (rc != 0 && want == 0 && in_set) { /* no room to watch for errors only: do without */
-        if (r->in_set) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
+        if (r->in_set) tl_poll_ctl(EPOLL_CTL_DEL, r->fd, NULL);
         r->no_error_watch = 1;
         in_set = 0;
     } else if (rc != 0 && in_set) {

@@ -142,6 +142,10 @@ struct udp_pcb *tl_udp_for_port(u16_t port);
 /* ---- poll.c and relay.c ------------------------------------------------------------------ */
 
 extern int tl_epoll_fd; /* the poll set, -1 until tl_relay_epoll_fd makes it */
+struct epoll_event;
+/* epoll_ctl on the poll set and on the wait set tl_relay_run waits on: every registration of
+ * the poll set goes through it. 0, or -1 with errno (a failed ADD/MOD: in neither set). */
+int tl_poll_ctl(int op, int fd, struct epoll_event *ev);
 
 /* What a poll-set entry's epoll data points at, when it is a pointer: every struct C puts in
  * the poll set begins with one of these, so tl_relay_poll can tell them apart. (The device and
