@@ -71,6 +71,7 @@ struct tl_dial {
     uint8_t state, own_linked, tuple_linked;
     uint8_t reserved;           /* event slots still reserved for it (see the top) */
     uint8_t admitted_in_c;      /* admit.c started it: Python never saw its SYN */
+    uint8_t registered;         /* connected, its socket still in the poll set (disarmed) */
     uint64_t id;
     tl_endpoint client, target, local, peer; /* peer: target, or the proxy */
     struct tl_socks5 *socks;               /* the handshake through a proxy, while dialing */
@@ -298,8 +299,7 @@ int tl_dial_events_waiting(void) { return (int)tl_events_n; }
 static void tl_close_socket(struct tl_dial *d)
 {
     if (d->fd < 0) return;
-    if (d->state == TL_DIALING && tl_epoll_fd >= 0) tl_poll_ctl(EPOLL_CTL_DEL, d->fd, NULL);
-    close(d->fd);
+    close(d->fd); /* no other fd refers to its file: closing takes it out of the poll set */
     d->fd = -1;
     tl_own_unlink(d);
 }
@@ -376,7 +376,9 @@ static int64_t tl_dial_begin(const tl_endpoint *peer, struct tl_socks5 *socks, i
         free(packet);
         return fd;
     }
-    struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = d};
+    /* A direct dial hears its connect's outcome once (EPOLLONESHOT): the registration then
+     * stays, disarmed, and is handed to the relay (tl_relay_adopt), with no DEL and ADD. */
+    struct epoll_event ev = {.events = EPOLLOUT | (socks ? 0 : EPOLLONESHOT), .data.ptr = d};
     if (tl_relay_epoll_fd() < 0 || tl_poll_ctl(EPOLL_CTL_ADD, fd, &ev) != 0) {
         int err = errno;
         close(fd);
@@ -473,14 +475,15 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events)
             return;
         }
     }
-    tl_poll_ctl(EPOLL_CTL_DEL, d->fd, NULL);
-    if (d->socks != NULL) {
+    if (d->socks != NULL) { /* watched for the handshake: stop until the relay takes it */
+        tl_poll_ctl(EPOLL_CTL_DEL, d->fd, NULL);
         tl_fifo_remove(&tl_proxied, d);
         tl_dstats.proxied--;
         tl_dstats.socks5_connected++;
         tl_socks5_free(d->socks);
         d->socks = NULL;
     } else {
+        d->registered = 1;
         tl_fifo_remove(&tl_dialing, d);
     }
     tl_dstats.dialing--;
@@ -518,7 +521,7 @@ int tl_dial_claim(struct tcp_pcb *pcb)
     tl_event(d, TL_DIAL_OPENED, 0, NULL, 0);
     int fd = d->fd;
     d->fd = -1; /* the relay's now; it tells us when it closed it (tl_dial_relay_ended) */
-    int outcome = tl_relay_adopt(pcb, fd, d);
+    int outcome = tl_relay_adopt(pcb, fd, d, d->registered);
     return outcome == 2 ? -1 : 1;
 }
 

@@ -98,7 +98,9 @@ static void tl_relay_touch(struct tl_relay *r) { r->last_active = sys_now(); }
 static void tl_relay_close_fd(struct tl_relay *r, int reset)
 {
     if (r->fd < 0) return;
-    if (r->in_set) tl_poll_ctl(EPOLL_CTL_DEL, r->fd, NULL);
+    /* A dial's socket (flow) has no other fd: closing takes it out of the poll set. Python's
+     * might (a dup), and a registration left behind would name the freed relay. */
+    if (r->in_set && r->flow == NULL) tl_poll_ctl(EPOLL_CTL_DEL, r->fd, NULL);
     r->watching = 0;
     r->in_set = 0;
     if (reset) {
@@ -529,7 +531,7 @@ void tl_relay_on_ready(struct tl_relay *r, uint32_t ev)
  * -1 if nothing was taken over (no memory). */
 static int tl_relay_start(struct tcp_pcb *pcb, int fd, uintptr_t conn, struct tl_dial *flow,
                           const uint8_t *pending, size_t len, int client_eof,
-                          int want_first_data, struct tl_relay **out)
+                          int want_first_data, int registered, struct tl_relay **out)
 {
     *out = NULL;
     if (tl_relay_epoll_fd() < 0) return -1;
@@ -554,6 +556,10 @@ static int tl_relay_start(struct tcp_pcb *pcb, int fd, uintptr_t conn, struct tl
     }
     r->pcb = pcb;
     r->fd = fd;
+    if (registered) { /* in the set, disarmed: the first tl_relay_update_watch re-arms (MOD) */
+        r->in_set = 1;
+        r->watching = EPOLLONESHOT; /* no events: never equal to what it will want */
+    }
     r->conn = conn;
     r->flow = flow;
     r->client_eof = client_eof ? 1 : 0;
@@ -581,7 +587,7 @@ int tl_relay_open(void *pcb_, int fd, uintptr_t conn, const uint8_t *pending, si
 {
     struct tl_relay *r;
     int outcome = tl_relay_start((struct tcp_pcb *)pcb_, fd, conn, NULL, pending, len,
-                                 client_eof, want_first_data, &r);
+                                 client_eof, want_first_data, 0, &r);
     *out = r;
     return outcome < 0 ? -1 : 0;
 }
@@ -589,10 +595,10 @@ int tl_relay_open(void *pcb_, int fd, uintptr_t conn, const uint8_t *pending, si
 /* dial.c's handover, from lwIP's accept callback: TL_ABORTED means the PCB is gone (answer
  * ERR_ABRT). Out of memory: the socket is closed, the flow reported ended, and the PCB is
  * aborted too. */
-int tl_relay_adopt(struct tcp_pcb *pcb, int fd, struct tl_dial *flow)
+int tl_relay_adopt(struct tcp_pcb *pcb, int fd, struct tl_dial *flow, int registered)
 {
     struct tl_relay *r;
-    int outcome = tl_relay_start(pcb, fd, 0, flow, NULL, 0, 0, 1, &r);
+    int outcome = tl_relay_start(pcb, fd, 0, flow, NULL, 0, 0, 1, registered, &r);
     if (outcome >= 0) return outcome;
     close(fd);
     tl_dial_relay_ended(flow, TL_RELAY_ERROR, 0, 0);

@@ -189,8 +189,9 @@ extern int (*tl_dial_connector)(const tl_endpoint *dst, tl_endpoint *local);
 /* The protection and keepalive of sockets made from now on (-EINVAL: bad values). */
 int tl_dial_socket_configure(int protect, uint32_t mark, const char *ifname, uint32_t keep_idle,
                              uint32_t keep_intvl, uint32_t keep_cnt);
-/* From relay.c, for relays it opened for a dial (tl_relay_adopt). */
-int tl_relay_adopt(struct tcp_pcb *pcb, int fd, struct tl_dial *flow);
+/* From relay.c, for relays it opened for a dial (tl_relay_adopt); registered: the socket is
+ * in the poll set already, disarmed (EPOLLONESHOT fired), for the relay to re-arm (MOD). */
+int tl_relay_adopt(struct tcp_pcb *pcb, int fd, struct tl_dial *flow, int registered);
 void tl_dial_relay_opened(struct tl_dial *d, struct tl_relay *r);
 void tl_dial_first_data(struct tl_dial *d, const uint8_t *data, size_t len);
 void tl_dial_relay_ended(struct tl_dial *d, int reason, uint64_t up, uint64_t down);
