@@ -5,18 +5,31 @@
  *
  * Theory of operation
  * -------------------
- * Python's poll task waits for tl_relay_epoll_fd to be readable with trio and calls
- * tl_relay_poll; or, while trio has nothing else to do, calls tl_relay_run, which waits on a
- * third epoll set holding both ours and the event loop's, serves what is ready, runs lwIP's due
- * timers, and returns only when Python is needed. One pass of tl_relay_poll reads a batch of
- * the device's packets (tl_input_fd), reports Python watchers (tl_py_fd_ready) and hands each
- * relay its events (relay.c), all inside one output batch, so a connection's segments of a pass
- * leave in one write (vnet.c). The epoll data tells them apart: TL_INPUT_TAG for the
- * device, a token with the low bit set for a watcher, otherwise a pointer to a struct that
- * begins with a struct tl_poll_entry naming its kind (a relay, ...).
+ * Two epoll sets hold the same registrations (tl_poll_ctl makes every ADD, MOD and DEL on
+ * both, with the same epoll data): the poll set (tl_relay_epoll_fd) and the wait set.
+ *  - Python's poll task waits for the poll set to be readable with trio (trio's epoll set holds
+ *    it) and calls tl_relay_poll, which takes its events with a non-blocking epoll_wait.
+ *  - While trio has nothing else to do, the task calls tl_relay_run instead: it blocks in one
+ *    epoll_wait on the wait set, which also holds (a duplicate of) trio's epoll fd, tagged
+ *    TL_LOOP_TAG (tl_relay_wait_with), serves the events it returned directly, runs lwIP's due
+ *    timers, and returns only when Python is needed or trio's fd turned readable. The poll set
+ *    cannot hold trio's fd (trio's set holds the poll set: the kernel refuses cycles); a wait
+ *    set holding the poll set would cost a second epoll_wait per wakeup, on the poll set.
+ * Either way one round (tl_poll_serve) reads a batch of the device's packets (tl_input_fd),
+ * reports Python watchers (tl_py_fd_ready) and hands each relay its events (relay.c), all inside
+ * one output batch, so a connection's segments of a round leave in one write (vnet.c). The epoll
+ * data tells them apart: TL_INPUT_TAG for the device, a token with the low bit set for a
+ * watcher, otherwise a pointer to a struct that begins with a struct tl_poll_entry naming its
+ * kind (a relay, ...).
  *
- * Invariants: single-threaded (the trio thread); ended relays are freed only after a round
- * (tl_relay_bury), as a later event of the same round may name them; any call into Python
+ * Invariants: single-threaded (the trio thread); a round's events come from one epoll_wait on
+ * one of the two sets, and both are level-triggered, so an fd served from one set is not
+ * reported again by the other unless it is still ready (the kernel re-checks readiness); ended
+ * relays are freed only after a round (tl_relay_bury), as a later event of the same round may
+ * name them; an fd is in both sets or in neither (a failed ADD or MOD takes it out of both); a
+ * socket only C holds may be closed without a DEL (closing its last fd takes it out of both);
+ * trio's set disarms the poll set (EPOLLONESHOT) once reported, so while tl_relay_run waits, the
+ * poll set's readiness does not make trio's fd readable; any call into Python
  * (tl_python_calls) makes tl_relay_run hand control back after that pass.
  */
 #include <errno.h>
@@ -33,12 +46,20 @@
 uint64_t tl_python_calls;
 
 int tl_epoll_fd = -1;
-int tl_polling; /* inside tl_relay_poll's round */
+int tl_polling; /* inside a round (tl_poll_serve) */
 static int tl_poll_input = -1;    /* the device fd read by tl_relay_poll, or -1 */
 static int tl_poll_input_err;     /* errno that made it stop reading the device */
 
 #define TL_INPUT_TAG 1u           /* epoll data of the device fd: watcher token 0 */
 #define TL_INPUT_BATCH 64
+
+/* Reading the device until EAGAIN costs a read that finds nothing, per wakeup, when packets
+ * come one at a time (request/response, a connection's handshake). So the C loop reads one
+ * packet per round after a batch that held just one (tl_input_single): the level-triggered
+ * wait set reports the device again if more was queued. A device event in the round right
+ * after such a single read (tl_input_probed) means packets come faster: read a whole batch. */
+static int tl_input_single;
+static int tl_input_probed;
 
 /* What tl_relay_run waits on: the wait set. It holds every fd of the poll set too (same epoll
  * data: tl_poll_ctl registers each in both) and, while the C loop may run, the event loop's epoll
@@ -86,13 +107,18 @@ int tl_poll_ctl(int op, int fd, struct epoll_event *ev)
 
 /* Serve one round of events, from either set: a batch of the device's packets, Python
  * watchers, relays and dials, all inside one output batch; ended relays are freed after it. */
-static void tl_poll_serve(const struct epoll_event *events, int n)
+static void tl_poll_serve(const struct epoll_event *events, int n, int in_c_loop)
 {
+    int probed = tl_input_probed;
+    tl_input_probed = 0;
     tl_polling = 1;
     tl_output_batch_begin(); /* a pass's segments of a connection leave in one write */
     for (int i = 0; i < n; i++) {
         if (events[i].data.u64 == TL_INPUT_TAG) { /* the device: a batch of client packets */
-            int got = tl_input_fd(tl_poll_input, TL_INPUT_BATCH);
+            int single = in_c_loop && tl_input_single && !probed;
+            int got = tl_input_fd(tl_poll_input, single ? 1 : TL_INPUT_BATCH);
+            tl_input_probed = single;
+            if (!single) tl_input_single = got <= 1;
             if (got < 0) {
                 tl_poll_set_input(-1);
                 tl_poll_input_err = -got; /* reported once: the next set_input clears it */
@@ -132,7 +158,7 @@ int tl_relay_poll(int max_events)
     if (max_events > 256) max_events = 256;
     int n = epoll_wait(tl_epoll_fd, events, max_events, 0);
     if (n < 0) return errno == EINTR ? 0 : -errno;
-    tl_poll_serve(events, n);
+    tl_poll_serve(events, n, 0);
     return n;
 }
 
@@ -174,7 +200,7 @@ static int tl_relay_wait(int timeout_ms)
             loop = 1;
             break;
         }
-    if (n > 0) tl_poll_serve(events, n);
+    if (n > 0) tl_poll_serve(events, n, 1);
     return loop;
 }
 

@@ -158,7 +158,7 @@ struct tl_poll_entry {
 struct tl_relay;
 void tl_relay_on_ready(struct tl_relay *r, uint32_t events);
 void tl_relay_bury(void);
-extern int tl_polling; /* inside tl_relay_poll's round (poll.c) */
+extern int tl_polling; /* inside a round of the poll set's events (poll.c) */
 
 /* ---- dial.c ------------------------------------------------------------------------------ */
 
