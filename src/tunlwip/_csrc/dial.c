@@ -466,7 +466,7 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events)
             tl_dial_finish(d, TL_DIAL_FAILED, err);
             return;
         }
-    } else {
+    } else if (events != EPOLLOUT) { /* writable alone: connected (no error to read) */
         socklen_t len = sizeof err;
         if (getsockopt(d->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
         if (err == 0 && !(events & EPOLLOUT)) err = ECONNRESET;

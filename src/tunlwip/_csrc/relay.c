@@ -498,12 +498,13 @@ static void tl_relay_release_pcb(struct tl_relay *r)
     tcp_close(pcb);
 }
 
-/* After any step: release a finished PCB, watch what is still awaited, end if all is done. */
+/* After any step: release a finished PCB, end if all is done, else watch what is still
+ * awaited (in that order: a relay about to close its socket needs no new watch). */
 static int tl_relay_settle(struct tl_relay *r)
 {
     tl_relay_release_pcb(r);
-    int outcome = tl_relay_update_watch(r);
-    return outcome == TL_GOES_ON ? tl_relay_maybe_finish(r) : outcome;
+    int outcome = tl_relay_maybe_finish(r);
+    return outcome == TL_GOES_ON ? tl_relay_update_watch(r) : outcome;
 }
 
 /* The poll set reported events for a relay (poll.c's tl_relay_poll). */
@@ -560,6 +561,9 @@ static int tl_relay_start(struct tcp_pcb *pcb, int fd, uintptr_t conn, struct tl
         r->in_set = 1;
         r->watching = EPOLLONESHOT; /* no events: never equal to what it will want */
     }
+    /* A socket that just connected has mostly nothing to read yet: rather than a recv that
+     * finds nothing, let the (level-triggered) watch report what a server sent first. */
+    if (flow != NULL) r->drained = 1;
     r->conn = conn;
     r->flow = flow;
     r->client_eof = client_eof ? 1 : 0;
