@@ -299,7 +299,12 @@ int tl_dial_events_waiting(void) { return (int)tl_events_n; }
 static void tl_close_socket(struct tl_dial *d)
 {
     if (d->fd < 0) return;
-    close(d->fd); /* no other fd refers to its file: closing takes it out of the poll set */
+    /* Still registered (dialing, or connected with its registration kept for the relay):
+     * take it out before closing, as a forked child's copy of the fd would keep it there,
+     * naming this dial once freed. */
+    if ((d->state == TL_DIALING || d->registered) && tl_epoll_fd >= 0)
+        tl_poll_ctl(EPOLL_CTL_DEL, d->fd, NULL);
+    close(d->fd);
     d->fd = -1;
     tl_own_unlink(d);
 }

@@ -98,9 +98,9 @@ static void tl_relay_touch(struct tl_relay *r) { r->last_active = sys_now(); }
 static void tl_relay_close_fd(struct tl_relay *r, int reset)
 {
     if (r->fd < 0) return;
-    /* A dial's socket (flow) has no other fd: closing takes it out of the poll set. Python's
-     * might (a dup), and a registration left behind would name the freed relay. */
-    if (r->in_set && r->flow == NULL) tl_poll_ctl(EPOLL_CTL_DEL, r->fd, NULL);
+    /* Not left to close(): another fd of the file (a dup, a forked child's copy) would keep
+     * the registration, naming the relay once freed. */
+    if (r->in_set) tl_poll_ctl(EPOLL_CTL_DEL, r->fd, NULL);
     r->watching = 0;
     r->in_set = 0;
     if (reset) {
