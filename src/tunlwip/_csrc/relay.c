@@ -27,7 +27,7 @@
  * but never once a hang-up is normal (so a hung-up socket never spins the poll loop); bytes are
  * acknowledged to the client only once the upstream socket has accepted them.
  *
- * At about 630 lines the longest file of the layer, on purpose: one state machine (struct tl_relay
+ * At about 680 lines the longest file of the layer, on purpose: one state machine (struct tl_relay
  * and its steps), which a split would have to expose to other files.
  *
  * The poll set itself, and the loop that serves it, are poll.c: it hands each relay's events to
