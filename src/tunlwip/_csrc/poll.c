@@ -26,8 +26,9 @@
  * one of the two sets, and both are level-triggered, so an fd served from one set is not
  * reported again by the other unless it is still ready (the kernel re-checks readiness); ended
  * relays are freed only after a round (tl_relay_bury), as a later event of the same round may
- * name them; an fd is in both sets or in neither (a failed ADD or MOD takes it out of both); a
- * socket only C holds may be closed without a DEL (closing its last fd takes it out of both);
+ * name them; an fd is in both sets or in neither (a failed ADD or MOD takes it out of both); an
+ * fd is taken out (DEL) before it is closed, as another fd of its file (a dup, a forked child's
+ * copy) would keep its registrations, naming freed memory;
  * trio's set disarms the poll set (EPOLLONESHOT) once reported, so while tl_relay_run waits, the
  * poll set's readiness does not make trio's fd readable; any call into Python
  * (tl_python_calls) makes tl_relay_run hand control back after that pass.
