@@ -76,6 +76,7 @@ struct tl_dial {
     uint8_t state, own_linked, tuple_linked;
     uint8_t reserved;           /* event slots still reserved for it (see the top) */
     uint8_t admitted_in_c;      /* admit.c started it: Python never saw its SYN */
+    uint8_t registered;         /* connected, its socket still in the poll set (disarmed) */
     uint64_t id;
     tl_endpoint client, target, local, peer; /* peer: target, or the proxy */
     struct tl_socks5 *socks;               /* the handshake through a proxy, while dialing */
@@ -305,7 +306,11 @@ int tl_dial_events_waiting(void) { return (int)tl_events_n; }
 static void tl_close_socket(struct tl_dial *d)
 {
     if (d->fd < 0) return;
-    if (d->state == TL_DIALING && tl_epoll_fd >= 0) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, d->fd, NULL);
+    /* Still registered (dialing, or connected with its registration kept for the relay):
+     * take it out before closing, as a forked child's copy of the fd would keep it there,
+     * naming this dial once freed. */
+    if ((d->state == TL_DIALING || d->registered) && tl_epoll_fd >= 0)
+        tl_poll_ctl(EPOLL_CTL_DEL, d->fd, NULL);
     close(d->fd);
     d->fd = -1;
     tl_own_unlink(d);
@@ -385,8 +390,10 @@ static int64_t tl_dial_begin(const tl_endpoint *peer, struct tl_socks5 *socks, i
         free(packet);
         return fd;
     }
-    struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = d};
-    if (tl_relay_epoll_fd() < 0 || epoll_ctl(tl_epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+    /* A direct dial hears its connect's outcome once (EPOLLONESHOT): the registration then
+     * stays, disarmed, and is handed to the relay (tl_relay_adopt), with no DEL and ADD. */
+    struct epoll_event ev = {.events = EPOLLOUT | (socks ? 0 : EPOLLONESHOT), .data.ptr = d};
+    if (tl_relay_epoll_fd() < 0 || tl_poll_ctl(EPOLL_CTL_ADD, fd, &ev) != 0) {
         int err = errno;
         close(fd);
         free(d);
@@ -473,7 +480,7 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events)
             tl_dial_finish(d, TL_DIAL_FAILED, err);
             return;
         }
-    } else {
+    } else if (events != EPOLLOUT) { /* writable alone: connected (no error to read) */
         socklen_t len = sizeof err;
         if (getsockopt(d->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
         if (err == 0 && !(events & EPOLLOUT)) err = ECONNRESET;
@@ -482,14 +489,15 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events)
             return;
         }
     }
-    epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, d->fd, NULL);
-    if (d->socks != NULL) {
+    if (d->socks != NULL) { /* watched for the handshake: stop until the relay takes it */
+        tl_poll_ctl(EPOLL_CTL_DEL, d->fd, NULL);
         tl_fifo_remove(&tl_proxied, d);
         tl_dstats.proxied--;
         tl_dstats.socks5_connected++;
         tl_socks5_free(d->socks);
         d->socks = NULL;
     } else {
+        d->registered = 1;
         tl_fifo_remove(&tl_dialing, d);
     }
     tl_dstats.dialing--;
@@ -536,7 +544,7 @@ int tl_dial_claim(struct tcp_pcb *pcb)
     }
     int fd = d->fd;
     d->fd = -1; /* the relay's now; it tells us when it closed it (tl_dial_relay_ended) */
-    int outcome = tl_relay_adopt(pcb, fd, d);
+    int outcome = tl_relay_adopt(pcb, fd, d, d->registered);
     return outcome == 2 ? -1 : 1;
 }
 

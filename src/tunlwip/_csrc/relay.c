@@ -27,7 +27,7 @@
  * but never once a hang-up is normal (so a hung-up socket never spins the poll loop); bytes are
  * acknowledged to the client only once the upstream socket has accepted them.
  *
- * At about 630 lines the longest file of the layer, on purpose: one state machine (struct tl_relay
+ * At about 680 lines the longest file of the layer, on purpose: one state machine (struct tl_relay
  * and its steps), which a split would have to expose to other files.
  *
  * The poll set itself, and the loop that serves it, are poll.c: it hands each relay's events to
@@ -98,7 +98,9 @@ static void tl_relay_touch(struct tl_relay *r) { r->last_active = sys_now(); }
 static void tl_relay_close_fd(struct tl_relay *r, int reset)
 {
     if (r->fd < 0) return;
-    if (r->in_set) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
+    /* Not left to close(): another fd of the file (a dup, a forked child's copy) would keep
+     * the registration, naming the relay once freed. */
+    if (r->in_set) tl_poll_ctl(EPOLL_CTL_DEL, r->fd, NULL);
     r->watching = 0;
     r->in_set = 0;
     if (reset) {
@@ -446,10 +448,10 @@ static int tl_relay_update_watch(struct tl_relay *r)
     u8_t in_set = want != 0 || !(r->no_error_watch || (r->upstream_eof && r->upstream_shut));
     if (want == r->watching && in_set == r->in_set) return TL_GOES_ON;
     struct epoll_event ev = {.events = want, .data.ptr = r};
-    int rc = !in_set ? epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL)
-                     : epoll_ctl(tl_epoll_fd, r->in_set ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, r->fd, &ev);
+    int rc = !in_set ? tl_poll_ctl(EPOLL_CTL_DEL, r->fd, NULL)
+                     : tl_poll_ctl(r->in_set ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, r->fd, &ev);
     if (rc != 0 && want == 0 && in_set) { /* no room to watch for errors only: do without */
-        if (r->in_set) epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
+        if (r->in_set) tl_poll_ctl(EPOLL_CTL_DEL, r->fd, NULL);
         r->no_error_watch = 1;
         in_set = 0;
     } else if (rc != 0 && in_set) {
@@ -496,12 +498,13 @@ static void tl_relay_release_pcb(struct tl_relay *r)
     tcp_close(pcb);
 }
 
-/* After any step: release a finished PCB, watch what is still awaited, end if all is done. */
+/* After any step: release a finished PCB, end if all is done, else watch what is still
+ * awaited (in that order: a relay about to close its socket needs no new watch). */
 static int tl_relay_settle(struct tl_relay *r)
 {
     tl_relay_release_pcb(r);
-    int outcome = tl_relay_update_watch(r);
-    return outcome == TL_GOES_ON ? tl_relay_maybe_finish(r) : outcome;
+    int outcome = tl_relay_maybe_finish(r);
+    return outcome == TL_GOES_ON ? tl_relay_update_watch(r) : outcome;
 }
 
 /* The poll set reported events for a relay (poll.c's tl_relay_poll). */
@@ -529,7 +532,7 @@ void tl_relay_on_ready(struct tl_relay *r, uint32_t ev)
  * -1 if nothing was taken over (no memory). */
 static int tl_relay_start(struct tcp_pcb *pcb, int fd, uintptr_t conn, struct tl_dial *flow,
                           const uint8_t *pending, size_t len, int client_eof,
-                          int want_first_data, struct tl_relay **out)
+                          int want_first_data, int registered, struct tl_relay **out)
 {
     *out = NULL;
     if (tl_relay_epoll_fd() < 0) return -1;
@@ -554,6 +557,13 @@ static int tl_relay_start(struct tcp_pcb *pcb, int fd, uintptr_t conn, struct tl
     }
     r->pcb = pcb;
     r->fd = fd;
+    if (registered) { /* in the set, disarmed: the first tl_relay_update_watch re-arms (MOD) */
+        r->in_set = 1;
+        r->watching = EPOLLONESHOT; /* no events: never equal to what it will want */
+    }
+    /* A socket that just connected has mostly nothing to read yet: rather than a recv that
+     * finds nothing, let the (level-triggered) watch report what a server sent first. */
+    if (flow != NULL) r->drained = 1;
     r->conn = conn;
     r->flow = flow;
     r->client_eof = client_eof ? 1 : 0;
@@ -581,7 +591,7 @@ int tl_relay_open(void *pcb_, int fd, uintptr_t conn, const uint8_t *pending, si
 {
     struct tl_relay *r;
     int outcome = tl_relay_start((struct tcp_pcb *)pcb_, fd, conn, NULL, pending, len,
-                                 client_eof, want_first_data, &r);
+                                 client_eof, want_first_data, 0, &r);
     *out = r;
     return outcome < 0 ? -1 : 0;
 }
@@ -589,10 +599,10 @@ int tl_relay_open(void *pcb_, int fd, uintptr_t conn, const uint8_t *pending, si
 /* dial.c's handover, from lwIP's accept callback: TL_ABORTED means the PCB is gone (answer
  * ERR_ABRT). Out of memory: the socket is closed, the flow reported ended, and the PCB is
  * aborted too. */
-int tl_relay_adopt(struct tcp_pcb *pcb, int fd, struct tl_dial *flow)
+int tl_relay_adopt(struct tcp_pcb *pcb, int fd, struct tl_dial *flow, int registered)
 {
     struct tl_relay *r;
-    int outcome = tl_relay_start(pcb, fd, 0, flow, NULL, 0, 0, 1, &r);
+    int outcome = tl_relay_start(pcb, fd, 0, flow, NULL, 0, 0, 1, registered, &r);
     if (outcome >= 0) return outcome;
     close(fd);
     tl_dial_relay_ended(flow, TL_RELAY_ERROR, 0, 0);

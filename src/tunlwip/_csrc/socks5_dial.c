@@ -200,7 +200,7 @@ static void tl_s5_watch(struct tl_socks5 *s, int fd, void *owner, uint32_t want)
 {
     if (want == s->watching) return;
     struct epoll_event ev = {.events = want, .data.ptr = owner};
-    if (tl_epoll_fd >= 0 && epoll_ctl(tl_epoll_fd, EPOLL_CTL_MOD, fd, &ev) == 0) s->watching = want;
+    if (tl_epoll_fd >= 0 && tl_poll_ctl(EPOLL_CTL_MOD, fd, &ev) == 0) s->watching = want;
 }
 
 int tl_socks5_ready(struct tl_socks5 *s, int fd, uint32_t events, void *owner, int *err)

@@ -142,6 +142,10 @@ struct udp_pcb *tl_udp_for_port(u16_t port);
 /* ---- poll.c and relay.c ------------------------------------------------------------------ */
 
 extern int tl_epoll_fd; /* the poll set, -1 until tl_relay_epoll_fd makes it */
+struct epoll_event;
+/* epoll_ctl on the poll set and on the wait set tl_relay_run waits on: every registration of
+ * the poll set goes through it. 0, or -1 with errno (a failed ADD/MOD: in neither set). */
+int tl_poll_ctl(int op, int fd, struct epoll_event *ev);
 
 /* What a poll-set entry's epoll data points at, when it is a pointer: every struct C puts in
  * the poll set begins with one of these, so tl_relay_poll can tell them apart. (The device and
@@ -154,7 +158,7 @@ struct tl_poll_entry {
 struct tl_relay;
 void tl_relay_on_ready(struct tl_relay *r, uint32_t events);
 void tl_relay_bury(void);
-extern int tl_polling; /* inside tl_relay_poll's round (poll.c) */
+extern int tl_polling; /* inside a round of the poll set's events (poll.c) */
 
 /* ---- dial.c ------------------------------------------------------------------------------ */
 
@@ -185,8 +189,9 @@ extern int (*tl_dial_connector)(const tl_endpoint *dst, tl_endpoint *local);
 /* The protection and keepalive of sockets made from now on (-EINVAL: bad values). */
 int tl_dial_socket_configure(int protect, uint32_t mark, const char *ifname, uint32_t keep_idle,
                              uint32_t keep_intvl, uint32_t keep_cnt);
-/* From relay.c, for relays it opened for a dial (tl_relay_adopt). */
-int tl_relay_adopt(struct tcp_pcb *pcb, int fd, struct tl_dial *flow);
+/* From relay.c, for relays it opened for a dial (tl_relay_adopt); registered: the socket is
+ * in the poll set already, disarmed (EPOLLONESHOT fired), for the relay to re-arm (MOD). */
+int tl_relay_adopt(struct tcp_pcb *pcb, int fd, struct tl_dial *flow, int registered);
 void tl_dial_relay_opened(struct tl_dial *d, struct tl_relay *r);
 void tl_dial_first_data(struct tl_dial *d, const uint8_t *data, size_t len);
 void tl_dial_relay_ended(struct tl_dial *d, int reason, uint64_t up, uint64_t down);

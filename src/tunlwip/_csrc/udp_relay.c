@@ -432,7 +432,7 @@ int tl_udp_relay_open(const tl_endpoint *client, const tl_endpoint *target, int 
     if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof rcvbuf) != 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = r};
-    if (epoll_ctl(tl_epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+    if (tl_poll_ctl(EPOLL_CTL_ADD, fd, &ev) != 0) {
         int err = errno;
         free(r);
         return -err;
@@ -516,7 +516,7 @@ void tl_udp_relay_close(void *relay, tl_udp_relay_stats *out)
             tl_udp_relay_flush();
             break;
         }
-    epoll_ctl(tl_epoll_fd, EPOLL_CTL_DEL, r->fd, NULL);
+    tl_poll_ctl(EPOLL_CTL_DEL, r->fd, NULL);
     tl_unhash(r);
     tl_untouch(r);
     if (r->prev) r->prev->next = r->next; else tl_udp_relays = r->next;
