@@ -180,10 +180,9 @@ async def test_retransmission_happens_on_virtual_clock(
     assert trio.current_time() - start >= 0.9  # lwIP's initial RTO is ~1-3 s
 
 
-async def test_time_wait_expires_on_virtual_clock(
-    harness: Harness, autojump_clock: trio.abc.Clock
-) -> None:
-    peer = TcpPeer(harness.wire, CLIENT4, 45000, "192.0.2.4", 80)
+async def into_time_wait(harness: Harness, peer: TcpPeer) -> None:
+    """Connect ``peer`` and close the connection from our side first: lwIP's end of it goes
+    to TIME-WAIT once the peer's FIN is acknowledged."""
     await peer.connect()
     stream = await harness.next_stream()
     await stream.send_eof()
@@ -191,6 +190,13 @@ async def test_time_wait_expires_on_virtual_clock(
     await peer.shutdown()
     assert await stream.receive_some() == b""
     await peer.wait_acked()
+
+
+async def test_time_wait_expires_on_virtual_clock(
+    harness: Harness, autojump_clock: trio.abc.Clock
+) -> None:
+    peer = TcpPeer(harness.wire, CLIENT4, 45000, "192.0.2.4", 80)
+    await into_time_wait(harness, peer)
     assert harness.stack.statistics().lwip_tcp_pcbs == 1  # our side is in TIME-WAIT
     await trio.sleep(11)  # 2 * TCP_MSL (5 s) + a timer tick
     assert harness.stack.statistics().lwip_tcp_pcbs == 0
@@ -200,13 +206,7 @@ async def test_new_syn_replaces_a_connection_in_time_wait(harness: Harness) -> N
     """A client reusing its port while lwIP still holds the old 4-tuple in TIME-WAIT must get
     a new connection (as from Linux), not an ACK for the old one and a stall."""
     peer = TcpPeer(harness.wire, CLIENT4, 45001, "192.0.2.4", 80, isn=1000)
-    await peer.connect()
-    stream = await harness.next_stream()
-    await stream.send_eof()
-    assert await peer.recv_until_eof() == b""
-    await peer.shutdown()
-    assert await stream.receive_some() == b""
-    await peer.wait_acked()
+    await into_time_wait(harness, peer)
     peer.detach()
     assert harness.stack.statistics().lwip_tcp_pcbs == 1  # TIME-WAIT
     again = TcpPeer(harness.wire, CLIENT4, 45001, "192.0.2.4", 80, isn=500_000)
@@ -220,13 +220,7 @@ async def test_time_wait_is_bounded_and_the_oldest_are_dropped(harness: Harness)
     there: the 65th connection that lwIP closes first pushes the oldest out, counted."""
     for i in range(70):
         peer = TcpPeer(harness.wire, CLIENT4, 46000 + i, "192.0.2.4", 80)
-        await peer.connect()
-        stream = await harness.next_stream()
-        await stream.send_eof()
-        assert await peer.recv_until_eof() == b""
-        await peer.shutdown()
-        assert await stream.receive_some() == b""
-        await peer.wait_acked()
+        await into_time_wait(harness, peer)
         peer.detach()
     stats = harness.stack.statistics()
     assert stats.lwip_tcp_pcbs <= 64 + 1  # the newest may enter before the next SYN trims
