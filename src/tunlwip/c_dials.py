@@ -18,7 +18,8 @@ and at its end, from the ENDED event, which carries all of it; the record is bui
 for subscribers. A failed or unclaimed one is first heard of at that event. Such a flow is named
 at those moments: by its first bytes (which come only when they could name a server: a TLS
 handshake record or an HTTP request line; the name is kept here by id) or else by the name the
-client resolved for the address, as the DNS proxy remembers it then. What Python keeps per dial
+client had resolved for the address when the flow opened (the DNS proxy's memory, asked as of
+that time). What Python keeps per dial
 is its key and, once relayed, its ``LiveFlow``. The counts the forwarder admits by (dials
 connecting, connected or relayed, by client) are C's (``admit.c``'s table), exact at any moment.
 
