@@ -36,9 +36,10 @@
  * CONNECTED nor OPENED: C keeps its flow's record (the tl_alone list, read by
  * tl_dial_flows_alone when Python asks for live flows) and Python first hears of it at its
  * end (ENDED, UNCLAIMED or FAILED, with its endpoints, latency and duration). A relay's first
- * bytes make FIRST_DATA only when they could name a server (TLS, HTTP). The data events point
- * to (a failed SYN, first bytes, an ended flow) is freed by the next take. A FAILED event, or many waiting, counts
- * as a Python call, so the C poll loop (poll.c's tl_relay_run) hands control back soon.
+ * bytes make FIRST_DATA only when they could name a server (TLS, HTTP). What events point to
+ * (a failed SYN, first bytes, an ended flow) is freed by the next take. A FAILED event, or
+ * many waiting, counts as a Python call, so the C poll loop (poll.c's tl_relay_run) hands
+ * control back soon.
  *
  * Every event but FIRST_DATA is one Python must see, or a flow record stays open, a count stays
  * high and the dial is never freed. So a dial reserves its slots when it starts: at most three
@@ -510,8 +511,8 @@ void tl_dial_on_ready(struct tl_dial *d, uint32_t events)
     d->connected_ms = sys_now();
     tl_fifo_push(&tl_connected, d);
     tl_dstats.connected++;
-    /* Python started it: it hears now. A dial admitted here is first heard of at its end as a
-     * dial (OPENED, UNCLAIMED), which carries the latency too. */
+    /* Python started it: it hears now. One admit.c started is first heard of at its end
+     * (ENDED, UNCLAIMED or FAILED), which carries the latency too. */
     if (!d->admitted_in_c) tl_event(d, TL_DIAL_CONNECTED, 0, NULL, 0);
     uint8_t *packet = d->packet;
     d->packet = NULL;
